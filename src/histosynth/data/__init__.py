@@ -1,0 +1,1 @@
+"""Data: the renal phantom, slides, tiling and the patch-dataset format."""

@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Every mistake a user can make (a missing file, an unknown class, a wrong mask size, a bad config
+field) raises a subclass of :class:`HistosynthError` whose message says what was wrong and what to
+do. The CLI prints the message without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class HistosynthError(Exception):
+    """Base class of every error caused by input the user can fix."""
+
+    exit_code = 2
+
+
+class ConfigError(HistosynthError):
+    """A schema, preset or option has a bad value; the message names the field."""
+
+
+class DataError(HistosynthError):
+    """A slide, mask, image, annotation file or dataset cannot be used as given."""
+
+
+class CaptionError(HistosynthError):
+    """A caption cannot be parsed, or names a class or level that does not exist."""
+
+
+class ModelError(HistosynthError):
+    """A model folder or checkpoint is missing a part or does not fit its configuration."""
+
+
+class JobError(HistosynthError):
+    """A generation or training job conflicts with what is already on disk."""
