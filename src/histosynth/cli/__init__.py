@@ -14,6 +14,7 @@ import typer
 
 from ..errors import HistosynthError
 from . import caption
+from . import tile
 
 app = typer.Typer(
     name="histosynth",
@@ -30,6 +31,7 @@ def _root() -> None:
 
 
 caption.register(app)
+tile.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

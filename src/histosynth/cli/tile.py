@@ -1,0 +1,64 @@
+"""`histosynth tile`: whole-slide images (with their label masks or annotations) -> a patch dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import DataError
+from .common import SchemaOption, schema_from_option
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tile")(tile)
+
+
+def tile(
+    slides: List[Path] = typer.Argument(..., help="slide files (SVS, TIFF, NDPI, MRXS, ...)"),
+    out: Path = typer.Option(..., "--out", help="patch dataset folder (created, or resumed)"),
+    masks: Optional[List[Path]] = typer.Option(
+        None, "--masks", help="label-mask slide of each slide, in order (repeat the option)"),
+    annotations: Optional[List[Path]] = typer.Option(
+        None, "--annotations", help="QuPath GeoJSON or ASAP XML of each slide, in order (repeat the option)"),
+    mpp: float = typer.Option(0.5, "--mpp", help="patch resolution in microns per pixel"),
+    size: int = typer.Option(256, "--size", help="patch side in pixels"),
+    mpp_override: Optional[List[float]] = typer.Option(
+        None, "--mpp-override",
+        help="microns per pixel of level 0, replacing the slides' metadata: once for all slides or once per slide"),
+    min_tissue: float = typer.Option(0.5, "--min-tissue", help="keep patches with at least this tissue share"),
+    split_file: Optional[Path] = typer.Option(
+        None, "--split-file", help="CSV with columns slide,split (train/val/test); default: a hash of the name"),
+    schema: Optional[str] = SchemaOption,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+) -> None:
+    """Cut slides into a patch dataset of image/mask PNG pairs with captions; re-runs skip finished slides."""
+    from ..data.tiling import SlideInput, TilingOptions, read_split_file, tile_slides
+
+    masks_per_slide = _one_per_slide(masks, slides, "--masks")
+    annotations_per_slide = _one_per_slide(annotations, slides, "--annotations")
+    overrides = _one_per_slide(mpp_override, slides, "--mpp-override", allow_one=True)
+    inputs = [SlideInput(slide, mask=m, annotations=a, mpp_override=o)
+              for slide, m, a, o in zip(slides, masks_per_slide, annotations_per_slide, overrides)]
+    result = tile_slides(
+        inputs, out, schema_from_option(schema),
+        TilingOptions(mpp=mpp, size=size, min_tissue=min_tissue),
+        splits=read_split_file(split_file) if split_file else None,
+        progress=progress,
+    )
+    for name, count in result.tiled.items():
+        typer.echo(f"{name}: {count} patches")
+    if result.skipped:
+        typer.echo(f"already finished, skipped: {', '.join(result.skipped)}")
+    typer.echo(f"{len(result.dataset)} patches in {out}")
+
+
+def _one_per_slide(values: Optional[list], slides: list[Path], option: str, allow_one: bool = False) -> list:
+    if not values:
+        return [None] * len(slides)
+    if allow_one and len(values) == 1:
+        return values * len(slides)
+    if len(values) != len(slides):
+        raise DataError(f"{option} was given {len(values)} times for {len(slides)} slides; give it once per slide")
+    return list(values)

@@ -1,0 +1,307 @@
+"""Slides (with a label-mask slide, polygon annotations, or neither) -> a patch dataset.
+
+Each slide is cut into a grid of non-overlapping square patches at the target resolution; a
+patch is kept when its tissue fraction reaches the threshold. With labels (a mask slide or
+annotations) the tissue fraction is the share of the patch's pixels whose class is named in
+captions (not background); without, it comes from tissue detection on a thumbnail and the patch
+masks are all id 0 — enough to train an autoencoder, which needs no captions.
+
+Slides are written one at a time through :class:`PatchDatasetWriter`; a re-run skips the slides
+already finished and redoes the one a killed run left unfinished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import DataError
+from ..schema import RENAL, ClassSchema
+from .annotations import Annotation, rasterize, read_annotations
+from .dataset import Patch, PatchDataset, PatchDatasetWriter
+from .slides import LevelChoice, Slide, TissueMap, detect_tissue, open_mask_slide, open_slide
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """A slide to tile and, optionally, its labels: a label-mask slide or an annotation file."""
+
+    slide: Path
+    mask: Path | None = None
+    annotations: Path | None = None
+    mpp_override: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The slide's name in the dataset: its file name without extensions (a.ome.tif -> a)."""
+        return Path(self.slide).name.split(".")[0]
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How to cut patches: resolution (µm/px), side (px), minimum tissue share, and splits."""
+
+    mpp: float = 0.5
+    size: int = 256
+    min_tissue: float = 0.5
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+
+    def as_info(self) -> dict:
+        return {"mpp": self.mpp, "size": self.size, "min_tissue": self.min_tissue}
+
+
+@dataclass(frozen=True)
+class TilingResult:
+    """The finished dataset, patches kept per slide tiled now, and slides finished earlier."""
+
+    dataset: PatchDataset
+    tiled: dict[str, int]
+    skipped: list[str]
+
+
+def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema = RENAL,
+                options: TilingOptions = TilingOptions(), splits: dict[str, str] | None = None,
+                progress: bool = True) -> TilingResult:
+    """Tile every slide into the patch dataset at `out`; returns the dataset and per-slide counts.
+
+    `splits` maps slide names to train/val/test; without it a slide's split is drawn from a hash
+    of its name, so it never changes between runs.
+    """
+    _check_inputs(inputs, options)
+    writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()})
+    _check_same_settings(Path(out), options)
+    tiled: dict[str, int] = {}
+    skipped: list[str] = []
+    with _progress_bar(progress) as bar:
+        slides_task = bar.add_task("slides", total=len(inputs))
+        for item in inputs:
+            if writer.slide_done(item.name):
+                skipped.append(item.name)
+            else:
+                split = splits_for(item.name, splits, options)
+                tiled[item.name] = tile_slide(writer, item, schema, options, split, bar)
+            bar.advance(slides_task)
+    return TilingResult(writer.finalize(), tiled, skipped)
+
+
+def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema, options: TilingOptions,
+               split: str, bar: Progress | None = None) -> int:
+    """Tile one slide through `writer`; returns the number of patches kept."""
+    _remove_unfinished(writer.root, item.name)
+    with ExitStack() as stack:
+        slide = stack.enter_context(open_slide(item.slide, item.mpp_override))
+        slide_mpp = slide.require_mpp()
+        choice = slide.choose_level(options.mpp)
+        labels = _labels_for(item, slide, schema, options.mpp, stack)
+        grid = patch_grid(slide, choice, options.size)
+        box = _box_side(choice, options.size)
+        candidates = [(x, y) for x, y in grid if labels.may_hold_tissue(x, y, box)]
+        task = bar.add_task(item.name, total=len(candidates)) if bar else None
+        patches = _kept_patches(slide, labels, candidates, choice, box, options, bar, task)
+        summary = {
+            "source": str(item.slide), "reader": slide.backend, "dimensions": list(slide.dimensions),
+            "slide_mpp": slide_mpp, "mpp_source": slide.mpp_source, "level": choice.level,
+            "level_mpp": slide_mpp * choice.downsample, "patch_mpp": choice.mpp, "resize": choice.scale,
+            "labels": labels.description, "grid_patches": len(grid), "candidates": len(candidates),
+            **options.as_info(),
+        }
+        count = writer.write_slide(item.name, patches, split=split, summary=summary)
+        if bar is not None and task is not None:
+            bar.remove_task(task)
+        return count
+
+
+def patch_grid(slide: Slide, choice: LevelChoice, size: int) -> list[tuple[int, int]]:
+    """Level-0 corners of the non-overlapping patches that fit inside the slide, row by row."""
+    width, height = slide.level_dimensions[choice.level]
+    side = choice.region_size(size)
+    step = size * choice.scale  # level pixels between patches; `side` rounds it
+
+    def starts(extent: int) -> list[int]:
+        count = int((extent - side) // step) + 1 if extent >= side else 0
+        return [round(k * step) for k in range(count) if round(k * step) + side <= extent]
+
+    return [(round(x * choice.downsample), round(y * choice.downsample))
+            for y in starts(height) for x in starts(width)]
+
+
+def splits_for(name: str, splits: dict[str, str] | None, options: TilingOptions) -> str:
+    """A slide's split: from the user's table, else from a hash of its name (stable across runs)."""
+    if splits is not None:
+        if name not in splits:
+            raise DataError(f"slide {name} is not in the split file; add a row '{name},train|val|test'")
+        return splits[name]
+    digest = hashlib.sha256(f"{options.split_seed}/{name}".encode()).digest()
+    draw = int.from_bytes(digest[:8], "big") / 2**64
+    edges = np.cumsum(options.split_fractions) / sum(options.split_fractions)
+    return SPLITS[int(np.searchsorted(edges, draw, side="right"))]
+
+
+def read_split_file(path: str | Path) -> dict[str, str]:
+    """A CSV with columns slide,split (split one of train, val, test)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: not a CSV ({exc}); write it with the columns slide,split") from None
+    if not {"slide", "split"} <= set(table.columns):
+        raise DataError(f"{path}: needs the columns slide,split; found {list(table.columns)}")
+    bad = sorted(set(table["split"]) - set(SPLITS))
+    if bad:
+        raise DataError(f"{path}: unknown splits {bad}; use train, val or test")
+    return dict(zip(table["slide"], table["split"]))
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+class _Labels(Protocol):
+    description: str
+
+    def may_hold_tissue(self, x: int, y: int, box: float) -> bool: ...
+
+    def patch(self, x: int, y: int, size: int, box: float) -> np.ndarray: ...
+
+    def tissue_fraction(self, x: int, y: int, box: float, mask: np.ndarray) -> float: ...
+
+
+class _DetectedTissue:
+    """No labels: tissue from detection, masks all id 0."""
+
+    def __init__(self, tissue: TissueMap):
+        self.tissue = tissue
+        self.description = "none (tissue detection)"
+
+    def may_hold_tissue(self, x: int, y: int, box: float) -> bool:
+        return self.tissue.touches(x, y, box, box)
+
+    def patch(self, x: int, y: int, size: int, box: float) -> np.ndarray:
+        return np.zeros((size, size), dtype=np.uint8)
+
+    def tissue_fraction(self, x: int, y: int, box: float, mask: np.ndarray) -> float:
+        return self.tissue.fraction(x, y, box, box)
+
+
+class _LabelledTissue:
+    """Labels from a mask slide or annotations: tissue is what captions may name."""
+
+    def __init__(self, schema: ClassSchema):
+        self.tissue_ids = np.array(schema.captioned_ids)
+
+    def tissue_fraction(self, x: int, y: int, box: float, mask: np.ndarray) -> float:
+        return float(np.isin(mask, self.tissue_ids).mean())
+
+
+class _MaskSlideLabels(_LabelledTissue):
+    def __init__(self, mask: Slide, slide_mpp: float, target_mpp: float, schema: ClassSchema):
+        super().__init__(schema)
+        self.mask = mask
+        self.choice = mask.choose_level(target_mpp, mpp=slide_mpp)
+        # The thumbnail also checks, before any patch is written, that the ids fit the schema.
+        labels, downsample = mask.thumbnail(slide_mpp=slide_mpp)
+        self.overview = TissueMap(np.isin(labels, self.tissue_ids), downsample)
+        self.description = f"mask slide {mask.path}"
+
+    def may_hold_tissue(self, x: int, y: int, box: float) -> bool:
+        return self.overview.touches(x, y, box, box)
+
+    def patch(self, x: int, y: int, size: int, box: float) -> np.ndarray:
+        return self.mask.read_patch(x, y, size, self.choice)
+
+
+class _AnnotationLabels(_LabelledTissue):
+    def __init__(self, path: Path, schema: ClassSchema):
+        super().__init__(schema)
+        self.annotations: list[Annotation] = read_annotations(path, schema)
+        self.bounds = np.array([a.bounds for a in self.annotations])
+        self.description = f"annotations {path}"
+
+    def may_hold_tissue(self, x: int, y: int, box: float) -> bool:
+        b = self.bounds
+        return bool(np.any((b[:, 2] >= x) & (b[:, 0] <= x + box) & (b[:, 3] >= y) & (b[:, 1] <= y + box)))
+
+    def patch(self, x: int, y: int, size: int, box: float) -> np.ndarray:
+        return rasterize(self.annotations, x, y, size, size, downsample=box / size)
+
+
+def _labels_for(item: SlideInput, slide: Slide, schema: ClassSchema, target_mpp: float,
+                stack: ExitStack) -> _Labels:
+    if item.mask is not None:
+        mask = stack.enter_context(open_mask_slide(item.mask, schema, like=slide))
+        return _MaskSlideLabels(mask, slide.require_mpp(), target_mpp, schema)
+    if item.annotations is not None:
+        return _AnnotationLabels(Path(item.annotations), schema)
+    return _DetectedTissue(detect_tissue(slide))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _box_side(choice: LevelChoice, size: int) -> float:
+    """Side of a patch in level-0 pixels."""
+    return choice.region_size(size) * choice.downsample
+
+
+def _kept_patches(slide: Slide, labels: _Labels, candidates: list[tuple[int, int]], choice: LevelChoice,
+                  box: float, options: TilingOptions, bar: Progress | None, task: int | None) -> Iterator[Patch]:
+    for x, y in candidates:
+        mask = labels.patch(x, y, options.size, box)
+        fraction = labels.tissue_fraction(x, y, box, mask)
+        if fraction >= options.min_tissue:
+            image = slide.read_patch(x, y, options.size, choice)
+            yield Patch(image=image, mask=mask, x=x, y=y, level=choice.level, mpp=round(choice.mpp, 6),
+                        tissue_fraction=fraction)
+        if bar is not None and task is not None:
+            bar.advance(task)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def _remove_unfinished(root: Path, name: str) -> None:
+    """Drop the patches a killed run left for a slide it did not finish."""
+    for folder in ("images", "masks"):
+        shutil.rmtree(root / folder / name, ignore_errors=True)
+
+
+def _check_inputs(inputs: list[SlideInput], options: TilingOptions) -> None:
+    if not inputs:
+        raise DataError("no slides given; pass one or more slide files")
+    names = [item.name for item in inputs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"several slides are named {repeated} (file name without extensions); rename them apart")
+    if not 0 <= options.min_tissue <= 1:
+        raise DataError(f"--min-tissue must be between 0 and 1, got {options.min_tissue}")
+    if options.mpp <= 0 or options.size < 16:
+        raise DataError(f"--mpp must be positive and --size at least 16, got {options.mpp} and {options.size}")
+    for item in inputs:
+        if item.mask is not None and item.annotations is not None:
+            raise DataError(f"slide {item.slide}: give a mask slide or annotations, not both")
+        for kind, path in (("slide file", item.slide), ("mask slide", item.mask), ("annotation file", item.annotations)):
+            if path is not None and not Path(path).is_file():
+                raise DataError(f"{kind} {path} does not exist; check the path")
+
+
+def _check_same_settings(root: Path, options: TilingOptions) -> None:
+    """A dataset is tiled with one resolution and threshold; mixing runs would mix them."""
+    info = json.loads((root / "dataset.json").read_text())
+    earlier = info.get("tiling")
+    if earlier is not None and earlier != options.as_info():
+        raise DataError(
+            f"{root} was tiled with {earlier}, not {options.as_info()}; use the same options or another --out"
+        )
