@@ -14,7 +14,10 @@ import typer
 
 from ..errors import HistosynthError
 from . import caption
+from . import demo
+from . import model
 from . import tile
+from . import phantom
 
 app = typer.Typer(
     name="histosynth",
@@ -31,7 +34,10 @@ def _root() -> None:
 
 
 caption.register(app)
+demo.register(app)
+model.register(app)
 tile.register(app)
+phantom.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,136 @@
+"""`histosynth import-compvis`: take over a CompVis / PathLDM / generationLDM checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import ModelError
+from .common import SchemaOption, schema_from_option
+
+#: written instead of a model folder's description when no text encoder is at hand
+PARTIAL_FORMAT = "histosynth.compvis-import"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import-compvis")(import_compvis_command)
+
+
+def import_compvis_command(
+    checkpoint: Path = typer.Argument(..., help="CompVis checkpoint (.ckpt or .safetensors)"),
+    config: Path = typer.Option(..., "--config", help="the CompVis YAML the checkpoint was trained with"),
+    out: Path = typer.Option(..., "--out", help="model folder to write"),
+    text_encoder: Optional[str] = typer.Option(
+        None, "--text-encoder",
+        help="text encoder the model was trained with (folder or hub id); default: the YAML's cond stage version",
+    ),
+    ema: Optional[bool] = typer.Option(
+        None, "--ema/--no-ema", help="take the EMA denoiser weights (default: when the checkpoint has them)"
+    ),
+    trust_checkpoint: bool = typer.Option(
+        False, "--trust-checkpoint", help="allow full unpickling of a .ckpt (only for files you trust)"
+    ),
+    schema: Optional[str] = SchemaOption,
+) -> None:
+    """Convert a CompVis LatentDiffusion checkpoint into a histosynth model folder."""
+    from ..models.compvis import import_compvis
+
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} exists and is not empty; choose a new --out folder")
+    unet, autoencoder, info = import_compvis(checkpoint, config, use_ema=ema, trust_pickle=trust_checkpoint)
+    typer.echo(info.summary())
+    encoder_spec = text_encoder or _cond_stage_version(info.text_encoder)
+    max_tokens = ((info.text_encoder or {}).get("params") or {}).get("max_length")  # PathLDM: 154
+    encoder = _load_text_encoder(encoder_spec, info.context_dim, max_tokens, explicit=text_encoder is not None)
+    meta = _bundle_meta(info)
+    if encoder is None:
+        _write_networks_only(out, unet, autoencoder, info, meta)
+        reason = "the config names none" if encoder_spec is None else f"{encoder_spec!r} is not available here"
+        typer.echo(
+            f"wrote {out} with the networks only (unet/, autoencoder/, scheduler/): no text encoder "
+            f"({reason}); rerun with --text-encoder FOLDER for a folder that `histosynth generate` can use"
+        )
+        return
+    from ..models.bundle import save_bundle
+    from ..models.diffusion import noise_scheduler
+
+    save_bundle(out, unet, autoencoder, dict(noise_scheduler(info.diffusion).config), encoder,
+                schema_from_option(schema), meta)
+    typer.echo(f"wrote model folder {out}")
+
+
+def _cond_stage_version(cond_stage: Optional[dict[str, Any]]) -> Optional[str]:
+    """PathLDM's ``FrozenCLIPEmbedder`` names its text tower in ``params.version``."""
+    if not cond_stage:
+        return None
+    return (cond_stage.get("params") or {}).get("version")
+
+
+def _load_text_encoder(spec: Optional[str], context_dim: int, max_tokens: Optional[int], explicit: bool):
+    """The text encoder, or None when the config names none or names one that is not available here.
+
+    One the user named explicitly must exist and fit the denoiser's cross-attention width.
+    """
+    if spec is None:
+        return None
+    from ..models.text import resolve_text_encoder
+
+    try:
+        source = resolve_text_encoder(spec, max_tokens=max_tokens)
+    except ModelError:
+        if explicit:
+            raise
+        return None
+    if source.hidden_size != context_dim:
+        raise ModelError(
+            f"text encoder {spec!r} gives {source.hidden_size} features per token but the checkpoint's "
+            f"denoiser reads {context_dim}; pass the text encoder it was trained with (--text-encoder)"
+        )
+    return source.load()
+
+
+def _bundle_meta(info) -> dict[str, Any]:
+    return {
+        "image_size": info.image_size,
+        "unet_weights": "ema" if info.used_ema else "raw",
+        "provenance": {
+            "imported_from": str(Path(info.checkpoint).resolve()),
+            "compvis_config": str(Path(info.config).resolve()),
+            "global_step": info.global_step,
+            "skipped_keys": info.skipped,
+        },
+    }
+
+
+def _write_networks_only(out: Path, unet, autoencoder, info, meta: dict[str, Any]) -> None:
+    """unet/, autoencoder/, scheduler/ and a description; written beside ``out`` and renamed into place."""
+    from ..io import write_json_atomic
+    from ..models.diffusion import noise_scheduler
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        unet.save_pretrained(staging / "unet")
+        autoencoder.save_pretrained(staging / "autoencoder")
+        noise_scheduler(info.diffusion).save_pretrained(staging / "scheduler")
+        write_json_atomic(staging / "histosynth.json", {
+            "format": PARTIAL_FORMAT,
+            "complete": False,
+            "missing": ["text_encoder"],
+            "image_size": info.image_size,
+            "latent": {"scale": info.latent_scale, "quantize_before_decode": hasattr(autoencoder, "quantize")},
+            "context_dim": info.context_dim,
+            "text_encoder": info.text_encoder,
+            "diffusion": info.diffusion.model_dump(mode="json"),
+            **{k: v for k, v in meta.items() if k != "image_size"},
+        })
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""`histosynth phantom`: procedural renal phantom data — slides, patch datasets and label masks.
+
+A phantom is a test bed and a demo, never real tissue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+phantom_app = typer.Typer(
+    name="phantom",
+    help="Procedural H&E-like renal phantom data with exact label masks (a test bed, not real tissue).",
+    no_args_is_help=True,
+)
+
+MixOption = typer.Option(
+    "default", "--mix",
+    help="class mix: default (the thesis data's shares), glomeruli-rich, sclerotic-rich, arteries-rich, "
+         "dilated-rich, tubuli-rich, atrophic-rich or generating")
+SeedOption = typer.Option(0, "--seed", help="random seed; the same seed gives the same output")
+MppOption = typer.Option(0.5, "--mpp", help="microns per pixel")
+ProgressOption = typer.Option(True, "--progress/--no-progress", help="show progress bars")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(phantom_app, name="phantom")
+
+
+@phantom_app.command("slide")
+def slide(
+    out: Path = typer.Option(..., "--out", help="folder for <name>.tif, <name>-mask.tif and <name>.json"),
+    size: int = typer.Option(8192, "--size", help="width (and height, unless --height) in pixels"),
+    height: Optional[int] = typer.Option(None, "--height", help="height in pixels (default: --size)"),
+    seed: int = SeedOption,
+    mpp: float = MppOption,
+    mix: str = MixOption,
+    name: Optional[str] = typer.Option(None, "--name", help="file name stem (default: phantom-<seed>)"),
+    progress: bool = ProgressOption,
+) -> None:
+    """Write a phantom slide and its label-mask slide as pyramidal TIFFs."""
+    from ..data.phantom.export import write_phantom_slide
+
+    files = write_phantom_slide(out, seed=seed, width=size, height=height, mpp=mpp, mix=mix, name=name,
+                                progress=progress)
+    typer.echo(f"wrote {files.image}, {files.mask} and {files.info}")
+
+
+@phantom_app.command("patches")
+def patches(
+    out: Path = typer.Option(..., "--out", help="patch dataset folder (created, or resumed)"),
+    n: int = typer.Option(200, "--n", help="number of patches"),
+    size: int = typer.Option(256, "--size", help="patch side in pixels"),
+    seed: int = SeedOption,
+    mix: str = MixOption,
+    mpp: float = MppOption,
+    slides: Optional[int] = typer.Option(
+        None, "--slides", help="pseudo-slides to group the patches in (splits are by slide); default n/25, within 5-10"),
+    val: float = typer.Option(0.1, "--val", help="share of pseudo-slides for validation"),
+    test: float = typer.Option(0.1, "--test", help="share of pseudo-slides for testing"),
+    progress: bool = ProgressOption,
+) -> None:
+    """Write a captioned patch dataset of phantom patches, split by pseudo-slide."""
+    from ..data.phantom.export import write_phantom_patches
+
+    dataset = write_phantom_patches(out, n, size=size, seed=seed, mix=mix, mpp=mpp, slides=slides, val=val,
+                                    test=test, progress=progress)
+    counts = dataset.manifest["split"].value_counts()
+    described = ", ".join(f"{split} {counts.get(split, 0)}" for split in ("train", "val", "test"))
+    typer.echo(f"{len(dataset)} patches in {out} ({described})")
+
+
+@phantom_app.command("masks")
+def masks(
+    out: Path = typer.Option(..., "--out", help="folder for mask_NNNNNN.png and masks.csv"),
+    n: int = typer.Option(200, "--n", help="number of masks"),
+    size: int = typer.Option(256, "--size", help="mask side in pixels"),
+    seed: int = SeedOption,
+    mix: str = MixOption,
+    mpp: float = MppOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """Write phantom label masks (PNG of class ids) with their captions, without images."""
+    from ..data.phantom.export import write_phantom_masks
+
+    table = write_phantom_masks(out, n, size=size, seed=seed, mix=mix, mpp=mpp, progress=progress)
+    typer.echo(f"wrote {n} masks and {table}")

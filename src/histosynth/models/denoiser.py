@@ -1,0 +1,58 @@
+"""The conditional denoiser: a diffusers ``UNet2DConditionModel`` laid out like the CompVis UNet.
+
+The settings that make a diffusers UNet compute what a CompVis ``openaimodel.UNetModel`` computes
+(verified on the CompVis reference fixture): sinusoidal embedding as [cos, sin]
+(``flip_sin_to_cos=True``, ``freq_shift=0``), 1x1-conv projections around the transformers
+(``use_linear_projection=False``) and ``attention_head_dim`` set to the *number* of heads, which is
+how diffusers reads that legacy field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DConditionModel
+
+from ..presets import Preset
+
+
+def denoiser_config(preset: Preset, context_dim: int, extra_in_channels: int = 0) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` config for a preset.
+
+    ``extra_in_channels`` are conditioning channels (e.g. a label map) concatenated to the noisy latent
+    on the channel axis; the output has only the latent channels.
+    """
+    unet = preset.unet
+    latent_channels = preset.autoencoder.latent_channels
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in unet.cross_attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(unet.cross_attention)]
+    return {
+        "sample_size": preset.latent_size,
+        "in_channels": latent_channels + extra_in_channels,
+        "out_channels": latent_channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if unet.mid_block_attention else None,
+        "block_out_channels": list(unet.block_out_channels),
+        "layers_per_block": unet.layers_per_block,
+        "cross_attention_dim": context_dim,
+        "transformer_layers_per_block": unet.transformer_depth,
+        "attention_head_dim": unet.num_heads,
+        "norm_num_groups": unet.norm_num_groups,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "use_linear_projection": False,
+        "upcast_attention": False,
+        "resnet_time_scale_shift": "default",
+    }
+
+
+def build_denoiser(preset: Preset, context_dim: int, extra_in_channels: int = 0) -> UNet2DConditionModel:
+    """A freshly initialised denoiser for ``preset`` whose cross-attention reads ``context_dim`` features."""
+    return UNet2DConditionModel(**denoiser_config(preset, context_dim, extra_in_channels))
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,132 @@
+"""The diffusion objective: noise schedule, samplers' schedules, the training loss, caption dropout, EMA.
+
+The schedule is CompVis' "linear" one as PathLDM trains it: beta = linspace(sqrt(0.0015),
+sqrt(0.0195), 1000) ** 2, which diffusers calls ``scaled_linear``. The DDIM settings that reproduce
+CompVis' ``DDIMSampler`` exactly (checked on the CompVis reference fixture): "leading" timestep
+spacing with ``steps_offset=1`` (t = 1, 21, ..., 981 for 50 steps), ``set_alpha_to_one=False`` (the
+last step lands on alphas_cumprod[0], not 1) and no clipping of the predicted x0.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+from ..errors import ConfigError
+from ..presets import DiffusionConfig, Preset
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+SamplerKind = Literal["ddim", "dpm++"]
+SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm++")
+
+
+def _diffusion_section(cfg: DiffusionConfig | Preset | None) -> DiffusionConfig:
+    if cfg is None:
+        return DiffusionConfig()
+    return cfg.diffusion if isinstance(cfg, Preset) else cfg
+
+
+def _schedule(cfg: DiffusionConfig) -> dict:
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": cfg.prediction_type,
+    }
+
+
+def noise_scheduler(cfg: DiffusionConfig | Preset | None = None) -> DDPMScheduler:
+    """The training-time forward process (``add_noise``) with the CompVis settings."""
+    return DDPMScheduler(
+        **_schedule(_diffusion_section(cfg)),
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def sampling_scheduler(cfg: DiffusionConfig | Preset | None = None, kind: str = "ddim"):
+    """A sampling scheduler: ``ddim`` (CompVis DDIM, eta 0) or ``dpm++`` (DPM-Solver++ 2M, multistep)."""
+    schedule = _schedule(_diffusion_section(cfg))
+    if kind == "ddim":
+        return DDIMScheduler(
+            **schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+            thresholding=False,
+        )
+    if kind == "dpm++":
+        # DPM-Solver++ needs no CompVis parity; diffusers' defaults (linspace spacing, second order,
+        # first order on the last steps) are what it was tuned with.
+        return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+    raise ConfigError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLER_KINDS)}")
+
+
+def diffusion_loss(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    *,
+    scheduler: Optional[DDPMScheduler] = None,
+    extra_channels: Optional[torch.Tensor] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The denoising MSE of one batch at uniformly drawn timesteps.
+
+    ``extra_channels`` (B, C, h, w) are concatenated to the noisy latent (e.g. a label map for mask
+    conditioning). ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they
+    are drawn from ``generator``.
+    """
+    scheduler = scheduler or noise_scheduler()
+    batch = latents.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
+        )
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if extra_channels is not None:
+        noisy = torch.cat([noisy, extra_channels.to(noisy)], dim=1)
+    prediction = unet(
+        noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=attention_mask
+    ).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def drop_captions(captions: Sequence[str], p: float, rng: random.Random) -> list[str]:
+    """Replace each caption by the empty (unconditional) caption with probability ``p``.
+
+    Training on both makes one model conditional and unconditional, which classifier-free guidance
+    needs. Done on the text, so an embedding cache holds "" once.
+    """
+    return ["" if rng.random() < p else caption for caption in captions]
+
+
+def make_ema(model: torch.nn.Module, decay: float = 0.9999) -> "EMAModel":
+    """An exponential moving average of ``model``'s weights (diffusers' ``EMAModel``).
+
+    Its decay warms up as (1 + n) / (10 + n) after the first update (which copies the weights),
+    capped at ``decay``, so short runs are not dominated by the initial weights. ``ema.step(model.parameters())`` after each optimiser step;
+    ``ema.copy_to(model.parameters())`` before saving for inference.
+    """
+    from diffusers.training_utils import EMAModel  # imports diffusers' pipelines: keep it off start-up
+
+    config = getattr(model, "config", None)  # diffusers models: lets the EMA be saved as a model folder
+    return EMAModel(model.parameters(), decay=decay, model_cls=type(model) if config else None, model_config=config)

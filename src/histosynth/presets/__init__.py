@@ -1,0 +1,223 @@
+"""Model presets: the sizes and hyper-parameters of one latent diffusion model, as validated data.
+
+Three presets ship with the toolkit:
+
+* ``tiny``    - a ~4 M parameter UNet and a light KL-f4 autoencoder; tests and quick demos on a CPU.
+* ``small``   - a ~24 M parameter UNet and a medium KL-f4 autoencoder; a CPU demo that learns something.
+* ``pathldm`` - the thesis / PathLDM configuration (VQ-f4 autoencoder, 192-channel UNet, PLIP context).
+
+A user may also pass the path of a YAML file with the same sections. Every field has a default except
+the network sizes, so a custom preset names only what differs. Validation errors name the bad field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError
+
+__all__ = [
+    "AutoencoderConfig",
+    "DiffusionConfig",
+    "Preset",
+    "SamplingConfig",
+    "TrainingConfig",
+    "UNetConfig",
+    "builtin_presets",
+    "load_preset",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_group_norm(channels: tuple[int, ...], groups: int) -> None:
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(f"channel counts {bad} are not multiples of norm_num_groups={groups}")
+
+
+class AutoencoderConfig(_Section):
+    """The frozen image <-> latent autoencoder (diffusers ``VQModel`` or ``AutoencoderKL``)."""
+
+    kind: Literal["vq", "kl"] = Field("vq", description="vector-quantised (VQ) or KL-regularised autoencoder")
+    block_out_channels: tuple[int, ...] = Field(min_length=1, description="channels per resolution level")
+    layers_per_block: int = Field(2, ge=1, description="ResNet blocks per encoder level")
+    latent_channels: int = Field(3, ge=1)
+    num_vq_embeddings: int = Field(8192, ge=2, description="codebook size (VQ only)")
+    vq_embed_dim: Optional[int] = Field(None, ge=1, description="codebook vector size (VQ only); default latent_channels")
+    norm_num_groups: int = Field(32, ge=1)
+    mid_block_attention: bool = Field(True, description="self-attention in the lowest-resolution block")
+    latent_scale: float = Field(1.0, gt=0, description="latents = encoder output * latent_scale")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "AutoencoderConfig":
+        _check_group_norm(self.block_out_channels, self.norm_num_groups)
+        return self
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per latent pixel along each axis (4 for an f4 autoencoder)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class UNetConfig(_Section):
+    """The conditional denoiser (diffusers ``UNet2DConditionModel``)."""
+
+    block_out_channels: tuple[int, ...] = Field(min_length=2, description="channels per resolution level")
+    layers_per_block: int = Field(2, ge=1)
+    cross_attention: tuple[bool, ...] = Field(
+        description="per level: whether it has spatial transformers (self- and cross-attention)"
+    )
+    # diffusers calls this `attention_head_dim` but reads it as the NUMBER of heads; CompVis `num_heads`.
+    num_heads: int = Field(1, ge=1, description="attention heads per transformer (CompVis num_heads)")
+    transformer_depth: int = Field(1, ge=1, description="transformer blocks per attention layer")
+    mid_block_attention: bool = Field(True, description="a transformer in the middle block")
+    norm_num_groups: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "UNetConfig":
+        if len(self.cross_attention) != len(self.block_out_channels):
+            raise ValueError(
+                f"cross_attention has {len(self.cross_attention)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)} levels; give one true/false per level"
+            )
+        _check_group_norm(self.block_out_channels, self.norm_num_groups)
+        bad = [c for c in self.block_out_channels if c % self.num_heads]
+        if bad:
+            raise ValueError(f"channel counts {bad} are not divisible by num_heads={self.num_heads}")
+        return self
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class DiffusionConfig(_Section):
+    """The forward process. Defaults are CompVis' "linear" schedule (linear in sqrt(beta))."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0195, gt=0, lt=1)
+    # diffusers "scaled_linear" is CompVis "linear"; diffusers "linear" is linear in beta itself.
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DiffusionConfig":
+        if not self.beta_start < self.beta_end:
+            raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})")
+        return self
+
+
+class TrainingConfig(_Section):
+    lr: float = Field(2.5e-5, gt=0, description="AdamW base learning rate")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(1000, ge=0, description="linear warm-up from 1e-6 x lr to lr")
+    batch_size: int = Field(64, ge=1)
+    text_dropout: float = Field(0.1, ge=0, le=1, description="probability of replacing the caption by ''")
+    ema_decay: Optional[float] = Field(0.9999, gt=0, lt=1, description="EMA of the weights; null = none")
+    precision: Literal["32", "bf16-mixed"] = "32"
+    hflip: bool = True
+    vflip: bool = True
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _refuse_fp16(cls, value: Any) -> Any:
+        if isinstance(value, str) and "16" in value and "bf16" not in value:
+            raise ValueError(
+                "fp16 is refused: fp16 autocast silently froze weights whose gradients underflowed "
+                "in the thesis' training; use '32' (default) or 'bf16-mixed'"
+            )
+        return str(value) if isinstance(value, int) else value
+
+
+class SamplingConfig(_Section):
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(1.5, ge=0, description="classifier-free guidance scale; 1 = conditional only")
+    scheduler: Literal["ddim", "dpm++"] = "ddim"
+
+
+class Preset(_Section):
+    """A whole model configuration: what to build, how to train it, how to sample from it."""
+
+    name: str = "custom"
+    image_size: int = Field(256, ge=8, description="training patch size in pixels")
+    text_encoder: str = Field("minilm", min_length=1, description="text encoder name or path")
+    autoencoder: AutoencoderConfig
+    unet: UNetConfig
+    diffusion: DiffusionConfig = DiffusionConfig()
+    training: TrainingConfig = TrainingConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _image_fits_networks(self) -> "Preset":
+        factor = self.autoencoder.downsampling_factor * self.unet.downsampling_factor
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of {factor} "
+                f"(autoencoder factor {self.autoencoder.downsampling_factor} x UNet factor "
+                f"{self.unet.downsampling_factor})"
+            )
+        return self
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.autoencoder.downsampling_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "preset") -> "Preset":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections (autoencoder, unet, ...)")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {message}")
+    return "; ".join(parts)
+
+
+def builtin_presets() -> list[str]:
+    """Names of the presets that ship with the toolkit."""
+    folder = resources.files(__name__)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """A built-in preset by name (``tiny``, ``small``, ``pathldm``) or a preset YAML file."""
+    text, source = _preset_text(name_or_path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(data, dict) and "name" not in data:
+        data["name"] = Path(str(name_or_path)).stem
+    return Preset.from_dict(data, source=source)
+
+
+def _preset_text(name_or_path: str | Path) -> tuple[str, str]:
+    candidate = str(name_or_path)
+    if candidate in builtin_presets():
+        return resources.files(__name__).joinpath(f"{candidate}.yaml").read_text(), f"preset '{candidate}'"
+    path = Path(candidate)
+    if path.is_file():
+        return path.read_text(), str(path)
+    raise ConfigError(
+        f"unknown preset {candidate!r}: give one of {', '.join(builtin_presets())} or a preset YAML file"
+    )

@@ -1,0 +1,145 @@
+"""Model folders: round trip, atomic replacement, and errors that name the missing or mismatched part."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from histosynth.errors import ModelError
+from histosynth.models.autoencoder import build_autoencoder
+from histosynth.models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
+from histosynth.models.denoiser import build_denoiser
+from histosynth.models.diffusion import noise_scheduler
+from histosynth.models.text import load_text_encoder, minilm_folder
+from histosynth.presets import Preset
+from histosynth.schema import RENAL
+
+PRESET = Preset.from_dict({
+    "name": "bundle-test",
+    "image_size": 32,
+    "autoencoder": {"block_out_channels": [32, 32, 32], "layers_per_block": 1, "num_vq_embeddings": 16,
+                    "mid_block_attention": False},
+    "unet": {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention": [False, True]},
+})
+META = {"image_size": 32, "preset": PRESET.to_dict(), "unet_weights": "ema",
+        "provenance": {"data": "phantom", "steps": 3, "command": "histosynth train ..."}}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_encoder("minilm")
+
+
+@pytest.fixture(scope="module")
+def parts(minilm):
+    torch.manual_seed(0)
+    return build_denoiser(PRESET, context_dim=minilm.hidden_size), build_autoencoder(PRESET)
+
+
+@pytest.fixture()
+def bundle_path(tmp_path, parts, minilm):
+    unet, autoencoder = parts
+    return save_bundle(tmp_path / "model", unet, autoencoder, noise_scheduler(PRESET).config, minilm, RENAL, META)
+
+
+def test_round_trip_keeps_weights_schema_and_description(bundle_path, parts, minilm):
+    unet, autoencoder = parts
+    bundle = load_bundle(bundle_path)
+    latents, t, context = torch.randn(1, 3, 8, 8), torch.tensor([500]), torch.randn(1, 5, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.unet(latents, t, context).sample, unet(latents, t, context).sample)
+        image = torch.rand(1, 3, 32, 32) * 2 - 1
+        torch.testing.assert_close(bundle.autoencoder(image).sample, autoencoder(image).sample)
+    assert bundle.schema == RENAL
+    assert bundle.scheduler_config["beta_schedule"] == "scaled_linear"
+    config = bundle.config
+    assert (config["format"], config["format_version"], config["image_size"]) == ("histosynth.bundle", 1, 32)
+    assert config["latent"] == {"scale": 1.0, "channels": 3, "downsampling": 4, "quantize_before_decode": True}
+    assert config["normalization"]["range"] == [-1.0, 1.0]
+    assert config["text_encoder"]["ref"] == "minilm" and config["text_encoder"]["id"] == minilm.id
+    assert config["provenance"]["steps"] == 3 and "hardware" in config["provenance"]
+    assert config["preset"]["name"] == "bundle-test" and config["unet_weights"] == "ema"
+    assert len(bundle.id) == 12
+    assert not (bundle_path / "text_encoder").exists()  # the default encoder is referenced, not copied
+    assert [p.name for p in bundle_path.parent.iterdir()] == ["model"]  # no staging folder left behind
+
+
+def test_a_non_default_text_encoder_is_copied_and_keeps_its_id(tmp_path, parts, minilm):
+    custom = load_text_encoder(minilm_folder())  # the same weights, named by path: not the default
+    path = save_bundle(tmp_path / "model", *parts, noise_scheduler(PRESET).config, custom, RENAL, META)
+    assert (path / "text_encoder" / "config.json").is_file()
+    bundle = load_bundle(path)
+    assert bundle.config["text_encoder"]["ref"] == "text_encoder"
+    assert bundle.text_encoder.id == minilm.id
+    states, _ = bundle.text_encoder.encode([""])
+    assert states.shape == (1, 2, 384)
+
+
+def test_saving_replaces_an_older_bundle_but_never_another_folder(bundle_path, parts, minilm, tmp_path):
+    old_id = read_bundle_config(bundle_path)["id"]
+    unet, autoencoder = parts
+    changed = build_denoiser(PRESET, context_dim=384)
+    save_bundle(bundle_path, changed, autoencoder, noise_scheduler(PRESET).config, minilm, RENAL, META)
+    assert read_bundle_config(bundle_path)["id"] != old_id
+    other = tmp_path / "notes"
+    other.mkdir()
+    with pytest.raises(ModelError, match="exists and is not a model folder"):
+        save_bundle(other, unet, autoencoder, noise_scheduler(PRESET).config, minilm, RENAL, META)
+
+
+def test_a_unet_that_cannot_read_the_text_encoder_is_refused(tmp_path, parts, minilm):
+    wrong = build_denoiser(PRESET, context_dim=512)
+    with pytest.raises(ModelError, match="cross-attention reads 512 features but text encoder minilm gives 384"):
+        save_bundle(tmp_path / "m", wrong, parts[1], noise_scheduler(PRESET).config, minilm, RENAL, META)
+
+
+@pytest.mark.parametrize("part", ["unet", "autoencoder", "scheduler"])
+def test_a_missing_part_is_named(bundle_path, part):
+    shutil.rmtree(bundle_path / part)
+    with pytest.raises(ModelError, match=f"part '{part}' is missing"):
+        load_bundle(bundle_path)
+
+
+def test_a_missing_description_is_named(bundle_path):
+    (bundle_path / CONFIG_FILE).unlink()
+    with pytest.raises(ModelError, match="not a histosynth model folder: part 'histosynth.json' is missing"):
+        load_bundle(bundle_path)
+
+
+def test_an_autoencoder_with_other_latent_channels_is_a_mismatch(bundle_path):
+    other = Preset.from_dict({**PRESET.to_dict(), "autoencoder": {**PRESET.to_dict()["autoencoder"], "latent_channels": 4}})
+    shutil.rmtree(bundle_path / "autoencoder")
+    build_autoencoder(other).save_pretrained(bundle_path / "autoencoder")
+    with pytest.raises(ModelError, match="part 'unet' does not fit part 'autoencoder': the UNet maps 3 -> 3 "
+                                         "channels, the autoencoder has 4 latent channels"):
+        load_bundle(bundle_path)
+
+
+def test_weights_that_do_not_fit_the_config_name_the_part(bundle_path):
+    config_path = bundle_path / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [32, 96]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="part 'unet' cannot be loaded"):
+        load_bundle(bundle_path)
+
+
+def test_a_changed_text_encoder_is_detected_on_first_use(bundle_path):
+    config = json.loads((bundle_path / CONFIG_FILE).read_text())
+    config["text_encoder"]["id"] = "bert:256:0000000000000000"
+    (bundle_path / CONFIG_FILE).write_text(json.dumps(config))
+    bundle = load_bundle(bundle_path)
+    with pytest.raises(ModelError, match="part 'text_encoder' does not match: the model was trained with "
+                                         "bert:256:0000000000000000"):
+        bundle.text_encoder
+
+
+def test_a_newer_format_version_asks_for_an_upgrade(bundle_path):
+    config = json.loads((bundle_path / CONFIG_FILE).read_text())
+    config["format_version"] = 2
+    (bundle_path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="format version 2; this histosynth reads version 1: upgrade histosynth"):
+        load_bundle(bundle_path)

@@ -1,0 +1,124 @@
+"""The guided DDIM sampler against CompVis' DDIMSampler outputs in ../shared/fixtures/compvis.
+
+Tolerances are the fixture README's for fp32 on a CPU. The DDIM latents of an untrained model reach
+|x| ~ 257, so 2e-3 / 5e-3 absolute are tight relative bounds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from histosynth.data.torchdata import to_uint8
+from histosynth.errors import ConfigError
+from histosynth.models.autoencoder import decode_latents
+from histosynth.models.compvis import import_compvis
+from histosynth.models.diffusion import sampling_scheduler
+from histosynth.sample.sampler import denoise, guided_eps
+
+FIXTURE = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", Path(__file__).resolve().parents[3] / "shared/fixtures/compvis"))
+pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").is_file(), reason=f"no CompVis fixture at {FIXTURE}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The fixture's networks are tiny: one thread is fastest, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, torch.Tensor]:
+    return load_file(str(FIXTURE / "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    unet, vq, info = import_compvis(FIXTURE / "tiny_ldm.safetensors", FIXTURE / "tiny_ldm.yaml")
+    return unet, vq, info.diffusion
+
+
+def sample(model, ref, steps: int, guidance: float, **kwargs) -> torch.Tensor:
+    unet, _, diffusion = model
+    scheduler = sampling_scheduler(diffusion, "ddim")
+    return denoise(unet, scheduler, ref["ddim_xT"], ref["ddim_cond"], ref["ddim_uncond"], steps=steps, guidance=guidance, **kwargs)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_ddim_timesteps_are_compvis_leading_spacing(model, ref):
+    scheduler = sampling_scheduler(model[2], "ddim")
+    for steps in (10, 50):
+        scheduler.set_timesteps(steps)
+        assert torch.equal(scheduler.timesteps.flip(0), ref[f"ddim_timesteps_{steps}"])
+    assert scheduler.timesteps[:2].tolist() == [981, 961] and scheduler.timesteps[-1].item() == 1
+
+
+def test_ten_guided_steps_follow_the_compvis_trajectory(model, ref):
+    inputs, eps = [], []
+    out = sample(model, ref, 10, 1.5, on_step=lambda i, t, x, e: (inputs.append(x), eps.append(e)))
+    assert max_error(eps[0], ref["ddim_eps_10_step0"]) < 1e-4
+    assert max_error(torch.stack(inputs + [out]), ref["ddim_traj_10"]) < 2e-3
+    assert max_error(out, ref["ddim_out_10"]) < 2e-3
+
+
+def test_scale_one_is_the_conditional_model_alone(model, ref):
+    out = sample(model, ref, 10, 1.0)
+    assert max_error(out, ref["ddim_out_10_scale1"]) < 2e-3
+    assert max_error(out, ref["ddim_out_10"]) > 0.5  # guidance matters: the fixture can tell them apart
+
+
+def test_fifty_steps_and_the_decoded_image_match_pathldm_sampling(model, ref):
+    out = sample(model, ref, 50, 1.5)
+    assert max_error(out, ref["ddim_out_50"]) < 5e-3
+    with torch.no_grad():
+        decoded = decode_latents(model[1], out)
+    truncated = ((decoded + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)  # PathLDM's notebook truncates
+    assert torch.equal(truncated, ref["ddim_image_50"])
+    rounded = torch.from_numpy(to_uint8(decoded)).permute(0, 3, 1, 2)  # the toolkit rounds: within one level
+    assert max_error(rounded, ref["ddim_image_50"]) <= 1
+
+
+def test_swapping_cond_and_uncond_is_detected(model, ref):
+    unet, _, diffusion = model
+    swapped = denoise(unet, sampling_scheduler(diffusion), ref["ddim_xT"], ref["ddim_uncond"], ref["ddim_cond"], steps=10)
+    assert max_error(swapped, ref["ddim_out_10"]) > 1.0
+
+
+def test_padded_and_masked_context_gives_the_same_guided_eps(model, ref):
+    """Contexts of different lengths share one call: padding with masked tokens must change nothing."""
+    unet = model[0]
+    x, t = ref["ddim_xT"], torch.tensor(901)
+    plain = guided_eps(unet, x, t, ref["ddim_cond"], ref["ddim_uncond"], 1.5)
+    short_uncond = ref["ddim_uncond"][:, :4]
+    mask = torch.ones(2, 4, dtype=torch.long)
+    padded = torch.nn.functional.pad(short_uncond, (0, 0, 0, 3))
+    with_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    by_hand = guided_eps(unet, x, t, ref["ddim_cond"], padded, 1.5, uncond_mask=with_mask)
+    automatic = guided_eps(unet, x, t, ref["ddim_cond"], short_uncond, 1.5, uncond_mask=mask)
+    assert max_error(automatic, by_hand) < 1e-5
+    assert max_error(automatic, plain) > 1e-3  # the short context really is different
+
+
+def test_dpm_solver_runs_the_requested_number_of_steps(model, ref):
+    unet, _, diffusion = model
+    scheduler = sampling_scheduler(diffusion, "dpm++")
+    seen = []
+    out = denoise(unet, scheduler, ref["ddim_xT"], ref["ddim_cond"], ref["ddim_uncond"], steps=20,
+                  on_step=lambda i, t, x, e: seen.append(t))
+    assert len(seen) == 20 and seen[0] > seen[-1]
+    assert out.shape == ref["ddim_xT"].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("steps, guidance, message", [(0, 1.5, "steps must be at least 1"), (10, -0.5, "guidance must be 0 or more")])
+def test_bad_sampling_options_are_refused(model, ref, steps, guidance, message):
+    with pytest.raises(ConfigError, match=message):
+        sample(model, ref, steps, guidance)

@@ -1,0 +1,24 @@
+"""The demo runs end to end on small settings and resumes without redoing finished stages."""
+
+from __future__ import annotations
+
+from histosynth.captions import parse_caption
+from histosynth.demo import DemoSettings, run_demo
+
+
+def test_demo_end_to_end_small(tmp_path):
+    settings = DemoSettings(slides=2, slide_size=768, sheet_patches=4)
+    result = run_demo(tmp_path / "demo", settings, progress=False)
+    assert len(result.dataset) > 4
+    assert set(result.dataset.manifest["slide"]) == {"phantom-0", "phantom-1"}
+    for caption in result.dataset.manifest["caption"]:
+        parse_caption(caption)  # every caption follows the rules
+    assert result.sheet.stat().st_size > 10_000
+    html = result.report.read_text()
+    assert "contact_sheet.png" in html and f"{len(result.dataset)} patches" in html
+
+    slide_file = tmp_path / "demo" / "slides" / "phantom-0.tif"
+    mtime = slide_file.stat().st_mtime_ns
+    again = run_demo(tmp_path / "demo", settings, progress=False)
+    assert slide_file.stat().st_mtime_ns == mtime  # finished stages are not redone
+    assert len(again.dataset) == len(result.dataset)
