@@ -15,6 +15,7 @@ import typer
 from ..errors import HistosynthError
 from . import caption
 from . import demo
+from . import survey
 from . import model
 from . import tile
 from . import phantom
@@ -35,6 +36,7 @@ def _root() -> None:
 
 caption.register(app)
 demo.register(app)
+survey.register(app)
 model.register(app)
 tile.register(app)
 phantom.register(app)

@@ -1,0 +1,97 @@
+"""`histosynth survey`: build a real-vs-synthetic survey, serve it to participants, analyse it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import ConfigError
+
+survey_app = typer.Typer(help="The realism survey: build it, serve it, analyse the answers.",
+                         no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(survey_app, name="survey")
+
+
+@survey_app.command("build")
+def build(
+    real: Path = typer.Option(..., "--real", help="folder of real images (or a patch dataset)"),
+    synthetic: Path = typer.Option(..., "--synthetic", help="folder of synthetic images"),
+    out: Path = typer.Option(..., "--out", help="new survey folder to create"),
+    n_real: int = typer.Option(20, "--n-real", help="real images to pick"),
+    n_synthetic: int = typer.Option(20, "--n-synthetic", help="synthetic images to pick"),
+    seed: int = typer.Option(0, "--seed", help="seed of the picking, the ids and the order"),
+    size: int = typer.Option(256, "--size", help="every image is shown at this size (px, square)"),
+    image_format: str = typer.Option("png", "--format", help="png (lossless) or jpeg"),
+    jpeg_quality: int = typer.Option(90, "--jpeg-quality", help="quality with --format jpeg"),
+    title: str = typer.Option("Real or synthetic?", "--title", help="shown on every page"),
+) -> None:
+    """Pick images, re-encode them alike with no metadata, shuffle; the answer key stays server-side."""
+    from ..survey.build import build_survey
+
+    survey, warnings = build_survey(real, synthetic, out, n_real=n_real, n_synthetic=n_synthetic, seed=seed,
+                                    size=size, image_format=image_format, jpeg_quality=jpeg_quality,
+                                    title=title)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"built a survey of {len(survey.questions)} images in {out}; "
+               f"serve it with: histosynth survey serve {out}")
+
+
+@survey_app.command("serve")
+def serve(
+    survey: Path = typer.Argument(..., help="a survey folder made by 'histosynth survey build'"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (default: this machine only)"),
+    port: int = typer.Option(8000, "--port", help="port to listen on"),
+    admin_secret: Optional[str] = typer.Option(
+        None, "--admin-secret", envvar="HISTOSYNTH_SURVEY_ADMIN_SECRET",
+        help="secret for the admin page (default: a random one, printed at start)"),
+) -> None:
+    """Serve the survey: participants at /, live counts and CSV export at /admin."""
+    import uvicorn
+
+    from ..survey.app import create_app, is_loopback
+    from ..survey.security import new_admin_secret
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is out of range; give 1 to 65535")
+    secret = admin_secret or new_admin_secret()
+    app = create_app(survey, secret)
+    shown_host = f"[{host}]" if ":" in host else host
+    typer.echo(f"survey:  http://{shown_host}:{port}/")
+    typer.echo(f"admin:   http://{shown_host}:{port}/admin")
+    if admin_secret is None:
+        typer.echo(f"admin secret: {secret}")
+    if not is_loopback(host):
+        typer.echo("warning: listening beyond this machine over plain HTTP; put the survey behind an "
+                   "HTTPS reverse proxy before sending the link out", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@survey_app.command("analyze")
+def analyze(
+    source: Path = typer.Argument(..., help="a survey folder, or a responses CSV (one row per participant)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: SOURCE/report or FILE-report)"),
+) -> None:
+    """Cohen's kappa per participant and the rest of the thesis' analysis, with plots and an HTML report."""
+    from ..survey.analyze import analyze_survey
+
+    analysis, report = analyze_survey(source, out)
+    summary = analysis.summary
+    table = Table("measure", "value", title=f"{summary['participants']} participants, {summary['questions']} questions")
+    table.add_row("mean kappa (min, max)", f"{summary['kappa_mean']:+.3f} ({summary['kappa_min']:+.3f}, "
+                  f"{summary['kappa_max']:+.3f})" if summary["kappa_mean"] is not None else "undefined")
+    for name, group in summary["groups"].items():
+        mean = group["kappa_mean"]
+        table.add_row(f"mean kappa, experience {name} (n={group['participants']})",
+                      "–" if mean is None else f"{mean:+.3f}")
+    table.add_row("mean correct", f"{summary['correct_mean']:.1f} of {summary['questions']}")
+    table.add_row("majority vote correct", f"{summary['majority_correct']} of {summary['questions']}")
+    Console().print(table)
+    typer.echo(f"report: {report}")

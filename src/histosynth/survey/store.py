@@ -1,0 +1,192 @@
+"""The survey's answers in SQLite: every answer is stored the moment it is given.
+
+One connection per operation and WAL journaling let many participants answer at once (readers never
+wait for the writer); writes take the write lock up front (``BEGIN IMMEDIATE``) so that concurrent
+writers queue on the busy timeout instead of failing. A participant has one answer per question;
+answering again replaces it and the change is kept in ``answer_changes``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .build import LABELS
+
+BUSY_TIMEOUT_S = 30.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS participants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    token TEXT NOT NULL UNIQUE,
+    experience INTEGER NOT NULL CHECK (experience BETWEEN 1 AND 5),
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    comment TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS answers (
+    participant_id INTEGER NOT NULL REFERENCES participants(id),
+    question INTEGER NOT NULL CHECK (question >= 1),
+    answer TEXT NOT NULL CHECK (answer IN ('real', 'synthetic')),
+    answered_at TEXT NOT NULL,
+    PRIMARY KEY (participant_id, question)
+);
+CREATE TABLE IF NOT EXISTS answer_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    participant_id INTEGER NOT NULL REFERENCES participants(id),
+    question INTEGER NOT NULL,
+    previous TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    changed_at TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class Participant:
+    """A participant as stored; `label` (P1, P2, ...) is what exports show, never the token."""
+
+    id: int
+    token: str
+    experience: int
+    started_at: str
+    finished_at: str | None
+    comment: str
+    answers: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"P{self.id}"
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Live numbers for the admin page."""
+
+    started: int
+    finished: int
+    answers: int
+    changed_answers: int
+    by_experience: dict[int, int]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class SurveyStore:
+    """Participants and their answers in one SQLite file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with self._connection() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def setting(self, name: str) -> str:
+        """A server-side secret that survives restarts, made on first use (e.g. the form-signing key)."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)",
+                       (name, secrets.token_hex(32)))
+            return db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()["value"]
+
+    def create_participant(self, experience: int) -> Participant:
+        # The token is a credential (it is the participant's resume link), so it comes from the
+        # system's secure random source rather than a seed.
+        token = secrets.token_urlsafe(24)
+        with self._write() as db:
+            db.execute("INSERT INTO participants (token, experience, started_at) VALUES (?, ?, ?)",
+                       (token, experience, _now()))
+        participant = self.participant(token)
+        assert participant is not None
+        return participant
+
+    def participant(self, token: str) -> Participant | None:
+        with self._connection() as db:
+            row = db.execute("SELECT * FROM participants WHERE token = ?", (token,)).fetchone()
+            if row is None:
+                return None
+            answers = db.execute("SELECT question, answer FROM answers WHERE participant_id = ?",
+                                 (row["id"],)).fetchall()
+        return Participant(**dict(row), answers={a["question"]: a["answer"] for a in answers})
+
+    def record_answer(self, participant_id: int, question: int, answer: str) -> None:
+        """Store an answer; a second answer to the same question replaces the first and is audited."""
+        if answer not in LABELS:
+            raise ValueError(f"answer must be one of {LABELS}, not {answer!r}")
+        now = _now()
+        with self._write() as db:
+            old = db.execute("SELECT answer FROM answers WHERE participant_id = ? AND question = ?",
+                             (participant_id, question)).fetchone()
+            if old is not None:
+                db.execute(
+                    "INSERT INTO answer_changes (participant_id, question, previous, answer, changed_at) "
+                    "VALUES (?, ?, ?, ?, ?)", (participant_id, question, old["answer"], answer, now))
+            db.execute(
+                "INSERT INTO answers (participant_id, question, answer, answered_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (participant_id, question) DO UPDATE SET answer = excluded.answer, "
+                "answered_at = excluded.answered_at", (participant_id, question, answer, now))
+
+    def finish(self, participant_id: int, comment: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE participants SET finished_at = ?, comment = ? WHERE id = ? AND finished_at IS NULL",
+                       (_now(), comment, participant_id))
+
+    def participants(self) -> list[Participant]:
+        """Every participant with their answers, in the order they started."""
+        with self._connection() as db:
+            rows = db.execute("SELECT * FROM participants ORDER BY id").fetchall()
+            answers = db.execute("SELECT participant_id, question, answer FROM answers").fetchall()
+        by_participant: dict[int, dict[int, str]] = {}
+        for a in answers:
+            by_participant.setdefault(a["participant_id"], {})[a["question"]] = a["answer"]
+        return [Participant(**dict(row), answers=by_participant.get(row["id"], {})) for row in rows]
+
+    def answer_changes(self) -> list[dict]:
+        with self._connection() as db:
+            return [dict(row) for row in db.execute("SELECT * FROM answer_changes ORDER BY id")]
+
+    def counts(self) -> Counts:
+        with self._connection() as db:
+            started, finished = db.execute(
+                "SELECT COUNT(*), COUNT(finished_at) FROM participants").fetchone()
+            answers = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            changed = db.execute("SELECT COUNT(*) FROM answer_changes").fetchone()[0]
+            by_experience = dict(db.execute(
+                "SELECT experience, COUNT(*) FROM participants GROUP BY experience").fetchall())
+        return Counts(started=started, finished=finished, answers=answers, changed_answers=changed,
+                      by_experience={level: by_experience.get(level, 0) for level in range(1, 6)})

@@ -1,0 +1,120 @@
+"""End to end in headless Chromium: one participant clicks, one uses the keyboard, the admin exports,
+and the analysis of the export gives the kappas the answers were planned to give.
+
+Set HISTOSYNTH_SURVEY_SCREENSHOTS=docs/images to refresh the screenshots shown in the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from histosynth.survey.analyze import analyze_survey
+from histosynth.survey.app import create_app
+from histosynth.survey.build import build_survey, read_answer_key
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                       "(`make browser` installs it, or `apt-get install chromium`)"),
+]
+
+
+def planned_answers(truth: list[str]) -> tuple[list[str], list[str]]:
+    """The clicking participant is always right (kappa 1); the keyboard participant is wrong on the
+    first real and the first synthetic question: 4 of 6 right, expected agreement 1/2, kappa 1/3."""
+    keyboard = list(truth)
+    keyboard[truth.index("real")] = "synthetic"
+    keyboard[truth.index("synthetic")] = "real"
+    return list(truth), keyboard
+
+
+@pytest.mark.timeout(180)
+def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, live_server):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    sync_playwright, expect = playwright_api.sync_playwright, playwright_api.expect
+    survey_dir = tmp_path / "survey"
+    build_survey(*screen_size_folders, survey_dir, n_real=3, n_synthetic=3, seed=2, progress=False)
+    truth = read_answer_key(survey_dir)
+    by_click, by_keyboard = planned_answers(truth)
+    shots = Path(os.environ.get("HISTOSYNTH_SURVEY_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+
+    with live_server(create_app(survey_dir, admin_secret)) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            problems: list[str] = []
+
+            def new_page(width: int = 960, **options):
+                page = browser.new_context(viewport={"width": width, "height": 760}, **options).new_page()
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                return page
+
+            clicking = new_page()
+            clicking.goto(server.url + "/")
+            clicking.screenshot(path=shots / "survey-start.png", full_page=True)
+            clicking.get_by_role("radio", name="4", exact=True).check()
+            with clicking.expect_navigation():
+                clicking.get_by_role("button", name="Start the survey").click()
+            for number, answer in enumerate(by_click, start=1):
+                assert clicking.locator(".progress-text").inner_text() == f"Question {number} of 6"
+                image = clicking.locator("img.survey-image")
+                assert clicking.evaluate("img => img.complete && img.naturalWidth", image.element_handle()) == 256
+                if number == 2:
+                    clicking.screenshot(path=shots / "survey-question.png", full_page=True)
+                with clicking.expect_navigation():
+                    clicking.locator(f'button[value="{answer}"]').click()
+            clicking.get_by_label(re.compile("How did you decide")).fill("Looked at the nuclei.")
+            with clicking.expect_navigation():
+                clicking.get_by_role("button", name="Submit the survey").click()
+            assert clicking.get_by_role("heading").inner_text() == "Thank you!"
+            clicking.screenshot(path=shots / "survey-done.png", full_page=True)
+
+            typing = new_page()
+            typing.goto(server.url + "/")
+            expect(typing.get_by_role("radio", name="1 Barely any experience")).to_be_focused()
+            typing.keyboard.press("ArrowRight")  # focus starts on level 1; the arrow picks level 2
+            with typing.expect_navigation():
+                typing.keyboard.press("Enter")
+            for number, answer in enumerate(by_keyboard, start=1):
+                assert typing.locator(".progress-text").inner_text() == f"Question {number} of 6"
+                with typing.expect_navigation():
+                    typing.keyboard.press("r" if answer == "real" else "s")
+            expect(typing.get_by_label(re.compile("How did you decide"))).to_be_focused()
+            typing.keyboard.type("Too smooth = synthetic")
+            typing.keyboard.press("Tab")
+            typing.keyboard.press("Tab")
+            with typing.expect_navigation():
+                typing.keyboard.press("Enter")
+            assert typing.get_by_role("heading").inner_text() == "Thank you!"
+
+            admin = new_page(width=1160, accept_downloads=True)
+            admin.goto(server.url + "/admin")
+            admin.get_by_label("Admin secret").fill(admin_secret)
+            with admin.expect_navigation():
+                admin.get_by_role("button", name="Sign in").click()
+            assert admin.locator("#count-finished").inner_text() == "2"
+            assert admin.locator("#count-answers").inner_text() == "12"
+            admin.screenshot(path=shots / "survey-admin.png", full_page=True)
+            with admin.expect_download() as download:
+                admin.get_by_role("link", name="Download responses (CSV)").click()
+            download.value.save_as(tmp_path / "export.csv")
+            assert problems == [], f"the browser reported errors: {problems}"
+        finally:
+            browser.close()
+
+    analysis, _ = analyze_survey(tmp_path / "export.csv")
+    people = analysis.participants
+    assert people["participant"].tolist() == ["P1", "P2"]
+    assert people["experience"].tolist() == [4, 2]
+    assert people["correct"].tolist() == [6, 4]
+    assert people["kappa"].tolist() == pytest.approx([1.0, 1 / 3])
+    assert [p.comment for p in analysis.responses.participants] == ["Looked at the nuclei.", "Too smooth = synthetic"]
