@@ -155,3 +155,17 @@ def test_flips_are_reproducible_and_splits_filter_slides(tmp_path):
     assert len(PatchTorchDataset(tmp_path, split="train")) == 2
     assert len(PatchTorchDataset(tmp_path, split="val")) == 1
     assert len(PatchTorchDataset(tmp_path, split="test")) == 0
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from histosynth.io import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left behind

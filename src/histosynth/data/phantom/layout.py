@@ -8,8 +8,9 @@ Placement, in this order:
 
 * *Large structures* (glomeruli, sclerotic glomeruli, arteries, dilated tubuli) are thrown at
   random and kept when they do not touch one already placed. Their number is the mix's share
-  times the tissue area divided by their mean area (rounded up or down at random). Sclerotic glomeruli and dilated tubuli prefer "damaged" cortex (a
-  smooth random field), as they cluster in real kidneys.
+  times the tissue area divided by their mean area (rounded up or down at random). Sclerotic
+  glomeruli and dilated tubuli prefer "damaged" cortex (a smooth random field), as they cluster
+  in real kidneys.
 * *Tubuli* fill the rest on a jittered hexagonal grid. Neighbours overlap a little and are
   flattened against each other when rendered, as packed tubuli are. A smooth random field thins
   the grid to leave interstitium where the mix wants it; atrophic tubuli (small, with wide
@@ -29,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from . import mixes as m
-from .noise import grid_fbm, point_fbm
+from .noise import grid_fbm, hash_u32, point_fbm
 
 
 class Kind(IntEnum):
@@ -261,7 +262,15 @@ class Layout:
 
 def damage_at(x: np.ndarray, y: np.ndarray, seed: int, mpp: float) -> np.ndarray:
     """How damaged the cortex is around each point, in [0, 1] (about 0.5 on average)."""
-    value = point_fbm(x, y, DAMAGE_CELL_UM / mpp, seed + 101, octaves=2)
+    return _damage(point_fbm(x, y, DAMAGE_CELL_UM / mpp, seed + 101, octaves=2))
+
+
+def damage_grid(xs: np.ndarray, ys: np.ndarray, seed: int, mpp: float) -> np.ndarray:
+    """:func:`damage_at` over the grid ``ys x xs``."""
+    return _damage(grid_fbm(xs, ys, DAMAGE_CELL_UM / mpp, seed + 101, octaves=2))
+
+
+def _damage(value: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + 0.9 * value, 0.0, 1.0)
 
 
@@ -299,8 +308,6 @@ def _keep_threshold(fraction: float) -> float:
 # --- placement -----------------------------------------------------------------------------------
 
 def _structure_keys(seed: int, kind: Kind, count: int, offset: int) -> np.ndarray:
-    from .noise import hash_u32
-
     return hash_u32(seed, int(kind) + 1, np.arange(offset, offset + count))
 
 
@@ -382,6 +389,20 @@ def place_focus(rng: np.random.Generator, seed: int, mix: m.PhantomMix, size: in
                       _structure_keys(seed, spec.kind, 1, 10**6))
 
 
+def _candidates(rng: np.random.Generator, seed: int, spec: LargeSpec, region: tuple[float, float, float, float],
+                mpp: float, tissue: TissueShape | None, count: int, first_key: int) -> Structures:
+    """`count` random structures of a kind, thinned towards damaged cortex and to the tissue."""
+    x0, y0, x1, y1 = region
+    x, y = rng.uniform(x0, x1, count), rng.uniform(y0, y1, count)
+    a, b = _ellipse_axes(rng, rng.uniform(*spec.radius_um, count) / mpp, spec.aspect)
+    angle = rng.uniform(0, math.pi, count).astype(np.float32)
+    chance = damage_weight(damage_at(x, y, seed, mpp), spec.damage_bias) / damage_weight(np.array(1.0),
+                                                                                         spec.damage_bias)
+    kept = (rng.uniform(0, 1, count) < chance) & _inside(tissue, x, y)
+    keys = _structure_keys(seed, spec.kind, count, first_key)
+    return Structures(np.full(count, spec.kind, np.int8), x, y, a, b, angle, keys).take(np.flatnonzero(kept))
+
+
 def place_large(rng: np.random.Generator, seed: int, mix: m.PhantomMix, region: tuple[float, float, float, float],
                 tissue_area_px: float, mpp: float, tissue: TissueShape | None,
                 placed: Structures | None = None, wrap: bool = False) -> Structures:
@@ -391,34 +412,20 @@ def place_large(rng: np.random.Generator, seed: int, mix: m.PhantomMix, region: 
     if placed is not None and len(placed):
         placer.add(placed)
     for class_id, spec in LARGE_SPECS.items():
-        share = mix.share(class_id)
-        if share <= 0:
-            continue
-        expected = share * tissue_area_px / (spec.mean_area_um2() / mpp**2)
-        weight_max = float(damage_weight(np.array(1.0), spec.damage_bias))
-        count = int(expected) + int(rng.uniform() < expected - int(expected))  # unbiased, low variance
-        kept = 0
-        offset = 0
+        expected = mix.share(class_id) * tissue_area_px / (spec.mean_area_um2() / mpp**2)
+        wanted = int(expected) + int(rng.uniform() < expected - int(expected))  # unbiased, low variance
+        kept, thrown = 0, 0
         for _attempt in range(40):
-            if kept >= count:
+            if kept >= wanted:
                 break
-            batch = max(8, 2 * (count - kept))
-            x = rng.uniform(x0, x1, batch)
-            y = rng.uniform(y0, y1, batch)
-            radius = rng.uniform(*spec.radius_um, batch) / mpp
-            a, b = _ellipse_axes(rng, radius, spec.aspect)
-            angle = rng.uniform(0, math.pi, batch).astype(np.float32)
-            chance = damage_weight(damage_at(x, y, seed, mpp), spec.damage_bias) / weight_max
-            good = (rng.uniform(0, 1, batch) < chance) & _inside(tissue, x, y)
-            for i in np.flatnonzero(good):
-                if kept >= count:
-                    break
-                if placer.fits(x[i], y[i], max(a[i], b[i])):
-                    keys = _structure_keys(seed, spec.kind, 1, offset)
-                    placer.add(Structures(np.array([spec.kind], np.int8), x[i:i + 1], y[i:i + 1],
-                                          a[i:i + 1], b[i:i + 1], angle[i:i + 1], keys))
+            batch = max(8, 2 * (wanted - kept))
+            candidates = _candidates(rng, seed, spec, region, mpp, tissue, batch, thrown)
+            thrown += batch
+            for i in range(len(candidates)):
+                if kept < wanted and placer.fits(candidates.x[i], candidates.y[i],
+                                                 max(candidates.a[i], candidates.b[i])):
+                    placer.add(candidates.take(np.array([i])))
                     kept += 1
-                offset += 1
     return placer.result()
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .fields import WindowGeometry, structure_box
-from .layout import Cells, CellKind, Kind, Layout, Structures, DAMAGE_CELL_UM
-from .noise import grid_fbm, grid_noise, hash_u32, hash_uniform, split_uniforms
+from .layout import CellKind, Cells, Kind, Layout, Structures, damage_grid
+from .noise import grid_noise, hash_u32, hash_uniform, split_uniforms
 
 TAU = np.float32(2 * math.pi)
 
@@ -120,7 +120,7 @@ def shade_interstitium(layout: Layout, geom: WindowGeometry) -> StainFields:
     where the cortex is damaged."""
     xs, ys = geom.xs, geom.ys
     um = 1.0 / layout.mpp
-    damage = np.clip(0.5 + 0.9 * grid_fbm(xs, ys, DAMAGE_CELL_UM * um, layout.seed + 101, octaves=2), 0, 1)
+    damage = damage_grid(xs, ys, layout.seed, layout.mpp)
     # collagen fibres run around the tubuli, wavy and broken
     wave = grid_noise(xs, ys, 10.0 * um, layout.seed + 31)
     fibres = (1.0 - np.abs(np.sin(geom.nearest_rim * np.float32(math.pi / (4.0 * um)) + 2.0 * wave))) ** 4
@@ -295,9 +295,75 @@ def shade_tubuli(layout: Layout, geom: WindowGeometry, fields: StainFields) -> N
     fields.texture.ravel()[pixels] = smooth
 
 
-# --- glomeruli ------------------------------------------------------------------------------------
+# --- large structures drawn one at a time (glomeruli, arteries) -----------------------------------
 
-def _tuft_edge(theta: np.ndarray, u: list[np.ndarray], base: float) -> np.ndarray:
+@dataclass
+class _Frame:
+    """Structure i of `geom.large` seen from the part of the window it covers."""
+
+    structure: Structures
+    index: int
+    box: tuple[slice, slice]
+    owned: np.ndarray       # pixels of the box the structure owns
+    xs: np.ndarray          # global x of the box's columns
+    ys: np.ndarray          # global y of the box's rows
+    rho: np.ndarray         # normalised elliptical radius (1 on the rim)
+    theta: np.ndarray       # angle in the structure's frame
+    u: list[float]          # the structure's six uniforms
+    radius: float           # equivalent radius, px
+    key: int
+
+    @classmethod
+    def of(cls, geom: WindowGeometry, i: int) -> "_Frame | None":
+        box = structure_box(geom.large, i, 1.0, geom.xs, geom.ys)
+        if box is None:
+            return None
+        xs, ys = geom.xs[box[1]], geom.ys[box[0]]
+        gx, gy = np.meshgrid(xs, ys)
+        rho, theta = _local_polar(geom.large, np.full(gx.shape, i), gx, gy)
+        u = [float(v[0]) for v in _structure_uniforms(geom.large.key[i:i + 1], 6)]
+        return cls(geom.large, i, box, geom.large_index[box] == i, xs, ys, rho, theta, u,
+                   float(geom.large.radius[i]), int(geom.large.key[i]))
+
+    def to_global(self, r: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global pixel coordinates of points at normalised radius r and angle t."""
+        s, i = self.structure, self.index
+        c, sn = math.cos(s.angle[i]), math.sin(s.angle[i])
+        px, py = r * np.cos(t) * s.a[i], r * np.sin(t) * s.b[i]
+        return s.x[i] + px * c - py * sn, s.y[i] + px * sn + py * c
+
+    def scatter(self, field: np.ndarray, rng: np.random.Generator, r: np.ndarray, t: np.ndarray,
+                size_px: tuple[float, float], aspect: tuple[float, float], nucleus: bool = False,
+                outline: tuple[np.ndarray, float] | None = None) -> None:
+        """Ellipses of random size and orientation at the given points; with `outline` (a field
+        and a width in px), also their outlines grown by that width into the second field."""
+        cx, cy = self.to_global(r, t)
+        major = rng.uniform(*size_px, r.size).astype(np.float32)
+        minor = (major * rng.uniform(*aspect, r.size)).astype(np.float32)
+        angle = rng.uniform(0, math.pi, r.size).astype(np.float32)
+        stamp_ellipses(field, self.xs[0], self.ys[0], cx, cy, major, minor, angle, 1.0, nucleus=nucleus)
+        if outline is not None:
+            grow = np.float32(outline[1])
+            stamp_ellipses(outline[0], self.xs[0], self.ys[0], cx, cy, major + grow, minor + grow, angle, 1.0)
+
+    def ring(self, ring: np.ndarray | float, count: float, key: np.ndarray | int, arc_px: float,
+             radial_px: float, missing: float, turn: np.ndarray | float = 0.0) -> np.ndarray:
+        """Nuclei around a ring of the structure (see :func:`ring_nuclei`)."""
+        shape = self.rho.shape
+        return ring_nuclei(self.rho, self.theta + turn, np.full(shape, self.radius, np.float32),
+                           np.broadcast_to(np.asarray(key, dtype=np.uint32), shape),
+                           np.broadcast_to(np.asarray(ring, dtype=np.float32), shape),
+                           np.broadcast_to(np.asarray(count, dtype=np.float32), shape),
+                           np.float32(arc_px), np.float32(radial_px), missing)[0]
+
+    def write(self, fields: StainFields, h: np.ndarray, e: np.ndarray, texture: np.ndarray | None = None) -> None:
+        fields.h[self.box] = np.where(self.owned, h, fields.h[self.box])
+        fields.e[self.box] = np.where(self.owned, e, fields.e[self.box])
+        if texture is not None:
+            fields.texture[self.box] = np.where(self.owned, texture, fields.texture[self.box])
+
+
+def _tuft_edge(theta: np.ndarray, u: list[float], base: float) -> np.ndarray:
     """Lobulated outline of a glomerular tuft (normalised radius), reaching the capsule at the hilum."""
     edge = base * (1.0 + 0.05 * np.sin(3 * theta + TAU * u[0]) + 0.04 * np.sin(5 * theta + TAU * u[1])
                    + 0.035 * np.abs(np.sin(4.5 * theta + TAU * u[2])) - 0.02)
@@ -305,12 +371,42 @@ def _tuft_edge(theta: np.ndarray, u: list[np.ndarray], base: float) -> np.ndarra
     return np.maximum(edge, 1.0 - (1.0 - base) * (hilum / 0.35) ** 2)
 
 
-def _points_in_tuft(rng: np.random.Generator, count: int, base: float, u: list[np.ndarray]):
-    """Random points (normalised, structure frame) inside a tuft, with their angle."""
+def _points_in_tuft(rng: np.random.Generator, count: int, base: float, u: list[float]):
+    """Random points (normalised radius, angle) inside a tuft."""
     r = np.sqrt(rng.uniform(0, 1, count)) * base * 1.1
     theta = rng.uniform(-math.pi, math.pi, count).astype(np.float32)
     keep = r < _tuft_edge(theta, u, base) - 0.03
     return r[keep], theta[keep]
+
+
+def _healthy_tuft(frame: _Frame, rng: np.random.Generator, base: float, edge: np.ndarray, um: float):
+    """Capillary loops with pink walls, some holding red cells, dense nuclei, podocytes on the rim."""
+    area_um2 = math.pi * (frame.radius * base / um) ** 2
+    loops, walls, nuclei, blood = (np.zeros(frame.rho.shape, np.float32) for _ in range(4))
+    frame.scatter(loops, rng, *_points_in_tuft(rng, int(area_um2 / 40), base, frame.u), (2.6 * um, 4.6 * um),
+                  (0.45, 1.0), outline=(walls, 0.9 * um))
+    frame.scatter(nuclei, rng, *_points_in_tuft(rng, int(area_um2 / 48), base, frame.u), (2.2 * um, 3.0 * um),
+                  (0.7, 1.0), nucleus=True)
+    frame.scatter(blood, rng, *_points_in_tuft(rng, int(area_um2 / 110), base, frame.u), (2.6 * um, 3.1 * um),
+                  (0.8, 1.0))
+    open_loop = loops * (1.0 - nuclei)
+    wall = np.clip(walls - loops, 0.0, 1.0)
+    e = (0.34 + 0.26 * wall) * (1.0 - 0.7 * open_loop) + 0.8 * blood * open_loop
+    podocytes = frame.ring(edge - 2.2 * um / frame.radius, max(8, round(TAU * frame.radius * base / (10 * um))),
+                           frame.key ^ 1, 3.0 * um, 2.2 * um, 0.4)
+    h = np.maximum(0.10 + 0.06 * wall + 1.15 * nuclei, 1.1 * podocytes)
+    return h, e
+
+
+def _sclerotic_tuft(frame: _Frame, rng: np.random.Generator, base: float, um: float):
+    """Pale glassy hyaline with few nuclei and collapsed, slit-like loops."""
+    area_um2 = math.pi * (frame.radius * base / um) ** 2
+    nuclei, slits = np.zeros(frame.rho.shape, np.float32), np.zeros(frame.rho.shape, np.float32)
+    frame.scatter(nuclei, rng, *_points_in_tuft(rng, int(area_um2 / 380), base, frame.u), (2.2 * um, 2.8 * um),
+                  (0.6, 0.9), nucleus=True)
+    frame.scatter(slits, rng, *_points_in_tuft(rng, int(area_um2 / 500), base, frame.u), (2.0 * um, 4.0 * um),
+                  (0.15, 0.35))
+    return 0.04 + 1.0 * nuclei, 0.36 + 0.1 * frame.u[2] - 0.22 * slits
 
 
 def shade_glomerulus(layout: Layout, geom: WindowGeometry, fields: StainFields, i: int) -> None:
@@ -319,120 +415,62 @@ def shade_glomerulus(layout: Layout, geom: WindowGeometry, fields: StainFields, 
     Sclerotic glomeruli: a shrunken, pale, glassy tuft with few nuclei and collapsed loops, in a
     thick layered capsule.
     """
-    s = geom.large
-    box = structure_box(geom.large, i, 1.0, geom.xs, geom.ys)
-    if box is None:
+    frame = _Frame.of(geom, i)
+    if frame is None:
         return
-    rows, cols = box
-    owned = geom.large_index[box] == i
-    xs, ys = geom.xs[cols], geom.ys[rows]
-    gx, gy = np.meshgrid(xs, ys)
-    rho, theta = _local_polar(s, np.full(gx.shape, i), gx, gy)
-    u = [v[0] for v in _structure_uniforms(s.key[i:i + 1], 6)]
-    sclerotic = s.kind[i] == Kind.SCLEROTIC
+    sclerotic = geom.large.kind[i] == Kind.SCLEROTIC
     um = 1.0 / layout.mpp
-    radius = float(s.radius[i])
-    capsule = (2.5 + 5.0 * u[4] if sclerotic else 1.6) * um / radius
+    u, rho = frame.u, frame.rho
+    capsule = (2.5 + 5.0 * u[4] if sclerotic else 1.6) * um / frame.radius
     base = 0.66 + 0.14 * u[5] if sclerotic else 0.84 + 0.05 * u[5]
-    edge = _tuft_edge(theta, u, base)
+    edge = _tuft_edge(frame.theta, u, base)
     tuft = rho < edge
     in_capsule = rho > 1.0 - capsule
-
-    rng = np.random.default_rng([int(s.key[i]), 7])
-    area_um2 = math.pi * (radius * base / um) ** 2
-    layers = {name: np.zeros(gx.shape, np.float32) for name in ("nuclei", "loops", "walls", "blood")}
-
-    def scatter(field: str, count: int, size_um: tuple[float, float], aspect: tuple[float, float],
-                nucleus: bool = False, wall_field: str | None = None) -> None:
-        """`count` ellipses at random in the tuft; with `wall_field`, also their outlines, grown."""
-        r, t = _points_in_tuft(rng, count, base, u)
-        c, sn = math.cos(s.angle[i]), math.sin(s.angle[i])
-        px, py = r * np.cos(t) * s.a[i], r * np.sin(t) * s.b[i]
-        cx, cy = s.x[i] + px * c - py * sn, s.y[i] + px * sn + py * c
-        major = rng.uniform(*size_um, r.size).astype(np.float32) * np.float32(um)
-        minor = (major * rng.uniform(*aspect, r.size)).astype(np.float32)
-        angle = rng.uniform(0, math.pi, r.size).astype(np.float32)
-        stamp_ellipses(layers[field], xs[0], ys[0], cx, cy, major, minor, angle, 1.0, nucleus=nucleus)
-        if wall_field is not None:
-            grow = np.float32(0.9 * um)
-            stamp_ellipses(layers[wall_field], xs[0], ys[0], cx, cy, major + grow, minor + grow, angle, 1.0)
-
+    rng = np.random.default_rng([frame.key, 7])
     if sclerotic:
-        scatter("nuclei", int(area_um2 / 380), (2.2, 2.8), (0.6, 0.9), nucleus=True)
-        scatter("loops", int(area_um2 / 500), (2.0, 4.0), (0.15, 0.35))
-        tuft_e = 0.36 + 0.1 * u[2] - 0.22 * layers["loops"]
-        tuft_h = 0.04 + 1.0 * layers["nuclei"]
+        tuft_h, tuft_e = _sclerotic_tuft(frame, rng, base, um)
     else:
-        scatter("loops", int(area_um2 / 40), (2.6, 4.6), (0.45, 1.0), wall_field="walls")
-        scatter("nuclei", int(area_um2 / 48), (2.2, 3.0), (0.7, 1.0), nucleus=True)
-        scatter("blood", int(area_um2 / 110), (2.6, 3.1), (0.8, 1.0))
-        open_loop = layers["loops"] * (1.0 - layers["nuclei"])
-        wall = np.clip(layers["walls"] - layers["loops"], 0.0, 1.0)
-        tuft_e = (0.34 + 0.26 * wall) * (1.0 - 0.7 * open_loop) + 0.8 * layers["blood"] * open_loop
-        tuft_h = 0.10 + 0.06 * wall + 1.15 * layers["nuclei"]
-        podocytes, _ = ring_nuclei(rho, theta, np.full_like(rho, radius), np.full(rho.shape, s.key[i] ^ 1),
-                                   edge - 2.2 * um / radius,
-                                   np.full_like(rho, max(8, round(TAU * radius * base / (10 * um)))),
-                                   np.float32(3.0 * um), np.float32(2.2 * um), 0.4)
-        tuft_h = np.maximum(tuft_h, 1.1 * podocytes)
-    space_e = (0.2 if sclerotic else 0.04) * np.ones_like(rho)
-    lamellae = np.sin(rho * radius / (1.5 * um) * TAU) if sclerotic else 0.0
-    capsule_e = 0.48 + 0.1 * lamellae
-    parietal, _ = ring_nuclei(rho, theta, np.full_like(rho, radius), np.full(rho.shape, s.key[i]),
-                              np.full_like(rho, 1.0 - capsule - 1.0 * um / radius),
-                              np.full_like(rho, max(6, round(TAU * radius / (22 * um)))),
-                              np.float32(4.5 * um), np.float32(1.2 * um), 0.3)
-    e = np.where(in_capsule, capsule_e, np.where(tuft, tuft_e, space_e))
+        tuft_h, tuft_e = _healthy_tuft(frame, rng, base, edge, um)
+    lamellae = np.sin(rho * frame.radius / (1.5 * um) * TAU) if sclerotic else 0.0
+    parietal = frame.ring(1.0 - capsule - 1.0 * um / frame.radius, max(6, round(TAU * frame.radius / (22 * um))),
+                          frame.key, 4.5 * um, 1.2 * um, 0.3)
+    e = np.where(in_capsule, 0.48 + 0.1 * lamellae, np.where(tuft, tuft_e, 0.2 if sclerotic else 0.04))
     h = np.where(tuft & ~in_capsule, tuft_h, 0.02 + 0.95 * parietal * ~tuft)
-    fields.e[box] = np.where(owned, e, fields.e[box])
-    fields.h[box] = np.where(owned, h, fields.h[box])
-    fields.texture[box] = np.where(owned, np.where(tuft & sclerotic, 0.35, 1.0), fields.texture[box])
+    frame.write(fields, h, e, texture=np.where(tuft & sclerotic, 0.35, 1.0))
 
 
 # --- arteries -------------------------------------------------------------------------------------
 
 def shade_artery(layout: Layout, geom: WindowGeometry, fields: StainFields, i: int) -> None:
     """Lumen, wavy elastic lamina, a thick media of circular smooth muscle, a fibrous adventitia."""
-    s = geom.large
-    box = structure_box(geom.large, i, 1.0, geom.xs, geom.ys)
-    if box is None:
+    frame = _Frame.of(geom, i)
+    if frame is None:
         return
-    rows, cols = box
-    owned = geom.large_index[box] == i
-    xs, ys = geom.xs[cols], geom.ys[rows]
-    gx, gy = np.meshgrid(xs, ys)
-    rho, theta = _local_polar(s, np.full(gx.shape, i), gx, gy)
-    u = [v[0] for v in _structure_uniforms(s.key[i:i + 1], 6)]
     um = 1.0 / layout.mpp
-    radius = float(s.radius[i])
-    lumen = (0.28 + 0.1 * u[0]) * (1.0 + 0.04 * np.sin(6 * theta + TAU * u[1]))
+    u, rho, theta, radius = frame.u, frame.rho, frame.theta, frame.radius
+    lumen = (0.28 + 0.1 * u[0]) * (1.0 + 0.04 * np.sin(2 * theta + TAU * u[1]) + 0.03 * np.sin(5 * theta))
     lamina = lumen + 1.2 * um / radius * (1.0 + 0.6 * np.sin(40 * theta))
     media_out = 0.68 + 0.06 * u[2]
+    # smooth muscle in concentric layers, each with its own nuclei
     layer = 5.0 * um / radius
     layers = np.floor((rho - lamina) / layer)
-    ring = lamina + (layers + 0.5) * layer
-    count = np.maximum(6, np.round(TAU * ring * radius / (11 * um)))
-    key = hash_u32(int(s.key[i]), layers.astype(np.int64))
-    muscle, _ = ring_nuclei(rho, theta + layers * 0.7, np.full_like(rho, radius), key, ring, count,
-                            np.float32(5.5 * um), np.float32(1.3 * um), 0.2)
+    muscle = frame.ring(lamina + (layers + 0.5) * layer,
+                        np.maximum(6, np.round(TAU * (lamina + (layers + 0.5) * layer) * radius / (11 * um))),
+                        hash_u32(frame.key, layers.astype(np.int64)), 5.5 * um, 1.3 * um, 0.2, turn=layers * 0.7)
 
-    rng = np.random.default_rng([int(s.key[i]), 11])
-    n_blood = int(math.pi * (lumen.mean() * radius / um) ** 2 / 60)
-    r = np.sqrt(rng.uniform(0, 1, n_blood)) * float(lumen.min()) * 0.9
-    t = rng.uniform(-math.pi, math.pi, n_blood)
-    c, sn = math.cos(s.angle[i]), math.sin(s.angle[i])
-    u_, v_ = r * np.cos(t) * s.a[i], r * np.sin(t) * s.b[i]
-    blood = np.zeros(gx.shape, np.float32)
-    size = (rng.uniform(3.0, 3.5, n_blood) * um).astype(np.float32)
-    stamp_ellipses(blood, xs[0], ys[0], s.x[i] + u_ * c - v_ * sn, s.y[i] + u_ * sn + v_ * c, size, size * 0.9,
-                   rng.uniform(0, math.pi, n_blood).astype(np.float32), 1.0)
+    rng = np.random.default_rng([frame.key, 11])
+    n_blood = int(math.pi * (float(lumen.mean()) * radius / um) ** 2 / 60)
+    blood = np.zeros(rho.shape, np.float32)
+    frame.scatter(blood, rng, np.sqrt(rng.uniform(0, 1, n_blood)) * float(lumen.min()) * 0.9,
+                  rng.uniform(-math.pi, math.pi, n_blood), (3.0 * um, 3.5 * um), (0.85, 0.95))
 
-    adventitia = 0.34 + 0.1 * np.sin(rho * radius / (2.5 * um) * TAU + 2 * np.sin(3 * theta))
+    wave = grid_noise(frame.xs, frame.ys, 6.0 * um, layout.seed + 41)
+    adventitia = 0.34 + 0.1 * np.sin(rho * radius / (2.5 * um) * TAU + 2.5 * wave)
+    in_media = (rho >= lamina) & (rho < media_out)
     e = np.where(rho < lumen, 0.03 + 0.9 * blood,
-                 np.where(rho < lamina, 0.95, np.where(rho < media_out, 0.6 * (1 - 0.4 * muscle), adventitia)))
-    h = np.where((rho >= lamina) & (rho < media_out), 0.05 + 1.0 * muscle, 0.03 + 0.05 * blood)
-    fields.e[box] = np.where(owned, e, fields.e[box])
-    fields.h[box] = np.where(owned, h, fields.h[box])
+                 np.where(rho < lamina, 0.95, np.where(in_media, 0.6 * (1 - 0.4 * muscle), adventitia)))
+    h = np.where(in_media, 0.05 + 1.0 * muscle, 0.03 + 0.05 * blood)
+    frame.write(fields, h, e)
 
 
 def shade_window(layout: Layout, geom: WindowGeometry) -> StainFields:
