@@ -19,6 +19,8 @@ from . import survey
 from . import model
 from . import tile
 from . import phantom
+from . import segment
+from . import evaluate
 
 app = typer.Typer(
     name="histosynth",
@@ -40,6 +42,8 @@ survey.register(app)
 model.register(app)
 tile.register(app)
 phantom.register(app)
+segment.register(app)
+evaluate.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,165 @@
+"""`histosynth evaluate captions|realism` and `histosynth experiment mix`: the thesis' questions as
+commands, each writing a report folder (report.md, CSVs, PNGs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import ConfigError
+from .common import SchemaOption, schema_from_option
+from .segment import (
+    BaseChannelsOption,
+    BatchSizeOption,
+    ClassOption,
+    DeviceOption,
+    DiceWeightOption,
+    EpochsOption,
+    InputSizeOption,
+    LearningRateOption,
+    PatienceOption,
+    ProgressOption,
+    WorkersOption,
+)
+
+
+def register(app: typer.Typer) -> None:
+    evaluate = typer.Typer(help="Evaluate generated images: caption accuracy, realism.", no_args_is_help=True)
+    evaluate.command("captions")(captions)
+    evaluate.command("realism")(realism)
+    app.add_typer(evaluate, name="evaluate")
+    experiment = typer.Typer(help="Experiments with real and synthetic training data.", no_args_is_help=True)
+    experiment.command("mix")(mix)
+    app.add_typer(experiment, name="experiment")
+
+
+def captions(
+    segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter folder"),
+    out: Path = typer.Option(..., "--out", help="report folder"),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder of generated images (+ manifest with captions)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model folder to generate the images from"),
+    caption: Optional[str] = typer.Option(None, "--caption", help="the requested caption (default with --model: the thesis' generating caption; with --images: from the manifest)"),
+    n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all in --images; 400 with --model)"),
+    seed: int = typer.Option(0, "--seed"),
+    coverage: str = typer.Option("thesis", "--coverage", help="thesis: 86 px padding, 12 px border lost (as the thesis); full: every pixel"),
+    schema: Optional[str] = SchemaOption,
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = DeviceOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """Segment generated images, re-caption them and compare with the caption they were asked for."""
+    from ..captions import GENERATING_CAPTION
+    from ..evaluate.caption_accuracy import (
+        THESIS_MENTION_SHARE,
+        bundle_generator,
+        evaluate_caption_accuracy,
+        generate_images,
+        segmenter_function,
+        write_caption_accuracy_report,
+    )
+    from ..evaluate.images import choose, read_generated
+    from ..segment.predict import COVERAGES, read_rgb
+    from ..segment.segmenter import Segmenter
+
+    if (images is None) == (model is None):
+        raise ConfigError("give either --images DIR (generated images) or --model DIR (generate them now)")
+    if coverage not in COVERAGES:
+        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    seg = Segmenter.load(segmenter)
+    class_schema = seg.schema if schema is None else schema_from_option(schema)
+    seg.check_schema(class_schema, f"schema {schema}" if schema else "the evaluation")
+    segment = segmenter_function(seg, coverage, device, batch_size, progress)
+    if model is not None:
+        requested = (caption or GENERATING_CAPTION).replace("\\n", "\n")
+        items = generate_images(bundle_generator(model), requested, n or 400, seed, out / "images")
+        source = f"generated now from {model} ({out / 'images'})"
+    else:
+        found, source = read_generated(images, caption.replace("\\n", "\n") if caption else None)
+        items = choose(found, n, seed, str(images))
+    result = evaluate_caption_accuracy([read_rgb(i.path) for i in items], [i.caption for i in items], segment,
+                                       class_schema, names=[i.path.name for i in items])
+    path = write_caption_accuracy_report(result, out, coverage=coverage, caption_source=source,
+                                         segmenter=f"{seg.describe()} ({segmenter})")
+    if result.group:
+        typer.echo(f"{len(result)} images: {result.mention_share():.1f} % mention glomeruli "
+                   f"(thesis {THESIS_MENTION_SHARE} %); exact caption match {result.exact_match_share():.1f} %")
+    typer.echo(f"wrote {path}")
+
+
+def realism(
+    real: Path = typer.Option(..., "--real", help="real patches: a patch dataset or a folder of images"),
+    synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patches: a patch dataset or a folder"),
+    out: Path = typer.Option(..., "--out", help="report folder"),
+    train: Optional[Path] = typer.Option(None, "--train", help="the generator's training patches (memorisation check)"),
+    extractor: Optional[Path] = typer.Option(None, "--extractor", help="local feature extractor for FID/KID: a torch.export .pt2 or TorchScript file (never downloaded)"),
+    n: Optional[int] = typer.Option(None, "--n", help="images drawn from each set (default: all)"),
+    real_split: Optional[str] = typer.Option(None, "--real-split", help="use only this split of a real patch dataset (e.g. test)"),
+    folds: int = typer.Option(5, "--folds"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap rounds of the AUC interval"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOption,
+) -> None:
+    """Classifier two-sample test (ROC AUC), FID/KID with your extractor, and a memorisation check."""
+    from ..evaluate.images import choose, image_paths, load_images
+    from ..evaluate.realism import evaluate_realism, load_feature_extractor, write_realism_report
+
+    def images_of(source: Path, what: str, split: str | None = None):
+        return load_images(choose(image_paths(source, split), n, seed, str(source)), what)
+
+    net = load_feature_extractor(extractor) if extractor is not None else None
+    result = evaluate_realism(
+        images_of(real, "the real images", real_split), images_of(synthetic, "the synthetic images"),
+        training=images_of(train, "the training images") if train is not None else None,
+        extractor=net, folds=folds, seed=seed, bootstrap=bootstrap, device=device, progress=True,
+    )
+    sources = {"real": str(real) + (f" ({real_split} split)" if real_split else ""), "synthetic": str(synthetic)}
+    if train is not None:
+        sources["training"] = str(train)
+    if extractor is not None:
+        sources["feature extractor"] = str(extractor)
+    path = write_realism_report(result, out, sources)
+    test = result.two_sample
+    typer.echo(f"two-sample ROC AUC {test.auc:.3f} ({test.confidence:.0%} CI {test.ci_low:.3f}-{test.ci_high:.3f}): {test.verdict()}")
+    typer.echo(f"wrote {path}")
+
+
+def mix(
+    real: Path = typer.Option(..., "--real", help="real patch dataset (its 'train' rows are used)"),
+    synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patch dataset (all rows)"),
+    out: Path = typer.Option(..., "--out", help="experiment folder (runs, logs, report)"),
+    val: Optional[Path] = typer.Option(None, "--val", help="real validation dataset (all rows); default: --real's 'val' rows"),
+    class_name: Optional[str] = ClassOption,
+    seeds: str = typer.Option("3", "--seeds", help="number of seeds (3 = seeds 0,1,2) or a list (0,5,7)"),
+    splits: Optional[str] = typer.Option(None, "--splits", help="subset of 100_0,75_25,50_50,25_75,0_100,100_100"),
+    n: Optional[int] = typer.Option(None, "--n", help="patches per split (default: min of real and synthetic)"),
+    base_channels: int = BaseChannelsOption,
+    input_size: Optional[int] = InputSizeOption,
+    batch_size: int = BatchSizeOption,
+    epochs: int = EpochsOption,
+    patience: int = PatienceOption,
+    lr: float = LearningRateOption,
+    dice_weight: float = DiceWeightOption,
+    device: str = DeviceOption,
+    workers: int = WorkersOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """The six-split real/synthetic experiment (thesis Table 5.2), mean ± sd over seeds."""
+    from ..data.dataset import open_dataset
+    from ..evaluate.mix import MixSources, mix_config, run_mix_experiment, write_mix_report
+    from ..segment.training import SegmentTrainConfig
+
+    train_config = SegmentTrainConfig.from_options(
+        class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
+        max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight, device=device,
+        num_workers=workers,
+    )
+    config = mix_config(splits, seeds, n, train_config)
+    sources = MixSources.from_datasets(open_dataset(real), open_dataset(synthetic),
+                                       open_dataset(val) if val is not None else None)
+    result = run_mix_experiment(sources, config, out, progress=progress)
+    path = write_mix_report(result, out)
+    for _, row in result.final_table().iterrows():
+        typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,112 @@
+"""`histosynth segment`: train a valid-padding U-Net on a patch dataset, and segment images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from ..errors import DataError
+
+if TYPE_CHECKING:
+    from ..segment.segmenter import Segmenter
+
+# Training options shared by `segment train` and `experiment mix` (one training loop, one set of knobs).
+ClassOption = typer.Option(None, "--class", help="binary segmentation of this class (e.g. Glomeruli); default: multi-class")
+BaseChannelsOption = typer.Option(64, "--base-channels", help="U-Net width (64 = classic; 4-16 for CPUs)")
+InputSizeOption = typer.Option(None, "--input-size", help="training window in px (a valid size); default: largest that fits a patch")
+BatchSizeOption = typer.Option(8, "--batch-size")
+EpochsOption = typer.Option(100, "--epochs", help="at most this many epochs (EarlyStopping usually stops sooner)")
+PatienceOption = typer.Option(10, "--patience", help="EarlyStopping: epochs without a lower validation loss")
+LearningRateOption = typer.Option(1e-3, "--lr")
+DiceWeightOption = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE")
+DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+WorkersOption = typer.Option(0, "--workers", help="data-loading processes")
+ProgressOption = typer.Option(True, "--progress/--no-progress")
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Segmentation U-Net: train on a patch dataset, segment images.", no_args_is_help=True)
+    group.command("train")(train)
+    group.command("predict")(predict)
+    app.add_typer(group, name="segment")
+
+
+def train(
+    dataset: Path = typer.Argument(..., help="patch dataset (with 'train' and 'val' slides)"),
+    out: Path = typer.Option(..., "--out", help="segmenter folder to write"),
+    class_name: Optional[str] = ClassOption,
+    base_channels: int = BaseChannelsOption,
+    input_size: Optional[int] = InputSizeOption,
+    batch_size: int = BatchSizeOption,
+    epochs: int = EpochsOption,
+    patience: int = PatienceOption,
+    lr: float = LearningRateOption,
+    dice_weight: float = DiceWeightOption,
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOption,
+    workers: int = WorkersOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """Train a segmenter: CE/BCE + Dice, EarlyStopping on the 'val' slides, best weights kept."""
+    from ..segment.training import SegmentTrainConfig, train_segmenter_on_dataset
+
+    config = SegmentTrainConfig.from_options(
+        class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
+        max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight, seed=seed,
+        device=device, num_workers=workers,
+    )
+    run = train_segmenter_on_dataset(dataset, out, config, progress=progress)
+    best = run.best
+    typer.echo(f"trained {run.segmenter.describe()} for {len(run.history)} epochs in {run.seconds:.0f} s; "
+               f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, Dice {best['val_dice']:.4f}")
+    for split, evaluation in run.record["evaluation"].items():
+        per_class = ", ".join(
+            f"{_label_name(run.segmenter, label)} {c['dice']:.3f}"
+            for label, c in evaluation["classes"].items() if c["pixel_share"] > 0
+        )
+        typer.echo(f"{split} Dice (whole patches): mean {evaluation['mean_dice']:.4f} ({per_class})")
+    typer.echo(f"wrote {out}")
+
+
+def _label_name(segmenter: Segmenter, label: int) -> str:
+    return segmenter.schema.name_of(segmenter.target_class if segmenter.binary else label)
+
+
+def predict(
+    images: list[Path] = typer.Argument(..., help="images and/or folders of images"),
+    segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder"),
+    out: Path = typer.Option(..., "--out", help="folder for the label PNGs"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="write a 0/1 mask of this class only"),
+    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding of 256 px images, 12 px border lost"),
+    tile: int = typer.Option(572, "--tile", help="largest network window in px (a valid size)"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    device: str = DeviceOption,
+    preview: bool = typer.Option(False, "--preview", help="also write colour pictures of the labels"),
+    progress: bool = ProgressOption,
+) -> None:
+    """Segment images of any size; writes one label PNG (schema ids, or 0/1) per image."""
+    from ..io import write_png_atomic
+    from ..segment.predict import class_mask, list_images, predict_images, read_rgb
+    from ..segment.segmenter import Segmenter
+
+    model = Segmenter.load(segmenter)
+    paths = list_images(images)
+    stems = [p.stem for p in paths]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise DataError(f"several images are named {repeated}; their label files would overwrite each other")
+    if class_name is not None:
+        model.schema.id_of(class_name)
+    labels_iter = predict_images(model, (read_rgb(p) for p in paths), coverage=coverage, tile=tile,
+                                 batch_size=batch_size, device=device, progress=progress, total=len(paths))
+    for path, labels in zip(paths, labels_iter):
+        if class_name is not None:
+            labels = class_mask(model, labels, class_name)
+        write_png_atomic(out / f"{path.stem}.png", labels)
+        if preview:
+            binary = class_name is not None or model.binary
+            picture = labels * 255 if binary else model.schema.colorize(labels)
+            write_png_atomic(out / "preview" / f"{path.stem}.png", picture.astype("uint8"))
+    typer.echo(f"segmented {len(paths)} images with the {model.describe()} into {out}")

@@ -1,0 +1,18 @@
+"""Segmentation: the classic valid-padding U-Net, its geometry, training and whole-image prediction."""
+
+from .geometry import (
+    cover_input_size,
+    is_valid_input_size,
+    lost_pixels,
+    mirror_padding_for,
+    output_size,
+)
+from .predict import class_mask, predict_image, predict_images
+from .segmenter import Segmenter
+from .training import SegmentTrainConfig, evaluate_segmenter, train_segmenter, train_segmenter_on_dataset
+
+__all__ = [
+    "Segmenter", "SegmentTrainConfig", "class_mask", "cover_input_size", "evaluate_segmenter",
+    "is_valid_input_size", "lost_pixels", "mirror_padding_for", "output_size", "predict_image",
+    "predict_images", "train_segmenter", "train_segmenter_on_dataset",
+]

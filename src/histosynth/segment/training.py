@@ -1,0 +1,357 @@
+"""Training a segmenter with Lightning: cross-entropy (or BCE) + soft Dice, EarlyStopping on the
+validation loss, fixed seeds, CSV logs, and per-class Dice on whole validation patches.
+
+Dice here is the pooled Dice of each class over a whole evaluation set (2 TP / (2 TP + FP + FN),
+counted with torchmetrics); the reported mean is over the classes present in the set's labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.data import ConcatDataset, DataLoader
+from torchmetrics.classification import MulticlassStatScores
+
+from ..data.dataset import open_dataset
+from ..errors import ConfigError, DataError, JobError
+from ..schema import ClassSchema
+from .data import PatchRows, SegmentationPairs
+from .predict import predict_images
+from .segmenter import CONFIG_FILE, Segmenter, torch_device
+
+
+class SegmentTrainConfig(BaseModel):
+    """Options of a segmentation training run (also the experiment's identical loop)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class_name: str | None = Field(None, description="binary segmentation of this class; None = multi-class")
+    base_channels: int = Field(64, ge=1, description="width of the first level (64 = classic U-Net)")
+    depth: int = Field(4, ge=1, le=6, description="number of poolings (4 = classic U-Net)")
+    batch_norm: bool = True
+    input_size: int | None = Field(None, description="training window; default: largest that fits a patch")
+    batch_size: int = Field(8, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(10, ge=1, description="EarlyStopping: epochs without a lower validation loss")
+    learning_rate: float = Field(1e-3, gt=0)
+    dice_weight: float = Field(1.0, ge=0, description="weight of the soft-Dice term beside CE/BCE")
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "SegmentTrainConfig":
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ConfigError(f"bad training option ({describe_validation_error(exc)})") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """'field: problem; ...' for a one-line error message."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+
+
+# --- losses and metrics ---------------------------------------------------------------------
+def segmentation_loss(segmenter: Segmenter, logits: torch.Tensor, labels: torch.Tensor,
+                      dice_weight: float = 1.0, smooth: float = 1.0) -> torch.Tensor:
+    """CE (multi-class) or BCE (binary) plus `dice_weight` x (1 - soft Dice).
+
+    The soft Dice is pooled over the batch and averaged over the classes present in the batch's
+    labels (absent classes are left to the cross-entropy term, which already drives them to zero).
+    """
+    if segmenter.binary:
+        target = labels.float()
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], target)
+        probs, onehot = torch.sigmoid(logits[:, 0])[:, None], target[:, None]
+    else:
+        loss = F.cross_entropy(logits, labels)
+        ids = segmenter.schema.ids
+        probs = torch.softmax(logits, dim=1)[:, ids]
+        onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, ids]
+    if dice_weight == 0:
+        return loss
+    dims = (0, 2, 3)
+    present = onehot.sum(dims) > 0
+    if not present.any():
+        return loss
+    dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
+    return loss + dice_weight * (1 - dice[present].mean())
+
+
+def stat_scores(segmenter: Segmenter) -> MulticlassStatScores:
+    """Per-class TP/FP/TN/FN counts over all pixels of an evaluation set."""
+    return MulticlassStatScores(num_classes=segmenter.metric_classes, average=None, multidim_average="global")
+
+
+def dice_by_class(segmenter: Segmenter, stats: torch.Tensor) -> dict[int, float]:
+    """Pooled Dice per label from stat scores (rows tp, fp, tn, fn, support); NaN for a label
+    absent from both labels and predictions. Binary segmenters report their one class."""
+    tp, fp, _, fn, _ = stats.double().unbind(-1)
+    dice = 2 * tp / (2 * tp + fp + fn)
+    labels = [1] if segmenter.binary else segmenter.schema.ids
+    return {label: float(dice[label]) for label in labels}
+
+
+def mean_dice(segmenter: Segmenter, stats: torch.Tensor) -> float:
+    """Mean Dice over the labels present in the evaluated labels (support > 0)."""
+    support = stats[:, 4]
+    scores = [d for label, d in dice_by_class(segmenter, stats).items() if support[label] > 0]
+    return float(np.mean(scores)) if scores else math.nan
+
+
+# --- the Lightning module --------------------------------------------------------------------
+class SegmentationTask(L.LightningModule):
+    """Trains `segmenter.net`; records one history row per validation epoch."""
+
+    def __init__(self, segmenter: Segmenter, learning_rate: float = 1e-3, dice_weight: float = 1.0):
+        super().__init__()
+        self.segmenter = segmenter
+        self.net = segmenter.net
+        self.learning_rate = learning_rate
+        self.dice_weight = dice_weight
+        self.val_stats = stat_scores(segmenter)
+        self.history: list[dict[str, float]] = []
+        self._sums = {"train": [0.0, 0], "val": [0.0, 0]}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        logits = self.net(batch["image"])[..., :labels.shape[-2], :labels.shape[-1]]
+        loss = segmentation_loss(self.segmenter, logits, labels, self.dice_weight)
+        total = self._sums[stage]
+        total[0] += float(loss.detach()) * len(labels)
+        total[1] += len(labels)
+        return loss, logits
+
+    def on_train_epoch_start(self) -> None:
+        _set_epoch(self.trainer.train_dataloader.dataset, self.current_epoch)
+        self._sums["train"] = [0.0, 0]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._step(batch, "train")
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums["val"] = [0.0, 0]
+        self.val_stats.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        _, logits = self._step(batch, "val")
+        self.val_stats.update(self.segmenter.ids_from_logits(logits).long(), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_stats.compute()
+        val_loss = _mean(self._sums["val"])
+        record = {"epoch": self.current_epoch + 1, "train_loss": _mean(self._sums["train"]),
+                  "val_loss": val_loss, "val_dice": mean_dice(self.segmenter, stats)}
+        record.update({f"val_dice_{label}": d for label, d in dice_by_class(self.segmenter, stats).items()})
+        self.log_dict({k: v for k, v in record.items() if k.startswith("val_")})
+        self.history.append(record)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), lr=self.learning_rate)
+
+
+def _mean(total: list) -> float:
+    return total[0] / total[1] if total[1] else math.nan
+
+
+def _set_epoch(dataset: Any, epoch: int) -> None:
+    if isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _set_epoch(part, epoch)
+    elif hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
+# --- running a training ------------------------------------------------------------------------
+@dataclass
+class TrainingRun:
+    """What a training produced: the segmenter and its per-epoch validation history."""
+
+    segmenter: Segmenter
+    history: list[dict[str, float]]
+    seconds: float
+    stopped_early: bool
+    kept: str = "final"
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1]
+
+    @property
+    def best(self) -> dict[str, float]:
+        return min(self.history, key=lambda r: r["val_loss"])
+
+
+def _accelerator(device: str) -> tuple[str, Any]:
+    """Lightning's (accelerator, devices) for a device name ('auto' picks CUDA > MPS > CPU)."""
+    chosen = torch_device(device)
+    if chosen.type == "cuda":
+        return "gpu", [chosen.index] if chosen.index is not None else 1
+    if chosen.type in ("cpu", "mps"):
+        return chosen.type, 1
+    raise ConfigError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's start-up banners and small-data warnings out of the user's terminal."""
+    names = ["lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentTrainConfig,
+                    schema: ClassSchema, log_dir: str | Path | None = None, keep_best: bool = True,
+                    progress: bool = False) -> TrainingRun:
+    """Train a new segmenter on the rows of one or more datasets, validating on `val`.
+
+    Weights are initialised and batches drawn from `config.seed`, so two runs with the same seed
+    differ only in their training data. With `keep_best` the weights of the epoch with the lowest
+    validation loss are kept (they need `log_dir` for the checkpoint); otherwise the final ones,
+    as the thesis' experiment reports.
+    """
+    if not any(len(part) for part in train):
+        raise DataError("no training patches: the training rows are empty")
+    if not len(val):
+        raise DataError("no validation patches: the validation rows are empty")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    segmenter = Segmenter.for_class(schema, config.class_name, base_channels=config.base_channels,
+                                    depth=config.depth, batch_norm=config.batch_norm)
+    train_set = ConcatDataset([
+        SegmentationPairs(part, segmenter, config.input_size, augment=True, seed=config.seed)
+        for part in train if len(part)
+    ])
+    val_set = SegmentationPairs(val, segmenter, augment=False)
+    loaders = _loaders(train_set, val_set, config)
+    task = SegmentationTask(segmenter, config.learning_rate, config.dice_weight)
+    early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
+    checkpoint = _best_checkpoint(log_dir) if keep_best else None
+    callbacks = [c for c in (early, checkpoint, RichProgressBar() if progress else None) if c is not None]
+    start = time.perf_counter()
+    with _quiet_lightning():
+        _trainer(config, log_dir, callbacks, progress).fit(task, *loaders)
+    seconds = time.perf_counter() - start
+    kept = "final"
+    if checkpoint is not None and checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        task.load_state_dict(state)
+        Path(checkpoint.best_model_path).unlink()  # the weights live on in the segmenter folder
+        kept = "lowest validation loss"
+    segmenter.net.cpu().eval()
+    return TrainingRun(segmenter=segmenter, history=task.history, seconds=seconds,
+                       stopped_early=early.stopped_epoch > 0, kept=kept)
+
+
+def _best_checkpoint(log_dir: str | Path | None) -> ModelCheckpoint:
+    if log_dir is None:
+        raise ConfigError("keeping the best weights needs a log folder for the checkpoint")
+    return ModelCheckpoint(dirpath=Path(log_dir) / "checkpoints", monitor="val_loss", mode="min",
+                           save_top_k=1, save_weights_only=True)
+
+
+def _trainer(config: SegmentTrainConfig, log_dir: str | Path | None, callbacks: list[L.Callback],
+             progress: bool) -> L.Trainer:
+    accelerator, devices = _accelerator(config.device)
+    return L.Trainer(
+        accelerator=accelerator, devices=devices, max_epochs=config.max_epochs,
+        logger=CSVLogger(str(log_dir), name="", version="") if log_dir is not None else False,
+        callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        # CPU kernels are deterministic; some CUDA ones (e.g. NLL loss) only warn rather than fail
+        deterministic=True if accelerator == "cpu" else "warn",
+        log_every_n_steps=1, default_root_dir=str(log_dir) if log_dir is not None else None,
+    )
+
+
+def _loaders(train_set: ConcatDataset, val_set: SegmentationPairs,
+             config: SegmentTrainConfig) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(config.seed)
+    common = {"num_workers": config.num_workers, "persistent_workers": False}
+    return (
+        DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator, **common),
+        DataLoader(val_set, batch_size=config.batch_size, shuffle=False, **common),
+    )
+
+
+# --- evaluating a trained segmenter --------------------------------------------------------------
+def evaluate_segmenter(segmenter: Segmenter, source: PatchRows, device: str = "auto",
+                       batch_size: int = 4, progress: bool = False) -> dict[str, Any]:
+    """Dice per class (and mean) of whole-patch predictions on some dataset rows."""
+    segmenter.check_schema(source.dataset.schema, f"dataset {source.dataset.root}")
+    metric = stat_scores(segmenter)
+    rows = [row for _, row in source.rows.iterrows()]
+    images = (source.dataset.image(row) for row in rows)
+    predictions = predict_images(segmenter, images, batch_size=batch_size, device=device,
+                                 progress=progress, total=len(rows))
+    for row, predicted in zip(rows, predictions):
+        labels = segmenter.labels(source.dataset.mask(row))
+        metric.update(torch.from_numpy(predicted).long()[None], torch.from_numpy(labels).long()[None])
+    stats = metric.compute()
+    support = stats[:, 4]
+    total = float(support.sum())
+    per_class = {
+        label: {"dice": d, "pixel_share": float(support[label]) / total if total else 0.0}
+        for label, d in dice_by_class(segmenter, stats).items()
+    }
+    return {"patches": len(rows), "mean_dice": mean_dice(segmenter, stats), "classes": per_class}
+
+
+def train_segmenter_on_dataset(dataset: str | Path, out: str | Path, config: SegmentTrainConfig,
+                               progress: bool = False) -> TrainingRun:
+    """`histosynth segment train`: train on a dataset's 'train' rows, stop on its 'val' rows,
+    keep the best weights, measure Dice on 'val' (and 'test', if any) and save the folder."""
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise JobError(f"{out} already holds a segmenter; choose another --out or delete it first")
+    patches = open_dataset(dataset)
+    splits = {name: PatchRows(patches, patches.rows(name)) for name in ("train", "val", "test")}
+    if not len(splits["val"]):
+        raise DataError(
+            f"{patches.root} has no 'val' rows; validation (and EarlyStopping) needs slides assigned "
+            "to the 'val' split when the dataset is written"
+        )
+    run = train_segmenter([splits["train"]], splits["val"], config, patches.schema,
+                          log_dir=out / "logs", keep_best=True, progress=progress)
+    evaluation = {name: evaluate_segmenter(run.segmenter, splits[name], config.device, progress=progress)
+                  for name in ("val", "test") if len(splits[name])}
+    run.record = {
+        "dataset": str(patches.root), "patches": {k: len(v) for k, v in splits.items()},
+        "config": config.model_dump(), "epochs": len(run.history), "stopped_early": run.stopped_early,
+        "weights": run.kept, "seconds": round(run.seconds, 2), "best_epoch": run.best,
+        "final_epoch": run.final, "evaluation": evaluation,
+        "versions": {"torch": torch.__version__, "lightning": L.__version__},
+    }
+    run.segmenter.training = run.record
+    run.segmenter.save(out)
+    return run
