@@ -19,6 +19,7 @@ from . import survey
 from . import model
 from . import tile
 from . import phantom
+from . import train
 from . import segment
 from . import evaluate
 
@@ -42,6 +43,7 @@ survey.register(app)
 model.register(app)
 tile.register(app)
 phantom.register(app)
+train.register(app)
 segment.register(app)
 evaluate.register(app)
 

@@ -253,7 +253,10 @@ def _hub_folder(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "model.safetensors"]))
+        if not (folder / "model.safetensors").is_file():  # older repos (vinid/plip) ship only a .bin
+            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "pytorch_model.bin"]))
+        return folder
     except Exception as exc:  # offline, unknown repo, no permission: all mean "not available here"
         raise ModelError(
             f"text encoder {repo_id!r} is not available ({exc.__class__.__name__}); download it once "

@@ -1,0 +1,194 @@
+"""`histosynth cache`, `histosynth train`, `histosynth train-autoencoder`."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from ..errors import ConfigError
+
+PresetOption = typer.Option("tiny", "--preset", help="model preset: tiny, small, pathldm, or a preset YAML file")
+SeedOption = typer.Option(0, "--seed", help="seed of every random choice (initialisation, batches, noise)")
+AcceleratorOption = typer.Option("auto", "--accelerator", help="Lightning accelerator: auto, cpu, gpu, mps")
+DevicesOption = typer.Option("auto", "--devices", help="Lightning devices: auto, a count (DDP when > 1), or a list")
+StrategyOption = typer.Option("auto", "--strategy", help="Lightning strategy, e.g. ddp")
+NodesOption = typer.Option(1, "--num-nodes", help="machines of a multi-node DDP run")
+WorkersOption = typer.Option(0, "--workers", help="data-loader worker processes")
+PrecisionOption = typer.Option(
+    None, "--precision", help="32 (default) or bf16; fp16 is refused (it froze weights in the thesis' runs)"
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("cache")(cache_command)
+    app.command("train")(train_command)
+    app.command("train-autoencoder")(train_autoencoder_command)
+
+
+def cache_command(
+    dataset: Path = typer.Argument(..., help="patch dataset folder"),
+    model: Optional[Path] = typer.Option(None, "--model", help="take the autoencoder and text encoder of this model folder"),
+    preset: str = PresetOption,
+    autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="where to store the cache (default DATASET/cache)"),
+    split: str = typer.Option("train", "--split", help="which split of the dataset to encode"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps"),
+    seed: int = SeedOption,
+) -> None:
+    """Encode a dataset once: latents of each patch's four flips, and each unique caption's embedding."""
+    import time
+
+    from ..sample.generate import pick_device
+    from ..train.cache import autoencoder_id, prepare_training_data
+
+    started = time.perf_counter()
+    torch_device = pick_device(device)
+    with _plain_output():
+        ae, encoder = _cache_models(model, preset, autoencoder, text_encoder, seed, torch_device)
+        data = prepare_training_data(dataset, ae, encoder, cache_dir, split)
+    typer.echo(
+        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}) and "
+        f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
+        f"[{time.perf_counter() - started:.1f} s]"
+    )
+
+
+def _cache_models(model: Optional[Path], preset: str, autoencoder: Optional[Path], text_encoder: Optional[str],
+                  seed: int, device):
+    """The autoencoder and text encoder of a model folder, or of a preset and the options."""
+    from ..models.text import load_text_encoder
+
+    if model is not None:
+        from ..models.bundle import load_bundle
+
+        bundle = load_bundle(model, device)
+        return bundle.autoencoder, bundle.text_encoder
+    from ..presets import load_preset
+    from ..train.ldm import resolve_autoencoder
+
+    chosen = load_preset(preset)
+    autoencoder = resolve_autoencoder(chosen, autoencoder, seed).to(device)
+    return autoencoder, load_text_encoder(text_encoder or chosen.text_encoder, device)
+
+
+def train_command(
+    dataset: Path = typer.Argument(..., help="patch dataset folder (with captions)"),
+    out: Path = typer.Option(..., "--out", help="model folder to write when training ends"),
+    preset: str = PresetOption,
+    steps: int = typer.Option(10_000, "--steps", help="training steps in all (a resumed run continues to this)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch per device (default: the preset's)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default: the preset's; SPEC 2.5e-5)"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
+    precision: Optional[str] = PrecisionOption,
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
+    init: Optional[Path] = typer.Option(None, "--init", help="start from this model folder's UNet (fine-tuning)"),
+    autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
+    seed: int = SeedOption,
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints"),
+    sample_every: int = typer.Option(0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
+    log_every: int = typer.Option(10, "--log-every", help="steps between rows of the CSV log (OUT.run/logs)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="checkpoints, logs and samples (default OUT.run)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="latent / embedding cache (default DATASET/cache)"),
+    accelerator: str = AcceleratorOption,
+    devices: str = DevicesOption,
+    strategy: str = StrategyOption,
+    num_nodes: int = NodesOption,
+    workers: int = WorkersOption,
+) -> None:
+    """Train a text-conditioned latent diffusion model on a patch dataset and write its model folder."""
+    from ..presets import load_preset
+    from ..train.ldm import TrainOptions, train_ldm
+    from ..train.runtime import DeviceOptions
+
+    _check_positive(steps=steps, checkpoint_every=checkpoint_every, log_every=log_every)
+    options = TrainOptions(
+        dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
+        warmup_steps=warmup_steps, precision=precision, resume=resume, init=init, autoencoder=autoencoder,
+        text_encoder=text_encoder, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+        run_dir=run_dir, cache_dir=cache_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes),
+        num_workers=workers, log_every=log_every, command=_command_line(),
+    )
+    with _plain_output():
+        result = train_ldm(options)
+    if not result.main_process:
+        return
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    typer.echo(f"trained {result.steps} steps in {result.wall_time_s:.0f} s (last loss {loss}); "
+               f"model folder {result.bundle}, checkpoints and logs in {result.run_dir}")
+
+
+def train_autoencoder_command(
+    dataset: Path = typer.Argument(..., help="patch dataset folder"),
+    out: Path = typer.Option(..., "--out", help="autoencoder folder to write (use it with train --autoencoder)"),
+    preset: str = PresetOption,
+    init: Optional[Path] = typer.Option(None, "--init", help="fine-tune this autoencoder (model folder or autoencoder folder)"),
+    steps: int = typer.Option(5_000, "--steps", help="training steps"),
+    batch_size: int = typer.Option(8, "--batch-size", help="batch per device"),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate"),
+    precision: Optional[str] = PrecisionOption,
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
+    seed: int = SeedOption,
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints and held-out checks"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="checkpoints and logs (default OUT.run)"),
+    accelerator: str = AcceleratorOption,
+    devices: str = DevicesOption,
+    strategy: str = StrategyOption,
+    num_nodes: int = NodesOption,
+    workers: int = WorkersOption,
+) -> None:
+    """Train or fine-tune the f4 autoencoder; report reconstruction PSNR / SSIM on held-out patches."""
+    from ..presets import load_preset
+    from ..train.autoencoder import AutoencoderTrainOptions, train_autoencoder
+    from ..train.runtime import DeviceOptions
+
+    _check_positive(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    options = AutoencoderTrainOptions(
+        dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
+        precision=precision, init=init, resume=resume, seed=seed, checkpoint_every=checkpoint_every,
+        run_dir=run_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes), num_workers=workers,
+        command=_command_line(),
+    )
+    with _plain_output():
+        result = train_autoencoder(options)
+    if result.main_process:
+        typer.echo(f"held-out reconstruction ({result.held_out} patches): PSNR {result.psnr:.2f} dB, "
+                   f"SSIM {result.ssim:.4f} after {result.steps} steps; autoencoder folder {result.folder}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _command_line() -> str:
+    return "histosynth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@contextmanager
+def _plain_output() -> Iterator[None]:
+    """Warnings as one line each; Lightning's progress bar and warnings, without its tips and chatter."""
+    chatter = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    loading = logging.getLogger("diffusers.models.modeling_utils")  # advice to install accelerate
+    levels, format_warning = (chatter.level, loading.level), warnings.formatwarning
+    chatter.setLevel(logging.WARNING)
+    loading.setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+            warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+            yield
+    finally:
+        chatter.setLevel(levels[0])
+        loading.setLevel(levels[1])
+        warnings.formatwarning = format_warning

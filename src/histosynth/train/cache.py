@@ -1,0 +1,165 @@
+"""Encode a patch dataset once, so that training runs neither the autoencoder nor the text encoder.
+
+Latents: every training patch is encoded in its four flip variants (as is, horizontal, vertical,
+both), because a trained autoencoder is not exactly flip-equivariant: flipping a latent is not the
+latent of the flipped image. Training then picks a variant per item, which is the same augmentation
+PathLDM applied to the image before encoding it on every step.
+
+On disk, in the dataset's ``cache/`` folder (or one the user names)::
+
+    latents/<autoencoder id>-<split>/index.json          what was encoded with what
+    latents/<autoencoder id>-<split>/part-00000.safetensors   latents (n, 4, C, h, w) of 1024 patches
+    text/<encoder id>.safetensors                        caption embeddings (models.text.EmbeddingCache)
+
+Parts are written atomically and one at a time, so a killed run resumes with the parts it lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.dataset import PatchDataset, open_dataset
+from ..data.torchdata import to_model_range
+from ..errors import DataError
+from ..io import atomic_path, write_json_atomic
+from ..models.autoencoder import Autoencoder, downsampling_factor, encode_latents
+from ..models.text import EmbeddingCache, TextEncoder, cached_caption_embeddings, weights_digest
+
+FORMAT = "histosynth.latents/1"
+#: the flip variants of each patch, in storage order: (horizontal, vertical)
+FLIP_VARIANTS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+PART_SIZE = 1024
+
+
+def default_cache_dir(dataset: PatchDataset) -> Path:
+    return dataset.root / "cache"
+
+
+def autoencoder_id(autoencoder: Autoencoder) -> str:
+    return f"{type(autoencoder).__name__}-{weights_digest(autoencoder)}"
+
+
+def flip_variants(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4, C, H, W): the images under each flip of :data:`FLIP_VARIANTS`."""
+    variants = []
+    for horizontal, vertical in FLIP_VARIANTS:
+        dims = [d for d, flip in ((-1, horizontal), (-2, vertical)) if flip]
+        variants.append(images.flip(dims) if dims else images)
+    return torch.stack(variants, dim=1)
+
+
+@dataclass
+class TrainingData:
+    """Everything a training step reads, in memory: latents, caption rows and their embeddings."""
+
+    latents: torch.Tensor  # (N, 4, C, h, w): flip variants of each patch
+    caption_rows: torch.Tensor  # (N,): row of each patch's caption in ``embeddings``
+    patch_ids: list[str]
+    embeddings: EmbeddingCache
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+    @property
+    def empty_caption_row(self) -> int:
+        return int(self.embeddings.rows([""])[0])
+
+
+def training_rows(dataset: PatchDataset, split: str = "train"):
+    rows = dataset.rows(split)
+    if len(rows) == 0:
+        raise DataError(f"{dataset.root} has no '{split}' patches to train on")
+    if (rows["caption"].str.strip() == "").all():
+        raise DataError(
+            f"{dataset.root}: none of its {len(rows)} '{split}' patches has a caption; caption them with "
+            f"'histosynth caption --dataset {dataset.root}'"
+        )
+    return rows
+
+
+def prepare_training_data(
+    dataset: PatchDataset | str | Path,
+    autoencoder: Autoencoder,
+    text_encoder: TextEncoder,
+    cache_dir: Optional[Path] = None,
+    split: str = "train",
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> TrainingData:
+    """Latents and caption embeddings of a dataset's split, from the cache, encoding what is missing."""
+    dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
+    rows = training_rows(dataset, split)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
+    latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress)
+    captions = rows["caption"].tolist()
+    embeddings = cached_caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress=show_progress)
+    return TrainingData(latents, embeddings.rows(captions), rows["patch_id"].tolist(), embeddings)
+
+
+def cached_latents(dataset: PatchDataset, rows, autoencoder: Autoencoder, folder: Path, split: str,
+                   batch_size: int = 4, show_progress: bool = True) -> torch.Tensor:
+    """(N, 4, C, h, w) latents of ``rows``, read from ``folder`` or encoded (and stored) part by part."""
+    _check_patch_size(dataset, autoencoder)
+    folder = folder / f"{autoencoder_id(autoencoder)}-{split}"
+    patch_ids = rows["patch_id"].tolist()
+    index = {"format": FORMAT, "autoencoder": autoencoder_id(autoencoder), "split": split,
+             "patches": len(patch_ids), "patch_ids_sha256": _digest(patch_ids), "part_size": PART_SIZE}
+    index_path = folder / "index.json"
+    if index_path.is_file() and json.loads(index_path.read_text()) != index:
+        for stale in folder.glob("part-*.safetensors"):  # the dataset changed since: start over
+            stale.unlink()
+    write_json_atomic(index_path, index)
+    parts = [(start, min(start + PART_SIZE, len(patch_ids))) for start in range(0, len(patch_ids), PART_SIZE)]
+    todo = [p for p in parts if not _part_path(folder, p[0]).is_file()]
+    if todo:
+        _encode_parts(dataset, rows, autoencoder, folder, todo, batch_size, show_progress)
+    return torch.cat([load_file(_part_path(folder, start))["latents"] for start, _ in parts])
+
+
+def _encode_parts(dataset, rows, autoencoder, folder, parts, batch_size, show_progress) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    device = next(autoencoder.parameters()).device
+    total = sum(end - start for start, end in parts)
+    columns = (TextColumn("encoding latents"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("latents", total=total)
+        for start, end in parts:
+            encoded = []
+            for first in range(start, end, batch_size):
+                batch = rows.iloc[first : min(first + batch_size, end)]
+                images = torch.stack([to_model_range(dataset.image(row)) for _, row in batch.iterrows()])
+                encoded.append(encode_flip_variants(autoencoder, images.to(device)).cpu())
+                progress.advance(task, len(batch))
+            with atomic_path(_part_path(folder, start)) as tmp:
+                save_file({"latents": torch.cat(encoded).contiguous()}, str(tmp))
+
+
+@torch.no_grad()
+def encode_flip_variants(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images -> (B, 4, C, h, w) latents of their four flip variants."""
+    variants = flip_variants(images)
+    latents = encode_latents(autoencoder, variants.flatten(0, 1))
+    return latents.unflatten(0, variants.shape[:2]).float()
+
+
+def _check_patch_size(dataset: PatchDataset, autoencoder: Autoencoder) -> None:
+    factor = downsampling_factor(autoencoder)
+    if dataset.patch_size % factor:
+        raise DataError(f"{dataset.root}: {dataset.patch_size} px patches are not a multiple of the "
+                        f"autoencoder's factor {factor}")
+
+
+def _part_path(folder: Path, start: int) -> Path:
+    return folder / f"part-{start // PART_SIZE:05d}.safetensors"
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]

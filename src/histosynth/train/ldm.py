@@ -1,0 +1,260 @@
+"""Training the text-conditioned latent diffusion model (SPEC §4) with Lightning, from cached latents.
+
+AdamW with a linear learning-rate warm-up (factor 1e-6 -> 1), epsilon-prediction MSE at uniform
+timesteps, captions dropped to "" with the preset's probability, an EMA of the weights. Every random
+draw of a step (batch, flips, dropped captions, noise, timesteps) is seeded by (seed, step), so a run
+killed at any point and resumed from its last checkpoint continues exactly as if it had not stopped.
+The finished model is written as a bundle (``models.bundle``) with the EMA weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..data.dataset import open_dataset
+from ..errors import DataError, ModelError
+from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
+from ..models.bundle import load_autoencoder_folder, load_bundle, save_bundle
+from ..models.denoiser import build_denoiser
+from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
+from ..models.text import load_text_encoder
+from ..presets import Preset
+from .cache import autoencoder_id, prepare_training_data
+from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
+from .runtime import (
+    DeviceOptions,
+    LinearWarmup,
+    RunFolder,
+    build_trainer,
+    finite_or_stop,
+    lightning_precision,
+    save_final_checkpoint,
+)
+from .samples import SampleGrids
+
+class LatentDiffusionModule(L.LightningModule):
+    """The denoiser, its optimiser and warm-up, the diffusion loss and the EMA of its weights."""
+
+    def __init__(self, unet: UNet2DConditionModel, preset: Preset, lr: float, warmup_steps: int,
+                 seed: int = 0, run: Optional[RunFolder] = None, patch_ids: Optional[list[str]] = None):
+        super().__init__()
+        self.unet = unet
+        self.scheduler = noise_scheduler(preset)
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+        self.weight_decay = preset.training.weight_decay
+        self.seed = seed
+        self.run = run
+        self.patch_ids = patch_ids or []
+        decay = preset.training.ema_decay
+        self.ema = make_ema(unet, decay) if decay else None
+        self._seconds_before = 0.0
+        self._session_start = time.perf_counter()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def training_step(self, batch: LatentBatch, batch_idx: int) -> torch.Tensor:
+        noise_seed = step_generator(self.seed, batch.step, NOISE_STREAM, self.global_rank).integers(2**62)
+        generator = torch.Generator(device=batch.latents.device).manual_seed(int(noise_seed))
+        condition = batch.condition
+        loss = diffusion_loss(self.unet, batch.latents, condition.text, condition.text_mask, generator,
+                              scheduler=self.scheduler, extra_channels=condition.label_map)
+        finite_or_stop(self, loss, batch.step, self._describe(batch), self.run)
+        size = batch.latents.shape[0]
+        self.log("loss", loss, prog_bar=True, batch_size=size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return loss
+
+    def _describe(self, batch: LatentBatch) -> str:
+        names = [self.patch_ids[i] for i in batch.items.tolist()] if self.patch_ids else batch.items.tolist()
+        return ", ".join(map(str, names[:8])) + (" ..." if len(names) > 8 else "")
+
+    def on_fit_start(self) -> None:
+        self._session_start = time.perf_counter()
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def training_seconds(self) -> float:
+        """Time spent in fit, summed over the sessions of a resumed run."""
+        return self._seconds_before + time.perf_counter() - self._session_start
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Here rather than in on_train_batch_end, which runs after the checkpoint callback: a
+        # checkpoint of step k must hold the EMA of k updates for a resume to be exact.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["training_seconds"] = self.training_seconds()
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._seconds_before = float(checkpoint.get("training_seconds", 0.0))
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def averaged_unet(self) -> UNet2DConditionModel:
+        """A copy of the denoiser holding the EMA weights (the raw weights if there is no EMA)."""
+        import copy
+
+        unet = copy.deepcopy(self.unet).to("cpu")
+        if self.ema is not None:
+            self.ema.copy_to(unet.parameters())
+        return unet
+
+
+# --- the command ----------------------------------------------------------------------------------
+@dataclass
+class TrainOptions:
+    dataset: Path
+    out: Path
+    preset: Preset
+    steps: int = 10_000
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    precision: Optional[str] = None
+    resume: bool = False
+    init: Optional[Path] = None
+    autoencoder: Optional[Path] = None
+    text_encoder: Optional[str] = None
+    seed: int = 0
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    run_dir: Optional[Path] = None
+    cache_dir: Optional[Path] = None
+    devices: DeviceOptions = field(default_factory=DeviceOptions)
+    num_workers: int = 0
+    log_every: int = 10
+    show_progress: bool = True
+    command: str = ""
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    run_dir: Path
+    steps: int
+    wall_time_s: float
+    final_loss: Optional[float]
+    main_process: bool = True  # False in the other processes of a DDP run
+
+
+def train_ldm(options: TrainOptions) -> TrainResult:
+    """Train (or continue, or fine-tune) a latent diffusion model on a patch dataset; write its bundle."""
+    started = time.perf_counter()
+    preset = options.preset
+    training = preset.training
+    precision = lightning_precision(preset, options.precision)
+    batch_size = options.batch_size or training.batch_size
+    lr = options.lr or training.lr
+    warmup = training.warmup_steps if options.warmup_steps is None else options.warmup_steps
+    dataset = open_dataset(options.dataset)
+    autoencoder = resolve_autoencoder(preset, options.autoencoder, options.seed)
+    text_encoder = load_text_encoder(options.text_encoder or preset.text_encoder)
+    _check_sizes(dataset.patch_size, autoencoder, preset)
+
+    run = RunFolder(options.run_dir or options.out.with_name(options.out.name + ".run"))
+    settings = {"dataset": str(Path(options.dataset).resolve()), "preset": preset.to_dict(), "seed": options.seed,
+                "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "precision": precision,
+                "autoencoder": autoencoder_id(autoencoder), "text_encoder": text_encoder.id,
+                "init": str(options.init) if options.init else None, "steps": options.steps}
+    resume_from = run.start(settings, options.resume)
+
+    data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
+                                 show_progress=options.show_progress)
+    with torch.random.fork_rng():
+        torch.manual_seed(options.seed)
+        unet = build_denoiser(preset, context_dim=text_encoder.hidden_size)
+    if options.init and not resume_from:
+        initialise_from_bundle(unet, options.init)
+    module = LatentDiffusionModule(unet, preset, lr, warmup, options.seed, run, data.patch_ids)
+    datamodule = LatentDataModule(data, batch_size, options.steps, options.seed,
+                                  ConditionDropout(text=training.text_dropout), (training.hflip, training.vflip),
+                                  options.num_workers)
+    callbacks = [SampleGrids(run.root / "samples", autoencoder, data, options.sample_every, preset)] \
+        if options.sample_every else []
+    trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
+                            callbacks, options.show_progress, options.log_every, limit_val_batches=0,
+                            use_distributed_sampler=False)  # the step sampler already gives each rank its slice
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    save_final_checkpoint(trainer, run, options.checkpoint_every)
+
+    loss = trainer.callback_metrics.get("loss")
+    final_loss = None if loss is None else float(loss)
+    if trainer.is_global_zero:
+        provenance = {
+            "data": {"dataset": str(options.dataset), "patches": len(data), "patch_size": dataset.patch_size},
+            **{k: settings[k] for k in ("batch_size", "lr", "warmup_steps", "seed", "precision", "init")},
+            "steps": int(trainer.global_step),
+            "training_time_s": round(module.training_seconds(), 1),
+            "command": options.command,
+            "metrics": {"final_loss": final_loss},
+        }
+        meta = {
+            "image_size": dataset.patch_size,
+            "preset": preset.to_dict(),
+            "unet_weights": "ema" if module.ema is not None else "raw",
+            "conditioning": {"text": True, "text_dropout": training.text_dropout, "mask_channels": 0},
+            "provenance": provenance,
+        }
+        save_bundle(options.out, module.averaged_unet(), autoencoder.to("cpu"), dict(module.scheduler.config),
+                    text_encoder, dataset.schema, meta)
+    return TrainResult(options.out, run.root, int(trainer.global_step), time.perf_counter() - started, final_loss,
+                       trainer.is_global_zero)
+
+
+def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> Autoencoder:
+    """The frozen autoencoder: from a bundle / autoencoder folder, else the preset's, seeded-random.
+
+    A randomly initialised autoencoder makes latents that train and sample, but whose images mean
+    nothing; it exists for tests and quick trials, and a warning says so.
+    """
+    if path is not None:
+        autoencoder = load_autoencoder_folder(path)
+    else:
+        import warnings
+
+        warnings.warn(
+            f"no --autoencoder given: using an untrained {preset.autoencoder.kind.upper()} autoencoder from preset "
+            f"'{preset.name}' (seed {seed}); train one with 'histosynth train-autoencoder' for meaningful images",
+            stacklevel=2,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            autoencoder = build_autoencoder(preset)
+    return autoencoder.eval().requires_grad_(False)
+
+
+def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path) -> None:
+    """Copy a bundle's UNet weights into ``unet`` (fine-tuning); every shape must fit."""
+    source = load_bundle(bundle_path).unet.state_dict()
+    target = unet.state_dict()
+    missing = sorted(set(target) - set(source))
+    wrong = [(k, tuple(source[k].shape), tuple(v.shape)) for k, v in target.items()
+             if k in source and source[k].shape != v.shape]
+    if missing or wrong:
+        detail = f"{len(missing)} tensors missing, e.g. {missing[0]}" if missing else \
+            f"{wrong[0][0]} has shape {wrong[0][1]}, the preset needs {wrong[0][2]}"
+        raise ModelError(f"--init {bundle_path}: its UNet does not fit the preset ({detail}); "
+                         "use the preset the bundle was trained with")
+    unet.load_state_dict(source)
+
+
+def _check_sizes(patch_size: int, autoencoder: Autoencoder, preset: Preset) -> None:
+    factor = downsampling_factor(autoencoder) * preset.unet.downsampling_factor
+    if patch_size % factor:
+        raise DataError(f"{patch_size} px patches cannot be trained with preset '{preset.name}': the size must be "
+                        f"a multiple of {factor} (autoencoder x UNet downsampling)")

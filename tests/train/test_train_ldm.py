@@ -1,0 +1,193 @@
+"""`histosynth train`: the loss falls, a kill -9 resumes exactly, NaN and full disks stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from histosynth.cli import main
+from histosynth.errors import HistosynthError
+from histosynth.models.bundle import load_bundle
+from histosynth.train.data import global_batch_items
+from histosynth.train.runtime import AtomicCheckpointIO, TrainingStopped
+
+#: these runs use the preset's untrained autoencoder on purpose (speed); its warning is expected
+pytestmark = pytest.mark.filterwarnings("ignore:no --autoencoder given")
+
+STEPS = 10
+#: fast-learning settings for a 10-step run (the preset defaults warm up over 100 steps)
+FAST = ["--preset", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--log-every", "1"]
+
+
+def train_args(dataset, out, *extra: str) -> list[str]:
+    return ["train", str(dataset), "--out", str(out), "--steps", str(STEPS), "--checkpoint-every", "2", *FAST, *extra]
+
+
+def load_checkpoint(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def logged_losses(run_dir, version: int = 0) -> pd.DataFrame:
+    log = pd.read_csv(run_dir / "logs" / f"version_{version}" / "metrics.csv")
+    return log.dropna(subset=["loss"]).set_index("step")["loss"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, blob_dataset):
+    """One uninterrupted 10-step run; the reference for the resume test."""
+    root = tmp_path_factory.mktemp("straight")
+    dataset = blob_dataset.root
+    assert main(train_args(dataset, root / "model", "--cache-dir", str(root / "cache"), "--sample-every", "5")) == 0
+    return dataset, root
+
+
+def test_training_lowers_the_loss_and_writes_a_bundle(straight_run):
+    _, root = straight_run
+    losses = logged_losses(root / "model.run")
+    assert list(losses.index) == list(range(STEPS))
+    first, last = losses.iloc[:3].mean(), losses.iloc[-3:].mean()
+    assert first > 0.9 and last < 0.7 * first, losses.round(3).tolist()
+    bundle = load_bundle(root / "model")
+    provenance = bundle.config["provenance"]
+    assert (provenance["steps"], provenance["batch_size"], provenance["lr"]) == (STEPS, 4, 1e-3)
+    assert provenance["command"].startswith("histosynth ") and bundle.config["unet_weights"] == "ema"
+    assert bundle.image_size == 32 and bundle.config["conditioning"]["text_dropout"] == 0.1
+    checkpoint = load_checkpoint(root / "model.run")
+    assert checkpoint["global_step"] == STEPS and checkpoint["ema"]["optimization_step"] == STEPS
+    ema_weights = dict(zip([n for n, _ in bundle.unet.named_parameters()], checkpoint["ema"]["shadow_params"]))
+    for name, value in bundle.unet.named_parameters():
+        assert torch.equal(value, ema_weights[name].cpu())
+
+
+def test_sample_grids_show_the_most_frequent_captions(straight_run, blob_dataset):
+    _, root = straight_run
+    samples = root / "model.run" / "samples"
+    assert sorted(p.name for p in samples.glob("*.png")) == ["step-0000005.png", "step-0000010.png"]
+    captions = (samples / "captions.txt").read_text().strip().split("\n\n")
+    all_captions = blob_dataset.manifest["caption"].tolist()
+    ranked = sorted(set(all_captions), key=lambda c: (-all_captions.count(c), all_captions.index(c)))
+    assert captions == ranked[:4]  # most frequent first, ties in dataset order
+    assert np.asarray(Image.open(samples / "step-0000010.png")).shape == (32, 4 * 32, 3)
+
+
+def test_a_run_killed_with_sigkill_resumes_exactly(straight_run, tmp_path):
+    dataset, root = straight_run
+    out = tmp_path / "model"
+    args = train_args(dataset, out, "--cache-dir", str(root / "cache"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", "from histosynth.cli import run; run()", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "model.run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    killed_at = load_checkpoint(tmp_path / "model.run")["global_step"]
+    assert 2 <= killed_at < STEPS and not out.exists()
+
+    assert main([*args, "--resume"]) == 0
+    assert logged_losses(tmp_path / "model.run", version=1).index[0] == killed_at  # continued at that step
+    resumed, straight = load_checkpoint(tmp_path / "model.run"), load_checkpoint(root / "model.run")
+    assert resumed["global_step"] == straight["global_step"] == STEPS
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    for a, b in zip(resumed["ema"]["shadow_params"], straight["ema"]["shadow_params"]):
+        assert torch.equal(a, b)
+    straight_adam, resumed_adam = straight["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]
+    for index, state in straight_adam.items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed_adam[index][key], state[key]), (index, key)
+    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
+
+
+def test_a_nan_loss_stops_at_its_step_and_names_the_batch(dataset_copy, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["cache", str(dataset_copy), "--preset", "tiny", "--cache-dir", str(cache)]) == 0
+    poisoned = global_batch_items(16, 4, seed=0, step=3)[1]  # a patch first drawn at step 3
+    part = next((cache / "latents").glob("*/part-00000.safetensors"))
+    latents = load_file(part)["latents"]
+    latents[poisoned] = float("nan")
+    save_file({"latents": latents}, str(part))
+    capsys.readouterr()
+
+    code = main(train_args(dataset_copy, tmp_path / "model", "--cache-dir", str(cache), "--checkpoint-every", "1"))
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "the loss became nan at step 3 (batch: " in error and f"s0_{poisoned:06d}" in error
+    assert "the last good checkpoint is" in error and not (tmp_path / "model").exists()
+    kept = load_checkpoint(tmp_path / "model.run")
+    assert kept["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path):
+    """A write that fails part-way (here: the file-size limit, as a full disk would) changes nothing."""
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 4, "w": torch.arange(10.0)}, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        with pytest.raises(TrainingStopped, match="could not write checkpoint .*last.ckpt .*the previous checkpoint "
+                                                  "there is kept"):
+            io.save_checkpoint({"global_step": 6, "w": torch.zeros(1_000_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    kept = torch.load(path, weights_only=True)
+    assert kept["global_step"] == 4 and torch.equal(kept["w"], torch.arange(10.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# --- bad input: one-line errors, nothing overwritten -------------------------------------------------
+def test_an_existing_run_needs_resume_and_the_same_settings(straight_run, capsys):
+    dataset, root = straight_run
+    assert main(train_args(dataset, root / "model", "--cache-dir", str(root / "cache"))) == 2
+    assert "holds a training run; pass --resume to continue it" in capsys.readouterr().err
+    changed = train_args(dataset, root / "model", "--cache-dir", str(root / "cache"), "--resume")
+    changed[changed.index("--lr") + 1] = "5e-4"
+    assert main(changed) == 2
+    assert "--resume with other settings than the run in" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_is_refused(blob_dataset, tmp_path, capsys):
+    assert main(train_args(blob_dataset.root, tmp_path / "model", "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_fp16_is_refused_with_the_reason(blob_dataset, tmp_path, capsys):
+    assert main(train_args(blob_dataset.root, tmp_path / "model", "--precision", "16-mixed")) == 2
+    assert "fp16 is refused: fp16 autocast silently froze weights whose gradients underflowed" in capsys.readouterr().err
+
+
+def test_init_from_a_bundle_of_another_shape_is_refused(straight_run, tmp_path, capsys):
+    dataset, root = straight_run
+    wider = tmp_path / "wider.yaml"
+    from histosynth.presets import load_preset
+
+    data = load_preset("tiny").to_dict()
+    data["unet"]["block_out_channels"] = [32, 64, 96, 128]
+    import yaml
+
+    wider.write_text(yaml.safe_dump(data))
+    args = train_args(dataset, tmp_path / "model", "--cache-dir", str(root / "cache"), "--init", str(root / "model"))
+    args[args.index("--preset") + 1] = str(wider)
+    assert main(args) == 2
+    assert "its UNet does not fit the preset (" in capsys.readouterr().err
+
+
+def test_training_errors_are_histosynth_errors():
+    assert issubclass(TrainingStopped, HistosynthError)
