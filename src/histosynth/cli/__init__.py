@@ -18,6 +18,7 @@ from . import demo
 from . import survey
 from . import model
 from . import tile
+from . import generate
 from . import phantom
 from . import train
 from . import segment
@@ -42,6 +43,7 @@ demo.register(app)
 survey.register(app)
 model.register(app)
 tile.register(app)
+generate.register(app)
 phantom.register(app)
 train.register(app)
 segment.register(app)

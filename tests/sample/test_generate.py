@@ -1,0 +1,122 @@
+"""generate(): conditions, per-item determinism, records, schedulers, sizes and bad options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from histosynth.captions import GENERATING_CAPTION
+from histosynth.errors import CaptionError, ConfigError, DataError
+from histosynth.sample.generate import (
+    bundle_scheduler,
+    canonical_caption,
+    caption_for_levels,
+    generate,
+    initial_noise,
+    read_captions_file,
+)
+from histosynth.schema import RENAL
+
+STEPS = 2
+ONLY_GLOMERULI = (
+    "This image showcases various types of tissue structures found in renal tissue.\n"
+    "The image shows a low amount of Glomeruli."
+)
+
+
+# --- conditions --------------------------------------------------------------------------------------
+def test_captions_are_rewritten_in_the_trained_form():
+    shuffled = "There is a lot of Glomeruli visible in the image. The prevalence of Tubuli is medium."
+    assert canonical_caption(shuffled, RENAL) == GENERATING_CAPTION
+    assert canonical_caption(GENERATING_CAPTION.replace("\n", "\\n"), RENAL) == GENERATING_CAPTION
+    assert canonical_caption("  ", RENAL) == ""
+    assert caption_for_levels("Glomeruli=high, Tubuli=medium", RENAL) == GENERATING_CAPTION
+    assert caption_for_levels({"glomeruli": "low"}, RENAL) == ONLY_GLOMERULI
+
+
+def test_unknown_classes_and_levels_are_named():
+    with pytest.raises(CaptionError, match=r"^unknown class name 'Glomerulus'; schema 'renal' has "):
+        canonical_caption("There is a lot of Glomerulus visible in the image.", RENAL)
+    with pytest.raises(CaptionError, match=r"^unknown level 'huge' for 'Glomeruli'; use one of none, low, medium, high$"):
+        caption_for_levels("Glomeruli=huge", RENAL)
+
+
+def test_captions_file_one_per_line(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("There is a lot of Glomeruli visible in the image. The prevalence of Tubuli is medium.\n"
+                    "\n"
+                    "The image shows a low amount of Glomeruli.\n")
+    assert read_captions_file(path, RENAL) == [GENERATING_CAPTION, ONLY_GLOMERULI]
+    path.write_text("The image shows a low amount of Glomeruli.\n\nThe image shows a low amount of Podocytes.\n")
+    with pytest.raises(CaptionError, match=rf"^{path}, line 3: unknown class name 'Podocytes'"):
+        read_captions_file(path, RENAL)
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no caption"):
+        read_captions_file(path, RENAL)
+
+
+# --- generation ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three(tiny_bundle):
+    return generate(tiny_bundle, [GENERATING_CAPTION, GENERATING_CAPTION, ""], [11, 12, 13], steps=STEPS,
+                    batch_size=3)
+
+
+def test_images_and_records(three, tiny_bundle):
+    assert three.images.shape == (3, 64, 64, 3) and three.images.dtype == np.uint8
+    assert three.images.std() > 5  # not a blank image
+    assert not np.array_equal(three.images[0], three.images[1])  # another seed, another image
+    assert three.records[2] == {
+        "caption": "", "seed": 13, "steps": STEPS, "guidance": 1.5, "scheduler": "ddim",
+        "model_id": tiny_bundle.id, "height": 64, "width": 64,
+    }
+
+
+def test_an_image_does_not_depend_on_what_shares_its_batch(three, tiny_bundle):
+    # the same batch again: the same bytes (no hidden random state)
+    again = generate(tiny_bundle, [GENERATING_CAPTION, GENERATING_CAPTION, ""], [11, 12, 13], steps=STEPS,
+                     batch_size=3)
+    np.testing.assert_array_equal(again.images, three.images)
+    # other batch shapes: float32 kernels round differently, at most one level on rare pixels
+    alone = generate(tiny_bundle, [GENERATING_CAPTION, ""], [12, 13], steps=STEPS, batch_size=2)
+    assert np.abs(alone.images.astype(int) - three.images[1:]).max() <= 1
+    single = generate(tiny_bundle, [GENERATING_CAPTION, GENERATING_CAPTION, ""], [11, 12, 13], steps=STEPS,
+                      batch_size=1)
+    difference = np.abs(single.images.astype(int) - three.images)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_noise_comes_from_the_item_seed_alone():
+    batch = initial_noise([5, 6], (3, 4, 4))
+    torch.testing.assert_close(batch[1], torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6)),
+                               rtol=0, atol=0)
+
+
+def test_ddim_uses_compvis_timesteps(tiny_bundle):
+    scheduler = bundle_scheduler(tiny_bundle, "ddim")
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == list(range(981, 0, -20))
+
+
+def test_dpm_solver_and_larger_sizes(three, tiny_bundle):
+    dpm = generate(tiny_bundle, [GENERATING_CAPTION], [11], steps=STEPS, scheduler="dpm++")
+    assert dpm.records[0]["scheduler"] == "dpm++"
+    assert not np.array_equal(dpm.images[0], three.images[0])
+    wide = generate(tiny_bundle, [GENERATING_CAPTION], [11], steps=STEPS, size=(64, 96))
+    assert wide.images.shape == (1, 64, 96, 3) and wide.images.std() > 5
+    assert (wide.records[0]["height"], wide.records[0]["width"]) == (64, 96)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 0}, r"^steps must be at least 1, got 0$"),
+    ({"guidance": -0.5}, r"^guidance must be 0 or more \(1 = no guidance\), got -0.5$"),
+    ({"scheduler": "euler"}, r"^unknown scheduler 'euler'; use one of ddim, dpm\+\+$"),
+    ({"size": 66}, r"^image size 66 px must be a multiple of 4 \(the autoencoder's downsampling factor\); "
+                   r"use 64 or 68$"),
+    ({"size": 36}, r"^image size 36 px must be a multiple of 8 when smaller than the model's 64 px patches; "
+                   r"use 32 or 40$"),
+])
+def test_bad_options_are_refused(tiny_bundle, options, message):
+    with pytest.raises(ConfigError, match=message):
+        generate(tiny_bundle, [GENERATING_CAPTION], [1], **options)
