@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .data.dataset import PatchDataset, open_dataset
+from .data.dataset import PatchDataset
 from .data.phantom.export import write_phantom_slide
 from .data.tiling import SlideInput, TilingOptions, tile_slides
 from .figures import contact_sheet

@@ -9,25 +9,18 @@ second on two cores.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: on a machine whose cores are shared with other
-# jobs, spinning threads made each UNet call up to 40x slower. Effective only if torch is not
-# imported yet (it is not, when these tests run on their own).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from histosynth.models.autoencoder import build_autoencoder  # noqa: E402
-from histosynth.models.bundle import load_bundle, save_bundle  # noqa: E402
-from histosynth.models.denoiser import build_denoiser  # noqa: E402
-from histosynth.models.diffusion import noise_scheduler  # noqa: E402
-from histosynth.models.text import load_text_encoder  # noqa: E402
-from histosynth.presets import Preset, load_preset  # noqa: E402
-from histosynth.schema import RENAL  # noqa: E402
+from histosynth.models.autoencoder import build_autoencoder
+from histosynth.models.bundle import load_bundle, save_bundle
+from histosynth.models.denoiser import build_denoiser
+from histosynth.models.diffusion import noise_scheduler
+from histosynth.models.text import load_text_encoder
+from histosynth.presets import Preset, load_preset
+from histosynth.schema import RENAL
 
 PATCH = 64
 

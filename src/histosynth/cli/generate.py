@@ -62,7 +62,8 @@ def generate_command(
     device: str = DeviceOption,
 ) -> None:
     """Generate images from a caption, class levels or a captions file; re-running resumes the job."""
-    from ..sample.generate import SamplingOptions, pick_device
+    from ..devices import pick_device
+    from ..sample.generate import SamplingOptions
     from ..sample.jobs import Shard, new_job, run_job
 
     folder = _model_folder(model)
@@ -102,7 +103,8 @@ def synth_slide_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
 ) -> None:
     """Generate a synthetic slide of one caption, streamed to a pyramidal TIFF."""
-    from ..sample.generate import SamplingOptions, pick_device
+    from ..devices import pick_device
+    from ..sample.generate import SamplingOptions
     from ..sample.slides import check_slide_mode, synth_slide
 
     folder = _model_folder(model)

@@ -46,7 +46,7 @@ def cache_command(
     """Encode a dataset once: latents of each patch's four flips, and each unique caption's embedding."""
     import time
 
-    from ..sample.generate import pick_device
+    from ..devices import pick_device
     from ..train.cache import autoencoder_id, prepare_training_data
 
     started = time.perf_counter()

@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from ..segment.segmenter import torch_device
+from ..devices import pick_device
 from .images import check_one_size
 from .report import Report
 
@@ -109,7 +109,7 @@ def load_feature_extractor(spec: nn.Module | str | Path | None) -> nn.Module:
 def extractor_features(extractor: nn.Module, images: Sequence[np.ndarray], batch_size: int = 16,
                        device: str = "auto", progress: bool = False) -> np.ndarray:
     """Features (N, D) of a torch extractor that takes uint8 (B, 3, H, W) images."""
-    device = torch_device(device)
+    device = pick_device(device)
     extractor = extractor.to(device)
     starts = range(0, len(images), batch_size)
     chunks = []

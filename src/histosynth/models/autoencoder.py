@@ -110,7 +110,7 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts + [size - tile]
 
 
-def _ramp(length: int, fade: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
+def blend_ramp(length: int, fade: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
     """1-D blend weight: 1 in the middle, rising linearly over ``fade`` pixels at a faded edge."""
     position = torch.arange(length, dtype=torch.float32) + 0.5
     weight = torch.ones(length)
@@ -151,8 +151,8 @@ def _tiled(
             if out is None:
                 out = piece.new_zeros(*piece.shape[:2], scale(height), scale(width))
                 weights = piece.new_zeros(1, 1, scale(height), scale(width))
-            wy = _ramp(h, fade, top > 0, top + tile < height)
-            wx = _ramp(w, fade, left > 0, left + tile < width)
+            wy = blend_ramp(h, fade, top > 0, top + tile < height)
+            wx = blend_ramp(w, fade, left > 0, left + tile < width)
             weight = (wy[:, None] * wx[None, :]).to(piece)
             y0, x0 = scale(top), scale(left)
             out[..., y0 : y0 + h, x0 : x0 + w] += piece * weight

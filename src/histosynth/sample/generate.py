@@ -26,7 +26,6 @@ unconditional one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -36,6 +35,7 @@ import torch
 
 from ..captions import UNCONDITIONAL_CAPTION, Level, caption_from_levels, parse_caption, parse_levels_option
 from ..data.torchdata import to_uint8
+from ..devices import pick_device
 from ..errors import CaptionError, ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
@@ -126,20 +126,6 @@ def generation_record(caption: str, seed: int, options: SamplingOptions, model_i
 
 
 # --- devices and model parts ---------------------------------------------------------------------------
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA (the GPU of this process's ``LOCAL_RANK`` under torchrun), else MPS, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-
-
 def bundle_scheduler(bundle: Bundle, kind: str):
     """A fresh sampling scheduler (``ddim`` or ``dpm++``) on the bundle's training noise schedule."""
     fields = DiffusionConfig.model_fields

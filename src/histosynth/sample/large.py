@@ -33,7 +33,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ..data.torchdata import to_uint8
 from ..errors import ConfigError
-from ..models.autoencoder import Autoencoder, _ramp, decode_latents_tiled, downsampling_factor, tile_starts
+from ..models.autoencoder import Autoencoder, blend_ramp, decode_latents_tiled, downsampling_factor, tile_starts
 
 #: Windows per UNet call (each window counts twice with guidance: unconditional and conditional).
 DEFAULT_WINDOW_BATCH = 8
@@ -107,8 +107,8 @@ class WindowedUNet:
         height, width = sample.shape[-2:]
         rows, cols = tile_starts(height, self.window, self.overlap), tile_starts(width, self.window, self.overlap)
         win_h, win_w = min(self.window, height), min(self.window, width)
-        row_weights = {top: _ramp(win_h, self.overlap, top > 0, top + win_h < height) for top in rows}
-        col_weights = {left: _ramp(win_w, self.overlap, left > 0, left + win_w < width) for left in cols}
+        row_weights = {top: blend_ramp(win_h, self.overlap, top > 0, top + win_h < height) for top in rows}
+        col_weights = {left: blend_ramp(win_w, self.overlap, left > 0, left + win_w < width) for left in cols}
         crops = [(top, left, n) for top in rows for left in cols for n in range(sample.shape[0])]
         blended = torch.zeros_like(sample)
         timesteps = torch.as_tensor(timestep, device=sample.device)
@@ -171,7 +171,7 @@ def decode_bands(ae: Autoencoder, latents: torch.Tensor, tile: int, overlap: Opt
     for index, start in enumerate(starts):
         with torch.no_grad():
             strip = decode_latents_tiled(ae, latents[..., start:start + min(tile, height), :], tile, overlap)[0]
-        weight = _ramp(strip_rows, overlap * factor, start > 0, start + tile < height).to(strip)
+        weight = blend_ramp(strip_rows, overlap * factor, start > 0, start + tile < height).to(strip)
         pending, pending_weight = _add_rows(pending, pending_weight, top, strip * weight[:, None], weight,
                                             start * factor)
         final_until = starts[index + 1] * factor if index + 1 < len(starts) else height * factor

@@ -22,7 +22,8 @@ from rich.progress import track
 from ..data.dataset import read_image
 from ..errors import ConfigError, DataError, ModelError
 from .geometry import AxisPlan, full_cover_plan, thesis_plan
-from .segmenter import Segmenter, torch_device
+from ..devices import pick_device
+from .segmenter import Segmenter
 
 Coverage = Literal["full", "thesis"]
 COVERAGES: tuple[str, ...] = ("full", "thesis")
@@ -109,7 +110,7 @@ def predict_images(segmenter: Segmenter, images: Iterable[np.ndarray], coverage:
     With ``coverage="full"`` each result has its image's size; with ``"thesis"`` it is the centre
     ``size - 2 * (92 - pad)`` px of each side (244 px of 256).
     """
-    dev = torch_device(device)
+    dev = pick_device(device)
     segmenter.net.eval().to(dev)
     depth = segmenter.architecture.depth
     runner = _WindowRunner(segmenter, dev, batch_size)

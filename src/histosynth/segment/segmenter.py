@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, ModelError
+from ..errors import ModelError
 from ..io import atomic_path, write_json_atomic
 from ..schema import ClassSchema
 from .geometry import DEPTH, context_pixels, lost_pixels, size_step
@@ -27,20 +27,6 @@ from .unet import ValidUNet
 FORMAT = "histosynth.segmenter/1"
 CONFIG_FILE = "segmenter.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def torch_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU; any other name is passed to torch."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 @dataclass(frozen=True)

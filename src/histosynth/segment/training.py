@@ -31,7 +31,8 @@ from ..errors import ConfigError, DataError, JobError
 from ..schema import ClassSchema
 from .data import PatchRows, SegmentationPairs
 from .predict import predict_images
-from .segmenter import CONFIG_FILE, Segmenter, torch_device
+from ..devices import pick_device
+from .segmenter import CONFIG_FILE, Segmenter
 
 
 class SegmentTrainConfig(BaseModel):
@@ -205,7 +206,7 @@ class TrainingRun:
 
 def _accelerator(device: str) -> tuple[str, Any]:
     """Lightning's (accelerator, devices) for a device name ('auto' picks CUDA > MPS > CPU)."""
-    chosen = torch_device(device)
+    chosen = pick_device(device)
     if chosen.type == "cuda":
         return "gpu", [chosen.index] if chosen.index is not None else 1
     if chosen.type in ("cpu", "mps"):
