@@ -1,4 +1,4 @@
-"""Shared test set-up: offline model hubs, few threads (the suite runs on 2 cores)."""
+"""Shared test set-up: offline model hubs, few threads (the suite runs on 2 cores), a tiny model folder."""
 
 from __future__ import annotations
 
@@ -12,6 +12,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from histosynth.models.autoencoder import build_autoencoder  # noqa: E402
+from histosynth.models.bundle import load_bundle, save_bundle  # noqa: E402
+from histosynth.models.denoiser import build_denoiser  # noqa: E402
+from histosynth.models.diffusion import noise_scheduler  # noqa: E402
+from histosynth.models.text import load_text_encoder  # noqa: E402
+from histosynth.presets import Preset, load_preset  # noqa: E402
+from histosynth.schema import RENAL  # noqa: E402
+
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
@@ -22,3 +35,36 @@ def _few_threads():
     except ImportError:
         pass
     yield
+
+
+# A tiny text-conditioned model folder with random weights (64 px patches, 16 x 16 latents):
+# real diffusers / transformers models, small enough for a few denoising steps in a fraction of a second.
+PATCH = 64
+
+
+def micro_preset() -> Preset:
+    data = load_preset("tiny").to_dict()
+    data["image_size"] = PATCH
+    data["unet"].update(block_out_channels=[16, 32], cross_attention=[False, True], norm_num_groups=8)
+    data["autoencoder"].update(block_out_channels=[16, 16, 16], mid_block_attention=True, norm_num_groups=8)
+    return Preset.from_dict(data)
+
+
+def make_tiny_bundle(path: Path, seed: int = 0) -> Path:
+    preset = micro_preset()
+    text = load_text_encoder("minilm")
+    torch.manual_seed(seed)
+    unet = build_denoiser(preset, context_dim=text.hidden_size)
+    autoencoder = build_autoencoder(preset)
+    return save_bundle(path, unet, autoencoder, dict(noise_scheduler(preset).config), text, RENAL,
+                       {"image_size": PATCH, "preset": preset.to_dict()})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_path(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundle_path):
+    return load_bundle(tiny_bundle_path, "cpu")

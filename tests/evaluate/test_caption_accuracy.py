@@ -154,7 +154,7 @@ def test_evaluate_captions_refuses_bad_input(generated_folder, multiclass_folder
     assert main(["evaluate", "captions", "--images", str(bare), *common]) == 2
     assert "no manifest" in capsys.readouterr().err
     assert main(["evaluate", "captions", "--model", str(tmp_path), *common]) == 2
-    assert "pass --images DIR" in capsys.readouterr().err
+    assert "is not a histosynth model folder" in capsys.readouterr().err
     assert main(["evaluate", "captions", *common]) == 2
     assert "give either --images DIR" in capsys.readouterr().err
     binary = tmp_path / "binary"
@@ -186,3 +186,19 @@ def test_manifest_must_list_images_and_captions(tmp_path):
     pd.DataFrame([{"name": "a.png"}]).to_csv(tmp_path / "manifest.csv", index=False)
     with pytest.raises(DataError, match="needs a 'caption' column"):
         read_generated(tmp_path)
+
+
+def test_evaluate_captions_generates_from_a_model_folder(tiny_bundle_path, multiclass_folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["evaluate", "captions", "--model", str(tiny_bundle_path), "--segmenter", str(multiclass_folder),
+                 "--n", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    generated = sorted((out / "images").glob("*.png"))
+    assert len(generated) == 2
+    assert pd.read_csv(out / "images" / "manifest.csv")["caption"].tolist() == [GENERATING_CAPTION] * 2
+    per_image = pd.read_csv(out / "per_image.csv")
+    assert len(per_image) == 2
+    # the verdicts are those of the segmenter on the images that were generated and written
+    images = [np.asarray(Image.open(p)) for p in generated]
+    masks = predict_images(Segmenter.load(multiclass_folder), images, coverage="thesis", device="cpu")
+    expected = judge(masks, [GENERATING_CAPTION] * 2, RENAL).level_shares()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table_5_1.csv", keep_default_na=False), expected, check_dtype=False)

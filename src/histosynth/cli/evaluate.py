@@ -73,7 +73,7 @@ def captions(
     segment = segmenter_function(seg, coverage, device, batch_size, progress)
     if model is not None:
         requested = (caption or GENERATING_CAPTION).replace("\\n", "\n")
-        items = generate_images(bundle_generator(model), requested, n or 400, seed, out / "images")
+        items = generate_images(bundle_generator(model, device=device), requested, n or 400, seed, out / "images")
         source = f"generated now from {model} ({out / 'images'})"
     else:
         found, source = read_generated(images, caption.replace("\\n", "\n") if caption else None)

@@ -215,25 +215,19 @@ def generate_images(generate: GenerateFn, caption: str, n: int, seed: int, out: 
     return items
 
 
-def bundle_generator(model: Path) -> GenerateFn:
-    """Generation from a model folder, for `evaluate captions --model`: the one place where the
-    toolkit's sampler plugs in, as ``histosynth.sample.sampler.generate_images(model, caption, n,
-    seed) -> images``. Where that is missing, generate the images with `histosynth generate`
-    (a job folder with its manifest.json) and evaluate the folder with `--images`.
-    """
-    try:
-        from ..sample import sampler
-    except ImportError:
-        sampler = None
-    generate = getattr(sampler, "generate_images", None)
-    if generate is None:
-        raise ModelError(
-            f"generating from {model} is not available in this installation; generate the images first "
-            "('histosynth generate --model ... --out DIR') and pass --images DIR"
-        )
+def bundle_generator(model: Path, steps: int = 50, guidance: float = 1.5, device: str = "auto") -> GenerateFn:
+    """Generation from a model folder, for `evaluate captions --model`: DDIM with guidance, each
+    image seeded from (seed, index) exactly as `histosynth generate` seeds a job."""
+    from ..models.bundle import load_bundle
+    from ..sample.generate import canonical_caption, generate
+    from ..sample.jobs import item_seed
+
+    bundle = load_bundle(model)
 
     def run(caption: str, n: int, seed: int) -> Sequence[np.ndarray]:
-        return generate(model, caption, n, seed)
+        seeds = [item_seed(seed, index) for index in range(n)]
+        wanted = canonical_caption(caption, bundle.schema)
+        return list(generate(bundle, [wanted] * n, seeds, steps=steps, guidance=guidance, device=device).images)
 
     return run
 
