@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from histosynth.captions import parse_caption
+from histosynth.defaults import default_bundle_path
 from histosynth.demo import DemoSettings, run_demo
+from histosynth.errors import ModelError
+
+
+def ships_default_models() -> bool:
+    try:
+        default_bundle_path()
+    except ModelError:
+        return False
+    return True
 
 
 def test_demo_end_to_end_small(tmp_path):
-    settings = DemoSettings(slides=2, slide_size=768, sheet_patches=4)
+    settings = DemoSettings(slides=2, slide_size=768, sheet_patches=4, generated_per_caption=1, steps=2)
     result = run_demo(tmp_path / "demo", settings, progress=False)
     assert len(result.dataset) > 4
     assert set(result.dataset.manifest["slide"]) == {"phantom-0", "phantom-1"}
@@ -16,6 +26,10 @@ def test_demo_end_to_end_small(tmp_path):
     assert result.sheet.stat().st_size > 10_000
     html = result.report.read_text()
     assert "contact_sheet.png" in html and f"{len(result.dataset)} patches" in html
+    assert (result.generation.sheet is not None) == ships_default_models()
+    if result.generation.sheet is not None:
+        assert result.generation.sheet.stat().st_size > 10_000
+        assert "Caption accuracy" in html and "% mention glomeruli" in html
 
     slide_file = tmp_path / "demo" / "slides" / "phantom-0.tif"
     mtime = slide_file.stat().st_mtime_ns
