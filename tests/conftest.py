@@ -96,3 +96,29 @@ def tiatoolbox_target_image() -> Path:
     from histosynth.data import samples
 
     return _wheel_member_or_skip(samples.TIATOOLBOX_TARGET)
+
+
+# The CompVis reference fixture (checkpoint + tensors computed by the original code), beside the repo.
+@pytest.fixture(scope="session")
+def compvis_dir() -> Path:
+    default = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "compvis"
+    folder = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", default))
+    if not (folder / "expected.safetensors").is_file():
+        pytest.skip(f"no CompVis fixture at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def compvis_expected(compvis_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(compvis_dir / "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks run fastest on one thread, and one thread is immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ README recommends for fp32 on a CPU.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,32 +21,22 @@ from histosynth.errors import ModelError
 from histosynth.models.autoencoder import decode_latents, encode_latents
 from histosynth.models.compvis import ema_key, import_compvis
 
-FIXTURE = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", Path(__file__).resolve().parents[3] / "shared/fixtures/compvis"))
-pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").is_file(), reason=f"no CompVis fixture at {FIXTURE}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fixture's networks are tiny: one thread is fastest, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURE / "expected.safetensors"))
+def expected(compvis_expected) -> dict[str, torch.Tensor]:
+    return compvis_expected
 
 
 @pytest.fixture(scope="module")
-def fixture_state() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURE / "tiny_ldm.safetensors"))
+def fixture_state(compvis_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(compvis_dir / "tiny_ldm.safetensors"))
 
 
 @pytest.fixture(scope="module")
-def fixture_config() -> dict:
-    return yaml.safe_load((FIXTURE / "tiny_ldm.yaml").read_text())
+def fixture_config(compvis_dir) -> dict:
+    return yaml.safe_load((compvis_dir / "tiny_ldm.yaml").read_text())
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,8 +47,8 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_ldm.ckpt", "tiny_ldm.safetensors"])
-def test_imported_networks_reproduce_compvis_outputs(checkpoint, expected):
-    unet, vq, info = import_compvis(FIXTURE / checkpoint, FIXTURE / "tiny_ldm.yaml")
+def test_imported_networks_reproduce_compvis_outputs(compvis_dir, checkpoint, expected):
+    unet, vq, info = import_compvis(compvis_dir / checkpoint, compvis_dir / "tiny_ldm.yaml")
     with torch.no_grad():
         eps = unet(expected["unet_x"], expected["unet_t"], encoder_hidden_states=expected["unet_ctx"]).sample
         latent = encode_latents(vq, expected["vq_image"])
@@ -114,9 +103,9 @@ def test_ema_weights_are_taken_when_present_and_text_encoder_keys_are_skipped(tm
     assert raw_info.skipped == {"cond_stage_model.*": 2, "model_ema.*": len(unet_keys) + 2, "schedule buffers": 12}
 
 
-def test_asking_for_ema_weights_that_are_absent_is_an_error():
+def test_asking_for_ema_weights_that_are_absent_is_an_error(compvis_dir):
     with pytest.raises(ModelError, match="EMA weights requested"):
-        import_compvis(FIXTURE / "tiny_ldm.safetensors", FIXTURE / "tiny_ldm.yaml", use_ema=True)
+        import_compvis(compvis_dir / "tiny_ldm.safetensors", compvis_dir / "tiny_ldm.yaml", use_ema=True)
 
 
 # --- checkpoints that do not fit their config ------------------------------------------------------
@@ -128,45 +117,45 @@ def _write_yaml(tmp_path: Path, config: dict) -> Path:
     return path
 
 
-def test_shape_mismatch_names_the_checkpoint_key(tmp_path, fixture_config):
+def test_shape_mismatch_names_the_checkpoint_key(compvis_dir, tmp_path, fixture_config):
     config = yaml.safe_load(yaml.safe_dump(fixture_config))
     config["model"]["params"]["unet_config"]["params"]["context_dim"] = 32
     with pytest.raises(ModelError) as err:
-        import_compvis(FIXTURE / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
+        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
     assert str(err.value).startswith(
         "checkpoint key 'model.diffusion_model.input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight' "
         "has shape (32, 64) but the config's denoiser expects (32, 32)"
     )
 
 
-def test_extra_res_blocks_in_config_name_the_misplaced_key(tmp_path, fixture_config):
+def test_extra_res_blocks_in_config_name_the_misplaced_key(compvis_dir, tmp_path, fixture_config):
     config = yaml.safe_load(yaml.safe_dump(fixture_config))
     config["model"]["params"]["unet_config"]["params"]["num_res_blocks"] = 2
     with pytest.raises(ModelError, match=r"checkpoint key 'model\.diffusion_model\.input_blocks\.3\.0\.[\w.]+' has no place"):
-        import_compvis(FIXTURE / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
+        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
 
 
-def test_wrong_autoencoder_size_names_the_checkpoint_key(tmp_path, fixture_config):
+def test_wrong_autoencoder_size_names_the_checkpoint_key(compvis_dir, tmp_path, fixture_config):
     config = yaml.safe_load(yaml.safe_dump(fixture_config))
     config["model"]["params"]["first_stage_config"]["params"]["n_embed"] = 128
     with pytest.raises(ModelError, match=r"checkpoint key 'first_stage_model\.quantize\.embedding\.weight' has shape \(64, 3\)"):
-        import_compvis(FIXTURE / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
+        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
 
 
-def test_wrong_schedule_in_config_is_caught_by_the_betas_buffer(tmp_path, fixture_config):
+def test_wrong_schedule_in_config_is_caught_by_the_betas_buffer(compvis_dir, tmp_path, fixture_config):
     config = yaml.safe_load(yaml.safe_dump(fixture_config))
     config["model"]["params"]["linear_end"] = 0.012
     with pytest.raises(ModelError, match="'betas' buffer does not match"):
-        import_compvis(FIXTURE / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
+        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
 
 
-def test_missing_checkpoint_and_non_compvis_yaml_are_clear_errors(tmp_path):
+def test_missing_checkpoint_and_non_compvis_yaml_are_clear_errors(compvis_dir, tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
-        import_compvis(tmp_path / "none.ckpt", FIXTURE / "tiny_ldm.yaml")
+        import_compvis(tmp_path / "none.ckpt", compvis_dir / "tiny_ldm.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {}\n")
     with pytest.raises(ModelError, match="not a CompVis LatentDiffusion config"):
-        import_compvis(FIXTURE / "tiny_ldm.safetensors", bad)
+        import_compvis(compvis_dir / "tiny_ldm.safetensors", bad)
 
 
 # --- the VQ nin_shortcut mapping of real PathLDM VQ-f4 checkpoints ---------------------------------
@@ -207,8 +196,8 @@ def compvis_vq_state(vq: VQModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_inverse_vq_names_are_the_compvis_names_of_the_fixture(fixture_state):
-    unet, vq, _ = import_compvis(FIXTURE / "tiny_ldm.safetensors", FIXTURE / "tiny_ldm.yaml")
+def test_inverse_vq_names_are_the_compvis_names_of_the_fixture(compvis_dir, fixture_state):
+    unet, vq, _ = import_compvis(compvis_dir / "tiny_ldm.safetensors", compvis_dir / "tiny_ldm.yaml")
     fixture_vq = {k: v for k, v in fixture_state.items() if k.startswith("first_stage_model.")}
     generated = compvis_vq_state(vq)
     assert set(generated) == set(fixture_vq)
@@ -250,9 +239,9 @@ def test_pathldm_style_vq_with_channel_changes_round_trips_strictly(tmp_path, fi
 # --- the command -----------------------------------------------------------------------------------
 
 
-def test_import_command_writes_loadable_networks(tmp_path, expected):
+def test_import_command_writes_loadable_networks(compvis_dir, tmp_path, expected):
     out = tmp_path / "imported"
-    code = main(["import-compvis", str(FIXTURE / "tiny_ldm.ckpt"), "--config", str(FIXTURE / "tiny_ldm.yaml"), "--out", str(out)])
+    code = main(["import-compvis", str(compvis_dir / "tiny_ldm.ckpt"), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"unet", "autoencoder", "scheduler", "histosynth.json"}
     description = json.loads((out / "histosynth.json").read_text())
@@ -266,7 +255,7 @@ def test_import_command_writes_loadable_networks(tmp_path, expected):
         decoded = decode_latents(vq, expected["vq_latent"])
     assert max_error(eps, expected["unet_eps"]) < 1e-4
     assert max_error(decoded, expected["vq_decoded"]) < 1e-4
-    assert main(["import-compvis", str(FIXTURE / "tiny_ldm.ckpt"), "--config", str(FIXTURE / "tiny_ldm.yaml"), "--out", str(out)]) == 2
+    assert main(["import-compvis", str(compvis_dir / "tiny_ldm.ckpt"), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)]) == 2
 
 
 def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_path, fixture_state, fixture_config, expected):
@@ -293,9 +282,9 @@ def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_p
         assert max_error(decode_latents(bundle.autoencoder, expected["vq_latent"]), expected["vq_decoded"]) < 1e-4
 
 
-def test_a_text_encoder_of_the_wrong_width_is_refused(tmp_path, capsys):
+def test_a_text_encoder_of_the_wrong_width_is_refused(compvis_dir, tmp_path, capsys):
     out = tmp_path / "bundle"
-    code = main(["import-compvis", str(FIXTURE / "tiny_ldm.safetensors"), "--config", str(FIXTURE / "tiny_ldm.yaml"),
+    code = main(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"), "--config", str(compvis_dir / "tiny_ldm.yaml"),
                  "--out", str(out), "--text-encoder", "minilm"])
     assert code == 2 and not out.exists()
     assert "text encoder 'minilm' gives 384 features per token but the checkpoint's denoiser reads 64" in capsys.readouterr().err

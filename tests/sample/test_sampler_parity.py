@@ -6,12 +6,9 @@ Tolerances are the fixture README's for fp32 on a CPU. The DDIM latents of an un
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from histosynth.data.torchdata import to_uint8
 from histosynth.errors import ConfigError
@@ -20,27 +17,17 @@ from histosynth.models.compvis import import_compvis
 from histosynth.models.diffusion import sampling_scheduler
 from histosynth.sample.sampler import denoise, guided_eps
 
-FIXTURE = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", Path(__file__).resolve().parents[3] / "shared/fixtures/compvis"))
-pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").is_file(), reason=f"no CompVis fixture at {FIXTURE}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fixture's networks are tiny: one thread is fastest, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ref() -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURE / "expected.safetensors"))
+def ref(compvis_expected) -> dict[str, torch.Tensor]:
+    return compvis_expected
 
 
 @pytest.fixture(scope="module")
-def model():
-    unet, vq, info = import_compvis(FIXTURE / "tiny_ldm.safetensors", FIXTURE / "tiny_ldm.yaml")
+def model(compvis_dir):
+    unet, vq, info = import_compvis(compvis_dir / "tiny_ldm.safetensors", compvis_dir / "tiny_ldm.yaml")
     return unet, vq, info.diffusion
 
 
