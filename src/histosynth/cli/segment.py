@@ -21,6 +21,8 @@ EpochsOption = typer.Option(100, "--epochs", help="at most this many epochs (Ear
 PatienceOption = typer.Option(10, "--patience", help="EarlyStopping: epochs without a lower validation loss")
 LearningRateOption = typer.Option(1e-3, "--lr")
 DiceWeightOption = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE")
+ClassWeightsOption = typer.Option(
+    "none", "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none")
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
 WorkersOption = typer.Option(0, "--workers", help="data-loading processes")
 ProgressOption = typer.Option(True, "--progress/--no-progress")
@@ -44,6 +46,8 @@ def train(
     patience: int = PatienceOption,
     lr: float = LearningRateOption,
     dice_weight: float = DiceWeightOption,
+    class_weights: str = ClassWeightsOption,
+    init: Optional[Path] = typer.Option(None, "--init", help="segmenter folder to fine-tune (same schema, --class and width)"),
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOption,
     workers: int = WorkersOption,
@@ -54,7 +58,8 @@ def train(
 
     config = SegmentTrainConfig.from_options(
         class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-        max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight, seed=seed,
+        max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight,
+        class_weights=class_weights, init=None if init is None else str(init), seed=seed,
         device=device, num_workers=workers,
     )
     run = train_segmenter_on_dataset(dataset, out, config, progress=progress)
@@ -88,7 +93,8 @@ def predict(
 ) -> None:
     """Segment images of any size; writes one label PNG (schema ids, or 0/1) per image."""
     from ..io import write_png_atomic
-    from ..segment.predict import class_mask, list_images, predict_images, read_rgb
+    from ..data.images import list_images
+    from ..segment.predict import class_mask, predict_images, read_rgb
     from ..segment.segmenter import Segmenter
 
     model = Segmenter.load(segmenter)

@@ -27,7 +27,6 @@ from .segmenter import Segmenter
 
 Coverage = Literal["full", "thesis"]
 COVERAGES: tuple[str, ...] = ("full", "thesis")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 #: The classic U-Net's input size: windows for full coverage are at most this large by default.
 DEFAULT_TILE = 572
 
@@ -145,22 +144,6 @@ def class_mask(segmenter: Segmenter, labels: np.ndarray, class_name: str) -> np.
             )
         return labels
     return (labels == class_id).astype(np.uint8)
-
-
-def list_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files given directly or found (sorted, not recursively) in the given folders."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir()
-                                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise DataError(f"{path} does not exist")
-    if not found:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))}")
-    return found
 
 
 def read_rgb(path: Path) -> np.ndarray:

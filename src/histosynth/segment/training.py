@@ -14,7 +14,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -50,6 +50,9 @@ class SegmentTrainConfig(BaseModel):
     patience: int = Field(10, ge=1, description="EarlyStopping: epochs without a lower validation loss")
     learning_rate: float = Field(1e-3, gt=0)
     dice_weight: float = Field(1.0, ge=0, description="weight of the soft-Dice term beside CE/BCE")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weigh CE/BCE by sqrt(median share / class share) of the training labels")
+    init: str | None = Field(None, description="segmenter folder to start from (same schema, mode and architecture)")
     seed: int = 0
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
@@ -69,18 +72,22 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 # --- losses and metrics ---------------------------------------------------------------------
 def segmentation_loss(segmenter: Segmenter, logits: torch.Tensor, labels: torch.Tensor,
-                      dice_weight: float = 1.0, smooth: float = 1.0) -> torch.Tensor:
+                      dice_weight: float = 1.0, smooth: float = 1.0,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """CE (multi-class) or BCE (binary) plus `dice_weight` x (1 - soft Dice).
 
     The soft Dice is pooled over the batch and averaged over the classes present in the batch's
     labels (absent classes are left to the cross-entropy term, which already drives them to zero).
+    `class_weights` (see :func:`balanced_class_weights`) weigh the CE per label, or for a binary
+    segmenter the positive pixels of the BCE.
     """
     if segmenter.binary:
         target = labels.float()
-        loss = F.binary_cross_entropy_with_logits(logits[:, 0], target)
+        pos_weight = None if class_weights is None else class_weights[1] / class_weights[0]
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], target, pos_weight=pos_weight)
         probs, onehot = torch.sigmoid(logits[:, 0])[:, None], target[:, None]
     else:
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, weight=class_weights)
         ids = segmenter.schema.ids
         probs = torch.softmax(logits, dim=1)[:, ids]
         onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, ids]
@@ -92,6 +99,37 @@ def segmentation_loss(segmenter: Segmenter, logits: torch.Tensor, labels: torch.
         return loss
     dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
     return loss + dice_weight * (1 - dice[present].mean())
+
+
+def label_pixel_counts(segmenter: Segmenter, sources: Sequence[PatchRows]) -> np.ndarray:
+    """Pixels of each label (the segmenter's label space) over the masks of some dataset rows."""
+    counts = np.zeros(segmenter.metric_classes, dtype=np.int64)
+    for source in sources:
+        for _, row in source.rows.iterrows():
+            labels = segmenter.labels(source.dataset.mask(row))
+            counts += np.bincount(labels.ravel(), minlength=len(counts))[:len(counts)]
+    return counts
+
+
+#: Class weights are capped so that a class of a handful of pixels cannot dominate the loss.
+MAX_CLASS_WEIGHT = 10.0
+
+
+def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
+    """Per-label CE weights sqrt(median share / share), capped at MAX_CLASS_WEIGHT.
+
+    The median is over the labels that occur; labels that never occur get weight 1 (they have no
+    pixels to weigh). The square root keeps rare classes from being over-predicted, as plain
+    inverse frequency does on data this imbalanced (Sclerotic Glomeruli are < 1 % of pixels).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        raise DataError("the training masks hold no labelled pixels; class weights cannot be computed")
+    shares = counts / counts.sum()
+    weights = np.ones_like(shares)
+    weights[present] = np.minimum(np.sqrt(np.median(shares[present]) / shares[present]), MAX_CLASS_WEIGHT)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def stat_scores(segmenter: Segmenter) -> MulticlassStatScores:
@@ -119,12 +157,15 @@ def mean_dice(segmenter: Segmenter, stats: torch.Tensor) -> float:
 class SegmentationTask(L.LightningModule):
     """Trains `segmenter.net`; records one history row per validation epoch."""
 
-    def __init__(self, segmenter: Segmenter, learning_rate: float = 1e-3, dice_weight: float = 1.0):
+    def __init__(self, segmenter: Segmenter, learning_rate: float = 1e-3, dice_weight: float = 1.0,
+                 class_weights: torch.Tensor | None = None):
         super().__init__()
         self.segmenter = segmenter
         self.net = segmenter.net
         self.learning_rate = learning_rate
         self.dice_weight = dice_weight
+        # a buffer, so that it moves to the training device with the module
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.val_stats = stat_scores(segmenter)
         self.history: list[dict[str, float]] = []
         self._sums = {"train": [0.0, 0], "val": [0.0, 0]}
@@ -135,7 +176,7 @@ class SegmentationTask(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
         logits = self.net(batch["image"])[..., :labels.shape[-2], :labels.shape[-1]]
-        loss = segmentation_loss(self.segmenter, logits, labels, self.dice_weight)
+        loss = segmentation_loss(self.segmenter, logits, labels, self.dice_weight, class_weights=self.class_weights)
         total = self._sums[stage]
         total[0] += float(loss.detach()) * len(labels)
         total[1] += len(labels)
@@ -247,15 +288,15 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
     if not len(val):
         raise DataError("no validation patches: the validation rows are empty")
     L.seed_everything(config.seed, workers=True, verbose=False)
-    segmenter = Segmenter.for_class(schema, config.class_name, base_channels=config.base_channels,
-                                    depth=config.depth, batch_norm=config.batch_norm)
+    segmenter = _initial_segmenter(config, schema)
     train_set = ConcatDataset([
         SegmentationPairs(part, segmenter, config.input_size, augment=True, seed=config.seed)
         for part in train if len(part)
     ])
     val_set = SegmentationPairs(val, segmenter, augment=False)
     loaders = _loaders(train_set, val_set, config)
-    task = SegmentationTask(segmenter, config.learning_rate, config.dice_weight)
+    weights = balanced_class_weights(label_pixel_counts(segmenter, train)) if config.class_weights == "balanced" else None
+    task = SegmentationTask(segmenter, config.learning_rate, config.dice_weight, weights)
     early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
     checkpoint = _best_checkpoint(log_dir) if keep_best else None
     callbacks = [c for c in (early, checkpoint, RichProgressBar() if progress else None) if c is not None]
@@ -272,6 +313,25 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
     segmenter.net.cpu().eval()
     return TrainingRun(segmenter=segmenter, history=task.history, seconds=seconds,
                        stopped_early=early.stopped_epoch > 0, kept=kept)
+
+
+def _initial_segmenter(config: SegmentTrainConfig, schema: ClassSchema) -> Segmenter:
+    """A new segmenter, or with `config.init` a copy of a trained one that must match the run."""
+    fresh = Segmenter.for_class(schema, config.class_name, base_channels=config.base_channels,
+                                depth=config.depth, batch_norm=config.batch_norm)
+    if config.init is None:
+        return fresh
+    start = Segmenter.load(config.init)
+    start.check_schema(schema, "the training data")
+    if (start.target_class, start.architecture) != (fresh.target_class, fresh.architecture):
+        raise ConfigError(
+            f"--init {config.init} is a {start.describe()} with {start.architecture}, but this run trains a "
+            f"{fresh.describe()} with {fresh.architecture}; pass the --class and --base-channels of the "
+            "segmenter you start from"
+        )
+    start.training = {}
+    start.net.train()
+    return start
 
 
 def _best_checkpoint(log_dir: str | Path | None) -> ModelCheckpoint:
