@@ -23,6 +23,7 @@ from . import phantom
 from . import train
 from . import segment
 from . import evaluate
+from . import dataset
 
 app = typer.Typer(
     name="histosynth",
@@ -48,6 +49,7 @@ phantom.register(app)
 train.register(app)
 segment.register(app)
 evaluate.register(app)
+dataset.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

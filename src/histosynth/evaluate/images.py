@@ -14,7 +14,8 @@ import pandas as pd
 
 from ..data.dataset import open_dataset
 from ..errors import DataError
-from ..segment.predict import list_images, read_rgb
+from ..data.images import list_images
+from ..segment.predict import read_rgb
 
 T = TypeVar("T")
 

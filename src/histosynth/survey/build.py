@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.progress import track
 
+from ..data.images import is_image_file
 from ..errors import ConfigError, DataError, JobError
 
 FORMAT = "histosynth.survey/1"
@@ -43,7 +44,6 @@ SYNTHETIC = "synthetic"
 LABELS = (REAL, SYNTHETIC)
 
 ImageFormat = Literal["png", "jpeg"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 FILE_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
 
@@ -169,8 +169,7 @@ def list_images(folder: str | Path) -> list[Path]:
         return [folder / rel for rel in open_dataset(folder).manifest["image"]]
     return sorted(
         p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 

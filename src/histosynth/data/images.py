@@ -1,0 +1,29 @@
+"""Finding image files given as files and/or folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files given directly or found (sorted, not recursively) in the given folders."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if is_image_file(p)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"{path} does not exist")
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))}")
+    return found
