@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Fewer page faults in the big convolution buffers of the autoencoder (see benchmarks/).
 export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:glibc.malloc.top_pad=1073741824
 
-.PHONY: demo test test-slow setup browser default-models clean
+.PHONY: demo test test-slow setup browser default-models evaluate-default clean
 
 demo: $(STAMP)
 	$(BIN)/histosynth demo --out demo
@@ -25,6 +25,11 @@ setup: $(STAMP)
 # Retrain the models shipped in src/histosynth/weights/ (hours on a CPU; stages resume).
 default-models: $(STAMP)
 	$(BIN)/python scripts/default_models.py
+
+# The thesis' evaluations on the phantom with the shipped models (about an hour on 2 CPU cores).
+evaluate-default: $(STAMP)
+	$(BIN)/python scripts/default_models.py --stage data
+	$(BIN)/python scripts/evaluate_default.py
 
 # torch first, pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml

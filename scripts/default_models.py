@@ -77,7 +77,7 @@ class Sizes:
     segmenter_patience: int = 3
     segmenter_batch: int = 4
     segmenter_tune_epochs: int = 4
-    ldm_steps: int = 6000
+    ldm_steps: int = 4000
     ldm_precision: str = "bf16"
 
 
@@ -142,7 +142,7 @@ def stage_data(sizes: Sizes) -> None:
     # Caching latents (four flips of each patch) is the slow part of LDM training on a CPU: the LDM
     # sees a part of each phantom slide; the rest stays for evaluations.
     if not finished(DATA / "ldm"):
-        merge_datasets(DATA / "ldm", [(DATA / "phantom", sizes.ldm_patches_per_slide)])
+        merge_datasets(DATA / "ldm", [(DATA / "phantom", slice(sizes.ldm_patches_per_slide))])
     phantom_dataset(DATA / "seg-default", sizes.segmenter_default_patches, "default", seed=1)
     phantom_dataset(DATA / "seg-generating", sizes.segmenter_generating_patches, "generating", seed=2)
     if not finished(DATA / "segmenter"):
@@ -213,20 +213,20 @@ def cut_patches(image: np.ndarray, size: int) -> list:
             for y in starts(image.shape[0]) for x in starts(image.shape[1])]
 
 
-def merge_datasets(out: Path, sources: Iterable[tuple[Path, Optional[int]]]) -> None:
-    """One dataset from the slides of several (keeping each slide's split); optionally only the first
-    ``limit`` patches of each slide."""
+def merge_datasets(out: Path, sources: Iterable[tuple[Path, Optional[slice]]]) -> None:
+    """One dataset from the slides of several (keeping each slide's split); optionally only a slice
+    of each slide's patches (e.g. ``slice(120)``: the first 120)."""
     from histosynth.data.dataset import Patch, PatchDatasetWriter, open_dataset
 
     writer = None
-    for folder, limit in sources:
+    for folder, part in sources:
         dataset = open_dataset(folder)
         writer = writer or PatchDatasetWriter(out, dataset.schema, dataset.patch_size,
                                               {"merged_from": [relative(f) for f, _ in sources]})
         for slide, rows in dataset.manifest.groupby("slide", sort=True):
             if writer.slide_done(slide):
                 continue
-            rows = rows.head(limit) if limit else rows
+            rows = rows.iloc[part] if part is not None else rows
             patches = [Patch(dataset.image(row), dataset.mask(row), int(row["x"]), int(row["y"]),
                              mpp=None if row["mpp"] == "" else float(row["mpp"]),
                              tissue_fraction=float(row["tissue_fraction"])) for _, row in rows.iterrows()]

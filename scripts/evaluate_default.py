@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""The thesis' three evaluations, reproduced on the phantom with the shipped models.
+
+    python scripts/evaluate_default.py                 # every stage (make evaluate-default)
+    python scripts/evaluate_default.py --stage mix     # one stage (its inputs must exist)
+    python scripts/evaluate_default.py --quick         # a smoke run with a few images, in runs/evaluate-quick
+
+It needs the data of ``scripts/default_models.py`` (stage data) and evaluates the models shipped in
+``src/histosynth/weights/``. Stages, each skipped when its output exists; outputs go to
+``runs/evaluate/``, every command's output to ``runs/logs/evaluate-<stage>.log``:
+
+1. data      held-out real phantom: the patches of the LDM's phantom slides that it never saw
+2. captions  N images of the generating caption (two processes, one shard each), segmented with the
+             shipped segmenter and re-captioned (thesis Table 5.1)
+3. realism   images generated from the captions of held-out real patches, against those real
+             patches: classifier two-sample AUC; memorisation against the LDM's training patches
+4. mix       the six-split experiment (binary Glomeruli, 3 seeds): real = held-out 'train' slides,
+             validation = held-out 'val' slides, synthetic = the generating-caption images of stage 2
+             with masks from the shipped segmenter (no hand annotation)
+5. summary   runs/evaluate/summary.md: our numbers beside the thesis' and the targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from histosynth.evaluate.report import markdown_table
+
+from default_models import (DATA, DONE_MARK, LOGS, ROOT, RUNS, environment, finished, histosynth, merge_datasets,
+                            relative, run_logged, say, Sizes as TrainingSizes)
+
+#: The thesis' generating caption ("Tubuli medium, a lot of Glomeruli") as class levels.
+GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many images each evaluation uses (the defaults are what the README reports)."""
+
+    caption_images: int = 400
+    realism_images: int = 200
+    mix_patches: int = 64
+    mix_seeds: int = 3
+    mix_epochs: int = 6
+    mix_input_size: int = 316
+    processes: int = 2
+
+
+QUICK = Sizes(caption_images=8, realism_images=8, mix_patches=4, mix_seeds=1, mix_epochs=1, mix_input_size=236)
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def heldout(self) -> Path:
+        return self.root / "heldout"
+
+    @property
+    def generating(self) -> Path:
+        return self.root / "generated-generating"
+
+    @property
+    def matched(self) -> Path:
+        return self.root / "generated-matched"
+
+    @property
+    def pseudo_masks(self) -> Path:
+        return self.root / "pseudo-masks"
+
+    @property
+    def synthetic(self) -> Path:
+        return self.root / "synthetic-glomeruli"
+
+    def report(self, name: str) -> Path:
+        return self.root / "reports" / name
+
+
+def shipped_segmenter() -> str:
+    from histosynth.defaults import default_segmenter_path
+
+    return str(default_segmenter_path())
+
+
+# --- running several shards of one generation job at once -------------------------------------------
+def generate_sharded(name: str, args: list[str], processes: int) -> None:
+    """One `histosynth generate` job made by `processes` processes (one shard each), logged."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    commands = [histosynth("generate", *args, "--shard", f"{i}/{processes}") for i in range(processes)]
+    logs = [(LOGS / f"{name}.shard{i}.log").open("a") for i in range(processes)]
+    say(f"[{name}] {' '.join(commands[0][1:])} ... in {processes} processes")
+    running = [subprocess.Popen(c, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+               for c, log in zip(commands, logs)]
+    codes = [p.wait() for p in running]
+    for log in logs:
+        log.close()
+    seconds = time.perf_counter() - started
+    with (LOGS / f"{name}.log").open("a") as log:
+        for command in commands:
+            log.write(f"\n$ {' '.join(command)}\n")
+        log.write(f"{DONE_MARK} exit codes {codes} after {seconds:.0f} s\n")
+    if any(codes):
+        raise SystemExit(f"[{name}] a generation shard failed ({codes}); see {LOGS}/{name}.shard*.log")
+    say(f"[{name}] generated in {seconds:.0f} s")
+
+
+# --- stages ----------------------------------------------------------------------------------------
+def stage_data(paths: Paths, sizes: Sizes) -> None:
+    """The phantom slides' patches after the ones the LDM trained on (scripts/default_models.py)."""
+    if not finished(paths.heldout):
+        seen = TrainingSizes().ldm_patches_per_slide
+        merge_datasets(paths.heldout, [(DATA / "phantom", slice(seen, None))])
+
+
+def stage_captions(paths: Paths, sizes: Sizes) -> None:
+    generate_sharded("evaluate-captions", ["--levels", GENERATING_LEVELS, "--n", str(sizes.caption_images),
+                                           "--out", relative(paths.generating), "--seed", "0"], sizes.processes)
+    report = paths.report("captions")
+    if not (report / "report.md").is_file():
+        run_logged("evaluate-captions", histosynth(
+            "evaluate", "captions", "--images", relative(paths.generating), "--segmenter", shipped_segmenter(),
+            "--out", relative(report), "--no-progress"))
+
+
+def stage_realism(paths: Paths, sizes: Sizes) -> None:
+    from histosynth.data.dataset import open_dataset
+
+    captions = paths.root / "matched-captions.txt"
+    if not captions.is_file():
+        rows = open_dataset(paths.heldout).rows().sample(sizes.realism_images, random_state=0)
+        captions.write_text("".join(c.replace("\n", "\\n") + "\n" for c in rows["caption"]))
+    generate_sharded("evaluate-realism", ["--captions-file", relative(captions), "--n", str(sizes.realism_images),
+                                          "--out", relative(paths.matched), "--seed", "1"], sizes.processes)
+    report = paths.report("realism")
+    if not (report / "report.md").is_file():
+        run_logged("evaluate-realism", histosynth(
+            "evaluate", "realism", "--real", relative(paths.heldout), "--synthetic", relative(paths.matched),
+            "--train", relative(DATA / "ldm"), "--out", relative(report), "--seed", "0"))
+
+
+def stage_mix(paths: Paths, sizes: Sizes) -> None:
+    if not any(paths.pseudo_masks.glob("*.png")):
+        run_logged("evaluate-mix", histosynth(
+            "segment", "predict", relative(paths.generating), "--segmenter", shipped_segmenter(),
+            "--out", relative(paths.pseudo_masks), "--no-progress"))
+    if not finished(paths.synthetic):
+        run_logged("evaluate-mix", histosynth(
+            "dataset", "pair", relative(paths.generating), relative(paths.pseudo_masks), "--out",
+            relative(paths.synthetic), "--slide", "synthetic", "--no-progress"))
+    report = paths.report("mix")
+    if not (report / "report.md").is_file():
+        run_logged("evaluate-mix", histosynth(
+            "experiment", "mix", "--real", relative(paths.heldout), "--synthetic", relative(paths.synthetic),
+            "--out", relative(report), "--class", "Glomeruli", "--seeds", str(sizes.mix_seeds),
+            "--n", str(sizes.mix_patches), "--base-channels", "8", "--input-size", str(sizes.mix_input_size),
+            "--batch-size", "4", "--epochs", str(sizes.mix_epochs), "--patience", "3", "--device", "cpu",
+            "--no-progress"))
+
+
+def stage_summary(paths: Paths, sizes: Sizes) -> None:
+    from histosynth.io import write_text_atomic
+
+    lines = ["# The thesis' evaluations on the phantom, with the shipped models", "",
+             f"Made by `python scripts/evaluate_default.py` ({time.strftime('%Y-%m-%d')}); "
+             "the reports under `reports/` hold every table.", ""]
+    lines += caption_summary(paths.report("captions"))
+    lines += realism_summary(paths.report("realism"))
+    lines += mix_summary(paths.report("mix"))
+    write_text_atomic(paths.root / "summary.md", "\n".join(lines) + "\n")
+    say(f"[summary] wrote {relative(paths.root / 'summary.md')}")
+    print("\n".join(lines))
+
+
+def caption_summary(report: Path) -> list[str]:
+    per_image = pd.read_csv(report / "per_image.csv", keep_default_na=False)
+    levels = pd.read_csv(report / "table_5_1.csv").set_index("level")
+    mention = 100 * float((per_image["combined found"] != "none").mean())
+    high = float(levels.loc["High", "Glomeruli %"])
+    return ["## Caption accuracy (generating caption)", "",
+            f"- images: {len(per_image)}",
+            f"- images that mention glomeruli: **{mention:.1f} %** (thesis 91.3 %; target >= 95 %)",
+            f"- 'Glomeruli high' found: **{high:.1f} %** of images (thesis 0.5 %: {high / 0.5:.0f}x)", "",
+            markdown_table(levels.reset_index()), ""]
+
+
+def realism_summary(report: Path) -> list[str]:
+    lines = ["## Realism", ""]
+    for name in ("two_sample", "memorisation"):
+        if (report / f"{name}.csv").is_file():
+            lines += [markdown_table(pd.read_csv(report / f"{name}.csv")), ""]
+    return lines
+
+
+def mix_summary(report: Path) -> list[str]:
+    table = pd.read_csv(report / "table_5_2.csv")
+    dice = table.set_index("experiment")["Dice mean"]
+    lines = ["## Real and synthetic data in training (binary Glomeruli)", ""]
+    if {"100_0", "100_100"} <= set(dice.index):
+        verdict = "beats" if dice["100_100"] > dice["100_0"] else "does not beat"
+        lines += [f"- 100_100 {verdict} 100_0 in mean Dice: {dice['100_100']:.3f} against {dice['100_0']:.3f} "
+                  "(target: beats)", ""]
+    return lines + [markdown_table(table), ""]
+
+
+STAGES = {"data": stage_data, "captions": stage_captions, "realism": stage_realism, "mix": stage_mix,
+          "summary": stage_summary}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="a few images only, in runs/evaluate-quick")
+    parser.add_argument("--processes", type=int, default=Sizes.processes, help="generation processes")
+    args = parser.parse_args(argv)
+    os.environ.update(environment())
+    sizes = replace(QUICK if args.quick else Sizes(), processes=args.processes)
+    paths = Paths(RUNS / ("evaluate-quick" if args.quick else "evaluate"))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    for name in (STAGES if args.stage == "all" else [args.stage]):
+        say(f"== stage {name}")
+        STAGES[name](paths, sizes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
