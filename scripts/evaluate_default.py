@@ -58,33 +58,17 @@ class Sizes:
 QUICK = Sizes(caption_images=8, realism_images=8, mix_patches=4, mix_seeds=1, mix_epochs=1, mix_input_size=236)
 
 
-@dataclass(frozen=True)
 class Paths:
-    root: Path
+    """Where each stage writes, under one root folder."""
 
-    @property
-    def heldout(self) -> Path:
-        return self.root / "heldout"
-
-    @property
-    def generating(self) -> Path:
-        return self.root / "generated-generating"
-
-    @property
-    def matched(self) -> Path:
-        return self.root / "generated-matched"
-
-    @property
-    def reconstructed(self) -> Path:
-        return self.root / "reconstructed"
-
-    @property
-    def pseudo_masks(self) -> Path:
-        return self.root / "pseudo-masks"
-
-    @property
-    def synthetic(self) -> Path:
-        return self.root / "synthetic-glomeruli"
+    def __init__(self, root: Path):
+        self.root = root
+        self.heldout = root / "heldout"
+        self.generating = root / "generated-generating"
+        self.matched = root / "generated-matched"
+        self.reconstructed = root / "reconstructed"
+        self.pseudo_masks = root / "pseudo-masks"
+        self.synthetic = root / "synthetic-glomeruli"
 
     def report(self, name: str) -> Path:
         return self.root / "reports" / name
