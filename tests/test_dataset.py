@@ -102,6 +102,13 @@ def test_open_dataset_errors(tmp_path):
     PatchDatasetWriter(tmp_path / "d", RENAL, patch_size=SIZE)
     with pytest.raises(DataError, match="has no manifest.csv; the run that wrote it did not finish"):
         open_dataset(tmp_path / "d")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dataset.json").write_text('{"format": ')
+    with pytest.raises(DataError, match=r"dataset.json is corrupt \(Expecting value"):
+        open_dataset(tmp_path / "bad")
+    (tmp_path / "bad" / "dataset.json").write_text('{"format": "other/2"}')
+    with pytest.raises(DataError, match=r"unknown dataset format 'other/2' \(expected histosynth"):
+        open_dataset(tmp_path / "bad")
 
 
 def test_recaption_restores_captions_from_masks(tmp_path):

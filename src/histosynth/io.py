@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed job never leaves a half-written file that looks finished."""
+"""Atomic file writes (a killed job never leaves a half-written file that looks finished), and
+reading back the JSON descriptions of the folders the toolkit writes."""
 
 from __future__ import annotations
 
@@ -50,3 +51,22 @@ def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata."""
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+def read_format_json(path: str | Path, expected_format: str, error: type[Exception], missing: str,
+                     what: str) -> dict[str, Any]:
+    """The JSON description of a folder the toolkit wrote, whose "format" must be `expected_format`.
+
+    Every problem raises `error`: `missing` (what to do) when the file is absent, else a message
+    naming the file and whether it is corrupt or of another format (`what`: e.g. "dataset").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is corrupt ({exc})") from None
+    if data.get("format") != expected_format:
+        raise error(f"{path}: unknown {what} format {data.get('format')!r} (expected {expected_format})")
+    return data

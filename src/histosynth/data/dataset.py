@@ -15,7 +15,6 @@ finished. The dataset's split (train/val/test) is assigned per slide, never per 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..captions import caption_for_mask, prevalences
 from ..errors import DataError
-from ..io import atomic_path, write_json_atomic, write_png_atomic
+from ..io import atomic_path, read_format_json, write_json_atomic, write_png_atomic
 from ..schema import RENAL, ClassSchema
 
 FORMAT = "histosynth.patches/1"
@@ -176,19 +175,11 @@ def _check_name(slide: str) -> None:
 
 
 def _read_info(root: Path) -> dict[str, Any]:
-    path = root / "dataset.json"
-    if not path.is_file():
-        raise DataError(
-            f"{root} is not a patch dataset (no dataset.json); create one with "
-            "'histosynth tile' or 'histosynth phantom patches'"
-        )
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is corrupt ({exc})") from None
-    if info.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown dataset format {info.get('format')!r} (expected {FORMAT})")
-    return info
+    return read_format_json(
+        root / "dataset.json", FORMAT, DataError, what="dataset",
+        missing=f"{root} is not a patch dataset (no dataset.json); create one with "
+                "'histosynth tile' or 'histosynth phantom patches'",
+    )
 
 
 def write_manifest(root: Path, manifest: pd.DataFrame) -> None:

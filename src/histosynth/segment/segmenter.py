@@ -9,7 +9,6 @@ belongs to one target class (*binary*, e.g. Glomeruli: 1 inside, 0 elsewhere). I
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
-from ..io import atomic_path, write_json_atomic
+from ..io import atomic_path, read_format_json, write_json_atomic
 from ..schema import ClassSchema
 from .geometry import DEPTH, context_pixels, lost_pixels, size_step
 from .unet import ValidUNet
@@ -171,16 +170,8 @@ class Segmenter:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ModelError(
-            f"{folder} is not a segmenter folder (no {CONFIG_FILE}); train one with "
-            "'histosynth segment train DATASET --out FOLDER'"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path} is corrupt ({exc})") from None
-    if config.get("format") != FORMAT:
-        raise ModelError(f"{path}: unknown segmenter format {config.get('format')!r} (expected {FORMAT})")
-    return config
+    return read_format_json(
+        folder / CONFIG_FILE, FORMAT, ModelError, what="segmenter",
+        missing=f"{folder} is not a segmenter folder (no {CONFIG_FILE}); train one with "
+                "'histosynth segment train DATASET --out FOLDER'",
+    )
