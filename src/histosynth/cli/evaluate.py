@@ -1,5 +1,6 @@
-"""`histosynth evaluate captions|realism` and `histosynth experiment mix`: the thesis' questions as
-commands, each writing a report folder (report.md, CSVs, PNGs)."""
+"""`histosynth evaluate captions|masks|realism` and `histosynth experiment mix`: the thesis' questions
+(and label fidelity of mask-conditioned generation) as commands, each writing a report folder
+(report.md, CSVs, PNGs)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from .segment import (
 
 
 def register(app: typer.Typer) -> None:
-    evaluate = typer.Typer(help="Evaluate generated images: caption accuracy, realism.", no_args_is_help=True)
+    evaluate = typer.Typer(help="Evaluate generated images: caption accuracy, label fidelity, realism.",
+                           no_args_is_help=True)
     evaluate.command("captions")(captions)
+    evaluate.command("masks")(masks)
     evaluate.command("realism")(realism)
     app.add_typer(evaluate, name="evaluate")
     experiment = typer.Typer(help="Experiments with real and synthetic training data.", no_args_is_help=True)
@@ -85,6 +88,72 @@ def captions(
     if result.group:
         typer.echo(f"{len(result)} images: {result.mention_share():.1f} % mention glomeruli "
                    f"(thesis {THESIS_MENTION_SHARE} %); exact caption match {result.exact_match_share():.1f} %")
+    typer.echo(f"wrote {path}")
+
+
+def masks(
+    segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter folder"),
+    out: Path = typer.Option(..., "--out", help="report folder (images generated now go to OUT/job)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="a generation job made from masks (images/ + masks/)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="mask-conditioned model folder to generate the images from"),
+    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="with --model: the masks of this patch dataset"),
+    split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="with --model: a label mask PNG or a folder of them"),
+    n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all masks / all images of the job)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the choice of masks and of the generation job"),
+    steps: int = typer.Option(50, "--steps", help="with --model: denoising steps"),
+    guidance: float = typer.Option(1.5, "--guidance", help="with --model: text guidance scale"),
+    mask_guidance: float = typer.Option(1.5, "--mask-guidance", help="with --model: mask guidance scale (see generate)"),
+    mask_captions: bool = typer.Option(False, "--mask-captions", help="with --model: caption each image from its mask "
+                                       "(default: the empty caption, the mask alone)"),
+    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),
+    min_share: float = typer.Option(0.01, "--min-share", help="classes below this share of the mask pixels are left "
+                                    "out of the mean Dice"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = DeviceOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """Label fidelity: segment images generated from masks and score them (Dice per class) against their masks."""
+    from ..evaluate.caption_accuracy import segmenter_function
+    from ..evaluate.label_fidelity import (
+        TARGET_MEAN_DICE,
+        evaluate_mask_job,
+        generate_mask_job,
+        read_mask_job,
+        write_label_fidelity_report,
+    )
+    from ..segment.predict import COVERAGES
+    from ..segment.segmenter import Segmenter
+
+    if (images is None) == (model is None):
+        raise ConfigError("give either --images JOB (images generated from masks) or --model DIR (generate them now)")
+    if model is not None and (mask is None) == (masks_from is None):
+        raise ConfigError("with --model give the masks to generate from: --masks-from DATASET or --mask PATH")
+    if images is not None and (mask is not None or masks_from is not None):
+        raise ConfigError("--images is a finished job with its own masks; leave out --mask / --masks-from")
+    if coverage not in COVERAGES:
+        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    seg = Segmenter.load(segmenter)
+    segment = segmenter_function(seg, coverage, device, batch_size, progress)
+    job = images
+    if model is not None:
+        from ..sample.generate import SamplingOptions
+        from .generate import job_captions, masks_from_options, model_schema
+
+        schema = model_schema(model)
+        seg.check_schema(schema, f"model {model}")
+        chosen = masks_from_options(schema, mask, masks_from, split, n, seed)
+        captions = job_captions(schema, None, None, None, chosen, mask_captions)
+        job = generate_mask_job(model, chosen, out / "job", SamplingOptions(steps, guidance, "ddim", mask_guidance),
+                                seed, captions, device=device, batch_size=batch_size, progress=progress)
+        n = None  # the job holds exactly the chosen masks
+    pairs, source = read_mask_job(job, n, seed)
+    result, pictures, masks_read, predictions = evaluate_mask_job(pairs, segment, seg.schema, min_share)
+    examples = list(zip(masks_read, pictures, predictions))
+    path = write_label_fidelity_report(result, out, examples, source=source,
+                                       segmenter=f"{seg.describe()} ({segmenter})", coverage=coverage)
+    typer.echo(f"{len(result)} images: mean Dice {result.mean_dice():.3f} over classes with >= {min_share:.1%} of "
+               f"the mask pixels (target {TARGET_MEAN_DICE})")
     typer.echo(f"wrote {path}")
 
 

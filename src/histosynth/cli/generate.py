@@ -1,4 +1,5 @@
-"""`histosynth generate` (patches on command) and `histosynth synth-slide` (whole synthetic slides)."""
+"""`histosynth generate` (patches on command, from captions and/or label masks) and `histosynth synth-slide`
+(whole synthetic slides, optionally following a label-mask slide)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ CaptionOption = typer.Option(None, "--caption", help="caption in the schema's te
 LevelsOption = typer.Option(None, "--levels", help="class levels, e.g. 'Glomeruli=high,Tubuli=medium'")
 SeedOption = typer.Option(0, "--seed", help="job seed; each image's seed is derived from it and its index")
 StepsOption = typer.Option(50, "--steps", help="denoising steps")
-GuidanceOption = typer.Option(1.5, "--guidance", help="classifier-free guidance scale (1 = none, 0 = unconditional)")
+GuidanceOption = typer.Option(1.5, "--guidance", help="classifier-free guidance scale of the text (1 = none, 0 = unconditional)")
+MaskGuidanceOption = typer.Option(
+    1.5, "--mask-guidance",
+    help="guidance scale of the mask (1 = none): eps = e(u,0) + m*(e(u,M) - e(u,0)) + g*(e(c,M) - e(u,M)) "
+         "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask")
 SchedulerOption = typer.Option("ddim", "--scheduler", help="ddim (CompVis DDIM, eta 0) or dpm++ (DPM-Solver++)")
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
 
@@ -42,32 +47,43 @@ def generate_command(
     caption: Optional[str] = CaptionOption,
     levels: Optional[str] = LevelsOption,
     captions_file: Optional[Path] = typer.Option(None, "--captions-file", help="text file, one caption per line"),
-    n: Optional[int] = typer.Option(None, "--n", help="number of images (default: one per caption); captions cycle"),
-    out: Path = typer.Option(..., "--out", help="output folder: PNGs and manifest.json"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="label mask PNG, or a folder of them: one image per "
+                                        "mask, of its size (a mask-conditioned model)"),
+    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="generate from the masks of this patch dataset"),
+    split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
+    mask_captions: bool = typer.Option(False, "--mask-captions", help="caption each image from its own mask "
+                                       "(with masks, for a model that reads text and masks)"),
+    n: Optional[int] = typer.Option(None, "--n", help="number of images (default: one per caption; captions cycle); "
+                                    "with masks: that many of the masks, drawn with --seed (default: all)"),
+    out: Path = typer.Option(..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
     seed: int = SeedOption,
     steps: int = StepsOption,
     guidance: float = GuidanceOption,
+    mask_guidance: float = MaskGuidanceOption,
     scheduler: str = SchedulerOption,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", show_default=False,
                                              help="images per UNet call, part of the job (default: 8, or the "
                                              "job's when resuming)"),
-    size: Optional[int] = typer.Option(None, "--size", help="image side in px (default: the model's patch size)"),
+    size: Optional[int] = typer.Option(None, "--size", help="image side in px (default: the model's patch size; "
+                                       "from masks: the masks' size)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: make the batches with index = i mod n "
                                         "(default: torchrun's RANK/WORLD_SIZE, else all)"),
     device: str = DeviceOption,
 ) -> None:
-    """Generate images from a caption, class levels or a captions file; re-running resumes the job."""
+    """Generate images from a caption, class levels, a captions file and/or label masks; re-running resumes the job."""
     from ..devices import pick_device
     from ..sample.generate import SamplingOptions
     from ..sample.jobs import Shard, new_job, run_job
 
     folder = _model_folder(model)
-    schema = _model_schema(folder)
-    captions = _captions(schema, caption, levels, captions_file)
-    options = SamplingOptions(steps, guidance, scheduler)
+    schema = model_schema(folder)
+    masks = masks_from_options(schema, mask, masks_from, split, n, seed)
+    captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
+    options = SamplingOptions(steps, guidance, scheduler, mask_guidance)
     chosen = Shard.parse(shard) if shard else Shard.from_environment()
     bundle = _load(folder, pick_device(device))
-    job = new_job(out, bundle, captions, len(captions) if n is None else n, seed, options, size, batch_size)
+    count = None if masks is not None else (len(captions) if n is None else n)
+    job = new_job(out, bundle, captions, count, seed, options, size, batch_size, masks=masks)
     todo = len(job.missing(chosen))
     started = time.perf_counter()
     with _progress() as progress:
@@ -79,17 +95,56 @@ def generate_command(
                f"({run.existing} of {run.items} were already there) to {out}")
 
 
+def masks_from_options(schema, mask: Optional[Path], masks_from: Optional[Path], split: Optional[str],
+                        n: Optional[int], seed: int):
+    """The masks to generate from (--mask or --masks-from, --n of them drawn with the seed), or None."""
+    from ..sample.masks import choose_masks, dataset_masks, read_masks
+
+    if mask is not None and masks_from is not None:
+        raise ConfigError("give either --mask or --masks-from, not both")
+    if split is not None and masks_from is None:
+        raise ConfigError("--split chooses the patches of --masks-from DATASET; give --masks-from")
+    if mask is None and masks_from is None:
+        return None
+    found = read_masks(mask, schema) if mask is not None else dataset_masks(masks_from, split)
+    return choose_masks(found, n, seed)
+
+
+def job_captions(schema, caption: Optional[str], levels: Optional[str], captions_file: Optional[Path],
+                  masks, mask_captions: bool) -> list[str]:
+    """The job's captions: as given; with masks optional (default: the empty, unconditional caption)."""
+    if masks is None:
+        if mask_captions:
+            raise ConfigError("--mask-captions needs masks: give --mask or --masks-from")
+        return _captions(schema, caption, levels, captions_file)
+    given = sum(x is not None for x in (caption, levels, captions_file))
+    if mask_captions:
+        if given:
+            raise ConfigError("--mask-captions captions each image from its mask; leave out --caption, --levels "
+                              "and --captions-file")
+        from ..captions import caption_for_mask
+
+        return [caption_for_mask(m.mask, schema) for m in masks]
+    return _captions(schema, caption, levels, captions_file) if given else [""]
+
+
 def synth_slide_command(
     model: Optional[Path] = ModelOption,
     caption: Optional[str] = CaptionOption,
     levels: Optional[str] = LevelsOption,
-    size: str = typer.Option(..., "--size", help="slide size in px: one side (square) or WIDTHxHEIGHT"),
+    size: Optional[str] = typer.Option(None, "--size", help="slide size in px: one side (square) or WIDTHxHEIGHT "
+                                       "(default with --mask-slide: the mask's size)"),
+    mask_slide: Optional[Path] = typer.Option(None, "--mask-slide", help="label-mask slide (TIFF of class ids) the "
+                                              "slide follows (a mask-conditioned model; written beside it as "
+                                              "NAME-mask.tif)"),
     out: Path = typer.Option(..., "--out", help="pyramidal TIFF to write (its record goes beside it as .json)"),
     mode: str = typer.Option("seamless", "--mode", help="seamless (blended windows) or stitched (thesis grid)"),
-    mpp: float = typer.Option(0.5, "--mpp", help="microns per pixel written in the TIFF"),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="microns per pixel written in the TIFF (default: the "
+                                        "mask slide's, else 0.5)"),
     seed: int = SeedOption,
     steps: int = StepsOption,
     guidance: float = GuidanceOption,
+    mask_guidance: float = MaskGuidanceOption,
     scheduler: str = SchedulerOption,
     batch_size: int = typer.Option(8, "--batch-size", help="patches per UNet call (stitched mode)"),
     window_batch: int = typer.Option(8, "--window-batch", help="latent windows per UNet call (seamless mode)"),
@@ -97,19 +152,26 @@ def synth_slide_command(
     device: str = DeviceOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
 ) -> None:
-    """Generate a synthetic slide of one caption, streamed to a pyramidal TIFF."""
+    """Generate a synthetic slide of one caption (or following a label-mask slide), streamed to a pyramidal TIFF."""
     from ..devices import pick_device
     from ..sample.generate import SamplingOptions
     from ..sample.slides import check_slide_mode, synth_slide
 
     folder = _model_folder(model)
-    schema = _model_schema(folder)
-    if (caption is None) == (levels is None):
-        raise ConfigError("give exactly one of --caption or --levels")
-    (text,) = _captions(schema, caption, levels, None)
+    schema = model_schema(folder)
+    if caption is not None and levels is not None:
+        raise ConfigError("give one of --caption or --levels, not both")
+    if caption is None and levels is None:
+        if mask_slide is None:
+            raise ConfigError("give exactly one of --caption or --levels")
+        text = ""  # a slide from a mask alone: the unconditional caption
+    else:
+        (text,) = _captions(schema, caption, levels, None)
+    if size is None and mask_slide is None:
+        raise ConfigError("give --size (or --mask-slide to take the size from)")
     check_slide_mode(mode)
-    options = SamplingOptions(steps, guidance, scheduler)
-    slide_size = parse_slide_size(size)
+    options = SamplingOptions(steps, guidance, scheduler, mask_guidance)
+    slide_size = parse_slide_size(size) if size is not None else None
     bundle = _load(folder, pick_device(device))
     tasks: dict[str, int] = {}
     with _progress() as progress:
@@ -119,7 +181,8 @@ def synth_slide_command(
             progress.update(tasks[phase], completed=done)
 
         report = synth_slide(bundle, text, slide_size, out, mode, mpp, seed, options, batch_size=batch_size,
-                             window_batch=window_batch, overlap=overlap, overwrite=overwrite, progress=advance)
+                             window_batch=window_batch, overlap=overlap, overwrite=overwrite, progress=advance,
+                             mask_slide=mask_slide)
     typer.echo(report.summary())
 
 
@@ -143,7 +206,7 @@ def _model_folder(model: Optional[Path]) -> Path:
     return model if model is not None else default_bundle_path()
 
 
-def _model_schema(folder: Path):
+def model_schema(folder: Path):
     """The class schema of a model folder, read (and its format version checked) before any weights load."""
     from ..models.bundle import CONFIG_FILE, read_bundle_config
     from ..schema import ClassSchema

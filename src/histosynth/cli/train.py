@@ -40,22 +40,27 @@ def cache_command(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="where to store the cache (default DATASET/cache)"),
     split: str = typer.Option("train", "--split", help="which split of the dataset to encode"),
+    label_maps: bool = typer.Option(False, "--label-maps", help="also cache the masks' label maps (for training "
+                                    "with --condition mask or text+mask)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps"),
     seed: int = SeedOption,
 ) -> None:
-    """Encode a dataset once: latents of each patch's four flips, and each unique caption's embedding."""
+    """Encode a dataset once: latents of each patch's four flips, each unique caption's embedding (and label maps)."""
     import time
 
+    from ..data.dataset import open_dataset
     from ..devices import pick_device
     from ..train.cache import autoencoder_id, prepare_training_data
 
     started = time.perf_counter()
     torch_device = pick_device(device)
+    classes = open_dataset(dataset).schema.ids if label_maps else None
     with _plain_output():
         ae, encoder = _cache_models(model, preset, autoencoder, text_encoder, seed, torch_device)
-        data = prepare_training_data(dataset, ae, encoder, cache_dir, split)
+        data = prepare_training_data(dataset, ae, encoder, cache_dir, split, label_classes=classes)
+    maps = f", label maps of {len(classes)} classes" if classes else ""
     typer.echo(
-        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}) and "
+        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}){maps} and "
         f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
         f"[{time.perf_counter() - started:.1f} s]"
     )
@@ -89,8 +94,14 @@ def train_command(
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
     precision: Optional[str] = PrecisionOption,
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
-    init: Optional[Path] = typer.Option(None, "--init", help="start from this model folder's UNet (fine-tuning)"),
-    autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder"),
+    init: Optional[Path] = typer.Option(None, "--init", help="start from this model folder's UNet (fine-tuning; a "
+                                        "text model becomes a text+mask one with zero-initialised mask channels)"),
+    condition: str = typer.Option("text", "--condition", help="what the model reads: text, mask (a label map at "
+                                  "latent resolution as extra UNet input channels) or text+mask"),
+    mask_dropout: float = typer.Option(0.2, "--mask-dropout", help="probability of dropping the label map to all "
+                                       "zeros (mask conditioning; needed for mask guidance)"),
+    autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder "
+                                               "(default with --init: that model's)"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
     seed: int = SeedOption,
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints"),
@@ -104,7 +115,7 @@ def train_command(
     num_nodes: int = NodesOption,
     workers: int = WorkersOption,
 ) -> None:
-    """Train a text-conditioned latent diffusion model on a patch dataset and write its model folder."""
+    """Train a latent diffusion model conditioned on captions and/or label masks; write its model folder."""
     from ..presets import load_preset
     from ..train.ldm import TrainOptions, train_ldm
     from ..train.runtime import DeviceOptions
@@ -114,6 +125,7 @@ def train_command(
         dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, precision=precision, resume=resume, init=init, autoencoder=autoencoder,
         text_encoder=text_encoder, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
+        condition=condition, mask_dropout=mask_dropout,
         run_dir=run_dir, cache_dir=cache_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes),
         num_workers=workers, log_every=log_every, command=_command_line(),
     )

@@ -33,6 +33,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQMode
 from ..errors import ModelError
 from ..io import write_json_atomic
 from ..schema import ClassSchema
+from .conditioning import Conditioning
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextEncoderSource, resolve_text_encoder
 
 FORMAT = "histosynth.bundle"
@@ -77,6 +78,20 @@ class Bundle:
     def mask_channels(self) -> int:
         """Label-map channels concatenated to the latent (0 for a text-only model)."""
         return int(self.config["conditioning"].get("mask_channels", 0))
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return Conditioning.from_config(self.config["conditioning"])
+
+    @property
+    def mask_classes(self) -> list[int]:
+        """Schema ids of the label-map channels, in channel order (empty for a text-only model)."""
+        return [int(i) for i in self.config["conditioning"].get("mask_classes", [])]
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel along each side."""
+        return int(self.config["latent"]["downsampling"])
 
     @property
     def text_encoder_source(self) -> TextEncoderSource:
@@ -153,6 +168,7 @@ def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoe
                    encoder: TextEncoder, text_ref: str, schema: ClassSchema,
                    meta: dict[str, Any]) -> dict[str, Any]:
     conditioning = {"text": True, "mask_channels": 0, **meta.get("conditioning", {})}
+    _check_conditioning(conditioning, schema, "meta['conditioning']")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -179,6 +195,19 @@ def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoe
         "preset": meta.get("preset"),
         "provenance": {"hardware": hardware_description(), **meta.get("provenance", {})},
     }
+
+
+def _check_conditioning(conditioning: dict[str, Any], schema: ClassSchema, where: str) -> None:
+    """Mask channels must name their classes, one schema id per channel."""
+    channels = int(conditioning.get("mask_channels", 0))
+    if not channels:
+        return
+    classes = list(conditioning.get("mask_classes", []))
+    if len(classes) != channels or not set(classes) <= set(schema.ids):
+        raise ModelError(
+            f"{where}: {channels} mask channels need 'mask_classes' with one id of the class schema each "
+            f"(schema ids {schema.ids}), got {classes}"
+        )
 
 
 def _weights_digest(folder: Path) -> str:
@@ -251,6 +280,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)
     scheduler = _load_part("scheduler", lambda: DDPMScheduler.from_pretrained(path / "scheduler"), path)
     schema = ClassSchema.from_dict(config["schema"], source=f"{path / CONFIG_FILE}: schema")
+    _check_conditioning(config["conditioning"], schema, f"{path / CONFIG_FILE}: conditioning")
     _check_parts_fit(path, config, unet, autoencoder)
     device = torch.device(device)
     return Bundle(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import UNet2DConditionModel
 
 from ..presets import Preset
@@ -52,6 +53,27 @@ def denoiser_config(preset: Preset, context_dim: int, extra_in_channels: int = 0
 def build_denoiser(preset: Preset, context_dim: int, extra_in_channels: int = 0) -> UNet2DConditionModel:
     """A freshly initialised denoiser for ``preset`` whose cross-attention reads ``context_dim`` features."""
     return UNet2DConditionModel(**denoiser_config(preset, context_dim, extra_in_channels))
+
+
+#: the first convolution of a diffusers UNet: the only weights that see the input channels
+CONV_IN_WEIGHT = "conv_in.weight"
+
+
+def widen_input(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A UNet state dict whose first convolution reads ``in_channels`` channels instead of fewer.
+
+    The added input channels (a label map appended to the latent) get zero weights, so the widened
+    UNet computes exactly what the original computes, whatever those channels hold: fine-tuning a
+    text model into a text+mask model starts from the text model and learns to use the mask.
+    """
+    weight = state[CONV_IN_WEIGHT]
+    extra = in_channels - weight.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot narrow conv_in from {weight.shape[1]} to {in_channels} input channels")
+    if extra == 0:
+        return state
+    zeros = weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])
+    return {**state, CONV_IN_WEIGHT: torch.cat([weight, zeros], dim=1)}
 
 
 def count_parameters(model: Any) -> int:

@@ -22,6 +22,11 @@ Conditions are captions in the schema's templates (SPEC §3). A user's caption i
 in canonical form (intro line, classes in id order, one sentence per line), which is the form the
 model was trained on; an unknown class or level is an error naming it. The empty caption is the
 unconditional one.
+
+A mask-conditioned model also takes one label mask per image (the image has the mask's size); its
+label map enters the UNet beside the latent, and ``mask_guidance`` weights it against the null map
+(see :func:`histosynth.sample.sampler.guided_eps` for the formula). Without masks such a model
+generates from the null map, as it was trained to when the mask was dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ..errors import CaptionError, ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
 from ..models.diffusion import SAMPLER_KINDS, sampling_scheduler
+from ..models.label_maps import check_mask_ids, label_map
 from ..models.text import EmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
 from ..schema import ClassSchema
@@ -97,23 +103,31 @@ def read_captions_file(path: str | Path, schema: ClassSchema) -> list[str]:
 # --- sampling options and records --------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How the reverse process runs. Checked on creation: steps >= 1, guidance >= 0, a known scheduler."""
+    """How the reverse process runs. Checked on creation: steps >= 1, guidances >= 0, a known scheduler.
+
+    ``guidance`` weights the text, ``mask_guidance`` the label mask (used only with masks).
+    """
 
     steps: int = 50
     guidance: float = 1.5
     scheduler: str = "ddim"
+    mask_guidance: float = 1.5
 
     def __post_init__(self) -> None:
-        check_sampling_options(self.steps, self.guidance)
+        check_sampling_options(self.steps, self.guidance, self.mask_guidance)
         if self.scheduler not in SAMPLER_KINDS:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SAMPLER_KINDS)}")
 
 
 def generation_record(caption: str, seed: int, options: SamplingOptions, model_id: str,
-                      size: int | Size) -> dict[str, Any]:
-    """What it takes to regenerate one image: kept in manifests, never inside the image file."""
+                      size: int | Size, *, masked: bool = False) -> dict[str, Any]:
+    """What it takes to regenerate one image: kept in manifests, never inside the image file.
+
+    An image generated from a mask (``masked``) also records the mask guidance; the mask itself is
+    recorded by whoever keeps it (a job stores it beside the image).
+    """
     height, width = as_size(size)
-    return {
+    record = {
         "caption": caption,
         "seed": int(seed),
         "steps": options.steps,
@@ -123,6 +137,9 @@ def generation_record(caption: str, seed: int, options: SamplingOptions, model_i
         "height": height,
         "width": width,
     }
+    if masked:
+        record["mask_guidance"] = options.mask_guidance
+    return record
 
 
 # --- devices and model parts ---------------------------------------------------------------------------
@@ -201,18 +218,70 @@ class Generated:
 def sample_latents(bundle: Bundle, captions: Sequence[str], seeds: Sequence[int], options: SamplingOptions,
                    embeddings: CaptionEmbeddings, size: Optional[int | Size] = None,
                    window_batch: int = DEFAULT_WINDOW_BATCH, overlap: Optional[int] = None,
-                   progress: Optional[StepsDone] = None) -> torch.Tensor:
-    """Final latents (B, C, h, w) of one batch; latents larger than the UNet's window are windowed."""
+                   progress: Optional[StepsDone] = None, label_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Final latents (B, C, h, w) of one batch; latents larger than the UNet's window are windowed.
+
+    ``label_maps`` (B, K, h, w) condition a mask-conditioned model (see :func:`conditioning_maps`;
+    default: the null map).
+    """
     channels, _, window = latent_geometry(bundle)
     latent_hw = image_latent_size(bundle, size)
+    mask_guidance = options.mask_guidance
+    if label_maps is None:
+        label_maps = conditioning_maps(bundle, None, len(seeds), as_size(size or bundle.image_size))
+        mask_guidance = 1.0  # nothing to guide towards: the null map against itself
     noise = initial_noise(seeds, (channels, *latent_hw)).to(bundle.device)
     unet = bundle.unet
     if max(latent_hw) > window:
         unet = WindowedUNet(bundle.unet, window, overlap, window_batch)
     cond, cond_mask = embeddings(captions)
     uncond, uncond_mask = embeddings.unconditional()
+    if label_maps is not None and all(c == embeddings.unconditional_caption for c in captions):
+        uncond = uncond_mask = None  # the text is unconditional: only the mask is guided (fewer UNet calls)
+    extra = None if label_maps is None else label_maps.to(bundle.device)
     return denoise(unet, bundle_scheduler(bundle, options.scheduler), noise, cond, uncond,
-                   options.steps, options.guidance, cond_mask, uncond_mask, progress)
+                   options.steps, options.guidance, cond_mask, uncond_mask, progress,
+                   cond_extra=extra, mask_guidance=mask_guidance)
+
+
+def conditioning_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
+                      size: Size) -> Optional[torch.Tensor]:
+    """The label maps (count, K, h, w) a batch feeds the UNet: its masks', or the null map.
+
+    None for a text-only model (which refuses masks). A mask-conditioned model without masks reads
+    the all-zero map, the dropped condition it was trained with.
+    """
+    if masks is not None:
+        check_generation_masks(bundle, masks, size)
+        return label_map(np.stack(masks), bundle.mask_classes, bundle.latent_factor)
+    if not bundle.mask_channels:
+        return None
+    if bundle.conditioning.mask_dropout == 0:
+        raise ModelError(f"{bundle.path} was trained with every mask given (no mask dropout); give it masks")
+    factor = bundle.latent_factor
+    return torch.zeros(count, bundle.mask_channels, size[0] // factor, size[1] // factor)
+
+
+def check_generation_masks(bundle: Bundle, masks: Sequence[np.ndarray], size: Size) -> None:
+    """Masks must suit the model (mask-conditioned, their ids its classes) and have the images' size."""
+    require_mask_conditioning(bundle)
+    for index, mask in enumerate(masks):
+        if tuple(np.shape(mask)) != tuple(size):
+            raise DataError(f"mask {index} is {np.shape(mask)[1]}x{np.shape(mask)[0]} px but the images are "
+                            f"{size[1]}x{size[0]} px; an image has its mask's size")
+        check_mask_ids(mask, bundle.mask_classes, f"mask {index}")
+
+
+def require_mask_conditioning(bundle: Bundle) -> None:
+    if not bundle.mask_channels:
+        raise ModelError(f"{bundle.path} is not mask-conditioned (it reads text only); generate from masks with "
+                         "a model trained with --condition mask or text+mask")
+
+
+def check_caption_conditioning(bundle: Bundle, captions: Sequence[str]) -> None:
+    """A model that reads no text takes the unconditional caption only."""
+    if not bundle.conditioning.text and any(c != UNCONDITIONAL_CAPTION for c in captions):
+        raise ConfigError(f"{bundle.path} is conditioned on masks only; generate without a caption")
 
 
 @torch.no_grad()
@@ -240,16 +309,24 @@ def generate_batches(
     embeddings: Optional[CaptionEmbeddings] = None,
     window_batch: int = DEFAULT_WINDOW_BATCH,
     overlap: Optional[int] = None,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    mask_guidance: float = 1.5,
 ) -> Iterator[Generated]:
     """:func:`generate`, one batch at a time (for writing images as they are made)."""
     conditions, seeds = list(conditions), [int(s) for s in seeds]
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one of each per image")
-    options = SamplingOptions(steps, guidance, scheduler)
-    if bundle.mask_channels:
-        raise ModelError(f"{bundle.path} is a mask-conditioned model; generate from masks with it")
+    masks = None if masks is None else list(masks)
+    if masks is not None and len(masks) != len(seeds):
+        raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds; give one of each per image")
+    options = SamplingOptions(steps, guidance, scheduler, mask_guidance)
+    check_caption_conditioning(bundle, conditions)
+    if masks and size is None:
+        size = tuple(np.shape(masks[0]))
     out_size = as_size(size or bundle.image_size)
-    image_latent_size(bundle, out_size)  # refuse an impossible size before any work
+    image_latent_size(bundle, out_size)  # refuse an impossible size, model or mask before any work
+    if masks is not None:
+        check_generation_masks(bundle, masks, out_size)
     batch = batch_size if batch_size is not None else min(DEFAULT_BATCH_SIZE, max(1, len(seeds)))
     if batch < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch}")
@@ -258,13 +335,19 @@ def generate_batches(
     embeddings = embeddings or CaptionEmbeddings.for_bundle(bundle, conditions)
     for start in range(0, len(seeds), batch):
         captions, batch_seeds = conditions[start:start + batch], seeds[start:start + batch]
+        batch_masks = None if masks is None else masks[start:start + batch]
         real = len(batch_seeds)
         # Fill the last batch up to the common shape: see the module docstring.
         captions += [captions[-1]] * (batch - real)
         batch_seeds += [batch_seeds[-1]] * (batch - real)
-        latents = sample_latents(bundle, captions, batch_seeds, options, embeddings, out_size, window_batch, overlap)
+        if batch_masks is not None:
+            batch_masks += [batch_masks[-1]] * (batch - real)
+        maps = None if batch_masks is None else conditioning_maps(bundle, batch_masks, batch, out_size)
+        latents = sample_latents(bundle, captions, batch_seeds, options, embeddings, out_size, window_batch, overlap,
+                                 label_maps=maps)
         images = decode_images(bundle, latents)[:real]
-        records = [generation_record(c, s, options, bundle.id, out_size) for c, s in zip(captions, batch_seeds)]
+        records = [generation_record(c, s, options, bundle.id, out_size, masked=masks is not None)
+                   for c, s in zip(captions, batch_seeds)]
         yield Generated(images, records[:real])
 
 
@@ -279,18 +362,25 @@ def generate(
     device: Optional[str | torch.device] = None,
     size: Optional[int | Size] = None,
     progress: Optional[ImagesDone] = None,
+    *,
+    masks: Optional[Sequence[np.ndarray]] = None,
+    mask_guidance: float = 1.5,
 ) -> Generated:
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
     ``conditions`` are captions (see :func:`canonical_caption`; pass them canonical). ``batch_size``
     items share each UNet call (default: up to 8). ``device`` moves the bundle's networks first
     (default: where the bundle is). ``size`` (px, or (height, width)) defaults to the model's patch
-    size; larger images are denoised in blended windows.
+    size, or the masks' size; larger images are denoised in blended windows. ``masks`` (one (H, W)
+    array of schema ids per image, all of one size) condition a mask-conditioned model.
     """
     if device is not None:
         move_bundle(bundle, pick_device(str(device)))
     images, records = [], []
-    for part in generate_batches(bundle, conditions, seeds, steps, guidance, scheduler, batch_size, size):
+    if masks is not None and size is None and len(masks):
+        size = tuple(np.shape(masks[0]))
+    for part in generate_batches(bundle, conditions, seeds, steps, guidance, scheduler, batch_size, size,
+                                 masks=masks, mask_guidance=mask_guidance):
         images.append(part.images)
         records += part.records
         if progress is not None:

@@ -24,28 +24,42 @@ the last batch is filled up with copies of its last item), and every run compute
   and writes only the missing images. Temporary files left by a killed process are removed by the
   next run of the same shard.
 
-A folder that holds another job's manifest (other captions, seeds, options, size or batch size), or
-image files without a manifest, is refused, and nothing in it is touched.
+A job generated from label masks (a mask-conditioned model) keeps them as training pairs::
+
+    manifest.json    as above; the job lists each mask's source and digest, and each item records
+                     its ``mask`` file, ``mask_source`` and ``mask_guidance``
+    images/00000.png ...   the images
+    masks/00000.png ...    the masks that conditioned them (uint8 class ids), same stems
+
+Image i is made from mask i (one image per mask, of the mask's size). The masks are written into
+the folder when the job is created, and every run reads them from there (checked against their
+digests), so a job resumes and shards from its folder alone.
+
+A folder that holds another job's manifest (other captions, masks, seeds, options, size or batch
+size), or image files without a manifest, is refused, and nothing in it is touched.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..data.dataset import read_image
 from ..errors import ConfigError, JobError
 from ..io import write_json_atomic, write_png_atomic
 from ..models.bundle import Bundle
+from .masks import ConditioningMask, check_masks_fit
 from .generate import (
     DEFAULT_BATCH_SIZE,
     CaptionEmbeddings,
     ImagesDone,
     SamplingOptions,
+    check_caption_conditioning,
     generate_batches,
     generation_record,
     image_latent_size,
@@ -53,6 +67,8 @@ from .generate import (
 from .large import Size, as_size
 
 MANIFEST_FILE = "manifest.json"
+#: sub-folders of a job generated from masks: images and the masks that made them, same file names
+IMAGES_DIR, MASKS_DIR = "images", "masks"
 FORMAT = "histosynth.generation-job"
 FORMAT_VERSION = 1
 
@@ -113,12 +129,18 @@ class JobSpec:
     options: SamplingOptions
     size: Size
     batch_size: int = DEFAULT_BATCH_SIZE
+    masks: tuple[str, ...] = ()  # digest of the mask of each image (a job from masks)
+    mask_sources: tuple[str, ...] = field(default=(), compare=False)  # where each came from, for the record
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"the number of images must be at least 1, got {self.n}")
         if not self.captions:
             raise ConfigError("a job needs at least one caption")
+        if self.masks and len(self.masks) != self.n:
+            raise ConfigError(f"a job from masks makes one image per mask: {len(self.masks)} masks, n = {self.n}")
+        if not self.masks:  # without masks the mask guidance plays no part in the images
+            object.__setattr__(self, "options", replace(self.options, mask_guidance=SamplingOptions.mask_guidance))
         if self.batch_size < 1:
             raise ConfigError(f"the batch size must be at least 1, got {self.batch_size}")
         # A batch larger than the job would only compute copies.
@@ -136,22 +158,34 @@ class JobSpec:
             "width": self.size[1],
             "batch_size": self.batch_size,
             "captions": list(self.captions),
+            **({"mask_guidance": self.options.mask_guidance,
+                "masks": [{"source": source, "digest": digest} for source, digest in zip(self.mask_sources, self.masks)]}
+               if self.masks else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        options = SamplingOptions(data["steps"], data["guidance"], data["scheduler"])
+        options = SamplingOptions(data["steps"], data["guidance"], data["scheduler"],
+                                  data.get("mask_guidance", SamplingOptions.mask_guidance))
+        masks = data.get("masks", [])
         return cls(data["model_id"], tuple(data["captions"]), data["n"], data["seed"], options,
-                   (data["height"], data["width"]), data["batch_size"])
+                   (data["height"], data["width"]), data["batch_size"], tuple(m["digest"] for m in masks),
+                   tuple(m["source"] for m in masks))
 
     def items(self) -> list[dict[str, Any]]:
-        """One record per image, with its index and file name."""
+        """One record per image, with its index and file name (and its mask's, from masks)."""
         digits = max(5, len(str(self.n - 1)))
         items = []
         for index in range(self.n):
             caption = self.captions[index % len(self.captions)]
-            record = generation_record(caption, item_seed(self.seed, index), self.options, self.model_id, self.size)
-            items.append({"index": index, "file": f"{index:0{digits}d}.png", **record})
+            record = generation_record(caption, item_seed(self.seed, index), self.options, self.model_id, self.size,
+                                       masked=bool(self.masks))
+            name = f"{index:0{digits}d}.png"
+            if self.masks:
+                items.append({"index": index, "file": f"{IMAGES_DIR}/{name}", "mask": f"{MASKS_DIR}/{name}",
+                              "mask_source": self.mask_sources[index], **record})
+            else:
+                items.append({"index": index, "file": name, **record})
         return items
 
 
@@ -220,16 +254,47 @@ class Job:
     def batch_of(self, item_index: int) -> int:
         return item_index // self.spec.batch_size
 
+    @property
+    def image_folders(self) -> list[Path]:
+        """The folders the images go to (the job folder, or its images/ for a job from masks)."""
+        return sorted({(self.folder / item["file"]).parent for item in self.items})
+
     def finished(self) -> list[dict[str, Any]]:
         """Records of the images that exist."""
-        present = _file_names(self.folder)
+        present = self._present()
         return [item for item in self.items if item["file"] in present]
 
     def missing(self, shard: Shard = Shard()) -> list[dict[str, Any]]:
         """The shard's items whose image does not exist yet."""
-        present = _file_names(self.folder)
+        present = self._present()
         return [item for item in self.items
                 if shard.takes(self.batch_of(item["index"])) and item["file"] not in present]
+
+    def _present(self) -> set[str]:
+        """Names of the files in the image folders, relative to the job folder (as items name them)."""
+        return {(folder / name).relative_to(self.folder).as_posix()
+                for folder in self.image_folders for name in _file_names(folder)}
+
+    def write_masks(self, masks: Sequence[ConditioningMask]) -> None:
+        """Store the conditioning masks in the folder (those not there yet), one per item."""
+        for item, mask in zip(self.items, masks):
+            path = self.folder / item["mask"]
+            if not path.exists():
+                write_png_atomic(path, mask.mask.astype(np.uint8))
+
+    def read_masks(self, items: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+        """The stored masks of ``items``, checked against the digests the job was made with."""
+        masks = []
+        for item in items:
+            path = self.folder / item["mask"]
+            if not path.is_file():
+                raise JobError(f"{path} is missing; run the job again with its masks (--mask / --masks-from)")
+            mask = ConditioningMask(str(path), read_image(path, mode=None))
+            if mask.digest != self.spec.masks[item["index"]]:
+                raise JobError(f"{path} is not the mask the job was made with ({self.spec.mask_sources[item['index']]}); "
+                               "restore it or start another job")
+            masks.append(mask.mask)
+        return masks
 
     def shard_size(self, shard: Shard) -> int:
         """How many items the shard makes in all."""
@@ -244,11 +309,14 @@ class Job:
     def remove_partial_files(self, shard: Shard) -> int:
         """Delete temporary image files a killed run of this shard left behind; returns how many."""
         removed = 0
-        for path in self.folder.iterdir():
-            file = _partial_target(path.name)
-            if file is not None and file[:-4].isdigit() and shard.takes(self.batch_of(int(file[:-4]))):
-                path.unlink(missing_ok=True)
-                removed += 1
+        for folder in self.image_folders:
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                file = _partial_target(path.name)
+                if file is not None and file[:-4].isdigit() and shard.takes(self.batch_of(int(file[:-4]))):
+                    path.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
 
@@ -266,9 +334,10 @@ def _file_names(folder: Path) -> set[str]:
 def _differences(old: JobSpec, new: JobSpec) -> str:
     before, after = old.to_dict(), new.to_dict()
     changed = []
-    for key in after:
-        if before[key] != after[key]:
-            changed.append(key if key == "captions" else f"{key}: {before[key]} there, {after[key]} here")
+    for key in dict.fromkeys([*before, *after]):
+        if before.get(key) != after.get(key):
+            changed.append(key if key in ("captions", "masks") else
+                           f"{key}: {before.get(key)} there, {after.get(key)} here")
     return "; ".join(changed)
 
 
@@ -309,6 +378,7 @@ def run_job(
             spec.options.steps, spec.options.guidance, spec.options.scheduler,
             batch_size=spec.batch_size, size=spec.size,
             embeddings=CaptionEmbeddings.for_bundle(bundle, spec.captions),
+            masks=job.read_masks(todo) if spec.masks else None, mask_guidance=spec.options.mask_guidance,
         )
         for items, result in zip(batches, made):
             wanted = [(item, image) for item, image in zip(items, result.images) if item["file"] in missing]
@@ -320,19 +390,34 @@ def run_job(
     return JobRun(shard, total, total - len(missing), len(missing))
 
 
-def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: int, seed: int,
+def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Optional[int], seed: int,
             options: SamplingOptions, size: Optional[int | Size] = None,
-            batch_size: Optional[int] = None) -> Job:
+            batch_size: Optional[int] = None, masks: Optional[Sequence[ConditioningMask]] = None) -> Job:
     """Create (or resume) the job of ``n`` images of ``captions`` (cycled) from ``bundle`` in ``folder``.
 
-    ``batch_size`` defaults to the batch size of the job already in ``folder``, else 8.
+    With ``masks``, one image per mask, of the masks' size (``n`` and ``size`` must be None or agree)
+    and the masks are stored in the folder. ``batch_size`` defaults to the batch size of the job
+    already in ``folder``, else 8.
     """
+    if masks is not None:
+        mask_size = check_masks_fit(bundle, masks)
+        if size is not None and as_size(size) != mask_size:
+            raise ConfigError(f"images from masks have the masks' size ({mask_size[1]}x{mask_size[0]} px); "
+                              "leave out the size")
+        if n is not None and n != len(masks):
+            raise ConfigError(f"one image is made per mask: {len(masks)} masks, but {n} images were asked for")
+        size, n = mask_size, len(masks)
+    check_caption_conditioning(bundle, captions)
     size = as_size(size or bundle.image_size)
     image_latent_size(bundle, size)  # an impossible size is refused before the folder is touched
     if batch_size is None:
         batch_size = _existing_batch_size(Path(folder)) or DEFAULT_BATCH_SIZE
-    spec = JobSpec(bundle.id, tuple(captions), n, seed, options, size, batch_size)
-    return Job.create_or_resume(folder, spec)
+    masks = list(masks or [])
+    spec = JobSpec(bundle.id, tuple(captions), n if n is not None else len(captions), seed, options, size,
+                   batch_size, tuple(m.digest for m in masks), tuple(m.source for m in masks))
+    job = Job.create_or_resume(folder, spec)
+    job.write_masks(masks)
+    return job
 
 
 def _existing_batch_size(folder: Path) -> Optional[int]:

@@ -87,7 +87,9 @@ class WindowedUNet:
 
     Called like the UNet (``(sample, timestep, encoder_hidden_states=..., encoder_attention_mask=...)
     -> .sample``) so that the sampler's loop, guidance and scheduler are used unchanged. Every window
-    of every batch element is one crop; ``window_batch`` crops go through the UNet per call.
+    of every batch element is one crop; ``window_batch`` crops go through the UNet per call. A label
+    map concatenated to the latent (mask conditioning) is cropped with it, so each window reads the
+    part of the map under it.
     """
 
     unet: torch.nn.Module
@@ -110,7 +112,7 @@ class WindowedUNet:
         row_weights = {top: blend_ramp(win_h, self.overlap, top > 0, top + win_h < height) for top in rows}
         col_weights = {left: blend_ramp(win_w, self.overlap, left > 0, left + win_w < width) for left in cols}
         crops = [(top, left, n) for top in rows for left in cols for n in range(sample.shape[0])]
-        blended = torch.zeros_like(sample)
+        blended: Optional[torch.Tensor] = None  # shaped like the output: without the input's label-map channels
         timesteps = torch.as_tensor(timestep, device=sample.device)
         for start in range(0, len(crops), self.window_batch):
             chunk = crops[start:start + self.window_batch]
@@ -124,6 +126,8 @@ class WindowedUNet:
                 **kwargs,
             ).sample
             self.calls += 1
+            if blended is None:
+                blended = eps.new_zeros(sample.shape[0], eps.shape[1], height, width)
             for (top, left, n), piece in zip(chunk, eps):
                 weight = (row_weights[top][:, None] * col_weights[left][None, :]).to(piece)
                 blended[n, :, top:top + win_h, left:left + win_w] += piece * weight

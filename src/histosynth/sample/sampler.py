@@ -43,16 +43,25 @@ def stack_conditions(
     cond_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The doubled-batch context [uncond, cond] (and its attention mask, if any side has one)."""
-    if uncond.shape[0] == 1 and cond.shape[0] > 1:
-        uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
-        uncond_mask = None if uncond_mask is None else uncond_mask.expand(cond.shape[0], -1)
-    length = max(uncond.shape[1], cond.shape[1])
-    uncond, uncond_mask = _pad_tokens(uncond, uncond_mask, length)
-    cond, cond_mask = _pad_tokens(cond, cond_mask, length)
-    if uncond_mask is None and cond_mask is None:
-        return torch.cat([uncond, cond]), None
-    masks = [_all_tokens(c) if m is None else m for m, c in ((uncond_mask, uncond), (cond_mask, cond))]
-    return torch.cat([uncond, cond]), torch.cat(masks)
+    return stack_contexts([(uncond, uncond_mask), (cond, cond_mask)], cond.shape[0])
+
+
+def stack_contexts(contexts: list[tuple[torch.Tensor, Optional[torch.Tensor]]], batch: int
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(context, mask) pairs, each (B or 1, L_i, D), stacked on the batch axis: a context of one item is
+    repeated ``batch`` times, all are zero-padded to one length, and the mask marks the padding."""
+    expanded = []
+    for context, mask in contexts:
+        if context.shape[0] == 1 and batch > 1:
+            context = context.expand(batch, *context.shape[1:])
+            mask = None if mask is None else mask.expand(batch, -1)
+        expanded.append((context, mask))
+    length = max(context.shape[1] for context, _ in expanded)
+    padded = [_pad_tokens(context, mask, length) for context, mask in expanded]
+    stacked = torch.cat([context for context, _ in padded])
+    if all(mask is None for _, mask in padded):
+        return stacked, None
+    return stacked, torch.cat([_all_tokens(context) if mask is None else mask for context, mask in padded])
 
 
 def _all_tokens(context: torch.Tensor) -> torch.Tensor:
@@ -69,30 +78,64 @@ def guided_eps(
     cond_mask: Optional[torch.Tensor] = None,
     uncond_mask: Optional[torch.Tensor] = None,
     cond_extra: Optional[torch.Tensor] = None,
-    uncond_extra: Optional[torch.Tensor] = None,
+    mask_guidance: float = 1.0,
 ) -> torch.Tensor:
-    """The classifier-free guided model output ``e_u + guidance * (e_c - e_u)`` at one timestep.
+    """The classifier-free guided model output at one timestep.
 
-    ``guidance == 1`` (or no ``uncond``) costs a single conditional call. ``*_extra`` are channels
-    concatenated to ``x`` (mask conditioning); ``uncond_extra`` defaults to ``cond_extra``.
+    Text only: ``e(u) + g * (e(c) - e(u))`` with ``g = guidance``, ``c`` the caption's context and
+    ``u`` the unconditional one. With a label map ``M = cond_extra`` (channels concatenated to ``x``)
+    and ``m = mask_guidance``, the text is guided given the mask, and the mask against the null
+    (all-zero) map under the unconditional text::
+
+        e(u, 0) + m * (e(u, M) - e(u, 0)) + g * (e(c, M) - e(u, M))
+
+    ``m == 1`` is plain text guidance with the mask on both sides (two predictions); ``uncond=None``
+    means the caption is the unconditional one (``c == u``), which leaves
+    ``e(u, 0) + m * (e(u, M) - e(u, 0))`` (two predictions); otherwise three. Only the predictions
+    a formula needs are computed, in one UNet call on the stacked batch.
     """
-    if guidance == 1.0 or uncond is None:
-        unet_in = x if cond_extra is None else torch.cat([x, cond_extra], dim=1)
-        return unet(unet_in, t, encoder_hidden_states=cond, encoder_attention_mask=cond_mask).sample
-    context, mask = stack_conditions(uncond, cond, uncond_mask, cond_mask)
-    doubled = torch.cat([x, x])
-    if cond_extra is not None:
-        uncond_extra = cond_extra if uncond_extra is None else uncond_extra
-        doubled = torch.cat([doubled, torch.cat([uncond_extra, cond_extra])], dim=1)
-    eps_uncond, eps_cond = unet(doubled, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample.chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
+    text_guided = uncond is not None and guidance != 1.0
+    mask_guided = cond_extra is not None and mask_guidance != 1.0
+    # (name, context, its attention mask, extra channels) of each prediction needed
+    wanted = [("cond", cond, cond_mask, cond_extra)]
+    if uncond is not None and (text_guided or mask_guided):
+        wanted.insert(0, ("uncond", uncond, uncond_mask, cond_extra))
+    if mask_guided:
+        null_text, null_mask = (cond, cond_mask) if uncond is None else (uncond, uncond_mask)
+        wanted.insert(0, ("null", null_text, null_mask, torch.zeros_like(cond_extra)))
+    eps = _predict(unet, x, t, wanted)
+    if uncond is None:
+        if not mask_guided:
+            return eps["cond"]
+        return eps["null"] + mask_guidance * (eps["cond"] - eps["null"])
+    guided = eps["cond"] if not text_guided else eps["uncond"] + guidance * (eps["cond"] - eps["uncond"])
+    if mask_guided:
+        guided = guided + (mask_guidance - 1.0) * (eps["uncond"] - eps["null"])
+    return guided
 
 
-def check_sampling_options(steps: int, guidance: float) -> None:
+def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
+             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The UNet's predictions for x under several conditions, from one call on the stacked batch."""
+    if len(wanted) == 1:
+        _, context, mask, extra = wanted[0]
+        unet_in = x if extra is None else torch.cat([x, extra], dim=1)
+        return {wanted[0][0]: unet(unet_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample}
+    contexts, masks = stack_contexts([(c, m) for _, c, m, _ in wanted], x.shape[0])
+    stacked = torch.cat([x] * len(wanted))
+    if wanted[0][3] is not None:
+        stacked = torch.cat([stacked, torch.cat([extra for _, _, _, extra in wanted])], dim=1)
+    out = unet(stacked, t, encoder_hidden_states=contexts, encoder_attention_mask=masks).sample
+    return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted))))
+
+
+def check_sampling_options(steps: int, guidance: float, mask_guidance: float = 1.0) -> None:
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
     if guidance < 0:
         raise ConfigError(f"guidance must be 0 or more (1 = no guidance), got {guidance}")
+    if mask_guidance < 0:
+        raise ConfigError(f"mask guidance must be 0 or more (1 = no guidance), got {mask_guidance}")
 
 
 @torch.no_grad()
@@ -109,22 +152,21 @@ def denoise(
     progress: Optional[ProgressFn] = None,
     *,
     cond_extra: Optional[torch.Tensor] = None,
-    uncond_extra: Optional[torch.Tensor] = None,
+    mask_guidance: float = 1.0,
     on_step: Optional[StepObserver] = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_T`` and return the final latents (the scheduler is reset).
 
-    ``cond`` is (B, L, D); ``uncond`` is (B or 1, L', D), typically the embedding of "".
+    ``cond`` is (B, L, D); ``uncond`` is (B or 1, L', D), typically the embedding of "", or None when
+    the text is not guided. ``cond_extra`` (B, K, h, w) is a label map (see :func:`guided_eps`).
     """
-    check_sampling_options(steps, guidance)
+    check_sampling_options(steps, guidance, mask_guidance)
     scheduler.set_timesteps(steps, device=x_T.device)
     x = x_T * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for index, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(x, t)
-        eps = guided_eps(
-            unet, model_in, t, cond, uncond, guidance, cond_mask, uncond_mask, cond_extra, uncond_extra
-        )
+        eps = guided_eps(unet, model_in, t, cond, uncond, guidance, cond_mask, uncond_mask, cond_extra, mask_guidance)
         if on_step is not None:
             on_step(index, int(t), x, eps)
         x = scheduler.step(eps, t, x).prev_sample

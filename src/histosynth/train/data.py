@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import FLIP_VARIANTS, TrainingData
+from ..models.label_maps import counts_to_shares
+from .cache import FLIP_VARIANTS, TrainingData, flip_each
 
 
 #: independent RNG streams: batch choices and diffusion noise (per step), patch order (per epoch)
@@ -32,8 +33,8 @@ DATA_STREAM, NOISE_STREAM, ORDER_STREAM = 0, 1, 2
 class ConditionDropout:
     """Probability of dropping each condition in training (classifier-free guidance needs both).
 
-    A dropped caption becomes "" (its cached embedding); a dropped label map will become all zeros
-    once batches carry label maps (mask conditioning).
+    A dropped caption becomes "" (its cached embedding); a dropped label map becomes all zeros (no
+    class anywhere). The two are drawn independently, so with both > 0 some items drop both.
     """
 
     text: float = 0.1
@@ -102,11 +103,23 @@ class StepBatches(Dataset):
         dropped = rng.random(len(global_items)) < self.dropout.text
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         items = torch.from_numpy(global_items[mine])
-        latents = self.data.latents[items, torch.from_numpy(variants[mine])]
+        my_variants = torch.from_numpy(variants[mine])
+        latents = self.data.latents[items, my_variants]
         rows = self.data.caption_rows[items].clone()
         rows[torch.from_numpy(dropped[mine])] = self.data.empty_caption_row
         text, text_mask = self.data.embeddings.lookup(rows)
-        return LatentBatch(latents, Condition(text=text, text_mask=text_mask), items, step)
+        condition = Condition(text=text, text_mask=text_mask)
+        if self.data.label_counts is not None:
+            # drawn after the text draws, so text-only batches are what they always were
+            masks_dropped = torch.from_numpy(rng.random(len(global_items)) < self.dropout.label_map)[mine]
+            condition.label_map = self.label_maps(items, my_variants, masks_dropped)
+        return LatentBatch(latents, condition, items, step)
+
+    def label_maps(self, items: torch.Tensor, variants: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """Float label maps of ``items``, flipped like their latents; dropped ones all zero."""
+        counts = flip_each(self.data.label_counts[items], variants)
+        counts[dropped] = 0
+        return counts_to_shares(counts, self.data.label_factor)
 
 
 class StepSampler(torch.utils.data.Sampler[int]):

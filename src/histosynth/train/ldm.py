@@ -1,10 +1,16 @@
-"""Training the text-conditioned latent diffusion model (SPEC §4) with Lightning, from cached latents.
+"""Training the latent diffusion model (SPEC §4) with Lightning, from cached latents.
 
 AdamW with a linear learning-rate warm-up (factor 1e-6 -> 1), epsilon-prediction MSE at uniform
 timesteps, captions dropped to "" with the preset's probability, an EMA of the weights. Every random
 draw of a step (batch, flips, dropped captions, noise, timesteps) is seeded by (seed, step), so a run
 killed at any point and resumed from its last checkpoint continues exactly as if it had not stopped.
 The finished model is written as a bundle (``models.bundle``) with the EMA weights.
+
+The model reads text (cross-attention), a label mask (a label map of class shares at latent
+resolution, concatenated to the noisy latent as extra input channels: :mod:`histosynth.models.label_maps`),
+or both, each dropped on its own (:class:`~histosynth.models.conditioning.Conditioning`). Fine-tuning
+a text model into a text+mask one widens the UNet's first convolution with zero weights for the
+label-map channels, so training starts from exactly the text model.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -21,8 +27,9 @@ from diffusers import UNet2DConditionModel
 from ..data.dataset import open_dataset
 from ..errors import DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
-from ..models.bundle import load_autoencoder_folder, load_bundle, save_bundle
-from ..models.denoiser import build_denoiser
+from ..models.bundle import load_autoencoder_folder, load_bundle, read_bundle_config, save_bundle
+from ..models.conditioning import Conditioning
+from ..models.denoiser import build_denoiser, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.text import load_text_encoder
 from ..presets import Preset
@@ -133,6 +140,8 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 500
     sample_every: int = 0
+    condition: str = "text"
+    mask_dropout: float = 0.2
     run_dir: Optional[Path] = None
     cache_dir: Optional[Path] = None
     devices: DeviceOptions = field(default_factory=DeviceOptions)
@@ -161,8 +170,10 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     batch_size = options.batch_size or training.batch_size
     lr = options.lr or training.lr
     warmup = training.warmup_steps if options.warmup_steps is None else options.warmup_steps
+    conditioning = Conditioning.parse(options.condition, training.text_dropout, options.mask_dropout)
     dataset = open_dataset(options.dataset)
-    autoencoder = resolve_autoencoder(preset, options.autoencoder, options.seed)
+    mask_classes = dataset.schema.ids if conditioning.mask else []
+    autoencoder = resolve_autoencoder(preset, options.autoencoder or _init_autoencoder(options.init), options.seed)
     text_encoder = load_text_encoder(options.text_encoder or preset.text_encoder)
     _check_sizes(dataset.patch_size, autoencoder, preset)
 
@@ -171,20 +182,23 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                 "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "precision": precision,
                 "autoencoder": autoencoder_id(autoencoder), "text_encoder": text_encoder.id,
                 "init": str(options.init) if options.init else None, "steps": options.steps}
+    if conditioning.name != "text":  # (text-only runs keep the settings they always had, for --resume)
+        settings.update(condition=conditioning.name, mask_dropout=conditioning.mask_dropout)
     resume_from = run.start(settings, options.resume)
 
     data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
-                                 show_progress=options.show_progress)
+                                 show_progress=options.show_progress, text=conditioning.text,
+                                 label_classes=mask_classes or None)
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
-        unet = build_denoiser(preset, context_dim=text_encoder.hidden_size)
+        unet = build_denoiser(preset, context_dim=text_encoder.hidden_size, extra_in_channels=len(mask_classes))
     if options.init and not resume_from:
-        initialise_from_bundle(unet, options.init)
+        initialise_from_bundle(unet, options.init, mask_classes)
     module = LatentDiffusionModule(unet, preset, lr, warmup, options.seed, run, data.patch_ids)
-    datamodule = LatentDataModule(data, batch_size, options.steps, options.seed,
-                                  ConditionDropout(text=training.text_dropout), (training.hflip, training.vflip),
-                                  options.num_workers)
-    callbacks = [SampleGrids(run.root / "samples", autoencoder, data, options.sample_every, preset)] \
+    dropout = ConditionDropout(text=conditioning.text_dropout, label_map=conditioning.mask_dropout)
+    datamodule = LatentDataModule(data, batch_size, options.steps, options.seed, dropout,
+                                  (training.hflip, training.vflip), options.num_workers)
+    callbacks = [SampleGrids(run.root / "samples", autoencoder, data, options.sample_every, preset, dataset.schema)] \
         if options.sample_every else []
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             callbacks, options.show_progress, options.log_every, limit_val_batches=0,
@@ -198,6 +212,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         provenance = {
             "data": {"dataset": str(options.dataset), "patches": len(data), "patch_size": dataset.patch_size},
             **{k: settings[k] for k in ("batch_size", "lr", "warmup_steps", "seed", "precision", "init")},
+            "condition": conditioning.name,
             "steps": int(trainer.global_step),
             "training_time_s": round(module.training_seconds(), 1),
             "command": options.command,
@@ -207,7 +222,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
             "image_size": dataset.patch_size,
             "preset": preset.to_dict(),
             "unet_weights": "ema" if module.ema is not None else "raw",
-            "conditioning": {"text": True, "text_dropout": training.text_dropout, "mask_channels": 0},
+            "conditioning": conditioning.to_config(mask_classes),
             "provenance": provenance,
         }
         save_bundle(options.out, module.averaged_unet(), autoencoder.to("cpu"), dict(module.scheduler.config),
@@ -238,9 +253,22 @@ def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> 
     return autoencoder.eval().requires_grad_(False)
 
 
-def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path) -> None:
-    """Copy a bundle's UNet weights into ``unet`` (fine-tuning); every shape must fit."""
-    source = load_bundle(bundle_path).unet.state_dict()
+def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path, mask_classes: Sequence[int] = ()) -> None:
+    """Copy a bundle's UNet weights into ``unet`` (fine-tuning); every shape must fit.
+
+    A text-only bundle may be fine-tuned into a mask-conditioned model: its first convolution is
+    widened with zero weights for the label-map channels (the widened UNet computes what the bundle's
+    does). A mask-conditioned bundle must have the same label-map classes.
+    """
+    bundle = load_bundle(bundle_path)
+    source_classes = bundle.mask_classes
+    if source_classes and list(source_classes) != list(mask_classes):
+        what = "a model without a mask condition" if not mask_classes else f"mask classes {list(mask_classes)}"
+        raise ModelError(f"--init {bundle_path} reads label maps of classes {source_classes}; it cannot be "
+                         f"fine-tuned into {what} (use --condition text+mask or mask with the same class schema)")
+    source = bundle.unet.state_dict()
+    if not source_classes and mask_classes:
+        source = widen_input(source, unet.config.in_channels)
     target = unet.state_dict()
     missing = sorted(set(target) - set(source))
     wrong = [(k, tuple(source[k].shape), tuple(v.shape)) for k, v in target.items()
@@ -251,6 +279,14 @@ def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path) -> Non
         raise ModelError(f"--init {bundle_path}: its UNet does not fit the preset ({detail}); "
                          "use the preset the bundle was trained with")
     unet.load_state_dict(source)
+
+
+def _init_autoencoder(init: Optional[Path]) -> Optional[Path]:
+    """Fine-tuning keeps the latent space: the --init model's autoencoder, unless one is named."""
+    if init is None:
+        return None
+    read_bundle_config(init)  # a clear error if --init is not a model folder
+    return Path(init)
 
 
 def _check_sizes(patch_size: int, autoencoder: Autoencoder, preset: Preset) -> None:

@@ -1,9 +1,10 @@
-"""Sample grids during training: a few of the dataset's captions, drawn with the EMA weights."""
+"""Sample grids during training: a few of the dataset's conditions, drawn with the EMA weights."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -13,29 +14,42 @@ from ..data.torchdata import to_uint8
 from ..io import write_png_atomic, write_text_atomic
 from ..models.autoencoder import Autoencoder, decode_latents
 from ..models.diffusion import sampling_scheduler
+from ..models.label_maps import counts_to_shares, ids_from_label_map
 from ..presets import Preset
 from ..sample.sampler import denoise
+from ..schema import ClassSchema
 from .cache import TrainingData
 
 
 class SampleGrids(L.Callback):
-    """Every ``every`` steps, write ``samples/step-NNNNNNN.png``: one row of images, one per caption.
+    """Every ``every`` steps, write ``samples/step-NNNNNNN.png``: one row of images, one per condition.
 
-    The captions are the dataset's most frequent ones; the initial noise is the same at every grid
-    (fixed seeds), so successive grids show how the model changes, not the noise.
+    A text model draws the dataset's most frequent captions. A mask-conditioned model draws the
+    first training patches' label maps (with their captions, if it reads text too) and shows each
+    map above its image, in the schema's colours. The initial noise is the same at every grid (fixed
+    seeds), so successive grids show how the model changes, not the noise.
     """
 
     def __init__(self, folder: Path, autoencoder: Autoencoder, data: TrainingData, every: int, preset: Preset,
-                 count: int = 4, steps: int = 25):
+                 schema: Optional[ClassSchema] = None, count: int = 4, steps: int = 25):
         self.folder = Path(folder)
         self.autoencoder = autoencoder
         self.every = every
         self.guidance = preset.sampling.guidance
         self.diffusion = preset.diffusion
         self.steps = steps
-        ranked = Counter(data.embeddings.captions[int(r)] for r in data.caption_rows).most_common(count)
-        self.captions = [caption for caption, _ in ranked]
-        self.rows = data.embeddings.rows(self.captions)
+        self.schema = schema
+        self.label_maps: Optional[torch.Tensor] = None
+        if data.label_counts is not None:
+            first = torch.arange(min(count, len(data)))
+            self.rows = data.caption_rows[first]
+            self.captions = [data.embeddings.captions[int(r)] for r in self.rows]
+            self.label_maps = counts_to_shares(data.label_counts[first], data.label_factor)
+            self.label_classes = data.label_classes
+        else:
+            ranked = Counter(data.embeddings.captions[int(r)] for r in data.caption_rows).most_common(count)
+            self.captions = [caption for caption, _ in ranked]
+            self.rows = data.embeddings.rows(self.captions)
         self.embeddings = data.embeddings
         self.latent_shape = tuple(data.latents.shape[2:])
 
@@ -54,7 +68,20 @@ class SampleGrids(L.Callback):
         uncond, uncond_mask = (t.to(device) for t in self.embeddings.encode([""]))
         noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(i))
                              for i in range(len(self.captions))]).to(device)
+        extra = None if self.label_maps is None else self.label_maps.to(device)
         latents = denoise(unet, sampling_scheduler(self.diffusion), noise, cond, uncond, self.steps, self.guidance,
-                          cond_mask, uncond_mask)
+                          cond_mask, uncond_mask, cond_extra=extra)
         images = to_uint8(decode_latents(self.autoencoder.to(device), latents))
-        return np.concatenate(list(images), axis=1)
+        row = np.concatenate(list(images), axis=1)
+        if self.label_maps is None or self.schema is None:
+            return row
+        return np.concatenate([self._mask_row(images.shape[1]), row], axis=0)
+
+    def _mask_row(self, size: int) -> np.ndarray:
+        """The conditioning label maps (most frequent class per latent pixel), coloured, at image size."""
+        pictures = []
+        for shares in self.label_maps:
+            ids = ids_from_label_map(shares, self.label_classes)
+            scale = size // ids.shape[0]
+            pictures.append(self.schema.colorize(ids.repeat(scale, 0).repeat(scale, 1)))
+        return np.concatenate(pictures, axis=1)
