@@ -17,11 +17,14 @@ run is resumed from its last checkpoint); every command's output goes to ``runs/
 3. segmenter   a valid-padding U-Net on the renal schema, fine-tuned with balanced class weights
                on sclerotic-rich patches too; Dice on held-out phantom patches
 4. ldm         latents cached once, then the tiny text-conditioned LDM with the MiniLM encoder
-5. ship        the final weights and their provenance copied into src/histosynth/weights/
+5. ldm-mask    the same patches' label maps cached too, then a tiny text+mask LDM (generate --mask)
+6. ship        the final weights and their provenance copied into src/histosynth/weights/
 
-One training runs at a time. ``Sizes`` holds how much data and training each stage gets: the
-values there are what the shipped models were trained with, on a busy 2-core CPU in about 1.5 h;
-raise them (``--ldm-steps`` for the LDM) where more time or a GPU is available.
+Stages run one after the other; on a 2-core CPU two trainings can share it, one thread each (e.g.
+``--stage ldm-mask`` beside ``--stage ldm`` once the ldm stage's cache is written). ``Sizes`` holds
+how much data and training each stage gets: the values there are what the shipped models were
+trained with (wall times in each model's provenance); raise them (``--ldm-steps`` for the LDM) where
+more time or a GPU is available.
 """
 
 from __future__ import annotations
@@ -76,9 +79,11 @@ class Sizes:
     segmenter_epochs: int = 8
     segmenter_patience: int = 3
     segmenter_batch: int = 4
-    segmenter_tune_epochs: int = 4
+    segmenter_tune_epochs: int = 10
     ldm_steps: int = 4000
     ldm_precision: str = "bf16"
+    ldm_mask_steps: int = 3000
+    ldm_mask_dropout: float = 0.2
 
 
 # --- running commands -----------------------------------------------------------------------------
@@ -295,24 +300,38 @@ def stage_segmenter(sizes: Sizes) -> None:
 
 # --- stage 4: latent diffusion model ----------------------------------------------------------------
 def stage_ldm(sizes: Sizes) -> None:
-    out = MODELS / "ldm"
+    train_ldm("ldm", sizes.ldm_steps, sizes)
+
+
+def stage_ldm_mask(sizes: Sizes) -> None:
+    """The text+mask LDM (label maps as extra UNet channels, each condition with its own dropout),
+    trained from scratch beside the text LDM on the same patches and their masks."""
+    train_ldm("ldm-mask", sizes.ldm_mask_steps, sizes, ["--condition", "text+mask", "--mask-dropout",
+                                                         str(sizes.ldm_mask_dropout)])
+
+
+def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...] | list[str] = ()) -> None:
+    """Cache the LDM patches' latents (and label maps for a mask model), then train MODELS/<name>."""
+    out = MODELS / name
     if (out / "histosynth.json").is_file():
         return
     autoencoder = relative(MODELS / "autoencoder")
-    run_logged("ldm", histosynth("cache", relative(DATA / "ldm"), "--preset", "tiny",
-                                 "--autoencoder", autoencoder, "--device", "cpu", "--seed", "0"))
-    run_logged("ldm", histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
-                                 "--autoencoder", autoencoder, "--steps", str(sizes.ldm_steps),
-                                 "--precision", sizes.ldm_precision, "--checkpoint-every", "100",
-                                 "--log-every", "25", "--accelerator", "cpu", "--seed", "0",
-                                 *resumed(MODELS / "ldm.run")))
+    label_maps = ["--label-maps"] if "--condition" in conditioning else []
+    run_logged(name, histosynth("cache", relative(DATA / "ldm"), "--preset", "tiny", "--autoencoder", autoencoder,
+                                "--device", "cpu", "--seed", "0", *label_maps))
+    run_logged(name, histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
+                                "--autoencoder", autoencoder, "--steps", str(steps), *conditioning,
+                                "--precision", sizes.ldm_precision, "--checkpoint-every", "100",
+                                "--log-every", "25", "--accelerator", "cpu", "--seed", "0",
+                                *resumed(MODELS / f"{name}.run")))
 
 
 # --- stage 5: ship -------------------------------------------------------------------------------------
 def stage_ship(sizes: Sizes) -> None:
     """Copy the trained folders into the package with their provenance; check the total size."""
     ship_segmenter(MODELS / "segmenter", WEIGHTS / "segmenter")
-    ship_ldm(MODELS / "ldm", MODELS / "autoencoder", WEIGHTS / "ldm")
+    for name in ("ldm", "ldm-mask"):
+        ship_ldm(name, MODELS / "autoencoder", WEIGHTS / name)
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     say(f"[ship] {relative(WEIGHTS)}: {total / 2**20:.1f} MiB in all")
     if total > 60 * 2**20:
@@ -336,8 +355,9 @@ def ship_segmenter(source: Path, target: Path) -> None:
     write_json(target / CONFIG_FILE, config)
 
 
-def ship_ldm(source: Path, autoencoder: Path, target: Path) -> None:
-    """The LDM bundle, its provenance completed with the autoencoder's and a sampling time."""
+def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
+    """The LDM bundle MODELS/<name>, its provenance completed with the autoencoder's and a sampling time."""
+    source = MODELS / name
     ae_metrics = json.loads((autoencoder / "metrics.json").read_text())
     ae_metrics["held_out"] = json.loads((autoencoder / "evaluation.json").read_text())
     ae_metrics["data"] = data_description(DATA / "autoencoder")
@@ -352,8 +372,8 @@ def ship_ldm(source: Path, autoencoder: Path, target: Path) -> None:
     provenance["hardware"] = hardware()
     # The trainer records its own training time (training_time_s); the stage's wall time covers
     # caching the latents and every training command.
-    provenance["command"], provenance["wall_time_s"] = stage_history("ldm")
-    provenance.setdefault("metrics", {}).update(training_loss_summary(MODELS / "ldm.run"))
+    provenance["command"], provenance["wall_time_s"] = stage_history(name)
+    provenance.setdefault("metrics", {}).update(training_loss_summary(MODELS / f"{name}.run"))
     provenance["metrics"]["sample_seconds_256px"] = sample_seconds(target)
     provenance["metrics"]["sample_timing"] = "DDIM 50 steps, guidance 1.5, batch 1, torch threads: " \
         f"{torch_threads()}, on the training machine while other jobs shared its CPU"
@@ -443,7 +463,7 @@ def sample_seconds(bundle_path: Path) -> float:
 
 # --- entry point ---------------------------------------------------------------------------------------
 STAGES = {"data": stage_data, "autoencoder": stage_autoencoder, "segmenter": stage_segmenter,
-          "ldm": stage_ldm, "ship": stage_ship}
+          "ldm": stage_ldm, "ldm-mask": stage_ldm_mask, "ship": stage_ship}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,6 +5,7 @@
     ldm/          the text-conditioned latent diffusion model (a model folder, see models.bundle),
                   its provenance (data, commands, steps, wall time, hardware, metrics) in histosynth.json
     ldm/autoencoder/   the KL-f4 autoencoder it was trained with (provenance.json: PSNR / SSIM)
+    ldm-mask/     a text+mask latent diffusion model with the same autoencoder (generate --mask)
     segmenter/    the multi-class valid-padding U-Net on the renal schema (segmenter.json)
 
 They are trained on phantom data (and, for the autoencoder, real H&E sample images) by
@@ -23,10 +24,11 @@ from typing import Any
 from .errors import ModelError
 
 LDM = "ldm"
+MASK_LDM = "ldm-mask"
 SEGMENTER = "segmenter"
 AUTOENCODER = "ldm/autoencoder"
 #: The file whose presence marks each shipped folder as complete.
-_MARKERS = {LDM: "histosynth.json", SEGMENTER: "segmenter.json", AUTOENCODER: "config.json"}
+_MARKERS = {LDM: "histosynth.json", MASK_LDM: "histosynth.json", SEGMENTER: "segmenter.json", AUTOENCODER: "config.json"}
 _HOW_TO_MAKE = "train them with `make default-models` (scripts/default_models.py) in a source checkout"
 
 
@@ -40,6 +42,11 @@ def default_bundle_path() -> Path:
     return _shipped(LDM, "pass --model MODEL_FOLDER")
 
 
+def default_mask_bundle_path() -> Path:
+    """The shipped text+mask latent diffusion model folder (generation from label masks)."""
+    return _shipped(MASK_LDM, "pass --model MODEL_FOLDER (a model trained with --condition text+mask)")
+
+
 def default_autoencoder_path() -> Path:
     """The shipped KL-f4 autoencoder folder (usable as ``histosynth train --autoencoder``)."""
     return _shipped(AUTOENCODER, "pass --autoencoder FOLDER")
@@ -51,9 +58,9 @@ def default_segmenter_path() -> Path:
 
 
 def default_provenance(name: str = LDM) -> dict[str, Any]:
-    """The provenance record of a shipped model: ``ldm``, ``segmenter`` or ``ldm/autoencoder``."""
+    """The provenance record of a shipped model: ``ldm``, ``ldm-mask``, ``segmenter`` or ``ldm/autoencoder``."""
     folder = _shipped(name, "")
-    if name == LDM:
+    if name in (LDM, MASK_LDM):
         return json.loads((folder / "histosynth.json").read_text())["provenance"]
     if name == SEGMENTER:
         return json.loads((folder / "segmenter.json").read_text())["provenance"]

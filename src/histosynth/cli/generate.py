@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
     app.command("synth-slide")(synth_slide_command)
 
 
-ModelOption = typer.Option(None, "--model", help="model folder (default: the toolkit's embedded model)",
+ModelOption = typer.Option(None, "--model", help="model folder (default: the toolkit's embedded model; "
+                           "from masks: its embedded text+mask model)",
                            show_default=False)
 CaptionOption = typer.Option(None, "--caption", help="caption in the schema's templates ('\\n' between sentences)")
 LevelsOption = typer.Option(None, "--levels", help="class levels, e.g. 'Glomeruli=high,Tubuli=medium'")
@@ -75,7 +76,7 @@ def generate_command(
     from ..sample.generate import SamplingOptions
     from ..sample.jobs import Shard, new_job, run_job
 
-    folder = _model_folder(model)
+    folder = _model_folder(model, from_masks=mask is not None or masks_from is not None)
     schema = model_schema(folder)
     masks = masks_from_options(schema, mask, masks_from, split, n, seed)
     captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
@@ -157,7 +158,7 @@ def synth_slide_command(
     from ..sample.generate import SamplingOptions
     from ..sample.slides import check_slide_mode, synth_slide
 
-    folder = _model_folder(model)
+    folder = _model_folder(model, from_masks=mask_slide is not None)
     schema = model_schema(folder)
     if caption is not None and levels is not None:
         raise ConfigError("give one of --caption or --levels, not both")
@@ -200,10 +201,13 @@ def parse_slide_size(text: str) -> tuple[int, int]:
 
 
 # --- shared steps -------------------------------------------------------------------------------------
-def _model_folder(model: Optional[Path]) -> Path:
-    from ..defaults import default_bundle_path
+def _model_folder(model: Optional[Path], from_masks: bool = False) -> Path:
+    """The model the user chose, else the embedded one: the text+mask model to generate from masks."""
+    from ..defaults import default_bundle_path, default_mask_bundle_path
 
-    return model if model is not None else default_bundle_path()
+    if model is not None:
+        return model
+    return default_mask_bundle_path() if from_masks else default_bundle_path()
 
 
 def model_schema(folder: Path):
