@@ -33,6 +33,7 @@ def empty_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("lookup, name, alternative", [
     (defaults.default_bundle_path, "ldm", "--model"),
+    (defaults.default_mask_bundle_path, "ldm-mask", "--condition text+mask"),
     (defaults.default_segmenter_path, "segmenter", "--segmenter"),
     (defaults.default_autoencoder_path, "ldm/autoencoder", "--autoencoder"),
 ])
@@ -52,7 +53,7 @@ def test_a_half_copied_folder_is_not_a_default(empty_weights: Path):
 
 
 def test_unknown_default_name_is_refused():
-    with pytest.raises(ModelError, match="unknown default model 'vae'; choose one of ldm, segmenter"):
+    with pytest.raises(ModelError, match="unknown default model 'vae'; choose one of ldm, ldm-mask, segmenter"):
         defaults.default_provenance("vae")
 
 
@@ -98,6 +99,26 @@ def test_shipped_ldm_records_its_provenance():
     assert provenance["metrics"]["sample_seconds_256px"] > 0
     held_out = provenance["autoencoder"]["held_out"]
     assert held_out["real"]["patches"] > 0 and held_out["phantom"]["patches"] > 0
+
+
+def test_shipped_mask_model_follows_a_phantom_mask():
+    from histosynth.data.phantom.generate import phantom_patch
+    from histosynth.models.bundle import load_bundle
+    from histosynth.sample.generate import generate
+
+    bundle = load_bundle(_shipped("ldm-mask"))
+    assert bundle.mask_channels == len(bundle.schema.ids)
+    _, mask = phantom_patch(seed=99, size=256)
+    image = generate(bundle, [""], [3], steps=2, masks=[mask]).images
+    assert image.shape == (1, 256, 256, 3) and image.std() > 1.0
+    assert defaults.default_provenance("ldm-mask")["steps"] > 0
+
+
+def test_shipped_segmenter_reaches_dice_0_9_on_held_out_phantom():
+    _shipped("segmenter")
+    test = defaults.default_provenance("segmenter")["metrics"]["test"]
+    enough = {k: c["dice"] for k, c in test["classes"].items() if c["pixel_share"] >= 0.005}
+    assert len(enough) >= 5 and min(enough.values()) >= 0.9, enough
 
 
 def test_shipped_autoencoder_is_the_ldm_s_own():
