@@ -80,9 +80,9 @@ class Sizes:
     segmenter_patience: int = 3
     segmenter_batch: int = 4
     segmenter_tune_epochs: int = 10
-    ldm_steps: int = 4000
+    ldm_steps: int = 8000
     ldm_precision: str = "bf16"
-    ldm_mask_steps: int = 3000
+    ldm_mask_steps: int = 6000
     ldm_mask_dropout: float = 0.2
 
 
@@ -470,12 +470,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     parser.add_argument("--ldm-steps", type=int, default=Sizes.ldm_steps, help="LDM training steps")
+    parser.add_argument("--ldm-mask-steps", type=int, default=Sizes.ldm_mask_steps, help="text+mask LDM training steps")
     parser.add_argument("--background", action="store_true", help="run detached, log in runs/logs/pipeline.log")
     args = parser.parse_args(argv)
     if args.background:
         return detach([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--background"])
     os.environ.update(environment())
-    sizes = Sizes(ldm_steps=args.ldm_steps)
+    sizes = Sizes(ldm_steps=args.ldm_steps, ldm_mask_steps=args.ldm_mask_steps)
     for name in (STAGES if args.stage == "all" else [args.stage]):
         say(f"== stage {name}")
         STAGES[name](sizes)
