@@ -80,9 +80,9 @@ class Sizes:
     segmenter_patience: int = 3
     segmenter_batch: int = 4
     segmenter_tune_epochs: int = 10
-    ldm_steps: int = 8000
+    ldm_steps: int = 6000
     ldm_precision: str = "bf16"
-    ldm_mask_steps: int = 6000
+    ldm_mask_steps: int = 5000
     ldm_mask_dropout: float = 0.2
 
 
