@@ -48,14 +48,16 @@ class Sizes:
 
     caption_images: int = 400
     realism_images: int = 200
-    mix_patches: int = 64
+    mix_patches: int = 48
     mix_seeds: int = 3
-    mix_epochs: int = 6
+    mix_epochs: int = 5
     mix_input_size: int = 316
+    fidelity_images: int = 100
     processes: int = 2
 
 
-QUICK = Sizes(caption_images=8, realism_images=8, mix_patches=4, mix_seeds=1, mix_epochs=1, mix_input_size=236)
+QUICK = Sizes(caption_images=8, realism_images=8, mix_patches=4, mix_seeds=1, mix_epochs=1, mix_input_size=236,
+              fidelity_images=4)
 
 
 class Paths:
@@ -69,6 +71,9 @@ class Paths:
         self.reconstructed = root / "reconstructed"
         self.pseudo_masks = root / "pseudo-masks"
         self.synthetic = root / "synthetic-glomeruli"
+        self.layouts = root / "layouts"
+        self.from_layouts = root / "generated-from-layouts"
+        self.synthetic_from_masks = root / "synthetic-from-masks"
 
     def report(self, name: str) -> Path:
         return self.root / "reports" / name
@@ -78,6 +83,12 @@ def shipped_segmenter() -> str:
     from histosynth.defaults import default_segmenter_path
 
     return str(default_segmenter_path())
+
+
+def shipped_mask_model() -> str:
+    from histosynth.defaults import default_mask_bundle_path
+
+    return str(default_mask_bundle_path())
 
 
 # --- running several shards of one generation job at once -------------------------------------------
@@ -170,18 +181,40 @@ def stage_mix(paths: Paths, sizes: Sizes) -> None:
         run_logged("evaluate-mix", histosynth(
             "segment", "predict", relative(paths.generating), "--segmenter", shipped_segmenter(),
             "--out", relative(paths.pseudo_masks), "--no-progress"))
-    if not finished(paths.synthetic):
-        run_logged("evaluate-mix", histosynth(
-            "dataset", "pair", relative(paths.generating), relative(paths.pseudo_masks), "--out",
-            relative(paths.synthetic), "--slide", "synthetic", "--no-progress"))
-    report = paths.report("mix")
+    pair_and_mix(paths, paths.generating, paths.pseudo_masks, paths.synthetic, paths.report("mix"), sizes)
+
+
+def pair_and_mix(paths: Paths, images: Path, masks: Path, synthetic: Path, report: Path, sizes: Sizes) -> None:
+    """The six-split experiment with generated images and their masks as the synthetic set."""
+    if not finished(synthetic):
+        run_logged("evaluate-mix", histosynth("dataset", "pair", relative(images), relative(masks), "--out",
+                                              relative(synthetic), "--slide", "synthetic", "--no-progress"))
     if not (report / "report.md").is_file():
         run_logged("evaluate-mix", histosynth(
-            "experiment", "mix", "--real", relative(paths.heldout), "--synthetic", relative(paths.synthetic),
-            "--out", relative(report), "--class", "Glomeruli", "--seeds", str(sizes.mix_seeds),
+            "experiment", "mix", "--real", relative(paths.heldout), "--synthetic",
+            relative(synthetic), "--out", relative(report), "--class", "Glomeruli", "--seeds", str(sizes.mix_seeds),
             "--n", str(sizes.mix_patches), "--base-channels", "8", "--input-size", str(sizes.mix_input_size),
             "--batch-size", "4", "--epochs", str(sizes.mix_epochs), "--patience", "3", "--device", "cpu",
             "--no-progress"))
+
+
+def stage_masks(paths: Paths, sizes: Sizes) -> None:
+    report = paths.report("label-fidelity")
+    if not (report / "report.md").is_file():
+        run_logged("evaluate-masks", histosynth(
+            "evaluate", "masks", "--model", shipped_mask_model(), "--masks-from", relative(paths.heldout),
+            "--n", str(sizes.fidelity_images), "--segmenter", shipped_segmenter(), "--out", relative(report),
+            "--mask-captions", "--no-progress"))
+    # layouts with the generating caption's class mix, like the synthetic set of stage mix
+    if not (paths.layouts / "masks.csv").is_file():
+        run_logged("evaluate-masks", histosynth(
+            "phantom", "masks", "--out", relative(paths.layouts), "--n", str(2 * sizes.mix_patches),
+            "--mix", "generating", "--seed", "5", "--no-progress"))
+    generate_sharded("evaluate-masks", ["--model", shipped_mask_model(), "--mask", relative(paths.layouts),
+                                        "--mask-captions", "--out", relative(paths.from_layouts), "--seed", "2"],
+                     sizes.processes)
+    pair_and_mix(paths, paths.from_layouts / "images", paths.from_layouts / "masks", paths.synthetic_from_masks,
+                 paths.report("mix-masks"), sizes)
 
 
 def stage_summary(paths: Paths, sizes: Sizes) -> None:
@@ -192,7 +225,10 @@ def stage_summary(paths: Paths, sizes: Sizes) -> None:
              "the reports under `reports/` hold every table.", ""]
     lines += caption_summary(paths.report("captions"))
     lines += realism_summary(paths.report("realism"))
-    lines += mix_summary(paths.report("mix"))
+    lines += mix_summary(paths.report("mix"), "synthetic images of the generating caption, masks from the segmenter")
+    lines += fidelity_summary(paths.report("label-fidelity"))
+    lines += mix_summary(paths.report("mix-masks"), "synthetic images generated from phantom layouts, "
+                                                    "masks = the layouts")
     write_text_atomic(paths.root / "summary.md", "\n".join(lines) + "\n")
     say(f"[summary] wrote {relative(paths.root / 'summary.md')}")
     print("\n".join(lines))
@@ -221,10 +257,22 @@ def realism_summary(report: Path) -> list[str]:
     return lines
 
 
-def mix_summary(report: Path) -> list[str]:
+def fidelity_summary(report: Path) -> list[str]:
+    if not (report / "per_class.csv").is_file():
+        return []
+    table = pd.read_csv(report / "per_class.csv")
+    counted = table[table["counted"]]
+    return ["## Label fidelity of the text+mask model (target: mean Dice >= 0.8)", "",
+            f"- mean Dice over the {len(counted)} classes with enough pixels: **{counted['Dice'].mean():.3f}**", "",
+            markdown_table(table), ""]
+
+
+def mix_summary(report: Path, synthetic: str) -> list[str]:
+    if not (report / "table_5_2.csv").is_file():
+        return []
     table = pd.read_csv(report / "table_5_2.csv")
     dice = table.set_index("experiment")["Dice mean"]
-    lines = ["## Real and synthetic data in training (binary Glomeruli)", ""]
+    lines = [f"## Real and synthetic data in training (binary Glomeruli; {synthetic})", ""]
     if {"100_0", "100_100"} <= set(dice.index):
         verdict = "beats" if dice["100_100"] > dice["100_0"] else "does not beat"
         lines += [f"- 100_100 {verdict} 100_0 in mean Dice: {dice['100_100']:.3f} against {dice['100_0']:.3f} "
@@ -233,7 +281,7 @@ def mix_summary(report: Path) -> list[str]:
 
 
 STAGES = {"data": stage_data, "captions": stage_captions, "realism": stage_realism, "mix": stage_mix,
-          "summary": stage_summary}
+          "masks": stage_masks, "summary": stage_summary}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

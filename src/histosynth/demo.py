@@ -3,7 +3,8 @@
 Phantom slides (with their label-mask slides) are tiled into a captioned patch dataset, a contact
 sheet shows patches with their masks and captions, the shipped model generates patches for the
 thesis' generating caption and a few others, the shipped segmenter measures their caption accuracy,
-and `report.html` gathers what was made with timings. Each stage is skipped when its output already exists, so a re-run after an interruption
+the shipped text+mask model generates patches from some of the dataset's label masks (the segmenter
+measures how well they follow them), and `report.html` gathers what was made with timings. Each stage is skipped when its output already exists, so a re-run after an interruption
 continues where it stopped.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from .data.dataset import PatchDataset
 from .data.phantom.export import write_phantom_slide
 from .data.tiling import SlideInput, TilingOptions, tile_slides
-from .captions import GENERATING_CAPTION, caption_from_levels
+from .captions import GENERATING_CAPTION, caption_for_mask, caption_from_levels
 from .errors import ModelError
 from .figures import contact_sheet
 from .io import write_text_atomic
@@ -37,6 +38,7 @@ class DemoSettings:
     sheet_patches: int = 12
     seed: int = 0
     generated_per_caption: int = 6
+    generated_from_masks: int = 6
     steps: int = 50
     guidance: float = 1.5
 
@@ -54,6 +56,7 @@ class GenerationResult:
     sheet: Path | None
     table_html: str
     note: str
+    title: str = "Generation"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class DemoResult:
     sheet: Path
     report: Path
     generation: GenerationResult
+    from_masks: GenerationResult
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,8 +85,10 @@ def run_demo(out: str | Path = "demo", settings: DemoSettings = DemoSettings(),
         sheet = make_contact_sheet(dataset, out / "contact_sheet.png", settings)
     with _timed(timings, "generation and caption accuracy"):
         generation = generate_and_judge(out / "generated", settings)
-    report = write_report(out, dataset, sheet, generation, timings)
-    return DemoResult(out, dataset, sheet, report, generation, timings)
+    with _timed(timings, "generation from masks and label fidelity"):
+        from_masks = generate_from_masks(dataset, out / "generated", settings)
+    report = write_report(out, dataset, sheet, [generation, from_masks], timings)
+    return DemoResult(out, dataset, sheet, report, generation, from_masks, timings)
 
 
 def generate_and_judge(folder: Path, settings: DemoSettings) -> GenerationResult:
@@ -98,7 +104,7 @@ def generate_and_judge(folder: Path, settings: DemoSettings) -> GenerationResult
         bundle = load_bundle(default_bundle_path())
         segmenter = Segmenter.load(default_segmenter_path())
     except ModelError as exc:
-        return GenerationResult(None, "", f"generation skipped: {exc}")
+        return GenerationResult(None, "", f"generation skipped: {exc}", "Generated from captions")
     n = settings.generated_per_caption
     captions = [c for c in DEMO_CAPTIONS for _ in range(n)]
     seeds = [item_seed(settings.seed, i) for i in range(len(captions))]
@@ -111,7 +117,39 @@ def generate_and_judge(folder: Path, settings: DemoSettings) -> GenerationResult
     note = (f"{n} images of the generating caption, segmented by the shipped segmenter and re-captioned: "
             f"{accuracy.mention_share():.0f} % mention glomeruli (thesis: 91.3 % of 400). So few images show how "
             "the evaluation works rather than measure the model: run 'histosynth evaluate captions --n 400'.")
-    return GenerationResult(sheet, table, note)
+    return GenerationResult(sheet, table, note, "Generated from captions, and their caption accuracy (Table 5.1 form)")
+
+
+def generate_from_masks(dataset: PatchDataset, folder: Path, settings: DemoSettings) -> GenerationResult:
+    """Generate from label masks of the demo's dataset with the shipped text+mask model, then compare
+    the shipped segmenter's reading of each image with the mask it was generated from."""
+    from .defaults import default_mask_bundle_path, default_segmenter_path
+    from .evaluate.caption_accuracy import segmenter_function
+    from .evaluate.label_fidelity import evaluate_label_fidelity
+    from .models.bundle import load_bundle
+    from .sample.generate import generate
+    from .sample.jobs import item_seed
+    from .segment.segmenter import Segmenter
+
+    try:
+        bundle = load_bundle(default_mask_bundle_path())
+        segmenter = Segmenter.load(default_segmenter_path())
+    except ModelError as exc:
+        return GenerationResult(None, "", f"generation from masks skipped: {exc}", "Generated from label masks")
+    rows = pick_varied_rows(dataset, settings.generated_from_masks, settings.seed + 1)
+    masks = [dataset.mask(r) for r in rows]
+    captions = [caption_for_mask(m, bundle.schema) for m in masks]
+    seeds = [item_seed(settings.seed + 1, i) for i in range(len(masks))]
+    images = generate(bundle, captions, seeds, steps=settings.steps, guidance=settings.guidance, masks=masks).images
+    sheet = contact_sheet(list(images), masks, captions, folder / "from_masks_sheet.png", bundle.schema,
+                          title="Generated from the label masks beside them (shipped text+mask model)", columns=3)
+    fidelity, _ = evaluate_label_fidelity(list(images), masks, segmenter_function(segmenter, coverage="full"),
+                                          bundle.schema, [r["patch_id"] for r in rows])
+    table = fidelity.per_class().to_html(index=False, float_format=lambda v: f"{v:.3f}")
+    note = (f"{len(masks)} images generated from dataset masks (and the captions of those masks), segmented by the "
+            f"shipped segmenter: mean Dice {fidelity.mean_dice():.2f} against the masks over the classes with enough "
+            "pixels. Run 'histosynth evaluate masks --n 100' for a measurement.")
+    return GenerationResult(sheet, table, note, "Generated from label masks (label fidelity)")
 
 
 def make_phantom_slides(folder: Path, settings: DemoSettings, progress: bool) -> list[SlideInput]:
@@ -146,7 +184,7 @@ def pick_varied_rows(dataset: PatchDataset, n: int, seed: int) -> list:
     return [r._asdict() for r in chosen]
 
 
-def write_report(out: Path, dataset: PatchDataset, sheet: Path, generation: GenerationResult,
+def write_report(out: Path, dataset: PatchDataset, sheet: Path, generations: list[GenerationResult],
                  timings: dict[str, float]) -> Path:
     levels = _caption_counts(dataset)
     rows = "".join(f"<tr><td><pre>{html.escape(c)}</pre></td><td>{n}</td></tr>" for c, n in levels[:10])
@@ -159,7 +197,7 @@ table{{border-collapse:collapse;margin-bottom:1.5em}}pre{{margin:0;font-size:12p
 <p>Renal <em>phantom</em> slides (procedural test data, not real tissue) tiled into a captioned patch
 dataset: {len(dataset)} patches of {dataset.patch_size} px ({', '.join(f'{k} {v}' for k, v in splits.items())}).</p>
 <h2>Patches, masks and captions</h2><img src="{sheet.name}" style="max-width:100%">
-{_generation_section(out, generation)}
+{"".join(_generation_section(out, g) for g in generations)}
 <h2>Most frequent captions</h2><table><tr><th>caption</th><th>patches</th></tr>{rows}</table>
 <h2>Timings</h2><table>{timing_rows}</table>
 </body></html>"""
@@ -171,9 +209,9 @@ dataset: {len(dataset)} patches of {dataset.patch_size} px ({', '.join(f'{k} {v}
 
 def _generation_section(out: Path, generation: GenerationResult) -> str:
     if generation.sheet is None:
-        return f"<h2>Generation</h2><p>{html.escape(generation.note)}</p>"
-    return (f'<h2>Generated patches</h2><img src="{generation.sheet.relative_to(out)}" style="max-width:100%">'
-            f"<h2>Caption accuracy (Table 5.1 form)</h2><p>{html.escape(generation.note)}</p>{generation.table_html}")
+        return f"<h2>{html.escape(generation.title)}</h2><p>{html.escape(generation.note)}</p>"
+    return (f'<h2>{html.escape(generation.title)}</h2><img src="{generation.sheet.relative_to(out)}" '
+            f'style="max-width:100%"><p>{html.escape(generation.note)}</p>{generation.table_html}')
 
 
 def _caption_counts(dataset: PatchDataset) -> list[tuple[str, int]]:
