@@ -50,7 +50,7 @@ class Sizes:
     realism_images: int = 200
     mix_patches: int = 48
     mix_seeds: int = 3
-    mix_epochs: int = 5
+    mix_epochs: int = 12
     mix_input_size: int = 316
     fidelity_images: int = 100
     processes: int = 2
