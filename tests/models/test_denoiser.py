@@ -16,12 +16,7 @@ from histosynth.presets import Preset, load_preset
 FIXTURE = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", Path(__file__).resolve().parents[3] / "shared/fixtures/compvis"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fixture_shaped_preset() -> Preset:

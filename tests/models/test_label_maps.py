@@ -28,12 +28,7 @@ maskmodels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(maskmodels)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- label maps ------------------------------------------------------------------------------------

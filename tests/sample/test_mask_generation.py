@@ -33,12 +33,7 @@ GLOMERULI = "This image showcases various types of tissue structures found in re
             "The image shows a low amount of Glomeruli."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +184,7 @@ def test_a_job_refuses_other_or_changed_masks(mask_job, mask_bundle, source_mask
     with pytest.raises(JobError, match=r"holds another job's manifest \(it differs in masks\)"):
         new_job(mask_job.folder, mask_bundle, [""], None, 7, OPTIONS, masks=others)
     folder = tmp_path / "job"
-    job = new_job(folder, mask_bundle, [""], None, 7, OPTIONS, masks=conditioning_masks(source_masks))
+    new_job(folder, mask_bundle, [""], None, 7, OPTIONS, masks=conditioning_masks(source_masks))
     write_png_atomic(folder / "masks" / "00001.png", blob_mask(64, 64, 99))
     with pytest.raises(JobError, match=r"masks/00001.png is not the mask the job was made with \(.*layout-1.png\)"):
         run_job(mask_bundle, Job.read(folder))

@@ -10,13 +10,12 @@ import numpy as np
 import openslide
 import pytest
 import tiffslide
-import torch
 
 from histosynth.cli import main
 from histosynth.data.pyramid import write_pyramid_tiff
 from histosynth.errors import ConfigError, ModelError
 from histosynth.models.bundle import load_bundle
-from histosynth.sample.generate import SamplingOptions, generate
+from histosynth.sample.generate import SamplingOptions
 from histosynth.sample.slides import synth_slide
 
 _spec = importlib.util.spec_from_file_location("maskmodels", Path(__file__).with_name("maskmodels.py"))
@@ -26,12 +25,7 @@ _spec.loader.exec_module(maskmodels)
 WIDTH, HEIGHT = 256, 192
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from histosynth.data.dataset import Patch, PatchDatasetWriter
 
@@ -51,10 +50,7 @@ def dataset_copy(blob_dataset, tmp_path):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core machine run fastest (and steadiest) on one thread; module-scoped
-    so that module fixtures (a reference training run) run under it too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
+    """Every module here runs on one thread (module-scoped, so that module fixtures such as a
+    reference training run do too)."""
     yield
-    torch.set_num_threads(before)
