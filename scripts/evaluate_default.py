@@ -136,7 +136,8 @@ def stage_realism(paths: Paths, sizes: Sizes) -> None:
     from histosynth.data.dataset import open_dataset
 
     captions = paths.root / "matched-captions.txt"
-    rows = open_dataset(paths.heldout).rows().sample(sizes.realism_images, random_state=0)
+    heldout = open_dataset(paths.heldout)
+    rows = heldout.rows().sample(sizes.realism_images, random_state=0)
     if not captions.is_file():
         captions.write_text("".join(c.replace("\n", "\\n") + "\n" for c in rows["caption"]))
     generate_sharded("evaluate-realism", ["--captions-file", relative(captions), "--n", str(sizes.realism_images),
@@ -146,7 +147,7 @@ def stage_realism(paths: Paths, sizes: Sizes) -> None:
         run_logged("evaluate-realism", histosynth(
             "evaluate", "realism", "--real", relative(paths.heldout), "--synthetic", relative(paths.matched),
             "--train", relative(DATA / "ldm"), "--out", relative(report), "--seed", "0"))
-    reconstruct(open_dataset(paths.heldout), rows, paths.reconstructed)  # the autoencoder's share of the gap
+    reconstruct(heldout, rows, paths.reconstructed)  # the autoencoder's share of the gap
     report = paths.report("realism-autoencoder")
     if not (report / "report.md").is_file():
         run_logged("evaluate-realism", histosynth(

@@ -54,3 +54,21 @@ def one_thread(one_torch_thread):
     """Every module here runs on one thread (module-scoped, so that module fixtures such as a
     reference training run do too)."""
     yield
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from histosynth.models.text import load_text_encoder
+
+    return load_text_encoder("minilm")
+
+
+def seeded_autoencoder(seed: int = 0):
+    """The tiny preset's autoencoder with weights drawn from `seed` (untrained, deterministic)."""
+    import torch
+
+    from histosynth.models.autoencoder import build_autoencoder
+    from histosynth.presets import load_preset
+
+    torch.manual_seed(seed)
+    return build_autoencoder(load_preset("tiny")).eval()

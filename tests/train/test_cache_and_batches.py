@@ -9,23 +9,11 @@ import torch
 from histosynth.data.dataset import open_dataset
 from histosynth.data.torchdata import to_model_range
 from histosynth.errors import DataError
-from histosynth.models.autoencoder import build_autoencoder, encode_latents
-from histosynth.models.text import load_text_encoder
-from histosynth.presets import load_preset
+from histosynth.models.autoencoder import encode_latents
 from histosynth.train.cache import autoencoder_id, prepare_training_data
 from histosynth.train.data import ConditionDropout, StepBatches, global_batch_items
 
-from .conftest import write_blob_dataset
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_text_encoder("minilm")
-
-
-def seeded_autoencoder(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_autoencoder(load_preset("tiny")).eval()
+from .conftest import seeded_autoencoder, write_blob_dataset
 
 
 @pytest.fixture(scope="module")

@@ -13,34 +13,22 @@ from PIL import Image
 
 from histosynth.cli import main
 from histosynth.errors import ModelError
-from histosynth.models.autoencoder import build_autoencoder
 from histosynth.models.bundle import load_bundle, save_bundle
 from histosynth.models.conditioning import Conditioning
 from histosynth.models.denoiser import build_denoiser
 from histosynth.models.diffusion import noise_scheduler
 from histosynth.models.label_maps import label_map
-from histosynth.models.text import load_text_encoder
 from histosynth.presets import load_preset
 from histosynth.schema import RENAL
 from histosynth.train.cache import FLIP_VARIANTS, prepare_training_data
 from histosynth.train.data import ConditionDropout, StepBatches
 from histosynth.train.ldm import initialise_from_bundle
 
-from .conftest import write_blob_dataset
+from .conftest import seeded_autoencoder, write_blob_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:no --autoencoder given")
 
 FAST = ["--preset", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_text_encoder("minilm")
-
-
-def seeded_autoencoder(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_autoencoder(load_preset("tiny")).eval()
 
 
 @pytest.fixture(scope="module")

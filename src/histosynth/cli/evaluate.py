@@ -15,6 +15,7 @@ from .segment import (
     BaseChannelsOption,
     BatchSizeOption,
     ClassOption,
+    ClassWeightsOption,
     DeviceOption,
     DiceWeightOption,
     EpochsOption,
@@ -23,6 +24,7 @@ from .segment import (
     PatienceOption,
     ProgressOption,
     WorkersOption,
+    segment_train_config,
 )
 
 
@@ -210,6 +212,7 @@ def mix(
     patience: int = PatienceOption,
     lr: float = LearningRateOption,
     dice_weight: float = DiceWeightOption,
+    class_weights: str = ClassWeightsOption,
     device: str = DeviceOption,
     workers: int = WorkersOption,
     progress: bool = ProgressOption,
@@ -217,12 +220,10 @@ def mix(
     """The six-split real/synthetic experiment (thesis Table 5.2), mean ± sd over seeds."""
     from ..data.dataset import open_dataset
     from ..evaluate.mix import MixSources, mix_config, run_mix_experiment, write_mix_report
-    from ..segment.training import SegmentTrainConfig
-
-    train_config = SegmentTrainConfig.from_options(
+    train_config = segment_train_config(
         class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-        max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight, device=device,
-        num_workers=workers,
+        epochs=epochs, patience=patience, lr=lr, dice_weight=dice_weight, class_weights=class_weights,
+        device=device, workers=workers,
     )
     config = mix_config(splits, seeds, n, train_config)
     sources = MixSources.from_datasets(open_dataset(real), open_dataset(synthetic),

@@ -11,6 +11,7 @@ from ..errors import DataError
 
 if TYPE_CHECKING:
     from ..segment.segmenter import Segmenter
+    from ..segment.training import SegmentTrainConfig
 
 # Training options shared by `segment train` and `experiment mix` (one training loop, one set of knobs).
 ClassOption = typer.Option(None, "--class", help="binary segmentation of this class (e.g. Glomeruli); default: multi-class")
@@ -26,6 +27,15 @@ ClassWeightsOption = typer.Option(
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
 WorkersOption = typer.Option(0, "--workers", help="data-loading processes")
 ProgressOption = typer.Option(True, "--progress/--no-progress")
+
+
+def segment_train_config(*, epochs: int, lr: float, workers: int, class_weights: str = "none",
+                         **options) -> "SegmentTrainConfig":
+    """The options above (shared by `segment train` and `experiment mix`) as one training config."""
+    from ..segment.training import SegmentTrainConfig
+
+    return SegmentTrainConfig.from_options(max_epochs=epochs, learning_rate=lr, num_workers=workers,
+                                           class_weights=class_weights, **options)
 
 
 def register(app: typer.Typer) -> None:
@@ -54,13 +64,12 @@ def train(
     progress: bool = ProgressOption,
 ) -> None:
     """Train a segmenter: CE/BCE + Dice, EarlyStopping on the 'val' slides, best weights kept."""
-    from ..segment.training import SegmentTrainConfig, train_segmenter_on_dataset
+    from ..segment.training import train_segmenter_on_dataset
 
-    config = SegmentTrainConfig.from_options(
+    config = segment_train_config(
         class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-        max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight,
-        class_weights=class_weights, init=None if init is None else str(init), seed=seed,
-        device=device, num_workers=workers,
+        epochs=epochs, patience=patience, lr=lr, dice_weight=dice_weight, class_weights=class_weights,
+        init=None if init is None else str(init), seed=seed, device=device, workers=workers,
     )
     run = train_segmenter_on_dataset(dataset, out, config, progress=progress)
     best = run.best
