@@ -17,7 +17,8 @@ run is resumed from its last checkpoint); every command's output goes to ``runs/
 3. segmenter   a valid-padding U-Net on the renal schema, fine-tuned with balanced class weights
                on sclerotic-rich patches too; Dice on held-out phantom patches
 4. ldm         latents cached once, then the tiny text-conditioned LDM with the MiniLM encoder
-5. ldm-mask    the same patches' label maps cached too, then a tiny text+mask LDM (generate --mask)
+5. ldm-mask    the same patches' label maps cached too, then the text LDM fine-tuned into a
+               text+mask LDM (generate --mask)
 6. ship        the final weights and their provenance copied into src/histosynth/weights/
 
 Stages run one after the other; on a 2-core CPU two trainings can share it, one thread each (e.g.
@@ -82,7 +83,7 @@ class Sizes:
     segmenter_tune_epochs: int = 10
     ldm_steps: int = 6000
     ldm_precision: str = "bf16"
-    ldm_mask_steps: int = 5000
+    ldm_mask_steps: int = 8000
     ldm_mask_dropout: float = 0.2
 
 
@@ -305,9 +306,12 @@ def stage_ldm(sizes: Sizes) -> None:
 
 def stage_ldm_mask(sizes: Sizes) -> None:
     """The text+mask LDM (label maps as extra UNet channels, each condition with its own dropout),
-    trained from scratch beside the text LDM on the same patches and their masks."""
+    fine-tuned from the text LDM on the same patches and their masks: its mask channels start at
+    zero, so training begins from the text model's images (a from-scratch model of the same steps
+    drew far less of what the mask asked; see the README's label fidelity row)."""
     train_ldm("ldm-mask", sizes.ldm_mask_steps, sizes, ["--condition", "text+mask", "--mask-dropout",
-                                                         str(sizes.ldm_mask_dropout)])
+                                                         str(sizes.ldm_mask_dropout),
+                                                         "--init", relative(MODELS / "ldm")])
 
 
 def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...] | list[str] = ()) -> None:
