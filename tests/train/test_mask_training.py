@@ -1,9 +1,11 @@
 """Mask conditioning in training: cached label maps, flipped and dropped per batch, `train --condition`,
-and fine-tuning a text model into a text+mask model that starts out exactly as the text model."""
+fine-tuning a text model into a text+mask model that starts out exactly as the text model, and the
+ControlNet mask branch trained on a frozen text model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -15,10 +17,12 @@ from histosynth.cli import main
 from histosynth.errors import ModelError
 from histosynth.models.bundle import load_bundle, save_bundle
 from histosynth.models.conditioning import Conditioning
+from histosynth.models.control import MaskControlledUNet, add_mask_branch
 from histosynth.models.denoiser import build_denoiser
 from histosynth.models.diffusion import noise_scheduler
 from histosynth.models.label_maps import label_map
 from histosynth.presets import load_preset
+from histosynth.sample.generate import generate
 from histosynth.schema import RENAL
 from histosynth.train.cache import FLIP_VARIANTS, prepare_training_data
 from histosynth.train.data import ConditionDropout, StepBatches
@@ -169,3 +173,49 @@ def test_fine_tuning_by_command_and_what_cannot_be_fine_tuned(text_bundle, blob_
             "a mask condition") in capsys.readouterr().err
     with pytest.raises(ModelError, match="cannot be fine-tuned into mask classes"):
         initialise_from_bundle(build_denoiser(load_preset("tiny"), 384, extra_in_channels=2), out, [4, 6])
+
+
+# --- the ControlNet mask branch --------------------------------------------------------------------
+@torch.no_grad()
+def test_a_new_controlnet_branch_leaves_the_text_model_exactly_as_it_was(text_bundle, minilm):
+    text_unet = load_bundle(text_bundle).unet
+    controlled = add_mask_branch(load_bundle(text_bundle).unet, len(RENAL.ids)).eval()
+    assert controlled.config.in_channels == 3 + 8 and list(controlled.config.block_out_channels) == [32, 64, 96, 96]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    context, mask = minilm.encode(["", "The image shows a low amount of Glomeruli."])
+    maps = label_map(torch.randint(0, 8, (2, 32, 32), generator=generator), RENAL.ids, 4)
+    t = torch.tensor([10, 700])
+    expected = text_unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+    steered = controlled(torch.cat([x, maps], 1), t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+    assert expected.abs().mean() > 0.01
+    torch.testing.assert_close(steered, expected, rtol=0, atol=0)  # the branch adds zeros until trained
+
+
+def test_train_a_controlnet_branch_on_a_frozen_text_model(text_bundle, blob_dataset, tmp_path, capsys):
+    out = tmp_path / "controlled"
+    common = [str(blob_dataset.root), "--steps", "2", "--condition", "text+mask", "--mask-branch", "controlnet",
+              "--cache-dir", str(tmp_path / "cache"), *FAST]
+    assert main(["train", *common[:1], "--out", str(out), "--init", str(text_bundle), *common[1:]]) == 0
+    bundle, text_model = load_bundle(out), load_bundle(text_bundle)
+    assert isinstance(bundle.unet, MaskControlledUNet) and bundle.unet.config.in_channels == 11
+    assert bundle.config["conditioning"]["mask_branch"] == "controlnet" and bundle.mask_classes == RENAL.ids
+    assert bundle.id != text_model.id  # the identity covers the branch's weights
+    text_weights = text_model.unet.state_dict()
+    assert all(torch.equal(w, text_weights[k]) for k, w in bundle.unet.base.state_dict().items())  # frozen
+    assert bundle.unet.controlnet.controlnet_down_blocks[0].weight.abs().sum() > 0  # trained from zero
+    made = generate(bundle, [""], [3], steps=1, masks=[np.full((32, 32), 4, np.uint8)], mask_guidance=2.0)
+    assert made.images.shape == (1, 32, 32, 3)
+
+    assert main(["train", *common[:1], "--out", str(tmp_path / "no-init"), *common[1:]]) == 2
+    assert "--mask-branch controlnet trains a branch on a frozen text model: give that model with --init" \
+        in capsys.readouterr().err
+    assert main(["train", *common[:1], "--out", str(tmp_path / "again"), "--init", str(out), *common[1:]]) == 2
+    assert f"--init {out} already reads masks; the ControlNet branch steers a text-only model" in capsys.readouterr().err
+    assert main(["train", *common[:1], "--out", str(tmp_path / "x"), "--init", str(text_bundle), *common[1:],
+                 "--mask-branch", "lora"]) == 2
+    assert "unknown mask branch 'lora'; use one of concat, controlnet" in capsys.readouterr().err
+
+    shutil.rmtree(out / "controlnet")
+    with pytest.raises(ModelError, match="part 'controlnet' is missing"):
+        load_bundle(out)

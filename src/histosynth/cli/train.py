@@ -100,6 +100,9 @@ def train_command(
                                   "latent resolution as extra UNet input channels) or text+mask"),
     mask_dropout: float = typer.Option(0.2, "--mask-dropout", help="probability of dropping the label map to all "
                                        "zeros (mask conditioning; needed for mask guidance)"),
+    mask_branch: str = typer.Option("concat", "--mask-branch", help="how the mask enters: concat (extra UNet input "
+                                    "channels, the whole UNet trained) or controlnet (a branch trained on the "
+                                    "frozen text model given with --init)"),
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder "
                                                "(default with --init: that model's)"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
@@ -125,7 +128,7 @@ def train_command(
         dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, precision=precision, resume=resume, init=init, autoencoder=autoencoder,
         text_encoder=text_encoder, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
-        condition=condition, mask_dropout=mask_dropout,
+        condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
         run_dir=run_dir, cache_dir=cache_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes),
         num_workers=workers, log_every=log_every, command=_command_line(),
     )

@@ -6,6 +6,8 @@ Layout::
                         normalisation, latent scale, text encoder reference, conditioning,
                         preset, provenance (data, steps, wall time, command, hardware, metrics)
     unet/               diffusers UNet2DConditionModel (config.json + safetensors)
+    controlnet/         only for a ControlNet mask branch: diffusers ControlNetModel steering the
+                        frozen unet/ (see models.control)
     autoencoder/        diffusers VQModel or AutoencoderKL
     scheduler/          diffusers scheduler config of the training noise schedule
     text_encoder/       a copy of the text encoder (model + tokenizer), unless histosynth.json
@@ -34,6 +36,7 @@ from ..errors import ModelError
 from ..io import write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
+from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextEncoderSource, resolve_text_encoder
 
 FORMAT = "histosynth.bundle"
@@ -54,7 +57,7 @@ class Bundle:
 
     path: Path
     config: dict[str, Any]
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | MaskControlledUNet
     autoencoder: Autoencoder
     scheduler_config: dict[str, Any]
     schema: ClassSchema
@@ -123,7 +126,7 @@ class Bundle:
 # --- saving -------------------------------------------------------------------------------------
 def save_bundle(
     path: str | Path,
-    unet: UNet2DConditionModel,
+    unet: UNet2DConditionModel | MaskControlledUNet,
     autoencoder: Autoencoder,
     scheduler_config: dict[str, Any],
     text_encoder: TextEncoder,
@@ -148,7 +151,10 @@ def save_bundle(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
-        unet.save_pretrained(staging / "unet")
+        if isinstance(unet, MaskControlledUNet):
+            unet.save_parts(staging)
+        else:
+            unet.save_pretrained(staging / "unet")
         autoencoder.save_pretrained(staging / "autoencoder")
         DDPMScheduler.from_config(dict(scheduler_config)).save_pretrained(staging / "scheduler")
         if source.is_default:
@@ -172,7 +178,7 @@ def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoe
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "id": _weights_digest(staging / "unet"),
+        "id": _weights_digest(staging / "unet", staging / CONTROLNET_DIR),
         "image_size": int(meta["image_size"]),
         "normalization": NORMALIZATION,
         "latent": {
@@ -210,9 +216,9 @@ def _check_conditioning(conditioning: dict[str, Any], schema: ClassSchema, where
         )
 
 
-def _weights_digest(folder: Path) -> str:
+def _weights_digest(*folders: Path) -> str:
     digest = hashlib.sha256()
-    for weights in sorted(folder.glob("*.safetensors")):
+    for weights in [w for folder in folders for w in sorted(folder.glob("*.safetensors"))]:
         with weights.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
@@ -271,12 +277,15 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle's UNet, autoencoder, scheduler config and schema onto ``device`` (eval mode)."""
     path = Path(path)
     config = read_bundle_config(path)
-    for part in PARTS:
+    controlled = Conditioning.from_config(config["conditioning"]).controlnet
+    for part in PARTS + ((CONTROLNET_DIR,) if controlled else ()):
         if not (path / part / _part_config_name(part)).is_file():
             raise ModelError(f"{path}: part '{part}' is missing ({part}/{_part_config_name(part)} not found)")
     if config["text_encoder"]["ref"] != DEFAULT_TEXT_ENCODER and not (path / TEXT_ENCODER_DIR).is_dir():
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
     unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet"), path)
+    if controlled:
+        unet = MaskControlledUNet(unet, _load_part(CONTROLNET_DIR, lambda: load_mask_branch(path), path))
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)
     scheduler = _load_part("scheduler", lambda: DDPMScheduler.from_pretrained(path / "scheduler"), path)
     schema = ClassSchema.from_dict(config["schema"], source=f"{path / CONFIG_FILE}: schema")

@@ -10,7 +10,10 @@ The model reads text (cross-attention), a label mask (a label map of class share
 resolution, concatenated to the noisy latent as extra input channels: :mod:`histosynth.models.label_maps`),
 or both, each dropped on its own (:class:`~histosynth.models.conditioning.Conditioning`). Fine-tuning
 a text model into a text+mask one widens the UNet's first convolution with zero weights for the
-label-map channels, so training starts from exactly the text model.
+label-map channels, so training starts from exactly the text model. With the ControlNet mask branch
+(``mask_branch="controlnet"``) the text model given as ``init`` is frozen and only a branch that
+reads the label map is trained (:mod:`histosynth.models.control`); it too starts from exactly the
+text model.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..data.dataset import open_dataset
-from ..errors import DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
 from ..models.bundle import load_autoencoder_folder, load_bundle, read_bundle_config, save_bundle
 from ..models.conditioning import Conditioning
+from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.text import load_text_encoder
@@ -49,7 +53,7 @@ from .samples import SampleGrids
 class LatentDiffusionModule(L.LightningModule):
     """The denoiser, its optimiser and warm-up, the diffusion loss and the EMA of its weights."""
 
-    def __init__(self, unet: UNet2DConditionModel, preset: Preset, lr: float, warmup_steps: int,
+    def __init__(self, unet: UNet2DConditionModel | MaskControlledUNet, preset: Preset, lr: float, warmup_steps: int,
                  seed: int = 0, run: Optional[RunFolder] = None, patch_ids: Optional[list[str]] = None):
         super().__init__()
         self.unet = unet
@@ -66,7 +70,8 @@ class LatentDiffusionModule(L.LightningModule):
         self._session_start = time.perf_counter()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        trainable = [p for p in self.unet.parameters() if p.requires_grad]  # (not a frozen text UNet)
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
@@ -142,6 +147,7 @@ class TrainOptions:
     sample_every: int = 0
     condition: str = "text"
     mask_dropout: float = 0.2
+    mask_branch: str = "concat"
     run_dir: Optional[Path] = None
     cache_dir: Optional[Path] = None
     devices: DeviceOptions = field(default_factory=DeviceOptions)
@@ -170,7 +176,11 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     batch_size = options.batch_size or training.batch_size
     lr = options.lr or training.lr
     warmup = training.warmup_steps if options.warmup_steps is None else options.warmup_steps
-    conditioning = Conditioning.parse(options.condition, training.text_dropout, options.mask_dropout)
+    conditioning = Conditioning.parse(options.condition, training.text_dropout, options.mask_dropout,
+                                      options.mask_branch)
+    if conditioning.controlnet and options.init is None:
+        raise ConfigError("--mask-branch controlnet trains a branch on a frozen text model: give that model "
+                          "with --init TEXT_MODEL")
     dataset = open_dataset(options.dataset)
     mask_classes = dataset.schema.ids if conditioning.mask else []
     autoencoder = resolve_autoencoder(preset, options.autoencoder or _init_autoencoder(options.init), options.seed)
@@ -184,6 +194,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                 "init": str(options.init) if options.init else None, "steps": options.steps}
     if conditioning.name != "text":  # (text-only runs keep the settings they always had, for --resume)
         settings.update(condition=conditioning.name, mask_dropout=conditioning.mask_dropout)
+    if conditioning.controlnet:
+        settings.update(mask_branch=conditioning.mask_branch)
     resume_from = run.start(settings, options.resume)
 
     data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
@@ -191,9 +203,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                                  label_classes=mask_classes or None)
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
-        unet = build_denoiser(preset, context_dim=text_encoder.hidden_size, extra_in_channels=len(mask_classes))
-    if options.init and not resume_from:
-        initialise_from_bundle(unet, options.init, mask_classes)
+        unet = build_training_denoiser(preset, text_encoder.hidden_size, conditioning, mask_classes,
+                                       options.init, load_init=not resume_from)
     module = LatentDiffusionModule(unet, preset, lr, warmup, options.seed, run, data.patch_ids)
     dropout = ConditionDropout(text=conditioning.text_dropout, label_map=conditioning.mask_dropout)
     datamodule = LatentDataModule(data, batch_size, options.steps, options.seed, dropout,
@@ -251,6 +262,24 @@ def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> 
             torch.manual_seed(seed)
             autoencoder = build_autoencoder(preset)
     return autoencoder.eval().requires_grad_(False)
+
+
+def build_training_denoiser(preset: Preset, context_dim: int, conditioning: Conditioning, mask_classes: Sequence[int],
+                            init: Optional[Path], load_init: bool) -> UNet2DConditionModel | MaskControlledUNet:
+    """The denoiser to train: new, or from the ``init`` model's weights where ``load_init`` (a
+    resumed run takes them from its checkpoint); with the ControlNet branch, that frozen model
+    (always loaded: it defines the branch) plus a branch for ``mask_classes``."""
+    if conditioning.controlnet:
+        if read_bundle_config(init)["conditioning"].get("mask_channels", 0):
+            raise ModelError(f"--init {init} already reads masks; the ControlNet branch steers a text-only model: "
+                             "give the text model (or use --mask-branch concat to fine-tune this one)")
+        text_model = build_denoiser(preset, context_dim)
+        initialise_from_bundle(text_model, init)
+        return add_mask_branch(text_model, len(mask_classes))
+    unet = build_denoiser(preset, context_dim, extra_in_channels=len(mask_classes))
+    if init and load_init:
+        initialise_from_bundle(unet, init, mask_classes)
+    return unet
 
 
 def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path, mask_classes: Sequence[int] = ()) -> None:
