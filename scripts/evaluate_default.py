@@ -17,7 +17,10 @@ It needs the data of ``scripts/default_models.py`` (stage data) and evaluates th
 4. mix       the six-split experiment (binary Glomeruli, 3 seeds): real = held-out 'train' slides,
              validation = held-out 'val' slides, synthetic = the generating-caption images of stage 2
              with masks from the shipped segmenter (no hand annotation)
-5. summary   runs/evaluate/summary.md: our numbers beside the thesis' and the targets
+5. masks     label fidelity of the text+mask model on held-out masks, its ceiling (the segmenter on
+             autoencoder reconstructions of held-out patches), and the six-split experiment with
+             images generated from phantom layouts (masks = the layouts)
+6. summary   runs/evaluate/summary.md: our numbers beside the thesis' and the targets
 """
 
 from __future__ import annotations
@@ -132,12 +135,17 @@ def stage_captions(paths: Paths, sizes: Sizes) -> None:
             "--out", relative(report), "--no-progress"))
 
 
-def stage_realism(paths: Paths, sizes: Sizes) -> None:
+def heldout_sample(paths: Paths, sizes: Sizes):
+    """The held-out patches that the realism test compares with (and the autoencoder reconstructs)."""
     from histosynth.data.dataset import open_dataset
 
-    captions = paths.root / "matched-captions.txt"
     heldout = open_dataset(paths.heldout)
-    rows = heldout.rows().sample(sizes.realism_images, random_state=0)
+    return heldout, heldout.rows().sample(sizes.realism_images, random_state=0)
+
+
+def stage_realism(paths: Paths, sizes: Sizes) -> None:
+    captions = paths.root / "matched-captions.txt"
+    heldout, rows = heldout_sample(paths, sizes)
     if not captions.is_file():
         captions.write_text("".join(c.replace("\n", "\\n") + "\n" for c in rows["caption"]))
     generate_sharded("evaluate-realism", ["--captions-file", relative(captions), "--n", str(sizes.realism_images),
@@ -206,6 +214,14 @@ def stage_masks(paths: Paths, sizes: Sizes) -> None:
             "evaluate", "masks", "--model", shipped_mask_model(), "--masks-from", relative(paths.heldout),
             "--n", str(sizes.fidelity_images), "--segmenter", shipped_segmenter(), "--out", relative(report),
             "--mask-captions", "--no-progress"))
+    # the ceiling: the same segmenter on the autoencoder's reconstructions of held-out real patches
+    # (stage realism) against their masks; no model on these latents can do better than this
+    ceiling = paths.report("label-fidelity-reconstructed")
+    if not (ceiling / "report.md").is_file():
+        reconstruct(*heldout_sample(paths, sizes), paths.reconstructed)
+        run_logged("evaluate-masks", histosynth(
+            "evaluate", "masks", "--images", relative(paths.reconstructed), "--masks-from", relative(paths.heldout),
+            "--segmenter", shipped_segmenter(), "--out", relative(ceiling), "--no-progress"))
     # layouts with the generating caption's class mix, like the synthetic set of stage mix
     if not (paths.layouts / "masks.csv").is_file():
         run_logged("evaluate-masks", histosynth(
@@ -227,7 +243,7 @@ def stage_summary(paths: Paths, sizes: Sizes) -> None:
     lines += caption_summary(paths.report("captions"))
     lines += realism_summary(paths.report("realism"))
     lines += mix_summary(paths.report("mix"), "synthetic images of the generating caption, masks from the segmenter")
-    lines += fidelity_summary(paths.report("label-fidelity"))
+    lines += fidelity_summary(paths.report("label-fidelity"), paths.report("label-fidelity-reconstructed"))
     lines += mix_summary(paths.report("mix-masks"), "synthetic images generated from phantom layouts, "
                                                     "masks = the layouts")
     write_text_atomic(paths.root / "summary.md", "\n".join(lines) + "\n")
@@ -258,14 +274,18 @@ def realism_summary(report: Path) -> list[str]:
     return lines
 
 
-def fidelity_summary(report: Path) -> list[str]:
+def fidelity_summary(report: Path, ceiling: Path) -> list[str]:
     if not (report / "per_class.csv").is_file():
         return []
     table = pd.read_csv(report / "per_class.csv")
     counted = table[table["counted"]]
-    return ["## Label fidelity of the text+mask model (target: mean Dice >= 0.8)", "",
-            f"- mean Dice over the {len(counted)} classes with enough pixels: **{counted['Dice'].mean():.3f}**", "",
-            markdown_table(table), ""]
+    lines = ["## Label fidelity of the text+mask model (target: mean Dice >= 0.8)", "",
+             f"- mean Dice over the {len(counted)} classes with enough pixels: **{counted['Dice'].mean():.3f}**"]
+    if (ceiling / "per_class.csv").is_file():
+        reconstructed = pd.read_csv(ceiling / "per_class.csv")
+        lines.append("- the ceiling, the same segmenter on autoencoder reconstructions of held-out real patches "
+                     f"against their masks: {reconstructed[reconstructed['counted']]['Dice'].mean():.3f}")
+    return lines + ["", markdown_table(table), ""]
 
 
 def mix_summary(report: Path, synthetic: str) -> list[str]:

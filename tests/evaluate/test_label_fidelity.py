@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from histosynth.cli import main
-from histosynth.evaluate.label_fidelity import evaluate_label_fidelity, read_mask_job
+from histosynth.data.dataset import Patch, PatchDatasetWriter
+from histosynth.evaluate.label_fidelity import evaluate_label_fidelity, pair_by_name, read_mask_job
 from histosynth.errors import DataError
 from histosynth.io import write_png_atomic
 from histosynth.schema import RENAL
@@ -126,6 +128,22 @@ def test_evaluate_masks_generates_segments_and_reports(mask_model, layouts, mult
                  "--out", str(again), "--device", "cpu", "--no-progress"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(again / "per_class.csv"), pd.read_csv(out / "per_class.csv"))
 
+    # any folder of images, against the masks of the same name: a mask folder, or a patch dataset's patches
+    assert main(["evaluate", "masks", "--images", str(out / "job" / "images"), "--mask", str(out / "job" / "masks"),
+                 "--segmenter", str(multiclass_folder), "--out", str(tmp_path / "by-stem"), "--no-progress"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "by-stem" / "per_class.csv"), pd.read_csv(out / "per_class.csv"))
+    writer = PatchDatasetWriter(tmp_path / "ds", RENAL, 64)
+    writer.write_slide("s", [Patch(np.asarray(Image.open(p.image).convert("RGB")), np.asarray(Image.open(p.mask)), 0, 0)
+                             for p in pairs], "test")
+    writer.finalize()
+    named = tmp_path / "named"
+    named.mkdir()
+    for index, pair in enumerate(pairs):
+        shutil.copy(pair.image, named / f"s_{index:06d}.png")
+    assert main(["evaluate", "masks", "--images", str(named), "--masks-from", str(tmp_path / "ds"),
+                 "--segmenter", str(multiclass_folder), "--out", str(tmp_path / "by-id"), "--no-progress"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "by-id" / "per_class.csv"), pd.read_csv(out / "per_class.csv"))
+
 
 def test_evaluate_masks_refuses_caption_jobs_and_missing_masks(tiny_bundle_path, mask_model, multiclass_folder,
                                                                tmp_path, capsys):
@@ -138,3 +156,18 @@ def test_evaluate_masks_refuses_caption_jobs_and_missing_masks(tiny_bundle_path,
     assert main(["evaluate", "masks", "--model", str(mask_model), "--segmenter", str(multiclass_folder),
                  "--out", str(tmp_path / "r")]) == 2
     assert "with --model give the masks to generate from: --masks-from DATASET or --mask PATH" in capsys.readouterr().err
+    assert main(["evaluate", "masks", "--images", str(tmp_path), "--segmenter", str(multiclass_folder),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert f"{tmp_path} is not a generation job: give the masks of its images with --mask DIR" in capsys.readouterr().err
+    assert main(["evaluate", "masks", "--images", str(job), "--mask", str(tmp_path), "--segmenter",
+                 str(multiclass_folder), "--out", str(tmp_path / "r")]) == 2
+    assert "--images is a finished job with its own masks; leave out --mask / --masks-from" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"1 of 1 images in .* are not named after a patch of"):
+        pair_by_name(job, _one_patch_dataset(tmp_path / "ds"))
+
+
+def _one_patch_dataset(root: Path) -> Path:
+    writer = PatchDatasetWriter(root, RENAL, 32)
+    writer.write_slide("s", [Patch(np.zeros((32, 32, 3), np.uint8), np.full((32, 32), 6, np.uint8), 0, 0)], "test")
+    writer.finalize()
+    return root

@@ -96,11 +96,15 @@ def captions(
 def masks(
     segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter folder"),
     out: Path = typer.Option(..., "--out", help="report folder (images generated now go to OUT/job)"),
-    images: Optional[Path] = typer.Option(None, "--images", help="a generation job made from masks (images/ + masks/)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="a generation job made from masks (images/ + masks/), "
+                                          "or a folder of images scored against the --mask / --masks-from masks "
+                                          "of the same name"),
     model: Optional[Path] = typer.Option(None, "--model", help="mask-conditioned model folder to generate the images from"),
-    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="with --model: the masks of this patch dataset"),
+    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="the masks of this patch dataset (with "
+                                              "--images: the patch named like each image)"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="with --model: a label mask PNG or a folder of them"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="a label mask PNG or a folder of them (with --images: "
+                                        "the mask of the same file stem)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all masks / all images of the job)"),
     seed: int = typer.Option(0, "--seed", help="seed of the choice of masks and of the generation job"),
     steps: int = typer.Option(50, "--steps", help="with --model: denoising steps"),
@@ -121,6 +125,7 @@ def masks(
         TARGET_MEAN_DICE,
         evaluate_mask_job,
         generate_mask_job,
+        pair_by_name,
         read_mask_job,
         write_label_fidelity_report,
     )
@@ -131,8 +136,14 @@ def masks(
         raise ConfigError("give either --images JOB (images generated from masks) or --model DIR (generate them now)")
     if model is not None and (mask is None) == (masks_from is None):
         raise ConfigError("with --model give the masks to generate from: --masks-from DATASET or --mask PATH")
-    if images is not None and (mask is not None or masks_from is not None):
+    given_masks = mask if mask is not None else masks_from
+    if images is not None and given_masks is not None and (mask is None) == (masks_from is None):
+        raise ConfigError("give either --mask or --masks-from, not both")
+    if images is not None and is_generation_job(images) and given_masks is not None:
         raise ConfigError("--images is a finished job with its own masks; leave out --mask / --masks-from")
+    if images is not None and not is_generation_job(images) and given_masks is None:
+        raise ConfigError(f"{images} is not a generation job: give the masks of its images with --mask DIR "
+                          "or --masks-from DATASET")
     if coverage not in COVERAGES:
         raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
     seg = Segmenter.load(segmenter)
@@ -149,7 +160,10 @@ def masks(
         job = generate_mask_job(model, chosen, out / "job", SamplingOptions(steps, guidance, "ddim", mask_guidance),
                                 seed, captions, device=device, batch_size=batch_size, progress=progress)
         n = None  # the job holds exactly the chosen masks
-    pairs, source = read_mask_job(job, n, seed)
+    if model is None and given_masks is not None:
+        pairs, source = pair_by_name(images, given_masks, n, seed)
+    else:
+        pairs, source = read_mask_job(job, n, seed)
     result, pictures, masks_read, predictions = evaluate_mask_job(pairs, segment, seg.schema, min_share)
     examples = list(zip(masks_read, pictures, predictions))
     path = write_label_fidelity_report(result, out, examples, source=source,
@@ -233,3 +247,9 @@ def mix(
     for _, row in result.final_table().iterrows():
         typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
     typer.echo(f"wrote {path}")
+
+
+def is_generation_job(folder: Path) -> bool:
+    from ..sample.jobs import MANIFEST_FILE
+
+    return (Path(folder) / MANIFEST_FILE).is_file()

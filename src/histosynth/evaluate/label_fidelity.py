@@ -2,7 +2,9 @@
 
 Every image of a generation job made from masks (``images/`` beside ``masks/``, see
 :mod:`histosynth.sample.jobs`) is segmented, and the prediction is compared pixel by pixel with the
-mask that conditioned the image. Per class:
+mask that conditioned the image. Any folder of images can be scored the same way against the masks
+of the same name (:func:`pair_by_name`): e.g. the real patches, or their autoencoder
+reconstructions, which show how far a segmenter reads a mask back at best. Per class:
 
 * **Dice** = 2 |P ∩ M| / (|P| + |M|) over the pixels of all images together (P: pixels predicted as
   the class, M: pixels of the class in the masks); undefined (—) for a class in neither;
@@ -68,6 +70,34 @@ def read_mask_job(folder: str | Path, n: Optional[int] = None, seed: int = 0) ->
              for item in finished]
     source = f"generation job {folder} ({len(finished)} of {len(job.items)} images finished)"
     return choose(pairs, n, seed, str(folder)), source
+
+
+def pair_by_name(images: str | Path, masks: str | Path, n: Optional[int] = None,
+                 seed: int = 0) -> tuple[list[GeneratedPair], str]:
+    """The images of a folder with the masks of the same name: the files of a mask folder with the
+    same stem, or the patches of a patch dataset whose id is the image's stem."""
+    from ..data.pairing import match_pairs
+
+    images, masks = Path(images), Path(masks)
+    if (masks / "manifest.csv").is_file():
+        pairs = _pair_with_dataset(images, masks)
+    else:
+        pairs = [GeneratedPair(p.image.stem, p.image, p.mask) for p in match_pairs(images, masks)]
+    return choose(pairs, n, seed, str(images)), f"{images}, with the masks of the same name in {masks}"
+
+
+def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
+    from ..data.dataset import open_dataset
+    from ..data.images import list_images
+
+    dataset = open_dataset(dataset_root)
+    mask_of = dict(zip(dataset.rows()["patch_id"], dataset.rows()["mask"]))
+    paths = list_images([images])
+    missing = [p.name for p in paths if p.stem not in mask_of]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(paths)} images in {images} are not named after a patch of "
+                        f"{dataset_root} (e.g. {missing[0]}); name each image <patch_id>.png")
+    return [GeneratedPair(p.stem, p, dataset.root / mask_of[p.stem]) for p in paths]
 
 
 def generate_mask_job(model: str | Path, masks: Sequence[ConditioningMask], folder: str | Path,
