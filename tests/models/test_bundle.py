@@ -109,6 +109,18 @@ def test_a_missing_description_is_named(bundle_path):
         load_bundle(bundle_path)
 
 
+def test_a_corrupt_or_foreign_description_is_named(bundle_path):
+    config_path = bundle_path / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "format": "histosynth.dataset"}))
+    with pytest.raises(ModelError, match=r"histosynth.json: unknown model folder format 'histosynth.dataset' "
+                                         r"\(expected histosynth.bundle\)"):
+        load_bundle(bundle_path)
+    config_path.write_text("{")
+    with pytest.raises(ModelError, match=r"histosynth.json is corrupt \(Expecting property name"):
+        load_bundle(bundle_path)
+
+
 def test_an_autoencoder_with_other_latent_channels_is_a_mismatch(bundle_path):
     other = Preset.from_dict({**PRESET.to_dict(), "autoencoder": {**PRESET.to_dict()["autoencoder"], "latent_channels": 4}})
     shutil.rmtree(bundle_path / "autoencoder")

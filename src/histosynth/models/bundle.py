@@ -33,7 +33,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 
 from ..errors import ModelError
-from ..io import write_json_atomic
+from ..io import read_format_json, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
@@ -248,20 +248,11 @@ def hardware_description() -> str:
 # --- loading ------------------------------------------------------------------------------------
 def read_bundle_config(path: str | Path) -> dict[str, Any]:
     """The checked ``histosynth.json`` of a bundle (no weights loaded)."""
-    import json
-
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ModelError(f"{path} is not a histosynth model folder: part '{CONFIG_FILE}' is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path} is corrupt ({exc})") from None
-    if config.get("format") != FORMAT:
-        raise ModelError(f"{config_path}: not a histosynth model folder (format {config.get('format')!r})")
+    config = read_format_json(path / CONFIG_FILE, FORMAT, ModelError, what="model folder",
+                              missing=f"{path} is not a histosynth model folder: part '{CONFIG_FILE}' is missing")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         newer = isinstance(version, int) and version > FORMAT_VERSION
