@@ -87,3 +87,33 @@ def masks(
 
     table = write_phantom_masks(out, n, size=size, seed=seed, mix=mix, mpp=mpp, progress=progress)
     typer.echo(f"wrote {n} masks and {table}")
+
+
+@phantom_app.command("stamp")
+def stamp(
+    masks: Optional[Path] = typer.Argument(None, help="a label mask PNG or a folder of them"),
+    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="instead: the masks of this patch dataset"),
+    split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
+    n: Optional[int] = typer.Option(None, "--n", help="edit this many of the masks, drawn with the seed (default: all)"),
+    add: str = typer.Option(..., "--add", help="structures to add to each mask, CLASS=COUNT,...: Glomeruli, "
+                            "Sclerotic Glomeruli, Arteries or Dilated Tubuli (e.g. Glomeruli=2)"),
+    out: Path = typer.Option(..., "--out", help="folder for the edited masks (the source's file stem or patch "
+                             "id .png) and masks.csv"),
+    seed: int = SeedOption,
+    mpp: float = typer.Option(0.5, "--mpp", help="microns per pixel of the masks (sets the structures' size)"),
+) -> None:
+    """Edit label masks: draw phantom-sized structures onto their tissue (e.g. add glomeruli to a real layout)."""
+    from ..data.phantom.stamp import parse_additions, write_stamped_masks
+    from ..errors import ConfigError
+    from ..schema import RENAL
+    from .generate import masks_from_options
+
+    if (masks is None) == (masks_from is None):
+        raise ConfigError("give the masks to edit: a file or folder (MASKS), or --masks-from DATASET")
+    if mpp <= 0:
+        raise ConfigError(f"--mpp must be positive, got {mpp}")
+    additions = parse_additions(add, RENAL)
+    chosen = masks_from_options(RENAL, masks, masks_from, split, n, seed)
+    table, placed, asked = write_stamped_masks([(m.source, m.mask) for m in chosen], additions, out, mpp, seed)
+    typer.echo(f"edited {len(chosen)} masks: {placed} of {asked} structures placed "
+               f"({asked - placed} found no free tissue); wrote {out} and {table}")

@@ -192,12 +192,19 @@ def write_phantom_masks(out: str | Path, n: int, size: int = 256, seed: int = 0,
             else:
                 mask = phantom_patch_mask(patch_seed, size, chosen, mpp)
                 write_png_atomic(path, mask)
-            shares = prevalences(mask, RENAL)
-            rows.append({"mask": path.name, "seed": patch_seed, "mix": chosen.name,
-                         "caption": caption_for_mask(mask, RENAL),
-                         **{f"frac_{c}": round(shares[c], 6) for c in RENAL.ids}})
+            rows.append({"mask": path.name, "seed": patch_seed, "mix": chosen.name, **mask_description(mask)})
             bar.advance(task)
-    table = out / "masks.csv"
+    return write_mask_table(out, rows)
+
+
+def mask_description(mask: np.ndarray) -> dict:
+    """A row of ``masks.csv``: the mask's caption and class shares."""
+    shares = prevalences(mask, RENAL)
+    return {"caption": caption_for_mask(mask, RENAL), **{f"frac_{c}": round(shares[c], 6) for c in RENAL.ids}}
+
+
+def write_mask_table(out: Path, rows: list[dict]) -> Path:
+    table = Path(out) / "masks.csv"
     with atomic_path(table) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     return table
