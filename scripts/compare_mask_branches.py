@@ -70,9 +70,9 @@ def summary_row(branch: str, steps: int, reports: dict[float, Path]) -> dict:
 
     bundle = load_bundle(model_folder(branch, steps))
     trained = bundle.unet.controlnet if branch == "controlnet" else bundle.unet
-    seconds = bundle.config["provenance"]["training_time_s"]
-    row = {"branch": branch, "steps": steps, "trained parameters (M)": round(sum(p.numel() for p in trained.parameters()) / 1e6, 2),
-           "s / step": round(seconds / steps, 3)}
+    # (no training speed here: the two runs may not have shared the machine alike)
+    row = {"branch": branch, "steps": steps,
+           "trained parameters (M)": round(sum(p.numel() for p in trained.parameters()) / 1e6, 2)}
     for guidance, report in reports.items():
         table = pd.read_csv(report / "per_class.csv")
         row[f"mean Dice, mask guidance {guidance}"] = round(float(table[table["counted"]]["Dice"].mean()), 3)
