@@ -33,7 +33,7 @@ from histosynth.evaluate.report import markdown_table
 from default_models import DATA, MODELS, RUNS, Sizes, environment, histosynth, relative, run_logged, say
 
 BRANCHES = ("concat", "controlnet")
-GUIDANCE = (1.0, 1.5)
+GUIDANCE = (1.0, 1.5, 2.0)
 HELDOUT = RUNS / "evaluate" / "heldout"
 OUT = RUNS / "compare-mask-branches"
 

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError
+from ..models.conditioning import DEFAULT_MASK_GUIDANCE
 from .common import SchemaOption, schema_from_option
 from .segment import (
     BaseChannelsOption,
@@ -109,7 +110,8 @@ def masks(
     seed: int = typer.Option(0, "--seed", help="seed of the choice of masks and of the generation job"),
     steps: int = typer.Option(50, "--steps", help="with --model: denoising steps"),
     guidance: float = typer.Option(1.5, "--guidance", help="with --model: text guidance scale"),
-    mask_guidance: float = typer.Option(1.5, "--mask-guidance", help="with --model: mask guidance scale (see generate)"),
+    mask_guidance: float = typer.Option(DEFAULT_MASK_GUIDANCE, "--mask-guidance", help="with --model: mask guidance "
+                                        "scale (see generate)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="with --model: caption each image from its mask "
                                        "(default: the empty caption, the mask alone)"),
     coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),

@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.text import Text
 
 from ..errors import ConfigError
+from ..models.conditioning import DEFAULT_MASK_GUIDANCE
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
@@ -36,7 +37,7 @@ SeedOption = typer.Option(0, "--seed", help="job seed; each image's seed is deri
 StepsOption = typer.Option(50, "--steps", help="denoising steps")
 GuidanceOption = typer.Option(1.5, "--guidance", help="classifier-free guidance scale of the text (1 = none, 0 = unconditional)")
 MaskGuidanceOption = typer.Option(
-    1.5, "--mask-guidance",
+    DEFAULT_MASK_GUIDANCE, "--mask-guidance",
     help="guidance scale of the mask (1 = none): eps = e(u,0) + m*(e(u,M) - e(u,0)) + g*(e(c,M) - e(u,M)) "
          "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask")
 SchedulerOption = typer.Option("ddim", "--scheduler", help="ddim (CompVis DDIM, eta 0) or dpm++ (DPM-Solver++)")

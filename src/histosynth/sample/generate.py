@@ -45,6 +45,7 @@ from ..errors import CaptionError, ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
 from ..models.diffusion import SAMPLER_KINDS, sampling_scheduler
+from ..models.conditioning import DEFAULT_MASK_GUIDANCE
 from ..models.label_maps import check_mask_ids, label_map
 from ..models.text import EmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
@@ -111,7 +112,7 @@ class SamplingOptions:
     steps: int = 50
     guidance: float = 1.5
     scheduler: str = "ddim"
-    mask_guidance: float = 1.5
+    mask_guidance: float = DEFAULT_MASK_GUIDANCE
 
     def __post_init__(self) -> None:
         check_sampling_options(self.steps, self.guidance, self.mask_guidance)
@@ -310,7 +311,7 @@ def generate_batches(
     window_batch: int = DEFAULT_WINDOW_BATCH,
     overlap: Optional[int] = None,
     masks: Optional[Sequence[np.ndarray]] = None,
-    mask_guidance: float = 1.5,
+    mask_guidance: float = DEFAULT_MASK_GUIDANCE,
 ) -> Iterator[Generated]:
     """:func:`generate`, one batch at a time (for writing images as they are made)."""
     conditions, seeds = list(conditions), [int(s) for s in seeds]
@@ -364,7 +365,7 @@ def generate(
     progress: Optional[ImagesDone] = None,
     *,
     masks: Optional[Sequence[np.ndarray]] = None,
-    mask_guidance: float = 1.5,
+    mask_guidance: float = DEFAULT_MASK_GUIDANCE,
 ) -> Generated:
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
