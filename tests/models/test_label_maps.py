@@ -76,9 +76,16 @@ def test_conditioning_choices_and_their_record():
     assert (both.text, both.mask, both.name) == (True, True, "text+mask")
     assert both.to_config([0, 4, 6]) == {
         "text": True, "text_dropout": 0.1, "mask_channels": 3, "mask_dropout": 0.3, "mask_classes": [0, 4, 6],
-        "label_map": "class shares per latent pixel",
+        "label_map": "class shares per latent pixel", "mask_branch": "concat",
     }
     assert Conditioning.from_config(both.to_config([0, 4, 6])) == both
+    older = {k: v for k, v in both.to_config([0, 4, 6]).items() if k != "mask_branch"}
+    assert Conditioning.from_config(older) == both  # folders written before the branch was recorded: concat
+    controlled = Conditioning.parse("text+mask", 0.1, 0.3, "controlnet")
+    assert controlled.controlnet and not both.controlnet and not Conditioning.parse("text", 0.1).controlnet
+    assert Conditioning.from_config(controlled.to_config([0, 4, 6])) == controlled
+    with pytest.raises(ConfigError, match=r"^unknown mask branch 'lora'; use one of concat, controlnet$"):
+        Conditioning.parse("mask", mask_branch="lora")
     text = Conditioning.parse("text", 0.1, 0.3)
     assert text.to_config(RENAL.ids) == {"text": True, "text_dropout": 0.1, "mask_channels": 0}
     assert Conditioning.from_config({"text": True, "mask_channels": 0, "text_dropout": 0.1}) == text
