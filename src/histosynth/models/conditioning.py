@@ -27,9 +27,9 @@ from ..errors import ConfigError
 
 CHOICES = ("text", "mask", "text+mask")
 MASK_BRANCHES = ("concat", "controlnet")
-#: mask guidance where none is given: the best of 1.0-5.0 for the shipped text+mask model in a probe
+#: mask guidance where none is given: the best of 1.5-3.0 for the shipped text+mask model in a probe
 #: on held-out phantom masks (see the README's "Generating from label masks")
-DEFAULT_MASK_GUIDANCE = 2.0
+DEFAULT_MASK_GUIDANCE = 2.5
 LABEL_MAP_KIND = "class shares per latent pixel"
 
 
