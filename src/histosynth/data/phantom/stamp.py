@@ -37,7 +37,7 @@ class Addition:
 
 
 def parse_additions(text: str, schema: ClassSchema) -> list[Addition]:
-    """``"Glomeruli=2,Arteries=1"`` (class names or ids) -> additions; only classes the phantom draws
+    """``"Glomeruli=2,Arteries=1"`` (class names, any case) -> additions; only classes the phantom draws
     as large structures can be stamped."""
     additions = []
     for part in filter(None, (p.strip() for p in text.split(","))):
