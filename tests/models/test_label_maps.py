@@ -86,6 +86,8 @@ def test_conditioning_choices_and_their_record():
     assert Conditioning.from_config(controlled.to_config([0, 4, 6])) == controlled
     with pytest.raises(ConfigError, match=r"^unknown mask branch 'lora'; use one of concat, controlnet$"):
         Conditioning.parse("mask", mask_branch="lora")
+    with pytest.raises(ConfigError, match=r"^the controlnet mask branch needs a mask condition: --condition mask or "):
+        Conditioning.parse("text", mask_branch="controlnet")
     text = Conditioning.parse("text", 0.1, 0.3)
     assert text.to_config(RENAL.ids) == {"text": True, "text_dropout": 0.1, "mask_channels": 0}
     assert Conditioning.from_config({"text": True, "mask_channels": 0, "text_dropout": 0.1}) == text
