@@ -178,9 +178,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     warmup = training.warmup_steps if options.warmup_steps is None else options.warmup_steps
     conditioning = Conditioning.parse(options.condition, training.text_dropout, options.mask_dropout,
                                       options.mask_branch)
-    if conditioning.controlnet and options.init is None:
-        raise ConfigError("--mask-branch controlnet trains a branch on a frozen text model: give that model "
-                          "with --init TEXT_MODEL")
+    if conditioning.controlnet:
+        check_controlnet_init(options.init)
     dataset = open_dataset(options.dataset)
     mask_classes = dataset.schema.ids if conditioning.mask else []
     autoencoder = resolve_autoencoder(preset, options.autoencoder or _init_autoencoder(options.init), options.seed)
@@ -264,15 +263,22 @@ def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> 
     return autoencoder.eval().requires_grad_(False)
 
 
+def check_controlnet_init(init: Optional[Path]) -> None:
+    """The ControlNet branch steers a frozen text-only model, given as --init."""
+    if init is None:
+        raise ConfigError("--mask-branch controlnet trains a branch on a frozen text model: give that model "
+                          "with --init TEXT_MODEL")
+    if read_bundle_config(init)["conditioning"].get("mask_channels", 0):
+        raise ModelError(f"--init {init} already reads masks; the ControlNet branch steers a text-only model: "
+                         "give the text model (or use --mask-branch concat to fine-tune this one)")
+
+
 def build_training_denoiser(preset: Preset, context_dim: int, conditioning: Conditioning, mask_classes: Sequence[int],
                             init: Optional[Path], load_init: bool) -> UNet2DConditionModel | MaskControlledUNet:
     """The denoiser to train: new, or from the ``init`` model's weights where ``load_init`` (a
     resumed run takes them from its checkpoint); with the ControlNet branch, that frozen model
     (always loaded: it defines the branch) plus a branch for ``mask_classes``."""
     if conditioning.controlnet:
-        if read_bundle_config(init)["conditioning"].get("mask_channels", 0):
-            raise ModelError(f"--init {init} already reads masks; the ControlNet branch steers a text-only model: "
-                             "give the text model (or use --mask-branch concat to fine-tune this one)")
         text_model = build_denoiser(preset, context_dim)
         initialise_from_bundle(text_model, init)
         return add_mask_branch(text_model, len(mask_classes))
