@@ -12,8 +12,9 @@ from scipy.ndimage import distance_transform_edt, label
 
 from histosynth.cli import main
 from histosynth.data.phantom.layout import GAP_UM, LARGE_SPECS
-from histosynth.data.phantom.stamp import Addition, parse_additions, stamp_structures
-from histosynth.errors import ConfigError
+from histosynth.data.dataset import Patch, PatchDatasetWriter
+from histosynth.data.phantom.stamp import Addition, parse_additions, stamp_structures, write_stamped_masks
+from histosynth.errors import ConfigError, DataError
 from histosynth.io import write_png_atomic
 from histosynth.schema import RENAL
 
@@ -77,5 +78,17 @@ def test_the_stamp_command_edits_a_folder_of_masks(tmp_path, capsys):
         edited = np.asarray(Image.open(out / row["mask"]))
         assert row["frac_4"] == pytest.approx((edited == GLOMERULI).mean(), abs=1e-6)
         assert "Glomeruli" in row["caption"] and row["source"] == str(source / row["mask"])
+    # a dataset's masks are named by patch id
+    writer = PatchDatasetWriter(tmp_path / "ds", RENAL, 128)
+    writer.write_slide("s", [Patch(np.zeros((128, 128, 3), np.uint8), np.full((128, 128), OTHER, np.uint8), 0, 0)]
+                       * 2, "train")
+    writer.finalize()
+    assert main(["phantom", "stamp", "--masks-from", str(tmp_path / "ds"), "--add", "Arteries=1", "--out",
+                 str(tmp_path / "from-ds"), "--mpp", "4"]) == 0
+    table = pd.read_csv(tmp_path / "from-ds" / "masks.csv")
+    assert table["mask"].tolist() == ["s_000000.png", "s_000001.png"]
+    assert table["source"].tolist() == [f"{tmp_path / 'ds'}:s_00000{i}" for i in range(2)]
+    with pytest.raises(DataError, match="several masks are named m0; edit them in separate runs"):
+        write_stamped_masks([("m0", "a", np.zeros((8, 8), np.uint8))] * 2, [Addition(GLOMERULI, 1)], tmp_path / "x")
     assert main(["phantom", "stamp", "--add", "Glomeruli=1", "--out", str(out)]) == 2
     assert "give the masks to edit: a file or folder (MASKS), or --masks-from DATASET" in capsys.readouterr().err

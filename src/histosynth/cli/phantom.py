@@ -114,6 +114,7 @@ def stamp(
         raise ConfigError(f"--mpp must be positive, got {mpp}")
     additions = parse_additions(add, RENAL)
     chosen = masks_from_options(RENAL, masks, masks_from, split, n, seed)
-    table, placed, asked = write_stamped_masks([(m.source, m.mask) for m in chosen], additions, out, mpp, seed)
+    table, placed, asked = write_stamped_masks([(m.name, m.source, m.mask) for m in chosen], additions, out,
+                                                mpp, seed)
     typer.echo(f"edited {len(chosen)} masks: {placed} of {asked} structures placed "
                f"({asked - placed} found no free tissue); wrote {out} and {table}")

@@ -42,6 +42,11 @@ class ConditioningMask:
         return digest.hexdigest()[:16]
 
     @property
+    def name(self) -> str:
+        """The file stem of a mask file, or the patch id of a dataset's mask."""
+        return Path(self.source.rsplit(":", 1)[-1]).stem
+
+    @property
     def size(self) -> Size:
         return int(self.mask.shape[0]), int(self.mask.shape[1])
 

@@ -6,12 +6,14 @@ of the phantom's sizes (:data:`~histosynth.data.phantom.layout.LARGE_SPECS`, at 
 pixel) are drawn onto it. A structure goes where it lies on tissue (any class but the schema's
 background classes) for at least ``min_on_tissue`` of its area, and keeps a gap to the large
 structures of the mask and to those stamped before it; it overwrites the tubuli and interstitium it
-covers, as a structure in a real slide displaces them. When no place is left after a number of tries, fewer are stamped and the result says so.
+covers, as a structure in a real slide displaces them. When no place is left after a number of
+tries, fewer are stamped and the result says so.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -109,21 +111,21 @@ def _grown(region: np.ndarray, pixels: float) -> np.ndarray:
     return binary_dilation(region, iterations=steps)
 
 
-def write_stamped_masks(masks: Sequence[tuple[str, np.ndarray]], additions: Sequence[Addition], out: str | Path,
-                        mpp: float = 0.5, seed: int = 0) -> tuple[Path, int, int]:
-    """Each (source, mask) edited into ``out/<name>.png`` (the source's file stem or patch id), with
-    ``masks.csv`` (mask, source, structures added, caption, class shares). Returns the table's path
-    and the structures placed and asked for in all."""
+def write_stamped_masks(masks: Sequence[tuple[str, str, np.ndarray]], additions: Sequence[Addition],
+                        out: str | Path, mpp: float = 0.5, seed: int = 0) -> tuple[Path, int, int]:
+    """Each (name, source, mask) edited into ``out/<name>.png``, with ``masks.csv`` (mask, source,
+    structures added, caption, class shares). Returns the table's path and the structures placed
+    and asked for in all."""
     out = Path(out)
-    names = [f"{Path(source.rsplit(':', 1)[-1]).stem}.png" for source, _ in masks]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(name for name, count in Counter(name for name, _, _ in masks).items() if count > 1)
     if repeated:
-        raise DataError(f"several masks would be written as {', '.join(repeated[:3])}; edit them in separate runs")
+        raise DataError(f"several masks are named {', '.join(repeated[:3])}; edit them in separate runs")
     out.mkdir(parents=True, exist_ok=True)
     rows, placed, asked = [], 0, 0
-    for index, ((source, mask), name) in enumerate(zip(masks, names)):
+    for index, (name, source, mask) in enumerate(masks):
         stamped = stamp_structures(mask, additions, RENAL, mpp, item_seed(seed, index))
-        write_png_atomic(out / name, stamped.mask)
-        rows.append({"mask": name, "source": source, "added": stamped.placed, **mask_description(stamped.mask)})
+        write_png_atomic(out / f"{name}.png", stamped.mask)
+        rows.append({"mask": f"{name}.png", "source": source, "added": stamped.placed,
+                     **mask_description(stamped.mask)})
         placed, asked = placed + stamped.placed, asked + stamped.asked
     return write_mask_table(out, rows), placed, asked
