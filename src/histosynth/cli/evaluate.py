@@ -131,6 +131,7 @@ def masks(
         read_mask_job,
         write_label_fidelity_report,
     )
+    from ..sample.jobs import is_job_folder
     from ..segment.predict import COVERAGES
     from ..segment.segmenter import Segmenter
 
@@ -141,9 +142,9 @@ def masks(
     given_masks = mask if mask is not None else masks_from
     if images is not None and given_masks is not None and (mask is None) == (masks_from is None):
         raise ConfigError("give either --mask or --masks-from, not both")
-    if images is not None and is_generation_job(images) and given_masks is not None:
+    if images is not None and is_job_folder(images) and given_masks is not None:
         raise ConfigError("--images is a finished job with its own masks; leave out --mask / --masks-from")
-    if images is not None and not is_generation_job(images) and given_masks is None:
+    if images is not None and not is_job_folder(images) and given_masks is None:
         raise ConfigError(f"{images} is not a generation job: give the masks of its images with --mask DIR "
                           "or --masks-from DATASET")
     if coverage not in COVERAGES:
@@ -249,9 +250,3 @@ def mix(
     for _, row in result.final_table().iterrows():
         typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
     typer.echo(f"wrote {path}")
-
-
-def is_generation_job(folder: Path) -> bool:
-    from ..sample.jobs import MANIFEST_FILE
-
-    return (Path(folder) / MANIFEST_FILE).is_file()

@@ -91,7 +91,8 @@ def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
     from ..data.images import list_images
 
     dataset = open_dataset(dataset_root)
-    mask_of = dict(zip(dataset.rows()["patch_id"], dataset.rows()["mask"]))
+    rows = dataset.rows()
+    mask_of = dict(zip(rows["patch_id"], rows["mask"]))
     paths = list_images([images])
     missing = [p.name for p in paths if p.stem not in mask_of]
     if missing:

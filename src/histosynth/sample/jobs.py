@@ -420,7 +420,12 @@ def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Opti
     return job
 
 
+def is_job_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a generation job (its manifest)."""
+    return (Path(folder) / MANIFEST_FILE).is_file()
+
+
 def _existing_batch_size(folder: Path) -> Optional[int]:
-    if not (folder / MANIFEST_FILE).exists():
+    if not is_job_folder(folder):
         return None
     return Job.read(folder).spec.batch_size
