@@ -31,6 +31,7 @@ import pandas as pd
 from histosynth.evaluate.report import markdown_table
 
 from default_models import DATA, MODELS, RUNS, Sizes, environment, histosynth, relative, run_logged, say
+from evaluate_default import counted_classes
 
 BRANCHES = ("concat", "controlnet")
 GUIDANCE = (1.0, 1.5, 2.0)
@@ -74,14 +75,12 @@ def summary_row(branch: str, steps: int, reports: dict[float, Path]) -> dict:
     row = {"branch": branch, "steps": steps,
            "trained parameters (M)": round(sum(p.numel() for p in trained.parameters()) / 1e6, 2)}
     for guidance, report in reports.items():
-        table = pd.read_csv(report / "per_class.csv")
-        row[f"mean Dice, mask guidance {guidance}"] = round(float(table[table["counted"]]["Dice"].mean()), 3)
+        row[f"mean Dice, mask guidance {guidance}"] = round(float(counted_classes(report)["Dice"].mean()), 3)
     return row
 
 
 def per_class(branch: str, report: Path) -> pd.DataFrame:
-    table = pd.read_csv(report / "per_class.csv")
-    return table[table["counted"]].set_index("class")["Dice"].rename(branch).round(3)
+    return counted_classes(report).set_index("class")["Dice"].rename(branch).round(3)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

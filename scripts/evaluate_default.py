@@ -274,18 +274,22 @@ def realism_summary(report: Path) -> list[str]:
     return lines
 
 
+def counted_classes(report: Path) -> pd.DataFrame:
+    """The rows of a label-fidelity report's classes that count towards its mean Dice."""
+    table = pd.read_csv(report / "per_class.csv")
+    return table[table["counted"]]
+
+
 def fidelity_summary(report: Path, ceiling: Path) -> list[str]:
     if not (report / "per_class.csv").is_file():
         return []
-    table = pd.read_csv(report / "per_class.csv")
-    counted = table[table["counted"]]
+    counted = counted_classes(report)
     lines = ["## Label fidelity of the text+mask model (target: mean Dice >= 0.8)", "",
              f"- mean Dice over the {len(counted)} classes with enough pixels: **{counted['Dice'].mean():.3f}**"]
     if (ceiling / "per_class.csv").is_file():
-        reconstructed = pd.read_csv(ceiling / "per_class.csv")
         lines.append("- the ceiling, the same segmenter on autoencoder reconstructions of held-out real patches "
-                     f"against their masks: {reconstructed[reconstructed['counted']]['Dice'].mean():.3f}")
-    return lines + ["", markdown_table(table), ""]
+                     f"against their masks: {counted_classes(ceiling)['Dice'].mean():.3f}")
+    return lines + ["", markdown_table(pd.read_csv(report / "per_class.csv")), ""]
 
 
 def mix_summary(report: Path, synthetic: str) -> list[str]:
