@@ -193,10 +193,12 @@ def test_a_new_controlnet_branch_leaves_the_text_model_exactly_as_it_was(text_bu
 
 
 def test_train_a_controlnet_branch_on_a_frozen_text_model(text_bundle, blob_dataset, tmp_path, capsys):
+    def train(out, *extra):
+        return main(["train", str(blob_dataset.root), "--out", str(out), "--steps", "2", "--condition", "text+mask",
+                     "--mask-branch", "controlnet", "--cache-dir", str(tmp_path / "cache"), *FAST, *extra])
+
     out = tmp_path / "controlled"
-    common = [str(blob_dataset.root), "--steps", "2", "--condition", "text+mask", "--mask-branch", "controlnet",
-              "--cache-dir", str(tmp_path / "cache"), *FAST]
-    assert main(["train", *common[:1], "--out", str(out), "--init", str(text_bundle), *common[1:]]) == 0
+    assert train(out, "--init", str(text_bundle)) == 0
     bundle, text_model = load_bundle(out), load_bundle(text_bundle)
     assert isinstance(bundle.unet, MaskControlledUNet) and bundle.unet.config.in_channels == 11
     assert bundle.config["conditioning"]["mask_branch"] == "controlnet" and bundle.mask_classes == RENAL.ids
@@ -204,16 +206,17 @@ def test_train_a_controlnet_branch_on_a_frozen_text_model(text_bundle, blob_data
     text_weights = text_model.unet.state_dict()
     assert all(torch.equal(w, text_weights[k]) for k, w in bundle.unet.base.state_dict().items())  # frozen
     assert bundle.unet.controlnet.controlnet_down_blocks[0].weight.abs().sum() > 0  # trained from zero
-    made = generate(bundle, [""], [3], steps=1, masks=[np.full((32, 32), 4, np.uint8)], mask_guidance=2.0)
-    assert made.images.shape == (1, 32, 32, 3)
+    # the trained branch reaches the images: same seed, other mask, another image
+    glomerulus, tissue = np.full((32, 32), 4, np.uint8), np.full((32, 32), 6, np.uint8)
+    made = generate(bundle, ["", ""], [3, 3], steps=2, masks=[glomerulus, tissue], batch_size=2).images
+    assert made.shape == (2, 32, 32, 3) and np.abs(made[0].astype(int) - made[1]).max() > 0
 
-    assert main(["train", *common[:1], "--out", str(tmp_path / "no-init"), *common[1:]]) == 2
+    assert train(tmp_path / "no-init") == 2
     assert "--mask-branch controlnet trains a branch on a frozen text model: give that model with --init" \
         in capsys.readouterr().err
-    assert main(["train", *common[:1], "--out", str(tmp_path / "again"), "--init", str(out), *common[1:]]) == 2
+    assert train(tmp_path / "again", "--init", str(out)) == 2
     assert f"--init {out} already reads masks; the ControlNet branch steers a text-only model" in capsys.readouterr().err
-    assert main(["train", *common[:1], "--out", str(tmp_path / "x"), "--init", str(text_bundle), *common[1:],
-                 "--mask-branch", "lora"]) == 2
+    assert train(tmp_path / "x", "--init", str(text_bundle), "--mask-branch", "lora") == 2
     assert "unknown mask branch 'lora'; use one of concat, controlnet" in capsys.readouterr().err
 
     shutil.rmtree(out / "controlnet")
