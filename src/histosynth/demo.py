@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from .data.dataset import PatchDataset
 from .data.phantom.export import write_phantom_slide
@@ -25,6 +25,10 @@ from .errors import ModelError
 from .figures import contact_sheet
 from .io import write_text_atomic
 from .schema import RENAL
+
+if TYPE_CHECKING:
+    from .models.bundle import Bundle
+    from .segment.segmenter import Segmenter
 
 
 @dataclass
@@ -91,18 +95,25 @@ def run_demo(out: str | Path = "demo", settings: DemoSettings = DemoSettings(),
     return DemoResult(out, dataset, sheet, report, generation, from_masks, timings)
 
 
-def generate_and_judge(folder: Path, settings: DemoSettings) -> GenerationResult:
-    """Generate with the shipped model, then re-caption the generating caption's images."""
-    from .defaults import default_bundle_path, default_segmenter_path
-    from .evaluate.caption_accuracy import evaluate_caption_accuracy, segmenter_function
+def load_shipped_model(bundle_path: Path) -> tuple[Bundle, Segmenter]:
+    """A shipped model folder and the shipped segmenter that judges its images (ModelError where
+    either is missing or unreadable)."""
+    from .defaults import default_segmenter_path
     from .models.bundle import load_bundle
-    from .sample.generate import generate
-    from .sample.jobs import item_seed
     from .segment.segmenter import Segmenter
 
+    return load_bundle(bundle_path), Segmenter.load(default_segmenter_path())
+
+
+def generate_and_judge(folder: Path, settings: DemoSettings) -> GenerationResult:
+    """Generate with the shipped model, then re-caption the generating caption's images."""
+    from .defaults import default_bundle_path
+    from .evaluate.caption_accuracy import evaluate_caption_accuracy, segmenter_function
+    from .sample.generate import generate
+    from .sample.jobs import item_seed
+
     try:
-        bundle = load_bundle(default_bundle_path())
-        segmenter = Segmenter.load(default_segmenter_path())
+        bundle, segmenter = load_shipped_model(default_bundle_path())
     except ModelError as exc:
         return GenerationResult(None, "", f"generation skipped: {exc}", "Generated from captions")
     n = settings.generated_per_caption
@@ -123,17 +134,14 @@ def generate_and_judge(folder: Path, settings: DemoSettings) -> GenerationResult
 def generate_from_masks(dataset: PatchDataset, folder: Path, settings: DemoSettings) -> GenerationResult:
     """Generate from label masks of the demo's dataset with the shipped text+mask model, then compare
     the shipped segmenter's reading of each image with the mask it was generated from."""
-    from .defaults import default_mask_bundle_path, default_segmenter_path
+    from .defaults import default_mask_bundle_path
     from .evaluate.caption_accuracy import segmenter_function
     from .evaluate.label_fidelity import evaluate_label_fidelity
-    from .models.bundle import load_bundle
     from .sample.generate import generate
     from .sample.jobs import item_seed
-    from .segment.segmenter import Segmenter
 
     try:
-        bundle = load_bundle(default_mask_bundle_path())
-        segmenter = Segmenter.load(default_segmenter_path())
+        bundle, segmenter = load_shipped_model(default_mask_bundle_path())
     except ModelError as exc:
         return GenerationResult(None, "", f"generation from masks skipped: {exc}", "Generated from label masks")
     rows = pick_varied_rows(dataset, settings.generated_from_masks, settings.seed + 1)
