@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
     evaluate.command("masks")(masks)
     evaluate.command("realism")(realism)
     app.add_typer(evaluate, name="evaluate")
+    app.command("select-pairs")(select_pairs)
     experiment = typer.Typer(help="Experiments with real and synthetic training data.", no_args_is_help=True)
     experiment.command("mix")(mix)
     app.add_typer(experiment, name="experiment")
@@ -174,6 +175,32 @@ def masks(
     typer.echo(f"{len(result)} images: mean Dice {result.mean_dice():.3f} over classes with >= {min_share:.1%} of "
                f"the mask pixels (target {TARGET_MEAN_DICE})")
     typer.echo(f"wrote {path}")
+
+
+def select_pairs(
+    jobs: list[Path] = typer.Argument(..., help="generation jobs made from the same masks, each with its own --seed"),
+    segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter that chooses (judge the result "
+                                   "with another one)"),
+    out: Path = typer.Option(..., "--out", help="folder for images/ and masks/ of the kept pairs and selection.csv"),
+    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = DeviceOption,
+    progress: bool = ProgressOption,
+) -> None:
+    """Keep, per mask, the generated image a segmenter reads closest to its mask (best of several seeds)."""
+    from ..evaluate.caption_accuracy import segmenter_function
+    from ..evaluate.selection import read_candidates, select_best, summary, write_selection
+    from ..segment.predict import COVERAGES
+    from ..segment.segmenter import Segmenter
+
+    if coverage not in COVERAGES:
+        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    candidates = read_candidates(jobs)
+    seg = Segmenter.load(segmenter)
+    selection = select_best(candidates, segmenter_function(seg, coverage, device, batch_size), seg.schema, progress)
+    write_selection(selection, out, jobs, f"{seg.describe()} ({segmenter})")
+    typer.echo(summary(selection))
+    typer.echo(f"wrote {out}/images, {out}/masks and {out}/selection.csv")
 
 
 def realism(
