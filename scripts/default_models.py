@@ -284,19 +284,21 @@ def evaluate_autoencoder(folder: Path) -> dict:
 
 # --- stage 3: segmenter -----------------------------------------------------------------------------
 def stage_segmenter(sizes: Sizes) -> None:
+    train_segmenter(MODELS / "segmenter-base", MODELS / "segmenter", sizes, seed=0, log="segmenter")
+
+
+def train_segmenter(base: Path, tuned: Path, sizes: Sizes, seed: int, log: str) -> None:
     """A base training on the default and generating mixes, then a fine-tune with balanced class
     weights on that data plus sclerotic-rich patches (the rare classes' Dice; see stage data)."""
-    base, tuned = MODELS / "segmenter-base", MODELS / "segmenter"
     common = ["--base-channels", str(sizes.segmenter_base_channels), "--patience", str(sizes.segmenter_patience),
-              "--batch-size", str(sizes.segmenter_batch), "--seed", "0", "--device", "cpu", "--no-progress"]
+              "--batch-size", str(sizes.segmenter_batch), "--seed", str(seed), "--device", "cpu", "--no-progress"]
     if not (base / "segmenter.json").is_file():
-        run_logged("segmenter", histosynth("segment", "train", relative(DATA / "segmenter"), "--out", relative(base),
-                                           "--epochs", str(sizes.segmenter_epochs), *common))
+        run_logged(log, histosynth("segment", "train", relative(DATA / "segmenter"), "--out", relative(base),
+                                   "--epochs", str(sizes.segmenter_epochs), *common))
     if not (tuned / "segmenter.json").is_file():
-        run_logged("segmenter", histosynth("segment", "train", relative(DATA / "segmenter-rare"),
-                                           "--out", relative(tuned), "--init", relative(base),
-                                           "--class-weights", "balanced",
-                                           "--epochs", str(sizes.segmenter_tune_epochs), *common))
+        run_logged(log, histosynth("segment", "train", relative(DATA / "segmenter-rare"), "--out", relative(tuned),
+                                   "--init", relative(base), "--class-weights", "balanced",
+                                   "--epochs", str(sizes.segmenter_tune_epochs), *common))
 
 
 # --- stage 4: latent diffusion model ----------------------------------------------------------------

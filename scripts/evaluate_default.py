@@ -20,7 +20,11 @@ It needs the data of ``scripts/default_models.py`` (stage data) and evaluates th
 5. masks     label fidelity of the text+mask model on held-out masks, its ceiling (the segmenter on
              autoencoder reconstructions of held-out patches), and the six-split experiment with
              images generated from phantom layouts (masks = the layouts)
-6. summary   runs/evaluate/summary.md: our numbers beside the thesis' and the targets
+6. pairs     the held-out masks of stage masks made with more seeds, per mask the image the shipped
+             segmenter reads closest to its mask kept (histosynth select-pairs), and both the
+             first seed's images and the kept ones judged by a second segmenter trained apart
+             (another seed on the same data), which did not choose
+7. summary   runs/evaluate/summary.md: our numbers beside the thesis' and the targets
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import pandas as pd
 from histosynth.evaluate.report import markdown_table
 
 from default_models import (DATA, DONE_MARK, LOGS, ROOT, RUNS, environment, finished, histosynth, merge_datasets,
-                            relative, run_logged, say, Sizes as TrainingSizes)
+                            relative, run_logged, say, train_segmenter, Sizes as TrainingSizes)
 
 #: The thesis' generating caption ("Tubuli medium, a lot of Glomeruli") as class levels.
 GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"
@@ -56,11 +60,14 @@ class Sizes:
     mix_epochs: int = 12
     mix_input_size: int = 316
     fidelity_images: int = 100
+    pair_candidates: int = 3
+    judge_training: TrainingSizes = TrainingSizes()
     processes: int = 2
 
 
 QUICK = Sizes(caption_images=8, realism_images=8, mix_patches=4, mix_seeds=1, mix_epochs=1, mix_input_size=236,
-              fidelity_images=4)
+              fidelity_images=4, pair_candidates=2,
+              judge_training=TrainingSizes(segmenter_epochs=1, segmenter_tune_epochs=1))
 
 
 class Paths:
@@ -77,6 +84,9 @@ class Paths:
         self.layouts = root / "layouts"
         self.from_layouts = root / "generated-from-layouts"
         self.synthetic_from_masks = root / "synthetic-from-masks"
+        self.judge = root / "judge"
+        self.candidates = root / "candidates"
+        self.selected = root / "selected-pairs"
 
     def report(self, name: str) -> Path:
         return self.root / "reports" / name
@@ -234,6 +244,32 @@ def stage_masks(paths: Paths, sizes: Sizes) -> None:
                  paths.report("mix-masks"), sizes)
 
 
+def stage_pairs(paths: Paths, sizes: Sizes) -> None:
+    first = paths.report("label-fidelity") / "job"
+    jobs = [first]
+    for seed in range(1, sizes.pair_candidates):
+        jobs.append(paths.candidates / f"seed{seed}")
+        generate_sharded("evaluate-pairs", ["--model", shipped_mask_model(), "--mask", relative(first / "masks"),
+                                            "--mask-captions", "--out", relative(jobs[-1]), "--seed", str(seed)],
+                         sizes.processes)
+    if not (paths.selected / "selection.csv").is_file():
+        run_logged("evaluate-pairs", histosynth("select-pairs", *map(relative, jobs), "--segmenter",
+                                                shipped_segmenter(), "--out", relative(paths.selected),
+                                                "--no-progress"))
+    # the judge: trained as the shipped segmenter (scripts/default_models.py), with another seed
+    train_segmenter(paths.judge.with_name("judge-base"), paths.judge, sizes.judge_training, seed=1,
+                    log="evaluate-pairs")
+    judged = (("pairs-first-seed", first / "images", ["--mask", relative(first / "masks")]),
+              ("pairs-kept", paths.selected / "images", ["--mask", relative(paths.selected / "masks")]),
+              ("pairs-judge-ceiling", paths.reconstructed, ["--masks-from", relative(paths.heldout)]))
+    for name, images, masks in judged:
+        report = paths.report(name)
+        if not (report / "report.md").is_file():
+            run_logged("evaluate-pairs", histosynth("evaluate", "masks", "--images", relative(images), *masks,
+                                                    "--segmenter", relative(paths.judge), "--out", relative(report),
+                                                    "--no-progress"))
+
+
 def stage_summary(paths: Paths, sizes: Sizes) -> None:
     from histosynth.io import write_text_atomic
 
@@ -246,6 +282,7 @@ def stage_summary(paths: Paths, sizes: Sizes) -> None:
     lines += fidelity_summary(paths.report("label-fidelity"), paths.report("label-fidelity-reconstructed"))
     lines += mix_summary(paths.report("mix-masks"), "synthetic images generated from phantom layouts, "
                                                     "masks = the layouts")
+    lines += pairs_summary(paths, sizes)
     write_text_atomic(paths.root / "summary.md", "\n".join(lines) + "\n")
     say(f"[summary] wrote {relative(paths.root / 'summary.md')}")
     print("\n".join(lines))
@@ -292,6 +329,19 @@ def fidelity_summary(report: Path, ceiling: Path) -> list[str]:
     return lines + ["", markdown_table(pd.read_csv(report / "per_class.csv")), ""]
 
 
+def pairs_summary(paths: Paths, sizes: Sizes) -> list[str]:
+    reports = [paths.report(name) for name in ("pairs-first-seed", "pairs-kept", "pairs-judge-ceiling")]
+    if not all((report / "per_class.csv").is_file() for report in reports):
+        return []
+    first, kept, ceiling = (counted_classes(report)["Dice"].mean() for report in reports)
+    return [f"## Pairs kept from {sizes.pair_candidates} seeds per mask (select-pairs), judged by a second "
+            "segmenter", "",
+            f"- the first seed's images (those of label fidelity above): mean Dice {first:.3f}",
+            f"- per mask the image the shipped segmenter reads closest to its mask: **{kept:.3f}**",
+            f"- the second segmenter on autoencoder reconstructions of held-out real patches: {ceiling:.3f}", "",
+            markdown_table(pd.read_csv(reports[1] / "per_class.csv")), ""]
+
+
 def mix_summary(report: Path, synthetic: str) -> list[str]:
     if not (report / "table_5_2.csv").is_file():
         return []
@@ -306,7 +356,7 @@ def mix_summary(report: Path, synthetic: str) -> list[str]:
 
 
 STAGES = {"data": stage_data, "captions": stage_captions, "realism": stage_realism, "mix": stage_mix,
-          "masks": stage_masks, "summary": stage_summary}
+          "masks": stage_masks, "pairs": stage_pairs, "summary": stage_summary}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
