@@ -8,8 +8,11 @@ had a failed image with at least one seed, 3 with all three.)
 
 So make the same masks several times, one generation job per seed (``histosynth generate --mask
 ... --seed S`` or ``evaluate masks --model ... --seed S``), and keep for each mask the candidate a
-segmenter reads closest to it: the highest *agreement*, the mean over the classes in the mask or
-the prediction of that image's Dice. The output folder holds ``images/`` and ``masks/`` with the
+segmenter reads closest to it: the highest *agreement*, the share of the image's pixels that the
+segmenter reads as the class the mask gives them. (Of the rules tried on 100 held-out masks, this
+one chose the images a second segmenter scored best: mean Dice 0.668, against 0.641 for the mean
+over classes of each image's Dice, which lets a few pixels of a small class weigh as much as the
+rest of the image.) The output folder holds ``images/`` and ``masks/`` with the
 same file names (ready for ``histosynth dataset pair`` and ``evaluate masks --images``) and
 ``selection.csv``, every candidate's agreement and which one was kept.
 
@@ -33,7 +36,7 @@ from ..io import write_json_atomic, write_png_atomic, write_text_atomic
 from ..schema import ClassSchema
 from ..segment.predict import read_rgb
 from .caption_accuracy import SegmentFn
-from .label_fidelity import centre_crop, dice, pixel_counts
+from .label_fidelity import centre_crop, pixel_counts
 
 SELECTION_FILE = "selection.csv"
 RECORD_FILE = "selection.json"
@@ -83,10 +86,10 @@ def read_candidates(jobs: Sequence[str | Path]) -> list[Candidates]:
 
 
 def agreement(counts: np.ndarray) -> float:
-    """How closely one image's segmentation follows its mask: the mean Dice over the classes in the
-    mask or the prediction, from (K, 3) pixel counts (see :func:`pixel_counts`)."""
-    scores = dice(counts)
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
+    """How closely one image's segmentation follows its mask: the share of the mask's pixels read
+    as their class, from (K, 3) pixel counts (see :func:`pixel_counts`)."""
+    in_mask = counts[:, 1].sum()
+    return float(counts[:, 0].sum() / in_mask) if in_mask else 0.0
 
 
 @dataclass
@@ -136,7 +139,7 @@ def write_selection(selection: Selection, out: str | Path, jobs: Sequence[str | 
     write_text_atomic(out / SELECTION_FILE, table.to_csv(index=False))
     write_json_atomic(out / RECORD_FILE, {
         "jobs": [str(job) for job in jobs], "segmenter": segmenter,
-        "rule": "per mask, the candidate with the highest mean Dice over the classes in its mask or prediction",
+        "rule": "per mask, the candidate with the largest share of pixels read as the mask's class",
         "mean_kept_agreement": float(table["kept_agreement"].mean()) if len(table) else None,
         "kept_per_job": np.bincount(selection.chosen, minlength=len(jobs)).tolist(),
     })
