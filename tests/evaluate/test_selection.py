@@ -109,6 +109,10 @@ def test_select_pairs_keeps_each_masks_best_read_candidate(candidate_jobs, multi
     assert sum(record["kept_per_job"]) == 3
     first, kept = table["agreement_0"].mean(), table["kept_agreement"].mean()
     assert f"3 masks, 3 candidates each: mean agreement {first:.3f} (first job) -> {kept:.3f} (kept)" in printed
+    # a job is never overwritten with the kept images
+    assert main(["select-pairs", *map(str, jobs), "--segmenter", str(multiclass_folder), "--out", str(jobs[1]),
+                 "--no-progress"]) == 2
+    assert f"{jobs[1]} holds a generation job, whose images the kept ones would replace" in capsys.readouterr().err
     # the kept pairs are a folder of images with the masks of the same name, as evaluate masks reads them
     assert main(["evaluate", "masks", "--images", str(out / "images"), "--mask", str(out / "masks"),
                  "--segmenter", str(multiclass_folder), "--out", str(tmp_path / "judged"), "--no-progress"]) == 0

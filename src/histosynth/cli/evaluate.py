@@ -189,12 +189,13 @@ def select_pairs(
 ) -> None:
     """Keep, per mask, the generated image a segmenter reads closest to its mask (best of several seeds)."""
     from ..evaluate.caption_accuracy import segmenter_function
-    from ..evaluate.selection import read_candidates, select_best, summary, write_selection
+    from ..evaluate.selection import check_output_folder, read_candidates, select_best, summary, write_selection
     from ..segment.predict import COVERAGES
     from ..segment.segmenter import Segmenter
 
     if coverage not in COVERAGES:
         raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    check_output_folder(out)
     candidates = read_candidates(jobs)
     seg = Segmenter.load(segmenter)
     selection = select_best(candidates, segmenter_function(seg, coverage, device, batch_size), seg.schema, progress)

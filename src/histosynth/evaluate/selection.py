@@ -12,9 +12,9 @@ segmenter reads closest to it: the highest *agreement*, the share of the image's
 segmenter reads as the class the mask gives them. (Of the rules tried on 100 held-out masks, this
 one chose the images a second segmenter scored best: mean Dice 0.668, against 0.641 for the mean
 over classes of each image's Dice, which lets a few pixels of a small class weigh as much as the
-rest of the image.) The output folder holds ``images/`` and ``masks/`` with the
-same file names (ready for ``histosynth dataset pair`` and ``evaluate masks --images``) and
-``selection.csv``, every candidate's agreement and which one was kept.
+rest of the image.) The output folder holds ``images/`` and ``masks/`` with the same file names
+(ready for ``histosynth dataset pair`` and ``evaluate masks --images``) and ``selection.csv``,
+every candidate's agreement and which one was kept.
 
 The segmenter that chooses must not be the one that judges the chosen set: the kept images score
 well with it by construction. Judge the set with a segmenter trained apart.
@@ -126,10 +126,20 @@ def select_best(candidates: Sequence[Candidates], segment: SegmentFn, schema: Cl
     return Selection(list(candidates), scores)
 
 
+def check_output_folder(out: str | Path) -> Path:
+    """The folder for the kept pairs, which must not be a generation job (its images would be replaced)."""
+    from ..sample.jobs import is_job_folder
+
+    if is_job_folder(out):
+        raise ConfigError(f"{out} holds a generation job, whose images the kept ones would replace; "
+                          "write the kept pairs to another folder")
+    return Path(out)
+
+
 def write_selection(selection: Selection, out: str | Path, jobs: Sequence[str | Path], segmenter: str) -> Path:
     """Copy each mask's kept image and the mask into ``out/images`` and ``out/masks`` (same names),
     with ``selection.csv`` and a record of the jobs and the segmenter that chose."""
-    out = Path(out)
+    out = check_output_folder(out)
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for group, kept in zip(selection.candidates, selection.chosen):
