@@ -23,7 +23,8 @@ It needs the data of ``scripts/default_models.py`` (stage data) and evaluates th
 6. pairs     the held-out masks of stage masks made with more seeds, per mask the image the shipped
              segmenter reads closest to its mask kept (histosynth select-pairs), and both the
              first seed's images and the kept ones judged by a second segmenter trained apart
-             (another seed on the same data), which did not choose
+             (another seed on the same data), which did not choose; and the six-split experiment
+             of stage masks again with the pairs kept from the layouts' images
 7. summary   runs/evaluate/summary.md: our numbers beside the thesis' and the targets
 """
 
@@ -87,6 +88,9 @@ class Paths:
         self.judge = root / "judge"
         self.candidates = root / "candidates"
         self.selected = root / "selected-pairs"
+        self.layout_candidates = root / "candidates-layouts"
+        self.selected_layouts = root / "selected-layout-pairs"
+        self.synthetic_kept = root / "synthetic-from-masks-kept"
 
     def report(self, name: str) -> Path:
         return self.root / "reports" / name
@@ -246,16 +250,8 @@ def stage_masks(paths: Paths, sizes: Sizes) -> None:
 
 def stage_pairs(paths: Paths, sizes: Sizes) -> None:
     first = paths.report("label-fidelity") / "job"
-    jobs = [first]
-    for seed in range(1, sizes.pair_candidates):
-        jobs.append(paths.candidates / f"seed{seed}")
-        generate_sharded("evaluate-pairs", ["--model", shipped_mask_model(), "--mask", relative(first / "masks"),
-                                            "--mask-captions", "--out", relative(jobs[-1]), "--seed", str(seed)],
-                         sizes.processes)
-    if not (paths.selected / "selection.csv").is_file():
-        run_logged("evaluate-pairs", histosynth("select-pairs", *map(relative, jobs), "--segmenter",
-                                                shipped_segmenter(), "--out", relative(paths.selected),
-                                                "--no-progress"))
+    jobs = with_more_seeds(first, range(1, sizes.pair_candidates), paths.candidates, sizes)
+    select_pairs(jobs, paths.selected)
     # the judge: trained as the shipped segmenter (scripts/default_models.py), with another seed
     train_segmenter(paths.judge.with_name("judge-base"), paths.judge, sizes.judge_training, seed=1,
                     log="evaluate-pairs")
@@ -268,6 +264,30 @@ def stage_pairs(paths: Paths, sizes: Sizes) -> None:
             run_logged("evaluate-pairs", histosynth("evaluate", "masks", "--images", relative(images), *masks,
                                                     "--segmenter", relative(paths.judge), "--out", relative(report),
                                                     "--no-progress"))
+    # the annotation-free experiment of stage masks again, with the pairs kept from the layouts' jobs
+    layout_jobs = with_more_seeds(paths.from_layouts, range(3, 2 + sizes.pair_candidates),
+                                  paths.layout_candidates, sizes)
+    select_pairs(layout_jobs, paths.selected_layouts)
+    pair_and_mix(paths, paths.selected_layouts / "images", paths.selected_layouts / "masks",
+                 paths.synthetic_kept, paths.report("mix-masks-kept"), sizes)
+
+
+def with_more_seeds(first: Path, seeds: range, folder: Path, sizes: Sizes) -> list[Path]:
+    """A job made from masks, and one more job of the same masks per seed (in ``folder/seed<S>``)."""
+    jobs = [first]
+    for seed in seeds:
+        jobs.append(folder / f"seed{seed}")
+        generate_sharded("evaluate-pairs", ["--model", shipped_mask_model(), "--mask", relative(first / "masks"),
+                                            "--mask-captions", "--out", relative(jobs[-1]), "--seed", str(seed)],
+                         sizes.processes)
+    return jobs
+
+
+def select_pairs(jobs: list[Path], out: Path) -> None:
+    """Per mask, the image of ``jobs`` that the shipped segmenter reads closest to it."""
+    if not (out / "selection.csv").is_file():
+        run_logged("evaluate-pairs", histosynth("select-pairs", *map(relative, jobs), "--segmenter",
+                                                shipped_segmenter(), "--out", relative(out), "--no-progress"))
 
 
 def stage_summary(paths: Paths, sizes: Sizes) -> None:
@@ -283,6 +303,8 @@ def stage_summary(paths: Paths, sizes: Sizes) -> None:
     lines += mix_summary(paths.report("mix-masks"), "synthetic images generated from phantom layouts, "
                                                     "masks = the layouts")
     lines += pairs_summary(paths, sizes)
+    lines += mix_summary(paths.report("mix-masks-kept"), f"images generated from phantom layouts, per layout the "
+                                                         f"best of {sizes.pair_candidates} seeds (select-pairs)")
     write_text_atomic(paths.root / "summary.md", "\n".join(lines) + "\n")
     say(f"[summary] wrote {relative(paths.root / 'summary.md')}")
     print("\n".join(lines))
