@@ -48,6 +48,8 @@ from default_models import (DATA, DONE_MARK, LOGS, ROOT, RUNS, environment, fini
 
 #: The thesis' generating caption ("Tubuli medium, a lot of Glomeruli") as class levels.
 GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"
+#: The generation seed of the images made from phantom layouts (stage masks); stage pairs adds the next ones.
+LAYOUTS_SEED = 2
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,8 @@ def stage_masks(paths: Paths, sizes: Sizes) -> None:
             "phantom", "masks", "--out", relative(paths.layouts), "--n", str(2 * sizes.mix_patches),
             "--mix", "generating", "--seed", "5", "--no-progress"))
     generate_sharded("evaluate-masks", ["--model", shipped_mask_model(), "--mask", relative(paths.layouts),
-                                        "--mask-captions", "--out", relative(paths.from_layouts), "--seed", "2"],
+                                        "--mask-captions", "--out", relative(paths.from_layouts),
+                                        "--seed", str(LAYOUTS_SEED)],
                      sizes.processes)
     pair_and_mix(paths, paths.from_layouts / "images", paths.from_layouts / "masks", paths.synthetic_from_masks,
                  paths.report("mix-masks"), sizes)
@@ -265,7 +268,7 @@ def stage_pairs(paths: Paths, sizes: Sizes) -> None:
                                                     "--segmenter", relative(paths.judge), "--out", relative(report),
                                                     "--no-progress"))
     # the annotation-free experiment of stage masks again, with the pairs kept from the layouts' jobs
-    layout_jobs = with_more_seeds(paths.from_layouts, range(3, 2 + sizes.pair_candidates),
+    layout_jobs = with_more_seeds(paths.from_layouts, range(LAYOUTS_SEED + 1, LAYOUTS_SEED + sizes.pair_candidates),
                                   paths.layout_candidates, sizes)
     select_pairs(layout_jobs, paths.selected_layouts)
     pair_and_mix(paths, paths.selected_layouts / "images", paths.selected_layouts / "masks",
