@@ -104,6 +104,10 @@ class Selection:
         """Index of the kept job per mask: the highest agreement (the first job on a tie)."""
         return self.scores.argmax(axis=1)
 
+    def kept_per_job(self) -> list[int]:
+        """How many kept images each job gave."""
+        return np.bincount(self.chosen, minlength=self.scores.shape[1]).tolist()
+
     def table(self) -> pd.DataFrame:
         rows = []
         for candidates, scores, kept in zip(self.candidates, self.scores, self.chosen):
@@ -151,7 +155,7 @@ def write_selection(selection: Selection, out: str | Path, jobs: Sequence[str | 
         "jobs": [str(job) for job in jobs], "segmenter": segmenter,
         "rule": "per mask, the candidate with the largest share of pixels read as the mask's class",
         "mean_kept_agreement": float(table["kept_agreement"].mean()) if len(table) else None,
-        "kept_per_job": np.bincount(selection.chosen, minlength=len(jobs)).tolist(),
+        "kept_per_job": selection.kept_per_job(),
     })
     return out
 
@@ -161,6 +165,5 @@ def summary(selection: Selection) -> str:
     if not len(selection.candidates):
         return "no masks"
     first, kept = selection.scores[:, 0].mean(), selection.scores.max(axis=1).mean()
-    per_job = np.bincount(selection.chosen, minlength=selection.scores.shape[1]).tolist()
     return (f"{len(selection.candidates)} masks, {selection.scores.shape[1]} candidates each: mean agreement "
-            f"{first:.3f} (first job) -> {kept:.3f} (kept); kept per job {per_job}")
+            f"{first:.3f} (first job) -> {kept:.3f} (kept); kept per job {selection.kept_per_job()}")
