@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,12 @@ def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata."""
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+def copy_file_atomic(source: str | Path, path: str | Path) -> None:
+    """Copy a file's bytes to ``path``, which exists only once the copy is complete."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def read_format_json(path: str | Path, expected_format: str, error: type[Exception], missing: str,

@@ -67,13 +67,12 @@ def captions(
         write_caption_accuracy_report,
     )
     from ..evaluate.images import choose, read_generated
-    from ..segment.predict import COVERAGES, read_rgb
+    from ..segment.predict import read_rgb
     from ..segment.segmenter import Segmenter
 
     if (images is None) == (model is None):
         raise ConfigError("give either --images DIR (generated images) or --model DIR (generate them now)")
-    if coverage not in COVERAGES:
-        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    check_coverage(coverage)
     seg = Segmenter.load(segmenter)
     class_schema = seg.schema if schema is None else schema_from_option(schema)
     seg.check_schema(class_schema, f"schema {schema}" if schema else "the evaluation")
@@ -133,7 +132,6 @@ def masks(
         write_label_fidelity_report,
     )
     from ..sample.jobs import is_job_folder
-    from ..segment.predict import COVERAGES
     from ..segment.segmenter import Segmenter
 
     if (images is None) == (model is None):
@@ -148,8 +146,7 @@ def masks(
     if images is not None and not is_job_folder(images) and given_masks is None:
         raise ConfigError(f"{images} is not a generation job: give the masks of its images with --mask DIR "
                           "or --masks-from DATASET")
-    if coverage not in COVERAGES:
-        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    check_coverage(coverage)
     seg = Segmenter.load(segmenter)
     segment = segmenter_function(seg, coverage, device, batch_size, progress)
     job = images
@@ -190,11 +187,9 @@ def select_pairs(
     """Keep, per mask, the generated image a segmenter reads closest to its mask (best of several seeds)."""
     from ..evaluate.caption_accuracy import segmenter_function
     from ..evaluate.selection import check_output_folder, read_candidates, select_best, summary, write_selection
-    from ..segment.predict import COVERAGES
     from ..segment.segmenter import Segmenter
 
-    if coverage not in COVERAGES:
-        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    check_coverage(coverage)
     check_output_folder(out)
     candidates = read_candidates(jobs)
     seg = Segmenter.load(segmenter)
@@ -278,3 +273,11 @@ def mix(
     for _, row in result.final_table().iterrows():
         typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
     typer.echo(f"wrote {path}")
+
+
+def check_coverage(coverage: str) -> None:
+    """A segmenter coverage the toolkit knows, or a ConfigError that lists them."""
+    from ..segment.predict import COVERAGES
+
+    if coverage not in COVERAGES:
+        raise ConfigError(f"unknown --coverage {coverage!r}; use one of {', '.join(COVERAGES)}")

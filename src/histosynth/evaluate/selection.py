@@ -32,11 +32,11 @@ from rich.progress import track
 
 from ..data.dataset import read_image
 from ..errors import ConfigError, DataError
-from ..io import write_json_atomic, write_png_atomic, write_text_atomic
+from ..io import copy_file_atomic, write_json_atomic, write_text_atomic
 from ..schema import ClassSchema
 from ..segment.predict import read_rgb
 from .caption_accuracy import SegmentFn
-from .label_fidelity import centre_crop, pixel_counts
+from .label_fidelity import evaluate_label_fidelity
 
 SELECTION_FILE = "selection.csv"
 RECORD_FILE = "selection.json"
@@ -87,7 +87,7 @@ def read_candidates(jobs: Sequence[str | Path]) -> list[Candidates]:
 
 def agreement(counts: np.ndarray) -> float:
     """How closely one image's segmentation follows its mask: the share of the mask's pixels read
-    as their class, from (K, 3) pixel counts (see :func:`pixel_counts`)."""
+    as their class, from (K, 3) pixel counts (see :func:`.label_fidelity.pixel_counts`)."""
     in_mask = counts[:, 1].sum()
     return float(counts[:, 0].sum() / in_mask) if in_mask else 0.0
 
@@ -120,13 +120,14 @@ class Selection:
 
 def select_best(candidates: Sequence[Candidates], segment: SegmentFn, schema: ClassSchema,
                 progress: bool = False) -> Selection:
-    """Segment every candidate and score it against its mask."""
+    """Segment every candidate and score it against its mask (as label fidelity counts pixels)."""
     scores = np.zeros((len(candidates), len(candidates[0].images)) if candidates else (0, 0))
     for row, group in enumerate(track(candidates, description="choosing", disable=not progress)):
         mask = read_image(group.mask, mode=None)
         schema.check_mask(mask, str(group.mask))
-        predictions = segment([read_rgb(path) for path in group.images])
-        scores[row] = [agreement(pixel_counts(centre_crop(mask, p.shape), p, schema.ids)) for p in predictions]
+        fidelity, _ = evaluate_label_fidelity([read_rgb(path) for path in group.images], [mask] * len(group.images),
+                                              segment, schema, [str(path) for path in group.images])
+        scores[row] = [agreement(counts) for counts in fidelity.counts]
     return Selection(list(candidates), scores)
 
 
@@ -147,8 +148,8 @@ def write_selection(selection: Selection, out: str | Path, jobs: Sequence[str | 
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for group, kept in zip(selection.candidates, selection.chosen):
-        write_png_atomic(out / "images" / group.name, read_image(group.images[kept], mode="RGB"))
-        write_png_atomic(out / "masks" / group.name, read_image(group.mask, mode=None))
+        copy_file_atomic(group.images[kept], out / "images" / group.name)
+        copy_file_atomic(group.mask, out / "masks" / group.name)
     table = selection.table()
     write_text_atomic(out / SELECTION_FILE, table.to_csv(index=False))
     write_json_atomic(out / RECORD_FILE, {
