@@ -46,3 +46,15 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
 def test_exactly_one_input_is_required(capsys):
     assert main(["caption"]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_usage_mistakes_print_the_usage_line_not_a_traceback(capsys):
+    assert main(["caption", "--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option: --no-such-option" in err and "Traceback" not in err
+    assert err.lstrip().startswith("Usage: histosynth caption")
+
+
+def test_help_exits_zero(capsys):
+    assert main(["caption", "--help"]) == 0
+    assert "--parse" in capsys.readouterr().out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from ..errors import HistosynthError
@@ -52,6 +51,18 @@ evaluate.register(app)
 dataset.register(app)
 
 
+def _usage_error_class() -> type[Exception]:
+    """Click's ``ClickException`` (a usage error such as an unknown option or a missing one).
+
+    Older Typer re-exports click's exceptions, newer Typer vendors its own copy of click; either way
+    ``typer.BadParameter`` derives from the ``ClickException`` that the parser raises.
+    """
+    return next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+USAGE_ERROR = _usage_error_class()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by tests)."""
     try:
@@ -59,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except HistosynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except USAGE_ERROR as exc:
         exc.show()
         return exc.exit_code
     return result if isinstance(result, int) else 0
