@@ -314,6 +314,15 @@ def stage_ldm_mask(sizes: Sizes) -> None:
     train_ldm("ldm-mask", sizes.ldm_mask_steps, sizes, ["--condition", "text+mask", "--mask-dropout",
                                                          str(sizes.ldm_mask_dropout),
                                                          "--init", relative(MODELS / "ldm")])
+    store_latent_range("ldm-mask")
+
+
+def store_latent_range(name: str) -> None:
+    """The range of training latents that sampling clamps into, for a model trained before `histosynth
+    train` stored it (the shipped text+mask model): the same range training stores now."""
+    model = MODELS / name
+    if "range" not in json.loads((model / "histosynth.json").read_text())["latent"]:
+        run_logged(name, histosynth("latent-range", relative(model), "--dataset", relative(DATA / "ldm")))
 
 
 def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...] | list[str] = ()) -> None:

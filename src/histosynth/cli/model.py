@@ -1,4 +1,5 @@
-"""`histosynth import-compvis`: take over a CompVis / PathLDM / generationLDM checkpoint."""
+"""Model-folder commands: `histosynth import-compvis` takes over a CompVis / PathLDM / generationLDM
+checkpoint; `histosynth latent-range` sets the range of training latents that sampling clamps into."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
+from ..models.latent_range import DEFAULT_QUANTILE
 from .common import SchemaOption, schema_from_option
 
 #: written instead of a model folder's description when no text encoder is at hand
@@ -19,6 +21,40 @@ PARTIAL_FORMAT = "histosynth.compvis-import"
 
 def register(app: typer.Typer) -> None:
     app.command("import-compvis")(import_compvis_command)
+    app.command("latent-range")(latent_range_command)
+
+
+def latent_range_command(
+    model: Path = typer.Argument(..., help="model folder"),
+    dataset: Optional[Path] = typer.Option(
+        None, "--dataset", help="patch dataset whose latents give the range (the one the model was trained on)"
+    ),
+    split: str = typer.Option("train", "--split", help="with --dataset: the split to measure"),
+    quantile: float = typer.Option(
+        DEFAULT_QUANTILE, "--quantile", help="share of the latents left outside the range on each side, per channel"
+    ),
+    remove: bool = typer.Option(False, "--remove", help="remove the model's range: sampling no longer clamps"),
+) -> None:
+    """Set the per-channel range of training latents that sampling clamps each step into (or remove it).
+
+    `histosynth train` stores the range itself; this measures it for a model made without one (an
+    older or imported model). The model's id changes with the range.
+    """
+    from ..models.bundle import load_bundle, set_latent_range
+
+    if remove == (dataset is not None):
+        raise ConfigError("give either --dataset (measure and store the range) or --remove")
+    if remove:
+        model_id = set_latent_range(model, None)
+        typer.echo(f"removed the latent range of {model} (id now {model_id}): sampling no longer clamps")
+        return
+    from ..train.cache import dataset_latent_range
+
+    bundle = load_bundle(model)
+    latent_range = dataset_latent_range(dataset, bundle.autoencoder, quantile, split)
+    model_id = set_latent_range(model, latent_range)
+    bounds = ", ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(latent_range.low, latent_range.high))
+    typer.echo(f"{model}: latent range per channel {bounds} (quantile {quantile}); id now {model_id}")
 
 
 def import_compvis_command(

@@ -3,7 +3,8 @@
 Layout::
 
     histosynth.json     format version, class schema (caption rules included), image size,
-                        normalisation, latent scale, text encoder reference, conditioning,
+                        normalisation, latent scale (and the training latents' range that
+                        sampling clamps into), text encoder reference, conditioning,
                         preset, provenance (data, steps, wall time, command, hardware, metrics)
     unet/               diffusers UNet2DConditionModel (config.json + safetensors)
     controlnet/         only for a ControlNet mask branch: diffusers ControlNetModel steering the
@@ -21,6 +22,7 @@ run never leaves a half bundle. Loading checks every part and fails with a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -37,6 +39,7 @@ from ..io import read_format_json, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
+from .latent_range import LatentRange
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextEncoderSource, resolve_text_encoder
 
 FORMAT = "histosynth.bundle"
@@ -72,6 +75,12 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
+
+    @property
+    def latent_range(self) -> Optional[LatentRange]:
+        """The per-channel range of the training latents that sampling clamps into, if the model has one."""
+        stored = self.config["latent"].get("range")
+        return None if stored is None else LatentRange.from_dict(stored)
 
     @property
     def latent_scale(self) -> float:
@@ -136,8 +145,9 @@ def save_bundle(
     """Write a bundle to ``path`` atomically (replacing an older bundle there) and return ``path``.
 
     ``meta`` holds ``image_size`` (required) and optionally ``preset`` (dict), ``conditioning``
-    (``text_dropout``, ``mask_channels``, ...), ``unet_weights`` ("ema" or "raw") and ``provenance``
-    (data, steps, wall_time_s, command, metrics, ...; hardware is filled in).
+    (``text_dropout``, ``mask_channels``, ...), ``unet_weights`` ("ema" or "raw"), ``latent_range``
+    (a :class:`LatentRange` of the training latents) and ``provenance`` (data, steps, wall_time_s,
+    command, metrics, ...; hardware is filled in).
     """
     path = Path(path)
     if "image_size" not in meta:
@@ -175,18 +185,23 @@ def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoe
                    meta: dict[str, Any]) -> dict[str, Any]:
     conditioning = {"text": True, "mask_channels": 0, **meta.get("conditioning", {})}
     _check_conditioning(conditioning, schema, "meta['conditioning']")
+    latent = {
+        "scale": float(autoencoder.config.scaling_factor),
+        "channels": int(autoencoder.config.latent_channels),
+        "downsampling": 2 ** (len(autoencoder.config.block_out_channels) - 1),
+        "quantize_before_decode": isinstance(autoencoder, VQModel),
+    }
+    latent_range = meta.get("latent_range")
+    if latent_range is not None:
+        _check_latent_range(latent_range, latent["channels"], "meta['latent_range']")
+        latent["range"] = latent_range.to_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "id": _weights_digest(staging / "unet", staging / CONTROLNET_DIR),
+        "id": _bundle_id(staging, latent_range),
         "image_size": int(meta["image_size"]),
         "normalization": NORMALIZATION,
-        "latent": {
-            "scale": float(autoencoder.config.scaling_factor),
-            "channels": int(autoencoder.config.latent_channels),
-            "downsampling": 2 ** (len(autoencoder.config.block_out_channels) - 1),
-            "quantize_before_decode": isinstance(autoencoder, VQModel),
-        },
+        "latent": latent,
         "schema": schema.to_dict(),
         "unconditional_caption": "",
         "text_encoder": {
@@ -216,13 +231,42 @@ def _check_conditioning(conditioning: dict[str, Any], schema: ClassSchema, where
         )
 
 
-def _weights_digest(*folders: Path) -> str:
+def _bundle_id(folder: Path, latent_range: Optional[LatentRange]) -> str:
+    """Digest of the denoiser's weights and, when it has one, the latent range sampling clamps into:
+    everything besides the sampling options that decides a generated image."""
     digest = hashlib.sha256()
-    for weights in [w for folder in folders for w in sorted(folder.glob("*.safetensors"))]:
-        with weights.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+    for part in (folder / "unet", folder / CONTROLNET_DIR):
+        for weights in sorted(part.glob("*.safetensors")):
+            with weights.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    if latent_range is not None:
+        digest.update(json.dumps(latent_range.to_dict(), sort_keys=True).encode())
     return digest.hexdigest()[:12]
+
+
+def _check_latent_range(latent_range: LatentRange, channels: int, where: str) -> None:
+    if latent_range.channels != channels:
+        raise ModelError(f"{where}: the latent range has {latent_range.channels} channels but the autoencoder's "
+                         f"latents have {channels}")
+
+
+def set_latent_range(path: str | Path, latent_range: Optional[LatentRange]) -> str:
+    """Store (or, with None, remove) the latent range of the bundle at ``path``; returns its new id.
+
+    The id changes with the range, so generation jobs made with the other range are not resumed
+    with this one.
+    """
+    path = Path(path)
+    config = read_bundle_config(path)
+    latent = config["latent"]
+    latent.pop("range", None)
+    if latent_range is not None:
+        _check_latent_range(latent_range, int(latent["channels"]), str(path))
+        latent["range"] = latent_range.to_dict()
+    config["id"] = _bundle_id(path, latent_range)
+    write_json_atomic(path / CONFIG_FILE, config)
+    return config["id"]
 
 
 def _move_into_place(staging: Path, path: Path) -> None:
@@ -282,6 +326,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     schema = ClassSchema.from_dict(config["schema"], source=f"{path / CONFIG_FILE}: schema")
     _check_conditioning(config["conditioning"], schema, f"{path / CONFIG_FILE}: conditioning")
     _check_parts_fit(path, config, unet, autoencoder)
+    if "range" in config["latent"]:
+        _check_latent_range(LatentRange.from_dict(config["latent"]["range"]), int(config["latent"]["channels"]),
+                            f"{path / CONFIG_FILE}: latent")
     device = torch.device(device)
     return Bundle(
         path=path,

@@ -223,7 +223,7 @@ def sample_latents(bundle: Bundle, captions: Sequence[str], seeds: Sequence[int]
     """Final latents (B, C, h, w) of one batch; latents larger than the UNet's window are windowed.
 
     ``label_maps`` (B, K, h, w) condition a mask-conditioned model (see :func:`conditioning_maps`;
-    default: the null map).
+    default: the null map). A model with a latent range is clamped into it at every step.
     """
     channels, _, window = latent_geometry(bundle)
     latent_hw = image_latent_size(bundle, size)
@@ -242,7 +242,7 @@ def sample_latents(bundle: Bundle, captions: Sequence[str], seeds: Sequence[int]
     extra = None if label_maps is None else label_maps.to(bundle.device)
     return denoise(unet, bundle_scheduler(bundle, options.scheduler), noise, cond, uncond,
                    options.steps, options.guidance, cond_mask, uncond_mask, progress,
-                   cond_extra=extra, mask_guidance=mask_guidance)
+                   cond_extra=extra, mask_guidance=mask_guidance, latent_range=bundle.latent_range)
 
 
 def conditioning_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,

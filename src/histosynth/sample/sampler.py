@@ -17,6 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import ConfigError
+from ..models.latent_range import LatentRange, clamp_model_output
 
 #: called after each step with (steps done, number of steps)
 ProgressFn = Callable[[int, int], None]
@@ -154,11 +155,14 @@ def denoise(
     cond_extra: Optional[torch.Tensor] = None,
     mask_guidance: float = 1.0,
     on_step: Optional[StepObserver] = None,
+    latent_range: Optional[LatentRange] = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_T`` and return the final latents (the scheduler is reset).
 
     ``cond`` is (B, L, D); ``uncond`` is (B or 1, L', D), typically the embedding of "", or None when
     the text is not guided. ``cond_extra`` (B, K, h, w) is a label map (see :func:`guided_eps`).
+    With ``latent_range`` each step's predicted clean latent is clamped into it (see
+    :mod:`histosynth.models.latent_range`).
     """
     check_sampling_options(steps, guidance, mask_guidance)
     scheduler.set_timesteps(steps, device=x_T.device)
@@ -167,6 +171,9 @@ def denoise(
     for index, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(x, t)
         eps = guided_eps(unet, model_in, t, cond, uncond, guidance, cond_mask, uncond_mask, cond_extra, mask_guidance)
+        if latent_range is not None:
+            eps = clamp_model_output(eps, model_in, scheduler.alphas_cumprod[int(t)], latent_range,
+                                     scheduler.config.prediction_type)
         if on_step is not None:
             on_step(index, int(t), x, eps)
         x = scheduler.step(eps, t, x).prev_sample

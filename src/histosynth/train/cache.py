@@ -38,6 +38,7 @@ from ..errors import DataError
 from ..io import atomic_path, write_json_atomic
 from ..models.autoencoder import Autoencoder, downsampling_factor, encode_latents
 from ..models.label_maps import label_counts
+from ..models.latent_range import DEFAULT_QUANTILE, LatentRange, check_quantile
 from ..models.text import EmbeddingCache, TextEncoder, cached_caption_embeddings, weights_digest
 
 FORMAT = "histosynth.latents/1"
@@ -153,6 +154,18 @@ def cached_latents(dataset: PatchDataset, rows, autoencoder: Autoencoder, folder
     index = {"format": FORMAT, "autoencoder": autoencoder_id(autoencoder), "split": split}
     return _cached_parts(folder / f"{autoencoder_id(autoencoder)}-{split}", index, rows, encode, "latents",
                          batch_size, show_progress)
+
+
+def dataset_latent_range(dataset: PatchDataset | str | Path, autoencoder: Autoencoder,
+                         quantile: float = DEFAULT_QUANTILE, split: str = "train", cache_dir: Optional[Path] = None,
+                         show_progress: bool = True) -> LatentRange:
+    """The per-channel range of a dataset split's latents (from the training cache, encoding what is missing)."""
+    check_quantile(quantile)
+    dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
+    rows = training_rows(dataset, split, need_captions=False)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
+    latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, show_progress=show_progress)
+    return LatentRange.of_latents(latents, quantile)
 
 
 def cached_label_counts(dataset: PatchDataset, rows, class_ids: Sequence[int], factor: int, folder: Path,

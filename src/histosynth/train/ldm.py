@@ -35,6 +35,7 @@ from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
+from ..models.latent_range import LatentRange
 from ..models.text import load_text_encoder
 from ..presets import Preset
 from .cache import autoencoder_id, prepare_training_data
@@ -208,8 +209,9 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     dropout = ConditionDropout(text=conditioning.text_dropout, label_map=conditioning.mask_dropout)
     datamodule = LatentDataModule(data, batch_size, options.steps, options.seed, dropout,
                                   (training.hflip, training.vflip), options.num_workers)
-    callbacks = [SampleGrids(run.root / "samples", autoencoder, data, options.sample_every, preset, dataset.schema)] \
-        if options.sample_every else []
+    latent_range = LatentRange.of_latents(data.latents)
+    callbacks = [SampleGrids(run.root / "samples", autoencoder, data, options.sample_every, preset, dataset.schema,
+                             latent_range=latent_range)] if options.sample_every else []
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             callbacks, options.show_progress, options.log_every, limit_val_batches=0,
                             use_distributed_sampler=False)  # the step sampler already gives each rank its slice
@@ -233,6 +235,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
             "preset": preset.to_dict(),
             "unet_weights": "ema" if module.ema is not None else "raw",
             "conditioning": conditioning.to_config(mask_classes),
+            "latent_range": latent_range,
             "provenance": provenance,
         }
         save_bundle(options.out, module.averaged_unet(), autoencoder.to("cpu"), dict(module.scheduler.config),

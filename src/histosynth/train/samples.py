@@ -15,6 +15,7 @@ from ..io import write_png_atomic, write_text_atomic
 from ..models.autoencoder import Autoencoder, decode_latents
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import counts_to_shares, ids_from_label_map
+from ..models.latent_range import LatentRange
 from ..presets import Preset
 from ..sample.sampler import denoise
 from ..schema import ClassSchema
@@ -27,12 +28,15 @@ class SampleGrids(L.Callback):
     A text model draws the dataset's most frequent captions. A mask-conditioned model draws the
     first training patches' label maps (with their captions, if it reads text too) and shows each
     map above its image, in the schema's colours. The initial noise is the same at every grid (fixed
-    seeds), so successive grids show how the model changes, not the noise.
+    seeds), so successive grids show how the model changes, not the noise. With ``latent_range``
+    sampling clamps into it, as the finished model's will.
     """
 
     def __init__(self, folder: Path, autoencoder: Autoencoder, data: TrainingData, every: int, preset: Preset,
-                 schema: Optional[ClassSchema] = None, count: int = 4, steps: int = 25):
+                 schema: Optional[ClassSchema] = None, count: int = 4, steps: int = 25,
+                 latent_range: Optional[LatentRange] = None):
         self.folder = Path(folder)
+        self.latent_range = latent_range
         self.autoencoder = autoencoder
         self.every = every
         self.guidance = preset.sampling.guidance
@@ -70,7 +74,7 @@ class SampleGrids(L.Callback):
                              for i in range(len(self.captions))]).to(device)
         extra = None if self.label_maps is None else self.label_maps.to(device)
         latents = denoise(unet, sampling_scheduler(self.diffusion), noise, cond, uncond, self.steps, self.guidance,
-                          cond_mask, uncond_mask, cond_extra=extra)
+                          cond_mask, uncond_mask, cond_extra=extra, latent_range=self.latent_range)
         images = to_uint8(decode_latents(self.autoencoder.to(device), latents))
         row = np.concatenate(list(images), axis=1)
         if self.label_maps is None or self.schema is None:
