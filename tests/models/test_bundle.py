@@ -10,9 +10,10 @@ import torch
 
 from histosynth.errors import ModelError
 from histosynth.models.autoencoder import build_autoencoder
-from histosynth.models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
+from histosynth.models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle, set_latent_range
 from histosynth.models.denoiser import build_denoiser
 from histosynth.models.diffusion import noise_scheduler
+from histosynth.models.latent_range import LatentRange
 from histosynth.models.text import load_text_encoder, minilm_folder
 from histosynth.presets import Preset
 from histosynth.schema import RENAL
@@ -154,4 +155,32 @@ def test_a_newer_format_version_asks_for_an_upgrade(bundle_path):
     config["format_version"] = 2
     (bundle_path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ModelError, match="format version 2; this histosynth reads version 1: upgrade histosynth"):
+        load_bundle(bundle_path)
+
+
+def test_a_latent_range_is_kept_and_changes_the_id(bundle_path, parts, minilm, tmp_path):
+    latent_range = LatentRange((-2.0, -1.0, 0.0), (1.0, 1.5, 3.0), 0.01)
+    with_range = save_bundle(tmp_path / "ranged", *parts, noise_scheduler(PRESET).config, minilm, RENAL,
+                             {**META, "latent_range": latent_range})
+    plain = load_bundle(bundle_path)
+    ranged = load_bundle(with_range)
+    assert plain.latent_range is None and ranged.latent_range == latent_range
+    assert ranged.config["latent"]["range"] == {"low": [-2.0, -1.0, 0.0], "high": [1.0, 1.5, 3.0], "quantile": 0.01}
+    assert ranged.id != plain.id  # the same weights sample other images with a range
+    # removing the range gives back the plain model's id; setting it again, the ranged one's
+    assert set_latent_range(with_range, None) == plain.id and load_bundle(with_range).latent_range is None
+    assert set_latent_range(with_range, latent_range) == ranged.id
+    with pytest.raises(ModelError, match="the latent range has 2 channels but the autoencoder's latents have 3"):
+        set_latent_range(with_range, LatentRange((0.0, 0.0), (1.0, 1.0)))
+
+
+def test_a_corrupt_latent_range_is_named_on_load(bundle_path):
+    config = json.loads((bundle_path / CONFIG_FILE).read_text())
+    config["latent"]["range"] = {"low": [0.0, 0.0], "high": [1.0, 1.0]}
+    (bundle_path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="latent range has 2 channels but the autoencoder's latents have 3"):
+        load_bundle(bundle_path)
+    config["latent"]["range"] = {"low": "none"}
+    (bundle_path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="lists 'low' and 'high'"):
         load_bundle(bundle_path)

@@ -87,6 +87,28 @@ def test_an_image_does_not_depend_on_what_shares_its_batch(three, tiny_bundle):
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
+def test_a_model_with_a_latent_range_samples_inside_it(tiny_bundle_path, tmp_path):
+    import shutil
+
+    from histosynth.models.bundle import load_bundle, set_latent_range
+    from histosynth.models.latent_range import LatentRange
+    from histosynth.sample.generate import CaptionEmbeddings, SamplingOptions, sample_latents
+
+    def final_latents(bundle):
+        embeddings = CaptionEmbeddings.for_bundle(bundle, [GENERATING_CAPTION])
+        return sample_latents(bundle, [GENERATING_CAPTION] * 2, [3, 4], SamplingOptions(steps=STEPS), embeddings)
+
+    model = shutil.copytree(tiny_bundle_path, tmp_path / "model")
+    free = final_latents(load_bundle(model))
+    # a range far tighter than what the untrained model draws: its middle half, per channel
+    tight = LatentRange.of_latents(free, quantile=0.25)
+    set_latent_range(model, tight)
+    clamped = final_latents(load_bundle(model))
+    outside = float((clamped - tight.clamp(clamped)).abs().max())
+    # DDIM's last step lands on alphas_cumprod[0], not 1: a small noise term stays in the result
+    assert outside < 0.2 and outside < 0.1 * float((free - tight.clamp(free)).abs().max())
+
+
 def test_noise_comes_from_the_item_seed_alone():
     batch = initial_noise([5, 6], (3, 4, 4))
     torch.testing.assert_close(batch[1], torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6)),

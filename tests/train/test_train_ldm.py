@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
 from histosynth.models.bundle import load_bundle
+from histosynth.models.latent_range import DEFAULT_QUANTILE, LatentRange
 from histosynth.train.data import global_batch_items
 from histosynth.train.runtime import AtomicCheckpointIO, TrainingStopped
 
@@ -150,6 +151,31 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path):
     kept = torch.load(path, weights_only=True)
     assert kept["global_step"] == 4 and torch.equal(kept["w"], torch.arange(10.0))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_the_bundle_keeps_the_range_of_its_training_latents(straight_run, dataset_copy, tmp_path, capsys):
+    import shutil
+
+    from histosynth.train.cache import prepare_training_data
+
+    dataset, root = straight_run
+    trained = load_bundle(root / "model")
+    cached = prepare_training_data(dataset, trained.autoencoder, trained.text_encoder, root / "cache",
+                                   show_progress=False)
+    expected = LatentRange.of_latents(cached.latents)
+    assert trained.latent_range == expected and expected.quantile == DEFAULT_QUANTILE
+    # `histosynth latent-range` measures a model the same way (here on a copy of the data, encoded anew)
+    model = shutil.copytree(root / "model", tmp_path / "model")
+    assert main(["latent-range", str(model), "--remove"]) == 0
+    unranged = load_bundle(model)
+    assert unranged.latent_range is None and unranged.id != trained.id
+    assert main(["latent-range", str(model), "--dataset", str(dataset_copy), "--quantile", "0.01"]) == 0
+    measured = load_bundle(model).latent_range
+    assert measured.low == pytest.approx(expected.low, abs=1e-5)
+    assert measured.high == pytest.approx(expected.high, abs=1e-5)
+    assert "latent range per channel" in capsys.readouterr().out
+    assert main(["latent-range", str(model)]) == 2
+    assert "give either --dataset (measure and store the range) or --remove" in capsys.readouterr().err
 
 
 # --- bad input: one-line errors, nothing overwritten -------------------------------------------------
