@@ -304,6 +304,7 @@ def train_segmenter(base: Path, tuned: Path, sizes: Sizes, seed: int, log: str) 
 # --- stage 4: latent diffusion model ----------------------------------------------------------------
 def stage_ldm(sizes: Sizes) -> None:
     train_ldm("ldm", sizes.ldm_steps, sizes)
+    store_latent_range("ldm")
 
 
 def stage_ldm_mask(sizes: Sizes) -> None:
@@ -319,7 +320,7 @@ def stage_ldm_mask(sizes: Sizes) -> None:
 
 def store_latent_range(name: str) -> None:
     """The range of training latents that sampling clamps into, for a model trained before `histosynth
-    train` stored it (the shipped text+mask model): the same range training stores now."""
+    train` stored it (both shipped LDMs): the same range training stores now."""
     model = MODELS / name
     if "range" not in json.loads((model / "histosynth.json").read_text())["latent"]:
         run_logged(name, histosynth("latent-range", relative(model), "--dataset", relative(DATA / "ldm")))
