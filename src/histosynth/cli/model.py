@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import ConfigError, ModelError
-from ..models.latent_range import DEFAULT_QUANTILE
+from ..models.latent_range import DEFAULT_QUANTILE, check_quantile
 from .common import SchemaOption, schema_from_option
 
 #: written instead of a model folder's description when no text encoder is at hand
@@ -44,6 +44,7 @@ def latent_range_command(
 
     if remove == (dataset is not None):
         raise ConfigError("give either --dataset (measure and store the range) or --remove")
+    check_quantile(quantile)
     if remove:
         model_id = set_latent_range(model, None)
         typer.echo(f"removed the latent range of {model} (id now {model_id}): sampling no longer clamps")

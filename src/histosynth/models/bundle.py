@@ -318,7 +318,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             raise ModelError(f"{path}: part '{part}' is missing ({part}/{_part_config_name(part)} not found)")
     if config["text_encoder"]["ref"] != DEFAULT_TEXT_ENCODER and not (path / TEXT_ENCODER_DIR).is_dir():
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
-    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet"), path)
+    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False), path)
     if controlled:
         unet = MaskControlledUNet(unet, _load_part(CONTROLNET_DIR, lambda: load_mask_branch(path), path))
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)
@@ -354,7 +354,7 @@ def load_autoencoder_folder(folder: str | Path) -> Autoencoder:
     class_name = json.loads(config_path.read_text()).get("_class_name")
     if class_name not in _AUTOENCODER_CLASSES:
         raise ModelError(f"{config_path}: {class_name!r} is not an autoencoder (expected VQModel or AutoencoderKL)")
-    return _AUTOENCODER_CLASSES[class_name].from_pretrained(folder)
+    return _AUTOENCODER_CLASSES[class_name].from_pretrained(folder, low_cpu_mem_usage=False)
 
 
 def _part_config_name(part: str) -> str:

@@ -73,4 +73,4 @@ def add_mask_branch(base: UNet2DConditionModel, mask_channels: int) -> MaskContr
 
 
 def load_mask_branch(folder: Path) -> ControlNetModel:
-    return ControlNetModel.from_pretrained(Path(folder) / CONTROLNET_DIR)
+    return ControlNetModel.from_pretrained(Path(folder) / CONTROLNET_DIR, low_cpu_mem_usage=False)
