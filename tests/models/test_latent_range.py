@@ -96,3 +96,13 @@ def test_denoise_clamps_every_steps_clean_latent(kind):
     # DDIM's last step lands on alphas_cumprod[0], not 1: a noise term of std 0.03 stays in the result
     assert float((clamped - latent_range.clamp(clamped)).abs().max()) < 0.1
     assert float((unclamped - latent_range.clamp(unclamped)).abs().max()) > 5  # without it: far out
+
+
+def test_many_latents_are_measured_on_every_kth_one(monkeypatch):
+    import histosynth.models.latent_range as latent_range_module
+
+    latents = torch.arange(4 * 2 * 3 * 3, dtype=torch.float32).reshape(4, 2, 3, 3)  # 4 items of 2 x 3 x 3
+    monkeypatch.setattr(latent_range_module, "MAX_VALUES_PER_CHANNEL", 18)  # half the 36 values per channel
+    measured = LatentRange.of_latents(latents, quantile=0.0)
+    # items 0 and 2: channel 0 holds 0..8 and 36..44, channel 1 9..17 and 45..53
+    assert (measured.low, measured.high) == ((0.0, 9.0), (44.0, 53.0))
