@@ -2,19 +2,20 @@
 
 An image generated from a mask is a training pair only where it shows the mask. A small model
 draws some images in a texture or stain its training set does not have, and a segmenter then reads
-them as other classes; which images fail depends far more on the noise seed than on the mask.
-(The shipped text+mask model on 100 held-out phantom masks, seeds 0-2, ``make evaluate-default``
-stage pairs: 31 seed-0 images have less than half their pixels read as their mask's class; 75
-masks have such an image under some seed, 7 under all three.)
+them as other classes; which images fail depends on the noise seed, not on the mask. (The shipped
+text+mask model on 100 held-out phantom masks, seeds 0-2, ``make evaluate-default`` stage pairs,
+counted in its ``selection.csv``: 4 seed-0 images have less than half their pixels read as their
+mask's class, 12 masks have such an image under some seed and none under all three.)
 
 So make the same masks several times, one generation job per seed (``histosynth generate --mask
 ... --seed S`` or ``evaluate masks --model ... --seed S``), and keep for each mask the candidate a
 segmenter reads closest to it: the highest *agreement*, the share of the image's pixels that the
-segmenter reads as the class the mask gives them. (On those masks a second segmenter scores the
-images it keeps at mean Dice 0.668, against 0.641 for the per-image mean of per-class Dice, the
-rule before it, which lets a few pixels of a small class weigh as much as the rest of the image.) The output folder holds ``images/`` and ``masks/`` with the same file names
-(ready for ``histosynth dataset pair`` and ``evaluate masks --images``) and ``selection.csv``,
-every candidate's agreement and which one was kept.
+segmenter reads as the class the mask gives them. (This rule was chosen over the per-image mean of
+per-class Dice, which lets a few pixels of a small class weigh as much as the rest of the image:
+before sampling clamped into the latent range, a second segmenter scored the kept images 0.668
+against 0.641.) The output folder holds ``images/`` and ``masks/`` with the same file names (ready
+for ``histosynth dataset pair`` and ``evaluate masks --images``) and ``selection.csv``, every
+candidate's agreement and which one was kept.
 
 The segmenter that chooses must not be the one that judges the chosen set: the kept images score
 well with it by construction. Judge the set with a segmenter trained apart.

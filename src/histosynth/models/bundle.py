@@ -192,9 +192,7 @@ def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoe
         "quantize_before_decode": isinstance(autoencoder, VQModel),
     }
     latent_range = meta.get("latent_range")
-    if latent_range is not None:
-        _check_latent_range(latent_range, latent["channels"], "meta['latent_range']")
-        latent["range"] = latent_range.to_dict()
+    _store_latent_range(latent, latent_range, "meta['latent_range']")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -245,6 +243,14 @@ def _bundle_id(folder: Path, latent_range: Optional[LatentRange]) -> str:
     return digest.hexdigest()[:12]
 
 
+def _store_latent_range(latent: dict[str, Any], latent_range: Optional[LatentRange], where: str) -> None:
+    """Put ``latent_range`` into a bundle config's latent section (None: take it out)."""
+    latent.pop("range", None)
+    if latent_range is not None:
+        _check_latent_range(latent_range, int(latent["channels"]), where)
+        latent["range"] = latent_range.to_dict()
+
+
 def _check_latent_range(latent_range: LatentRange, channels: int, where: str) -> None:
     if latent_range.channels != channels:
         raise ModelError(f"{where}: the latent range has {latent_range.channels} channels but the autoencoder's "
@@ -259,11 +265,7 @@ def set_latent_range(path: str | Path, latent_range: Optional[LatentRange]) -> s
     """
     path = Path(path)
     config = read_bundle_config(path)
-    latent = config["latent"]
-    latent.pop("range", None)
-    if latent_range is not None:
-        _check_latent_range(latent_range, int(latent["channels"]), str(path))
-        latent["range"] = latent_range.to_dict()
+    _store_latent_range(config["latent"], latent_range, str(path))
     config["id"] = _bundle_id(path, latent_range)
     write_json_atomic(path / CONFIG_FILE, config)
     return config["id"]

@@ -172,7 +172,9 @@ def denoise(
         model_in = scheduler.scale_model_input(x, t)
         eps = guided_eps(unet, model_in, t, cond, uncond, guidance, cond_mask, uncond_mask, cond_extra, mask_guidance)
         if latent_range is not None:
-            eps = clamp_model_output(eps, model_in, scheduler.alphas_cumprod[int(t)], latent_range,
+            # the clean latent is implied by the sample itself (x = sqrt(a) x0 + sqrt(1-a) eps), not by a
+            # scheduler's scaled model input
+            eps = clamp_model_output(eps, x, scheduler.alphas_cumprod[int(t)], latent_range,
                                      scheduler.config.prediction_type)
         if on_step is not None:
             on_step(index, int(t), x, eps)
