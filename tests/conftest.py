@@ -98,14 +98,11 @@ def tiatoolbox_target_image() -> Path:
     return _wheel_member_or_skip(samples.TIATOOLBOX_TARGET)
 
 
-# The CompVis reference fixture (checkpoint + tensors computed by the original code), beside the repo.
+# The CompVis reference fixture: a tiny checkpoint and tensors computed from it by the original code
+# (see tests/fixtures/compvis/README.md).
 @pytest.fixture(scope="session")
 def compvis_dir() -> Path:
-    default = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "compvis"
-    folder = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", default))
-    if not (folder / "expected.safetensors").is_file():
-        pytest.skip(f"no CompVis fixture at {folder}")
-    return folder
+    return Path(__file__).resolve().parent / "fixtures" / "compvis"
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +110,17 @@ def compvis_expected(compvis_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(compvis_dir / "expected.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def compvis_ckpt(compvis_dir, tmp_path_factory) -> Path:
+    """The fixture's checkpoint as CompVis writes it (torch.save of a dict with a state_dict), from its safetensors."""
+    from safetensors.torch import load_file
+
+    path = tmp_path_factory.mktemp("compvis") / "tiny_ldm.ckpt"
+    state = load_file(str(compvis_dir / "tiny_ldm.safetensors"))
+    torch.save({"state_dict": state, "global_step": 0, "epoch": 0}, path)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""CompVis checkpoint import, checked against the CompVis reference fixture (../shared/fixtures/compvis).
+"""CompVis checkpoint import, checked against the CompVis reference fixture (tests/fixtures/compvis).
 
 The fixture's tensors were computed by the original CompVis / PathLDM code; tolerances are the ones its
 README recommends for fp32 on a CPU.
@@ -46,9 +46,10 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- parity ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_ldm.ckpt", "tiny_ldm.safetensors"])
-def test_imported_networks_reproduce_compvis_outputs(compvis_dir, checkpoint, expected):
-    unet, vq, info = import_compvis(compvis_dir / checkpoint, compvis_dir / "tiny_ldm.yaml")
+@pytest.mark.parametrize("checkpoint", ["ckpt", "safetensors"])
+def test_imported_networks_reproduce_compvis_outputs(compvis_dir, compvis_ckpt, checkpoint, expected):
+    path = compvis_ckpt if checkpoint == "ckpt" else compvis_dir / "tiny_ldm.safetensors"
+    unet, vq, info = import_compvis(path, compvis_dir / "tiny_ldm.yaml")
     with torch.no_grad():
         eps = unet(expected["unet_x"], expected["unet_t"], encoder_hidden_states=expected["unet_ctx"]).sample
         latent = encode_latents(vq, expected["vq_image"])
@@ -239,9 +240,9 @@ def test_pathldm_style_vq_with_channel_changes_round_trips_strictly(tmp_path, fi
 # --- the command -----------------------------------------------------------------------------------
 
 
-def test_import_command_writes_loadable_networks(compvis_dir, tmp_path, expected):
+def test_import_command_writes_loadable_networks(compvis_dir, compvis_ckpt, tmp_path, expected):
     out = tmp_path / "imported"
-    code = main(["import-compvis", str(compvis_dir / "tiny_ldm.ckpt"), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)])
+    code = main(["import-compvis", str(compvis_ckpt), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"unet", "autoencoder", "scheduler", "histosynth.json"}
     description = json.loads((out / "histosynth.json").read_text())
@@ -255,7 +256,7 @@ def test_import_command_writes_loadable_networks(compvis_dir, tmp_path, expected
         decoded = decode_latents(vq, expected["vq_latent"])
     assert max_error(eps, expected["unet_eps"]) < 1e-4
     assert max_error(decoded, expected["vq_decoded"]) < 1e-4
-    assert main(["import-compvis", str(compvis_dir / "tiny_ldm.ckpt"), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)]) == 2
+    assert main(["import-compvis", str(compvis_ckpt), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)]) == 2
 
 
 def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_path, fixture_state, fixture_config, expected):

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from histosynth.models.denoiser import build_denoiser, count_parameters, denoiser_config
 from histosynth.presets import Preset, load_preset
-
-FIXTURE = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", Path(__file__).resolve().parents[3] / "shared/fixtures/compvis"))
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,9 +29,8 @@ def test_cpu_presets_have_the_measured_sizes(name, millions):
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (3, 3, 64)
 
 
-@pytest.mark.skipif(not (FIXTURE / "fixture.json").is_file(), reason="no CompVis fixture")
-def test_built_denoiser_matches_the_verified_compvis_settings_and_outputs():
-    verified = json.loads((FIXTURE / "fixture.json").read_text())["diffusers_verification"]["unet_config"]
+def test_built_denoiser_matches_the_verified_compvis_settings_and_outputs(compvis_dir, compvis_expected):
+    verified = json.loads((compvis_dir / "fixture.json").read_text())["diffusers_verification"]["unet_config"]
     ours = denoiser_config(fixture_shaped_preset(), context_dim=64)
     assert {k: ours[k] for k in ours if k in verified} == {k: verified[k] for k in ours if k in verified}
     assert {k for k in verified if k not in ours} <= {
@@ -46,10 +39,10 @@ def test_built_denoiser_matches_the_verified_compvis_settings_and_outputs():
     }  # left at diffusers' defaults, which are the verified values
     from histosynth.models.compvis import import_compvis
 
-    imported, _, _ = import_compvis(FIXTURE / "tiny_ldm.safetensors", FIXTURE / "tiny_ldm.yaml")
+    imported, _, _ = import_compvis(compvis_dir / "tiny_ldm.safetensors", compvis_dir / "tiny_ldm.yaml")
     unet = build_denoiser(fixture_shaped_preset(), context_dim=64)
     unet.load_state_dict(imported.state_dict(), strict=True)
-    ref = load_file(str(FIXTURE / "expected.safetensors"))
+    ref = compvis_expected
     with torch.no_grad():
         eps = unet(ref["unet_x"], ref["unet_t"], encoder_hidden_states=ref["unet_ctx"]).sample
     assert (eps - ref["unet_eps"]).abs().max().item() < 1e-4

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +13,6 @@ from histosynth.errors import ConfigError
 from histosynth.models.denoiser import build_denoiser
 from histosynth.models.diffusion import diffusion_loss, drop_captions, make_ema, noise_scheduler, sampling_scheduler
 from histosynth.presets import Preset, load_preset
-
-FIXTURE = Path(os.environ.get("HISTOSYNTH_COMPVIS_FIXTURE", Path(__file__).resolve().parents[3] / "shared/fixtures/compvis"))
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,11 +39,10 @@ def test_training_schedule_is_compvis_linear():
     assert scheduler.config.prediction_type == "epsilon" and scheduler.config.clip_sample is False
 
 
-@pytest.mark.skipif(not (FIXTURE / "tiny_ldm.safetensors").is_file(), reason="no CompVis fixture")
-def test_alphas_cumprod_match_the_checkpoint_buffer():
+def test_alphas_cumprod_match_the_checkpoint_buffer(compvis_dir):
     from safetensors.torch import load_file
 
-    stored = load_file(str(FIXTURE / "tiny_ldm.safetensors"))["alphas_cumprod"]
+    stored = load_file(str(compvis_dir / "tiny_ldm.safetensors"))["alphas_cumprod"]
     assert (noise_scheduler().alphas_cumprod - stored).abs().max().item() < 3e-7
 
 

@@ -1,4 +1,4 @@
-"""The guided DDIM sampler against CompVis' DDIMSampler outputs in ../shared/fixtures/compvis.
+"""The guided DDIM sampler against CompVis' DDIMSampler outputs in tests/fixtures/compvis.
 
 Tolerances are the fixture README's for fp32 on a CPU. The DDIM latents of an untrained model reach
 |x| ~ 257, so 2e-3 / 5e-3 absolute are tight relative bounds.
@@ -41,6 +41,11 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def truncate_to_uint8(decoded: torch.Tensor) -> torch.Tensor:
+    """PathLDM's example_sampling.ipynb: [-1, 1] -> uint8, truncating."""
+    return ((decoded + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+
+
 def test_ddim_timesteps_are_compvis_leading_spacing(model, ref):
     scheduler = sampling_scheduler(model[2], "ddim")
     for steps in (10, 50):
@@ -68,8 +73,14 @@ def test_fifty_steps_and_the_decoded_image_match_pathldm_sampling(model, ref):
     assert max_error(out, ref["ddim_out_50"]) < 5e-3
     with torch.no_grad():
         decoded = decode_latents(model[1], out)
-    truncated = ((decoded + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)  # PathLDM's notebook truncates
-    assert torch.equal(truncated, ref["ddim_image_50"])
+        from_reference = decode_latents(model[1], ref["ddim_out_50"])
+    # The decoder alone reproduces PathLDM's image exactly (the notebook's post-processing truncates).
+    assert torch.equal(truncate_to_uint8(from_reference), ref["ddim_image_50"])
+    # Our own latents differ by ~2e-4 of |x| ~ 257, so a value on a level boundary may truncate to the next
+    # level: 1 of the 24,576 values did on a 2-core CPU. Allow one level, on at most 0.2% of the values.
+    levels = (truncate_to_uint8(decoded).int() - ref["ddim_image_50"].int()).abs()
+    assert levels.max().item() <= 1
+    assert (levels > 0).float().mean().item() <= 0.002
     rounded = torch.from_numpy(to_uint8(decoded)).permute(0, 3, 1, 2)  # the toolkit rounds: within one level
     assert max_error(rounded, ref["ddim_image_50"]) <= 1
 
