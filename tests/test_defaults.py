@@ -120,11 +120,26 @@ def test_shipped_mask_model_draws_what_its_mask_asks():
     assert defaults.default_provenance("ldm-mask")["steps"] > 0
 
 
-def test_shipped_segmenter_reaches_dice_0_9_on_held_out_phantom():
-    _shipped("segmenter")
-    test = defaults.default_provenance("segmenter")["metrics"]["test"]
-    enough = {k: c["dice"] for k, c in test["classes"].items() if c["pixel_share"] >= 0.005}
-    assert len(enough) >= 5 and min(enough.values()) >= 0.9, enough
+def test_shipped_segmenter_reaches_dice_0_85_on_fresh_phantom_patches():
+    """Dice measured now, on patches no training set held (seeds the dataset exports never draw)."""
+    import torch
+
+    from histosynth.data.phantom.generate import phantom_patch
+    from histosynth.segment.predict import predict_image
+    from histosynth.segment.segmenter import Segmenter
+    from histosynth.segment.training import dice_by_class, stat_scores
+
+    segmenter = Segmenter.load(_shipped("segmenter"))
+    metric = stat_scores(segmenter)
+    for seed in range(77, 83):
+        image, mask = phantom_patch(seed, size=256)
+        predicted = predict_image(segmenter, image, device="cpu")
+        metric.update(torch.from_numpy(predicted).long()[None], torch.from_numpy(segmenter.labels(mask)).long()[None])
+    stats = metric.compute()
+    shares = stats[:, 4].double() / stats[:, 4].sum()
+    dice = {label: round(d, 3) for label, d in dice_by_class(segmenter, stats).items() if shares[label] >= 0.005}
+    # measured: 0.929 (Sclerotic Glomeruli, 1.8 % of pixels) to 0.993 on the six classes present, mean 0.979
+    assert len(dice) >= 5 and min(dice.values()) >= 0.85 and np.mean(list(dice.values())) >= 0.95, dice
 
 
 def test_shipped_autoencoder_is_the_ldm_s_own():
