@@ -1,4 +1,4 @@
-"""Presets: the shipped sizes (SPEC §4 for pathldm) and errors that name the bad field."""
+"""Presets: the shipped sizes (thesis §4.1 for pathldm) and errors that name the bad field."""
 
 from __future__ import annotations
 

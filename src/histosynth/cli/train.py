@@ -90,7 +90,8 @@ def train_command(
     preset: str = PresetOption,
     steps: int = typer.Option(10_000, "--steps", help="training steps in all (a resumed run continues to this)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch per device (default: the preset's)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default: the preset's; SPEC 2.5e-5)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default: the preset's; pathldm has "
+                                       "the thesis' 2.5e-5, §4.1.5)"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
     precision: Optional[str] = PrecisionOption,
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),

@@ -1,6 +1,6 @@
 """Caption accuracy: does a generated image show what its caption asked for? (thesis §5.1)
 
-Each image is segmented, re-captioned with the SPEC §3 rules (the same prevalence thresholds that
+Each image is segmented, re-captioned with the thesis' caption rules (§4.1.4: the same prevalence thresholds that
 captioned the training data) and the levels found are compared with those the requested caption
 states. The thesis segmented 256 px samples with 86 px mirror padding (428 px in, 244 px out), so a
 6 px border on each side was never segmented and prevalences are shares of the 244 px centre;

@@ -1,6 +1,6 @@
 """The f4 autoencoder between images and diffusion latents.
 
-Conventions (SPEC §4, as PathLDM uses its VQ-f4):
+Conventions (as PathLDM uses its VQ-f4, the thesis' autoencoder, §4.1.1):
 
 * images are float tensors in [-1, 1], shape (B, 3, H, W);
 * ``encode_latents`` returns the *un-quantised* encoder output (VQ) or the posterior mean (KL),

@@ -1,4 +1,4 @@
-"""Training the latent diffusion model (SPEC §4) with Lightning, from cached latents.
+"""Training the latent diffusion model (thesis §4.1.5) with Lightning, from cached latents.
 
 AdamW with a linear learning-rate warm-up (factor 1e-6 -> 1), epsilon-prediction MSE at uniform
 timesteps, captions dropped to "" with the preset's probability, an EMA of the weights. Every random
