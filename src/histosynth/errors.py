@@ -7,6 +7,11 @@ do. The CLI prints the message without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class HistosynthError(Exception):
     """Base class of every error caused by input the user can fix."""
@@ -32,3 +37,13 @@ class ModelError(HistosynthError):
 
 class JobError(HistosynthError):
     """A generation or training job conflicts with what is already on disk."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A pydantic error on one line, naming each bad field: ``field 'unet.lr': message; ...``."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {message}")
+    return "; ".join(parts)

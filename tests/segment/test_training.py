@@ -233,7 +233,7 @@ def test_segment_commands_refuse_bad_input(toy, toy_dataset, multiclass_folder, 
     assert main(["segment", "train", str(toy_dataset.root), "--out", str(tmp_path / "s"), "--class", "Podocytes"]) == 2
     assert "unknown class name 'Podocytes'" in capsys.readouterr().err
     assert main(["segment", "train", str(toy_dataset.root), "--out", str(tmp_path / "s"), "--batch-size", "0"]) == 2
-    assert "bad training option (batch_size" in capsys.readouterr().err
+    assert "bad training option (field 'batch_size'" in capsys.readouterr().err
     image = toy_dataset.root / toy_dataset.rows("test")["image"][0]
     assert main(["segment", "predict", str(image), "--segmenter", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert "not a segmenter folder" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import typer
 
 from ..errors import ConfigError
+from ..terminal import quiet_lightning
 
 PresetOption = typer.Option("tiny", "--preset", help="model preset: tiny, small, pathldm, or a preset YAML file")
 SeedOption = typer.Option(0, "--seed", help="seed of every random choice (initialisation, batches, noise)")
@@ -193,18 +194,13 @@ def _command_line() -> str:
 @contextmanager
 def _plain_output() -> Iterator[None]:
     """Warnings as one line each; Lightning's progress bar and warnings, without its tips and chatter."""
-    chatter = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     loading = logging.getLogger("diffusers.models.modeling_utils")  # advice to install accelerate
-    levels, format_warning = (chatter.level, loading.level), warnings.formatwarning
-    chatter.setLevel(logging.WARNING)
+    level, format_warning = loading.level, warnings.formatwarning
     loading.setLevel(logging.ERROR)
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
-            warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+        with quiet_lightning():
             yield
     finally:
-        chatter.setLevel(levels[0])
-        loading.setLevel(levels[1])
+        loading.setLevel(level)
         warnings.formatwarning = format_warning

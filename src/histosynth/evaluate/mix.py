@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from ..data.dataset import PatchDataset
-from ..errors import ConfigError, DataError, JobError
+from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..io import atomic_path, write_json_atomic
 from ..segment.data import PatchRows
-from ..segment.training import SegmentTrainConfig, describe_validation_error, train_segmenter
+from ..segment.training import SegmentTrainConfig, train_segmenter
 from .report import Report, mean_sd
 
 

@@ -7,14 +7,12 @@ counted with torchmetrics); the reported mean is over the classes present in the
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -27,8 +25,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics.classification import MulticlassStatScores
 
 from ..data.dataset import open_dataset
-from ..errors import ConfigError, DataError, JobError
+from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..schema import ClassSchema
+from ..terminal import quiet_lightning
 from .data import PatchRows, SegmentationPairs
 from .predict import predict_images
 from ..devices import pick_device
@@ -63,11 +62,6 @@ class SegmentTrainConfig(BaseModel):
             return cls(**options)
         except ValidationError as exc:
             raise ConfigError(f"bad training option ({describe_validation_error(exc)})") from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """'field: problem; ...' for a one-line error message."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
 
 
 # --- losses and metrics ---------------------------------------------------------------------
@@ -255,24 +249,6 @@ def _accelerator(device: str) -> tuple[str, Any]:
     raise ConfigError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Keep Lightning's start-up banners and small-data warnings out of the user's terminal."""
-    names = ["lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
 def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentTrainConfig,
                     schema: ClassSchema, log_dir: str | Path | None = None, keep_best: bool = True,
                     progress: bool = False) -> TrainingRun:
@@ -301,7 +277,8 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
     checkpoint = _best_checkpoint(log_dir) if keep_best else None
     callbacks = [c for c in (early, checkpoint, RichProgressBar() if progress else None) if c is not None]
     start = time.perf_counter()
-    with _quiet_lightning():
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # small data sets load fast
         _trainer(config, log_dir, callbacks, progress).fit(task, *loaders)
     seconds = time.perf_counter() - start
     kept = "final"
