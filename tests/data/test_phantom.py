@@ -26,7 +26,7 @@ from histosynth.data.phantom import (
     resolve_mix,
     with_shares,
 )
-from histosynth.data.phantom.export import item_seed, slide_splits
+from histosynth.data.phantom.export import phantom_seed, slide_splits
 from histosynth.data.phantom.render import render_window
 from histosynth.errors import ConfigError, DataError
 from histosynth.schema import RENAL, RENAL_PIXEL_SHARES
@@ -228,7 +228,7 @@ def test_cli_patches_writes_a_dataset_split_by_slide(tmp_path):
     assert manifest.groupby("slide")["split"].nunique().max() == 1
     assert sorted(manifest.drop_duplicates("slide")["split"]) == ["test", "train", "train", "train", "val"]
     first = manifest.iloc[0]
-    image, mask = phantom_patch(item_seed(4, 0), 64)
+    image, mask = phantom_patch(phantom_seed(4, 0), 64)
     np.testing.assert_array_equal(dataset.image(first), image)
     np.testing.assert_array_equal(dataset.mask(first), mask)
     assert first["caption"] == caption_for_mask(mask)
@@ -246,7 +246,7 @@ def test_cli_masks_writes_masks_with_captions(tmp_path):
     table = pd.read_csv(tmp_path / "masks.csv", keep_default_na=False)
     assert list(table["mask"]) == ["mask_000000.png", "mask_000001.png", "mask_000002.png"]
     mask = read_mask(tmp_path / "mask_000001.png")
-    np.testing.assert_array_equal(mask, phantom_patch_mask(item_seed(0, 1), 64, "glomeruli-rich"))
+    np.testing.assert_array_equal(mask, phantom_patch_mask(phantom_seed(0, 1), 64, "glomeruli-rich"))
     assert table["caption"][1] == caption_for_mask(mask)
     assert (table["frac_4"] >= 0.4).all()
 

@@ -12,6 +12,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 import pandas as pd
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import open_dataset
 from ..errors import DataError
 from ..data.images import list_images
@@ -108,7 +109,7 @@ def read_generated(folder: str | Path, caption: str | None = None) -> tuple[list
             missing += 1
             continue
         text = getattr(record, "caption")
-        items.append(GeneratedImage(path, caption if caption is not None else ("" if pd.isna(text) else str(text))))
+        items.append(GeneratedImage(path, caption if caption is not None else (UNCONDITIONAL_CAPTION if pd.isna(text) else str(text))))
     if not items:
         raise DataError(f"none of the {len(records)} images listed in {manifest} is in {folder}")
     source = manifest.name + (" (captions overridden by --caption)" if caption is not None else "")

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch as LegendPatch
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import read_image
 from ..errors import DataError
 from ..sample.generate import SamplingOptions
@@ -102,7 +103,7 @@ def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
 
 
 def generate_mask_job(model: str | Path, masks: Sequence[ConditioningMask], folder: str | Path,
-                      options: SamplingOptions, seed: int = 0, captions: Sequence[str] = ("",), device: str = "auto",
+                      options: SamplingOptions, seed: int = 0, captions: Sequence[str] = (UNCONDITIONAL_CAPTION,), device: str = "auto",
                       batch_size: Optional[int] = None, progress: bool = False) -> Path:
     """Generate one image per mask with a model into the job folder ``folder`` (resuming a job there).
 

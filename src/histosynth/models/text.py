@@ -39,8 +39,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import ModelError
 from ..io import atomic_path
+from ..terminal import progress_bar
 
 #: The name of the default encoder; a bundle that uses it stores only this reference.
 DEFAULT_TEXT_ENCODER = "minilm"
@@ -327,7 +329,7 @@ class EmbeddingCache:
         if not todo:
             return 0
         new_states, lengths = [], []
-        with _progress(show_progress) as progress:
+        with progress_bar(show_progress, transient=True) as progress:
             task = progress.add_task("encoding captions", total=len(todo))
             for start in range(0, len(todo), batch_size):
                 states, mask = encoder.encode(todo[start : start + batch_size])
@@ -398,16 +400,9 @@ class EmbeddingCache:
 
 def cached_caption_embeddings(cache_dir: str | Path, encoder: TextEncoder, captions: Iterable[str],
                               show_progress: bool = True) -> EmbeddingCache:
-    """The embedding cache of ``captions`` (plus ``""``) in ``cache_dir``, encoding only what is missing."""
+    """The embedding cache of ``captions`` (plus the unconditional ``""``) in ``cache_dir``, encoding only what is missing."""
     path = Path(cache_dir) / EmbeddingCache.file_name(encoder.id)
     cache = EmbeddingCache.load(path, encoder.id)
-    if cache.add(["", *captions], encoder, show_progress=show_progress):
+    if cache.add([UNCONDITIONAL_CAPTION, *captions], encoder, show_progress=show_progress):
         cache.save(path)
     return cache
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import PatchDataset, open_dataset
 from ..data.torchdata import to_model_range
 from ..errors import DataError
@@ -40,6 +41,7 @@ from ..models.autoencoder import Autoencoder, downsampling_factor, encode_latent
 from ..models.label_maps import label_counts
 from ..models.latent_range import DEFAULT_QUANTILE, LatentRange, check_quantile
 from ..models.text import EmbeddingCache, TextEncoder, cached_caption_embeddings, weights_digest
+from ..terminal import progress_bar
 
 FORMAT = "histosynth.latents/1"
 LABELS_FORMAT = "histosynth.label-maps/1"
@@ -94,7 +96,7 @@ class TrainingData:
 
     @property
     def empty_caption_row(self) -> int:
-        return int(self.embeddings.rows([""])[0])
+        return int(self.embeddings.rows([UNCONDITIONAL_CAPTION])[0])
 
 
 def training_rows(dataset: PatchDataset, split: str = "train", need_captions: bool = True):
@@ -130,7 +132,7 @@ def prepare_training_data(
     rows = training_rows(dataset, split, need_captions=text)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress)
-    captions = rows["caption"].tolist() if text else [""] * len(rows)
+    captions = rows["caption"].tolist() if text else [UNCONDITIONAL_CAPTION] * len(rows)
     embeddings = cached_caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress=show_progress)
     data = TrainingData(latents, embeddings.rows(captions), rows["patch_id"].tolist(), embeddings)
     if label_classes is not None:
@@ -207,12 +209,9 @@ def _cached_parts(folder: Path, index: dict, rows, encode: Callable[[Any], torch
 
 
 def _fill_parts(folder: Path, rows, parts, encode, what: str, name: str, batch_size: int, show_progress: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     total = sum(end - start for start, end in parts)
-    columns = (TextColumn(f"encoding {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
-        task = progress.add_task(what, total=total)
+    with progress_bar(show_progress, transient=True) as progress:
+        task = progress.add_task(f"encoding {what}", total=total)
         for start, end in parts:
             encoded = []
             for first in range(start, end, batch_size):

@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..data.torchdata import to_uint8
 from ..io import write_png_atomic, write_text_atomic
 from ..models.autoencoder import Autoencoder, decode_latents
@@ -69,7 +70,7 @@ class SampleGrids(L.Callback):
         unet = module.averaged_unet().to(module.device).eval()
         device = module.device
         cond, cond_mask = (t.to(device) for t in self.embeddings.lookup(self.rows))
-        uncond, uncond_mask = (t.to(device) for t in self.embeddings.encode([""]))
+        uncond, uncond_mask = (t.to(device) for t in self.embeddings.encode([UNCONDITIONAL_CAPTION]))
         noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(i))
                              for i in range(len(self.captions))]).to(device)
         extra = None if self.label_maps is None else self.label_maps.to(device)

@@ -12,12 +12,12 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ...captions import caption_for_mask, prevalences
 from ...errors import DataError
 from ...io import atomic_path, write_json_atomic, write_png_atomic
 from ...schema import RENAL
+from ...terminal import progress_bar
 from ..dataset import Patch, PatchDataset, PatchDatasetWriter
 from ..masks import read_mask
 from ..pyramid import TileSource, write_pyramid_tiff
@@ -25,13 +25,12 @@ from .generate import PhantomSlide, phantom_patch, phantom_patch_mask
 from .mixes import resolve_mix
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled)
+def phantom_seed(seed: int, index: int) -> int:
+    """The 32-bit phantom seed of item `index` of a run (a patch, a mask, a stamped mask): a hash of
+    (run seed, index), so independent of how items are grouped or batched.
 
-
-def item_seed(seed: int, index: int) -> int:
-    """The seed of item `index` of a run: independent of how items are grouped or batched."""
+    Not :func:`histosynth.sample.jobs.item_seed`, which gives a generation job's 63-bit noise seeds.
+    """
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
@@ -65,7 +64,7 @@ def write_phantom_slide(out: str | Path, seed: int = 0, width: int = 8192, heigh
     slide = PhantomSlide.create(seed, width, height, mpp, mix)
     out.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(256, dtype=np.int64)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".phantom-") as scratch, _progress(progress) as bar:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".phantom-") as scratch, progress_bar(progress, elapsed=True) as bar:
         task = bar.add_task(f"phantom slide {name}", total=slide.tile_count())
         mask = np.lib.format.open_memmap(Path(scratch) / "mask.npy", mode="w+", dtype=np.uint8,
                                          shape=(height, width))
@@ -115,7 +114,7 @@ def write_phantom_patches(out: str | Path, n: int, size: int = 256, seed: int = 
                           progress: bool = True) -> PatchDataset:
     """A patch dataset of `n` phantom patches grouped into pseudo-slides, split by slide.
 
-    Patch `i` is rendered from seed ``item_seed(seed, i)`` whatever the grouping; a re-run skips
+    Patch `i` is rendered from seed ``phantom_seed(seed, i)`` whatever the grouping; a re-run skips
     the pseudo-slides already written.
     """
     if n < 1:
@@ -130,7 +129,7 @@ def write_phantom_patches(out: str | Path, n: int, size: int = 256, seed: int = 
     writer = PatchDatasetWriter(out, RENAL, patch_size=size, extra_info=recipe)
     bounds = np.linspace(0, n, slides + 1).round().astype(int)
     columns = math.ceil(math.sqrt(max(bounds[1:] - bounds[:-1])))
-    with _progress(progress) as bar:
+    with progress_bar(progress, elapsed=True) as bar:
         task = bar.add_task("phantom patches", total=n)
         for k, split in enumerate(splits):
             name = f"phantom-s{seed}-{k:03d}"
@@ -141,7 +140,7 @@ def write_phantom_patches(out: str | Path, n: int, size: int = 256, seed: int = 
 
             def patches(first: int = first, last: int = last) -> Iterator[Patch]:
                 for i in range(first, last):
-                    image, mask = phantom_patch(item_seed(seed, i), size, chosen, mpp)
+                    image, mask = phantom_patch(phantom_seed(seed, i), size, chosen, mpp)
                     local = i - first
                     bar.advance(task)
                     yield Patch(image=image, mask=mask, x=(local % columns) * size, y=(local // columns) * size,
@@ -171,7 +170,7 @@ def write_phantom_masks(out: str | Path, n: int, size: int = 256, seed: int = 0,
                         mpp: float = 0.5, progress: bool = True) -> Path:
     """`n` phantom label masks as PNG (class ids) and `masks.csv` (file, seed, caption, shares).
 
-    Mask `i` is the mask of the phantom patch of seed ``item_seed(seed, i)``. A re-run keeps the
+    Mask `i` is the mask of the phantom patch of seed ``phantom_seed(seed, i)``. A re-run keeps the
     masks already written. Returns the path of the CSV.
     """
     if n < 1:
@@ -179,11 +178,11 @@ def write_phantom_masks(out: str | Path, n: int, size: int = 256, seed: int = 0,
     out = Path(out)
     chosen = resolve_mix(mix)
     rows = []
-    with _progress(progress) as bar:
+    with progress_bar(progress, elapsed=True) as bar:
         task = bar.add_task("phantom masks", total=n)
         for i in range(n):
             path = out / f"mask_{i:06d}.png"
-            patch_seed = item_seed(seed, i)
+            patch_seed = phantom_seed(seed, i)
             if path.exists():
                 mask = read_mask(path, RENAL)
                 if mask.shape != (size, size):

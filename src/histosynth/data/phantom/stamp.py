@@ -23,7 +23,7 @@ import numpy as np
 from ...errors import ConfigError, DataError
 from ...io import write_png_atomic
 from ...schema import RENAL, ClassSchema
-from .export import item_seed, mask_description, write_mask_table
+from .export import mask_description, phantom_seed, write_mask_table
 from .layout import GAP_UM, LARGE_SPECS
 
 #: random centres tried for each structure before giving up
@@ -123,7 +123,7 @@ def write_stamped_masks(masks: Sequence[tuple[str, str, np.ndarray]], additions:
     out.mkdir(parents=True, exist_ok=True)
     rows, placed, asked = [], 0, 0
     for index, (name, source, mask) in enumerate(masks):
-        stamped = stamp_structures(mask, additions, RENAL, mpp, item_seed(seed, index))
+        stamped = stamp_structures(mask, additions, RENAL, mpp, phantom_seed(seed, index))
         write_png_atomic(out / f"{name}.png", stamped.mask)
         rows.append({"mask": f"{name}.png", "source": source, "added": stamped.placed,
                      **mask_description(stamped.mask)})
