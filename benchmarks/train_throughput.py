@@ -209,9 +209,9 @@ def on_the_fly_batches(dataset: Path, preset, encoder):
 
     import torch
 
+    from histosynth.captions import UNCONDITIONAL_CAPTION
     from histosynth.data.torchdata import PatchTorchDataset
     from histosynth.models.autoencoder import build_autoencoder, encode_latents
-    from histosynth.models.diffusion import drop_captions
     from histosynth.presets import load_preset
 
     vq_f4 = build_autoencoder(load_preset("pathldm")).eval().requires_grad_(False)
@@ -221,7 +221,8 @@ def on_the_fly_batches(dataset: Path, preset, encoder):
     def batch(index: int, batch_size: int):
         picked = [items[(index * batch_size + i) % len(items)] for i in range(batch_size)]
         images = torch.stack([p["image"] for p in picked])
-        captions = drop_captions([p["caption"] for p in picked], preset.training.text_dropout, rng)
+        dropout = preset.training.text_dropout  # classifier-free guidance's caption dropout, on the text
+        captions = [UNCONDITIONAL_CAPTION if rng.random() < dropout else p["caption"] for p in picked]
         with torch.no_grad():
             latents = encode_latents(vq_f4, images)
             context, mask = encoder.encode(captions)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from histosynth.errors import ConfigError
 from histosynth.models.denoiser import build_denoiser
-from histosynth.models.diffusion import diffusion_loss, drop_captions, make_ema, noise_scheduler, sampling_scheduler
+from histosynth.models.diffusion import diffusion_loss, make_ema, noise_scheduler, sampling_scheduler
 from histosynth.presets import Preset, load_preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,17 +113,6 @@ def test_mask_conditioning_channels_are_concatenated():
     loss = diffusion_loss(unet, latents, context, generator=torch.Generator().manual_seed(0),
                           extra_channels=torch.zeros(2, 2, 16, 16))
     assert torch.isfinite(loss)
-
-
-def test_caption_dropout_is_seeded_and_has_the_requested_rate():
-    captions = [f"caption {i}" for i in range(5000)]
-    dropped = drop_captions(captions, 0.1, random.Random(7))
-    assert dropped == drop_captions(captions, 0.1, random.Random(7))
-    share = sum(c == "" for c in dropped) / len(captions)
-    assert 0.085 < share < 0.115
-    assert all(a in ("", b) for a, b in zip(dropped, captions))
-    assert drop_captions(captions[:10], 0.0, random.Random(0)) == captions[:10]
-    assert drop_captions(captions[:10], 1.0, random.Random(0)) == [""] * 10
 
 
 def test_ema_follows_the_weights_with_warm_up():

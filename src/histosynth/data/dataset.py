@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -221,8 +221,3 @@ def recaption_dataset(root: str | Path, schema: ClassSchema | None = None) -> tu
     if schema != dataset.schema:
         write_json_atomic(dataset.root / "dataset.json", {**dataset.info, "schema": schema.to_dict()})
     return changed, len(captions)
-
-
-def iter_patches(dataset: PatchDataset, split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-    for _, row in dataset.rows(split).iterrows():
-        yield dataset.image(row), dataset.mask(row), row["caption"]

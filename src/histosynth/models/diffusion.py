@@ -1,4 +1,4 @@
-"""The diffusion objective: noise schedule, samplers' schedules, the training loss, caption dropout, EMA.
+"""The diffusion objective: noise schedule, samplers' schedules, the training loss, EMA.
 
 The schedule is CompVis' "linear" one as PathLDM trains it: beta = linspace(sqrt(0.0015),
 sqrt(0.0195), 1000) ** 2, which diffusers calls ``scaled_linear``. The DDIM settings that reproduce
@@ -9,8 +9,7 @@ last step lands on alphas_cumprod[0], not 1) and no clipping of the predicted x0
 
 from __future__ import annotations
 
-import random
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,15 +107,6 @@ def diffusion_loss(
     else:
         target = noise
     return F.mse_loss(prediction.float(), target.float())
-
-
-def drop_captions(captions: Sequence[str], p: float, rng: random.Random) -> list[str]:
-    """Replace each caption by the empty (unconditional) caption with probability ``p``.
-
-    Training on both makes one model conditional and unconditional, which classifier-free guidance
-    needs. Done on the text, so an embedding cache holds "" once.
-    """
-    return ["" if rng.random() < p else caption for caption in captions]
 
 
 def make_ema(model: torch.nn.Module, decay: float = 0.9999) -> "EMAModel":
