@@ -143,7 +143,7 @@ def write_json(path: Path, payload: dict) -> None:
     write_json_atomic(path, payload)
 
 
-# --- stage 1: data --------------------------------------------------------------------------------
+# --- stage data -----------------------------------------------------------------------------------
 def stage_data(sizes: Sizes) -> None:
     phantom_dataset(DATA / "phantom", sizes.phantom_patches, "default", seed=0)
     # Caching latents (four flips of each patch) is the slow part of LDM training on a CPU: the LDM
@@ -242,7 +242,7 @@ def merge_datasets(out: Path, sources: Iterable[tuple[Path, Optional[slice]]]) -
     say(f"[data] merged {relative(out)}")
 
 
-# --- stage 2: autoencoder ---------------------------------------------------------------------------
+# --- stage autoencoder ----------------------------------------------------------------------------
 def stage_autoencoder(sizes: Sizes) -> None:
     out = MODELS / "autoencoder"
     if not (out / "metrics.json").is_file():
@@ -283,7 +283,7 @@ def evaluate_autoencoder(folder: Path) -> dict:
     return result
 
 
-# --- stage 3: segmenter -----------------------------------------------------------------------------
+# --- stage segmenter ------------------------------------------------------------------------------
 def stage_segmenter(sizes: Sizes) -> None:
     train_segmenter(MODELS / "segmenter-base", MODELS / "segmenter", sizes, seed=0, log="segmenter")
 
@@ -302,7 +302,7 @@ def train_segmenter(base: Path, tuned: Path, sizes: Sizes, seed: int, log: str) 
                                    "--epochs", str(sizes.segmenter_tune_epochs), *common))
 
 
-# --- stage 4: latent diffusion model ----------------------------------------------------------------
+# --- stages ldm and ldm-mask: latent diffusion models ---------------------------------------------
 def stage_ldm(sizes: Sizes) -> None:
     train_ldm("ldm", sizes.ldm_steps, sizes)
     store_latent_range("ldm")
@@ -343,7 +343,7 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
                                 *resumed(MODELS / f"{name}.run")))
 
 
-# --- stage 5: ship -------------------------------------------------------------------------------------
+# --- stage ship -----------------------------------------------------------------------------------
 def stage_ship(sizes: Sizes) -> None:
     """Copy the trained folders into the package with their provenance; check the total size."""
     ship_segmenter(MODELS / "segmenter", WEIGHTS / "segmenter")

@@ -15,7 +15,7 @@ It needs the data of ``scripts/default_models.py`` (stage data) and evaluates th
 3. realism   images generated from the captions of held-out real patches, against those real
              patches: classifier two-sample AUC; memorisation against the LDM's training patches
 4. mix       the six-split experiment (binary Glomeruli, 3 seeds): real = held-out 'train' slides,
-             validation = held-out 'val' slides, synthetic = the generating-caption images of stage 2
+             validation = held-out 'val' slides, synthetic = the generating-caption images of stage captions
              with masks from the shipped segmenter (no hand annotation)
 5. masks     label fidelity of the text+mask model on held-out masks, its ceiling (the segmenter on
              autoencoder reconstructions of held-out patches), and the six-split experiment with

@@ -1,4 +1,4 @@
-"""Label masks as a condition of the denoiser: one-hot label maps at latent resolution.
+"""Label masks as a condition of the denoiser: label maps of class shares at latent resolution.
 
 A label mask (H, W) of class ids becomes K channels at the latent grid (H/f, W/f), one per class of
 the schema in ascending id order: the share of that class's pixels in each f x f block of the mask

@@ -8,7 +8,7 @@ one slice per rank.
 
 The condition of a batch is one :class:`Condition`: text and/or a label map, each with its own
 dropout (:class:`ConditionDropout`). Text-only training fills ``text``; mask conditioning adds
-``label_map`` (one-hot at latent resolution, concatenated to the UNet input) through the same seam.
+``label_map`` (class shares per latent pixel, concatenated to the UNet input) through the same seam.
 """
 
 from __future__ import annotations
