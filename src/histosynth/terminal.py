@@ -20,7 +20,14 @@ def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool
     ``transient`` bars disappear when they finish (steps inside a larger command); ``elapsed`` shows
     the time taken instead of the time left. A disabled bar prints nothing, so callers need no branch.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     clock = TimeElapsedColumn() if elapsed else TimeRemainingColumn()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), clock,

@@ -242,7 +242,8 @@ def test_pathldm_style_vq_with_channel_changes_round_trips_strictly(tmp_path, fi
 
 def test_import_command_writes_loadable_networks(compvis_dir, compvis_ckpt, tmp_path, expected):
     out = tmp_path / "imported"
-    code = main(["import-compvis", str(compvis_ckpt), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)])
+    command = ["import-compvis", str(compvis_ckpt), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)]
+    code = main(command)
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"unet", "autoencoder", "scheduler", "histosynth.json"}
     description = json.loads((out / "histosynth.json").read_text())
@@ -256,7 +257,7 @@ def test_import_command_writes_loadable_networks(compvis_dir, compvis_ckpt, tmp_
         decoded = decode_latents(vq, expected["vq_latent"])
     assert max_error(eps, expected["unet_eps"]) < 1e-4
     assert max_error(decoded, expected["vq_decoded"]) < 1e-4
-    assert main(["import-compvis", str(compvis_ckpt), "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out)]) == 2
+    assert main(command) == 2
 
 
 def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_path, fixture_state, fixture_config, expected):

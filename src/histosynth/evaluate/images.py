@@ -109,7 +109,8 @@ def read_generated(folder: str | Path, caption: str | None = None) -> tuple[list
             missing += 1
             continue
         text = getattr(record, "caption")
-        items.append(GeneratedImage(path, caption if caption is not None else (UNCONDITIONAL_CAPTION if pd.isna(text) else str(text))))
+        text = UNCONDITIONAL_CAPTION if pd.isna(text) else str(text)
+        items.append(GeneratedImage(path, caption if caption is not None else text))
     if not items:
         raise DataError(f"none of the {len(records)} images listed in {manifest} is in {folder}")
     source = manifest.name + (" (captions overridden by --caption)" if caption is not None else "")

@@ -103,7 +103,8 @@ def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
 
 
 def generate_mask_job(model: str | Path, masks: Sequence[ConditioningMask], folder: str | Path,
-                      options: SamplingOptions, seed: int = 0, captions: Sequence[str] = (UNCONDITIONAL_CAPTION,), device: str = "auto",
+                      options: SamplingOptions, seed: int = 0, captions: Sequence[str] = (UNCONDITIONAL_CAPTION,),
+                      device: str = "auto",
                       batch_size: Optional[int] = None, progress: bool = False) -> Path:
     """Generate one image per mask with a model into the job folder ``folder`` (resuming a job there).
 

@@ -400,7 +400,8 @@ class EmbeddingCache:
 
 def cached_caption_embeddings(cache_dir: str | Path, encoder: TextEncoder, captions: Iterable[str],
                               show_progress: bool = True) -> EmbeddingCache:
-    """The embedding cache of ``captions`` (plus the unconditional ``""``) in ``cache_dir``, encoding only what is missing."""
+    """The embedding cache of ``captions`` (plus the unconditional ``""``) in ``cache_dir``, encoding only what
+    is missing."""
     path = Path(cache_dir) / EmbeddingCache.file_name(encoder.id)
     cache = EmbeddingCache.load(path, encoder.id)
     if cache.add([UNCONDITIONAL_CAPTION, *captions], encoder, show_progress=show_progress):

@@ -64,7 +64,8 @@ def write_phantom_slide(out: str | Path, seed: int = 0, width: int = 8192, heigh
     slide = PhantomSlide.create(seed, width, height, mpp, mix)
     out.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(256, dtype=np.int64)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".phantom-") as scratch, progress_bar(progress, elapsed=True) as bar:
+    bar = progress_bar(progress, elapsed=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".phantom-") as scratch, bar:
         task = bar.add_task(f"phantom slide {name}", total=slide.tile_count())
         mask = np.lib.format.open_memmap(Path(scratch) / "mask.npy", mode="w+", dtype=np.uint8,
                                          shape=(height, width))

@@ -2,9 +2,10 @@
 
 A mix gives target shares of tissue pixels for the structure classes; the interstitium ("other
 kidney tissue") takes whatever they leave. The default follows the mean pixel shares of the thesis'
-rat-kidney data (thesis §4.1.3; ``histosynth.schema.RENAL_PIXEL_SHARES``), so that patches with "a lot of Glomeruli" are as rare as they were
-there. A *focus* centres one large structure (a glomerulus, an artery, ...) on a patch so that it
-covers a chosen share of the patch: that is how a patch with "a lot of" that class is asked for.
+rat-kidney data (thesis §4.1.3; ``histosynth.schema.RENAL_PIXEL_SHARES``), so that patches with "a
+lot of Glomeruli" are as rare as they were there. A *focus* centres one large structure (a
+glomerulus, an artery, ...) on a patch so that it covers a chosen share of the patch: that is how a
+patch with "a lot of" that class is asked for.
 """
 
 from __future__ import annotations
