@@ -76,6 +76,35 @@ def remove_partial_files(path: str | Path) -> list[Path]:
     return removed
 
 
+@contextmanager
+def scratch_folder(path: str | Path, kind: str) -> Iterator[Path]:
+    """A temporary folder beside `path` for work towards it, ``.<name>.<kind>-<random>``, removed after.
+
+    Named for its output, so :func:`remove_scratch_folders` can find what a killed run left.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=_scratch_prefix(path, kind)) as folder:
+        yield Path(folder)
+
+
+def remove_scratch_folders(path: str | Path, kind: str) -> list[Path]:
+    """Delete the :func:`scratch_folder` s of exactly `path` and `kind` a killed run left; returns them."""
+    path = Path(path)
+    if not path.name or not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(_scratch_prefix(path, kind)) + _TEMPORARY_TOKEN)
+    removed = []
+    for entry in os.scandir(path.parent):
+        if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path.parent / entry.name, ignore_errors=True)
+            removed.append(path.parent / entry.name)
+    return removed
+
+
+def _scratch_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-"
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

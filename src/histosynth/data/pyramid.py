@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,7 +32,12 @@ import tifffile
 from PIL import Image
 
 from ..errors import DataError
-from ..io import atomic_path, remove_partial_files
+from ..io import (
+    atomic_path,
+    remove_partial_files,
+    remove_scratch_folders,
+    scratch_folder,
+)
 
 #: (x, y, width, height) at level 0 -> (height, width, 3) RGB uint8 or (height, width) label ids.
 RegionReader = Callable[[int, int, int, int], np.ndarray]
@@ -123,8 +124,8 @@ def write_pyramid_tiff(path: str | Path, source: np.ndarray | TileSource, mpp: f
     channels = () if is_mask else (3,)
     bigtiff = height * width * max(1, len(channels)) * 4 // 3 > _BIGTIFF_BYTES
     remove_leftovers(path)
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=_scratch_prefix(path)) as scratch:
-        levels = _LevelBuffers(Path(scratch), channels)
+    with atomic_path(path) as tmp, scratch_folder(path, "pyramid") as scratch:
+        levels = _LevelBuffers(scratch, channels)
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tiff:
             below = levels.allocate(height // 2, width // 2) if halvings else None
             bands = _level0_bands(source, (height, width, *channels), tile, fill=0 if is_mask else 255)
@@ -146,20 +147,7 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     Only the temporary file of `path` and scratch folders named for `path` go; other files,
     and other outputs' temporaries in the same folder, are left alone.
     """
-    path = Path(path)
-    removed = remove_partial_files(path)
-    if not path.parent.is_dir():
-        return removed
-    scratch = re.compile(re.escape(_scratch_prefix(path)) + r"[a-z0-9_]{8}")
-    for entry in os.scandir(path.parent):
-        if scratch.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(path.parent / entry.name, ignore_errors=True)
-            removed.append(path.parent / entry.name)
-    return removed
-
-
-def _scratch_prefix(path: Path) -> str:
-    return f".{path.name}.pyramid-"
+    return remove_partial_files(path) + remove_scratch_folders(path, "pyramid")
 
 
 def halve(image: np.ndarray, is_mask: bool) -> np.ndarray:
