@@ -355,3 +355,12 @@ def test_a_slide_missing_from_the_split_file_fails_before_any_slide_is_tiled(syn
         tile_slides(inputs, tmp_path / "ds", options=TilingOptions(mpp=1.0, size=64), splits={"kidney": "train"},
                     progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_and_kept(synthetic, tmp_path):
+    folder, _, _ = synthetic
+    (tmp_path / "ds").write_text("mine")
+    with pytest.raises(DataError, match="is a file, not a dataset folder"):
+        tile_slides([SlideInput(folder / "kidney.tif")], tmp_path / "ds", options=TilingOptions(mpp=1.0, size=64),
+                    progress=False)
+    assert (tmp_path / "ds").read_text() == "mine"

@@ -131,6 +131,8 @@ def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema =
     of its name, so it never changes between runs.
     """
     _check_inputs(inputs, options, splits)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out} is a file, not a dataset folder; choose a folder")
     _check_same_settings(Path(out), options)
     writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()})
     tiled: dict[str, int] = {}
