@@ -226,21 +226,26 @@ class PatchDatasetWriter:
         return row
 
 
+def slide_name_problem(slide: str) -> str | None:
+    """Why `slide` cannot be a folder name in a dataset, or None when it can."""
+    if not isinstance(slide, str) or not slide:
+        return "it is empty"
+    if slide.startswith("."):
+        return "it starts with '.' (a hidden file, or '.' / '..')"
+    if "/" in slide or "\\" in slide:
+        return "it holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in slide):
+        return "it holds a control character"
+    if len(slide.encode("utf-8", "surrogateescape")) > MAX_SLIDE_NAME:
+        return f"it is longer than {MAX_SLIDE_NAME} bytes"
+    return None
+
+
 def check_slide_name(slide: str) -> str:
     """`slide` if it can be a folder name in a dataset, else a DataError saying why."""
-    why = None
-    if not isinstance(slide, str) or not slide:
-        why = "it is empty"
-    elif slide.startswith("."):
-        why = "it starts with '.' (a hidden file, or '.' / '..')"
-    elif "/" in slide or "\\" in slide:
-        why = "it holds a path separator"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in slide):
-        why = "it holds a control character"
-    elif len(slide.encode("utf-8", "surrogateescape")) > MAX_SLIDE_NAME:
-        why = f"it is longer than {MAX_SLIDE_NAME} bytes"
-    if why:
-        raise DataError(f"slide name {slide!r} cannot be used as a folder name: {why}; choose another name")
+    problem = slide_name_problem(slide)
+    if problem:
+        raise DataError(f"slide name {slide!r} cannot be used as a folder name: {problem}; choose another name")
     return slide
 
 

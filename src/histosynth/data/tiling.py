@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import ConfigError, DataError
 from ..schema import RENAL, ClassSchema
 from .annotations import Annotation, rasterize, read_annotations
-from .dataset import Patch, PatchDataset, PatchDatasetWriter, check_slide_name, finished_slides
+from .dataset import Patch, PatchDataset, PatchDatasetWriter, finished_slides, slide_name_problem
 from .slides import LevelChoice, Slide, TissueMap, detect_tissue, open_mask_slide, open_slide
 
 SPLITS = ("train", "val", "test")
@@ -77,10 +77,11 @@ def slide_name(path: str | Path) -> str:
             f"file name up to the first '.'); rename the file, e.g. to {suggestion}"
         )
     name = file_name.split(".")[0]
-    try:
-        return check_slide_name(name)
-    except DataError as exc:
-        raise DataError(f"slide file {path}: {exc}; rename the file") from None
+    problem = slide_name_problem(name)
+    if problem:
+        raise DataError(f"slide file {str(path)!r} would be named {name!r} in the dataset, which cannot be a folder "
+                        f"name ({problem}); rename the file")
+    return name
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class TilingOptions:
                               f"got {self.size}")
         if not _is_number(self.min_tissue) or not 0 <= self.min_tissue <= 1:  # NaN fails both
             raise ConfigError(f"--min-tissue must be a share between 0 and 1, got {self.min_tissue}")
-        fractions = tuple(self.split_fractions)
+        fractions = tuple(self.split_fractions) if isinstance(self.split_fractions, (tuple, list)) else ()
         if (len(fractions) != 3 or not all(_is_number(f) and math.isfinite(f) and f >= 0 for f in fractions)
                 or sum(fractions) <= 0):
             raise ConfigError(f"split fractions must be three finite shares (train, val, test) >= 0 with a "
