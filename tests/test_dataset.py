@@ -176,3 +176,37 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left behind
+
+
+def test_removing_an_unfinished_slide_never_follows_links_or_touches_finished_slides(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "s_000000.png").write_bytes(b"mine")
+    root = tmp_path / "ds"
+    writer = write_two_slides(root)
+    (root / "images" / "s").symlink_to(outside, target_is_directory=True)
+    assert writer.remove_unfinished("s") == []
+    assert (outside / "s_000000.png").read_bytes() == b"mine"
+    with pytest.raises(DataError, match="slide a in .* is finished; its patches are not removed"):
+        writer.remove_unfinished("a")
+    for name in ["", ".", "..", "a/..", "../a"]:
+        with pytest.raises(DataError, match="cannot be used as a folder name"):
+            writer.remove_unfinished(name)
+    assert sorted(p.name for p in (root / "images" / "a").iterdir()) == ["a_000000.png", "a_000001.png"]
+
+
+def test_dataset_settings_bind_only_once_a_slide_is_finished(tmp_path):
+    PatchDatasetWriter(tmp_path, RENAL, patch_size=32, extra_info={"tiling": {"mpp": 360}})  # a run that failed
+    writer = PatchDatasetWriter(tmp_path, RENAL, patch_size=SIZE, extra_info={"tiling": {"mpp": 0.5}})
+    writer.write_slide("a", [patch(1)])
+    dataset = writer.finalize()
+    assert dataset.patch_size == SIZE and dataset.info["tiling"] == {"mpp": 0.5}
+    with pytest.raises(DataError, match="holds a dataset of 16 px patches"):
+        PatchDatasetWriter(tmp_path, RENAL, patch_size=32)
+
+
+def test_temporaries_of_finished_slides_are_not_taken_for_slides(tmp_path):
+    writer = write_two_slides(tmp_path)
+    (tmp_path / "slides" / ".c.json.k3j9x_2a.part.json").write_text("{}")
+    assert writer.finished_slides() == ["a", "b"]
+    assert sorted(writer.finalize().manifest["slide"].unique()) == ["a", "b"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -31,6 +32,77 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: What ``atomic_path`` (``mkstemp``) and the staging folders (``mkdtemp``) put between the name and ".part".
+_TEMPORARY_TOKEN = r"[a-z0-9_]{8}"
+_PARTIAL = re.compile(rf"\.(?P<target>.+)\.{_TEMPORARY_TOKEN}\.part(?P<suffix>(\.[^.]*)?)")
+
+
+def partial_target(name: str) -> str | None:
+    """The file name a temporary of this toolkit was meant to become, or None for any other name.
+
+    ``.last.ckpt.k3j9x_2a.part.ckpt`` (from :func:`atomic_path`) and ``.model.k3j9x_2a.part`` (a
+    staging folder renamed onto ``model`` when complete) are temporaries of ``last.ckpt`` and ``model``.
+    """
+    match = _PARTIAL.fullmatch(name)
+    if match is None:
+        return None
+    target, suffix = match["target"], match["suffix"] or ""
+    return target if suffix in ("", Path(target).suffix) else None
+
+
+def remove_partial_files(path: str | Path) -> list[Path]:
+    """Delete what a killed write of exactly ``path`` left beside it; returns what was removed.
+
+    Only names of the toolkit's temporaries for ``path`` itself (see :func:`partial_target`) are
+    touched, never ``path``, other files, or anything a symbolic link points to. Call it before
+    writing ``path`` again, not while another process may be writing it.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not path.name or not folder.is_dir():
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if partial_target(entry.name) != path.name:
+            continue
+        leftover = folder / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+@contextmanager
+def scratch_folder(path: str | Path, kind: str) -> Iterator[Path]:
+    """A temporary folder beside `path` for work towards it, ``.<name>.<kind>-<random>``, removed after.
+
+    Named for its output, so :func:`remove_scratch_folders` can find what a killed run left.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=_scratch_prefix(path, kind)) as folder:
+        yield Path(folder)
+
+
+def remove_scratch_folders(path: str | Path, kind: str) -> list[Path]:
+    """Delete the :func:`scratch_folder` s of exactly `path` and `kind` a killed run left; returns them."""
+    path = Path(path)
+    if not path.name or not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(_scratch_prefix(path, kind)) + _TEMPORARY_TOKEN)
+    removed = []
+    for entry in os.scandir(path.parent):
+        if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path.parent / entry.name, ignore_errors=True)
+            removed.append(path.parent / entry.name)
+    return removed
+
+
+def _scratch_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-"
 
 
 def _current_umask() -> int:

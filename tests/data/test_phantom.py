@@ -279,3 +279,29 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     assert err.startswith("error: unknown phantom mix 'nope'") and err.count("\n") == 1
     assert main(["phantom", "masks", "--out", str(tmp_path), "--n", "0", "--no-progress"]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
+
+
+def test_a_rerun_of_a_killed_phantom_slide_removes_its_leftovers_and_nothing_else(tmp_path):
+    leftovers = [tmp_path / ".phantom-9.tif.phantom-k3j9x_2a", tmp_path / ".phantom-9.tif.pyramid-abcdefgh",
+                 tmp_path / ".phantom-9.tif.abcdefgh.part.tif", tmp_path / ".phantom-9.json.abcdefgh.part.json"]
+    for path in leftovers[:2]:
+        path.mkdir()
+        (path / "mask.npy").write_bytes(b"half")
+    for path in leftovers[2:]:
+        path.write_bytes(b"half")
+    kept = [tmp_path / ".phantom-8.tif.phantom-k3j9x_2a", tmp_path / ".phantom-abcdefgh", tmp_path / "notes.txt"]
+    for path in kept:
+        path.write_bytes(b"mine")
+    assert main(["phantom", "slide", "--out", str(tmp_path), "--size", "256", "--seed", "9", "--mpp", "2.0",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["phantom-9.tif", "phantom-9-mask.tif", "phantom-9.json", *[p.name for p in kept]])
+
+
+def test_a_phantom_dataset_that_finished_no_slide_binds_no_recipe(tmp_path):
+    from histosynth.data.dataset import PatchDatasetWriter
+
+    PatchDatasetWriter(tmp_path / "ds", RENAL, patch_size=64, extra_info={"seed": 4, "mix": "default"})  # killed
+    assert main(["phantom", "patches", "--out", str(tmp_path / "ds"), "--n", "2", "--size", "64", "--seed", "5",
+                 "--no-progress"]) == 0
+    assert open_dataset(tmp_path / "ds").info["seed"] == 5

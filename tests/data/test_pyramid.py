@@ -139,3 +139,24 @@ def test_bad_sources_are_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"returned uint8 \(256, 300\) for rows 0-256; expected uint8 \(256, 300, 3\)"):
         write_pyramid_tiff(tmp_path / "d.tif", wrong, mpp=0.5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_removes_what_a_killed_write_of_the_same_file_left(tmp_path):
+    leftovers = [tmp_path / ".slide.tif.abcdefgh.part.tif", tmp_path / ".slide.tif.pyramid-k3j9x_2a"]
+    leftovers[0].write_bytes(b"II*\x00half")
+    leftovers[1].mkdir()
+    (leftovers[1] / "level1.npy").write_bytes(b"half")
+    kept = [tmp_path / ".other.tif.abcdefgh.part.tif", tmp_path / ".other.tif.pyramid-abcdefgh",
+            tmp_path / ".pyramid-notes", tmp_path / "slide.tif.bak"]
+    for path in kept:
+        path.write_bytes(b"mine")
+    write_pyramid_tiff(tmp_path / "slide.tif", smooth_rgb(300, 200), mpp=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["slide.tif", *[p.name for p in kept]])
+    assert all(path.read_bytes() == b"mine" for path in kept)
+
+
+@pytest.mark.parametrize("mpp", [float("nan"), float("inf"), -1.0])
+def test_non_finite_resolutions_are_refused_before_writing(tmp_path, mpp):
+    with pytest.raises(DataError, match="microns per pixel must be positive and finite"):
+        write_pyramid_tiff(tmp_path / "a.tif", np.zeros((10, 10, 3), np.uint8), mpp=mpp)
+    assert list(tmp_path.iterdir()) == []

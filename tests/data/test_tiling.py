@@ -16,10 +16,11 @@ from histosynth.data.tiling import (
     SlideInput,
     TilingOptions,
     read_split_file,
+    slide_name,
     splits_for,
     tile_slides,
 )
-from histosynth.errors import DataError
+from histosynth.errors import ConfigError, DataError
 from histosynth.schema import RENAL
 
 
@@ -224,3 +225,142 @@ def test_cli_tiles_and_reports_bad_input_in_one_line(synthetic, tmp_path, capsys
     assert main(["tile", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: slide file ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- no input may lose data ------------------------------------------------------------------
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_dot_named_slide_is_refused_and_a_finished_dataset_loses_nothing(synthetic, tmp_path, capsys):
+    folder, _, _ = synthetic
+    out = tmp_path / "ds"
+    finished = tile_slides([SlideInput(folder / "kidney.tif", mask=folder / "kidney_mask.tif")], out,
+                           options=TilingOptions(mpp=1.0, size=64), progress=False).dataset
+    assert len(finished) > 5
+    before = _files(out)
+    (tmp_path / ".s1.tif").write_bytes((folder / "kidney.tif").read_bytes())
+    (tmp_path / ".s1-mask.tif").write_bytes((folder / "kidney_mask.tif").read_bytes())
+    args = ["tile", str(tmp_path / ".s1.tif"), "--masks", str(tmp_path / ".s1-mask.tif"),
+            "--mpp", "1.0", "--size", "64", "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    assert _files(out) == before  # every patch, mask, manifest and summary as it was
+    assert open_dataset(out).manifest.equals(finished.manifest)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "starts with '.'" in err and "rename the file, e.g. to s1.tif" in err
+    with pytest.raises(DataError, match=r"starts with '\.', so it has no name in the dataset"):
+        tile_slides([SlideInput(tmp_path / ".s1.tif", mask=tmp_path / ".s1-mask.tif")], out,
+                    options=TilingOptions(mpp=1.0, size=64), progress=False)
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("file_name, problem", [
+    (".tif", "starts with '.'"), ("..tif", "starts with '.'"), ("...", "starts with '.'"),
+    ("a\nb.tif", "control character"), ("a\\b.tif", "path separator"), ("x" * 201 + ".tif", "longer than 200"),
+])
+def test_slide_names_that_cannot_be_folder_names_are_refused(file_name, problem):
+    with pytest.raises(DataError, match=problem):
+        slide_name(f"/data/{file_name}")
+
+
+def test_slide_names_are_the_file_name_up_to_the_first_dot():
+    assert SlideInput("/data/a.ome.tif").name == "a"
+    assert SlideInput("/data/kidney 01.svs").name == "kidney 01"
+
+
+def test_an_unfinished_slide_loses_only_its_own_patch_files(synthetic, tmp_path):
+    folder, _, _ = synthetic
+    out = tmp_path / "ds"
+    inputs = [SlideInput(folder / "kidney.tif", mask=folder / "kidney_mask.tif")]
+    options = TilingOptions(mpp=1.0, size=64)
+    first = tile_slides(inputs, out, options=options, progress=False)
+    (out / "slides" / "kidney.json").unlink()  # as if killed before the slide was finished
+    images = out / "images" / "kidney"
+    stray = images / "kidney_000999.png"
+    partial = images / ".kidney_000003.png.k3j9x_2a.part.png"
+    stray.write_bytes(b"")
+    partial.write_bytes(b"")
+    keep = [images / "notes.txt", images / "kidney_0001.png", images / "kidneys_000001.png",
+            out / "images" / "kidney_000001.png", out / "images" / "other" / "kidney_000001.png"]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"mine")
+    redone = tile_slides(inputs, out, options=options, progress=False)
+    assert redone.tiled == first.tiled and not stray.exists() and not partial.exists()
+    assert all(path.read_bytes() == b"mine" for path in keep)
+
+
+def test_a_failed_first_run_does_not_block_a_retry(synthetic, tmp_path, capsys):
+    folder, _, _ = synthetic
+    out = tmp_path / "ds"
+    # Finer than the slide's 0.25 µm/px: refused once dataset.json would already have been written.
+    args = ["tile", str(folder / "kidney.tif"), "--masks", str(folder / "kidney_mask.tif"),
+            "--size", "64", "--out", str(out), "--no-progress"]
+    assert main([*args, "--mpp", "0.1"]) == 2
+    assert "never upsampled" in capsys.readouterr().err
+    assert main([*args, "--mpp", "1.0"]) == 0
+    capsys.readouterr()
+    dataset = open_dataset(out)
+    assert len(dataset) > 5 and dataset.info["tiling"]["mpp"] == 1.0
+    # A finished slide binds the settings from then on.
+    assert main([*args, "--mpp", "0.5"]) == 2
+    assert "was tiled with" in capsys.readouterr().err
+
+
+def test_a_failed_first_run_may_be_retried_with_another_patch_size(synthetic, tmp_path):
+    folder, _, mask = synthetic
+    bad = mask.copy()
+    bad[500:600, 500:600] = 12
+    write_pyramid_tiff(tmp_path / "bad_mask.tif", bad, mpp=SLIDE_MPP, is_mask=True)
+    with pytest.raises(DataError, match="mask ids"):
+        tile_slides([SlideInput(folder / "kidney.tif", mask=tmp_path / "bad_mask.tif")], tmp_path / "ds",
+                    options=TilingOptions(mpp=0.5, size=128), progress=False)
+    result = tile_slides([SlideInput(folder / "kidney.tif", mask=folder / "kidney_mask.tif")], tmp_path / "ds",
+                         options=TilingOptions(mpp=1.0, size=64), progress=False)
+    assert result.dataset.patch_size == 64 and result.dataset.info["tiling"]["size"] == 64
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mpp", float("inf"), "--mpp must be a finite number"), ("mpp", float("nan"), "--mpp must be a finite number"),
+    ("mpp", 0.0, "--mpp must be a finite number"), ("mpp", -1.0, "--mpp must be a finite number"),
+    ("size", 0, "--size must be a whole number of pixels from 16 to 8192"), ("size", 15, "--size"),
+    ("size", 1 << 20, "--size"), ("size", 64.5, "--size"), ("size", True, "--size"),
+    ("min_tissue", float("nan"), "--min-tissue must be a share between 0 and 1"),
+    ("min_tissue", -0.1, "--min-tissue"), ("min_tissue", 1.5, "--min-tissue"),
+    ("split_fractions", (0.8, float("nan"), 0.1), "split fractions"), ("split_fractions", (0, 0, 0), "split fractions"),
+])
+def test_tiling_options_are_checked_when_made(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TilingOptions(**{field: value})
+
+
+@pytest.mark.parametrize("option", [["--mpp", "inf"], ["--mpp", "nan"], ["--min-tissue", "nan"], ["--size", "0"],
+                                    ["--mpp-override", "inf"], ["--mpp-override", "nan"]])
+def test_cli_refuses_bad_numbers_before_writing_anything(synthetic, tmp_path, capsys, option):
+    folder, _, _ = synthetic
+    out = tmp_path / "ds"
+    code = main(["tile", str(folder / "kidney.tif"), "--masks", str(folder / "kidney_mask.tif"),
+                 "--out", str(out), "--no-progress", *option])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_slide_missing_from_the_split_file_fails_before_any_slide_is_tiled(synthetic, tmp_path):
+    folder, _, _ = synthetic
+    (tmp_path / "other.tif").write_bytes((folder / "kidney.tif").read_bytes())
+    inputs = [SlideInput(folder / "kidney.tif", mask=folder / "kidney_mask.tif"), SlideInput(tmp_path / "other.tif")]
+    with pytest.raises(DataError, match="slide other is not in the split file"):
+        tile_slides(inputs, tmp_path / "ds", options=TilingOptions(mpp=1.0, size=64), splits={"kidney": "train"},
+                    progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_and_kept(synthetic, tmp_path):
+    folder, _, _ = synthetic
+    (tmp_path / "ds").write_text("mine")
+    with pytest.raises(DataError, match="is a file, not a dataset folder"):
+        tile_slides([SlideInput(folder / "kidney.tif")], tmp_path / "ds", options=TilingOptions(mpp=1.0, size=64),
+                    progress=False)
+    assert (tmp_path / "ds").read_text() == "mine"

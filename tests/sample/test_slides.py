@@ -103,3 +103,17 @@ def test_a_seamless_4096_px_slide_opens_with_its_pyramid(tiny_bundle, tmp_path):
         thumbnail = np.asarray(slide.read_region((0, 0), 4, (256, 256)))[..., :3]
     np.testing.assert_array_equal(thumbnail, _level(out, 4))
     assert thumbnail.std() > 5
+
+
+def test_a_rerun_removes_what_a_killed_synth_slide_left_and_nothing_else(tiny_bundle, tmp_path):
+    out = tmp_path / "slide.tif"
+    leftovers = [tmp_path / ".slide.tif.abcdefgh.part.tif", tmp_path / ".slide.tif.pyramid-k3j9x_2a",
+                 tmp_path / ".slide.json.abcdefgh.part.json"]
+    kept = [tmp_path / ".other.tif.abcdefgh.part.tif", tmp_path / ".pyramid-abcdefgh", tmp_path / "slide.txt"]
+    for path in [*leftovers, *kept]:
+        path.write_bytes(b"half")
+    leftovers[1].unlink()
+    leftovers[1].mkdir()
+    (leftovers[1] / "level1.npy").write_bytes(b"half")
+    synth_slide(tiny_bundle, GENERATING_CAPTION, 64, out, "stitched", options=ONE_STEP)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["slide.tif", "slide.json", *[p.name for p in kept]])

@@ -10,11 +10,18 @@ A patch dataset is a folder::
     slides/<slide>.json       ... and its summary, written last: a slide with a JSON is finished
 
 Writes are atomic and per slide, so a killed tiling run resumes with the slides it had not
-finished. The dataset's split (train/val/test) is assigned per slide, never per patch.
+finished. The dataset's split (train/val/test) is assigned per slide, never per patch. Until a
+first slide is finished, dataset.json binds nothing: a run that failed or was killed before then
+does not stop a retry with other settings.
+
+A slide's name is a folder name and the start of its file names: it must be non-empty, must not
+start with '.', and must not hold a path separator or control character (:func:`check_slide_name`).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,10 +32,19 @@ from PIL import Image, UnidentifiedImageError
 
 from ..captions import caption_for_mask, prevalences
 from ..errors import DataError
-from ..io import atomic_path, read_format_json, write_json_atomic, write_png_atomic
+from ..io import (
+    atomic_path,
+    partial_target,
+    read_format_json,
+    remove_partial_files,
+    write_json_atomic,
+    write_png_atomic,
+)
 from ..schema import RENAL, ClassSchema
 
 FORMAT = "histosynth.patches/1"
+#: Longest slide name: its patch files' temporaries (".<name>_000000.png.<8>.part.png") must fit in 255 bytes.
+MAX_SLIDE_NAME = 200
 MANIFEST_COLUMNS = [
     "patch_id", "slide", "image", "mask", "x", "y", "level", "mpp", "size",
     "tissue_fraction", "split", "caption",
@@ -104,24 +120,64 @@ class PatchDatasetWriter:
         info_path = self.root / "dataset.json"
         if info_path.exists():
             existing = _read_info(self.root)
-            if existing.get("patch_size") != patch_size:
-                raise DataError(
-                    f"{self.root} holds a dataset of {existing.get('patch_size')} px patches; "
-                    f"choose another --out for {patch_size} px patches"
-                )
-            if ClassSchema.from_dict(existing["schema"]) != schema:
-                raise DataError(f"{self.root} holds a dataset with another class schema; choose another --out")
-        else:
-            info = {"format": FORMAT, "patch_size": patch_size, "schema": schema.to_dict(), **(extra_info or {})}
-            write_json_atomic(info_path, info)
+            if self.finished_slides():
+                if existing.get("patch_size") != patch_size:
+                    raise DataError(
+                        f"{self.root} holds a dataset of {existing.get('patch_size')} px patches; "
+                        f"choose another --out for {patch_size} px patches"
+                    )
+                if ClassSchema.from_dict(existing["schema"]) != schema:
+                    raise DataError(f"{self.root} holds a dataset with another class schema; choose another --out")
+                return
+        # Written again while no slide is finished: settings of a run that failed bind nothing.
+        remove_partial_files(info_path)
+        info = {"format": FORMAT, "patch_size": patch_size, "schema": schema.to_dict(), **(extra_info or {})}
+        write_json_atomic(info_path, info)
 
     def slide_done(self, slide: str) -> bool:
         return (self.root / "slides" / f"{slide}.json").exists()
 
+    def finished_slides(self) -> list[str]:
+        """Names of the slides written completely (those with a summary JSON)."""
+        return finished_slides(self.root)
+
+    def remove_unfinished(self, slide: str) -> list[Path]:
+        """Delete the files a killed run left of `slide`, which must not be finished; returns them.
+
+        Only this slide's own patch files (``<slide>_<index>.png`` and their temporaries) in
+        ``images/<slide>/`` and ``masks/<slide>/`` go, and those folders once empty; anything else
+        there, and whatever a symbolic link points to, is left alone.
+        """
+        check_slide_name(slide)
+        if self.slide_done(slide):
+            raise DataError(f"slide {slide} in {self.root} is finished; its patches are not removed")
+        patch_file = re.compile(rf"{re.escape(slide)}_\d{{6,}}\.png")
+        removed: list[Path] = []
+        for kind in ("images", "masks"):
+            kind_folder = self.root / kind
+            folder = kind_folder / slide
+            if folder.parent != kind_folder or folder.name != slide:
+                raise DataError(f"slide name {slide!r} does not name one folder under {kind_folder}")
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                name = entry.name
+                if entry.is_file(follow_symlinks=False) and (
+                        patch_file.fullmatch(name) or patch_file.fullmatch(partial_target(name) or "")):
+                    (folder / name).unlink(missing_ok=True)
+                    removed.append(folder / name)
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # something that is not a patch of this slide is left in it
+        for suffix in (".csv", ".json"):
+            removed += remove_partial_files(self.root / "slides" / f"{slide}{suffix}")
+        return removed
+
     def write_slide(self, slide: str, patches: Iterable[Patch], split: str = "train",
                     summary: dict[str, Any] | None = None) -> int:
         """Write all patches of one slide, then its manifest part and summary; returns the count."""
-        _check_name(slide)
+        check_slide_name(slide)
         rows = []
         for index, patch in enumerate(patches):
             rows.append(self._write_patch(slide, index, patch, split))
@@ -135,11 +191,12 @@ class PatchDatasetWriter:
     def finalize(self) -> PatchDataset:
         """Merge the finished slides' manifest parts into manifest.csv and return the dataset."""
         parts = []
-        for summary in sorted((self.root / "slides").glob("*.json")):
-            csv = summary.with_suffix(".csv")
+        for slide in self.finished_slides():
+            csv = self.root / "slides" / f"{slide}.csv"
             if csv.exists():
                 parts.append(pd.read_csv(csv, keep_default_na=False))
         manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=self._columns())
+        remove_partial_files(self.root / "manifest.csv")
         write_manifest(self.root, manifest)
         return open_dataset(self.root)
 
@@ -169,9 +226,35 @@ class PatchDatasetWriter:
         return row
 
 
-def _check_name(slide: str) -> None:
-    if not slide or "/" in slide or slide.startswith("."):
-        raise DataError(f"slide name {slide!r} cannot be used as a folder name")
+def slide_name_problem(slide: str) -> str | None:
+    """Why `slide` cannot be a folder name in a dataset, or None when it can."""
+    if not isinstance(slide, str) or not slide:
+        return "it is empty"
+    if slide.startswith("."):
+        return "it starts with '.' (a hidden file, or '.' / '..')"
+    if "/" in slide or "\\" in slide:
+        return "it holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in slide):
+        return "it holds a control character"
+    if len(slide.encode("utf-8", "surrogateescape")) > MAX_SLIDE_NAME:
+        return f"it is longer than {MAX_SLIDE_NAME} bytes"
+    return None
+
+
+def check_slide_name(slide: str) -> str:
+    """`slide` if it can be a folder name in a dataset, else a DataError saying why."""
+    problem = slide_name_problem(slide)
+    if problem:
+        raise DataError(f"slide name {slide!r} cannot be used as a folder name: {problem}; choose another name")
+    return slide
+
+
+def finished_slides(root: str | Path) -> list[str]:
+    """Names of the slides of the dataset at `root` that were written completely."""
+    folder = Path(root) / "slides"
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith("."))  # not temporaries
 
 
 def _read_info(root: Path) -> dict[str, Any]:

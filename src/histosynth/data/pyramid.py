@@ -14,13 +14,15 @@ padded size. An image and its mask of equal size are padded alike and stay align
 
 Large images stream: give a :class:`TileSource` instead of an array, and level 0 is read band by
 band; the lower levels (a third of level 0 together) are kept in memory, or in scratch files
-beside the output when they are large.
+beside the output when they are large (in ``.<name>.pyramid-<random>/``). What a killed write
+left beside the output (that scratch folder, the ``.<name>.<random>.part.tif`` temporary) is
+removed when the same output is written again.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,7 +32,12 @@ import tifffile
 from PIL import Image
 
 from ..errors import DataError
-from ..io import atomic_path
+from ..io import (
+    atomic_path,
+    remove_partial_files,
+    remove_scratch_folders,
+    scratch_folder,
+)
 
 #: (x, y, width, height) at level 0 -> (height, width, 3) RGB uint8 or (height, width) label ids.
 RegionReader = Callable[[int, int, int, int], np.ndarray]
@@ -107,8 +114,8 @@ def write_pyramid_tiff(path: str | Path, source: np.ndarray | TileSource, mpp: f
     once complete (a killed write leaves no file that looks finished). Returns `path`.
     """
     path = Path(path)
-    if not mpp or mpp <= 0:
-        raise DataError(f"{path}: microns per pixel must be positive, got {mpp}")
+    if not isinstance(mpp, numbers.Real) or not math.isfinite(mpp) or mpp <= 0:
+        raise DataError(f"{path}: microns per pixel must be positive and finite, got {mpp}")
     if tile % 16:
         raise DataError(f"{path}: the tile size must be a multiple of 16, got {tile}")
     source = _as_tile_source(source, is_mask, path)
@@ -116,8 +123,9 @@ def write_pyramid_tiff(path: str | Path, source: np.ndarray | TileSource, mpp: f
     halvings = pyramid_halvings(height, width, tile)
     channels = () if is_mask else (3,)
     bigtiff = height * width * max(1, len(channels)) * 4 // 3 > _BIGTIFF_BYTES
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as scratch:
-        levels = _LevelBuffers(Path(scratch), channels)
+    remove_leftovers(path)
+    with atomic_path(path) as tmp, scratch_folder(path, "pyramid") as scratch:
+        levels = _LevelBuffers(scratch, channels)
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tiff:
             below = levels.allocate(height // 2, width // 2) if halvings else None
             bands = _level0_bands(source, (height, width, *channels), tile, fill=0 if is_mask else 255)
@@ -131,6 +139,15 @@ def write_pyramid_tiff(path: str | Path, source: np.ndarray | TileSource, mpp: f
                         _halve_into(below, current[top:top + tile], top, is_mask)
                 tiff.write(current, **_page_options(mpp, level, tile, is_mask, quality))
     return path
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete what a killed :func:`write_pyramid_tiff` of exactly `path` left beside it; returns it.
+
+    Only the temporary file of `path` and scratch folders named for `path` go; other files,
+    and other outputs' temporaries in the same folder, are left alone.
+    """
+    return remove_partial_files(path) + remove_scratch_folders(path, "pyramid")
 
 
 def halve(image: np.ndarray, is_mask: bool) -> np.ndarray:

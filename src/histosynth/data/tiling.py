@@ -7,14 +7,20 @@ captions (not background); without, it comes from tissue detection on a thumbnai
 masks are all id 0 — enough to train an autoencoder, which needs no captions.
 
 Slides are written one at a time through :class:`PatchDatasetWriter`; a re-run skips the slides
-already finished and redoes the one a killed run left unfinished.
+already finished and redoes the one a killed run left unfinished. Every input and option is checked
+before anything is written, and a run that fails before finishing a slide leaves nothing that
+stops a retry with corrected options.
+
+A slide is named in the dataset by its file name up to the first '.' (``a.ome.tif`` -> ``a``). A
+file name that starts with '.' (``.s1.tif``) is refused rather than guessed at: stripping the dots
+could silently merge it with a slide ``s1`` already in the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +30,23 @@ import numpy as np
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..schema import RENAL, ClassSchema
 from .annotations import Annotation, rasterize, read_annotations
-from .dataset import Patch, PatchDataset, PatchDatasetWriter
+from .dataset import Patch, PatchDataset, PatchDatasetWriter, finished_slides, slide_name_problem
 from .slides import LevelChoice, Slide, TissueMap, detect_tissue, open_mask_slide, open_slide
 
 SPLITS = ("train", "val", "test")
+#: Patch sides accepted by :class:`TilingOptions` (a 8192 px RGB patch is 200 MB in memory).
+MIN_PATCH_SIZE, MAX_PATCH_SIZE = 16, 8192
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -44,8 +60,28 @@ class SlideInput:
 
     @property
     def name(self) -> str:
-        """The slide's name in the dataset: its file name without extensions (a.ome.tif -> a)."""
-        return Path(self.slide).name.split(".")[0]
+        """The slide's name in the dataset (see :func:`slide_name`)."""
+        return slide_name(self.slide)
+
+
+def slide_name(path: str | Path) -> str:
+    """A slide's name in the dataset: its file name without extensions (a.ome.tif -> a).
+
+    A name that cannot be a folder name is a DataError; so is a file name starting with '.'.
+    """
+    file_name = Path(path).name
+    if file_name.startswith("."):
+        suggestion = file_name.lstrip(".") or "slide.tif"
+        raise DataError(
+            f"slide file {path} starts with '.', so it has no name in the dataset (a slide is named by its "
+            f"file name up to the first '.'); rename the file, e.g. to {suggestion}"
+        )
+    name = file_name.split(".")[0]
+    problem = slide_name_problem(name)
+    if problem:
+        raise DataError(f"slide file {str(path)!r} would be named {name!r} in the dataset, which cannot be a folder "
+                        f"name ({problem}); rename the file")
+    return name
 
 
 @dataclass(frozen=True)
@@ -57,6 +93,22 @@ class TilingOptions:
     min_tissue: float = 0.5
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.mpp) or not math.isfinite(self.mpp) or self.mpp <= 0:
+            raise ConfigError(f"--mpp must be a finite number of microns per pixel above 0, got {self.mpp}")
+        if not _is_int(self.size) or not MIN_PATCH_SIZE <= self.size <= MAX_PATCH_SIZE:
+            raise ConfigError(f"--size must be a whole number of pixels from {MIN_PATCH_SIZE} to {MAX_PATCH_SIZE}, "
+                              f"got {self.size}")
+        if not _is_number(self.min_tissue) or not 0 <= self.min_tissue <= 1:  # NaN fails both
+            raise ConfigError(f"--min-tissue must be a share between 0 and 1, got {self.min_tissue}")
+        fractions = tuple(self.split_fractions) if isinstance(self.split_fractions, (tuple, list)) else ()
+        if (len(fractions) != 3 or not all(_is_number(f) and math.isfinite(f) and f >= 0 for f in fractions)
+                or sum(fractions) <= 0):
+            raise ConfigError(f"split fractions must be three finite shares (train, val, test) >= 0 with a "
+                              f"positive sum, got {self.split_fractions}")
+        if not _is_int(self.split_seed):
+            raise ConfigError(f"the split seed must be a whole number, got {self.split_seed}")
 
     def as_info(self) -> dict:
         return {"mpp": self.mpp, "size": self.size, "min_tissue": self.min_tissue}
@@ -79,9 +131,11 @@ def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema =
     `splits` maps slide names to train/val/test; without it a slide's split is drawn from a hash
     of its name, so it never changes between runs.
     """
-    _check_inputs(inputs, options)
-    writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()})
+    _check_inputs(inputs, options, splits)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out} is a file, not a dataset folder; choose a folder")
     _check_same_settings(Path(out), options)
+    writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()})
     tiled: dict[str, int] = {}
     skipped: list[str] = []
     with _progress_bar(progress) as bar:
@@ -99,7 +153,7 @@ def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema =
 def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema, options: TilingOptions,
                split: str, bar: Progress | None = None) -> int:
     """Tile one slide through `writer`; returns the number of patches kept."""
-    _remove_unfinished(writer.root, item.name)
+    writer.remove_unfinished(item.name)
     with ExitStack() as stack:
         slide = stack.enter_context(open_slide(item.slide, item.mpp_override))
         slide_mpp = slide.require_mpp()
@@ -272,35 +326,41 @@ def _progress_bar(enabled: bool) -> Progress:
                     disable=not enabled, transient=False)
 
 
-def _remove_unfinished(root: Path, name: str) -> None:
-    """Drop the patches a killed run left for a slide it did not finish."""
-    for folder in ("images", "masks"):
-        shutil.rmtree(root / folder / name, ignore_errors=True)
-
-
-def _check_inputs(inputs: list[SlideInput], options: TilingOptions) -> None:
+def _check_inputs(inputs: list[SlideInput], options: TilingOptions, splits: dict[str, str] | None) -> None:
+    """Everything that can be checked before a file is written: names, files, options, splits."""
     if not inputs:
         raise DataError("no slides given; pass one or more slide files")
-    names = [item.name for item in inputs]
+    names = [item.name for item in inputs]  # refuses names that cannot be folder names
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(f"several slides are named {repeated} (file name without extensions); rename them apart")
-    if not 0 <= options.min_tissue <= 1:
-        raise DataError(f"--min-tissue must be between 0 and 1, got {options.min_tissue}")
-    if options.mpp <= 0 or options.size < 16:
-        raise DataError(f"--mpp must be positive and --size at least 16, got {options.mpp} and {options.size}")
     for item in inputs:
         if item.mask is not None and item.annotations is not None:
             raise DataError(f"slide {item.slide}: give a mask slide or annotations, not both")
         for kind, path in (("slide file", item.slide), ("mask slide", item.mask), ("annotation file", item.annotations)):
             if path is not None and not Path(path).is_file():
                 raise DataError(f"{kind} {path} does not exist; check the path")
+        override = item.mpp_override
+        if override is not None and not (_is_number(override) and 0 < override < 1000):
+            raise DataError(f"{item.slide}: --mpp-override must be a positive number of microns per pixel, "
+                            f"got {override}")
+    for name in names:
+        splits_for(name, splits, options)  # a slide missing from the split file fails before any is tiled
 
 
 def _check_same_settings(root: Path, options: TilingOptions) -> None:
-    """A dataset is tiled with one resolution and threshold; mixing runs would mix them."""
-    info = json.loads((root / "dataset.json").read_text())
-    earlier = info.get("tiling")
+    """A dataset is tiled with one resolution and threshold; mixing runs would mix them.
+
+    Only finished slides bind: settings a failed or killed run wrote before finishing one do not.
+    """
+    info_path = root / "dataset.json"
+    if not info_path.is_file() or not finished_slides(root):
+        return
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{info_path} is corrupt ({exc}); choose another --out") from None
+    earlier = info.get("tiling") if isinstance(info, dict) else None
     if earlier is not None and earlier != options.as_info():
         raise DataError(
             f"{root} was tiled with {earlier}, not {options.as_info()}; use the same options or another --out"

@@ -35,7 +35,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 
 from ..errors import ModelError
-from ..io import read_format_json, write_json_atomic
+from ..io import read_format_json, remove_partial_files, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
@@ -159,6 +159,7 @@ def save_bundle(
             f"{source.name} gives {source.hidden_size}; build the UNet with context_dim={source.hidden_size}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(path)  # the staging folder of a save that was killed
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         if isinstance(unet, MaskControlledUNet):

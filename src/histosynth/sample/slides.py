@@ -37,7 +37,7 @@ import torch
 from ..data.pyramid import TileSource, write_pyramid_tiff
 from ..data.slides import open_mask_slide
 from ..errors import ConfigError, JobError
-from ..io import write_json_atomic
+from ..io import remove_partial_files, write_json_atomic
 from ..models.bundle import Bundle
 from ..models.label_maps import check_mask_grid, check_mask_ids, label_map
 from .generate import (
@@ -130,6 +130,7 @@ def synth_slide(
         raise ConfigError(f"microns per pixel must be positive, got {mpp}")
     size = as_size(size)
     image_latent_size(bundle, size)  # refuses sizes the model cannot make, before any work
+    remove_partial_files(record_path)  # the slide's and mask's temporaries go as they are written again
     started = time.perf_counter()
     embeddings = CaptionEmbeddings.for_bundle(bundle, [caption])
     if mode == "stitched":

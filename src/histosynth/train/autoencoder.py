@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.dataset import PatchDataset, open_dataset
 from ..data.torchdata import PatchTorchDataset
 from ..errors import DataError, JobError
+from ..io import remove_partial_files
 from ..models.autoencoder import (
     Autoencoder,
     autoencoder_losses,
@@ -189,6 +190,7 @@ def _latent_scale(autoencoder: Autoencoder, dataset: PatchDataset, count: int = 
 
 def _write_autoencoder_folder(out: Path, autoencoder: Autoencoder, metrics: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)  # the staging folder of a save that was killed
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:
         autoencoder.save_pretrained(staging)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..errors import HistosynthError, JobError
-from ..io import atomic_path, write_json_atomic
+from ..io import atomic_path, partial_target, remove_partial_files, write_json_atomic
 from ..presets import Preset
 
 CHECKPOINT_DIR = "checkpoints"
@@ -104,9 +104,26 @@ class RunFolder:
                 f"{self.root} holds a training run; pass --resume to continue it, or choose another output"
             )
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_partial_files()
         write_json_atomic(self.root / RUN_FILE, settings)
         self.settings = settings
         return self.last_checkpoint if resume else None
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete the temporaries of checkpoints that a killed run left in ``checkpoints/``.
+
+        Only names :func:`histosynth.io.atomic_path` gives a ``*.ckpt`` there go; the run's own
+        checkpoints, logs and anything else are kept. Safe under DDP, where every process starts the
+        run: no checkpoint is written before all of them have started. (run.json's temporaries are
+        left alone: every process writes that file as it starts.)
+        """
+        removed: list[Path] = []
+        folder = self.root / CHECKPOINT_DIR
+        if folder.is_dir():
+            targets = {partial_target(p.name) for p in folder.iterdir()} - {None}
+            for target in sorted(t for t in targets if t.endswith(".ckpt")):
+                removed += remove_partial_files(folder / target)
+        return removed
 
 
 def build_trainer(run: RunFolder, max_steps: int, precision: str, devices: DeviceOptions,

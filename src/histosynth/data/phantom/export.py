@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,17 @@ import pandas as pd
 
 from ...captions import caption_for_mask, prevalences
 from ...errors import DataError
-from ...io import atomic_path, write_json_atomic, write_png_atomic
+from ...io import (
+    atomic_path,
+    remove_partial_files,
+    remove_scratch_folders,
+    scratch_folder,
+    write_json_atomic,
+    write_png_atomic,
+)
 from ...schema import RENAL
 from ...terminal import progress_bar
-from ..dataset import Patch, PatchDataset, PatchDatasetWriter
+from ..dataset import Patch, PatchDataset, PatchDatasetWriter, finished_slides
 from ..masks import read_mask
 from ..pyramid import TileSource, write_pyramid_tiff
 from .generate import PhantomSlide, phantom_patch, phantom_patch_mask
@@ -63,11 +69,12 @@ def write_phantom_slide(out: str | Path, seed: int = 0, width: int = 8192, heigh
     started = time.perf_counter()
     slide = PhantomSlide.create(seed, width, height, mpp, mix)
     out.mkdir(parents=True, exist_ok=True)
+    remove_scratch_folders(files.image, "phantom")  # a killed run's (the TIFFs' own go as they are written)
+    remove_partial_files(files.info)
     counts = np.zeros(256, dtype=np.int64)
-    bar = progress_bar(progress, elapsed=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".phantom-") as scratch, bar:
+    with scratch_folder(files.image, "phantom") as scratch, progress_bar(progress, elapsed=True) as bar:
         task = bar.add_task(f"phantom slide {name}", total=slide.tile_count())
-        mask = np.lib.format.open_memmap(Path(scratch) / "mask.npy", mode="w+", dtype=np.uint8,
+        mask = np.lib.format.open_memmap(scratch / "mask.npy", mode="w+", dtype=np.uint8,
                                          shape=(height, width))
 
         def image_bands() -> Iterator[np.ndarray]:
@@ -154,9 +161,9 @@ def write_phantom_patches(out: str | Path, n: int, size: int = 256, seed: int = 
 
 
 def _check_same_recipe(out: Path, recipe: dict) -> None:
-    """A re-run may only resume a dataset written with the same seed, mix and mpp."""
+    """A re-run may only resume a dataset written with the same seed, mix and mpp (once a slide is finished)."""
     info_path = out / "dataset.json"
-    if not info_path.is_file():
+    if not info_path.is_file() or not finished_slides(out):
         return
     info = json.loads(info_path.read_text())
     different = {k: (info.get(k), v) for k, v in recipe.items() if info.get(k) != v}

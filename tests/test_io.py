@@ -1,0 +1,55 @@
+"""Atomic writes: a temporary beside the file, and what a killed write left is recognised exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from histosynth.io import (
+    atomic_path,
+    partial_target,
+    remove_partial_files,
+    write_json_atomic,
+)
+
+
+@pytest.mark.parametrize("name, target", [
+    (".last.ckpt.k3j9x_2a.part.ckpt", "last.ckpt"),
+    (".model.k3j9x_2a.part", "model"),
+    (".a_000001.png.abcdefgh.part.png", "a_000001.png"),
+    (".x.json.abcdefgh.part.png", None),   # the suffix is not the target's
+    ("last.ckpt", None),
+    (".last.ckpt.short.part.ckpt", None),
+    ("..abcdefgh.part", None),
+    (".s.tif.pyramid-abcdefgh", None),
+    ("notes.part", None),
+])
+def test_partial_target_names_what_a_temporary_was_for(name, target):
+    assert partial_target(name) == target
+
+
+def test_the_temporaries_of_atomic_path_are_recognised(tmp_path):
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "record.json") as tmp:
+        assert partial_target(tmp.name) == "record.json"
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_removing_partial_files_takes_only_those_of_the_one_output(tmp_path):
+    write_json_atomic(tmp_path / "run.json", {})
+    leftovers = [tmp_path / ".run.json.abcdefgh.part.json", tmp_path / ".run.json.k3j9x_2a.part"]
+    leftovers[0].write_text("half")
+    leftovers[1].mkdir()
+    (leftovers[1] / "weights.safetensors").write_bytes(b"half")
+    kept = [tmp_path / ".other.json.abcdefgh.part.json", tmp_path / "run.json.bak", tmp_path / ".run.json.part",
+            tmp_path / ".run.json.abcdefgh.part.txt"]
+    for path in kept:
+        path.write_text("mine")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "data").write_text("mine")
+    link = tmp_path / ".run.json.linkedxx.part"
+    link.symlink_to(outside, target_is_directory=True)
+    assert sorted(remove_partial_files(tmp_path / "run.json")) == sorted([*leftovers, link])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.json", "outside", *[p.name for p in kept]])
+    assert (outside / "data").read_text() == "mine"
+    assert remove_partial_files(tmp_path / "missing" / "x.json") == []
