@@ -87,6 +87,21 @@ def screen_size_folders(tmp_path_factory) -> tuple[Path, Path]:
     return root / "real", root / "synthetic"
 
 
+@pytest.fixture(scope="session")
+def telltale_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """Real images full of fine noise, synthetic ones smooth: re-encoded, the real ones compress far
+    worse, so their files would be larger — the size leak a survey must hide."""
+    root = tmp_path_factory.mktemp("telltale")
+    for group in ("real", "synthetic"):
+        (root / group).mkdir()
+    for i in range(4):
+        noisy = tissue_image(200 + i, 64, 64).astype(int) + np.random.default_rng(i).integers(-40, 40, (64, 64, 3))
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / "real" / f"{i}.png")
+        smooth = ndimage.gaussian_filter(tissue_image(300 + i, 64, 64).astype(float), (3, 3, 0))
+        Image.fromarray(smooth.astype(np.uint8)).save(root / "synthetic" / f"{i}.png")
+    return root / "real", root / "synthetic"
+
+
 @pytest.fixture
 def make_survey(image_folders, tmp_path):
     """Build a fresh survey folder (its own responses database) in the test's tmp_path."""
