@@ -162,7 +162,11 @@ def png_chunks():
 
 
 class SurveyParticipant:
-    """A participant speaking plain HTTP, as a browser does: form tokens are read from the pages."""
+    """A participant speaking plain HTTP, as a browser does: form tokens are read from the pages.
+
+    `start(experience, invite)` opens the invitation link; without one, an in-process app that admits
+    only invited participants gets an invitation minted in its store, as the admin would hand one out.
+    """
 
     def __init__(self, http: httpx.Client):
         self.http = http
@@ -173,9 +177,13 @@ class SurveyParticipant:
     def token(self) -> str:
         return self.base.rsplit("/", 1)[-1]
 
-    def start(self, experience: int) -> httpx.Response:
-        page = self.http.get("/")
-        response = self.http.post("/start", data={"experience": str(experience), "csrf": form_token(page.text)})
+    def start(self, experience: int, invite: str | None = None) -> httpx.Response:
+        app = getattr(self.http, "app", None)
+        if invite is None and app is not None and not app.state.survey.open_enrolment:
+            (invite,) = app.state.survey.store.mint_invites(1)
+        page = self.http.get(f"/i/{invite}" if invite else "/")
+        form = {"experience": str(experience), "csrf": form_token(page.text)}
+        response = self.http.post("/start", data={**form, "invite": invite} if invite else form)
         if response.status_code == 303:
             self.base = response.headers["location"]
             self.csrf = form_token(self.http.get(self.base, follow_redirects=True).text)
