@@ -51,8 +51,8 @@ def test_bad_numbers_are_one_line_errors_before_any_work(image_folders, tmp_path
     real, synthetic = image_folders
     build = ["survey", "build", "--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "s")]
     for options, message in [
-        (["--seed", "-1"], "error: --seed -1 is out of range; give 0 to 9223372036854775807, or leave it out "
-                           "for a random one"),
+        (["--seed", "-1"], ("error: --seed -1 is out of range; give 0 to 9223372036854775807, or leave it out "
+                            "for a random one")),
         (["--participants", "-2"], "error: --participants -2 is out of range; give 0 to 100000"),
         (["--n-real", "-3"], "error: --n-real and --n-synthetic must each be at least 1"),
     ]:
