@@ -87,6 +87,21 @@ def screen_size_folders(tmp_path_factory) -> tuple[Path, Path]:
     return root / "real", root / "synthetic"
 
 
+@pytest.fixture(scope="session")
+def telltale_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """Real images full of fine noise, synthetic ones smooth: re-encoded, the real ones compress far
+    worse, so their files would be larger — the size leak a survey must hide."""
+    root = tmp_path_factory.mktemp("telltale")
+    for group in ("real", "synthetic"):
+        (root / group).mkdir()
+    for i in range(4):
+        noisy = tissue_image(200 + i, 64, 64).astype(int) + np.random.default_rng(i).integers(-40, 40, (64, 64, 3))
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / "real" / f"{i}.png")
+        smooth = ndimage.gaussian_filter(tissue_image(300 + i, 64, 64).astype(float), (3, 3, 0))
+        Image.fromarray(smooth.astype(np.uint8)).save(root / "synthetic" / f"{i}.png")
+    return root / "real", root / "synthetic"
+
+
 @pytest.fixture
 def make_survey(image_folders, tmp_path):
     """Build a fresh survey folder (its own responses database) in the test's tmp_path."""
@@ -147,7 +162,11 @@ def png_chunks():
 
 
 class SurveyParticipant:
-    """A participant speaking plain HTTP, as a browser does: form tokens are read from the pages."""
+    """A participant speaking plain HTTP, as a browser does: form tokens are read from the pages.
+
+    `start(experience, invite)` opens the invitation link; without one, an in-process app that admits
+    only invited participants gets an invitation minted in its store, as the admin would hand one out.
+    """
 
     def __init__(self, http: httpx.Client):
         self.http = http
@@ -158,9 +177,13 @@ class SurveyParticipant:
     def token(self) -> str:
         return self.base.rsplit("/", 1)[-1]
 
-    def start(self, experience: int) -> httpx.Response:
-        page = self.http.get("/")
-        response = self.http.post("/start", data={"experience": str(experience), "csrf": form_token(page.text)})
+    def start(self, experience: int, invite: str | None = None) -> httpx.Response:
+        app = getattr(self.http, "app", None)
+        if invite is None and app is not None and not app.state.survey.open_enrolment:
+            (invite,) = app.state.survey.store.mint_invites(1)
+        page = self.http.get(f"/i/{invite}" if invite else "/")
+        form = {"experience": str(experience), "csrf": form_token(page.text)}
+        response = self.http.post("/start", data={**form, "invite": invite} if invite else form)
         if response.status_code == 303:
             self.base = response.headers["location"]
             self.csrf = form_token(self.http.get(self.base, follow_redirects=True).text)

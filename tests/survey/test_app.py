@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from histosynth.errors import ConfigError
 from histosynth.survey.app import COMMON_HEADERS, create_app, is_loopback
-from histosynth.survey.build import open_survey, read_answer_key
+from histosynth.survey.build import KEY_FILE, build_survey, open_survey, read_answer_key, reencode
+from histosynth.survey.responses import (ParticipantAnswers, Responses, read_responses_csv, responses_to_csv,
+                                         write_responses_csv)
 from histosynth.survey.security import ADMIN_COOKIE
 from histosynth.survey.store import SurveyStore
 
@@ -27,6 +35,12 @@ def client(survey_dir, admin_secret):
 
 def stored(survey_dir, token):
     return SurveyStore(open_survey(survey_dir).responses_path).participant(token)
+
+
+def start_form_token(client, participant) -> str:
+    """The start form's signed token, read from an invitation's page as a participant would."""
+    (code,) = client.app.state.survey.store.mint_invites(1)
+    return participant.form_token(client.get(f"/i/{code}").text)
 
 
 def test_a_participant_answers_resumes_and_finishes(client, survey_dir, participant):
@@ -94,7 +108,7 @@ def test_unknown_links_and_bad_input_are_rejected(client, participant):
     assert client.get(f"{p.base}/q/one").status_code == 400
     assert p.answer(1, "maybe").status_code == 400
     assert p.answer(7, "real").status_code == 404
-    start_token = participant.form_token(client.get("/").text)
+    start_token = start_form_token(client, participant)
     for experience in ["0", "6", "three", ""]:
         assert client.post("/start", data={"experience": experience, "csrf": start_token}).status_code == 400
     for number in range(1, 7):
@@ -108,7 +122,7 @@ def test_form_posts_need_their_signed_token_and_the_same_origin(client, survey_d
     p.start(5)
     other = participant(client)
     other.start(5)
-    start_token = participant.form_token(client.get("/").text)
+    start_token = start_form_token(client, participant)
     assert client.post(f"{p.base}/q/1", data={"answer": "real"}).status_code == 400
     assert p.answer(1, "real", csrf="0" * 64).status_code == 403
     assert p.answer(1, "real", csrf=start_token).status_code == 403, "a token is only good for its own form"
@@ -202,12 +216,13 @@ def test_images_are_served_alike_from_memory(client, survey_dir, png_chunks):
     for image_id, content in expected.items():
         response = client.get(f"/images/{image_id}")
         assert response.status_code == 200 and response.content == content
-        headers.append({k: v for k, v in response.headers.items() if k != "content-length"})
+        headers.append(dict(response.headers))
         chunks = png_chunks(response.content)
-        layouts.add((chunks[0][1], tuple(dict.fromkeys(kind for kind, _ in chunks))))
-    assert all(h == headers[0] for h in headers)
-    assert headers[0] == {"content-type": "image/png", **{k.lower(): v for k, v in COMMON_HEADERS.items()}}
-    assert len(layouts) == 1 and layouts.pop()[1] == ("IHDR", "IDAT", "IEND")
+        layouts.add((chunks[0][1], tuple(kind for kind, _ in chunks)))
+    assert all(h == headers[0] for h in headers), "every image is answered with the same headers and length"
+    assert headers[0] == {"content-type": "image/png", "content-length": headers[0]["content-length"],
+                          **{k.lower(): v for k, v in COMMON_HEADERS.items()}}
+    assert len(layouts) == 1 and layouts.pop()[1] == ("IHDR", "IDAT", "paDd", "IEND")
 
 
 def test_every_response_forbids_caching_and_embedding(client):
@@ -223,3 +238,100 @@ def test_the_app_refuses_a_weak_admin_secret_and_knows_loopback(survey_dir):
         create_app(survey_dir, "short")
     assert [is_loopback(h) for h in ["127.0.0.1", "localhost", "::1", "0.0.0.0", "192.168.1.5", "example.org"]] == [
         True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg"])
+def test_served_images_say_nothing_of_their_class_by_length_or_headers(telltale_folders, tmp_path, admin_secret,
+                                                                      image_format):
+    survey_dir = tmp_path / "survey"
+    build_survey(*telltale_folders, survey_dir, n_real=4, n_synthetic=4, size=64, image_format=image_format,
+                 progress=False)
+    survey, truth = open_survey(survey_dir), read_answer_key(survey_dir)
+    key = {row["number"]: row["source"] for row in json.loads((survey_dir / KEY_FILE).read_text())["questions"]}
+    client = TestClient(create_app(survey_dir, admin_secret))
+    served = {label: [] for label in ("real", "synthetic")}
+    for question, label in zip(survey.questions, truth):
+        response = client.get(f"/images/{question.image_id}")
+        served[label].append((dict(response.headers), len(response.content)))
+        unpadded, _ = reencode(Path(key[question.number]), 64, image_format)
+        assert np.array_equal(decoded(response.content), decoded(unpadded))
+    # unpadded, the two classes have sizes that do not even overlap ...
+    sizes = {label: [len(reencode(Path(key[q.number]), 64, image_format)[0])
+                     for q, t in zip(survey.questions, truth) if t == label] for label in served}
+    assert min(sizes["real"]) > max(sizes["synthetic"])
+    # ... served, every response has the same headers, Content-Length included, whatever its class
+    everything = served["real"] + served["synthetic"]
+    assert all(entry == everything[0] for entry in everything)
+    assert int(everything[0][0]["content-length"]) == everything[0][1]
+
+
+def test_a_survey_built_without_padding_is_padded_when_served(telltale_folders, tmp_path, admin_secret):
+    survey_dir = tmp_path / "survey"
+    build_survey(*telltale_folders, survey_dir, n_real=3, n_synthetic=3, size=48, progress=False)
+    survey = open_survey(survey_dir)
+    key = {row["number"]: row["source"] for row in json.loads((survey_dir / KEY_FILE).read_text())["questions"]}
+    for question in survey.questions:  # as an earlier version wrote them: each file its own length
+        survey.image_path(question).write_bytes(reencode(Path(key[question.number]), 48, "png")[0])
+    assert len({survey.image_path(q).stat().st_size for q in survey.questions}) > 1
+    client = TestClient(create_app(survey_dir, admin_secret))
+    responses = [client.get(f"/images/{q.image_id}") for q in survey.questions]
+    assert len({r.headers["content-length"] for r in responses}) == 1
+    for question, response in zip(survey.questions, responses):
+        assert np.array_equal(decoded(response.content), decoded(survey.image_path(question).read_bytes()))
+
+
+def decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+FORMULAS = ["=HYPERLINK(\"http://evil.example\",\"click\")", "+1+2", "-2+3", "@SUM(A1)", "\tindented=1",
+            "\r=1", "'=already quoted", "fine = not a formula"]
+
+
+def test_the_export_neutralises_cells_a_spreadsheet_would_run(client, survey_dir, admin_secret, participant):
+    for comment in FORMULAS:
+        person = participant(client)
+        person.start(2)
+        for number in range(1, 7):
+            person.answer(number, "real")
+        person.finish(comment)  # stored stripped of surrounding blanks: "\r=1" is kept as "=1"
+    export = client.get("/admin/export.csv", headers={"Authorization": f"Bearer {admin_secret}"}).text
+    rows = list(csv.reader(io.StringIO(export)))[2:]
+    stored_comments = [p.comment for p in SurveyStore(open_survey(survey_dir).responses_path).participants()]
+    cells = [row[-1] for row in rows]
+    for kept, cell in zip(stored_comments, cells):
+        if kept[:1] in ("=", "+", "-", "@", "\t", "\r") or kept.startswith("'="):
+            assert cell == "'" + kept
+        else:
+            assert cell == kept
+    assert cells[0] == "'=HYPERLINK(\"http://evil.example\",\"click\")" and cells[1] == "'+1+2"
+    assert cells[-1] == "fine = not a formula"
+    assert not any(cell[:1] in "=+-@\t\r" for row in rows for cell in row if cell)
+    (survey_dir / "export.csv").write_text(export)
+    assert [p.comment for p in read_responses_csv(survey_dir / "export.csv").participants] == stored_comments
+
+
+def test_every_text_cell_of_every_export_is_neutralised(tmp_path):
+    responses = Responses(truth=("real", "synthetic"), participants=tuple(
+        ParticipantAnswers(label, 3, ("real", None), comment) for label, comment in
+        [("=cmd|' /C calc'!A0", "@x"), ("+P", "\tx"), ("-P", "\rx"), ("P4", "'+x"), ("P5", "plain")]))
+    text = responses_to_csv(responses)
+    rows = list(csv.reader(io.StringIO(text)))
+    assert [row[0] for row in rows[2:]] == ["'=cmd|' /C calc'!A0", "'+P", "'-P", "P4", "P5"]
+    # a lone carriage return is written as a line break (quoted), so it cannot split the row
+    assert [row[-1] for row in rows[2:]] == ["'@x", "'\tx", "\nx", "''+x", "plain"]
+    assert len(rows) == 7
+    write_responses_csv(tmp_path / "r.csv", responses)
+    again = read_responses_csv(tmp_path / "r.csv")
+    assert [(p.label, p.comment) for p in again.participants] == [
+        ("=cmd|' /C calc'!A0", "@x"), ("+P", "x"), ("-P", "x"), ("P4", "'+x"), ("P5", "plain")]
+    # the analysis tables carry the participants' labels: neutralised there as well
+    from histosynth.survey.analyze import analyze_survey
+
+    analyze_survey(tmp_path / "r.csv", tmp_path / "report")
+    for table in ("participants.csv", "questions.csv"):
+        cells = [cell for row in csv.reader((tmp_path / "report" / table).open()) for cell in row]
+        assert not any(cell[:1] in "=+-@\t\r" for cell in cells if cell), table
+    labels = [row[0] for row in csv.reader((tmp_path / "report" / "participants.csv").open())][1:]
+    assert labels == ["'=cmd|' /C calc'!A0", "'+P", "'-P", "P4", "P5"]

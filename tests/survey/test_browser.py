@@ -14,7 +14,8 @@ import pytest
 
 from histosynth.survey.analyze import analyze_survey
 from histosynth.survey.app import create_app
-from histosynth.survey.build import build_survey, read_answer_key
+from histosynth.survey.build import build_survey, open_survey, read_answer_key
+from histosynth.survey.store import SurveyStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,8 +42,9 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
     playwright_api = pytest.importorskip("playwright.sync_api")
     sync_playwright, expect = playwright_api.sync_playwright, playwright_api.expect
     survey_dir = tmp_path / "survey"
-    build_survey(*screen_size_folders, survey_dir, n_real=3, n_synthetic=3, seed=2, progress=False)
+    build_survey(*screen_size_folders, survey_dir, n_real=3, n_synthetic=3, seed=2, participants=2, progress=False)
     truth = read_answer_key(survey_dir)
+    invites = [invite.code for invite in SurveyStore(open_survey(survey_dir).responses_path).invites()]
     by_click, by_keyboard = planned_answers(truth)
     shots = Path(os.environ.get("HISTOSYNTH_SURVEY_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,7 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
                 return page
 
             clicking = new_page()
-            clicking.goto(server.url + "/")
+            clicking.goto(f"{server.url}/i/{invites[0]}")
             clicking.screenshot(path=shots / "survey-start.png", full_page=True)
             clicking.get_by_role("radio", name="4", exact=True).check()
             with clicking.expect_navigation():
@@ -79,7 +81,7 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
             clicking.screenshot(path=shots / "survey-done.png", full_page=True)
 
             typing = new_page()
-            typing.goto(server.url + "/")
+            typing.goto(f"{server.url}/i/{invites[1]}")
             expect(typing.get_by_role("radio", name="1 Barely any experience")).to_be_focused()
             typing.keyboard.press("ArrowRight")  # focus starts on level 1; the arrow picks level 2
             with typing.expect_navigation():
@@ -103,6 +105,7 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
                 admin.get_by_role("button", name="Sign in").click()
             assert admin.locator("#count-finished").inner_text() == "2"
             assert admin.locator("#count-answers").inner_text() == "12"
+            assert admin.locator("#count-invites-used").inner_text() == "2"
             admin.screenshot(path=shots / "survey-admin.png", full_page=True)
             with admin.expect_download() as download:
                 admin.get_by_role("link", name="Download responses (CSV)").click()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,17 +34,33 @@ def test_build_picks_the_asked_numbers_and_keeps_the_truth_apart(make_survey, im
     assert names == sorted(f"{q.image_id}.png" for q in survey.questions)
 
 
-def test_build_is_deterministic_per_seed_and_shuffles_per_seed(make_survey):
+def test_a_seed_repeats_the_selection_and_order_but_never_the_ids(make_survey):
     first, again, other = make_survey(seed=11, name="a"), make_survey(seed=11, name="b"), make_survey(seed=12, name="c")
-    assert (first / SURVEY_FILE).read_text() == (again / SURVEY_FILE).read_text()
-    for q in open_survey(first).questions:
-        name = f"{q.image_id}.png"
-        assert (first / IMAGES_DIR / name).read_bytes() == (again / IMAGES_DIR / name).read_bytes()
-    ids_first = [q.image_id for q in open_survey(first).questions]
-    ids_other = [q.image_id for q in open_survey(other).questions]
-    assert not set(ids_first) & set(ids_other)
+    key_first, key_again = (json.loads((root / KEY_FILE).read_text()) for root in (first, again))
+    assert key_first["seed"] == key_again["seed"] == 11
+
+    def picked(key):
+        return [(row["number"], row["truth"], row["source"]) for row in key["questions"]]
+
+    assert picked(key_first) == picked(key_again), "the same seed picks the same images in the same order"
+    ids = [[q.image_id for q in open_survey(root).questions] for root in (first, again, other)]
+    assert not set(ids[0]) & set(ids[1]) and not set(ids[0]) & set(ids[2]), \
+        "ids come from the secure random source: replaying the seed must not give them back"
+    for q_first, q_again in zip(*(open_survey(root).questions for root in (first, again))):
+        assert np.array_equal(pixels(open_survey(first).image_path(q_first).read_bytes()),
+                              pixels(open_survey(again).image_path(q_again).read_bytes()))
     orders = {tuple(read_answer_key(make_survey(n_real=4, n_synthetic=4, seed=s, name=f"s{s}"))) for s in range(6)}
     assert len(orders) > 1, "the order of real and synthetic questions must depend on the seed"
+
+
+def test_without_a_seed_each_build_draws_its_own_and_records_it(make_survey):
+    seeds = [json.loads((make_survey(seed=None, name=name) / KEY_FILE).read_text())["seed"] for name in "ab"]
+    assert seeds[0] != seeds[1] and all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def test_ids_are_opaque_random_hex(make_survey):
@@ -56,18 +73,45 @@ def test_ids_are_opaque_random_hex(make_survey):
 def test_every_image_is_reencoded_alike_without_metadata(make_survey, png_chunks):
     root = make_survey(n_real=3, n_synthetic=3, size=64)
     survey = open_survey(root)
-    headers = set()
+    headers, layouts = set(), set()
     for q in survey.questions:
         data = survey.image_path(q).read_bytes()
         chunks = png_chunks(data)
         kinds = [kind for kind, _ in chunks]
-        assert kinds[0] == "IHDR" and kinds[-1] == "IEND" and set(kinds) == {"IHDR", "IDAT", "IEND"}
+        layouts.add(tuple(kinds))
         headers.add(chunks[0][1])
         assert b"Exif" not in data and b"parameters" not in data and b"scanner" not in data
         with Image.open(io.BytesIO(data)) as img:
             assert (img.format, img.mode, img.size, img.info) == ("PNG", "RGB", (64, 64), {})
     # width 64, height 64, bit depth 8, colour type 2 (RGB), no interlace — the same for all
     assert headers == {bytes.fromhex("00000040" "00000040" "08" "02" "00" "00" "00")}
+    # the only chunk beside the image's own is the random padding that gives every file one length
+    assert layouts == {("IHDR", "IDAT", "paDd", "IEND")}
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg"])
+def test_file_sizes_do_not_tell_real_from_synthetic(telltale_folders, tmp_path, image_format):
+    root = tmp_path / "survey"
+    build_survey(*telltale_folders, root, n_real=4, n_synthetic=4, size=64, image_format=image_format,
+                 progress=False)
+    survey = open_survey(root)
+    truth = read_answer_key(root)
+    key = {row["number"]: row["source"] for row in json.loads((root / KEY_FILE).read_text())["questions"]}
+    plain = {t: [] for t in ("real", "synthetic")}
+    sizes = set()
+    for q, t in zip(survey.questions, truth):
+        data = survey.image_path(q).read_bytes()
+        sizes.add(len(data))
+        unpadded, _ = reencode(Path(key[q.number]), 64, image_format)
+        plain[t].append(len(unpadded))
+        if image_format == "png":  # the padding chunk sits before IEND, the image's own chunks untouched
+            assert data[:len(unpadded) - 12] == unpadded[:-12] and data[-12:] == unpadded[-12:]
+        else:  # after the end-of-image marker
+            assert data.startswith(unpadded)
+        assert np.array_equal(pixels(data), pixels(unpadded)), "the padded file shows exactly the same pixels"
+    # unpadded, every real file is larger than every synthetic one: the size alone would give the key
+    assert min(plain["real"]) > max(plain["synthetic"])
+    assert sizes == {max(plain["real"]) + (12 if image_format == "png" else 0)}
 
 
 def test_jpeg_surveys_use_one_quality_and_no_metadata_segments(make_survey):
@@ -130,6 +174,20 @@ def test_list_images_finds_images_recursively_and_only_images_of_a_patch_dataset
     found = list_images(tmp_path / "ds")
     assert [p.relative_to(tmp_path / "ds").as_posix() for p in found] == [
         f"images/s1/s1_{i:06d}.png" for i in range(3)]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"seed": -1}, "--seed -1 is out of range; give 0 to 9223372036854775807"),
+    ({"seed": 2**63}, "--seed 9223372036854775808 is out of range"),
+    ({"participants": -3}, "--participants -3 is out of range; give 0 to 100000"),
+    ({"n_real": -1}, "--n-real and --n-synthetic must each be at least 1"),
+    ({"size": -64}, "--size -64 is out of range"),
+    ({"jpeg_quality": -5}, "--jpeg-quality -5 is out of range"),
+])
+def test_negative_and_out_of_range_options_are_refused_before_any_work(image_folders, tmp_path, options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_survey(*image_folders, tmp_path / "s", progress=False, **options)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_build_errors_say_what_to_do(image_folders, tmp_path):

@@ -47,8 +47,30 @@ def test_mistakes_are_one_line_errors(image_folders, tmp_path, capsys):
     assert "is not a survey folder" in capsys.readouterr().err
 
 
+def test_bad_numbers_are_one_line_errors_before_any_work(image_folders, tmp_path, capsys):
+    real, synthetic = image_folders
+    build = ["survey", "build", "--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "s")]
+    for options, message in [
+        (["--seed", "-1"], ("error: --seed -1 is out of range; give 0 to 9223372036854775807, or leave it out "
+                            "for a random one")),
+        (["--participants", "-2"], "error: --participants -2 is out of range; give 0 to 100000"),
+        (["--n-real", "-3"], "error: --n-real and --n-synthetic must each be at least 1"),
+    ]:
+        assert main([*build, *options]) == 2
+        assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "s").exists()
+    survey = tmp_path / "built"
+    assert main(["survey", "build", "--real", str(real), "--synthetic", str(synthetic), "--out", str(survey),
+                 "--n-real", "1", "--n-synthetic", "1", "--size", "32", "--participants", "4"]) == 0
+    assert "4 invitation links are listed on the admin page" in capsys.readouterr().out
+    for options, message in [(["--start-limit", "0"], "--start-limit 0 is out of range"),
+                             (["--start-window", "-5"], "--start-window -5 is out of range")]:
+        assert main(["survey", "serve", str(survey), *options]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {message}")
+
+
 def test_serve_listens_on_localhost_and_prints_the_admin_secret(make_survey):
-    survey = make_survey(n_real=1, n_synthetic=1)
+    survey = make_survey(n_real=1, n_synthetic=1, participants=2)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -57,9 +79,10 @@ def test_serve_listens_on_localhost_and_prints_the_admin_secret(make_survey):
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
         try:
-            lines = [process.stdout.readline() for _ in range(3)]
+            lines = [process.stdout.readline() for _ in range(4)]
             assert lines[:2] == [f"survey:  http://127.0.0.1:{port}/\n", f"admin:   http://127.0.0.1:{port}/admin\n"]
             secret = re.fullmatch(r"admin secret: (\S{20,})\n", lines[2]).group(1)
+            assert lines[3].startswith("invitations: 2 unused; participants need one")
             deadline = time.monotonic() + 20
             while True:
                 try:

@@ -18,7 +18,8 @@ CLIENTS = 20
 
 @pytest.mark.timeout(120)
 def test_twenty_concurrent_participants_lose_no_answer(make_survey, admin_secret, live_server, participant):
-    survey_dir = make_survey(n_real=5, n_synthetic=5, seed=3)
+    survey_dir = make_survey(n_real=5, n_synthetic=5, seed=3, participants=CLIENTS)
+    invites = [invite.code for invite in SurveyStore(open_survey(survey_dir).responses_path).invites()]
     n_questions = 10
     plans = {i: ["real" if (i >> (q % 5)) & 1 else "synthetic" for q in range(n_questions)] for i in range(CLIENTS)}
     together = threading.Barrier(CLIENTS, timeout=30)
@@ -26,7 +27,7 @@ def test_twenty_concurrent_participants_lose_no_answer(make_survey, admin_secret
     def take_part(index: int) -> tuple[str, list[int]]:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             person = participant(http)
-            assert person.start(experience=index % 5 + 1).status_code == 303
+            assert person.start(experience=index % 5 + 1, invite=invites[index]).status_code == 303
             together.wait()  # everyone answers at once
             statuses = [person.answer(number, answer).status_code
                         for number, answer in enumerate(plans[index], start=1)]
@@ -46,3 +47,4 @@ def test_twenty_concurrent_participants_lose_no_answer(make_survey, admin_secret
         assert store.participant(token).answers == expected
     counts = store.counts()
     assert (counts.started, counts.answers, counts.changed_answers) == (CLIENTS, CLIENTS * n_questions, CLIENTS)
+    assert counts.invites_used == CLIENTS

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -43,3 +45,22 @@ def test_server_secrets_survive_a_restart(tmp_path):
     assert len(first) == 64
     assert SurveyStore(tmp_path / "r.sqlite").setting("form-key") == first
     assert SurveyStore(tmp_path / "r.sqlite").setting("other") != first
+
+
+def test_an_invitation_raced_from_many_threads_admits_exactly_one(tmp_path):
+    store = SurveyStore(tmp_path / "r.sqlite")
+    (code,) = store.mint_invites(1)
+    together = threading.Barrier(8, timeout=30)
+
+    def redeem(experience: int):
+        together.wait()
+        return SurveyStore(tmp_path / "r.sqlite").redeem_invite(code, experience)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(redeem, [1, 2, 3, 4, 5, 1, 2, 3]))
+    admitted = [r for r in results if r is not None]
+    assert len(admitted) == 1 and len(store.participants()) == 1
+    assert store.invite(code).participant_token == admitted[0].token
+    assert store.redeem_invite("unknown-code", 3) is None
+    counts = store.counts()
+    assert (counts.started, counts.invites, counts.invites_used) == (1, 1, 1)

@@ -26,22 +26,28 @@ def build(
     out: Path = typer.Option(..., "--out", help="new survey folder to create"),
     n_real: int = typer.Option(20, "--n-real", help="real images to pick"),
     n_synthetic: int = typer.Option(20, "--n-synthetic", help="synthetic images to pick"),
-    seed: int = typer.Option(0, "--seed", help="seed of the picking, the ids and the order"),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="seed of which images are picked and their order (default: random); it "
+        "rebuilds the answer key, so keep it as private as the key", show_default=False),
     size: int = typer.Option(256, "--size", help="every image is shown at this size (px, square)"),
     image_format: str = typer.Option("png", "--format", help="png (lossless) or jpeg"),
     jpeg_quality: int = typer.Option(90, "--jpeg-quality", help="quality with --format jpeg"),
     title: str = typer.Option("Real or synthetic?", "--title", help="shown on every page"),
+    participants: int = typer.Option(0, "--participants",
+                                     help="invitation links to create (more can be made on the admin page)"),
 ) -> None:
     """Pick images, re-encode them alike with no metadata, shuffle; the answer key stays server-side."""
     from ..survey.build import build_survey
 
     survey, warnings = build_survey(real, synthetic, out, n_real=n_real, n_synthetic=n_synthetic, seed=seed,
                                     size=size, image_format=image_format, jpeg_quality=jpeg_quality,
-                                    title=title)
+                                    title=title, participants=participants)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"built a survey of {len(survey.questions)} images in {out}; "
                f"serve it with: histosynth survey serve {out}")
+    if participants:
+        typer.echo(f"{participants} invitation links are listed on the admin page once it is served")
 
 
 @survey_app.command("serve")
@@ -52,8 +58,14 @@ def serve(
     admin_secret: Optional[str] = typer.Option(
         None, "--admin-secret", envvar="HISTOSYNTH_SURVEY_ADMIN_SECRET",
         help="secret for the admin page (default: a random one, printed at start)"),
+    open_enrolment: bool = typer.Option(
+        False, "--open", help="anyone with the address may take part (default: invitation links only)"),
+    start_limit: int = typer.Option(30, "--start-limit",
+                                    help="with --open: surveys one address may start per --start-window"),
+    start_window: int = typer.Option(600, "--start-window", help="the --start-limit window, in seconds"),
 ) -> None:
-    """Serve the survey: participants at /, live counts and CSV export at /admin."""
+    """Serve the survey: invitation links (or, with --open, /) for participants; counts, invitations
+    and CSV export at /admin."""
     import uvicorn
 
     from ..survey.app import create_app, is_loopback
@@ -62,12 +74,19 @@ def serve(
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range; give 1 to 65535")
     secret = admin_secret or new_admin_secret()
-    app = create_app(survey, secret)
+    app = create_app(survey, secret, open_enrolment=open_enrolment, start_limit=start_limit,
+                     start_window_s=start_window)
     shown_host = f"[{host}]" if ":" in host else host
     typer.echo(f"survey:  http://{shown_host}:{port}/")
     typer.echo(f"admin:   http://{shown_host}:{port}/admin")
     if admin_secret is None:
         typer.echo(f"admin secret: {secret}")
+    counts = app.state.survey.store.counts()
+    if open_enrolment:
+        typer.echo("open mode: anyone with the address can take part")
+    else:
+        typer.echo(f"invitations: {counts.invites - counts.invites_used} unused; participants need one "
+                   "(the admin page lists them and makes more; --open admits anyone)")
     if not is_loopback(host):
         typer.echo("warning: listening beyond this machine over plain HTTP; put the survey behind an "
                    "HTTPS reverse proxy before sending the link out", err=True)

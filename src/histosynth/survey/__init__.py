@@ -1,4 +1,4 @@
-"""The real-vs-synthetic realism survey (SPEC §5, "Human perception").
+"""The real-vs-synthetic realism survey of the thesis' human-perception study.
 
 - :mod:`.build`: pick and re-encode real and synthetic images into a leak-proof survey folder.
 - :mod:`.app`: the web app participants answer in (FastAPI, server-rendered pages, SQLite via

@@ -1,4 +1,4 @@
-"""Analysis of a realism survey, as in the thesis (SPEC §5, "Human perception").
+"""Analysis of a realism survey, as in the thesis' human-perception study.
 
 Input: a survey folder (its stored answers and answer key) or a CSV in the layout documented in
 :mod:`histosynth.survey.responses` (one row per participant: ``participant, experience, q1..qN,
@@ -33,7 +33,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix
 from ..errors import DataError
 from ..io import atomic_path, write_json_atomic, write_text_atomic
 from .build import KEY_FILE, LABELS, REAL, SYNTHETIC, open_survey
-from .responses import ParticipantAnswers, Responses, read_responses_csv, survey_responses
+from .responses import ParticipantAnswers, Responses, read_responses_csv, spreadsheet_safe, survey_responses
 
 EXPERIENCE_GROUPS = {"1-2": (1, 2), "3-5": (3, 4, 5)}
 TEMPLATES = Path(__file__).parent / "templates"
@@ -263,10 +263,10 @@ def write_report(analysis: SurveyAnalysis, out: str | Path,
     for name, content in encoded.items():
         with atomic_path(out / name) as tmp:
             tmp.write_bytes(content)
-    with atomic_path(out / "participants.csv") as tmp:
-        analysis.participants.to_csv(tmp, index=False)
-    with atomic_path(out / "questions.csv") as tmp:
-        analysis.questions.to_csv(tmp, index=False)
+    for name, table in (("participants.csv", analysis.participants), ("questions.csv", analysis.questions)):
+        with atomic_path(out / name) as tmp:
+            # Participant labels come from the responses file: none may run as a spreadsheet formula.
+            table.map(spreadsheet_safe).to_csv(tmp, index=False)
     write_json_atomic(out / "summary.json", analysis.summary)
     html = _render_html(analysis, encoded, images or {})
     write_text_atomic(out / "report.html", html)

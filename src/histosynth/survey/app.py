@@ -1,12 +1,18 @@
 """The survey web app: server-rendered pages for participants and a secret-protected admin page.
 
-Participant pages: ``/`` (experience rating, start) -> ``/p/<token>/q/<n>`` (one image, Real or
-Synthetic) -> ``/p/<token>/comment`` (optional "how did you decide?") -> ``/p/<token>/done``. The
-token in the address is the participant's resume link: every answer is stored when given, and
-``/p/<token>`` leads to the first unanswered question. Images are served from memory by opaque id,
-all through one code path with one set of headers; the answer key never leaves the admin pages.
+Participant pages: ``/i/<invite>`` (experience rating, start; ``/`` in open mode) ->
+``/p/<token>/q/<n>`` (one image, Real or Synthetic) -> ``/p/<token>/comment`` (optional "how did you
+decide?") -> ``/p/<token>/done``. The token in the address is the participant's resume link: every
+answer is stored when given, and ``/p/<token>`` leads to the first unanswered question; opening a used
+invitation leads there too. Images are served from memory by opaque id, all of one length, through
+one code path with one set of headers; the answer key never leaves the admin pages.
 
-Admin pages: ``/admin`` (live counts) and ``/admin/export.csv`` (the responses in the layout of
+By default only invitations admit participants (each one participant, once). Open mode lets anyone
+with the address start, at most ``start_limit`` times per ``start_window_s`` seconds per client
+address.
+
+Admin pages: ``/admin`` (live counts, invitation links, minting more), ``/admin/invites.txt`` (the
+unused invitation links) and ``/admin/export.csv`` (the responses in the layout of
 :mod:`histosynth.survey.responses`, with the truth row).
 """
 
@@ -25,9 +31,9 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DataError
-from .build import Question, Survey, open_survey, read_answer_key
+from .build import Question, Survey, equal_sizes, open_survey, read_answer_key
 from .responses import EXPERIENCE_ENDS, EXPERIENCE_LEVELS, responses_to_csv, stored_responses
-from .security import (ADMIN_COOKIE, FormSigner, admin_bearer_ok, check_admin_secret, same_origin,
+from .security import (ADMIN_COOKIE, FormSigner, StartLimiter, admin_bearer_ok, check_admin_secret, same_origin,
                        secret_matches)
 from .store import Participant, SurveyStore
 
@@ -35,6 +41,9 @@ HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=HERE / "templates")
 MAX_COMMENT = 4000
 MAX_TOKEN = 64
+MAX_MINT = 1000
+START_LIMIT = 30
+START_WINDOW_S = 600
 
 # Sent with every response, image or page, real or synthetic alike: nothing is cached, nothing is
 # embedded elsewhere, no address (with its participant token) leaks to another site. ("no-referrer"
@@ -62,6 +71,8 @@ class SurveyContext:
     signer: FormSigner
     admin_secret: str
     images: dict[str, bytes]
+    open_enrolment: bool
+    start_limiter: StartLimiter
 
     @property
     def n_questions(self) -> int:
@@ -73,9 +84,15 @@ class SurveyContext:
         return self.survey.questions[number - 1]
 
 
-def create_app(survey_dir: str | Path, admin_secret: str) -> FastAPI:
-    """The survey app over a folder made by :func:`~histosynth.survey.build.build_survey`."""
+def create_app(survey_dir: str | Path, admin_secret: str, open_enrolment: bool = False,
+               start_limit: int = START_LIMIT, start_window_s: float = START_WINDOW_S) -> FastAPI:
+    """The survey app over a folder made by :func:`~histosynth.survey.build.build_survey`.
+
+    `open_enrolment`: anyone with the address may start (otherwise only with an invitation), at most
+    `start_limit` times per `start_window_s` seconds from one client address.
+    """
     check_admin_secret(admin_secret)
+    start_limiter = StartLimiter(start_limit, start_window_s)
     survey = open_survey(survey_dir)
     truth = tuple(read_answer_key(survey_dir))
     if len(truth) != len(survey.questions):
@@ -84,7 +101,8 @@ def create_app(survey_dir: str | Path, admin_secret: str) -> FastAPI:
     images = _load_images(survey)
     store = SurveyStore(survey.responses_path)
     context = SurveyContext(survey=survey, truth=truth, store=store, signer=FormSigner(store.setting("form-key")),
-                            admin_secret=admin_secret, images=images)
+                            admin_secret=admin_secret, images=images, open_enrolment=open_enrolment,
+                            start_limiter=start_limiter)
     app = FastAPI(title=survey.title, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.survey = context
     app.include_router(router)
@@ -102,14 +120,16 @@ def create_app(survey_dir: str | Path, admin_secret: str) -> FastAPI:
 
 
 def _load_images(survey: Survey) -> dict[str, bytes]:
-    """All images in memory: every one is answered from the same place in the same time."""
-    images = {}
+    """All images in memory, all of one length: each is answered from the same place in the same
+    time with the same headers. (A survey built without padding is padded here.)"""
+    contents = []
     for question in survey.questions:
         path = survey.image_path(question)
         if not path.is_file():
             raise DataError(f"{path} is missing; rebuild the survey")
-        images[question.image_id] = path.read_bytes()
-    return images
+        contents.append(path.read_bytes())
+    padded = equal_sizes(contents, survey.image_format)
+    return {question.image_id: content for question, content in zip(survey.questions, padded)}
 
 
 def is_loopback(host: str) -> bool:
@@ -161,18 +181,61 @@ posts = APIRouter(dependencies=[Depends(same_origin_post)])
 # --- participant pages --------------------------------------------------------------------------
 
 
-@router.get("/")
-def start_page(request: Request, ctx: Context) -> Response:
+def _start_page(request: Request, ctx: SurveyContext, invite: str | None) -> Response:
+    """The start form, or (by invitation only, and none given) a note that one is needed."""
     return TEMPLATES.TemplateResponse(request, "start.html", {
         "title": ctx.survey.title, "n_questions": ctx.n_questions, "levels": list(EXPERIENCE_LEVELS),
-        "level_words": EXPERIENCE_ENDS, "csrf": ctx.signer.token("start"),
+        "level_words": EXPERIENCE_ENDS, "csrf": ctx.signer.token("start"), "invite": invite or "",
+        "show_form": invite is not None or ctx.open_enrolment,
     })
 
 
+@router.get("/")
+def start_page(request: Request, ctx: Context) -> Response:
+    return _start_page(request, ctx, None)
+
+
+@router.get("/i/{code}")
+def invitation(request: Request, ctx: Context, code: str) -> Response:
+    invite = ctx.store.invite(code) if len(code) <= MAX_TOKEN else None
+    if invite is None:
+        raise HTTPException(404, "This invitation link is unknown. Please check that you copied all of it.")
+    if invite.used:  # its participant, continuing where they left off
+        return RedirectResponse(f"/p/{invite.participant_token}", status_code=303)
+    return _start_page(request, ctx, code)
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def limit_starts(request: Request, ctx: SurveyContext) -> None:
+    address = client_address(request)
+    if not ctx.start_limiter.allow(address):
+        minutes = max(1, round(ctx.start_limiter.window_s / 60))
+        raise HTTPException(429, f"Too many surveys were started from your address in the last {minutes} "
+                                 "minutes; please try again later.",
+                            headers={"Retry-After": str(ctx.start_limiter.retry_after(address))})
+
+
 @posts.post("/start")
-def start(ctx: Context, experience: Annotated[int, Form(ge=1, le=5)], csrf: Csrf) -> Response:
+def start(request: Request, ctx: Context, experience: Annotated[int, Form(ge=1, le=5)], csrf: Csrf,
+          invite: Annotated[str, Form(max_length=MAX_TOKEN)] = "") -> Response:
     check_form(ctx, "start", csrf)
-    participant = ctx.store.create_participant(experience)
+    if invite:
+        found = ctx.store.invite(invite)
+        if found is None:
+            limit_starts(request, ctx)  # guessing codes is as limited as starting without one
+            raise HTTPException(404, "This invitation link is unknown. Please check that you copied all of it.")
+        participant = None if found.used else ctx.store.redeem_invite(invite, experience)
+        if participant is None:
+            raise HTTPException(409, "This invitation has already been used; open its link again to "
+                                     "continue where you left off.")
+    elif ctx.open_enrolment:
+        limit_starts(request, ctx)
+        participant = ctx.store.create_participant(experience)
+    else:
+        raise HTTPException(403, "This survey is by invitation only; please open the link you were sent.")
     return RedirectResponse(f"/p/{participant.token}", status_code=303)
 
 
@@ -272,6 +335,15 @@ def is_admin(request: Request, ctx: SurveyContext) -> bool:
     return ctx.signer.valid_admin_session(ctx.admin_secret, cookie) or admin_bearer_ok(request, ctx.admin_secret)
 
 
+def invite_links(request: Request, codes: list[str]) -> list[str]:
+    base = str(request.base_url).rstrip("/")
+    return [f"{base}/i/{code}" for code in codes]
+
+
+def unused_invite_links(request: Request, ctx: SurveyContext) -> list[str]:
+    return invite_links(request, [invite.code for invite in ctx.store.invites() if not invite.used])
+
+
 @router.get("/admin")
 def admin_page(request: Request, ctx: Context) -> Response:
     if not is_admin(request, ctx):
@@ -280,7 +352,35 @@ def admin_page(request: Request, ctx: Context) -> Response:
     return TEMPLATES.TemplateResponse(request, "admin.html", {
         "title": ctx.survey.title, "counts": ctx.store.counts(), "participants": participants,
         "total": ctx.n_questions, "levels": list(EXPERIENCE_LEVELS),
+        "unused_links": unused_invite_links(request, ctx), "open_enrolment": ctx.open_enrolment,
+        "start_limit": ctx.start_limiter.limit, "start_window_min": max(1, round(ctx.start_limiter.window_s / 60)),
+        "max_mint": MAX_MINT, "csrf": ctx.signer.token("admin-invites"),
     })
+
+
+@posts.post("/admin/invites")
+def mint_invites(request: Request, ctx: Context, count: Annotated[int, Form(ge=1, le=MAX_MINT)],
+                 csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
+    """New invitation links. A script (bearer secret) gets them as text; the admin page goes back to
+    its list. A cookie session needs the form's signed token, as every browser post does."""
+    bearer = admin_bearer_ok(request, ctx.admin_secret)
+    if not bearer:
+        if not ctx.signer.valid_admin_session(ctx.admin_secret, request.cookies.get(ADMIN_COOKIE, "")):
+            raise HTTPException(401, "Sign in on the admin page first.")
+        check_form(ctx, "admin-invites", csrf)
+    links = invite_links(request, ctx.store.mint_invites(count))
+    if bearer:
+        return Response("".join(f"{link}\n" for link in links), media_type="text/plain; charset=utf-8")
+    return RedirectResponse("/admin#invites", status_code=303)
+
+
+@router.get("/admin/invites.txt")
+def invites_text(request: Request, ctx: Context) -> Response:
+    if not is_admin(request, ctx):
+        raise HTTPException(401, "Sign in on the admin page first.")
+    return Response("".join(f"{link}\n" for link in unused_invite_links(request, ctx)),
+                    media_type="text/plain; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="survey-invitations.txt"'})
 
 
 def _admin_login(request: Request, ctx: SurveyContext, failed: bool = False) -> Response:
@@ -317,7 +417,7 @@ router.include_router(posts)
 
 async def _error_page(request: Request, exc: StarletteHTTPException) -> Response:
     return TEMPLATES.TemplateResponse(request, "error.html", {"message": exc.detail, "status": exc.status_code},
-                                      status_code=exc.status_code)
+                                      status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def _invalid_input_page(request: Request, exc: RequestValidationError) -> Response:

@@ -7,12 +7,14 @@ A survey folder holds::
     answer_key.json    the truth and the source file of every question — read by the server and by
                        `analyze`, never sent to a participant
     images/<id>.png    every image re-encoded the same way (or <id>.jpg with --format jpeg)
-    responses.sqlite   the answers, created by `histosynth survey serve`
+    responses.sqlite   the answers (and invitations), created by `build --participants` or `serve`
 
 Nothing in what a participant receives may reveal whether an image is real: every image is decoded,
 stripped of all metadata (EXIF, ICC profiles, text chunks), converted to 8-bit RGB, cropped to a
-centred square, resized to one size and written by one encoder with one setting. Ids are random,
-and the question order is a seeded shuffle of both groups together.
+centred square, resized to one size and written by one encoder with one setting, then padded with
+random bytes to the size of the survey's largest file, so that no file's length says how well its
+content compressed. The seed decides only which images are picked and their order; ids come from the
+system's secure random source, so replaying the seed does not map ids to the answer key.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import shutil
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,6 +51,14 @@ LABELS = (REAL, SYNTHETIC)
 ImageFormat = Literal["png", "jpeg"]
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 FILE_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+
+# Seeds are non-negative (numpy refuses others) and fit a signed 64-bit integer, so the answer key's
+# JSON reads back the same in any tool; invitations get a generous cap.
+MAX_SEED = 2**63 - 1
+MAX_PARTICIPANTS = 100_000
+# A private, ancillary, safe-to-copy PNG chunk type: every decoder skips it.
+PADDING_CHUNK = b"paDd"
+_PNG_END = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
 
 
 @dataclass(frozen=True)
@@ -90,43 +103,51 @@ def build_survey(
     out: str | Path,
     n_real: int = 20,
     n_synthetic: int = 20,
-    seed: int = 0,
+    seed: int | None = None,
     size: int = 256,
     image_format: ImageFormat = "png",
     jpeg_quality: int = 90,
     title: str = "Real or synthetic?",
+    participants: int = 0,
     progress: bool = True,
 ) -> tuple[Survey, list[str]]:
     """Pick, re-encode and shuffle the images into a new survey folder `out`.
 
-    `real` and `synthetic` are folders of images (searched recursively) or patch datasets. Returns the
-    survey and a list of warnings about differences between the groups that re-encoding cannot hide
-    (different source sizes or formats). The folder appears only once complete.
+    `real` and `synthetic` are folders of images (searched recursively) or patch datasets. `seed`
+    decides which images are picked and their order (None: a random seed, recorded in the answer key;
+    whoever knows the seed can rebuild the key, so keep it as private as the key). `participants`
+    invitations are minted into the responses database (see :mod:`.store`). Returns the survey and a
+    list of warnings about differences between the groups that re-encoding cannot hide (different
+    source sizes or formats). The folder appears only once complete.
     """
-    _check_options(n_real, n_synthetic, size, image_format, jpeg_quality, title)
+    _check_options(n_real, n_synthetic, seed, size, image_format, jpeg_quality, title, participants)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JobError(f"{out} already exists; choose another --out or delete it")
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
     rng = np.random.default_rng(seed)
     chosen = _pick(list_images(real), n_real, REAL, "--real", rng) + _pick(
         list_images(synthetic), n_synthetic, SYNTHETIC, "--synthetic", rng
     )
     order = rng.permutation(len(chosen))
-    ids = _opaque_ids(len(chosen), rng)
+    ids = _opaque_ids(len(chosen))
     sources = [chosen[i] for i in order]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:
         (staging / IMAGES_DIR).mkdir()
-        key_rows = []
+        key_rows, encoded = [], []
         steps = zip(range(1, len(sources) + 1), ids, sources)
         for number, image_id, source in track(steps, total=len(sources), description="re-encoding",
                                                disable=not progress, transient=True):
-            encoded, original = reencode(source.path, size, image_format, jpeg_quality)
-            (staging / IMAGES_DIR / f"{image_id}{FILE_SUFFIXES[image_format]}").write_bytes(encoded)
+            data, original = reencode(source.path, size, image_format, jpeg_quality)
+            encoded.append(data)
             key_rows.append({"number": number, "id": image_id, "truth": source.truth,
                              "source": str(source.path.resolve()), **original})
+        for image_id, data in zip(ids, equal_sizes(encoded, image_format)):
+            (staging / IMAGES_DIR / f"{image_id}{FILE_SUFFIXES[image_format]}").write_bytes(data)
         public = {
             "format": FORMAT, "title": title, "image_size": size, "image_format": image_format,
             "questions": [{"number": row["number"], "id": row["id"]} for row in key_rows],
@@ -135,6 +156,10 @@ def build_survey(
                "questions": key_rows}
         (staging / SURVEY_FILE).write_text(json.dumps(public, indent=2) + "\n")
         (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+        if participants:
+            from .store import SurveyStore
+
+            SurveyStore(staging / RESPONSES_FILE).mint_invites(participants)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -144,10 +169,14 @@ def build_survey(
     return open_survey(out), group_differences(key_rows)
 
 
-def _check_options(n_real: int, n_synthetic: int, size: int, image_format: str, jpeg_quality: int,
-                   title: str) -> None:
+def _check_options(n_real: int, n_synthetic: int, seed: int | None, size: int, image_format: str,
+                   jpeg_quality: int, title: str, participants: int) -> None:
     if n_real < 1 or n_synthetic < 1:
         raise ConfigError("--n-real and --n-synthetic must each be at least 1")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {seed} is out of range; give 0 to {MAX_SEED}, or leave it out for a random one")
+    if not 0 <= participants <= MAX_PARTICIPANTS:
+        raise ConfigError(f"--participants {participants} is out of range; give 0 to {MAX_PARTICIPANTS}")
     if not 16 <= size <= 4096:
         raise ConfigError(f"--size {size} is out of range; give 16 to 4096 pixels")
     if image_format not in MEDIA_TYPES:
@@ -183,14 +212,44 @@ def _pick(paths: list[Path], n: int, truth: str, option: str, rng: np.random.Gen
     return [SourceImage(paths[i], truth) for i in picked]
 
 
-def _opaque_ids(n: int, rng: np.random.Generator) -> list[str]:
-    """n distinct random 128-bit hex ids; they say nothing about the image behind them."""
+def _opaque_ids(n: int) -> list[str]:
+    """n distinct random 128-bit hex ids; they say nothing about the image behind them.
+
+    They come from the secure random source, not the seed: with seeded ids, a participant who
+    guessed the seed could replay the build and read each id's truth.
+    """
     ids: list[str] = []
     while len(ids) < n:
-        candidate = rng.bytes(16).hex()
+        candidate = secrets.token_hex(16)
         if candidate not in ids:
             ids.append(candidate)
     return ids
+
+
+def equal_sizes(images: list[bytes], image_format: ImageFormat) -> list[bytes]:
+    """The encoded images padded with random bytes to one common length (unchanged if already equal).
+
+    An encoded file's length follows how well its content compresses, which differs between real
+    and synthetic images; one length for all leaves the size of a download saying nothing. The
+    padding is random so that a compressing proxy cannot shrink it back to the content's size.
+    A PNG gets one private ancillary chunk before IEND (every PNG the same layout); a JPEG gets the
+    bytes after its end-of-image marker, where decoders stop reading.
+    """
+    if len({len(data) for data in images}) <= 1:
+        return list(images)
+    if image_format == "png":
+        target = max(len(data) for data in images) + 12
+        return [_pad_png(data, target) for data in images]
+    target = max(len(data) for data in images)
+    return [data + secrets.token_bytes(target - len(data)) for data in images]
+
+
+def _pad_png(data: bytes, target: int) -> bytes:
+    if not data.endswith(_PNG_END):
+        raise DataError("a survey image is not a complete PNG; rebuild the survey")
+    body = secrets.token_bytes(target - len(data) - 12)
+    chunk = struct.pack(">I", len(body)) + PADDING_CHUNK + body + struct.pack(">I", zlib.crc32(PADDING_CHUNK + body))
+    return data[:-len(_PNG_END)] + chunk + _PNG_END
 
 
 def reencode(path: Path, size: int, image_format: ImageFormat, jpeg_quality: int = 90) -> tuple[bytes, dict]:

@@ -18,6 +18,10 @@ The layout, as written by the admin export and read by ``histosynth survey analy
 
 No other columns are accepted, so that a misspelt question column is an error rather than a silent
 gap. Rows may come in any order; participants are analysed in the order given.
+
+A cell that a spreadsheet would run as a formula (one starting with ``=``, ``+``, ``-``, ``@``, a tab
+or a carriage return) is written with a leading ``'``, which spreadsheets show as text; reading
+removes that quote again, so a comment reads back as it was given.
 """
 
 from __future__ import annotations
@@ -40,6 +44,26 @@ EXPERIENCE_LEVELS = range(1, 6)
 EXPERIENCE_ENDS = {1: "Barely any experience", 5: "Pathologist"}
 _ANSWER_SPELLINGS = {"real": REAL, "r": REAL, "synthetic": SYNTHETIC, "s": SYNTHETIC}
 _QUESTION_COLUMN = re.compile(r"^q(\d+)$", re.IGNORECASE)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Quotes already in front of a formula start get one more on writing, so reading is exact.
+_ESCAPED = re.compile(r"^'*[=+\-@\t\r]")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell that no spreadsheet runs as a formula (other values unchanged).
+
+    Line breaks become ``\n``: the CSV writer quotes a cell holding ``\n`` but not one holding a
+    lone ``\r``, which would then split the row for every reader.
+    """
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\r\n", "\n").replace("\r", "\n")
+    return "'" + value if _ESCAPED.match(value) else value
+
+
+def spreadsheet_text(value: str) -> str:
+    """The text that :func:`spreadsheet_safe` escaped."""
+    return value[1:] if value.startswith("'") and _ESCAPED.match(value[1:]) else value
 
 
 @dataclass(frozen=True)
@@ -86,10 +110,10 @@ def responses_to_csv(responses: Responses) -> str:
     """The responses in the layout described in this module's docstring."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["participant", "experience", *_question_columns(responses.n_questions), "comment"])
-    writer.writerow([TRUTH_LABEL, "", *responses.truth, ""])
-    for p in responses.participants:
-        writer.writerow([p.label, p.experience, *(a or "" for a in p.answers), p.comment])
+    rows = [["participant", "experience", *_question_columns(responses.n_questions), "comment"],
+            [TRUTH_LABEL, "", *responses.truth, ""]]
+    rows += [[p.label, p.experience, *(a or "" for a in p.answers), p.comment] for p in responses.participants]
+    writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
     return buffer.getvalue()
 
 
@@ -103,7 +127,7 @@ def read_responses_csv(path: str | Path) -> Responses:
     if not path.is_file():
         raise DataError(f"responses file {path} does not exist")
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
+        rows = [[spreadsheet_text(cell) for cell in row] for row in csv.reader(handle)]
     if not rows:
         raise DataError(f"{path} is empty; expected a header 'participant,experience,q1,...,qN[,comment]'")
     header = [name.strip() for name in rows[0]]

@@ -5,13 +5,22 @@ survives restarts): a page from another site cannot read it and so cannot forge 
 also come from the survey's own origin (``Origin``/``Sec-Fetch-Site``, or ``Referer`` when a browser
 sends neither). The admin pages accept either a session cookie set after entering the secret, or
 ``Authorization: Bearer <secret>`` for scripts.
+
+New participants are admitted by invitation (one code, one participant) or, in open mode, by anyone
+with the address; :class:`StartLimiter` bounds how fast one client address may create participants
+without an invitation, so a script cannot fill the survey with made-up people.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
+import threading
+import time
+from collections import deque
+from typing import Callable
 from urllib.parse import urlsplit
 
 from fastapi import Request
@@ -76,3 +85,48 @@ def secret_matches(given: str, admin_secret: str) -> bool:
 def admin_bearer_ok(request: Request, admin_secret: str) -> bool:
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and secret_matches(value, admin_secret)
+
+
+class StartLimiter:
+    """At most `limit` participant starts per `window_s` seconds from one client address."""
+
+    # Past this many tracked addresses, expired ones are dropped, so memory stays bounded.
+    SWEEP_AT = 10_000
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic):
+        check_start_limit(limit, window_s)
+        self.limit, self.window_s = limit, float(window_s)
+        self._clock = clock
+        self._starts: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, address: str) -> bool:
+        """Whether `address` may start now; an allowed start is counted."""
+        now = self._clock()
+        with self._lock:
+            if len(self._starts) > self.SWEEP_AT:
+                for key in [k for k, times in self._starts.items() if times[-1] <= now - self.window_s]:
+                    del self._starts[key]
+            times = self._starts.setdefault(address, deque())
+            while times and times[0] <= now - self.window_s:
+                times.popleft()
+            if len(times) >= self.limit:
+                return False
+            times.append(now)
+            return True
+
+    def retry_after(self, address: str) -> int:
+        """Whole seconds until `address` may start again (0 if it may now)."""
+        with self._lock:
+            times = self._starts.get(address)
+            if not times or len(times) < self.limit:
+                return 0
+            return max(1, math.ceil(times[0] + self.window_s - self._clock()))
+
+
+def check_start_limit(limit: int, window_s: float) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"--start-limit {limit} is out of range; give a whole number of at least 1")
+    if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or not math.isfinite(window_s) \
+            or not 1 <= window_s <= 86_400:
+        raise ConfigError(f"--start-window {window_s} is out of range; give 1 to 86400 seconds")

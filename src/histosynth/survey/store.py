@@ -4,6 +4,9 @@ One connection per operation and WAL journaling let many participants answer at 
 wait for the writer); writes take the write lock up front (``BEGIN IMMEDIATE``) so that concurrent
 writers queue on the busy timeout instead of failing. A participant has one answer per question;
 answering again replaces it and the change is kept in ``answer_changes``.
+
+An invitation is a random code that creates one participant, once: redeeming it and creating the
+participant happen in one transaction, so two people racing with the same code get one participant.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ CREATE TABLE IF NOT EXISTS answers (
     answer TEXT NOT NULL CHECK (answer IN ('real', 'synthetic')),
     answered_at TEXT NOT NULL,
     PRIMARY KEY (participant_id, question)
+);
+CREATE TABLE IF NOT EXISTS invites (
+    code TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    participant_id INTEGER UNIQUE REFERENCES participants(id)
 );
 CREATE TABLE IF NOT EXISTS answer_changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -81,6 +89,20 @@ class Counts:
     answers: int
     changed_answers: int
     by_experience: dict[int, int]
+    invites: int = 0
+    invites_used: int = 0
+
+
+@dataclass(frozen=True)
+class Invite:
+    """An invitation code; `participant_token` is set once it has been used."""
+
+    code: str
+    participant_token: str | None
+
+    @property
+    def used(self) -> bool:
+        return self.participant_token is not None
 
 
 def _now() -> str:
@@ -125,15 +147,53 @@ class SurveyStore:
             return db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()["value"]
 
     def create_participant(self, experience: int) -> Participant:
-        # The token is a credential (it is the participant's resume link), so it comes from the
-        # system's secure random source rather than a seed.
-        token = secrets.token_urlsafe(24)
         with self._write() as db:
-            db.execute("INSERT INTO participants (token, experience, started_at) VALUES (?, ?, ?)",
-                       (token, experience, _now()))
+            token = self._insert_participant(db, experience)
         participant = self.participant(token)
         assert participant is not None
         return participant
+
+    @staticmethod
+    def _insert_participant(db: sqlite3.Connection, experience: int) -> str:
+        # The token is a credential (it is the participant's resume link), so it comes from the
+        # system's secure random source rather than a seed.
+        token = secrets.token_urlsafe(24)
+        db.execute("INSERT INTO participants (token, experience, started_at) VALUES (?, ?, ?)",
+                   (token, experience, _now()))
+        return token
+
+    def mint_invites(self, n: int) -> list[str]:
+        """`n` new invitation codes, each good for creating one participant."""
+        codes = [secrets.token_urlsafe(18) for _ in range(n)]
+        now = _now()
+        with self._write() as db:
+            db.executemany("INSERT INTO invites (code, created_at) VALUES (?, ?)", [(c, now) for c in codes])
+        return codes
+
+    def invite(self, code: str) -> Invite | None:
+        with self._connection() as db:
+            row = db.execute("SELECT invites.code, participants.token FROM invites LEFT JOIN participants "
+                             "ON participants.id = invites.participant_id WHERE invites.code = ?",
+                             (code,)).fetchone()
+        return None if row is None else Invite(row[0], row[1])
+
+    def invites(self) -> list[Invite]:
+        """Every invitation in the order they were minted."""
+        with self._connection() as db:
+            rows = db.execute("SELECT invites.code, participants.token FROM invites LEFT JOIN participants "
+                              "ON participants.id = invites.participant_id ORDER BY invites.rowid").fetchall()
+        return [Invite(code, token) for code, token in rows]
+
+    def redeem_invite(self, code: str, experience: int) -> Participant | None:
+        """Create the participant of an unused invitation; None if the code is unknown or used."""
+        with self._write() as db:
+            row = db.execute("SELECT participant_id FROM invites WHERE code = ?", (code,)).fetchone()
+            if row is None or row["participant_id"] is not None:
+                return None
+            token = self._insert_participant(db, experience)
+            db.execute("UPDATE invites SET participant_id = (SELECT id FROM participants WHERE token = ?) "
+                       "WHERE code = ?", (token, code))
+        return self.participant(token)
 
     def participant(self, token: str) -> Participant | None:
         with self._connection() as db:
@@ -188,5 +248,7 @@ class SurveyStore:
             changed = db.execute("SELECT COUNT(*) FROM answer_changes").fetchone()[0]
             by_experience = dict(db.execute(
                 "SELECT experience, COUNT(*) FROM participants GROUP BY experience").fetchall())
+            invites, used = db.execute("SELECT COUNT(*), COUNT(participant_id) FROM invites").fetchone()
         return Counts(started=started, finished=finished, answers=answers, changed_answers=changed,
-                      by_experience={level: by_experience.get(level, 0) for level in range(1, 6)})
+                      by_experience={level: by_experience.get(level, 0) for level in range(1, 6)},
+                      invites=invites, invites_used=used)
