@@ -58,8 +58,7 @@ def test_round_trip_keeps_weights_schema_and_description(bundle_path, parts, min
     assert bundle.scheduler_config["beta_schedule"] == "scaled_linear"
     config = json.loads((bundle_path / CONFIG_FILE).read_text())
     assert (config["format"], config["format_version"], config["image_size"]) == ("histosynth.bundle", 2, 32)
-    assert config["latent"] == {"scale": 1.0, "channels": 3, "downsampling": 4, "quantize_before_decode": True,
-                                "range": None}
+    assert config["latent"] == {"scale": 1.0, "channels": 3, "downsampling": 4, "quantize_before_decode": True}
     assert config["normalization"]["range"] == [-1.0, 1.0]
     assert config["text_encoder"]["ref"] == "minilm" and config["text_encoder"]["id"] == minilm.id
     assert config["provenance"]["steps"] == 3 and "hardware" in config["provenance"]

@@ -116,6 +116,8 @@ def test_the_size_error_names_the_largest_size_that_fits(tiny_bundle, monkeypatc
     (["--mpp", "inf"], "error: microns per pixel must be a positive finite number, got inf"),
     (["--seed", "-1"], "error: a seed must be a whole number"),
     (["--guidance", "nan"], "error: guidance must be a finite number, got nan"),
+    (["--overlap", "99"], "error: the window overlap must be 0 to 15 latent pixels, got 99"),
+    (["--window-batch", "0"], "error: the window batch must be at least 1, got 0"),
 ])
 def test_synth_slide_refuses_bad_options_before_any_work(tiny_bundle_path, tmp_path, capsys, extra, message):
     out = tmp_path / "slide.tif"

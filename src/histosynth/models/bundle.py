@@ -4,8 +4,10 @@ Layout::
 
     histosynth.json     format version, class schema (caption rules included), image size,
                         normalisation, latent scale (and the training latents' range that
-                        sampling clamps into), text encoder reference, conditioning,
-                        preset, provenance (data, steps, wall time, command, hardware, metrics)
+                        sampling clamps into), text encoder reference, conditioning, the
+                        model's sampling defaults (from its preset), preset, provenance (data,
+                        steps, wall time, command, hardware, metrics); read into a
+                        :class:`ModelConfig` and checked field by field
     unet/               diffusers UNet2DConditionModel (config.json + safetensors)
     controlnet/         only for a ControlNet mask branch: diffusers ControlNetModel steering the
                         frozen unet/ (see models.control)
@@ -15,7 +17,8 @@ Layout::
                         names the default "minilm", which ships with the toolkit's dependencies
 
 A bundle is written to a temporary folder beside its destination and renamed into place, so a killed
-run never leaves a half bundle. Loading checks every part and fails with a
+run never leaves a half bundle. Format version 1 (before the sampling defaults) is still read: its
+defaults are its preset's ``sampling`` section. Loading checks every part and fails with a
 :class:`~histosynth.errors.ModelError` that names the part.
 """
 
@@ -183,8 +186,11 @@ class ModelConfig(BaseModel):
         return {**data, "format_version": FORMAT_VERSION, "sampling": sampling}
 
     def to_json(self) -> dict[str, Any]:
-        """The description as written to ``histosynth.json``."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The description as written to ``histosynth.json`` (a model without a latent range has no ``range``)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data["latent"]["range"] is None:
+            del data["latent"]["range"]
+        return data
 
 
 

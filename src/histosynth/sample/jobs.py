@@ -4,7 +4,7 @@ Layout of the output folder::
 
     manifest.json    the job (model id, captions, number of images, job seed, sampling options, size,
                      batch size) and one record per image: index, file, caption, seed, steps,
-                     guidance, scheduler, model id, size
+                     guidance, scheduler (and eta when not 0), model id, size
     00000.png ...    the images: plain RGB PNGs with no metadata (the record is in the manifest,
                      not in the image, which may be shown to survey raters)
 

@@ -54,7 +54,7 @@ from .generate import (
     sample_latents,
 )
 from .jobs import item_seed
-from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile
+from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile, window_overlap
 
 MODES = ("stitched", "seamless")
 #: rows of latent pixels turned into label maps at a time (bounds the one-hot temporaries)
@@ -136,6 +136,10 @@ def synth_slide(
     check_mpp(mpp)
     size = as_size(size)
     image_latent_size(bundle, size)  # refuses sizes the model cannot make, before any work
+    window_overlap(latent_geometry(bundle)[2], overlap)
+    for name, value in (("batch size", batch_size), ("window batch", window_batch)):
+        if value < 1:
+            raise ConfigError(f"the {name} must be at least 1, got {value}")
     if mode == "seamless":  # the latent is whole, the image streams out in bands
         check_fits_in_memory(bundle, size, whole_image=False)
     started = time.perf_counter()
