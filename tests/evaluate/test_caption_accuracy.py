@@ -13,7 +13,6 @@ from histosynth.captions import GENERATING_CAPTION, Level
 from histosynth.cli import main
 from histosynth.evaluate.caption_accuracy import (
     THESIS_TABLE_5_1,
-    evaluate_caption_accuracy,
     judge,
     segmenter_function,
     write_caption_accuracy_report,

@@ -9,9 +9,9 @@ import torch
 
 from histosynth.captions import GENERATING_CAPTION
 from histosynth.models.text import EmbeddingCache
+from histosynth.presets import Preset
 from histosynth.sample.generate import generate
 from histosynth.train.cache import TrainingData
-from histosynth.presets import Preset
 from histosynth.train.samples import SampleGrids
 
 

@@ -114,11 +114,11 @@ def masks(
                                         "the mask of the same file stem)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all masks / all images of the job)"),
     seed: int = typer.Option(0, "--seed", help="seed of the choice of masks and of the generation job"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="with --model: denoising steps [default: the model's]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="with --model: denoising steps (default: the model's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="with --model: text guidance scale "
-                                             "[default: the model's]"),
+                                             "(default: the model's)"),
     mask_guidance: Optional[float] = typer.Option(None, "--mask-guidance", help="with --model: mask guidance "
-                                                  "scale (see generate) [default: the model's]"),
+                                                  "scale (see generate) (default: the model's)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="with --model: caption each image from its mask "
                                        "(default: the empty caption, the mask alone)"),
     coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),

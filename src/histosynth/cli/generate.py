@@ -35,20 +35,20 @@ LevelsOption = typer.Option(None, "--levels", help="class levels, e.g. 'Glomerul
 SeedOption = typer.Option(0, "--seed", help="job seed; each image's seed is derived from it and its index")
 # Sampling options default to the model folder's own (its preset's: 50 steps, guidance 1.5, ddim for the
 # shipped models; mask guidance 2.5); the ones given replace them.
-StepsOption = typer.Option(None, "--steps", show_default=False, help="denoising steps [default: the model's]")
+StepsOption = typer.Option(None, "--steps", show_default=False, help="denoising steps (default: the model's)")
 GuidanceOption = typer.Option(None, "--guidance", show_default=False,
                               help="classifier-free guidance scale of the text (1 = none, 0 = unconditional) "
-                                   "[default: the model's]")
+                                   "(default: the model's)")
 MaskGuidanceOption = typer.Option(
     None, "--mask-guidance", show_default=False,
     help="guidance scale of the mask (1 = none): eps = e(u,0) + m*(e(u,M) - e(u,0)) + g*(e(c,M) - e(u,M)) "
          "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask "
-         "[default: the model's]")
+         "(default: the model's)")
 SchedulerOption = typer.Option(None, "--scheduler", show_default=False,
-                               help="ddim (CompVis DDIM) or dpm++ (DPM-Solver++) [default: the model's]")
+                               help="ddim (CompVis DDIM) or dpm++ (DPM-Solver++) (default: the model's)")
 EtaOption = typer.Option(None, "--eta", show_default=False,
                          help="DDIM eta: 0 = deterministic, up to 1 = as much step noise as DDPM, drawn from each "
-                              "image's seed [default: the model's, 0]")
+                              "image's seed (default: the model's, 0)")
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
 
 
