@@ -179,8 +179,8 @@ def test_a_version_1_folder_loads_with_its_presets_sampling_defaults(bundle_path
     (lambda c: {**c, "image_size": "big"}, r"histosynth.json: image_size: Input should be a valid integer"),
     (lambda c: {**c, "sampling": {**c["sampling"], "guidance": float("nan")}},
      r"histosynth.json: sampling: Value error, guidance must be a finite number, got nan$"),
-    (lambda c: {**c, "conditioning": {"mask_channels": 2}},
-     r"conditioning: Value error, 2 mask channels need 'mask_classes' with one schema id each, got \[\]$"),
+    (lambda c: {**c, "conditioning": {"mask_channels": -2}},
+     r"conditioning.mask_channels: Input should be greater than or equal to 0$"),
 ])
 def test_a_bad_model_description_is_one_line_naming_the_field(bundle_path, edit, message):
     config = json.loads((bundle_path / CONFIG_FILE).read_text())

@@ -130,13 +130,6 @@ class ConditioningSection(_Section):
     label_map: Optional[str] = None
     mask_branch: Literal["concat", "controlnet"] = "concat"
 
-    @model_validator(mode="after")
-    def _classes_per_channel(self) -> "ConditioningSection":
-        if len(self.mask_classes) != self.mask_channels:
-            raise ValueError(f"{self.mask_channels} mask channels need 'mask_classes' with one schema id each, "
-                             f"got {self.mask_classes}")
-        return self
-
     def to_conditioning(self) -> Conditioning:
         return Conditioning.from_config(self.model_dump())
 
@@ -401,8 +394,9 @@ def _validated(data: Any, where: str) -> ModelConfig:
 
 
 def _check_conditioning(conditioning: ConditioningSection, schema: ClassSchema, where: str) -> None:
-    """Mask channels must name their classes, one schema id per channel."""
-    if conditioning.mask_channels and not set(conditioning.mask_classes) <= set(schema.ids):
+    """Mask channels must name their classes, one schema id per channel (checked with the schema at hand)."""
+    classes = conditioning.mask_classes
+    if conditioning.mask_channels and (len(classes) != conditioning.mask_channels or not set(classes) <= set(schema.ids)):
         raise ModelError(
             f"{where}: {conditioning.mask_channels} mask channels need 'mask_classes' with one id of the class "
             f"schema each (schema ids {schema.ids}), got {conditioning.mask_classes}"
