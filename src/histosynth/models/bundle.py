@@ -395,8 +395,8 @@ def _validated(data: Any, where: str) -> ModelConfig:
 
 def _check_conditioning(conditioning: ConditioningSection, schema: ClassSchema, where: str) -> None:
     """Mask channels must name their classes, one schema id per channel (checked with the schema at hand)."""
-    classes = conditioning.mask_classes
-    if conditioning.mask_channels and (len(classes) != conditioning.mask_channels or not set(classes) <= set(schema.ids)):
+    channels, classes = conditioning.mask_channels, conditioning.mask_classes
+    if channels and (len(classes) != channels or not set(classes) <= set(schema.ids)):
         raise ModelError(
             f"{where}: {conditioning.mask_channels} mask channels need 'mask_classes' with one id of the class "
             f"schema each (schema ids {schema.ids}), got {conditioning.mask_classes}"
