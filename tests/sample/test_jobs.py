@@ -182,7 +182,7 @@ def test_captions_file_cycles_over_images(tiny_bundle_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     (["--guidance", "-1"], "error: guidance must be 0 or more (1 = no guidance), got -1.0"),
-    (["--steps", "0"], "error: steps must be at least 1, got 0"),
+    (["--steps", "0"], "error: steps must be a whole number of at least 1, got 0"),
     (["--size", "130"], "error: image size 130 px must be a multiple of 4 (the autoencoder's downsampling "
                         "factor); use 128 or 132"),
     (["--levels", "Glomerulus=high"], "error: unknown class name 'Glomerulus'; schema 'renal' has "),
