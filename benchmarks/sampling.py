@@ -170,13 +170,13 @@ def _synchronize() -> None:
 
 
 def time_generation(bundle, scheduler: str, steps: int, batch: int) -> dict[str, float]:
-    from histosynth.sample.generate import generate
+    from histosynth.sample.generate import SamplingOptions, generate
 
     captions, seeds = [CAPTION] * batch, list(range(batch))
-    generate(bundle, captions, seeds, steps=2, scheduler=scheduler, batch_size=batch)  # warm-up
+    generate(bundle, captions, seeds, SamplingOptions(steps=2, scheduler=scheduler), batch_size=batch)  # warm-up
     with ModuleClock(bundle.unet) as unet, ModuleClock(bundle.autoencoder.decoder) as decoder:
         started = time.perf_counter()
-        generate(bundle, captions, seeds, steps=steps, scheduler=scheduler, batch_size=batch)
+        generate(bundle, captions, seeds, SamplingOptions(steps=steps, scheduler=scheduler), batch_size=batch)
         total = time.perf_counter() - started
     return {"s_per_image": total / batch, "unet_share": unet.seconds / total, "decode_share": decoder.seconds / total}
 
@@ -187,21 +187,22 @@ def sampler_overhead(bundle, batch: int = 8, steps: int = 10, repeats: int = 3) 
 
     Both are measured in the same run, so a burst of load from other processes hits both alike.
     """
-    from histosynth.sample.generate import CaptionEmbeddings, bundle_scheduler, initial_noise
-    from histosynth.sample.sampler import denoise
+    from histosynth.sample.generate import CaptionEmbeddings, SamplingOptions, bundle_scheduler, initial_noise
+    from histosynth.sample.sampler import Conditions, denoise
 
     embeddings = CaptionEmbeddings.for_bundle(bundle, [CAPTION])
     cond, cond_mask = embeddings([CAPTION] * batch)
     uncond, uncond_mask = embeddings.unconditional()
+    conditions = Conditions(cond, uncond, cond_mask, uncond_mask)
     x = initial_noise(range(batch), (3, 64, 64)).to(bundle.device)
     scheduler = bundle_scheduler(bundle, "ddim")
-    denoise(bundle.unet, scheduler, x, cond, uncond, 2, 1.5, cond_mask, uncond_mask)  # warm-up
+    denoise(bundle.unet, scheduler, x, conditions, SamplingOptions(steps=2))  # warm-up
     overheads = []
     for _ in range(repeats):
         with ModuleClock(bundle.unet) as unet:
             _synchronize()
             started = time.perf_counter()
-            denoise(bundle.unet, scheduler, x, cond, uncond, steps, 1.5, cond_mask, uncond_mask)
+            denoise(bundle.unet, scheduler, x, conditions, SamplingOptions(steps=steps))
             _synchronize()
             total = time.perf_counter() - started
         overheads.append((total - unet.seconds) / unet.seconds)
@@ -225,7 +226,7 @@ def seamless_slide_rss(bundle_path: Path, size: int) -> dict:
     from histosynth.sample.slides import synth_slide
 
     bundle = load_bundle(bundle_path)
-    generate(bundle, [CAPTION], [0], steps=1)  # loads the text encoder, warms the kernels up
+    generate(bundle, [CAPTION], [0], SamplingOptions(steps=1))  # loads the text encoder, warms the kernels up
     Path("/proc/self/clear_refs").write_text("5")
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

@@ -467,10 +467,10 @@ def sample_seconds(bundle_path: Path) -> float:
     """Wall time of one 256 px image (DDIM 50, guidance 1.5) with the shipped bundle on this machine."""
     from histosynth.captions import GENERATING_CAPTION
     from histosynth.models.bundle import load_bundle
-    from histosynth.sample.generate import generate
+    from histosynth.sample.generate import SamplingOptions, generate
 
     bundle = load_bundle(bundle_path)
-    generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED], steps=2)  # warm-up: loads the text encoder
+    generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED], SamplingOptions(steps=2))  # warm-up: loads the text encoder
     started = time.perf_counter()
     generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED])
     seconds = round(time.perf_counter() - started, 2)

@@ -74,15 +74,15 @@ def test_shipped_weights_fit_the_package_limit():
 def test_shipped_ldm_loads_and_generates_an_image():
     from histosynth.captions import GENERATING_CAPTION
     from histosynth.models.bundle import load_bundle
-    from histosynth.sample.generate import generate
+    from histosynth.sample.generate import SamplingOptions, generate
 
     _shipped("ldm")
     bundle = load_bundle(defaults.default_bundle_path())
     assert bundle.image_size == 256
     assert bundle.schema.name == "renal"
-    assert bundle.config["text_encoder"]["ref"] == "minilm"
-    first = generate(bundle, [GENERATING_CAPTION], [7], steps=2).images
-    again = generate(bundle, [GENERATING_CAPTION], [7], steps=2).images
+    assert bundle.config.text_encoder.ref == "minilm"
+    first = generate(bundle, [GENERATING_CAPTION], [7], SamplingOptions(steps=2)).images
+    again = generate(bundle, [GENERATING_CAPTION], [7], SamplingOptions(steps=2)).images
     assert first.shape == (1, 256, 256, 3) and first.dtype == np.uint8
     assert np.array_equal(first, again), "the same seed gives the same image"
     assert first.std() > 1.0, "an image, not a flat colour"
@@ -104,13 +104,13 @@ def test_shipped_ldm_records_its_provenance():
 def test_shipped_mask_model_draws_what_its_mask_asks():
     from histosynth.data.phantom.generate import phantom_patch
     from histosynth.models.bundle import load_bundle
-    from histosynth.sample.generate import generate
+    from histosynth.sample.generate import SamplingOptions, generate
 
     bundle = load_bundle(_shipped("ldm-mask"))
     assert bundle.mask_channels == len(bundle.schema.ids)
     _, mask = phantom_patch(seed=99, size=256)
     interstitium = np.full_like(mask, 6)  # other kidney tissue only: no tubuli with dark nuclei rings
-    images = generate(bundle, ["", ""], [3, 3], steps=10, masks=[mask, interstitium], batch_size=2).images
+    images = generate(bundle, ["", ""], [3, 3], SamplingOptions(steps=10), masks=[mask, interstitium], batch_size=2).images
     assert images.shape == (2, 256, 256, 3) and images.std() > 1.0
     # same seed and caption: the mask alone makes the difference, and where it puts tubuli the
     # image is darker (nuclei, stained epithelium) than where it puts interstitium
@@ -149,7 +149,7 @@ def test_shipped_autoencoder_is_the_ldm_s_own():
     autoencoder = load_autoencoder_folder(folder)
     config = read_bundle_config(defaults.default_bundle_path())
     assert type(autoencoder).__name__ == "AutoencoderKL"
-    assert autoencoder.config.scaling_factor == pytest.approx(config["latent"]["scale"])
+    assert autoencoder.config.scaling_factor == pytest.approx(config.latent.scale)
     assert autoencoder.config.scaling_factor != 1.0, "the latent scale was set from the data"
     provenance = defaults.default_provenance("ldm/autoencoder")
     assert provenance["psnr_db"] > 0 and 0 < provenance["ssim"] <= 1

@@ -13,8 +13,6 @@ from histosynth.captions import GENERATING_CAPTION, Level
 from histosynth.cli import main
 from histosynth.evaluate.caption_accuracy import (
     THESIS_TABLE_5_1,
-    evaluate_caption_accuracy,
-    generate_images,
     judge,
     segmenter_function,
     write_caption_accuracy_report,
@@ -22,6 +20,8 @@ from histosynth.evaluate.caption_accuracy import (
 from histosynth.evaluate.images import read_generated
 from histosynth.errors import CaptionError, DataError, ModelError
 from histosynth.io import write_png_atomic
+from histosynth.models.bundle import load_bundle
+from histosynth.sample.jobs import Job, item_seed
 from histosynth.schema import RENAL
 from histosynth.segment.predict import predict_images
 from histosynth.segment.segmenter import Segmenter
@@ -89,19 +89,6 @@ def test_report_places_the_thesis_beside_ours(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table_5_1.csv", keep_default_na=False), result.level_shares(), check_dtype=False)
     assert len(pd.read_csv(tmp_path / "per_image.csv")) == 10
     assert (tmp_path / "confusion_glomeruli.csv").is_file() and (tmp_path / "table_5_1.png").is_file()
-
-
-def test_generated_images_flow_through_to_the_table(tmp_path):
-    def generate(caption, n, seed):
-        return [PALETTE[MASKS[i]] for i in range(n)]
-
-    items = generate_images(generate, GENERATING_CAPTION, 10, seed=0, out=tmp_path / "images")
-    again, source = read_generated(tmp_path / "images")
-    assert source == "manifest.csv" and [i.path for i in again] == [i.path for i in items]
-    assert {i.caption for i in again} == {GENERATING_CAPTION}
-    images = [np.asarray(Image.open(i.path)) for i in again]
-    result = evaluate_caption_accuracy(images, [i.caption for i in again], colour_segment, RENAL)
-    assert result.level_shares()["combined %"].tolist() == [10.0, 30.0, 20.0, 40.0]
 
 
 def test_unparseable_requested_caption_names_the_image():
@@ -194,7 +181,11 @@ def test_evaluate_captions_generates_from_a_model_folder(tiny_bundle_path, multi
                  "--n", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     generated = sorted((out / "images").glob("*.png"))
     assert len(generated) == 2
-    assert pd.read_csv(out / "images" / "manifest.csv")["caption"].tolist() == [GENERATING_CAPTION] * 2
+    # the images are a generation job's, as `histosynth generate` makes them (same seeds, same manifest)
+    job = Job.read(out / "images")
+    assert [item["caption"] for item in job.items] == [GENERATING_CAPTION] * 2
+    assert [item["seed"] for item in job.items] == [item_seed(0, 0), item_seed(0, 1)]
+    assert job.spec.options == load_bundle(tiny_bundle_path).sampling
     per_image = pd.read_csv(out / "per_image.csv")
     assert len(per_image) == 2
     # the verdicts are those of the segmenter on the images that were generated and written

@@ -56,13 +56,16 @@ def test_round_trip_keeps_weights_schema_and_description(bundle_path, parts, min
         torch.testing.assert_close(bundle.autoencoder(image).sample, autoencoder(image).sample)
     assert bundle.schema == RENAL
     assert bundle.scheduler_config["beta_schedule"] == "scaled_linear"
-    config = bundle.config
-    assert (config["format"], config["format_version"], config["image_size"]) == ("histosynth.bundle", 1, 32)
+    config = json.loads((bundle_path / CONFIG_FILE).read_text())
+    assert (config["format"], config["format_version"], config["image_size"]) == ("histosynth.bundle", 2, 32)
     assert config["latent"] == {"scale": 1.0, "channels": 3, "downsampling": 4, "quantize_before_decode": True}
     assert config["normalization"]["range"] == [-1.0, 1.0]
     assert config["text_encoder"]["ref"] == "minilm" and config["text_encoder"]["id"] == minilm.id
     assert config["provenance"]["steps"] == 3 and "hardware" in config["provenance"]
     assert config["preset"]["name"] == "bundle-test" and config["unet_weights"] == "ema"
+    # the preset's sampling section becomes the model's sampling defaults
+    assert config["sampling"] == {**PRESET.sampling.model_dump(), "mask_guidance": 2.5, "eta": 0.0}
+    assert bundle.config.to_json() == config and bundle.sampling.steps == PRESET.sampling.steps
     assert len(bundle.id) == 12
     assert not (bundle_path / "text_encoder").exists()  # the default encoder is referenced, not copied
     assert [p.name for p in bundle_path.parent.iterdir()] == ["model"]  # no staging folder left behind
@@ -73,18 +76,18 @@ def test_a_non_default_text_encoder_is_copied_and_keeps_its_id(tmp_path, parts, 
     path = save_bundle(tmp_path / "model", *parts, noise_scheduler(PRESET).config, custom, RENAL, META)
     assert (path / "text_encoder" / "config.json").is_file()
     bundle = load_bundle(path)
-    assert bundle.config["text_encoder"]["ref"] == "text_encoder"
+    assert bundle.config.text_encoder.ref == "text_encoder"
     assert bundle.text_encoder.id == minilm.id
     states, _ = bundle.text_encoder.encode([""])
     assert states.shape == (1, 2, 384)
 
 
 def test_saving_replaces_an_older_bundle_but_never_another_folder(bundle_path, parts, minilm, tmp_path):
-    old_id = read_bundle_config(bundle_path)["id"]
+    old_id = read_bundle_config(bundle_path).id
     unet, autoencoder = parts
     changed = build_denoiser(PRESET, context_dim=384)
     save_bundle(bundle_path, changed, autoencoder, noise_scheduler(PRESET).config, minilm, RENAL, META)
-    assert read_bundle_config(bundle_path)["id"] != old_id
+    assert read_bundle_config(bundle_path).id != old_id
     other = tmp_path / "notes"
     other.mkdir()
     with pytest.raises(ModelError, match="exists and is not a model folder"):
@@ -152,10 +155,39 @@ def test_a_changed_text_encoder_is_detected_on_first_use(bundle_path):
 
 def test_a_newer_format_version_asks_for_an_upgrade(bundle_path):
     config = json.loads((bundle_path / CONFIG_FILE).read_text())
-    config["format_version"] = 2
+    config["format_version"] = 3
     (bundle_path / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="format version 2; this histosynth reads version 1: upgrade histosynth"):
+    with pytest.raises(ModelError, match="format version 3; this histosynth reads versions 1, 2: upgrade histosynth"):
         load_bundle(bundle_path)
+
+
+def test_a_version_1_folder_loads_with_its_presets_sampling_defaults(bundle_path):
+    config = json.loads((bundle_path / CONFIG_FILE).read_text())
+    version_1 = {k: v for k, v in config.items() if k != "sampling"}
+    version_1["format_version"] = 1
+    version_1["latent"] = {k: v for k, v in config["latent"].items() if k != "range"}
+    version_1["preset"]["sampling"] = {"steps": 7, "guidance": 2.0, "scheduler": "dpm++"}
+    (bundle_path / CONFIG_FILE).write_text(json.dumps(version_1))
+    bundle = load_bundle(bundle_path)
+    assert (bundle.sampling.steps, bundle.sampling.guidance, bundle.sampling.scheduler) == (7, 2.0, "dpm++")
+    assert bundle.sampling.mask_guidance == 2.5 and bundle.config.format_version == 2
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], r"histosynth.json must be a JSON object of fields .* not a list$"),
+    (lambda c: {k: v for k, v in c.items() if k != "latent"}, r"histosynth.json: latent: Field required$"),
+    (lambda c: {**c, "image_size": "big"}, r"histosynth.json: image_size: Input should be a valid integer"),
+    (lambda c: {**c, "sampling": {**c["sampling"], "guidance": float("nan")}},
+     r"histosynth.json: sampling: Value error, guidance must be a finite number, got nan$"),
+    (lambda c: {**c, "conditioning": {"mask_channels": -2}},
+     r"conditioning.mask_channels: Input should be greater than or equal to 0$"),
+])
+def test_a_bad_model_description_is_one_line_naming_the_field(bundle_path, edit, message):
+    config = json.loads((bundle_path / CONFIG_FILE).read_text())
+    (bundle_path / CONFIG_FILE).write_text(json.dumps(edit(config)))
+    with pytest.raises(ModelError, match=message) as caught:
+        read_bundle_config(bundle_path)
+    assert "\n" not in str(caught.value)
 
 
 def test_a_latent_range_is_kept_and_changes_the_id(bundle_path, parts, minilm, tmp_path):
@@ -165,7 +197,8 @@ def test_a_latent_range_is_kept_and_changes_the_id(bundle_path, parts, minilm, t
     plain = load_bundle(bundle_path)
     ranged = load_bundle(with_range)
     assert plain.latent_range is None and ranged.latent_range == latent_range
-    assert ranged.config["latent"]["range"] == {"low": [-2.0, -1.0, 0.0], "high": [1.0, 1.5, 3.0], "quantile": 0.01}
+    assert ranged.config.to_json()["latent"]["range"] == {"low": [-2.0, -1.0, 0.0], "high": [1.0, 1.5, 3.0],
+                                                          "quantile": 0.01}
     assert ranged.id != plain.id  # the same weights sample other images with a range
     # removing the range gives back the plain model's id; setting it again, the ranged one's
     assert set_latent_range(with_range, None) == plain.id and load_bundle(with_range).latent_range is None

@@ -277,9 +277,10 @@ def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_p
     assert main(["import-compvis", str(ckpt), "--config", str(yaml_path), "--out", str(out), "--text-encoder", "minilm"]) == 0
 
     bundle = load_bundle(out)
-    assert bundle.config["text_encoder"]["ref"] == "minilm" and bundle.config["unet_weights"] == "raw"
-    assert bundle.config["latent"] == {"scale": 1.0, "channels": 3, "downsampling": 4, "quantize_before_decode": True}
-    assert bundle.image_size == 64 and bundle.config["provenance"]["global_step"] == 1234
+    assert bundle.config.text_encoder.ref == "minilm" and bundle.config.unet_weights == "raw"
+    assert bundle.config.to_json()["latent"] == {"scale": 1.0, "channels": 3, "downsampling": 4,
+                                                 "quantize_before_decode": True}
+    assert bundle.image_size == 64 and bundle.config.provenance["global_step"] == 1234
     with torch.no_grad():
         assert max_error(decode_latents(bundle.autoencoder, expected["vq_latent"]), expected["vq_decoded"]) < 1e-4
 

@@ -8,7 +8,8 @@ import torch
 from histosynth.errors import ConfigError, ModelError
 from histosynth.models.diffusion import sampling_scheduler
 from histosynth.models.latent_range import LatentRange, clamp_model_output
-from histosynth.sample.sampler import denoise
+from histosynth.models.sampling import SamplingOptions
+from histosynth.sample.sampler import Conditions, denoise
 
 
 def test_the_range_is_each_channels_quantiles():
@@ -87,8 +88,9 @@ def test_denoise_clamps_every_steps_clean_latent(kind):
         alpha = scheduler.alphas_cumprod[t]
         seen.append((x - (1 - alpha).sqrt() * eps) / alpha.sqrt())
 
-    unclamped = denoise(ConstantNoise(-3.0), scheduler, start, context, None, steps=10, guidance=1.0)
-    clamped = denoise(ConstantNoise(-3.0), scheduler, start, context, None, steps=10, guidance=1.0,
+    options = SamplingOptions(steps=10, guidance=1.0)
+    unclamped = denoise(ConstantNoise(-3.0), scheduler, start, Conditions(context), options)
+    clamped = denoise(ConstantNoise(-3.0), scheduler, start, Conditions(context), options,
                       on_step=observe, latent_range=latent_range)
     assert len(seen) == 10
     for x0 in seen:

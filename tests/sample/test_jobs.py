@@ -182,7 +182,7 @@ def test_captions_file_cycles_over_images(tiny_bundle_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     (["--guidance", "-1"], "error: guidance must be 0 or more (1 = no guidance), got -1.0"),
-    (["--steps", "0"], "error: steps must be at least 1, got 0"),
+    (["--steps", "0"], "error: steps must be a whole number of at least 1, got 0"),
     (["--size", "130"], "error: image size 130 px must be a multiple of 4 (the autoencoder's downsampling "
                         "factor); use 128 or 132"),
     (["--levels", "Glomerulus=high"], "error: unknown class name 'Glomerulus'; schema 'renal' has "),
@@ -204,7 +204,7 @@ def test_model_folder_of_another_version_is_refused(tiny_bundle_path, tmp_path, 
     (model / "histosynth.json").write_text(json.dumps(config))
     assert main(_cli_args(model, tmp_path / "out")) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {model} has model-folder format version 99; this histosynth reads version 1: "
+        f"error: {model} has model-folder format version 99; this histosynth reads versions 1, 2: "
         "upgrade histosynth to load it")
     assert not (tmp_path / "out").exists()
 
@@ -221,7 +221,7 @@ def test_without_a_model_the_embedded_default_is_used(tmp_path):
     out = tmp_path / "out"
     assert main(["generate", "--levels", LEVELS, "--n", "1", "--steps", "2", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 1
-    assert read_bundle_config(shipped)["id"] in (out / "manifest.json").read_text()
+    assert read_bundle_config(shipped).id in (out / "manifest.json").read_text()
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from histosynth.models.label_maps import label_map
 from histosynth.sample.generate import SamplingOptions, generate
 from histosynth.sample.jobs import MANIFEST_FILE, Job, Shard, item_seed, new_job, run_job
 from histosynth.sample.masks import ConditioningMask
-from histosynth.sample.sampler import guided_eps
+from histosynth.sample.sampler import Conditions, guided_eps
 from histosynth.schema import RENAL
 
 _spec = importlib.util.spec_from_file_location("maskmodels", Path(__file__).with_name("maskmodels.py"))
@@ -74,9 +74,9 @@ def test_text_and_mask_guidance_follow_the_documented_formula(mask_bundle):
     batches = []
     hook = unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
-        both = guided_eps(unet, x, t, cond, uncond, 1.5, cond_extra=maps, mask_guidance=2.0)
-        text_only = guided_eps(unet, x, t, cond, uncond, 1.5, cond_extra=maps, mask_guidance=1.0)
-        mask_only = guided_eps(unet, x, t, uncond.expand(2, -1, -1), None, 1.5, cond_extra=maps, mask_guidance=2.0)
+        both = guided_eps(unet, x, t, Conditions(cond, uncond, label_map=maps), 1.5, mask_guidance=2.0)
+        text_only = guided_eps(unet, x, t, Conditions(cond, uncond, label_map=maps), 1.5, mask_guidance=1.0)
+        mask_only = guided_eps(unet, x, t, Conditions(uncond.expand(2, -1, -1), label_map=maps), 1.5, mask_guidance=2.0)
     finally:
         hook.remove()
     tolerance = {"rtol": 1e-4, "atol": 1e-5}
@@ -89,30 +89,30 @@ def test_text_and_mask_guidance_follow_the_documented_formula(mask_bundle):
 # --- generate() -------------------------------------------------------------------------------------
 def test_images_take_their_masks_size_and_follow_their_masks(mask_bundle):
     masks = [blob_mask(64, 96, 1), blob_mask(64, 96, 2), blob_mask(64, 96, 1)]
-    made = generate(mask_bundle, ["", "", ""], [5, 5, 5], steps=2, masks=masks, mask_guidance=2.0, batch_size=3)
+    made = generate(mask_bundle, ["", "", ""], [5, 5, 5], OPTIONS, masks=masks, batch_size=3)
     assert made.images.shape == (3, 64, 96, 3)  # wider than the 64 px window: denoised in blended windows
     np.testing.assert_array_equal(made.images[0], made.images[2])  # same mask and seed: same image
     assert np.abs(made.images[0].astype(int) - made.images[1]).mean() > 1  # another mask, another image
     assert made.records[1] == {"caption": "", "seed": 5, "steps": 2, "guidance": 1.5, "scheduler": "ddim",
                                "model_id": mask_bundle.id, "height": 64, "width": 96, "mask_guidance": 2.0}
     # a text+mask model also generates from text alone (the null map it was trained with when masks dropped)
-    assert generate(mask_bundle, [GLOMERULI], [5], steps=1).images.shape == (1, 64, 64, 3)
+    assert generate(mask_bundle, [GLOMERULI], [5], SamplingOptions(steps=1)).images.shape == (1, 64, 64, 3)
 
 
 def test_what_cannot_be_generated_from_masks(mask_bundle, tiny_bundle, tmp_path):
     mask = blob_mask(64, 64, 0)
     with pytest.raises(ModelError, match=r"is not mask-conditioned \(it reads text only\); generate from masks "
                                          r"with a model trained with --condition mask or text\+mask$"):
-        generate(tiny_bundle, [""], [1], steps=1, masks=[mask])
+        generate(tiny_bundle, [""], [1], SamplingOptions(steps=1), masks=[mask])
     wrong = mask.copy()
     wrong[0, 0] = 9
     with pytest.raises(DataError, match=r"^mask 0: mask ids \[9\] are not classes of the model"):
-        generate(mask_bundle, [""], [1], steps=1, masks=[wrong])
+        generate(mask_bundle, [""], [1], SamplingOptions(steps=1), masks=[wrong])
     with pytest.raises(ConfigError, match=r"image size 66 px must be a multiple of 4"):
-        generate(mask_bundle, [""], [1], steps=1, masks=[np.full((66, 64), 6, np.uint8)])
+        generate(mask_bundle, [""], [1], SamplingOptions(steps=1), masks=[np.full((66, 64), 6, np.uint8)])
     mask_only = load_bundle(maskmodels.make_mask_bundle(tmp_path / "mask-only", condition="mask"))
     with pytest.raises(ConfigError, match=r"is conditioned on masks only; generate without a caption$"):
-        generate(mask_only, [GLOMERULI], [1], steps=1, masks=[mask])
+        generate(mask_only, [GLOMERULI], [1], SamplingOptions(steps=1), masks=[mask])
 
 
 # --- jobs ---------------------------------------------------------------------------------------------
@@ -161,8 +161,8 @@ def test_a_job_from_masks_keeps_image_mask_pairs(mask_job, mask_bundle, source_m
     assert [m["source"] for m in manifest["job"]["masks"]] == [str(source_masks / f"layout-{i}.png") for i in range(3)]
     # the images are those generate() makes from the masks
     masks = [np.asarray(Image.open(source_masks / f"layout-{i}.png")) for i in range(2)]
-    direct = generate(mask_bundle, ["", ""], [item_seed(7, 0), item_seed(7, 1)], steps=2, masks=masks,
-                      mask_guidance=2.0, batch_size=2)
+    direct = generate(mask_bundle, ["", ""], [item_seed(7, 0), item_seed(7, 1)], OPTIONS, masks=masks,
+                      batch_size=2)
     np.testing.assert_array_equal(direct.images[1], np.asarray(Image.open(folder / "images" / "00001.png")))
 
 

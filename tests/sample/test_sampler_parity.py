@@ -15,7 +15,8 @@ from histosynth.errors import ConfigError
 from histosynth.models.autoencoder import decode_latents
 from histosynth.models.compvis import import_compvis
 from histosynth.models.diffusion import sampling_scheduler
-from histosynth.sample.sampler import denoise, guided_eps
+from histosynth.models.sampling import SamplingOptions
+from histosynth.sample.sampler import Conditions, denoise, guided_eps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,7 +35,8 @@ def model(compvis_dir):
 def sample(model, ref, steps: int, guidance: float, **kwargs) -> torch.Tensor:
     unet, _, diffusion = model
     scheduler = sampling_scheduler(diffusion, "ddim")
-    return denoise(unet, scheduler, ref["ddim_xT"], ref["ddim_cond"], ref["ddim_uncond"], steps=steps, guidance=guidance, **kwargs)
+    return denoise(unet, scheduler, ref["ddim_xT"], Conditions(ref["ddim_cond"], ref["ddim_uncond"]),
+                   SamplingOptions(steps=steps, guidance=guidance), **kwargs)
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,7 +89,8 @@ def test_fifty_steps_and_the_decoded_image_match_pathldm_sampling(model, ref):
 
 def test_swapping_cond_and_uncond_is_detected(model, ref):
     unet, _, diffusion = model
-    swapped = denoise(unet, sampling_scheduler(diffusion), ref["ddim_xT"], ref["ddim_uncond"], ref["ddim_cond"], steps=10)
+    swapped = denoise(unet, sampling_scheduler(diffusion), ref["ddim_xT"], Conditions(ref["ddim_uncond"], ref["ddim_cond"]),
+                      SamplingOptions(steps=10))
     assert max_error(swapped, ref["ddim_out_10"]) > 1.0
 
 
@@ -95,13 +98,13 @@ def test_padded_and_masked_context_gives_the_same_guided_eps(model, ref):
     """Contexts of different lengths share one call: padding with masked tokens must change nothing."""
     unet = model[0]
     x, t = ref["ddim_xT"], torch.tensor(901)
-    plain = guided_eps(unet, x, t, ref["ddim_cond"], ref["ddim_uncond"], 1.5)
+    plain = guided_eps(unet, x, t, Conditions(ref["ddim_cond"], ref["ddim_uncond"]), 1.5)
     short_uncond = ref["ddim_uncond"][:, :4]
     mask = torch.ones(2, 4, dtype=torch.long)
     padded = torch.nn.functional.pad(short_uncond, (0, 0, 0, 3))
     with_mask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], dim=1)
-    by_hand = guided_eps(unet, x, t, ref["ddim_cond"], padded, 1.5, uncond_mask=with_mask)
-    automatic = guided_eps(unet, x, t, ref["ddim_cond"], short_uncond, 1.5, uncond_mask=mask)
+    by_hand = guided_eps(unet, x, t, Conditions(ref["ddim_cond"], padded, unconditional_mask=with_mask), 1.5)
+    automatic = guided_eps(unet, x, t, Conditions(ref["ddim_cond"], short_uncond, unconditional_mask=mask), 1.5)
     assert max_error(automatic, by_hand) < 1e-5
     assert max_error(automatic, plain) > 1e-3  # the short context really is different
 
@@ -110,13 +113,14 @@ def test_dpm_solver_runs_the_requested_number_of_steps(model, ref):
     unet, _, diffusion = model
     scheduler = sampling_scheduler(diffusion, "dpm++")
     seen = []
-    out = denoise(unet, scheduler, ref["ddim_xT"], ref["ddim_cond"], ref["ddim_uncond"], steps=20,
-                  on_step=lambda i, t, x, e: seen.append(t))
+    out = denoise(unet, scheduler, ref["ddim_xT"], Conditions(ref["ddim_cond"], ref["ddim_uncond"]),
+                  SamplingOptions(steps=20), on_step=lambda i, t, x, e: seen.append(t))
     assert len(seen) == 20 and seen[0] > seen[-1]
     assert out.shape == ref["ddim_xT"].shape and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("steps, guidance, message", [(0, 1.5, "steps must be at least 1"), (10, -0.5, "guidance must be 0 or more")])
+@pytest.mark.parametrize("steps, guidance, message", [(0, 1.5, "steps must be a whole number of at least 1"),
+                                                      (10, -0.5, "guidance must be 0 or more")])
 def test_bad_sampling_options_are_refused(model, ref, steps, guidance, message):
     with pytest.raises(ConfigError, match=message):
         sample(model, ref, steps, guidance)

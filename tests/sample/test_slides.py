@@ -42,7 +42,7 @@ def test_seamless_slides_have_no_seams_where_stitched_ones_do(grid_slides):
 def test_stitched_slides_are_grids_of_independent_patches(tiny_bundle):
     embeddings = CaptionEmbeddings.for_bundle(tiny_bundle, [GENERATING_CAPTION])
     bands = list(stitched_bands(tiny_bundle, GENERATING_CAPTION, (128, 112), 3, OPTIONS, embeddings))
-    patches = generate(tiny_bundle, [GENERATING_CAPTION] * 4, [item_seed(3, i) for i in range(4)], steps=2,
+    patches = generate(tiny_bundle, [GENERATING_CAPTION] * 4, [item_seed(3, i) for i in range(4)], OPTIONS,
                        batch_size=4).images
     assert [band.shape for band in bands] == [(64, 112, 3), (64, 112, 3)]  # the right column cropped
     np.testing.assert_array_equal(bands[0], np.concatenate([patches[0], patches[1][:, :48]], axis=1))

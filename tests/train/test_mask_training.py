@@ -22,7 +22,7 @@ from histosynth.models.denoiser import build_denoiser
 from histosynth.models.diffusion import noise_scheduler
 from histosynth.models.label_maps import label_map
 from histosynth.presets import load_preset
-from histosynth.sample.generate import generate
+from histosynth.sample.generate import SamplingOptions, generate
 from histosynth.schema import RENAL
 from histosynth.train.cache import FLIP_VARIANTS, prepare_training_data
 from histosynth.train.data import ConditionDropout, StepBatches
@@ -107,7 +107,7 @@ def test_train_text_and_mask_writes_a_mask_conditioned_model(blob_dataset, tmp_p
     bundle = load_bundle(out)
     assert bundle.conditioning == Conditioning(text=True, mask=True, text_dropout=0.1, mask_dropout=0.3)
     assert (bundle.mask_classes, bundle.unet.config.in_channels) == (RENAL.ids, 11)
-    assert bundle.config["provenance"]["condition"] == "text+mask"
+    assert bundle.config.provenance["condition"] == "text+mask"
     assert json.loads((tmp_path / "model.run" / "run.json").read_text())["condition"] == "text+mask"
     # the sample grid shows the conditioning masks (coloured) above the images drawn from them
     grid = np.asarray(Image.open(tmp_path / "model.run" / "samples" / "step-0000004.png"))
@@ -121,7 +121,7 @@ def test_a_mask_only_model_needs_no_captions(tmp_path, capsys):
     dataset = write_blob_dataset(tmp_path / "bare", n=4, captions=False)
     out = tmp_path / "model"
     assert main(["train", str(dataset.root), "--out", str(out), "--steps", "2", "--condition", "mask", *FAST]) == 0
-    conditioning = load_bundle(out).config["conditioning"]
+    conditioning = load_bundle(out).config.conditioning.model_dump()
     assert (conditioning["text"], conditioning["mask_channels"], conditioning["mask_dropout"]) == (False, 8, 0.2)
     assert main(["train", str(dataset.root), "--out", str(tmp_path / "m2"), "--steps", "2", "--condition", "image",
                  *FAST]) == 2
@@ -164,7 +164,7 @@ def test_fine_tuning_by_command_and_what_cannot_be_fine_tuned(text_bundle, blob_
             "--condition", "text+mask", "--cache-dir", str(tmp_path / "cache"), *FAST]
     assert main(args) == 0  # the autoencoder is the --init model's: no warning about an untrained one
     bundle = load_bundle(out)
-    assert bundle.mask_channels == 8 and bundle.config["provenance"]["init"] == str(text_bundle)
+    assert bundle.mask_channels == 8 and bundle.config.provenance["init"] == str(text_bundle)
     assert torch.equal(bundle.autoencoder.encoder.conv_in.weight, load_bundle(text_bundle).autoencoder.encoder.conv_in.weight)
     back = ["train", str(blob_dataset.root), "--out", str(tmp_path / "text-again"), "--steps", "2", "--init", str(out),
             "--cache-dir", str(tmp_path / "cache"), *FAST]
@@ -201,14 +201,14 @@ def test_train_a_controlnet_branch_on_a_frozen_text_model(text_bundle, blob_data
     assert train(out, "--init", str(text_bundle)) == 0
     bundle, text_model = load_bundle(out), load_bundle(text_bundle)
     assert isinstance(bundle.unet, MaskControlledUNet) and bundle.unet.config.in_channels == 11
-    assert bundle.config["conditioning"]["mask_branch"] == "controlnet" and bundle.mask_classes == RENAL.ids
+    assert bundle.config.conditioning.mask_branch == "controlnet" and bundle.mask_classes == RENAL.ids
     assert bundle.id != text_model.id  # the identity covers the branch's weights
     text_weights = text_model.unet.state_dict()
     assert all(torch.equal(w, text_weights[k]) for k, w in bundle.unet.base.state_dict().items())  # frozen
     assert bundle.unet.controlnet.controlnet_down_blocks[0].weight.abs().sum() > 0  # trained from zero
     # the trained branch reaches the images: same seed, other mask, another image
     glomerulus, tissue = np.full((32, 32), 4, np.uint8), np.full((32, 32), 6, np.uint8)
-    made = generate(bundle, ["", ""], [3, 3], steps=2, masks=[glomerulus, tissue], batch_size=2).images
+    made = generate(bundle, ["", ""], [3, 3], SamplingOptions(steps=2), masks=[glomerulus, tissue], batch_size=2).images
     assert made.shape == (2, 32, 32, 3) and np.abs(made[0].astype(int) - made[1]).max() > 0
 
     assert train(tmp_path / "no-init") == 2

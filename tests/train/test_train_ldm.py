@@ -60,10 +60,10 @@ def test_training_lowers_the_loss_and_writes_a_bundle(straight_run):
     first, last = losses.iloc[:3].mean(), losses.iloc[-3:].mean()
     assert first > 0.9 and last < 0.7 * first, losses.round(3).tolist()
     bundle = load_bundle(root / "model")
-    provenance = bundle.config["provenance"]
+    provenance = bundle.config.provenance
     assert (provenance["steps"], provenance["batch_size"], provenance["lr"]) == (STEPS, 4, 1e-3)
-    assert provenance["command"].startswith("histosynth ") and bundle.config["unet_weights"] == "ema"
-    assert bundle.image_size == 32 and bundle.config["conditioning"]["text_dropout"] == 0.1
+    assert provenance["command"].startswith("histosynth ") and bundle.config.unet_weights == "ema"
+    assert bundle.image_size == 32 and bundle.config.conditioning.text_dropout == 0.1
     checkpoint = load_checkpoint(root / "model.run")
     assert checkpoint["global_step"] == STEPS and checkpoint["ema"]["optimization_step"] == STEPS
     ema_weights = dict(zip([n for n, _ in bundle.unet.named_parameters()], checkpoint["ema"]["shadow_params"]))

@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError
-from ..models.conditioning import DEFAULT_MASK_GUIDANCE
 from .common import SchemaOption, schema_from_option
 from .segment import (
     BaseChannelsOption,
@@ -60,9 +59,8 @@ def captions(
     from ..captions import GENERATING_CAPTION
     from ..evaluate.caption_accuracy import (
         THESIS_MENTION_SHARE,
-        bundle_generator,
         evaluate_caption_accuracy,
-        generate_images,
+        generate_caption_job,
         segmenter_function,
         write_caption_accuracy_report,
     )
@@ -78,8 +76,16 @@ def captions(
     seg.check_schema(class_schema, f"schema {schema}" if schema else "the evaluation")
     segment = segmenter_function(seg, coverage, device, batch_size, progress)
     if model is not None:
+        from ..sample.jobs import Shard
+
         requested = (caption or GENERATING_CAPTION).replace("\\n", "\n")
-        items = generate_images(bundle_generator(model, device=device), requested, n or 400, seed, out / "images")
+        shard, count = Shard.from_environment(), n or 400
+        items = generate_caption_job(model, requested, count, seed, out / "images", device=device, shard=shard,
+                                     progress=progress)
+        if len(items) < count:  # other shards' images are still to come
+            typer.echo(f"shard {shard}: {len(items)} of {count} images are in {out / 'images'}; evaluate once all "
+                       "shards have run")
+            return
         source = f"generated now from {model} ({out / 'images'})"
     else:
         found, source = read_generated(images, caption.replace("\\n", "\n") if caption else None)
@@ -108,10 +114,11 @@ def masks(
                                         "the mask of the same file stem)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all masks / all images of the job)"),
     seed: int = typer.Option(0, "--seed", help="seed of the choice of masks and of the generation job"),
-    steps: int = typer.Option(50, "--steps", help="with --model: denoising steps"),
-    guidance: float = typer.Option(1.5, "--guidance", help="with --model: text guidance scale"),
-    mask_guidance: float = typer.Option(DEFAULT_MASK_GUIDANCE, "--mask-guidance", help="with --model: mask guidance "
-                                        "scale (see generate)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="with --model: denoising steps (default: the model's)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="with --model: text guidance scale "
+                                             "(default: the model's)"),
+    mask_guidance: Optional[float] = typer.Option(None, "--mask-guidance", help="with --model: mask guidance "
+                                                  "scale (see generate) (default: the model's)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="with --model: caption each image from its mask "
                                        "(default: the empty caption, the mask alone)"),
     coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),
@@ -151,14 +158,14 @@ def masks(
     segment = segmenter_function(seg, coverage, device, batch_size, progress)
     job = images
     if model is not None:
-        from ..sample.generate import SamplingOptions
-        from .generate import job_captions, masks_from_options, model_schema
+        from .generate import job_captions, masks_from_options, model_schema, sampling_options
 
         schema = model_schema(model)
         seg.check_schema(schema, f"model {model}")
         chosen = masks_from_options(schema, mask, masks_from, split, n, seed)
         captions = job_captions(schema, None, None, None, chosen, mask_captions)
-        job = generate_mask_job(model, chosen, out / "job", SamplingOptions(steps, guidance, "ddim", mask_guidance),
+        job = generate_mask_job(model, chosen, out / "job", sampling_options(model, steps=steps, guidance=guidance,
+                                                                    mask_guidance=mask_guidance),
                                 seed, captions, device=device, batch_size=batch_size, progress=progress)
         n = None  # the job holds exactly the chosen masks
     if model is None and given_masks is not None:

@@ -21,7 +21,6 @@ from rich.progress import (
 from rich.text import Text
 
 from ..errors import ConfigError
-from ..models.conditioning import DEFAULT_MASK_GUIDANCE
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
@@ -34,13 +33,22 @@ ModelOption = typer.Option(None, "--model", help="model folder (default: the too
 CaptionOption = typer.Option(None, "--caption", help="caption in the schema's templates ('\\n' between sentences)")
 LevelsOption = typer.Option(None, "--levels", help="class levels, e.g. 'Glomeruli=high,Tubuli=medium'")
 SeedOption = typer.Option(0, "--seed", help="job seed; each image's seed is derived from it and its index")
-StepsOption = typer.Option(50, "--steps", help="denoising steps")
-GuidanceOption = typer.Option(1.5, "--guidance", help="classifier-free guidance scale of the text (1 = none, 0 = unconditional)")
+# Sampling options default to the model folder's own (its preset's: 50 steps, guidance 1.5, ddim for the
+# shipped models; mask guidance 2.5); the ones given replace them.
+StepsOption = typer.Option(None, "--steps", show_default=False, help="denoising steps (default: the model's)")
+GuidanceOption = typer.Option(None, "--guidance", show_default=False,
+                              help="classifier-free guidance scale of the text (1 = none, 0 = unconditional) "
+                                   "(default: the model's)")
 MaskGuidanceOption = typer.Option(
-    DEFAULT_MASK_GUIDANCE, "--mask-guidance",
+    None, "--mask-guidance", show_default=False,
     help="guidance scale of the mask (1 = none): eps = e(u,0) + m*(e(u,M) - e(u,0)) + g*(e(c,M) - e(u,M)) "
-         "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask")
-SchedulerOption = typer.Option("ddim", "--scheduler", help="ddim (CompVis DDIM, eta 0) or dpm++ (DPM-Solver++)")
+         "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask "
+         "(default: the model's)")
+SchedulerOption = typer.Option(None, "--scheduler", show_default=False,
+                               help="ddim (CompVis DDIM) or dpm++ (DPM-Solver++) (default: the model's)")
+EtaOption = typer.Option(None, "--eta", show_default=False,
+                         help="DDIM eta: 0 = deterministic, up to 1 = as much step noise as DDPM, drawn from each "
+                              "image's seed (default: the model's, 0)")
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
 
 
@@ -59,10 +67,11 @@ def generate_command(
                                     "with masks: that many of the masks, drawn with --seed (default: all)"),
     out: Path = typer.Option(..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
     seed: int = SeedOption,
-    steps: int = StepsOption,
-    guidance: float = GuidanceOption,
-    mask_guidance: float = MaskGuidanceOption,
-    scheduler: str = SchedulerOption,
+    steps: Optional[int] = StepsOption,
+    guidance: Optional[float] = GuidanceOption,
+    mask_guidance: Optional[float] = MaskGuidanceOption,
+    scheduler: Optional[str] = SchedulerOption,
+    eta: Optional[float] = EtaOption,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", show_default=False,
                                              help="images per UNet call, part of the job (default: 8, or the "
                                              "job's when resuming)"),
@@ -74,14 +83,16 @@ def generate_command(
 ) -> None:
     """Generate images from a caption, class levels, a captions file and/or label masks; re-running resumes the job."""
     from ..devices import pick_device
-    from ..sample.generate import SamplingOptions
+    from ..sample.generate import check_seeds
     from ..sample.jobs import Shard, new_job, run_job
 
+    check_seeds([seed])
     folder = _model_folder(model, from_masks=mask is not None or masks_from is not None)
+    options = sampling_options(folder, steps=steps, guidance=guidance, mask_guidance=mask_guidance,
+                               scheduler=scheduler, eta=eta)
     schema = model_schema(folder)
     masks = masks_from_options(schema, mask, masks_from, split, n, seed)
     captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
-    options = SamplingOptions(steps, guidance, scheduler, mask_guidance)
     chosen = Shard.parse(shard) if shard else Shard.from_environment()
     bundle = _load(folder, pick_device(device))
     count = None if masks is not None else (len(captions) if n is None else n)
@@ -144,10 +155,11 @@ def synth_slide_command(
     mpp: Optional[float] = typer.Option(None, "--mpp", help="microns per pixel written in the TIFF (default: the "
                                         "mask slide's, else 0.5)"),
     seed: int = SeedOption,
-    steps: int = StepsOption,
-    guidance: float = GuidanceOption,
-    mask_guidance: float = MaskGuidanceOption,
-    scheduler: str = SchedulerOption,
+    steps: Optional[int] = StepsOption,
+    guidance: Optional[float] = GuidanceOption,
+    mask_guidance: Optional[float] = MaskGuidanceOption,
+    scheduler: Optional[str] = SchedulerOption,
+    eta: Optional[float] = EtaOption,
     batch_size: int = typer.Option(8, "--batch-size", help="patches per UNet call (stitched mode)"),
     window_batch: int = typer.Option(8, "--window-batch", help="latent windows per UNet call (seamless mode)"),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
@@ -156,10 +168,15 @@ def synth_slide_command(
 ) -> None:
     """Generate a synthetic slide of one caption (or following a label-mask slide), streamed to a pyramidal TIFF."""
     from ..devices import pick_device
-    from ..sample.generate import SamplingOptions
-    from ..sample.slides import check_slide_mode, synth_slide
+    from ..sample.generate import check_seeds
+    from ..sample.slides import check_mpp, check_slide_mode, synth_slide
 
+    check_seeds([seed])
+    if mpp is not None:
+        check_mpp(mpp)
     folder = _model_folder(model, from_masks=mask_slide is not None)
+    options = sampling_options(folder, steps=steps, guidance=guidance, mask_guidance=mask_guidance,
+                               scheduler=scheduler, eta=eta)
     schema = model_schema(folder)
     if caption is not None and levels is not None:
         raise ConfigError("give one of --caption or --levels, not both")
@@ -172,7 +189,6 @@ def synth_slide_command(
     if size is None and mask_slide is None:
         raise ConfigError("give --size (or --mask-slide to take the size from)")
     check_slide_mode(mode)
-    options = SamplingOptions(steps, guidance, scheduler, mask_guidance)
     slide_size = parse_slide_size(size) if size is not None else None
     bundle = _load(folder, pick_device(device))
     tasks: dict[str, int] = {}
@@ -211,12 +227,19 @@ def _model_folder(model: Optional[Path], from_masks: bool = False) -> Path:
     return default_mask_bundle_path() if from_masks else default_bundle_path()
 
 
+def sampling_options(folder: Path, **given):
+    """The model folder's sampling options with those the user gave (not None) replacing them, checked."""
+    from ..models.bundle import read_bundle_config
+
+    return read_bundle_config(folder).sampling.overridden(**given)
+
+
 def model_schema(folder: Path):
     """The class schema of a model folder, read (and its format version checked) before any weights load."""
     from ..models.bundle import CONFIG_FILE, read_bundle_config
     from ..schema import ClassSchema
 
-    return ClassSchema.from_dict(read_bundle_config(folder)["schema"], source=f"{folder / CONFIG_FILE}: schema")
+    return ClassSchema.from_dict(read_bundle_config(folder).class_schema, source=f"{folder / CONFIG_FILE}: schema")
 
 
 def _captions(schema, caption: Optional[str], levels: Optional[str], captions_file: Optional[Path]) -> list[str]:

@@ -3,9 +3,6 @@ checkpoint; `histosynth latent-range` sets the range of training latents that sa
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -145,29 +142,18 @@ def _bundle_meta(info) -> dict[str, Any]:
 
 
 def _write_networks_only(out: Path, unet, autoencoder, info, meta: dict[str, Any]) -> None:
-    """unet/, autoencoder/, scheduler/ and a description; written beside ``out`` and renamed into place."""
-    from ..io import write_json_atomic
+    """unet/, autoencoder/, scheduler/ and a description of what is missing, written as a model folder is."""
+    from ..models.bundle import save_networks_only
     from ..models.diffusion import noise_scheduler
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
-        unet.save_pretrained(staging / "unet")
-        autoencoder.save_pretrained(staging / "autoencoder")
-        noise_scheduler(info.diffusion).save_pretrained(staging / "scheduler")
-        write_json_atomic(staging / "histosynth.json", {
-            "format": PARTIAL_FORMAT,
-            "complete": False,
-            "missing": ["text_encoder"],
-            "image_size": info.image_size,
-            "latent": {"scale": info.latent_scale, "quantize_before_decode": hasattr(autoencoder, "quantize")},
-            "context_dim": info.context_dim,
-            "text_encoder": info.text_encoder,
-            "diffusion": info.diffusion.model_dump(mode="json"),
-            **{k: v for k, v in meta.items() if k != "image_size"},
-        })
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_networks_only(out, unet, autoencoder, dict(noise_scheduler(info.diffusion).config), {
+        "format": PARTIAL_FORMAT,
+        "complete": False,
+        "missing": ["text_encoder"],
+        "image_size": info.image_size,
+        "latent": {"scale": info.latent_scale, "quantize_before_decode": hasattr(autoencoder, "quantize")},
+        "context_dim": info.context_dim,
+        "text_encoder": info.text_encoder,
+        "diffusion": info.diffusion.model_dump(mode="json"),
+        **{k: v for k, v in meta.items() if k != "image_size"},
+    })

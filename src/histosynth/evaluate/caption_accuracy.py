@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,12 +23,15 @@ import pandas as pd
 
 from ..captions import Level, caption_from_levels, level_of, parse_caption, prevalences
 from ..errors import CaptionError, ConfigError, ModelError
-from ..io import atomic_path, write_png_atomic
 from ..schema import ClassSchema
 from ..segment.predict import Coverage, predict_images
 from ..segment.segmenter import Segmenter
 from .images import GeneratedImage
 from .report import Report
+
+if TYPE_CHECKING:  # the sampling stack is imported where it is used, so that the command line starts fast
+    from ..models.sampling import SamplingOptions
+    from ..sample.jobs import Shard
 
 #: Table 5.1 of the thesis: % of 400 samples per found level (generating caption, 256 px).
 THESIS_TABLE_5_1: dict[str, dict[Level, float]] = {
@@ -43,8 +46,6 @@ COMBINED = "combined"
 
 #: Turns images into label masks in the schema's ids (e.g. a segmenter with its padding).
 SegmentFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
-#: Generates `n` RGB uint8 images showing `caption`, reproducibly from `seed`.
-GenerateFn = Callable[[str, int, int], Sequence[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -198,38 +199,31 @@ def evaluate_caption_accuracy(images: Sequence[np.ndarray], captions: Sequence[s
     return judge(segment(images), captions, schema, names)
 
 
-def generate_images(generate: GenerateFn, caption: str, n: int, seed: int, out: Path) -> list[GeneratedImage]:
-    """Generate `n` images for one caption into `out` (PNGs + manifest.csv), for the record."""
-    images = list(generate(caption, n, seed))
-    if len(images) != n:
-        raise ModelError(f"the generator returned {len(images)} images, {n} were asked for")
-    out.mkdir(parents=True, exist_ok=True)
-    items = []
-    for index, image in enumerate(images):
-        path = out / f"{index:05d}.png"
-        write_png_atomic(path, np.asarray(image, dtype=np.uint8))
-        items.append(GeneratedImage(path, caption))
-    with atomic_path(out / "manifest.csv") as tmp:
-        pd.DataFrame({"image": [p.path.name for p in items], "caption": caption,
-                      "index": range(n), "job_seed": seed}).to_csv(tmp, index=False)
-    return items
+def generate_caption_job(model: str | Path, caption: str, n: int, seed: int, folder: str | Path,
+                         options: Optional[SamplingOptions] = None, device: str = "auto",
+                         shard: Optional[Shard] = None, progress: bool = False) -> list[GeneratedImage]:
+    """Generate ``n`` images of one caption from a model folder as a generation job in ``folder``.
 
+    The job is ``histosynth generate``'s (:mod:`histosynth.sample.jobs`): the same seeds and
+    manifest.json, resumed where a run stopped, shared out with ``shard``. ``options`` default to the
+    model's own. Returns the job's finished images with the caption they were asked for (all of them
+    once every shard has run).
+    """
+    from rich.progress import Progress
 
-def bundle_generator(model: Path, steps: int = 50, guidance: float = 1.5, device: str = "auto") -> GenerateFn:
-    """Generation from a model folder, for `evaluate captions --model`: DDIM with guidance, each
-    image seeded from (seed, index) exactly as `histosynth generate` seeds a job."""
+    from ..devices import pick_device
     from ..models.bundle import load_bundle
-    from ..sample.generate import canonical_caption, generate
-    from ..sample.jobs import item_seed
+    from ..sample.generate import canonical_caption
+    from ..sample.jobs import Shard, new_job, run_job
 
-    bundle = load_bundle(model)
-
-    def run(caption: str, n: int, seed: int) -> Sequence[np.ndarray]:
-        seeds = [item_seed(seed, index) for index in range(n)]
-        wanted = canonical_caption(caption, bundle.schema)
-        return list(generate(bundle, [wanted] * n, seeds, steps=steps, guidance=guidance, device=device).images)
-
-    return run
+    bundle = load_bundle(model, pick_device(device))
+    wanted = canonical_caption(caption, bundle.schema)
+    job = new_job(folder, bundle, [wanted], n, seed, options)
+    shard = shard or Shard()
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("generating", total=len(job.missing(shard)))
+        run_job(bundle, job, shard, progress=lambda k: bar.advance(task, k))
+    return [GeneratedImage(job.folder / item["file"], item["caption"]) for item in job.finished()]
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Layout::
 
     histosynth.json     format version, class schema (caption rules included), image size,
                         normalisation, latent scale (and the training latents' range that
-                        sampling clamps into), text encoder reference, conditioning,
-                        preset, provenance (data, steps, wall time, command, hardware, metrics)
+                        sampling clamps into), text encoder reference, conditioning, the
+                        model's sampling defaults (from its preset), preset, provenance (data,
+                        steps, wall time, command, hardware, metrics); read into a
+                        :class:`ModelConfig` and checked field by field
     unet/               diffusers UNet2DConditionModel (config.json + safetensors)
     controlnet/         only for a ControlNet mask branch: diffusers ControlNetModel steering the
                         frozen unet/ (see models.control)
@@ -15,7 +17,8 @@ Layout::
                         names the default "minilm", which ships with the toolkit's dependencies
 
 A bundle is written to a temporary folder beside its destination and renamed into place, so a killed
-run never leaves a half bundle. Loading checks every part and fails with a
+run never leaves a half bundle. Format version 1 (before the sampling defaults) is still read: its
+defaults are its preset's ``sampling`` section. Loading checks every part and fails with a
 :class:`~histosynth.errors.ModelError` that names the part.
 """
 
@@ -23,27 +26,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from ..errors import ModelError
-from ..io import read_format_json, remove_partial_files, write_json_atomic
+from ..errors import HistosynthError, ModelError
+from ..io import remove_partial_files, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
 from .latent_range import LatentRange
+from .sampling import SamplingOptions
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextEncoderSource, resolve_text_encoder
 
 FORMAT = "histosynth.bundle"
-FORMAT_VERSION = 1
+#: version 2 added the model's own sampling defaults (``sampling``); version 1 folders are read too
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "histosynth.json"
 PARTS = ("unet", "autoencoder", "scheduler")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -54,12 +63,136 @@ Autoencoder = Union[VQModel, AutoencoderKL]
 _AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
 
 
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatentSection(_Section):
+    """The autoencoder's latents: scale (latent = encoder output x scale), shape and the training range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    scale: float = Field(gt=0)
+    channels: int = Field(ge=1)
+    downsampling: int = Field(ge=1)
+    quantize_before_decode: bool = False
+    range: Optional[LatentRange] = None
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+
+    @field_validator("range", mode="before")
+    @classmethod
+    def _read_range(cls, value: Any) -> Optional[LatentRange]:
+        if value is None or isinstance(value, LatentRange):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping with lists 'low' and 'high'")
+        try:
+            return LatentRange.from_dict(value)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _range_fits(self) -> "LatentSection":
+        if self.range is not None and self.range.channels != self.channels:
+            raise ValueError(f"the latent range has {self.range.channels} channels but the autoencoder's latents "
+                             f"have {self.channels}")
+        return self
+
+    @field_serializer("range")
+    def _write_range(self, value: Optional[LatentRange]) -> Optional[dict[str, Any]]:
+        return None if value is None else value.to_dict()
+
+
+class TextEncoderSection(_Section):
+    """Which text encoder the model reads: the default's name or the sub-folder holding a copy."""
+
+    ref: str
+    id: str
+    kind: str
+    max_tokens: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+
+
+class ConditioningSection(_Section):
+    """What the denoiser reads (see :mod:`histosynth.models.conditioning`)."""
+
+    text: bool = True
+    text_dropout: float = Field(0.1, ge=0, le=1)
+    mask_channels: int = Field(0, ge=0)
+    mask_dropout: float = Field(0.0, ge=0, le=1)
+    mask_classes: list[int] = []
+    label_map: Optional[str] = None
+    mask_branch: Literal["concat", "controlnet"] = "concat"
+
+    def to_conditioning(self) -> Conditioning:
+        return Conditioning.from_config(self.model_dump())
+
+
+class ModelConfig(BaseModel):
+    """A model folder's ``histosynth.json``, checked when it is read; :func:`read_bundle_config` reads it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, populate_by_name=True)
+
+    format: Literal["histosynth.bundle"] = FORMAT
+    format_version: Literal[2] = FORMAT_VERSION
+    id: str
+    image_size: int = Field(ge=1)
+    normalization: dict[str, Any] = Field(default_factory=lambda: dict(NORMALIZATION))
+    latent: LatentSection
+    class_schema: dict[str, Any] = Field(alias="schema")
+    unconditional_caption: str = ""
+    text_encoder: TextEncoderSection
+    conditioning: ConditioningSection = ConditioningSection()
+    #: the options ``generate`` uses where the user gives none (from the preset the model was trained with)
+    sampling: SamplingOptions = SamplingOptions()
+    unet_weights: Literal["ema", "raw"] = "raw"
+    preset: Optional[dict[str, Any]] = None
+    provenance: dict[str, Any] = {}
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _read_sampling(cls, value: Any) -> SamplingOptions:
+        if isinstance(value, SamplingOptions):
+            return value
+        try:
+            return SamplingOptions.from_dict(value)
+        except (HistosynthError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_serializer("sampling")
+    def _write_sampling(self, value: SamplingOptions) -> dict[str, Any]:
+        return value.to_dict()
+
+    @classmethod
+    def upgraded(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 description as version 2: the sampling defaults are the saved preset's."""
+        if data.get("format_version") != 1:
+            return data
+        preset = data.get("preset")
+        sampling = preset.get("sampling") if isinstance(preset, dict) else None
+        return {**data, "format_version": FORMAT_VERSION, "sampling": sampling}
+
+    def to_json(self) -> dict[str, Any]:
+        """The description as written to ``histosynth.json`` (a model without a latent range has no ``range``)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data["latent"]["range"] is None:
+            del data["latent"]["range"]
+        return data
+
+
+
 @dataclass
 class Bundle:
     """A loaded model folder. The text encoder is loaded on first use of :attr:`text_encoder`."""
 
     path: Path
-    config: dict[str, Any]
+    config: ModelConfig
     unet: UNet2DConditionModel | MaskControlledUNet
     autoencoder: Autoencoder
     scheduler_config: dict[str, Any]
@@ -70,47 +203,51 @@ class Bundle:
     @property
     def id(self) -> str:
         """A short identity of the model (digest of its UNet weights), for generation records."""
-        return str(self.config["id"])
+        return self.config.id
 
     @property
     def image_size(self) -> int:
-        return int(self.config["image_size"])
+        return self.config.image_size
 
     @property
     def latent_range(self) -> Optional[LatentRange]:
         """The per-channel range of the training latents that sampling clamps into, if the model has one."""
-        stored = self.config["latent"].get("range")
-        return None if stored is None else LatentRange.from_dict(stored)
+        return self.config.latent.range
 
     @property
-    def latent_scale(self) -> float:
-        return float(self.config["latent"]["scale"])
+    def latent_channels(self) -> int:
+        return self.config.latent.channels
 
     @property
     def mask_channels(self) -> int:
         """Label-map channels concatenated to the latent (0 for a text-only model)."""
-        return int(self.config["conditioning"].get("mask_channels", 0))
+        return self.config.conditioning.mask_channels
 
     @property
     def conditioning(self) -> Conditioning:
-        return Conditioning.from_config(self.config["conditioning"])
+        return self.config.conditioning.to_conditioning()
 
     @property
     def mask_classes(self) -> list[int]:
         """Schema ids of the label-map channels, in channel order (empty for a text-only model)."""
-        return [int(i) for i in self.config["conditioning"].get("mask_classes", [])]
+        return list(self.config.conditioning.mask_classes)
 
     @property
     def latent_factor(self) -> int:
         """Image pixels per latent pixel along each side."""
-        return int(self.config["latent"]["downsampling"])
+        return self.config.latent.downsampling
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        """The model's own sampling defaults (its preset's), which a command's options override."""
+        return self.config.sampling
 
     @property
     def text_encoder_source(self) -> TextEncoderSource:
-        ref = self.config["text_encoder"]
-        spec = ref["ref"] if ref["ref"] == DEFAULT_TEXT_ENCODER else str(self.path / ref["ref"])
+        ref = self.config.text_encoder
+        spec = ref.ref if ref.ref == DEFAULT_TEXT_ENCODER else str(self.path / ref.ref)
         try:
-            return resolve_text_encoder(spec, max_tokens=ref["max_tokens"])
+            return resolve_text_encoder(spec, max_tokens=ref.max_tokens)
         except ModelError as exc:
             raise ModelError(f"{self.path}: part 'text_encoder': {exc}") from None
 
@@ -119,7 +256,7 @@ class Bundle:
         """The frozen text encoder, checked to be the one the model was trained with."""
         if self._text_encoder is None:
             encoder = self.text_encoder_source.load(self.device)
-            expected = self.config["text_encoder"]["id"]
+            expected = self.config.text_encoder.id
             if encoder.id != expected:
                 raise ModelError(
                     f"{self.path}: part 'text_encoder' does not match: the model was trained with "
@@ -158,51 +295,75 @@ def save_bundle(
             f"the UNet's cross-attention reads {unet.config.cross_attention_dim} features but text encoder "
             f"{source.name} gives {source.hidden_size}; build the UNet with context_dim={source.hidden_size}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(path)  # the staging folder of a save that was killed
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
-    try:
-        if isinstance(unet, MaskControlledUNet):
-            unet.save_parts(staging)
-        else:
-            unet.save_pretrained(staging / "unet")
-        autoencoder.save_pretrained(staging / "autoencoder")
-        DDPMScheduler.from_config(dict(scheduler_config)).save_pretrained(staging / "scheduler")
+    with _staged(path) as staging:
+        _save_networks(staging, unet, autoencoder, scheduler_config)
         if source.is_default:
             text_ref = DEFAULT_TEXT_ENCODER
         else:
             text_encoder.save_to(staging / TEXT_ENCODER_DIR)
             text_ref = TEXT_ENCODER_DIR
-        config = _bundle_config(staging, unet, autoencoder, text_encoder, text_ref, schema, meta)
-        write_json_atomic(staging / CONFIG_FILE, config)
+        write_model_config(staging, _bundle_config(staging, unet, autoencoder, text_encoder, text_ref, schema, meta))
+    return path
+
+
+def save_networks_only(path: str | Path, unet: UNet2DConditionModel, autoencoder: Autoencoder,
+                       scheduler_config: dict[str, Any], description: dict[str, Any]) -> Path:
+    """Write the networks of a model that lacks its text encoder (unet/, autoencoder/, scheduler/) and
+    ``description`` as its ``histosynth.json``, atomically as :func:`save_bundle` writes a whole one.
+
+    ``description`` says what is missing; such a folder is not loaded as a model (its format differs).
+    """
+    path = Path(path)
+    with _staged(path, into_empty=True) as staging:
+        _save_networks(staging, unet, autoencoder, scheduler_config)
+        write_json_atomic(staging / CONFIG_FILE, description)
+    return path
+
+
+def _save_networks(folder: Path, unet: UNet2DConditionModel | MaskControlledUNet, autoencoder: Autoencoder,
+                   scheduler_config: dict[str, Any]) -> None:
+    if isinstance(unet, MaskControlledUNet):
+        unet.save_parts(folder)
+    else:
+        unet.save_pretrained(folder / "unet")
+    autoencoder.save_pretrained(folder / "autoencoder")
+    DDPMScheduler.from_config(dict(scheduler_config)).save_pretrained(folder / "scheduler")
+
+
+@contextmanager
+def _staged(path: Path, into_empty: bool = False) -> Iterator[Path]:
+    """A staging folder beside ``path`` that is renamed onto it when the block finishes (removed if it fails).
+
+    ``into_empty``: an empty folder at ``path`` (made for the model) is replaced too.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(path)  # the staging folder of a save that was killed
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        yield staging
+        if into_empty and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
         _move_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoencoder,
                    encoder: TextEncoder, text_ref: str, schema: ClassSchema,
-                   meta: dict[str, Any]) -> dict[str, Any]:
-    conditioning = {"text": True, "mask_channels": 0, **meta.get("conditioning", {})}
-    _check_conditioning(conditioning, schema, "meta['conditioning']")
-    latent = {
-        "scale": float(autoencoder.config.scaling_factor),
-        "channels": int(autoencoder.config.latent_channels),
-        "downsampling": 2 ** (len(autoencoder.config.block_out_channels) - 1),
-        "quantize_before_decode": isinstance(autoencoder, VQModel),
-    }
+                   meta: dict[str, Any]) -> ModelConfig:
+    preset = meta.get("preset")
     latent_range = meta.get("latent_range")
-    _store_latent_range(latent, latent_range, "meta['latent_range']")
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+    data = {
         "id": _bundle_id(staging, latent_range),
         "image_size": int(meta["image_size"]),
-        "normalization": NORMALIZATION,
-        "latent": latent,
+        "latent": {
+            "scale": float(autoencoder.config.scaling_factor),
+            "channels": int(autoencoder.config.latent_channels),
+            "downsampling": 2 ** (len(autoencoder.config.block_out_channels) - 1),
+            "quantize_before_decode": isinstance(autoencoder, VQModel),
+            "range": latent_range,
+        },
         "schema": schema.to_dict(),
-        "unconditional_caption": "",
         "text_encoder": {
             "ref": text_ref,
             "id": encoder.id,
@@ -210,23 +371,36 @@ def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoe
             "max_tokens": encoder.max_tokens,
             "hidden_size": encoder.hidden_size,
         },
-        "conditioning": conditioning,
+        "conditioning": {"text": True, "mask_channels": 0, **meta.get("conditioning", {})},
+        "sampling": preset.get("sampling") if isinstance(preset, dict) else None,
         "unet_weights": meta.get("unet_weights", "raw"),
-        "preset": meta.get("preset"),
+        "preset": preset,
         "provenance": {"hardware": hardware_description(), **meta.get("provenance", {})},
     }
+    config = _validated(data, "the model's description")
+    _check_conditioning(config.conditioning, schema, "meta['conditioning']")
+    return config
 
 
-def _check_conditioning(conditioning: dict[str, Any], schema: ClassSchema, where: str) -> None:
-    """Mask channels must name their classes, one schema id per channel."""
-    channels = int(conditioning.get("mask_channels", 0))
-    if not channels:
-        return
-    classes = list(conditioning.get("mask_classes", []))
-    if len(classes) != channels or not set(classes) <= set(schema.ids):
+def _validated(data: Any, where: str) -> ModelConfig:
+    """A model description checked field by field; a bad one raises a one-line ModelError naming the field."""
+    if not isinstance(data, dict):
+        raise ModelError(f"{where} must be a JSON object of fields (format, id, latent, ...), "
+                         f"not a {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate(ModelConfig.upgraded(data))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        raise ModelError(f"{where}: {problems}") from None
+
+
+def _check_conditioning(conditioning: ConditioningSection, schema: ClassSchema, where: str) -> None:
+    """Mask channels must name their classes, one schema id per channel (checked with the schema at hand)."""
+    channels, classes = conditioning.mask_channels, conditioning.mask_classes
+    if channels and (len(classes) != channels or not set(classes) <= set(schema.ids)):
         raise ModelError(
-            f"{where}: {channels} mask channels need 'mask_classes' with one id of the class schema each "
-            f"(schema ids {schema.ids}), got {classes}"
+            f"{where}: {conditioning.mask_channels} mask channels need 'mask_classes' with one id of the class "
+            f"schema each (schema ids {schema.ids}), got {conditioning.mask_classes}"
         )
 
 
@@ -244,20 +418,6 @@ def _bundle_id(folder: Path, latent_range: Optional[LatentRange]) -> str:
     return digest.hexdigest()[:12]
 
 
-def _store_latent_range(latent: dict[str, Any], latent_range: Optional[LatentRange], where: str) -> None:
-    """Put ``latent_range`` into a bundle config's latent section (None: take it out)."""
-    latent.pop("range", None)
-    if latent_range is not None:
-        _check_latent_range(latent_range, int(latent["channels"]), where)
-        latent["range"] = latent_range.to_dict()
-
-
-def _check_latent_range(latent_range: LatentRange, channels: int, where: str) -> None:
-    if latent_range.channels != channels:
-        raise ModelError(f"{where}: the latent range has {latent_range.channels} channels but the autoencoder's "
-                         f"latents have {channels}")
-
-
 def set_latent_range(path: str | Path, latent_range: Optional[LatentRange]) -> str:
     """Store (or, with None, remove) the latent range of the bundle at ``path``; returns its new id.
 
@@ -266,10 +426,18 @@ def set_latent_range(path: str | Path, latent_range: Optional[LatentRange]) -> s
     """
     path = Path(path)
     config = read_bundle_config(path)
-    _store_latent_range(config["latent"], latent_range, str(path))
-    config["id"] = _bundle_id(path, latent_range)
-    write_json_atomic(path / CONFIG_FILE, config)
-    return config["id"]
+    if latent_range is not None and latent_range.channels != config.latent.channels:
+        raise ModelError(f"{path}: the latent range has {latent_range.channels} channels but the autoencoder's "
+                         f"latents have {config.latent.channels}")
+    updated = config.model_copy(update={"latent": config.latent.model_copy(update={"range": latent_range}),
+                                        "id": _bundle_id(path, latent_range)})
+    write_model_config(path, updated)
+    return updated.id
+
+
+def write_model_config(folder: str | Path, config: ModelConfig) -> None:
+    """Write ``histosynth.json`` into a model folder (atomically)."""
+    write_json_atomic(Path(folder) / CONFIG_FILE, config.to_json())
 
 
 def _move_into_place(staging: Path, path: Path) -> None:
@@ -293,45 +461,48 @@ def hardware_description() -> str:
 
 
 # --- loading ------------------------------------------------------------------------------------
-def read_bundle_config(path: str | Path) -> dict[str, Any]:
-    """The checked ``histosynth.json`` of a bundle (no weights loaded)."""
+def read_bundle_config(path: str | Path) -> ModelConfig:
+    """The checked ``histosynth.json`` of a model folder (no weights loaded); version-1 folders are upgraded."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist")
-    config = read_format_json(path / CONFIG_FILE, FORMAT, ModelError, what="model folder",
-                              missing=f"{path} is not a histosynth model folder: part '{CONFIG_FILE}' is missing")
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        advice = "upgrade histosynth to load it" if newer else "re-save it with the histosynth version that made it"
-        raise ModelError(
-            f"{path} has model-folder format version {version}; this histosynth reads version "
-            f"{FORMAT_VERSION}: {advice}"
-        )
-    return config
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise ModelError(f"{path} is not a histosynth model folder: part '{CONFIG_FILE}' is missing")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{file} is corrupt ({exc})") from None
+    if isinstance(data, dict):
+        if data.get("format") != FORMAT:
+            raise ModelError(f"{file}: unknown model folder format {data.get('format')!r} (expected {FORMAT})")
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            advice = "upgrade histosynth to load it" if newer else "re-save it with the histosynth version that made it"
+            raise ModelError(f"{path} has model-folder format version {version}; this histosynth reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}: {advice}")
+    return _validated(data, str(file))
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle's UNet, autoencoder, scheduler config and schema onto ``device`` (eval mode)."""
     path = Path(path)
     config = read_bundle_config(path)
-    controlled = Conditioning.from_config(config["conditioning"]).controlnet
+    controlled = config.conditioning.to_conditioning().controlnet
     for part in PARTS + ((CONTROLNET_DIR,) if controlled else ()):
         if not (path / part / _part_config_name(part)).is_file():
             raise ModelError(f"{path}: part '{part}' is missing ({part}/{_part_config_name(part)} not found)")
-    if config["text_encoder"]["ref"] != DEFAULT_TEXT_ENCODER and not (path / TEXT_ENCODER_DIR).is_dir():
+    if config.text_encoder.ref != DEFAULT_TEXT_ENCODER and not (path / TEXT_ENCODER_DIR).is_dir():
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
+    schema = ClassSchema.from_dict(config.class_schema, source=f"{path / CONFIG_FILE}: schema")
+    _check_conditioning(config.conditioning, schema, f"{path / CONFIG_FILE}: conditioning")
     unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False), path)
     if controlled:
         unet = MaskControlledUNet(unet, _load_part(CONTROLNET_DIR, lambda: load_mask_branch(path), path))
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)
     scheduler = _load_part("scheduler", lambda: DDPMScheduler.from_pretrained(path / "scheduler"), path)
-    schema = ClassSchema.from_dict(config["schema"], source=f"{path / CONFIG_FILE}: schema")
-    _check_conditioning(config["conditioning"], schema, f"{path / CONFIG_FILE}: conditioning")
     _check_parts_fit(path, config, unet, autoencoder)
-    if "range" in config["latent"]:
-        _check_latent_range(LatentRange.from_dict(config["latent"]["range"]), int(config["latent"]["channels"]),
-                            f"{path / CONFIG_FILE}: latent")
     device = torch.device(device)
     return Bundle(
         path=path,
@@ -374,24 +545,24 @@ def _load_part(part: str, load, path: Path):
         raise ModelError(f"{path}: part '{part}' cannot be loaded: {first_line}") from None
 
 
-def _check_parts_fit(path: Path, config: dict[str, Any], unet: UNet2DConditionModel, autoencoder: Autoencoder) -> None:
+def _check_parts_fit(path: Path, config: ModelConfig, unet: UNet2DConditionModel, autoencoder: Autoencoder) -> None:
     """The parts must agree on latent channels and context size, whatever files were swapped."""
     latent_channels = int(autoencoder.config.latent_channels)
-    expected_in = latent_channels + int(config["conditioning"].get("mask_channels", 0))
+    expected_in = latent_channels + config.conditioning.mask_channels
     if unet.config.in_channels != expected_in or unet.config.out_channels != latent_channels:
         raise ModelError(
             f"{path}: part 'unet' does not fit part 'autoencoder': the UNet maps {unet.config.in_channels} -> "
             f"{unet.config.out_channels} channels, the autoencoder has {latent_channels} latent channels"
             + (f" (+{expected_in - latent_channels} mask channels)" if expected_in != latent_channels else "")
         )
-    context = int(config["text_encoder"]["hidden_size"])
+    context = config.text_encoder.hidden_size
     if unet.config.cross_attention_dim != context:
         raise ModelError(
             f"{path}: part 'unet' does not fit part 'text_encoder': cross-attention reads "
             f"{unet.config.cross_attention_dim} features, the text encoder gives {context}"
         )
-    if float(autoencoder.config.scaling_factor) != float(config["latent"]["scale"]):
+    if float(autoencoder.config.scaling_factor) != config.latent.scale:
         raise ModelError(
             f"{path}: part 'autoencoder' does not match {CONFIG_FILE}: latent scale "
-            f"{autoencoder.config.scaling_factor} vs {config['latent']['scale']}"
+            f"{autoencoder.config.scaling_factor} vs {config.latent.scale}"
         )

@@ -31,7 +31,7 @@ generates from the null map, as it was trained to when the mask was dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -44,14 +44,14 @@ from ..devices import pick_device
 from ..errors import CaptionError, ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
-from ..models.diffusion import SAMPLER_KINDS, sampling_scheduler
-from ..models.conditioning import DEFAULT_MASK_GUIDANCE
+from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import check_mask_ids, label_map
+from ..models.sampling import SamplingOptions
 from ..models.text import EmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
 from ..schema import ClassSchema
 from .large import DEFAULT_WINDOW_BATCH, Size, WindowedUNet, as_size, decode_tile, latent_size, window_overlap
-from .sampler import check_sampling_options, denoise
+from .sampler import Conditions, denoise
 
 #: Items per UNet call when the caller does not say.
 DEFAULT_BATCH_SIZE = 8
@@ -101,25 +101,7 @@ def read_captions_file(path: str | Path, schema: ClassSchema) -> list[str]:
     return captions
 
 
-# --- sampling options and records --------------------------------------------------------------------
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How the reverse process runs. Checked on creation: steps >= 1, guidances >= 0, a known scheduler.
-
-    ``guidance`` weights the text, ``mask_guidance`` the label mask (used only with masks).
-    """
-
-    steps: int = 50
-    guidance: float = 1.5
-    scheduler: str = "ddim"
-    mask_guidance: float = DEFAULT_MASK_GUIDANCE
-
-    def __post_init__(self) -> None:
-        check_sampling_options(self.steps, self.guidance, self.mask_guidance)
-        if self.scheduler not in SAMPLER_KINDS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SAMPLER_KINDS)}")
-
-
+# --- records ---------------------------------------------------------------------------------------------
 def generation_record(caption: str, seed: int, options: SamplingOptions, model_id: str,
                       size: int | Size, *, masked: bool = False) -> dict[str, Any]:
     """What it takes to regenerate one image: kept in manifests, never inside the image file.
@@ -140,6 +122,8 @@ def generation_record(caption: str, seed: int, options: SamplingOptions, model_i
     }
     if masked:
         record["mask_guidance"] = options.mask_guidance
+    if options.eta:
+        record["eta"] = options.eta
     return record
 
 
@@ -153,9 +137,8 @@ def bundle_scheduler(bundle: Bundle, kind: str):
 
 def latent_geometry(bundle: Bundle) -> tuple[int, int, int]:
     """(latent channels, autoencoder factor, UNet window in latent pixels) of a bundle."""
-    latent = bundle.config["latent"]
-    factor = int(latent["downsampling"])
-    return int(latent["channels"]), factor, bundle.image_size // factor
+    factor = bundle.latent_factor
+    return bundle.latent_channels, factor, bundle.image_size // factor
 
 
 def image_latent_size(bundle: Bundle, size: Optional[int | Size] = None) -> Size:
@@ -165,7 +148,54 @@ def image_latent_size(bundle: Bundle, size: Optional[int | Size] = None) -> Size
     """
     _, factor, window = latent_geometry(bundle)
     unet_factor = 2 ** (len(bundle.unet.config.block_out_channels) - 1)
-    return latent_size(size or bundle.image_size, factor, window, unet_factor)
+    return latent_size(bundle.image_size if size is None else size, factor, window, unet_factor)
+
+
+#: bytes per output pixel of one image made whole (decoded float32 RGB and uint8 RGB) ...
+WHOLE_IMAGE_BYTES_PER_PIXEL = 15
+#: ... and per latent or label-map value (float32; the sampler and scheduler hold several copies)
+LATENT_VALUE_BYTES = 4 * 8
+
+
+def check_fits_in_memory(bundle: Bundle, size: Size, items: int = 1, whole_image: bool = True) -> None:
+    """Refuse an image size whose sampling would need more memory than the device has free.
+
+    The estimate counts what grows with the image: the latents and label maps of ``items`` images
+    (several copies during sampling) and, unless decoded in streamed bands (``whole_image`` False), the
+    decoded images. Where the free memory is unknown nothing is refused.
+    """
+    free = free_memory(bundle.device)
+    if free is None:
+        return
+    per_pixel = _bytes_per_pixel(bundle, whole_image) * items
+    need = per_pixel * size[0] * size[1]
+    if need <= free:
+        return
+    factor = bundle.latent_factor
+    largest = int((free / per_pixel) ** 0.5) // factor * factor
+    raise ConfigError(f"an image of {size[1]}x{size[0]} px needs about {need / 2**30:.1f} GiB on {bundle.device} "
+                      f"({items} at a time) but {free / 2**30:.1f} GiB are free; the largest square size that fits is "
+                      f"about {largest} px" + (" (fewer per batch fit larger ones)" if items > 1 else ""))
+
+
+def _bytes_per_pixel(bundle: Bundle, whole_image: bool) -> float:
+    values = (bundle.latent_channels + bundle.mask_channels) / bundle.latent_factor ** 2
+    return values * LATENT_VALUE_BYTES + (WHOLE_IMAGE_BYTES_PER_PIXEL if whole_image else 0)
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device``: the GPU's free memory, or the system's available memory for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class CaptionEmbeddings:
@@ -187,8 +217,7 @@ class CaptionEmbeddings:
     @classmethod
     def for_bundle(cls, bundle: Bundle, captions: Sequence[str]) -> "CaptionEmbeddings":
         """With the bundle's text encoder, device and unconditional caption."""
-        unconditional = bundle.config.get("unconditional_caption", UNCONDITIONAL_CAPTION)
-        return cls(bundle.text_encoder, captions, bundle.device, unconditional)
+        return cls(bundle.text_encoder, captions, bundle.device, bundle.config.unconditional_caption)
 
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [c for c in captions if c not in self._row_of]
@@ -204,7 +233,16 @@ class CaptionEmbeddings:
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """Start latents (B, *shape): item i is standard normal noise from a CPU generator seeded ``seeds[i]``."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return _draw_noise(item_generators(seeds), shape)
+
+
+def item_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per item: it draws the item's start noise, then its step noise (DDIM, eta > 0)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
 # --- generation -------------------------------------------------------------------------------------------
@@ -227,22 +265,40 @@ def sample_latents(bundle: Bundle, captions: Sequence[str], seeds: Sequence[int]
     """
     channels, _, window = latent_geometry(bundle)
     latent_hw = image_latent_size(bundle, size)
-    mask_guidance = options.mask_guidance
     if label_maps is None:
-        label_maps = conditioning_maps(bundle, None, len(seeds), as_size(size or bundle.image_size))
-        mask_guidance = 1.0  # nothing to guide towards: the null map against itself
-    noise = initial_noise(seeds, (channels, *latent_hw)).to(bundle.device)
+        label_maps = conditioning_maps(bundle, None, len(seeds), as_size(bundle.image_size if size is None else size))
+        options = replace(options, mask_guidance=1.0)  # nothing to guide towards: the null map against itself
     unet = bundle.unet
     if max(latent_hw) > window:
         unet = WindowedUNet(bundle.unet, window, overlap, window_batch)
-    cond, cond_mask = embeddings(captions)
-    uncond, uncond_mask = embeddings.unconditional()
-    if label_maps is not None and all(c == embeddings.unconditional_caption for c in captions):
-        uncond = uncond_mask = None  # the text is unconditional: only the mask is guided (fewer UNet calls)
-    extra = None if label_maps is None else label_maps.to(bundle.device)
-    return denoise(unet, bundle_scheduler(bundle, options.scheduler), noise, cond, uncond,
-                   options.steps, options.guidance, cond_mask, uncond_mask, progress,
-                   cond_extra=extra, mask_guidance=mask_guidance, latent_range=bundle.latent_range)
+    conditions = batch_conditions(embeddings(captions), embeddings.unconditional(),
+                                  None if label_maps is None else label_maps.to(bundle.device),
+                                  all(c == embeddings.unconditional_caption for c in captions))
+    return denoise_seeds(unet, bundle_scheduler(bundle, options.scheduler), seeds, (channels, *latent_hw), conditions,
+                         options, bundle.device, bundle.latent_range, progress)
+
+
+def batch_conditions(text: tuple[torch.Tensor, torch.Tensor], unconditional: tuple[torch.Tensor, torch.Tensor],
+                     label_maps: Optional[torch.Tensor], text_is_unconditional: bool) -> Conditions:
+    """A batch's conditions from its captions' (states, mask), the unconditional caption's and its label maps.
+
+    With label maps and only the unconditional caption, the text is not guided (only the mask is: fewer
+    UNet calls).
+    """
+    if label_maps is not None and text_is_unconditional:
+        return Conditions(text[0], None, text[1], None, label_maps)
+    return Conditions(text[0], unconditional[0], text[1], unconditional[1], label_maps)
+
+
+def denoise_seeds(unet, scheduler, seeds: Sequence[int], latent_shape: Sequence[int], conditions: Conditions,
+                  options: SamplingOptions, device: torch.device | str, latent_range=None,
+                  progress: Optional[StepsDone] = None) -> torch.Tensor:
+    """Final latents of the items seeded ``seeds``: the one path from seeds to latents, shared by
+    generation and the sample grids of training. Each item's noise comes from its own CPU generator."""
+    generators = item_generators(seeds)
+    noise = _draw_noise(generators, latent_shape)
+    return denoise(unet, scheduler, noise.to(device), conditions, options, latent_range=latent_range,
+                   generators=generators, progress=progress)
 
 
 def conditioning_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
@@ -301,9 +357,7 @@ def generate_batches(
     bundle: Bundle,
     conditions: Sequence[str],
     seeds: Sequence[int],
-    steps: int = 50,
-    guidance: float = 1.5,
-    scheduler: str = "ddim",
+    options: Optional[SamplingOptions] = None,
     batch_size: Optional[int] = None,
     size: Optional[int | Size] = None,
     *,
@@ -311,26 +365,27 @@ def generate_batches(
     window_batch: int = DEFAULT_WINDOW_BATCH,
     overlap: Optional[int] = None,
     masks: Optional[Sequence[np.ndarray]] = None,
-    mask_guidance: float = DEFAULT_MASK_GUIDANCE,
 ) -> Iterator[Generated]:
     """:func:`generate`, one batch at a time (for writing images as they are made)."""
+    options = bundle.sampling if options is None else options
     conditions, seeds = list(conditions), [int(s) for s in seeds]
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one of each per image")
+    check_seeds(seeds)
     masks = None if masks is None else list(masks)
     if masks is not None and len(masks) != len(seeds):
         raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds; give one of each per image")
-    options = SamplingOptions(steps, guidance, scheduler, mask_guidance)
     check_caption_conditioning(bundle, conditions)
     if masks and size is None:
         size = tuple(np.shape(masks[0]))
-    out_size = as_size(size or bundle.image_size)
+    out_size = as_size(bundle.image_size if size is None else size)
     image_latent_size(bundle, out_size)  # refuse an impossible size, model or mask before any work
     if masks is not None:
         check_generation_masks(bundle, masks, out_size)
     batch = batch_size if batch_size is not None else min(DEFAULT_BATCH_SIZE, max(1, len(seeds)))
     if batch < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch}")
+    check_fits_in_memory(bundle, out_size, batch)
     if not seeds:
         return
     embeddings = embeddings or CaptionEmbeddings.for_bundle(bundle, conditions)
@@ -356,39 +411,47 @@ def generate(
     bundle: Bundle,
     conditions: Sequence[str],
     seeds: Sequence[int],
-    steps: int = 50,
-    guidance: float = 1.5,
-    scheduler: str = "ddim",
+    options: Optional[SamplingOptions] = None,
     batch_size: Optional[int] = None,
     device: Optional[str | torch.device] = None,
     size: Optional[int | Size] = None,
     progress: Optional[ImagesDone] = None,
     *,
     masks: Optional[Sequence[np.ndarray]] = None,
-    mask_guidance: float = DEFAULT_MASK_GUIDANCE,
 ) -> Generated:
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
-    ``conditions`` are captions (see :func:`canonical_caption`; pass them canonical). ``batch_size``
-    items share each UNet call (default: up to 8). ``device`` moves the bundle's networks first
-    (default: where the bundle is). ``size`` (px, or (height, width)) defaults to the model's patch
-    size, or the masks' size; larger images are denoised in blended windows. ``masks`` (one (H, W)
-    array of schema ids per image, all of one size) condition a mask-conditioned model.
+    ``conditions`` are captions (see :func:`canonical_caption`; pass them canonical). ``options``
+    default to the model's own (:attr:`Bundle.sampling`). ``batch_size`` items share each UNet call
+    (default: up to 8). ``device`` moves the bundle's networks first (default: where the bundle is).
+    ``size`` (px, or (height, width)) defaults to the model's patch size, or the masks' size; larger
+    images are denoised in blended windows. ``masks`` (one (H, W) array of schema ids per image, all
+    of one size) condition a mask-conditioned model.
     """
     if device is not None:
         move_bundle(bundle, pick_device(str(device)))
     images, records = [], []
     if masks is not None and size is None and len(masks):
         size = tuple(np.shape(masks[0]))
-    for part in generate_batches(bundle, conditions, seeds, steps, guidance, scheduler, batch_size, size,
-                                 masks=masks, mask_guidance=mask_guidance):
+    for part in generate_batches(bundle, conditions, seeds, options, batch_size, size, masks=masks):
         images.append(part.images)
         records += part.records
         if progress is not None:
             progress(len(part.records))
-    height, width = as_size(size or bundle.image_size)
+    height, width = as_size(bundle.image_size if size is None else size)
     stacked = np.concatenate(images) if images else np.zeros((0, height, width, 3), dtype=np.uint8)
     return Generated(stacked, records)
+
+
+#: seeds seed numpy's and torch's generators: whole numbers from 0 to 2^63 - 1
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_seeds(seeds: Sequence[int], what: str = "seed") -> None:
+    """Refuse seeds a generator cannot take (negative, or beyond 63 bits)."""
+    for seed in seeds:
+        if not 0 <= int(seed) <= MAX_SEED:
+            raise ConfigError(f"a {what} must be a whole number from 0 to {MAX_SEED}, got {seed}")
 
 
 def move_bundle(bundle: Bundle, device: torch.device) -> None:

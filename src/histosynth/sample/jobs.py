@@ -4,7 +4,7 @@ Layout of the output folder::
 
     manifest.json    the job (model id, captions, number of images, job seed, sampling options, size,
                      batch size) and one record per image: index, file, caption, seed, steps,
-                     guidance, scheduler, model id, size
+                     guidance, scheduler (and eta when not 0), model id, size
     00000.png ...    the images: plain RGB PNGs with no metadata (the record is in the manifest,
                      not in the image, which may be shown to survey raters)
 
@@ -60,6 +60,8 @@ from .generate import (
     ImagesDone,
     SamplingOptions,
     check_caption_conditioning,
+    check_fits_in_memory,
+    check_seeds,
     generate_batches,
     generation_record,
     image_latent_size,
@@ -135,6 +137,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"the number of images must be at least 1, got {self.n}")
+        check_seeds([self.seed], "job seed")
         if not self.captions:
             raise ConfigError("a job needs at least one caption")
         if self.masks and len(self.masks) != self.n:
@@ -154,6 +157,7 @@ class JobSpec:
             "steps": self.options.steps,
             "guidance": self.options.guidance,
             "scheduler": self.options.scheduler,
+            **({"eta": self.options.eta} if self.options.eta else {}),
             "height": self.size[0],
             "width": self.size[1],
             "batch_size": self.batch_size,
@@ -165,8 +169,7 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        options = SamplingOptions(data["steps"], data["guidance"], data["scheduler"],
-                                  data.get("mask_guidance", SamplingOptions.mask_guidance))
+        options = SamplingOptions.from_dict(data)
         masks = data.get("masks", [])
         return cls(data["model_id"], tuple(data["captions"]), data["n"], data["seed"], options,
                    (data["height"], data["width"]), data["batch_size"], tuple(m["digest"] for m in masks),
@@ -374,11 +377,10 @@ def run_job(
         spec = job.spec
         todo = [item for batch in batches for item in batch]
         made = generate_batches(
-            bundle, [item["caption"] for item in todo], [item["seed"] for item in todo],
-            spec.options.steps, spec.options.guidance, spec.options.scheduler,
+            bundle, [item["caption"] for item in todo], [item["seed"] for item in todo], spec.options,
             batch_size=spec.batch_size, size=spec.size,
             embeddings=CaptionEmbeddings.for_bundle(bundle, spec.captions),
-            masks=job.read_masks(todo) if spec.masks else None, mask_guidance=spec.options.mask_guidance,
+            masks=job.read_masks(todo) if spec.masks else None,
         )
         for items, result in zip(batches, made):
             wanted = [(item, image) for item, image in zip(items, result.images) if item["file"] in missing]
@@ -391,14 +393,15 @@ def run_job(
 
 
 def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Optional[int], seed: int,
-            options: SamplingOptions, size: Optional[int | Size] = None,
+            options: Optional[SamplingOptions] = None, size: Optional[int | Size] = None,
             batch_size: Optional[int] = None, masks: Optional[Sequence[ConditioningMask]] = None) -> Job:
     """Create (or resume) the job of ``n`` images of ``captions`` (cycled) from ``bundle`` in ``folder``.
 
     With ``masks``, one image per mask, of the masks' size (``n`` and ``size`` must be None or agree)
-    and the masks are stored in the folder. ``batch_size`` defaults to the batch size of the job
-    already in ``folder``, else 8.
+    and the masks are stored in the folder. ``options`` default to the model's own.
+    ``batch_size`` defaults to the batch size of the job already in ``folder``, else 8.
     """
+    options = bundle.sampling if options is None else options
     if masks is not None:
         mask_size = check_masks_fit(bundle, masks)
         if size is not None and as_size(size) != mask_size:
@@ -408,13 +411,14 @@ def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Opti
             raise ConfigError(f"one image is made per mask: {len(masks)} masks, but {n} images were asked for")
         size, n = mask_size, len(masks)
     check_caption_conditioning(bundle, captions)
-    size = as_size(size or bundle.image_size)
+    size = as_size(bundle.image_size if size is None else size)
     image_latent_size(bundle, size)  # an impossible size is refused before the folder is touched
     if batch_size is None:
         batch_size = _existing_batch_size(Path(folder)) or DEFAULT_BATCH_SIZE
     masks = list(masks or [])
     spec = JobSpec(bundle.id, tuple(captions), n if n is not None else len(captions), seed, options, size,
                    batch_size, tuple(m.digest for m in masks), tuple(m.source for m in masks))
+    check_fits_in_memory(bundle, size, spec.batch_size)
     job = Job.create_or_resume(folder, spec)
     job.write_masks(masks)
     return job

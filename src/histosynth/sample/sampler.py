@@ -11,13 +11,14 @@ zero-padded to a common length and masked, so they can share one UNet call.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..errors import ConfigError
 from ..models.latent_range import LatentRange, clamp_model_output
+from ..models.sampling import SamplingOptions
 
 #: called after each step with (steps done, number of steps)
 ProgressFn = Callable[[int, int], None]
@@ -69,35 +70,43 @@ def _all_tokens(context: torch.Tensor) -> torch.Tensor:
     return torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
 
 
-def guided_eps(
-    unet: UNet2DConditionModel,
-    x: torch.Tensor,
-    t: torch.Tensor | int,
-    cond: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: float,
-    cond_mask: Optional[torch.Tensor] = None,
-    uncond_mask: Optional[torch.Tensor] = None,
-    cond_extra: Optional[torch.Tensor] = None,
-    mask_guidance: float = 1.0,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Conditions:
+    """What a batch of B latents is conditioned on.
+
+    ``text`` (B, L, D) are the captions' token states; ``unconditional`` (B or 1, L', D) the empty
+    caption's, or None when the text is not guided (the caption is the unconditional one);
+    ``label_map`` (B, K, h, w) the label maps of a mask-conditioned model (channels concatenated to
+    the latent). The masks mark the tokens to attend to (None: all).
+    """
+
+    text: torch.Tensor
+    unconditional: Optional[torch.Tensor] = None
+    text_mask: Optional[torch.Tensor] = None
+    unconditional_mask: Optional[torch.Tensor] = None
+    label_map: Optional[torch.Tensor] = None
+
+
+def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int, conditions: Conditions,
+               guidance: float, mask_guidance: float = 1.0) -> torch.Tensor:
     """The classifier-free guided model output at one timestep.
 
     Text only: ``e(u) + g * (e(c) - e(u))`` with ``g = guidance``, ``c`` the caption's context and
-    ``u`` the unconditional one. With a label map ``M = cond_extra`` (channels concatenated to ``x``)
-    and ``m = mask_guidance``, the text is guided given the mask, and the mask against the null
-    (all-zero) map under the unconditional text::
+    ``u`` the unconditional one. With a label map ``M`` and ``m = mask_guidance``, the text is guided
+    given the mask, and the mask against the null (all-zero) map under the unconditional text::
 
         e(u, 0) + m * (e(u, M) - e(u, 0)) + g * (e(c, M) - e(u, M))
 
-    ``m == 1`` is plain text guidance with the mask on both sides (two predictions); ``uncond=None``
-    means the caption is the unconditional one (``c == u``), which leaves
+    ``m == 1`` is plain text guidance with the mask on both sides (two predictions); no
+    unconditional context means the caption is the unconditional one (``c == u``), which leaves
     ``e(u, 0) + m * (e(u, M) - e(u, 0))`` (two predictions); otherwise three. Only the predictions
     a formula needs are computed, in one UNet call on the stacked batch.
     """
+    cond, cond_mask, cond_extra = conditions.text, conditions.text_mask, conditions.label_map
+    uncond, uncond_mask = conditions.unconditional, conditions.unconditional_mask
     text_guided = uncond is not None and guidance != 1.0
     mask_guided = cond_extra is not None and mask_guidance != 1.0
-    # (name, context, its attention mask, extra channels) of each prediction needed
+    # (name, context, its attention mask, label map) of each prediction needed
     wanted = [("cond", cond, cond_mask, cond_extra)]
     if uncond is not None and (text_guided or mask_guided):
         wanted.insert(0, ("uncond", uncond, uncond_mask, cond_extra))
@@ -130,47 +139,37 @@ def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
     return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted))))
 
 
-def check_sampling_options(steps: int, guidance: float, mask_guidance: float = 1.0) -> None:
-    if steps < 1:
-        raise ConfigError(f"steps must be at least 1, got {steps}")
-    if guidance < 0:
-        raise ConfigError(f"guidance must be 0 or more (1 = no guidance), got {guidance}")
-    if mask_guidance < 0:
-        raise ConfigError(f"mask guidance must be 0 or more (1 = no guidance), got {mask_guidance}")
-
-
 @torch.no_grad()
 def denoise(
     unet: UNet2DConditionModel,
     scheduler,
     x_T: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    steps: int = 50,
-    guidance: float = 1.5,
-    cond_mask: Optional[torch.Tensor] = None,
-    uncond_mask: Optional[torch.Tensor] = None,
-    progress: Optional[ProgressFn] = None,
+    conditions: Conditions,
+    options: SamplingOptions,
     *,
-    cond_extra: Optional[torch.Tensor] = None,
-    mask_guidance: float = 1.0,
-    on_step: Optional[StepObserver] = None,
     latent_range: Optional[LatentRange] = None,
+    generators: Optional[Sequence[torch.Generator]] = None,
+    progress: Optional[ProgressFn] = None,
+    on_step: Optional[StepObserver] = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_T`` and return the final latents (the scheduler is reset).
 
-    ``cond`` is (B, L, D); ``uncond`` is (B or 1, L', D), typically the embedding of "", or None when
-    the text is not guided. ``cond_extra`` (B, K, h, w) is a label map (see :func:`guided_eps`).
-    With ``latent_range`` each step's predicted clean latent is clamped into it (see
-    :mod:`histosynth.models.latent_range`).
+    ``options`` give the steps, the guidance scales and DDIM's eta (the scheduler itself is made by
+    the caller, of ``options.scheduler``). With ``latent_range`` each step's predicted clean latent
+    is clamped into it (see :mod:`histosynth.models.latent_range`). With eta > 0, item i's step
+    noise is drawn from ``generators[i]`` (CPU generators keep it the same on every device).
     """
-    check_sampling_options(steps, guidance, mask_guidance)
-    scheduler.set_timesteps(steps, device=x_T.device)
+    scheduler.set_timesteps(options.steps, device=x_T.device)
+    step_noise: dict = {}
+    if options.eta:
+        if generators is None or len(generators) != x_T.shape[0]:
+            raise ValueError("sampling with eta > 0 needs one generator per item")
+        step_noise = {"eta": options.eta, "generator": list(generators)}
     x = x_T * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     for index, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(x, t)
-        eps = guided_eps(unet, model_in, t, cond, uncond, guidance, cond_mask, uncond_mask, cond_extra, mask_guidance)
+        eps = guided_eps(unet, model_in, t, conditions, options.guidance, options.mask_guidance)
         if latent_range is not None:
             # the clean latent is implied by the sample itself (x = sqrt(a) x0 + sqrt(1-a) eps), not by a
             # scheduler's scaled model input
@@ -178,7 +177,7 @@ def denoise(
                                      scheduler.config.prediction_type)
         if on_step is not None:
             on_step(index, int(t), x, eps)
-        x = scheduler.step(eps, t, x).prev_sample
+        x = scheduler.step(eps, t, x, **step_noise).prev_sample
         if progress is not None:
             progress(index + 1, len(timesteps))
     return x

@@ -44,6 +44,8 @@ from .generate import (
     DEFAULT_BATCH_SIZE,
     CaptionEmbeddings,
     SamplingOptions,
+    check_fits_in_memory,
+    check_seeds,
     generate_batches,
     generation_record,
     image_latent_size,
@@ -52,7 +54,7 @@ from .generate import (
     sample_latents,
 )
 from .jobs import item_seed
-from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile
+from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile, window_overlap
 
 MODES = ("stitched", "seamless")
 #: rows of latent pixels turned into label maps at a time (bounds the one-hot temporaries)
@@ -90,7 +92,7 @@ def synth_slide(
     mode: str = "seamless",
     mpp: Optional[float] = 0.5,
     seed: int = 0,
-    options: SamplingOptions = SamplingOptions(),
+    options: Optional[SamplingOptions] = None,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     window_batch: int = DEFAULT_WINDOW_BATCH,
@@ -104,11 +106,16 @@ def synth_slide(
     ``caption`` must be canonical (see :func:`histosynth.sample.generate.canonical_caption`). With
     ``mask_slide`` (seamless mode, a mask-conditioned model) the slide has the mask's size and
     follows it, ``size`` may be None, ``mpp`` None takes the mask slide's (else 0.5), and the mask
-    is written beside the slide (:func:`mask_path_for`).
+    is written beside the slide (:func:`mask_path_for`). ``options`` default to the model's own.
+    Every option is checked before any work.
     """
+    options = bundle.sampling if options is None else options
     out = Path(out)
     record_path = out.with_suffix(".json")
     check_slide_mode(mode)
+    check_seeds([seed])
+    if mpp is not None:
+        check_mpp(mpp)
     mask_out = mask_path_for(out) if mask_slide is not None else None
     existing = [p for p in (out, record_path, mask_out) if p is not None and p.exists()]
     if existing and not overwrite:
@@ -126,10 +133,15 @@ def synth_slide(
     if size is None:
         raise ConfigError("give the slide's size (or a mask slide to take it from)")
     mpp = 0.5 if mpp is None else mpp
-    if mpp <= 0:
-        raise ConfigError(f"microns per pixel must be positive, got {mpp}")
+    check_mpp(mpp)
     size = as_size(size)
     image_latent_size(bundle, size)  # refuses sizes the model cannot make, before any work
+    window_overlap(latent_geometry(bundle)[2], overlap)
+    for name, value in (("batch size", batch_size), ("window batch", window_batch)):
+        if value < 1:
+            raise ConfigError(f"the {name} must be at least 1, got {value}")
+    if mode == "seamless":  # the latent is whole, the image streams out in bands
+        check_fits_in_memory(bundle, size, whole_image=False)
     remove_partial_files(record_path)  # the slide's and mask's temporaries go as they are written again
     started = time.perf_counter()
     embeddings = CaptionEmbeddings.for_bundle(bundle, [caption])
@@ -183,6 +195,11 @@ def slide_label_map(mask: np.ndarray, bundle: Bundle) -> torch.Tensor:
     return torch.cat(bands, dim=-2)[None]
 
 
+def check_mpp(mpp: float) -> None:
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise ConfigError(f"microns per pixel must be a positive finite number, got {mpp}")
+
+
 def check_slide_mode(mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"unknown slide mode {mode!r}; use one of {', '.join(MODES)}")
@@ -201,8 +218,8 @@ def stitched_bands(bundle: Bundle, caption: str, size: Size, seed: int, options:
     patch = bundle.image_size
     rows, cols = math.ceil(size[0] / patch), math.ceil(size[1] / patch)
     seeds = [item_seed(seed, index) for index in range(rows * cols)]
-    batches = generate_batches(bundle, [caption] * len(seeds), seeds, options.steps, options.guidance,
-                               options.scheduler, batch_size=min(batch_size, len(seeds)), embeddings=embeddings)
+    batches = generate_batches(bundle, [caption] * len(seeds), seeds, options,
+                               batch_size=min(batch_size, len(seeds)), embeddings=embeddings)
     row_patches: list[np.ndarray] = []
     done = 0
     for batch in batches:

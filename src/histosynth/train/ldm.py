@@ -271,7 +271,7 @@ def check_controlnet_init(init: Optional[Path]) -> None:
     if init is None:
         raise ConfigError("--mask-branch controlnet trains a branch on a frozen text model: give that model "
                           "with --init TEXT_MODEL")
-    if read_bundle_config(init)["conditioning"].get("mask_channels", 0):
+    if read_bundle_config(init).conditioning.mask_channels:
         raise ModelError(f"--init {init} already reads masks; the ControlNet branch steers a text-only model: "
                          "give the text model (or use --mask-branch concat to fine-tune this one)")
 

@@ -17,8 +17,9 @@ from ..models.autoencoder import Autoencoder, decode_latents
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import counts_to_shares, ids_from_label_map
 from ..models.latent_range import LatentRange
+from ..models.sampling import SamplingOptions
 from ..presets import Preset
-from ..sample.sampler import denoise
+from ..sample.generate import batch_conditions, denoise_seeds
 from ..schema import ClassSchema
 from .cache import TrainingData
 
@@ -29,8 +30,9 @@ class SampleGrids(L.Callback):
     A text model draws the dataset's most frequent captions. A mask-conditioned model draws the
     first training patches' label maps (with their captions, if it reads text too) and shows each
     map above its image, in the schema's colours. The initial noise is the same at every grid (fixed
-    seeds), so successive grids show how the model changes, not the noise. With ``latent_range``
-    sampling clamps into it, as the finished model's will.
+    seeds), so successive grids show how the model changes, not the noise. The images are sampled as
+    ``generate`` samples them, with the preset's sampling options (``steps`` fewer, for speed) and
+    the default mask guidance; with ``latent_range`` sampling clamps into it, as the finished model's will.
     """
 
     def __init__(self, folder: Path, autoencoder: Autoencoder, data: TrainingData, every: int, preset: Preset,
@@ -40,9 +42,8 @@ class SampleGrids(L.Callback):
         self.latent_range = latent_range
         self.autoencoder = autoencoder
         self.every = every
-        self.guidance = preset.sampling.guidance
+        self.options = SamplingOptions.from_dict(preset.sampling.model_dump()).overridden(steps=steps)
         self.diffusion = preset.diffusion
-        self.steps = steps
         self.schema = schema
         self.label_maps: Optional[torch.Tensor] = None
         if data.label_counts is not None:
@@ -69,13 +70,13 @@ class SampleGrids(L.Callback):
     def grid(self, module: L.LightningModule) -> np.ndarray:
         unet = module.averaged_unet().to(module.device).eval()
         device = module.device
-        cond, cond_mask = (t.to(device) for t in self.embeddings.lookup(self.rows))
-        uncond, uncond_mask = (t.to(device) for t in self.embeddings.encode([UNCONDITIONAL_CAPTION]))
-        noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(i))
-                             for i in range(len(self.captions))]).to(device)
-        extra = None if self.label_maps is None else self.label_maps.to(device)
-        latents = denoise(unet, sampling_scheduler(self.diffusion), noise, cond, uncond, self.steps, self.guidance,
-                          cond_mask, uncond_mask, cond_extra=extra, latent_range=self.latent_range)
+        text = tuple(t.to(device) for t in self.embeddings.lookup(self.rows))
+        unconditional = tuple(t.to(device) for t in self.embeddings.encode([UNCONDITIONAL_CAPTION]))
+        maps = None if self.label_maps is None else self.label_maps.to(device)
+        conditions = batch_conditions(text, unconditional, maps, all(c == UNCONDITIONAL_CAPTION for c in self.captions))
+        latents = denoise_seeds(unet, sampling_scheduler(self.diffusion, self.options.scheduler),
+                                range(len(self.captions)), self.latent_shape, conditions, self.options, device,
+                                self.latent_range)
         images = to_uint8(decode_latents(self.autoencoder.to(device), latents))
         row = np.concatenate(list(images), axis=1)
         if self.label_maps is None or self.schema is None:
