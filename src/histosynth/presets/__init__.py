@@ -34,7 +34,8 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity passes every lower bound and NaN slips past checks written as "refuse if x < low".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_group_norm(channels: tuple[int, ...], groups: int) -> None:
