@@ -12,8 +12,9 @@ from typing import Optional
 
 from .errors import ConfigError, HistosynthError
 
-#: Seeds are fed to numpy's and torch's generators, which take integers in [0, 2**63).
-MAX_SEED = 2**63 - 1
+#: Largest seed a user may give: the range that every generator here accepts (numpy's, torch's,
+#: scikit-learn's random_state) is [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
 
 
 def finite_float(value: float, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
@@ -61,5 +62,5 @@ def positive_int(value: int, name: str, error: type[HistosynthError] = ConfigErr
 
 
 def seed(value: int, name: str = "--seed", error: type[HistosynthError] = ConfigError) -> int:
-    """A seed the random generators take: a whole number in [0, 2**63 - 1]."""
+    """A seed every random generator takes: a whole number in [0, 2**32 - 1]."""
     return int_at_least(value, name, 0, MAX_SEED, error=error)
