@@ -21,7 +21,7 @@ from ...schema import RENAL
 from ..dataset import Patch, PatchDataset, PatchDatasetWriter
 from ..masks import read_mask
 from ..pyramid import TileSource, write_pyramid_tiff
-from .generate import PhantomSlide, phantom_patch, phantom_patch_mask
+from .generate import PhantomSlide, check_phantom_settings, phantom_patch, phantom_patch_mask
 from .mixes import resolve_mix
 
 
@@ -120,8 +120,9 @@ def write_phantom_patches(out: str | Path, n: int, size: int = 256, seed: int = 
     """
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")
+    check_phantom_settings(size, seed, mpp)
     chosen = resolve_mix(mix)
-    slides = slides or min(n, 10, max(5, math.ceil(n / 25)))
+    slides = min(n, 10, max(5, math.ceil(n / 25))) if slides is None else slides
     if not 1 <= slides <= n:
         raise DataError(f"--slides must lie between 1 and the number of patches ({n}), got {slides}")
     splits = slide_splits(slides, val, test)
@@ -176,6 +177,7 @@ def write_phantom_masks(out: str | Path, n: int, size: int = 256, seed: int = 0,
     """
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")
+    check_phantom_settings(size, seed, mpp)
     out = Path(out)
     chosen = resolve_mix(mix)
     rows = []
