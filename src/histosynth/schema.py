@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, DataError
+from .validation import one_line
 
 RGB = tuple[int, int, int]
 
@@ -178,7 +179,7 @@ class ClassSchema(BaseModel):
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {one_line(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping with a 'classes' list at the top level")
         return cls.from_dict(data, source=str(path))

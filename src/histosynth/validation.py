@@ -64,3 +64,8 @@ def positive_int(value: int, name: str, error: type[HistosynthError] = ConfigErr
 def seed(value: int, name: str = "--seed", error: type[HistosynthError] = ConfigError) -> int:
     """A seed every random generator takes: a whole number in [0, 2**32 - 1]."""
     return int_at_least(value, name, 0, MAX_SEED, error=error)
+
+
+def one_line(message: object) -> str:
+    """A library's message (YAML's, JSON's) with its line breaks and indentation folded into spaces."""
+    return " ".join(str(message).split())

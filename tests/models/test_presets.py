@@ -109,3 +109,11 @@ def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, section, fiel
     with pytest.raises(ConfigError, match=rf"field '{section}.{field}': Input should be a finite number") as err:
         load_preset(path)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("unet: [\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(ParserError: ") as err:
+        load_preset(path)
+    assert "\n" not in str(err.value)
