@@ -268,3 +268,9 @@ def test_an_empty_out_folder_receives_the_model(blob_dataset, tmp_path):
     args[args.index("--steps") + 1] = "1"
     assert main(args) == 0
     assert load_bundle(out).image_size == 32
+
+
+def test_cache_refuses_a_negative_seed_before_encoding(blob_dataset, tmp_path, capsys):
+    assert main(["cache", str(blob_dataset.root), "--cache-dir", str(tmp_path / "cache"), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --seed must be at least 0, got -1\n"
+    assert not (tmp_path / "cache").exists()
