@@ -70,3 +70,15 @@ def test_the_library_functions_check_too():
         choose([1, 2, 3], 2, -1, "three")
     with pytest.raises(ConfigError, match="--folds must be at least 2, got 1"):
         evaluate_realism([], [], folds=1)
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ("0,-5", "each of --seeds must be at least 0, got -5"),
+    ("0,0", "--seeds '0,0' repeats a seed; a repeated seed repeats its runs exactly"),
+    ("99999999999999999999", "--seeds 99999999999999999999 asks for more than 1000 runs per split"),
+])
+def test_mix_seeds(tmp_path, capsys, seeds, message):
+    assert main(["experiment", "mix", "--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "synthetic"),
+                 "--out", str(tmp_path / "out"), "--seeds", seeds, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
