@@ -1,8 +1,8 @@
 """Checks of single numbers given by a user (options, config fields), each failing with one line.
 
-A NaN passes every ``<`` / ``>`` test a caller might write (all comparisons with it are false), and
-an infinity passes ``> 0``; either then travels far before something breaks, often after hours of
-work. These helpers refuse them where the number enters, naming the option or field.
+A NaN slips past every check written as "refuse if x < low" (each comparison with it is false),
+and an infinity passes "x > 0"; either then travels far before something breaks, often after hours
+of work. These helpers refuse them where the number enters, naming the option or field.
 """
 
 from __future__ import annotations

@@ -228,6 +228,7 @@ def realism(
 
     check_realism_options(folds, seed, bootstrap)
     _check_n_and_seed(n, seed)
+
     def images_of(source: Path, what: str, split: str | None = None):
         return load_images(choose(image_paths(source, split), n, seed, str(source)), what)
 

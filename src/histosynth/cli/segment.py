@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-
 if TYPE_CHECKING:
     from ..segment.segmenter import Segmenter
     from ..segment.training import SegmentTrainConfig
