@@ -15,8 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, DataError
+from .validation import one_line
 
 RGB = tuple[int, int, int]
+
+#: Largest raw id a label mask can hold (16-bit masks); 'remap' sources must lie in 0..MAX_RAW_ID.
+MAX_RAW_ID = 65535
 
 
 class ClassInfo(BaseModel):
@@ -39,7 +43,7 @@ class ClassInfo(BaseModel):
 class CaptionRules(BaseModel):
     """The caption template's free parts: the intro sentence and the level thresholds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     intro: str = "This image showcases various types of tissue structures found in renal tissue."
     medium_from: float = Field(0.2, gt=0, lt=1, description="prevalence at which 'low' becomes 'medium'")
@@ -57,7 +61,7 @@ class CaptionRules(BaseModel):
 class ClassSchema(BaseModel):
     """Ids, names, colours and caption rules of the classes a label mask can hold."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = "custom"
     classes: tuple[ClassInfo, ...] = Field(min_length=1)
@@ -82,6 +86,9 @@ class ClassSchema(BaseModel):
         unknown = sorted(set(self.uncaptioned_ids) - set(ids))
         if unknown:
             raise ValueError(f"uncaptioned_ids {unknown} are not ids of any class")
+        bad_sources = sorted(s for s in self.remap if not 0 <= s <= MAX_RAW_ID)
+        if bad_sources:
+            raise ValueError(f"remap sources {bad_sources} cannot occur in a mask: raw ids are 0-{MAX_RAW_ID}")
         bad_targets = sorted({t for t in self.remap.values() if t not in ids})
         if bad_targets:
             raise ValueError(f"remap targets {bad_targets} are not ids of any class")
@@ -126,7 +133,12 @@ class ClassSchema(BaseModel):
         raw = np.asarray(raw)
         if raw.ndim != 2:
             raise DataError(f"{source}: a label mask must be 2-D (H, W), got shape {raw.shape}")
-        if self.remap:
+        if raw.dtype == bool:  # a 1-bit image
+            raw = raw.astype(np.uint8)
+        if raw.dtype.kind not in "ui" or (raw.size and raw.min() < 0):
+            raise DataError(f"{source}: a label mask holds whole class ids from 0, got {raw.dtype} values; "
+                            "save it as an 8- or 16-bit greyscale PNG of ids")
+        if self.remap and raw.size:
             lut = np.arange(max(256, int(raw.max()) + 1), dtype=np.int64)
             for src, dst in self.remap.items():
                 if src < lut.size:
@@ -167,7 +179,7 @@ class ClassSchema(BaseModel):
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {one_line(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping with a 'classes' list at the top level")
         return cls.from_dict(data, source=str(path))
@@ -185,7 +197,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"field '{field}': {err['msg']}")
+        parts.append(f"field '{field}': {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

@@ -168,3 +168,98 @@ def test_bad_files_are_errors(tmp_path):
     other.write_text("x,y\n")
     with pytest.raises(DataError, match=r"unknown annotation format"):
         read_annotations(other)
+
+
+POLYGON = {"type": "Polygon", "coordinates": [square(0, 0, 8, 8)]}
+
+
+@pytest.mark.parametrize("text, message", [
+    # json reads NaN / Infinity literals; such a ring once rasterised into a class filling every patch
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
+     '"coordinates": [[[0, 0], [NaN, 0], [8, 8], [0, 8]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
+     r"feature 0: a Polygon has malformed coordinates \(a coordinate is NaN or infinite"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "MultiPolygon", '
+     '"coordinates": [[[[0, 0], [8, 0], [8, -Infinity], [0, 8]]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
+     r"feature 0: a MultiPolygon has malformed coordinates \(a coordinate is NaN or infinite"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
+     '"coordinates": [[[0, 0], [1e999, 0], [8, 8]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
+     r"a coordinate is NaN or infinite"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
+     '"coordinates": [[[0, 0], [1e300, 0], [8, 8]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
+     r"a coordinate lies beyond 2147483648 pixels"),
+])
+def test_non_finite_geojson_coordinates_are_refused_naming_file_and_feature(tmp_path, text, message):
+    path = tmp_path / "slide.geojson"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message) as err:
+        read_annotations(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity", "1e999"])
+def test_non_finite_asap_coordinates_are_refused_naming_file_and_annotation(tmp_path, value):
+    path = tmp_path / "slide.xml"
+    path.write_text(ASAP.format(outer="Glomeruli").replace('X="10" Y="10"', f'X="{value}" Y="10"'))
+    with pytest.raises(DataError, match=r"slide\.xml: annotation 0 \('Annotation 0'\) has malformed coordinates "
+                                        r"\(a coordinate is NaN or infinite") as err:
+        read_annotations(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"type": "FeatureCollection", "features": 5}, r"'features' must be a list of GeoJSON features, got int"),
+    ({"type": "FeatureCollection", "features": {"a": 1}}, r"'features' must be a list of GeoJSON features, got dict"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": "Polygon",
+                                                 "properties": {"classification": {"name": "Tubuli"}}}]},
+     r"feature 0 has a geometry of type str, not a GeoJSON geometry object"),
+    ({"type": "FeatureCollection", "features": [
+        qupath_feature("Tubuli", POLYGON),
+        {"type": "Feature", "id": "abc", "geometry": [[0, 0], [1, 1]], "properties": {}}]},
+     r"feature 1 \('abc'\) has a geometry of type list, not a GeoJSON geometry object"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": POLYGON, "properties": "Tubuli"}]},
+     r"feature 0 has 'properties' of type str, not an object"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": POLYGON,
+                                                 "properties": {"classification": {"name": 3}}}]},
+     r"feature 0 has a class name that is not text \(3\)"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": POLYGON,
+                                                 "properties": {"classification": 3}}]},
+     r"feature 0 has a class name that is not text \(3\)"),
+    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon"})]},
+     r"feature 0: a Polygon has malformed coordinates \('coordinates'\)"),
+    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": "0 0 8 8"})]},
+     r"feature 0: a Polygon has malformed coordinates"),
+    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": [[
+        ["0", "0"], ["8", "0"], ["8", "8"]]]})]},
+     r"feature 0: a Polygon has malformed coordinates \(a ring must be a list of \[x, y\] number pairs\)"),
+    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "GeometryCollection",
+                                                                          "geometries": "abc"})]},
+     r"feature 0: a GeometryCollection has malformed coordinates \('geometries' must be a list\)"),
+    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "GeometryCollection",
+                                                                          "geometries": ["abc"]})]},
+     r"feature 0 has a geometry of type str"),
+    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "MultiPolygon",
+                                                                          "coordinates": 7})]},
+     r"feature 0: a MultiPolygon has malformed coordinates"),
+])
+def test_malformed_geojson_structures_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.geojson"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=message) as err:
+        read_annotations(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_deeply_nested_json_is_a_data_error(tmp_path):
+    path = tmp_path / "deep.geojson"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError, match=r"deep\.geojson: not valid JSON \(nested too deeply\)"):
+        read_annotations(path)
+
+
+def test_features_without_properties_or_geometry_still_read(tmp_path):
+    path = write_geojson(tmp_path / "ok.geojson", [
+        qupath_feature("Tubuli", POLYGON),
+        {"type": "Feature", "geometry": None, "properties": {"classification": {"name": "Tubuli"}}},
+    ])
+    (annotation,) = read_annotations(path)
+    assert annotation.class_id == 3 and annotation.exterior.shape == (5, 2)

@@ -305,3 +305,33 @@ def test_a_phantom_dataset_that_finished_no_slide_binds_no_recipe(tmp_path):
     assert main(["phantom", "patches", "--out", str(tmp_path / "ds"), "--n", "2", "--size", "64", "--seed", "5",
                  "--no-progress"]) == 0
     assert open_dataset(tmp_path / "ds").info["seed"] == 5
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("patches", ["--seed", "-1"], "a seed must be a whole number >= 0, got -1"),
+    ("masks", ["--seed", "-1"], "a seed must be a whole number >= 0, got -1"),
+    ("patches", ["--slides", "0"], "--slides must lie between 1 and the number of patches (2), got 0"),
+    ("patches", ["--size", "0"], "size must be a whole number of pixels >= 16, got 0"),
+    ("masks", ["--mpp", "nan"], "microns per pixel must lie between 0.05 and 4, got nan"),
+])
+def test_cli_refuses_impossible_numbers_before_writing(tmp_path, capsys, command, extra, message):
+    out = tmp_path / "out"
+    assert main(["phantom", command, "--out", str(out), "--n", "2", "--size", "32", "--no-progress", *extra]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mpp", "nan"], "--mpp must be a finite number, got nan"),
+    (["--mpp", "inf"], "--mpp must be a finite number, got inf"),
+    (["--mpp", "0"], "--mpp must be above 0, got 0.0"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+])
+def test_stamp_refuses_impossible_numbers(tmp_path, capsys, extra, message):
+    mask = tmp_path / "m.png"
+    from histosynth.io import write_png_atomic
+
+    write_png_atomic(mask, np.full((32, 32), 6, np.uint8))
+    assert main(["phantom", "stamp", str(mask), "--add", "Glomeruli=1", "--out", str(tmp_path / "out"), *extra]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()

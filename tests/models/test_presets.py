@@ -89,3 +89,31 @@ def test_image_size_must_fit_the_networks(tmp_path):
 def test_unknown_preset_name_lists_the_choices():
     with pytest.raises(ConfigError, match="unknown preset 'huge': give one of pathldm, small, tiny or a preset YAML file"):
         load_preset("huge")
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("training", "lr", ".inf"),
+    ("training", "weight_decay", ".inf"),
+    ("training", "ema_decay", ".nan"),
+    ("sampling", "guidance", ".inf"),
+    ("sampling", "guidance", ".nan"),
+    ("autoencoder", "latent_scale", ".inf"),
+    ("diffusion", "beta_start", ".nan"),
+])
+def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, section, field, value):
+    path = tmp_path / "p.yaml"
+    data = _tiny_dict()
+    data[section][field] = "__VALUE__"
+    # YAML's own spellings of NaN and infinity, as a user's file would hold them
+    path.write_text(yaml.safe_dump(data).replace("__VALUE__", value))
+    with pytest.raises(ConfigError, match=rf"field '{section}.{field}': Input should be a finite number") as err:
+        load_preset(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("unet: [\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(ParserError: ") as err:
+        load_preset(path)
+    assert "\n" not in str(err.value)

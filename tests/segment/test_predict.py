@@ -10,7 +10,8 @@ from torch import nn
 from histosynth.errors import DataError, ModelError
 from histosynth.schema import RENAL
 from histosynth.data.images import list_images
-from histosynth.segment.predict import class_mask, predict_image, predict_images
+from histosynth.errors import ConfigError
+from histosynth.segment.predict import class_mask, images_to_segment, predict_image, predict_images
 from histosynth.segment.segmenter import Segmenter
 from histosynth.io import write_png_atomic
 
@@ -94,3 +95,45 @@ def test_list_images_finds_images_in_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
         list_images([tmp_path / "empty"])
+
+
+def test_images_in_sub_folders_are_found_and_their_labels_mirror_the_folders(tmp_path):
+    images = tmp_path / "DS" / "images"
+    for name in ("s1/a.png", "s1/b.jpg", "s2/a.png", "s2/deeper/c.png", ".hidden/d.png", "s2/.e.png"):
+        write_png_atomic(images / name, random_image(8, 8))
+    found = images_to_segment([images])
+    assert [(str(i.relative_to(images)), str(t)) for i, t in found] == [
+        ("s1/a.png", "s1/a.png"), ("s1/b.jpg", "s1/b.png"), ("s2/a.png", "s2/a.png"),
+        ("s2/deeper/c.png", "s2/deeper/c.png")]
+    # a patch dataset is read through its images/ folder (never its masks/)
+    (tmp_path / "DS" / "dataset.json").write_text("{}")
+    write_png_atomic(tmp_path / "DS" / "masks" / "s1" / "a.png", np.zeros((8, 8), np.uint8))
+    assert images_to_segment([tmp_path / "DS"]) == found
+    # the output folder, even inside the searched one, is never segmented again
+    write_png_atomic(images / "labels" / "s1" / "a.png", np.zeros((8, 8), np.uint8))
+    assert images_to_segment([images], exclude=images / "labels") == found
+
+
+def test_images_that_would_share_a_label_file_are_refused(tmp_path):
+    for folder in ("x", "y"):
+        write_png_atomic(tmp_path / folder / "s1" / "a.png", random_image(8, 8))
+    with pytest.raises(DataError, match=r"x/s1/a\.png and .*y/s1/a\.png would both be written as s1/a\.png"):
+        images_to_segment([tmp_path / "x", tmp_path / "y"])
+    write_png_atomic(tmp_path / "a.jpg", random_image(8, 8))
+    with pytest.raises(DataError, match=r"would both be written as a\.png"):
+        images_to_segment([tmp_path / "a.jpg", tmp_path / "x" / "s1" / "a.png"])
+    with pytest.raises(DataError, match=r"missing does not exist"):
+        images_to_segment([tmp_path / "missing"])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no images .* found in .*empty or its sub-folders"):
+        images_to_segment([tmp_path / "empty"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tile": 0}, "--tile must be at least 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"coverage": "most"}, "unknown coverage 'most'"),
+])
+def test_prediction_options_are_checked_before_any_window_runs(options, message):
+    with pytest.raises(ConfigError, match=message):
+        predict_images(red_segmenter(), [random_image(8, 8)], **options)

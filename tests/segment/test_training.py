@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -240,3 +241,48 @@ def test_segment_commands_refuse_bad_input(toy, toy_dataset, multiclass_folder, 
     assert main(["segment", "predict", str(image), "--segmenter", str(multiclass_folder), "--out",
                  str(tmp_path / "p"), "--coverage", "most", "--no-progress"]) == 2
     assert "unknown coverage 'most'" in capsys.readouterr().err
+
+
+def test_segment_predict_takes_a_dataset_or_its_images_folder_with_slide_sub_folders(multiclass_folder, toy_dataset,
+                                                                                      tmp_path, capsys):
+    import shutil
+
+    rows = toy_dataset.manifest.groupby("slide").head(1).head(2)
+    copy = tmp_path / "DS"
+    for relative in rows["image"]:
+        (copy / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(toy_dataset.root / relative, copy / relative)
+    shutil.copy(toy_dataset.root / "dataset.json", copy / "dataset.json")
+    assert main(["segment", "predict", *[str(toy_dataset.root / p) for p in rows["image"]], "--segmenter",
+                 str(multiclass_folder), "--out", str(tmp_path / "files"), "--no-progress"]) == 0
+    for given in (copy, copy / "images"):
+        out = tmp_path / f"from-{given.name}"
+        assert main(["segment", "predict", str(given), "--segmenter", str(multiclass_folder), "--out", str(out),
+                     "--no-progress"]) == 0
+        assert "segmented 2 images" in capsys.readouterr().out
+        written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+        assert written == sorted(str(Path(p).relative_to("images")) for p in rows["image"])
+        for relative in written:
+            np.testing.assert_array_equal(np.array(Image.open(out / relative)),
+                                          np.array(Image.open(tmp_path / "files" / Path(relative).name)))
+
+
+def test_segment_predict_checks_its_options_before_loading_the_segmenter(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert main(["segment", "predict", str(image), "--segmenter", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "p"), "--tile", "0"]) == 2
+    assert capsys.readouterr().err == "error: --tile must be at least 1, got 0\n"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "learning_rate: Input should be a finite number"),
+    ("--dice-weight", "inf", "dice_weight: Input should be a finite number"),
+    ("--seed", "-1", "seed: Input should be greater than or equal to 0"),
+    ("--input-size", "-4", "input_size: Input should be greater than or equal to 1"),
+])
+def test_segment_train_refuses_non_finite_and_negative_options(toy_dataset, tmp_path, capsys, option, value, message):
+    assert main(["segment", "train", str(toy_dataset.root), "--out", str(tmp_path / "s"), option, value,
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: bad training option ({message})\n"
+    assert not (tmp_path / "s").exists()

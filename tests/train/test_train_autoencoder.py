@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from histosynth.cli import main
@@ -42,4 +43,26 @@ def test_an_existing_output_is_never_overwritten(blob_dataset, tmp_path, capsys)
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main(["train-autoencoder", str(blob_dataset.root), "--out", str(out), "--steps", "1"]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    assert "exists and is not an empty folder" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "inf", "--lr must be a finite number, got inf"),
+    ("--lr", "-1", "--lr must be above 0, got -1.0"),
+    ("--seed", "-1", "--seed must be at least 0, got -1"),
+    ("--workers", "-2", "--workers must be at least 0, got -2"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+])
+def test_impossible_numbers_are_refused_before_anything_is_written(blob_dataset, tmp_path, capsys, option, value,
+                                                                   message):
+    args = ["train-autoencoder", str(blob_dataset.root), "--out", str(tmp_path / "ae"), "--steps", "1", option, value]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_path_that_is_a_file_is_refused(blob_dataset, tmp_path, capsys):
+    out = tmp_path / "ae"
+    out.write_text("mine")
+    assert main(["train-autoencoder", str(blob_dataset.root), "--out", str(out), "--steps", "1"]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err and out.read_text() == "mine"

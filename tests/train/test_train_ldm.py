@@ -217,3 +217,60 @@ def test_init_from_a_bundle_of_another_shape_is_refused(straight_run, tmp_path, 
 
 def test_training_errors_are_histosynth_errors():
     assert issubclass(TrainingStopped, HistosynthError)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "--lr must be a finite number, got nan"),
+    ("--lr", "inf", "--lr must be a finite number, got inf"),
+    ("--lr", "0", "--lr must be above 0, got 0.0"),
+    ("--mask-dropout", "nan", "--mask-dropout must be a finite number, got nan"),
+    ("--mask-dropout", "1.5", "--mask-dropout must be at most 1, got 1.5"),
+    ("--seed", "-1", "--seed must be at least 0, got -1"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--warmup-steps", "-1", "--warmup-steps must be at least 0, got -1"),
+    ("--workers", "-1", "--workers must be at least 0, got -1"),
+    ("--sample-every", "-5", "--sample-every must be at least 0, got -5"),
+    ("--num-nodes", "0", "--num-nodes must be at least 1, got 0"),
+])
+def test_impossible_numbers_are_refused_before_anything_is_written(blob_dataset, tmp_path, capsys, option, value,
+                                                                   message):
+    args = train_args(blob_dataset.root, tmp_path / "model", "--cache-dir", str(tmp_path / "cache"))
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_out_folder_that_is_not_a_model_is_refused_before_training(dataset_copy, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    started = time.perf_counter()
+    assert main(train_args(dataset_copy, out)) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} exists and is not a model folder (no histosynth.json); "
+                                       "choose a new or empty folder, or an older model folder to replace\n")
+    assert time.perf_counter() - started < 5
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "results.run").exists() and not (dataset_copy / "cache").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(train_args(dataset_copy, tmp_path / "file")) == 2
+    assert "--out " + str(tmp_path / "file") + " is a file, not a model folder" in capsys.readouterr().err
+
+
+def test_an_empty_out_folder_receives_the_model(blob_dataset, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    args = train_args(blob_dataset.root, out, "--cache-dir", str(tmp_path / "cache"))
+    args[args.index("--steps") + 1] = "1"
+    assert main(args) == 0
+    assert load_bundle(out).image_size == 32
+
+
+def test_cache_refuses_a_negative_seed_before_encoding(blob_dataset, tmp_path, capsys):
+    assert main(["cache", str(blob_dataset.root), "--cache-dir", str(tmp_path / "cache"), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --seed must be at least 0, got -1\n"
+    assert not (tmp_path / "cache").exists()

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .. import validation
 from ..errors import ConfigError
 from .common import SchemaOption, schema_from_option
 from .segment import (
@@ -71,6 +72,8 @@ def captions(
     if (images is None) == (model is None):
         raise ConfigError("give either --images DIR (generated images) or --model DIR (generate them now)")
     check_coverage(coverage)
+    _check_n_and_seed(n, seed)
+    validation.positive_int(batch_size, "--batch-size")
     seg = Segmenter.load(segmenter)
     class_schema = seg.schema if schema is None else schema_from_option(schema)
     seg.check_schema(class_schema, f"schema {schema}" if schema else "the evaluation")
@@ -154,6 +157,12 @@ def masks(
         raise ConfigError(f"{images} is not a generation job: give the masks of its images with --mask DIR "
                           "or --masks-from DATASET")
     check_coverage(coverage)
+    _check_n_and_seed(n, seed)
+    validation.positive_int(steps, "--steps")
+    validation.finite_float(guidance, "--guidance", low=0)
+    validation.finite_float(mask_guidance, "--mask-guidance", low=0)
+    validation.share(min_share, "--min-share")
+    validation.positive_int(batch_size, "--batch-size")
     seg = Segmenter.load(segmenter)
     segment = segmenter_function(seg, coverage, device, batch_size, progress)
     job = images
@@ -197,6 +206,7 @@ def select_pairs(
     from ..segment.segmenter import Segmenter
 
     check_coverage(coverage)
+    validation.positive_int(batch_size, "--batch-size")
     check_output_folder(out)
     candidates = read_candidates(jobs)
     seg = Segmenter.load(segmenter)
@@ -221,7 +231,10 @@ def realism(
 ) -> None:
     """Classifier two-sample test (ROC AUC), FID/KID with your extractor, and a memorisation check."""
     from ..evaluate.images import choose, image_paths, load_images
-    from ..evaluate.realism import evaluate_realism, load_feature_extractor, write_realism_report
+    from ..evaluate.realism import check_realism_options, evaluate_realism, load_feature_extractor, write_realism_report
+
+    check_realism_options(folds, seed, bootstrap)
+    _check_n_and_seed(n, seed)
 
     def images_of(source: Path, what: str, split: str | None = None):
         return load_images(choose(image_paths(source, split), n, seed, str(source)), what)
@@ -280,6 +293,12 @@ def mix(
     for _, row in result.final_table().iterrows():
         typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
     typer.echo(f"wrote {path}")
+
+
+def _check_n_and_seed(n: Optional[int], seed: int) -> None:
+    from ..evaluate.images import check_choice
+
+    check_choice(n, seed)
 
 
 def check_coverage(coverage: str) -> None:

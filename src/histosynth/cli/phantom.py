@@ -104,14 +104,15 @@ def stamp(
 ) -> None:
     """Edit label masks: draw phantom-sized structures onto their tissue (e.g. add glomeruli to a real layout)."""
     from ..data.phantom.stamp import parse_additions, write_stamped_masks
+    from .. import validation
     from ..errors import ConfigError
     from ..schema import RENAL
     from .generate import masks_from_options
 
     if (masks is None) == (masks_from is None):
         raise ConfigError("give the masks to edit: a file or folder (MASKS), or --masks-from DATASET")
-    if mpp <= 0:
-        raise ConfigError(f"--mpp must be positive, got {mpp}")
+    validation.positive_float(mpp, "--mpp")
+    validation.seed(seed)
     additions = parse_additions(add, RENAL)
     chosen = masks_from_options(RENAL, masks, masks_from, split, n, seed)
     table, placed, asked = write_stamped_masks([(m.name, m.source, m.mask) for m in chosen], additions, out,

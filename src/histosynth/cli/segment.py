@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from ..errors import DataError
-
 if TYPE_CHECKING:
     from ..segment.segmenter import Segmenter
     from ..segment.training import SegmentTrainConfig
@@ -89,7 +87,8 @@ def _label_name(segmenter: Segmenter, label: int) -> str:
 
 
 def predict(
-    images: list[Path] = typer.Argument(..., help="images and/or folders of images"),
+    images: list[Path] = typer.Argument(..., help="images, folders of images (searched with their sub-folders) "
+                                        "or patch datasets"),
     segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder"),
     out: Path = typer.Option(..., "--out", help="folder for the label PNGs"),
     class_name: Optional[str] = typer.Option(None, "--class", help="write a 0/1 mask of this class only"),
@@ -100,28 +99,26 @@ def predict(
     preview: bool = typer.Option(False, "--preview", help="also write colour pictures of the labels"),
     progress: bool = ProgressOption,
 ) -> None:
-    """Segment images of any size; writes one label PNG (schema ids, or 0/1) per image."""
+    """Segment images of any size; writes one label PNG (schema ids, or 0/1) per image, in sub-folders
+    mirroring those of the images."""
     from ..io import write_png_atomic
-    from ..data.images import list_images
-    from ..segment.predict import class_mask, predict_images, read_rgb
+    from ..segment.predict import check_prediction_options, class_mask, images_to_segment, predict_images, read_rgb
     from ..segment.segmenter import Segmenter
 
+    check_prediction_options(coverage, tile, batch_size)
+    found = images_to_segment(images, exclude=out)
+    paths = [image for image, _ in found]
     model = Segmenter.load(segmenter)
-    paths = list_images(images)
-    stems = [p.stem for p in paths]
-    repeated = sorted({s for s in stems if stems.count(s) > 1})
-    if repeated:
-        raise DataError(f"several images are named {repeated}; their label files would overwrite each other")
     if class_name is not None:
         model.schema.id_of(class_name)
     labels_iter = predict_images(model, (read_rgb(p) for p in paths), coverage=coverage, tile=tile,
                                  batch_size=batch_size, device=device, progress=progress, total=len(paths))
-    for path, labels in zip(paths, labels_iter):
+    for (_, target), labels in zip(found, labels_iter):
         if class_name is not None:
             labels = class_mask(model, labels, class_name)
-        write_png_atomic(out / f"{path.stem}.png", labels)
+        write_png_atomic(out / target, labels)
         if preview:
             binary = class_name is not None or model.binary
             picture = labels * 255 if binary else model.schema.colorize(labels)
-            write_png_atomic(out / "preview" / f"{path.stem}.png", picture.astype("uint8"))
+            write_png_atomic(out / "preview" / target, picture.astype("uint8"))
     typer.echo(f"segmented {len(paths)} images with the {model.describe()} into {out}")

@@ -12,7 +12,6 @@ from typing import Iterator, Optional
 
 import typer
 
-from ..errors import ConfigError
 from ..terminal import quiet_lightning
 
 PresetOption = typer.Option("tiny", "--preset", help="model preset: tiny, small, pathldm, or a preset YAML file")
@@ -125,7 +124,6 @@ def train_command(
     from ..train.ldm import TrainOptions, train_ldm
     from ..train.runtime import DeviceOptions
 
-    _check_positive(steps=steps, checkpoint_every=checkpoint_every, log_every=log_every)
     options = TrainOptions(
         dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, precision=precision, resume=resume, init=init, autoencoder=autoencoder,
@@ -167,7 +165,6 @@ def train_autoencoder_command(
     from ..train.autoencoder import AutoencoderTrainOptions, train_autoencoder
     from ..train.runtime import DeviceOptions
 
-    _check_positive(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every)
     options = AutoencoderTrainOptions(
         dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
         precision=precision, init=init, resume=resume, seed=seed, checkpoint_every=checkpoint_every,
@@ -179,12 +176,6 @@ def train_autoencoder_command(
     if result.main_process:
         typer.echo(f"held-out reconstruction ({result.held_out} patches): PSNR {result.psnr:.2f} dB, "
                    f"SSIM {result.ssim:.4f} after {result.steps} steps; autoencoder folder {result.folder}")
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def _command_line() -> str:

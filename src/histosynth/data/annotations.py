@@ -27,6 +27,10 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..schema import RENAL, ClassSchema
 
+#: Largest |x| or |y| accepted, in level-0 pixels: far beyond any slide, small enough that the
+#: scanline arithmetic stays exact.
+MAX_COORDINATE = 2**31
+
 #: Scanline rows rasterised at once, bounded so (rows x edges) float arrays stay small.
 _ROW_BUDGET = 4_000_000
 
@@ -89,46 +93,100 @@ def _with_class(path: Path, schema: ClassSchema, name: str | None, rings: list[n
 def _qupath_polygons(path: Path) -> Iterator[tuple[str | None, list[np.ndarray]]]:
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); re-export it from QuPath as GeoJSON") from None
-    features = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" \
-        else data if isinstance(data, list) else [data]
-    for feature in features:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise DataError(f"{path}: not valid JSON ({reason}); re-export it from QuPath as GeoJSON") from None
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features", [])
+        if not isinstance(features, list):
+            raise DataError(f"{path}: 'features' must be a list of GeoJSON features, got "
+                            f"{type(features).__name__}; re-export it from QuPath as GeoJSON")
+    else:
+        features = data if isinstance(data, list) else [data]
+    for index, feature in enumerate(features):
+        where = _feature_label(feature, index)
         if not isinstance(feature, dict) or "geometry" not in feature:
-            raise DataError(f"{path}: expected GeoJSON features with a 'geometry'; re-export it from QuPath as GeoJSON")
-        name = _qupath_class_name(feature.get("properties") or {})
-        for rings in _polygons_of(feature["geometry"] or {}, path):
+            raise DataError(f"{path}: {where} is not a GeoJSON feature with a 'geometry'; "
+                            "re-export it from QuPath as GeoJSON")
+        name = _qupath_class_name(feature.get("properties"), path, where)
+        for rings in _polygons_of(feature["geometry"], path, where):
             yield name, rings
 
 
-def _qupath_class_name(properties: dict[str, Any]) -> str | None:
+def _feature_label(feature: Any, index: int) -> str:
+    """'feature 3' or 'feature 3 (id ...)', as a user finds it again in the file."""
+    label = f"feature {index}"
+    if isinstance(feature, dict):
+        ident = feature.get("id")
+        if ident is None and isinstance(feature.get("properties"), dict):
+            ident = feature["properties"].get("name")
+        if isinstance(ident, (str, int)) and not isinstance(ident, bool):
+            label += f" ({str(ident)[:60]!r})"
+    return label
+
+
+def _qupath_class_name(properties: Any, path: Path, where: str) -> str | None:
+    if properties is None:
+        return None
+    if not isinstance(properties, dict):
+        raise DataError(f"{path}: {where} has 'properties' of type {type(properties).__name__}, not an object; "
+                        "re-export it from QuPath as GeoJSON")
     classification = properties.get("classification")
-    if isinstance(classification, dict):
-        return classification.get("name")
-    return classification if isinstance(classification, str) else None
+    name = classification.get("name") if isinstance(classification, dict) else classification
+    if name is None or isinstance(name, str):
+        return name
+    raise DataError(f"{path}: {where} has a class name that is not text ({name!r}); "
+                    "classify it with a class name of the schema")
 
 
-def _polygons_of(geometry: dict[str, Any], path: Path) -> Iterator[list[np.ndarray]]:
+def _polygons_of(geometry: Any, path: Path, where: str) -> Iterator[list[np.ndarray]]:
     """Polygons (exterior + holes) of a geometry; points and lines carry no area and are skipped."""
+    if geometry is None:
+        return
+    if not isinstance(geometry, dict):
+        raise DataError(f"{path}: {where} has a geometry of type {type(geometry).__name__}, not a GeoJSON "
+                        "geometry object; re-export it from QuPath as GeoJSON")
     kind = geometry.get("type")
     try:
         if kind == "Polygon":
-            yield [_ring(r) for r in geometry["coordinates"]]
+            yield _polygon(geometry["coordinates"])
         elif kind == "MultiPolygon":
-            for polygon in geometry["coordinates"]:
-                yield [_ring(r) for r in polygon]
+            polygons = geometry["coordinates"]
+            if not isinstance(polygons, list):
+                raise ValueError("MultiPolygon coordinates must be a list of polygons")
+            for polygon in polygons:
+                yield _polygon(polygon)
         elif kind == "GeometryCollection":
-            for part in geometry.get("geometries", []):
-                yield from _polygons_of(part, path)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise DataError(f"{path}: a {kind} has malformed coordinates ({exc})") from None
+            parts = geometry.get("geometries", [])
+            if not isinstance(parts, list):
+                raise ValueError("'geometries' must be a list")
+            for part in parts:
+                yield from _polygons_of(part, path, where)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise DataError(f"{path}: {where}: a {kind} has malformed coordinates ({exc})") from None
+
+
+def _polygon(rings: Any) -> list[np.ndarray]:
+    if not isinstance(rings, list) or not rings:
+        raise ValueError("a polygon must be a non-empty list of rings")
+    return [_ring(r) for r in rings]
 
 
 def _ring(coordinates: Any) -> np.ndarray:
+    if not isinstance(coordinates, (list, tuple)) or any(
+            not isinstance(point, (list, tuple)) or
+            any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in point)
+            for point in coordinates):
+        raise ValueError("a ring must be a list of [x, y] number pairs")
     ring = np.asarray(coordinates, dtype=np.float64)
     if ring.ndim != 2 or ring.shape[0] < 3 or ring.shape[1] < 2:
         raise ValueError(f"a ring needs at least 3 (x, y) points, got shape {ring.shape}")
-    return ring[:, :2]
+    ring = ring[:, :2]
+    if not np.isfinite(ring).all():
+        raise ValueError("a coordinate is NaN or infinite; every x and y must be a finite number of pixels")
+    if np.abs(ring).max() > MAX_COORDINATE:
+        raise ValueError(f"a coordinate lies beyond {MAX_COORDINATE} pixels, farther than any slide reaches")
+    return ring
 
 
 # --- ASAP XML -------------------------------------------------------------------------------
@@ -143,7 +201,7 @@ def _asap_polygons(path: Path) -> Iterator[tuple[str | None, list[np.ndarray]]]:
         raise DataError(f"{path}: not valid XML ({exc}); re-export it from ASAP") from None
     if root.tag != "ASAP_Annotations":
         raise DataError(f"{path}: not an ASAP annotation file (root element <{root.tag}>)")
-    for element in root.iter("Annotation"):
+    for index, element in enumerate(root.iter("Annotation")):
         if element.get("Type", "Polygon").lower() not in _ASAP_AREA_TYPES:
             continue
         group = element.get("PartOfGroup")
@@ -155,7 +213,8 @@ def _asap_polygons(path: Path) -> Iterator[tuple[str | None, list[np.ndarray]]]:
             )
             yield name, [_ring([(x, y) for _, x, y in points])]
         except (TypeError, ValueError) as exc:
-            raise DataError(f"{path}: annotation {element.get('Name')!r} has malformed coordinates ({exc})") from None
+            raise DataError(f"{path}: annotation {index} ({element.get('Name')!r}) has malformed coordinates "
+                            f"({exc})") from None
 
 
 # --- rasterisation --------------------------------------------------------------------------

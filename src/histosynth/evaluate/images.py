@@ -15,6 +15,7 @@ import pandas as pd
 from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import open_dataset
 from ..errors import DataError
+from .. import validation
 from ..data.images import list_images
 from ..segment.predict import read_rgb
 
@@ -40,8 +41,16 @@ def image_paths(source: str | Path, split: str | None = None) -> list[Path]:
     return list_images([source])
 
 
+def check_choice(n: int | None, seed: int) -> None:
+    """--n (when given) of at least 1 and a usable --seed."""
+    if n is not None:
+        validation.positive_int(n, "--n")
+    validation.seed(seed)
+
+
 def choose(items: Sequence[T], n: int | None, seed: int, what: str) -> list[T]:
     """`n` of the items, drawn with a seed and kept in order (all for None); fewer is an error."""
+    check_choice(n, seed)
     if n is None:
         return list(items)
     if n > len(items):

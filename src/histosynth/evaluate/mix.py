@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from ..data.dataset import PatchDataset
+from .. import validation
 from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..io import atomic_path, write_json_atomic
 from ..segment.data import PatchRows
@@ -301,14 +302,29 @@ def _final_figure(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+#: Most seeds an experiment may run per split.
+MAX_SEED_COUNT = 1000
+
+
 def mix_config(splits: str | None, seeds: int | str, n: int | None, train: SegmentTrainConfig) -> MixConfig:
     """A MixConfig from command-line text: splits '100_0,50_50' (default all), seeds '3' (0, 1, 2)
     or '0,5,7'."""
     seed_text = str(seeds)
     try:
-        seed_list = tuple(range(int(seed_text))) if "," not in seed_text else tuple(int(s) for s in seed_text.split(","))
+        if "," in seed_text:
+            seed_list = tuple(int(s) for s in seed_text.split(","))
+        else:
+            count = int(seed_text)
+            if count > MAX_SEED_COUNT:  # (a typo such as 30000000 would otherwise fill the memory)
+                raise ConfigError(f"--seeds {count} asks for more than {MAX_SEED_COUNT} runs per split; "
+                                  "give a count or a list of seeds (0,5,7)")
+            seed_list = tuple(range(count))
     except ValueError:
         raise ConfigError(f"--seeds takes a count (3) or a list (0,5,7), got {seed_text!r}") from None
+    for seed in seed_list:
+        validation.seed(seed, "each of --seeds")
+    if len(set(seed_list)) != len(seed_list):
+        raise ConfigError(f"--seeds {seed_text!r} repeats a seed; a repeated seed repeats its runs exactly")
     split_list = tuple(s.strip() for s in splits.split(",")) if splits else SPLIT_NAMES
     try:
         return MixConfig(splits=split_list, seeds=seed_list, n=n, train=train)

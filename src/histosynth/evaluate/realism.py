@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from .. import validation
 from ..devices import pick_device
 from .images import check_one_size
 from .report import Report
@@ -262,12 +263,20 @@ class RealismResult:
     notes: list[str] = field(default_factory=list)
 
 
+def check_realism_options(folds: int, seed: int, bootstrap: int) -> None:
+    """At least 2 folds, a usable seed and at least one bootstrap round (before any image is read)."""
+    validation.int_at_least(folds, "--folds", 2)
+    validation.seed(seed)
+    validation.positive_int(bootstrap, "--bootstrap")
+
+
 def evaluate_realism(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray],
                      training: Sequence[np.ndarray] | None = None, extractor: nn.Module | None = None,
                      folds: int = 5, seed: int = 0, bootstrap: int = 1000, device: str = "auto",
                      progress: bool = False) -> RealismResult:
     """The two-sample test on colour/texture features (and on extractor features when given), FID
     and KID when an extractor is given, and the memorisation check when training images are given."""
+    check_realism_options(folds, seed, bootstrap)
     size = check_one_size(list(real) + list(synthetic), "the real and synthetic images together")
     result = RealismResult(n_real=len(real), n_synthetic=len(synthetic), size=size,
                            two_sample=classifier_two_sample_test(colour_texture_features(real),

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..validation import one_line
 
 __all__ = [
     "AutoencoderConfig",
@@ -34,7 +35,8 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity passes every lower bound and NaN slips past checks written as "refuse if x < low".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_group_norm(channels: tuple[int, ...], groups: int) -> None:
@@ -205,7 +207,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(f"{source}: not valid YAML ({exc.__class__.__name__}: {one_line(exc)})") from None
     if isinstance(data, dict) and "name" not in data:
         data["name"] = Path(str(name_or_path)).stem
     return Preset.from_dict(data, source=source)

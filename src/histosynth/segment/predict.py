@@ -23,6 +23,7 @@ from ..data.dataset import read_image
 from ..errors import ConfigError, DataError, ModelError
 from .geometry import AxisPlan, full_cover_plan, thesis_plan
 from ..devices import pick_device
+from .. import validation
 from .segmenter import Segmenter
 
 Coverage = Literal["full", "thesis"]
@@ -109,6 +110,7 @@ def predict_images(segmenter: Segmenter, images: Iterable[np.ndarray], coverage:
     With ``coverage="full"`` each result has its image's size; with ``"thesis"`` it is the centre
     ``size - 2 * (92 - pad)`` px of each side (244 px of 256).
     """
+    check_prediction_options(coverage, tile, batch_size)
     dev = pick_device(device)
     segmenter.net.eval().to(dev)
     depth = segmenter.architecture.depth
@@ -148,3 +150,61 @@ def class_mask(segmenter: Segmenter, labels: np.ndarray, class_name: str) -> np.
 
 def read_rgb(path: Path) -> np.ndarray:
     return read_image(Path(path), mode="RGB")
+
+
+def images_to_segment(paths: Sequence[str | Path], exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
+    """(image, label file relative to the output folder) for every image given or found.
+
+    A file gives ``<stem>.png``. A folder is searched with its sub-folders (hidden ones skipped), and
+    the label files mirror them: ``FOLDER/slide/a.jpg`` gives ``slide/a.png``. A patch dataset
+    (a folder with ``dataset.json``) is searched in its ``images/`` folder, so its per-slide folders
+    are mirrored as well. Files under ``exclude`` (the output folder) are never segmented again. Two
+    images that would share a label file are an error naming them.
+    """
+    from ..data.images import IMAGE_SUFFIXES, is_image_file
+
+    skipped = Path(exclude).resolve() if exclude is not None else None
+    found: list[tuple[Path, Path]] = []
+    for given in map(Path, paths):
+        if given.is_file():
+            found.append((given, Path(f"{given.stem}.png")))
+        elif given.is_dir():
+            folder = given / "images" if (given / "dataset.json").is_file() and (given / "images").is_dir() else given
+            for image in _images_below(folder, skipped, is_image_file):
+                found.append((image, image.relative_to(folder).with_suffix(".png")))
+        else:
+            raise DataError(f"{given} does not exist; give images or folders of images")
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))} "
+                        "or its sub-folders")
+    sources: dict[Path, Path] = {}
+    for image, target in found:
+        if target in sources and sources[target] != image:
+            raise DataError(f"{sources[target]} and {image} would both be written as {target}; "
+                            "give them in separate runs or rename one")
+        sources[target] = image
+    return list(dict.fromkeys(found))
+
+
+def _images_below(folder: Path, skipped: Path | None, is_image) -> list[Path]:
+    """Image files in ``folder`` and its sub-folders, sorted, hidden entries and ``skipped`` left out."""
+    import os
+
+    images: list[Path] = []
+    for root, folders, files in os.walk(folder):
+        here = Path(root)
+        if skipped is not None and here.resolve() == skipped:
+            folders[:] = []
+            continue
+        folders[:] = sorted(f for f in folders if not f.startswith(".")
+                            and (skipped is None or (here / f).resolve() != skipped))
+        images.extend(here / f for f in sorted(files) if is_image(here / f))
+    return images
+
+
+def check_prediction_options(coverage: str, tile: int, batch_size: int) -> None:
+    """A known coverage, a window size and a batch size of at least 1: before a model is loaded."""
+    if coverage not in COVERAGES:
+        raise ConfigError(f"unknown coverage {coverage!r}; use one of {', '.join(COVERAGES)}")
+    validation.positive_int(tile, "--tile")
+    validation.positive_int(batch_size, "--batch-size")

@@ -28,6 +28,7 @@ from ..data.dataset import open_dataset
 from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..schema import ClassSchema
 from ..terminal import quiet_lightning
+from ..validation import MAX_SEED
 from .data import PatchRows, SegmentationPairs
 from .predict import predict_images
 from ..devices import pick_device
@@ -37,13 +38,13 @@ from .segmenter import CONFIG_FILE, Segmenter
 class SegmentTrainConfig(BaseModel):
     """Options of a segmentation training run (also the experiment's identical loop)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     class_name: str | None = Field(None, description="binary segmentation of this class; None = multi-class")
     base_channels: int = Field(64, ge=1, description="width of the first level (64 = classic U-Net)")
     depth: int = Field(4, ge=1, le=6, description="number of poolings (4 = classic U-Net)")
     batch_norm: bool = True
-    input_size: int | None = Field(None, description="training window; default: largest that fits a patch")
+    input_size: int | None = Field(None, ge=1, description="training window; default: largest that fits a patch")
     batch_size: int = Field(8, ge=1)
     max_epochs: int = Field(100, ge=1)
     patience: int = Field(10, ge=1, description="EarlyStopping: epochs without a lower validation loss")
@@ -52,7 +53,7 @@ class SegmentTrainConfig(BaseModel):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weigh CE/BCE by sqrt(median share / class share) of the training labels")
     init: str | None = Field(None, description="segmenter folder to start from (same schema, mode and architecture)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
 

@@ -43,6 +43,7 @@ from ..models.autoencoder import (
 )
 from ..models.bundle import load_autoencoder_folder
 from ..presets import Preset
+from .. import validation
 from .runtime import DeviceOptions, RunFolder, build_trainer, finite_or_stop, lightning_precision, save_final_checkpoint
 
 HELD_OUT_SHARE = 0.1
@@ -122,8 +123,7 @@ class AutoencoderTrainResult:
 def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResult:
     """Train (``--init``: fine-tune) an autoencoder and write it with its held-out PSNR / SSIM."""
     started = time.perf_counter()
-    if options.out.exists() and any(options.out.iterdir()):
-        raise JobError(f"{options.out} exists and is not empty; choose a new --out folder")
+    check_autoencoder_options(options)
     precision = lightning_precision(options.preset, options.precision)
     dataset = open_dataset(options.dataset)
     train_items, held_out = split_for_autoencoder(dataset, options.seed)
@@ -163,6 +163,20 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
             "command": options.command,
         })
     return result
+
+
+def check_autoencoder_options(options: AutoencoderTrainOptions) -> None:
+    """The output folder is free and every number is usable; checked before any work starts."""
+    out = Path(options.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise JobError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    validation.positive_int(options.steps, "--steps")
+    validation.positive_int(options.batch_size, "--batch-size")
+    validation.positive_float(options.lr, "--lr")
+    validation.seed(options.seed)
+    validation.positive_int(options.checkpoint_every, "--checkpoint-every")
+    validation.int_at_least(options.num_workers, "--workers", 0)
+    validation.positive_int(options.devices.num_nodes, "--num-nodes")
 
 
 def split_for_autoencoder(dataset: PatchDataset, seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:

@@ -30,7 +30,7 @@ from diffusers import UNet2DConditionModel
 from ..data.dataset import open_dataset
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
-from ..models.bundle import load_autoencoder_folder, load_bundle, read_bundle_config, save_bundle
+from ..models.bundle import CONFIG_FILE, load_autoencoder_folder, load_bundle, read_bundle_config, save_bundle
 from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
@@ -38,6 +38,7 @@ from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.latent_range import LatentRange
 from ..models.text import load_text_encoder
 from ..presets import Preset
+from .. import validation
 from .cache import autoencoder_id, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
@@ -171,6 +172,8 @@ class TrainResult:
 def train_ldm(options: TrainOptions) -> TrainResult:
     """Train (or continue, or fine-tune) a latent diffusion model on a patch dataset; write its bundle."""
     started = time.perf_counter()
+    check_train_options(options)
+    check_model_output(options.out)
     preset = options.preset
     training = preset.training
     precision = lightning_precision(preset, options.precision)
@@ -238,10 +241,43 @@ def train_ldm(options: TrainOptions) -> TrainResult:
             "latent_range": latent_range,
             "provenance": provenance,
         }
+        if options.out.is_dir() and not any(options.out.iterdir()):
+            options.out.rmdir()  # an empty folder made for the model: the model takes its place
         save_bundle(options.out, module.averaged_unet(), autoencoder.to("cpu"), dict(module.scheduler.config),
                     text_encoder, dataset.schema, meta)
     return TrainResult(options.out, run.root, int(trainer.global_step), time.perf_counter() - started, final_loss,
                        trainer.is_global_zero)
+
+
+def check_train_options(options: TrainOptions) -> None:
+    """Every number of the options is one training can use; checked before any work starts."""
+    validation.positive_int(options.steps, "--steps")
+    if options.batch_size is not None:
+        validation.positive_int(options.batch_size, "--batch-size")
+    if options.lr is not None:
+        validation.positive_float(options.lr, "--lr")
+    if options.warmup_steps is not None:
+        validation.int_at_least(options.warmup_steps, "--warmup-steps", 0)
+    validation.seed(options.seed)
+    validation.positive_int(options.checkpoint_every, "--checkpoint-every")
+    validation.int_at_least(options.sample_every, "--sample-every", 0)
+    validation.positive_int(options.log_every, "--log-every")
+    validation.share(options.mask_dropout, "--mask-dropout")
+    validation.int_at_least(options.num_workers, "--workers", 0)
+    validation.positive_int(options.devices.num_nodes, "--num-nodes")
+
+
+def check_model_output(out: Path) -> None:
+    """``out`` can receive a model folder: it does not exist, is an empty folder, or holds a model
+    (which the new one replaces). Checked first, so a wrong --out is not found after hours of training."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ModelError(f"--out {out} is a file, not a model folder; choose another output path")
+    if any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise ModelError(f"--out {out} exists and is not a model folder (no {CONFIG_FILE}); "
+                         "choose a new or empty folder, or an older model folder to replace")
 
 
 def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> Autoencoder:
@@ -250,6 +286,7 @@ def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> 
     A randomly initialised autoencoder makes latents that train and sample, but whose images mean
     nothing; it exists for tests and quick trials, and a warning says so.
     """
+    validation.seed(seed)
     if path is not None:
         autoencoder = load_autoencoder_folder(path)
     else:

@@ -27,7 +27,7 @@ from ...terminal import progress_bar
 from ..dataset import Patch, PatchDataset, PatchDatasetWriter, finished_slides
 from ..masks import read_mask
 from ..pyramid import TileSource, write_pyramid_tiff
-from .generate import PhantomSlide, phantom_patch, phantom_patch_mask
+from .generate import PhantomSlide, check_phantom_settings, phantom_patch, phantom_patch_mask
 from .mixes import resolve_mix
 
 
@@ -127,8 +127,9 @@ def write_phantom_patches(out: str | Path, n: int, size: int = 256, seed: int = 
     """
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")
+    check_phantom_settings(size, seed, mpp)
     chosen = resolve_mix(mix)
-    slides = slides or min(n, 10, max(5, math.ceil(n / 25)))
+    slides = min(n, 10, max(5, math.ceil(n / 25))) if slides is None else slides
     if not 1 <= slides <= n:
         raise DataError(f"--slides must lie between 1 and the number of patches ({n}), got {slides}")
     splits = slide_splits(slides, val, test)
@@ -183,6 +184,7 @@ def write_phantom_masks(out: str | Path, n: int, size: int = 256, seed: int = 0,
     """
     if n < 1:
         raise DataError(f"--n must be at least 1, got {n}")
+    check_phantom_settings(size, seed, mpp)
     out = Path(out)
     chosen = resolve_mix(mix)
     rows = []

@@ -33,6 +33,13 @@ def _check_mpp(mpp: float) -> None:
         raise DataError(f"microns per pixel must lie between 0.05 and 4, got {mpp}")
 
 
+def check_phantom_settings(size: int, seed: int, mpp: float) -> None:
+    """A patch side, seed and mpp that phantom rendering can use; checked before anything is written."""
+    _check_size("size", size)
+    _check_seed(seed)
+    _check_mpp(mpp)
+
+
 @dataclass
 class _PatchPlan:
     layout: lay.Layout

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ... import validation
 from ...errors import ConfigError, DataError
 from ...io import write_png_atomic
 from ...schema import RENAL, ClassSchema
@@ -116,6 +117,8 @@ def write_stamped_masks(masks: Sequence[tuple[str, str, np.ndarray]], additions:
     """Each (name, source, mask) edited into ``out/<name>.png``, with ``masks.csv`` (mask, source,
     structures added, caption, class shares). Returns the table's path and the structures placed
     and asked for in all."""
+    validation.positive_float(mpp, "--mpp")
+    validation.seed(seed)
     out = Path(out)
     repeated = sorted(name for name, count in Counter(name for name, _, _ in masks).items() if count > 1)
     if repeated:
