@@ -276,10 +276,10 @@ def test_segment_predict_checks_its_options_before_loading_the_segmenter(tmp_pat
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--lr", "nan", "learning_rate: Input should be a finite number"),
-    ("--dice-weight", "inf", "dice_weight: Input should be a finite number"),
-    ("--seed", "-1", "seed: Input should be greater than or equal to 0"),
-    ("--input-size", "-4", "input_size: Input should be greater than or equal to 1"),
+    ("--lr", "nan", "field 'learning_rate': Input should be a finite number"),
+    ("--dice-weight", "inf", "field 'dice_weight': Input should be a finite number"),
+    ("--seed", "-1", "field 'seed': Input should be greater than or equal to 0"),
+    ("--input-size", "-4", "field 'input_size': Input should be greater than or equal to 1"),
 ])
 def test_segment_train_refuses_non_finite_and_negative_options(toy_dataset, tmp_path, capsys, option, value, message):
     assert main(["segment", "train", str(toy_dataset.root), "--out", str(tmp_path / "s"), option, value,

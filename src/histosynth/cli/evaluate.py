@@ -158,9 +158,11 @@ def masks(
                           "or --masks-from DATASET")
     check_coverage(coverage)
     _check_n_and_seed(n, seed)
-    validation.positive_int(steps, "--steps")
-    validation.finite_float(guidance, "--guidance", low=0)
-    validation.finite_float(mask_guidance, "--mask-guidance", low=0)
+    if steps is not None:  # None: the model's own
+        validation.positive_int(steps, "--steps")
+    for value, name in ((guidance, "--guidance"), (mask_guidance, "--mask-guidance")):
+        if value is not None:
+            validation.finite_float(value, name, low=0)
     validation.share(min_share, "--min-share")
     validation.positive_int(batch_size, "--batch-size")
     seg = Segmenter.load(segmenter)
