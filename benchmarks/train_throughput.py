@@ -135,8 +135,8 @@ def run_case(dataset: Path, preset_name: str, mode: str, steps: int, threads: in
 
     import torch
 
-    from histosynth.models.diffusion import make_ema, noise_scheduler
     from histosynth.models.denoiser import build_denoiser
+    from histosynth.models.diffusion import make_ema, noise_scheduler
     from histosynth.models.text import load_text_encoder
     from histosynth.presets import load_preset
 

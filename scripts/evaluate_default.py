@@ -40,11 +40,24 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
+from default_models import (
+    DATA,
+    DONE_MARK,
+    LOGS,
+    ROOT,
+    RUNS,
+    environment,
+    finished,
+    histosynth,
+    merge_datasets,
+    relative,
+    run_logged,
+    say,
+    train_segmenter,
+)
+from default_models import Sizes as TrainingSizes
 
 from histosynth.evaluate.report import markdown_table
-
-from default_models import (DATA, DONE_MARK, LOGS, ROOT, RUNS, environment, finished, histosynth, merge_datasets,
-                            relative, run_logged, say, train_segmenter, Sizes as TrainingSizes)
 
 #: The thesis' generating caption ("Tubuli medium, a lot of Glomeruli") as class levels.
 GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"

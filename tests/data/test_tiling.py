@@ -11,7 +11,7 @@ from histosynth.captions import caption_for_mask
 from histosynth.cli import main
 from histosynth.data.dataset import open_dataset
 from histosynth.data.pyramid import write_pyramid_tiff
-from histosynth.data.slides import open_slide, detect_tissue
+from histosynth.data.slides import detect_tissue, open_slide
 from histosynth.data.tiling import (
     SlideInput,
     TilingOptions,
@@ -22,7 +22,6 @@ from histosynth.data.tiling import (
 )
 from histosynth.errors import ConfigError, DataError
 from histosynth.schema import RENAL
-
 
 SLIDE_MPP = 0.25
 HEIGHT, WIDTH = 1200, 1500

@@ -11,6 +11,7 @@ from PIL import Image
 
 from histosynth.captions import GENERATING_CAPTION, Level
 from histosynth.cli import main
+from histosynth.errors import CaptionError, DataError, ModelError
 from histosynth.evaluate.caption_accuracy import (
     THESIS_TABLE_5_1,
     judge,
@@ -18,7 +19,6 @@ from histosynth.evaluate.caption_accuracy import (
     write_caption_accuracy_report,
 )
 from histosynth.evaluate.images import read_generated
-from histosynth.errors import CaptionError, DataError, ModelError
 from histosynth.io import write_png_atomic
 from histosynth.models.bundle import load_bundle
 from histosynth.sample.jobs import Job, item_seed

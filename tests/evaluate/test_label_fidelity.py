@@ -14,8 +14,8 @@ from sklearn.metrics import f1_score
 
 from histosynth.cli import main
 from histosynth.data.dataset import Patch, PatchDatasetWriter
-from histosynth.evaluate.label_fidelity import evaluate_label_fidelity, pair_by_name, read_mask_job
 from histosynth.errors import DataError
+from histosynth.evaluate.label_fidelity import evaluate_label_fidelity, pair_by_name, read_mask_job
 from histosynth.io import write_png_atomic
 from histosynth.schema import RENAL
 from histosynth.segment.predict import predict_images

@@ -6,7 +6,6 @@ Tolerances are the fixture README's for fp32 on a CPU. The DDIM latents of an un
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from histosynth.errors import DataError, ModelError
-from histosynth.schema import RENAL
 from histosynth.data.images import list_images
-from histosynth.errors import ConfigError
+from histosynth.errors import ConfigError, DataError, ModelError
+from histosynth.io import write_png_atomic
+from histosynth.schema import RENAL
 from histosynth.segment.predict import class_mask, images_to_segment, predict_image, predict_images
 from histosynth.segment.segmenter import Segmenter
-from histosynth.io import write_png_atomic
 
 
 class RedCentre(nn.Module):

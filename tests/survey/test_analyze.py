@@ -12,11 +12,22 @@ from PIL import Image
 from sklearn.metrics import cohen_kappa_score, recall_score
 
 from histosynth.errors import DataError
-from histosynth.survey.analyze import (GRID_CORRECT, GRID_OPEN, GRID_WRONG, analyze_responses, analyze_survey,
-                                       answers_grid)
+from histosynth.survey.analyze import (
+    GRID_CORRECT,
+    GRID_OPEN,
+    GRID_WRONG,
+    analyze_responses,
+    analyze_survey,
+    answers_grid,
+)
 from histosynth.survey.app import create_app
-from histosynth.survey.responses import (ParticipantAnswers, Responses, read_responses_csv, responses_to_csv,
-                                         write_responses_csv)
+from histosynth.survey.responses import (
+    ParticipantAnswers,
+    Responses,
+    read_responses_csv,
+    responses_to_csv,
+    write_responses_csv,
+)
 
 R, S = "real", "synthetic"
 

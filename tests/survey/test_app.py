@@ -17,8 +17,13 @@ from PIL import Image
 from histosynth.errors import ConfigError
 from histosynth.survey.app import COMMON_HEADERS, create_app, is_loopback
 from histosynth.survey.build import KEY_FILE, build_survey, open_survey, read_answer_key, reencode
-from histosynth.survey.responses import (ParticipantAnswers, Responses, read_responses_csv, responses_to_csv,
-                                         write_responses_csv)
+from histosynth.survey.responses import (
+    ParticipantAnswers,
+    Responses,
+    read_responses_csv,
+    responses_to_csv,
+    write_responses_csv,
+)
 from histosynth.survey.security import ADMIN_COOKIE
 from histosynth.survey.store import SurveyStore
 

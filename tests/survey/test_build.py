@@ -13,8 +13,16 @@ from PIL import Image
 
 from histosynth.data.dataset import Patch, PatchDatasetWriter
 from histosynth.errors import ConfigError, DataError, JobError
-from histosynth.survey.build import (IMAGES_DIR, KEY_FILE, SURVEY_FILE, build_survey, list_images, open_survey,
-                                     read_answer_key, reencode)
+from histosynth.survey.build import (
+    IMAGES_DIR,
+    KEY_FILE,
+    SURVEY_FILE,
+    build_survey,
+    list_images,
+    open_survey,
+    read_answer_key,
+    reencode,
+)
 
 
 def test_build_picks_the_asked_numbers_and_keeps_the_truth_apart(make_survey, image_folders):
