@@ -275,7 +275,7 @@ def evaluate_autoencoder(folder: Path) -> dict:
                 images = torch.stack([to_model_range(dataset.image(row))
                                       for _, row in rows.iloc[start:start + 8].iterrows()])
                 recon = decode_latents(autoencoder, encode_latents(autoencoder, images))
-                scores += [(float(psnr(x[None], y[None])), float(ssim(x[None], y[None]))) for x, y in zip(images, recon)]
+                scores += [(float(psnr(x[None], y[None])), float(ssim(x[None], y[None]))) for x, y in zip(images, recon, strict=True)]
         values = np.asarray(scores)
         result[name] = {"patches": len(scores), "psnr_db": round(float(values[:, 0].mean()), 2),
                         "ssim": round(float(values[:, 1].mean()), 4)}

@@ -132,7 +132,7 @@ def generate_sharded(name: str, args: list[str], processes: int) -> None:
     logs = [(LOGS / f"{name}.shard{i}.log").open("a") for i in range(processes)]
     say(f"[{name}] {' '.join(commands[0][1:])} ... in {processes} processes")
     running = [subprocess.Popen(c, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
-               for c, log in zip(commands, logs)]
+               for c, log in zip(commands, logs, strict=True)]
     codes = [p.wait() for p in running]
     for log in logs:
         log.close()
@@ -210,7 +210,7 @@ def reconstruct(dataset, rows: pd.DataFrame, out: Path, batch: int = 8) -> None:
         images = torch.stack([to_model_range(dataset.image(row)) for _, row in part.iterrows()])
         with torch.no_grad():
             decoded = decode_latents(autoencoder, encode_latents(autoencoder, images))
-        for patch_id, image in zip(part["patch_id"], to_uint8(decoded)):
+        for patch_id, image in zip(part["patch_id"], to_uint8(decoded), strict=True):
             write_png_atomic(out / f"{patch_id}.png", image)
     say(f"[realism] {len(rows)} autoencoder reconstructions in {relative(out)}")
 

@@ -37,7 +37,7 @@ def test_writer_writes_pngs_manifest_and_summaries(tmp_path):
     assert list(manifest.columns) == MANIFEST_COLUMNS + [f"frac_{i}" for i in range(8)]
     assert list(manifest["patch_id"]) == ["a_000000", "a_000001", "b_000000"]
     assert list(manifest["split"]) == ["train", "train", "val"]
-    assert list(zip(manifest["x"], manifest["y"])) == [(0, 0), (16, 0), (0, 32)]
+    assert list(zip(manifest["x"], manifest["y"], strict=True)) == [(0, 0), (16, 0), (0, 32)]
     row = manifest.iloc[1]
     expected = patch(2, x=16)
     np.testing.assert_array_equal(dataset.image(row), expected.image)

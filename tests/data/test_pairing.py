@@ -37,7 +37,7 @@ def test_pairs_become_one_pseudo_slide_with_captions_from_the_masks(tmp_path):
     rows = dataset.rows("train")
     assert len(dataset) == 3 and dataset.patch_size == 32
     assert set(rows["slide"]) == {"job"}  # a job's images/ folder is named after the job
-    for (_, row), (image, mask) in zip(rows.iterrows(), written):
+    for (_, row), (image, mask) in zip(rows.iterrows(), written, strict=True):
         np.testing.assert_array_equal(dataset.image(row), image)
         np.testing.assert_array_equal(dataset.mask(row), mask)
         assert row["caption"] == caption_for_mask(mask, RENAL)

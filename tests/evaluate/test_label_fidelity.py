@@ -54,7 +54,7 @@ def test_dice_per_class_equals_sklearns_f1_on_the_pooled_pixels():
     assert table.loc["white background", "images with the class"] == 0
     assert np.isnan(table.loc["white background", "Dice"])
     # per image: sklearn's F1 of each image where the class occurs, averaged
-    per_image = [f1_score(m.ravel(), p.ravel(), labels=[4], average=None)[0] for m, p in zip(masks, predictions)]
+    per_image = [f1_score(m.ravel(), p.ravel(), labels=[4], average=None)[0] for m, p in zip(masks, predictions, strict=True)]
     assert table.loc["Glomeruli", "mean image Dice"] == pytest.approx(np.mean(per_image))
     shares = np.bincount(truth, minlength=8) / truth.size
     np.testing.assert_allclose(table["mask pixel share"], shares)

@@ -150,7 +150,7 @@ def test_a_changed_text_encoder_is_detected_on_first_use(bundle_path):
     bundle = load_bundle(bundle_path)
     with pytest.raises(ModelError, match="part 'text_encoder' does not match: the model was trained with "
                                          "bert:256:0000000000000000"):
-        bundle.text_encoder
+        _ = bundle.text_encoder
 
 
 def test_a_newer_format_version_asks_for_an_upgrade(bundle_path):

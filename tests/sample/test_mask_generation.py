@@ -215,7 +215,7 @@ def test_generate_from_a_dataset_split(mask_bundle_path, mask_dataset, tmp_path)
     assert [i["mask_source"] for i in manifest["items"]] == [
         f"{mask_dataset.root}:{test_rows.iloc[k]['patch_id']}" for k in chosen]
     assert [i["caption"] for i in manifest["items"]] == [test_rows.iloc[k]["caption"] for k in chosen]
-    for item, k in zip(manifest["items"], chosen):
+    for item, k in zip(manifest["items"], chosen, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(out / item["mask"])), mask_dataset.mask(test_rows.iloc[k]))
         assert (out / item["file"]).is_file()
 

@@ -84,8 +84,8 @@ def test_kappa_and_rates_equal_sklearn_including_unanswered_questions():
         answers = [rng.choice([R, S]) if rng.random() > 0.1 else None for _ in truth]
         people.append(ParticipantAnswers(f"P{i + 1}", int(rng.integers(1, 6)), tuple(answers)))
     analysis = analyze_responses(Responses(truth=truth, participants=tuple(people)))
-    for person, row in zip(people, analysis.participants.itertuples()):
-        answered = [(t, a) for t, a in zip(truth, person.answers) if a is not None]
+    for person, row in zip(people, analysis.participants.itertuples(), strict=True):
+        answered = [(t, a) for t, a in zip(truth, person.answers, strict=True) if a is not None]
         y_true, y_given = [t for t, _ in answered], [a for _, a in answered]
         assert row.answered == len(answered) < 40
         assert row.kappa == cohen_kappa_score(y_true, y_given)

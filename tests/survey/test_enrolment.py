@@ -74,7 +74,7 @@ def test_open_mode_admits_anyone_with_the_address(survey_dir, admin_secret, part
     client = TestClient(create_app(survey_dir, admin_secret, open_enrolment=True), follow_redirects=False)
     assert 'action="/start"' in client.get("/").text
     people = [participant(client) for _ in range(2)]
-    for person, experience in zip(people, (1, 5)):
+    for person, experience in zip(people, (1, 5), strict=True):
         assert person.start(experience).status_code == 303
         assert person.answer(1, "real").status_code == 303
     assert [(p.experience, p.answers) for p in store_of(survey_dir).participants()] == [
