@@ -345,7 +345,8 @@ def realism_summary(report: Path) -> list[str]:
         folder = report.parent / name
         for table in ("two_sample", "memorisation"):
             if (folder / f"{table}.csv").is_file():
-                lines += [f"{title}, {table.replace('_', '-')}:", "", markdown_table(pd.read_csv(folder / f"{table}.csv")), ""]
+                lines += [f"{title}, {table.replace('_', '-')}:", "",
+                          markdown_table(pd.read_csv(folder / f"{table}.csv")), ""]
     return lines
 
 
