@@ -192,7 +192,8 @@ ring = st.one_of(st.lists(point, min_size=0, max_size=6),
                  st.lists(st.tuples(st.integers(-40, 40), st.integers(-40, 40)).map(list), min_size=3, max_size=6))
 geometry = st.one_of(
     st.builds(lambda rings: {"type": "Polygon", "coordinates": rings}, st.lists(ring, max_size=3)),
-    st.builds(lambda polys: {"type": "MultiPolygon", "coordinates": polys}, st.lists(st.lists(ring, max_size=2), max_size=2)),
+    st.builds(lambda polys: {"type": "MultiPolygon", "coordinates": polys},
+              st.lists(st.lists(ring, max_size=2), max_size=2)),
     st.builds(lambda parts: {"type": "GeometryCollection", "geometries": parts},
               st.one_of(json_values, st.lists(st.builds(lambda r: {"type": "Polygon", "coordinates": [r]}, ring),
                                               max_size=2))),
@@ -373,8 +374,8 @@ def test_caption_parse_option(workspace, capsys, text):
 
 
 @settings(max_examples=25, **FUZZ)
-@given(st.sampled_from(["-2", "0", "1", "2", "abc", "nan"]), st.sampled_from(["-1", "0", "8", "16", "32", "nan", "1e3"]),
-       option_text, option_text)
+@given(st.sampled_from(["-2", "0", "1", "2", "abc", "nan"]),
+       st.sampled_from(["-1", "0", "8", "16", "32", "nan", "1e3"]), option_text, option_text)
 def test_phantom_masks_options(workspace, capsys, n, size, seed, mpp):
     run_in(workspace, capsys, ["phantom", "masks", "--out", "out", "--n", n, "--size", size, "--seed", seed,
                                "--mpp", mpp, "--no-progress"])

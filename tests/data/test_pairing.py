@@ -68,7 +68,8 @@ def test_pairing_refuses_what_cannot_be_a_patch_dataset(tmp_path, capsys):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "img_01.png")
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(images / "img_03.png")
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(masks / "img_03.png")
-    with pytest.raises(DataError, match=r"differ in size \(32x32 px: img_00.png, img_01.png, img_02.png; 48x32 px: img_03.png\)"):
+    with pytest.raises(DataError, match=r"differ in size \(32x32 px: img_00.png, img_01.png, img_02.png; "
+                                        r"48x32 px: img_03.png\)"):
         pair_dataset(images, masks, tmp_path / "d")
     (images / "img_03.png").unlink()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "img_00.tif")

@@ -174,7 +174,8 @@ def test_a_job_from_masks_resumes_and_shards_to_the_same_bytes(mask_job, mask_bu
     assert _files(mask_job.folder) == expected
     sharded = tmp_path / "sharded"
     for index in (1, 0):
-        job = new_job(sharded, mask_bundle, [""], None, 7, OPTIONS, batch_size=2, masks=conditioning_masks(source_masks))
+        job = new_job(sharded, mask_bundle, [""], None, 7, OPTIONS, batch_size=2,
+                      masks=conditioning_masks(source_masks))
         run_job(mask_bundle, job, Shard(index, 2))
     assert _files(sharded) == expected
 
@@ -198,7 +199,8 @@ def mask_dataset(tmp_path_factory):
     writer = PatchDatasetWriter(tmp_path_factory.mktemp("dataset") / "ds", patch_size=64)
     rng = np.random.default_rng(0)
     for slide, split in (("a", "train"), ("b", "test")):
-        patches = [Patch(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), blob_mask(64, 64, 20 + i + 10 * (split == "test")))
+        patches = [Patch(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                         blob_mask(64, 64, 20 + i + 10 * (split == "test")))
                    for i in range(3)]
         writer.write_slide(slide, patches, split=split)
     return writer.finalize()

@@ -155,7 +155,8 @@ def test_the_admin_mints_invitation_links(survey_dir, admin_secret, participant)
     assert scripted.status_code == 200 and len(scripted.text.splitlines()) == 3
     assert all(line.startswith("http://testserver/i/") for line in scripted.text.splitlines())
     for bad in ["0", "1001", "-2", "many"]:
-        refused = bearer.post("/admin/invites", data={"count": bad}, headers={"Authorization": f"Bearer {admin_secret}"})
+        refused = bearer.post("/admin/invites", data={"count": bad},
+                              headers={"Authorization": f"Bearer {admin_secret}"})
         assert refused.status_code == 400
     assert len(store_of(survey_dir).invites()) == 5
     # a link taken from the list starts a survey; then it is no longer listed
