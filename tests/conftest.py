@@ -128,3 +128,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def refused(capsys):
+    """Runs a command line that must be refused: exit status 2 and one line of error (blanks around it stripped)."""
+    from histosynth.cli import main
+
+    def run(args: list[str]) -> str:
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error, error
+        return error
+
+    return run
