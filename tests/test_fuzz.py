@@ -228,17 +228,21 @@ def check_annotations(annotations: list[Annotation]) -> None:
     assert labels.shape == (24, 24) and set(np.unique(labels).tolist()) <= set(RENAL.ids)
 
 
-@settings(max_examples=180, **FUZZ)
-@given(geojson_documents)
-def test_geojson_reads_or_is_a_data_error(tmp_path, document):
-    path = tmp_path / "slide.geojson"
-    path.write_text(dumps(document))
+def check_read_or_refused(path: Path, text: str) -> None:
+    """``text`` as the annotation file ``path`` is read into sound annotations, or refused in one line naming it."""
+    path.write_text(text)
     try:
         annotations = read_annotations(path)
     except HistosynthError as exc:
         assert str(exc).startswith(str(path)) and "\n" not in str(exc)
         return
     check_annotations(annotations)
+
+
+@settings(max_examples=180, **FUZZ)
+@given(geojson_documents)
+def test_geojson_reads_or_is_a_data_error(tmp_path, document):
+    check_read_or_refused(tmp_path / "slide.geojson", dumps(document))
 
 
 @settings(max_examples=80, **FUZZ)
@@ -280,14 +284,7 @@ def asap_documents(draw) -> str:
 @settings(max_examples=120, **FUZZ)
 @given(asap_documents())
 def test_asap_xml_reads_or_is_a_data_error(tmp_path, document):
-    path = tmp_path / "slide.xml"
-    path.write_text(document)
-    try:
-        annotations = read_annotations(path)
-    except HistosynthError as exc:
-        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
-        return
-    check_annotations(annotations)
+    check_read_or_refused(tmp_path / "slide.xml", document)
 
 
 # --- command-line options -------------------------------------------------------------------------
