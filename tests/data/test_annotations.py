@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,14 @@ def test_rasterisation_matches_matplotlib_point_in_polygon_at_pixel_centres():
         np.testing.assert_array_equal(labels.ravel() == 3, expected)
 
 
+def assert_refused(path: Path, text: str, message: str) -> None:
+    """``text`` written to ``path`` is refused with a one-line DataError that starts with the path."""
+    path.write_text(text)
+    with pytest.raises(DataError, match=message) as err:
+        read_annotations(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("content, message", [
     ({"type": "FeatureCollection",
       "features": [qupath_feature(None, {"type": "Polygon", "coordinates": [square(0, 0, 2, 2)]})]},
@@ -151,11 +160,7 @@ def test_rasterisation_matches_matplotlib_point_in_polygon_at_pixel_centres():
      r"a Polygon has malformed coordinates"),
 ])
 def test_bad_geojson_is_a_one_line_error_naming_the_file(tmp_path, content, message):
-    path = tmp_path / "bad.geojson"
-    path.write_text(json.dumps(content))
-    with pytest.raises(DataError, match=message) as err:
-        read_annotations(path)
-    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert_refused(tmp_path / "bad.geojson", json.dumps(content), message)
 
 
 def test_bad_files_are_errors(tmp_path):
@@ -195,11 +200,7 @@ POLYGON = {"type": "Polygon", "coordinates": [square(0, 0, 8, 8)]}
      r"a coordinate lies beyond 2147483648 pixels"),
 ])
 def test_non_finite_geojson_coordinates_are_refused_naming_file_and_feature(tmp_path, text, message):
-    path = tmp_path / "slide.geojson"
-    path.write_text(text)
-    with pytest.raises(DataError, match=message) as err:
-        read_annotations(path)
-    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert_refused(tmp_path / "slide.geojson", text, message)
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity", "1e999"])
@@ -249,11 +250,7 @@ def test_non_finite_asap_coordinates_are_refused_naming_file_and_annotation(tmp_
      r"feature 0: a MultiPolygon has malformed coordinates"),
 ])
 def test_malformed_geojson_structures_are_one_line_errors(tmp_path, content, message):
-    path = tmp_path / "bad.geojson"
-    path.write_text(json.dumps(content))
-    with pytest.raises(DataError, match=message) as err:
-        read_annotations(path)
-    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert_refused(tmp_path / "bad.geojson", json.dumps(content), message)
 
 
 def test_deeply_nested_json_is_a_data_error(tmp_path):
