@@ -118,37 +118,26 @@ def _write_yaml(tmp_path: Path, config: dict) -> Path:
     return path
 
 
-def test_shape_mismatch_names_the_checkpoint_key(compvis_dir, tmp_path, fixture_config):
-    config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["unet_config"]["params"]["context_dim"] = 32
-    with pytest.raises(ModelError) as err:
-        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
-    assert str(err.value).startswith(
+@pytest.mark.parametrize("keys, value, message", [
+    pytest.param(("unet_config", "params", "context_dim"), 32, "^" + re.escape(
         "checkpoint key 'model.diffusion_model.input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight' "
-        "has shape (32, 64) but the config's denoiser expects (32, 32)"
-    )
-
-
-def test_extra_res_blocks_in_config_name_the_misplaced_key(compvis_dir, tmp_path, fixture_config):
+        "has shape (32, 64) but the config's denoiser expects (32, 32)"), id="shape-mismatch-names-the-key"),
+    pytest.param(("unet_config", "params", "num_res_blocks"), 2,
+                 r"checkpoint key 'model\.diffusion_model\.input_blocks\.3\.0\.[\w.]+' has no place",
+                 id="extra-res-blocks-name-the-misplaced-key"),
+    pytest.param(("first_stage_config", "params", "n_embed"), 128,
+                 r"checkpoint key 'first_stage_model\.quantize\.embedding\.weight' has shape \(64, 3\)",
+                 id="wrong-autoencoder-size-names-the-key"),
+    pytest.param(("linear_end",), 0.012, "'betas' buffer does not match", id="wrong-schedule-caught-by-betas-buffer"),
+])
+def test_a_config_that_does_not_fit_the_checkpoint_is_refused(compvis_dir, tmp_path, fixture_config, keys, value,
+                                                              message):
     config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["unet_config"]["params"]["num_res_blocks"] = 2
-    with pytest.raises(ModelError,
-                       match=r"checkpoint key 'model\.diffusion_model\.input_blocks\.3\.0\.[\w.]+' has no place"):
-        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
-
-
-def test_wrong_autoencoder_size_names_the_checkpoint_key(compvis_dir, tmp_path, fixture_config):
-    config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["first_stage_config"]["params"]["n_embed"] = 128
-    with pytest.raises(ModelError,
-                       match=r"checkpoint key 'first_stage_model\.quantize\.embedding\.weight' has shape \(64, 3\)"):
-        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
-
-
-def test_wrong_schedule_in_config_is_caught_by_the_betas_buffer(compvis_dir, tmp_path, fixture_config):
-    config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["linear_end"] = 0.012
-    with pytest.raises(ModelError, match="'betas' buffer does not match"):
+    params = config["model"]["params"]
+    for key in keys[:-1]:
+        params = params[key]
+    params[keys[-1]] = value
+    with pytest.raises(ModelError, match=message):
         import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
 
 
