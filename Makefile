@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(BIN)/histosynth demo --out demo
 
 test: $(STAMP) browser
+	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP) browser

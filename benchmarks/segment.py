@@ -8,15 +8,17 @@ Prints one `name value unit` line per measurement (random weights; speed only)::
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
 import torch
 
+from histosynth.devices import pick_device
 from histosynth.schema import RENAL
 from histosynth.segment.geometry import mirror_padding_for
 from histosynth.segment.predict import predict_images
-from histosynth.segment.segmenter import Segmenter, torch_device
+from histosynth.segment.segmenter import Segmenter
 from histosynth.segment.training import segmentation_loss
 
 
@@ -50,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch_device(args.device)
+    device = pick_device(args.device)
     torch.manual_seed(0)
     segmenter = Segmenter.for_class(RENAL, None, base_channels=args.base_channels)
     net = segmenter.net.to(device)
@@ -59,10 +61,9 @@ def main() -> None:
 
     images = list(np.random.default_rng(0).integers(0, 256, (args.images, 256, 256, 3), dtype=np.uint8))
     for coverage, window in (("thesis", 428), ("full", 444)):
-        seconds = median_seconds(
-            lambda: predict_images(segmenter, images, coverage=coverage, batch_size=args.batch_size,
-                                   device=str(device)),
-            device, args.repeats)
+        step = functools.partial(predict_images, segmenter, images, coverage=coverage, batch_size=args.batch_size,
+                                 device=str(device))
+        seconds = median_seconds(step, device, args.repeats)
         print(f"segment_infer_256_{coverage}_{window}px_bs{args.batch_size} {args.images / seconds:.2f} patches/s")
 
     net.train()

@@ -15,7 +15,8 @@ process, so its peak RSS is its own; weights are random (speed only).
 
 Run (from the repository root)::
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:glibc.malloc.top_pad=1073741824 \
+    m=glibc.malloc
+    GLIBC_TUNABLES=$m.mmap_threshold=33554432:$m.trim_threshold=17179869184:$m.top_pad=1073741824 \
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_throughput.py --steps 2
 
 ``cpu_s_per_step`` is the process's CPU time: on a machine shared with other jobs it is the steadier
@@ -135,8 +136,8 @@ def run_case(dataset: Path, preset_name: str, mode: str, steps: int, threads: in
 
     import torch
 
-    from histosynth.models.diffusion import make_ema, noise_scheduler
     from histosynth.models.denoiser import build_denoiser
+    from histosynth.models.diffusion import make_ema, noise_scheduler
     from histosynth.models.text import load_text_encoder
     from histosynth.presets import load_preset
 
@@ -169,7 +170,8 @@ def run_case(dataset: Path, preset_name: str, mode: str, steps: int, threads: in
         step(index)
     seconds = (time.perf_counter() - started) / steps
     cpu_seconds = (time.process_time() - cpu_started) / steps
-    return {"steps_per_s": 1 / seconds, "s_per_step": seconds, "cpu_s_per_step": cpu_seconds, "peak_rss_mib": peak_rss_mib()}
+    return {"steps_per_s": 1 / seconds, "s_per_step": seconds, "cpu_s_per_step": cpu_seconds,
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def peak_rss_mib() -> float:

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-
-from histosynth.evaluate.report import markdown_table
-
 from default_models import DATA, MODELS, RUNS, Sizes, environment, histosynth, relative, run_logged, say
 from evaluate_default import counted_classes
+
+from histosynth.evaluate.report import markdown_table
 
 BRANCHES = ("concat", "controlnet")
 GUIDANCE = (1.0, 1.5, 2.0)

@@ -275,7 +275,8 @@ def evaluate_autoencoder(folder: Path) -> dict:
                 images = torch.stack([to_model_range(dataset.image(row))
                                       for _, row in rows.iloc[start:start + 8].iterrows()])
                 recon = decode_latents(autoencoder, encode_latents(autoencoder, images))
-                scores += [(float(psnr(x[None], y[None])), float(ssim(x[None], y[None]))) for x, y in zip(images, recon)]
+                scores += [(float(psnr(x[None], y[None])), float(ssim(x[None], y[None])))
+                           for x, y in zip(images, recon, strict=True)]
         values = np.asarray(scores)
         result[name] = {"patches": len(scores), "psnr_db": round(float(values[:, 0].mean()), 2),
                         "ssim": round(float(values[:, 1].mean()), 4)}
@@ -470,7 +471,8 @@ def sample_seconds(bundle_path: Path) -> float:
     from histosynth.sample.generate import SamplingOptions, generate
 
     bundle = load_bundle(bundle_path)
-    generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED], SamplingOptions(steps=2))  # warm-up: loads the text encoder
+    # warm-up: loads the text encoder
+    generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED], SamplingOptions(steps=2))
     started = time.perf_counter()
     generate(bundle, [GENERATING_CAPTION], [GENERATING_PROBE_SEED])
     seconds = round(time.perf_counter() - started, 2)

@@ -40,11 +40,24 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
+from default_models import (
+    DATA,
+    DONE_MARK,
+    LOGS,
+    ROOT,
+    RUNS,
+    environment,
+    finished,
+    histosynth,
+    merge_datasets,
+    relative,
+    run_logged,
+    say,
+    train_segmenter,
+)
+from default_models import Sizes as TrainingSizes
 
 from histosynth.evaluate.report import markdown_table
-
-from default_models import (DATA, DONE_MARK, LOGS, ROOT, RUNS, environment, finished, histosynth, merge_datasets,
-                            relative, run_logged, say, train_segmenter, Sizes as TrainingSizes)
 
 #: The thesis' generating caption ("Tubuli medium, a lot of Glomeruli") as class levels.
 GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"
@@ -119,7 +132,7 @@ def generate_sharded(name: str, args: list[str], processes: int) -> None:
     logs = [(LOGS / f"{name}.shard{i}.log").open("a") for i in range(processes)]
     say(f"[{name}] {' '.join(commands[0][1:])} ... in {processes} processes")
     running = [subprocess.Popen(c, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
-               for c, log in zip(commands, logs)]
+               for c, log in zip(commands, logs, strict=True)]
     codes = [p.wait() for p in running]
     for log in logs:
         log.close()
@@ -197,7 +210,7 @@ def reconstruct(dataset, rows: pd.DataFrame, out: Path, batch: int = 8) -> None:
         images = torch.stack([to_model_range(dataset.image(row)) for _, row in part.iterrows()])
         with torch.no_grad():
             decoded = decode_latents(autoencoder, encode_latents(autoencoder, images))
-        for patch_id, image in zip(part["patch_id"], to_uint8(decoded)):
+        for patch_id, image in zip(part["patch_id"], to_uint8(decoded), strict=True):
             write_png_atomic(out / f"{patch_id}.png", image)
     say(f"[realism] {len(rows)} autoencoder reconstructions in {relative(out)}")
 
@@ -332,7 +345,8 @@ def realism_summary(report: Path) -> list[str]:
         folder = report.parent / name
         for table in ("two_sample", "memorisation"):
             if (folder / f"{table}.csv").is_file():
-                lines += [f"{title}, {table.replace('_', '-')}:", "", markdown_table(pd.read_csv(folder / f"{table}.csv")), ""]
+                lines += [f"{title}, {table.replace('_', '-')}:", "",
+                          markdown_table(pd.read_csv(folder / f"{table}.csv")), ""]
     return lines
 
 

@@ -10,10 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Idle OpenMP threads sleep instead of spinning: on 2 busy cores spinning made tiny UNet calls 40x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from histosynth.models.autoencoder import build_autoencoder  # noqa: E402
@@ -23,7 +22,6 @@ from histosynth.models.diffusion import noise_scheduler  # noqa: E402
 from histosynth.models.text import load_text_encoder  # noqa: E402
 from histosynth.presets import Preset, load_preset  # noqa: E402
 from histosynth.schema import RENAL  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -130,3 +128,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def refused(capsys):
+    """Runs a command line that must be refused: exit status 2 and one line of error (blanks around it stripped)."""
+    from histosynth.cli import main
+
+    def run(args: list[str]) -> str:
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error, error
+        return error
+
+    return run

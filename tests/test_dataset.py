@@ -37,7 +37,7 @@ def test_writer_writes_pngs_manifest_and_summaries(tmp_path):
     assert list(manifest.columns) == MANIFEST_COLUMNS + [f"frac_{i}" for i in range(8)]
     assert list(manifest["patch_id"]) == ["a_000000", "a_000001", "b_000000"]
     assert list(manifest["split"]) == ["train", "train", "val"]
-    assert list(zip(manifest["x"], manifest["y"])) == [(0, 0), (16, 0), (0, 32)]
+    assert list(zip(manifest["x"], manifest["y"], strict=True)) == [(0, 0), (16, 0), (0, 32)]
     row = manifest.iloc[1]
     expected = patch(2, x=16)
     np.testing.assert_array_equal(dataset.image(row), expected.image)
@@ -71,7 +71,8 @@ def test_reopening_with_other_settings_is_refused(tmp_path):
 def test_bad_patches_and_names_are_refused(tmp_path):
     writer = PatchDatasetWriter(tmp_path, RENAL, patch_size=SIZE)
     wrong = Patch(image=np.zeros((8, 8, 3), np.uint8), mask=np.zeros((8, 8), np.uint8))
-    with pytest.raises(DataError, match=r"slide s: patch 0 has image \(8, 8, 3\) and mask \(8, 8\); expected \(16, 16, 3\)"):
+    with pytest.raises(DataError,
+                       match=r"slide s: patch 0 has image \(8, 8, 3\) and mask \(8, 8\); expected \(16, 16, 3\)"):
         writer.write_slide("s", [wrong])
     assert not writer.slide_done("s")
     with pytest.raises(DataError, match="cannot be used as a folder name"):

@@ -110,7 +110,8 @@ def test_shipped_mask_model_draws_what_its_mask_asks():
     assert bundle.mask_channels == len(bundle.schema.ids)
     _, mask = phantom_patch(seed=99, size=256)
     interstitium = np.full_like(mask, 6)  # other kidney tissue only: no tubuli with dark nuclei rings
-    images = generate(bundle, ["", ""], [3, 3], SamplingOptions(steps=10), masks=[mask, interstitium], batch_size=2).images
+    images = generate(bundle, ["", ""], [3, 3], SamplingOptions(steps=10), masks=[mask, interstitium],
+                      batch_size=2).images
     assert images.shape == (2, 256, 256, 3) and images.std() > 1.0
     # same seed and caption: the mask alone makes the difference, and where it puts tubuli the
     # image is darker (nuclei, stained epithelium) than where it puts interstitium

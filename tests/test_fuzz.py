@@ -192,7 +192,8 @@ ring = st.one_of(st.lists(point, min_size=0, max_size=6),
                  st.lists(st.tuples(st.integers(-40, 40), st.integers(-40, 40)).map(list), min_size=3, max_size=6))
 geometry = st.one_of(
     st.builds(lambda rings: {"type": "Polygon", "coordinates": rings}, st.lists(ring, max_size=3)),
-    st.builds(lambda polys: {"type": "MultiPolygon", "coordinates": polys}, st.lists(st.lists(ring, max_size=2), max_size=2)),
+    st.builds(lambda polys: {"type": "MultiPolygon", "coordinates": polys},
+              st.lists(st.lists(ring, max_size=2), max_size=2)),
     st.builds(lambda parts: {"type": "GeometryCollection", "geometries": parts},
               st.one_of(json_values, st.lists(st.builds(lambda r: {"type": "Polygon", "coordinates": [r]}, ring),
                                               max_size=2))),
@@ -227,17 +228,21 @@ def check_annotations(annotations: list[Annotation]) -> None:
     assert labels.shape == (24, 24) and set(np.unique(labels).tolist()) <= set(RENAL.ids)
 
 
-@settings(max_examples=180, **FUZZ)
-@given(geojson_documents)
-def test_geojson_reads_or_is_a_data_error(tmp_path, document):
-    path = tmp_path / "slide.geojson"
-    path.write_text(dumps(document))
+def check_read_or_refused(path: Path, text: str) -> None:
+    """``text`` as the annotation file ``path`` is read into sound annotations, or refused in one line naming it."""
+    path.write_text(text)
     try:
         annotations = read_annotations(path)
     except HistosynthError as exc:
         assert str(exc).startswith(str(path)) and "\n" not in str(exc)
         return
     check_annotations(annotations)
+
+
+@settings(max_examples=180, **FUZZ)
+@given(geojson_documents)
+def test_geojson_reads_or_is_a_data_error(tmp_path, document):
+    check_read_or_refused(tmp_path / "slide.geojson", dumps(document))
 
 
 @settings(max_examples=80, **FUZZ)
@@ -279,14 +284,7 @@ def asap_documents(draw) -> str:
 @settings(max_examples=120, **FUZZ)
 @given(asap_documents())
 def test_asap_xml_reads_or_is_a_data_error(tmp_path, document):
-    path = tmp_path / "slide.xml"
-    path.write_text(document)
-    try:
-        annotations = read_annotations(path)
-    except HistosynthError as exc:
-        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
-        return
-    check_annotations(annotations)
+    check_read_or_refused(tmp_path / "slide.xml", document)
 
 
 # --- command-line options -------------------------------------------------------------------------
@@ -373,8 +371,8 @@ def test_caption_parse_option(workspace, capsys, text):
 
 
 @settings(max_examples=25, **FUZZ)
-@given(st.sampled_from(["-2", "0", "1", "2", "abc", "nan"]), st.sampled_from(["-1", "0", "8", "16", "32", "nan", "1e3"]),
-       option_text, option_text)
+@given(st.sampled_from(["-2", "0", "1", "2", "abc", "nan"]),
+       st.sampled_from(["-1", "0", "8", "16", "32", "nan", "1e3"]), option_text, option_text)
 def test_phantom_masks_options(workspace, capsys, n, size, seed, mpp):
     run_in(workspace, capsys, ["phantom", "masks", "--out", "out", "--n", n, "--size", size, "--seed", seed,
                                "--mpp", mpp, "--no-progress"])

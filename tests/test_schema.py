@@ -128,6 +128,7 @@ def test_non_finite_caption_thresholds_are_refused_naming_the_field(tmp_path, ca
 def test_yaml_syntax_errors_are_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("\x1f")  # PyYAML's message spans two lines, with the position on the second
-    with pytest.raises(ConfigError, match=r"not valid YAML \(ReaderError: unacceptable character #x001f: .* position 0\)") as info:
+    with pytest.raises(ConfigError,
+                       match=r"not valid YAML \(ReaderError: unacceptable character #x001f: .* position 0\)") as info:
         ClassSchema.from_yaml(path)
     assert "\n" not in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,7 +61,8 @@ ASAP = """<?xml version="1.0"?>
 def test_qupath_polygon_with_hole_and_multipolygon(tmp_path):
     path = write_geojson(tmp_path / "a.geojson", [
         qupath_feature("Tubuli", {"type": "Polygon", "coordinates": [square(1, 1, 9, 9), square(3, 3, 5, 5)]}),
-        qupath_feature("glomeruli", {"type": "MultiPolygon", "coordinates": [[square(10, 0, 12, 2)], [square(10, 10, 12, 12)]]}),
+        qupath_feature("glomeruli", {"type": "MultiPolygon",
+                                     "coordinates": [[square(10, 0, 12, 2)], [square(10, 10, 12, 12)]]}),
         qupath_feature("Arteries", {"type": "Point", "coordinates": [5, 5]}),
     ])
     annotations = read_annotations(path, RENAL)
@@ -126,7 +128,8 @@ def test_rasterisation_matches_matplotlib_point_in_polygon_at_pixel_centres():
         count = rng.integers(3, 25)
         angles = np.sort(rng.uniform(0, 2 * np.pi, count))
         radii = rng.uniform(8, 60, count)
-        exterior = np.c_[70 + radii * np.cos(angles), 60 + radii * np.sin(angles)] + rng.uniform(-1e-3, 1e-3, (count, 2))
+        exterior = (np.c_[70 + radii * np.cos(angles), 60 + radii * np.sin(angles)]
+                    + rng.uniform(-1e-3, 1e-3, (count, 2)))
         hole = np.c_[70 + 4 * np.cos(np.linspace(0, 5, 6)), 60 + 4 * np.sin(np.linspace(0, 5, 6))]
         # Offset and downsample: pixel (i, j) has its centre at (10 + 2 (j + .5), 4 + 2 (i + .5)).
         labels = rasterize([Annotation(3, "Tubuli", exterior, (hole,))], 10, 4, 70, 65, downsample=2)
@@ -136,21 +139,28 @@ def test_rasterisation_matches_matplotlib_point_in_polygon_at_pixel_centres():
         np.testing.assert_array_equal(labels.ravel() == 3, expected)
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"type": "FeatureCollection", "features": [qupath_feature(None, {"type": "Polygon", "coordinates": [square(0, 0, 2, 2)]})]},
-     r"an annotation has no class name; classify every annotation"),
-    ({"type": "FeatureCollection", "features": [qupath_feature("Tumour", {"type": "Polygon", "coordinates": [square(0, 0, 2, 2)]})]},
-     r"unknown class name 'Tumour'"),
-    ({"type": "FeatureCollection", "features": []}, r"holds no polygon annotations"),
-    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]})]},
-     r"a Polygon has malformed coordinates"),
-])
-def test_bad_geojson_is_a_one_line_error_naming_the_file(tmp_path, content, message):
-    path = tmp_path / "bad.geojson"
-    path.write_text(json.dumps(content))
+def assert_refused(path: Path, text: str, message: str) -> None:
+    """``text`` written to ``path`` is refused with a one-line DataError that starts with the path."""
+    path.write_text(text)
     with pytest.raises(DataError, match=message) as err:
         read_annotations(path)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"type": "FeatureCollection",
+      "features": [qupath_feature(None, {"type": "Polygon", "coordinates": [square(0, 0, 2, 2)]})]},
+     r"an annotation has no class name; classify every annotation"),
+    ({"type": "FeatureCollection",
+      "features": [qupath_feature("Tumour", {"type": "Polygon", "coordinates": [square(0, 0, 2, 2)]})]},
+     r"unknown class name 'Tumour'"),
+    ({"type": "FeatureCollection", "features": []}, r"holds no polygon annotations"),
+    ({"type": "FeatureCollection",
+      "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]})]},
+     r"a Polygon has malformed coordinates"),
+])
+def test_bad_geojson_is_a_one_line_error_naming_the_file(tmp_path, content, message):
+    assert_refused(tmp_path / "bad.geojson", json.dumps(content), message)
 
 
 def test_bad_files_are_errors(tmp_path):
@@ -179,7 +189,8 @@ POLYGON = {"type": "Polygon", "coordinates": [square(0, 0, 8, 8)]}
      '"coordinates": [[[0, 0], [NaN, 0], [8, 8], [0, 8]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
      r"feature 0: a Polygon has malformed coordinates \(a coordinate is NaN or infinite"),
     ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "MultiPolygon", '
-     '"coordinates": [[[[0, 0], [8, 0], [8, -Infinity], [0, 8]]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
+     '"coordinates": [[[[0, 0], [8, 0], [8, -Infinity], [0, 8]]]]}, '
+     '"properties": {"classification": {"name": "Tubuli"}}}]}',
      r"feature 0: a MultiPolygon has malformed coordinates \(a coordinate is NaN or infinite"),
     ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
      '"coordinates": [[[0, 0], [1e999, 0], [8, 8]]]}, "properties": {"classification": {"name": "Tubuli"}}}]}',
@@ -189,11 +200,7 @@ POLYGON = {"type": "Polygon", "coordinates": [square(0, 0, 8, 8)]}
      r"a coordinate lies beyond 2147483648 pixels"),
 ])
 def test_non_finite_geojson_coordinates_are_refused_naming_file_and_feature(tmp_path, text, message):
-    path = tmp_path / "slide.geojson"
-    path.write_text(text)
-    with pytest.raises(DataError, match=message) as err:
-        read_annotations(path)
-    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert_refused(tmp_path / "slide.geojson", text, message)
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity", "1e999"])
@@ -226,7 +233,8 @@ def test_non_finite_asap_coordinates_are_refused_naming_file_and_annotation(tmp_
      r"feature 0 has a class name that is not text \(3\)"),
     ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon"})]},
      r"feature 0: a Polygon has malformed coordinates \('coordinates'\)"),
-    ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": "0 0 8 8"})]},
+    ({"type": "FeatureCollection",
+      "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": "0 0 8 8"})]},
      r"feature 0: a Polygon has malformed coordinates"),
     ({"type": "FeatureCollection", "features": [qupath_feature("Tubuli", {"type": "Polygon", "coordinates": [[
         ["0", "0"], ["8", "0"], ["8", "8"]]]})]},
@@ -242,11 +250,7 @@ def test_non_finite_asap_coordinates_are_refused_naming_file_and_annotation(tmp_
      r"feature 0: a MultiPolygon has malformed coordinates"),
 ])
 def test_malformed_geojson_structures_are_one_line_errors(tmp_path, content, message):
-    path = tmp_path / "bad.geojson"
-    path.write_text(json.dumps(content))
-    with pytest.raises(DataError, match=message) as err:
-        read_annotations(path)
-    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    assert_refused(tmp_path / "bad.geojson", json.dumps(content), message)
 
 
 def test_deeply_nested_json_is_a_data_error(tmp_path):

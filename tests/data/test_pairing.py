@@ -37,7 +37,7 @@ def test_pairs_become_one_pseudo_slide_with_captions_from_the_masks(tmp_path):
     rows = dataset.rows("train")
     assert len(dataset) == 3 and dataset.patch_size == 32
     assert set(rows["slide"]) == {"job"}  # a job's images/ folder is named after the job
-    for (_, row), (image, mask) in zip(rows.iterrows(), written):
+    for (_, row), (image, mask) in zip(rows.iterrows(), written, strict=True):
         np.testing.assert_array_equal(dataset.image(row), image)
         np.testing.assert_array_equal(dataset.mask(row), mask)
         assert row["caption"] == caption_for_mask(mask, RENAL)
@@ -68,7 +68,8 @@ def test_pairing_refuses_what_cannot_be_a_patch_dataset(tmp_path, capsys):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "img_01.png")
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(images / "img_03.png")
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(masks / "img_03.png")
-    with pytest.raises(DataError, match=r"differ in size \(32x32 px: img_00.png, img_01.png, img_02.png; 48x32 px: img_03.png\)"):
+    with pytest.raises(DataError, match=r"differ in size \(32x32 px: img_00.png, img_01.png, img_02.png; "
+                                        r"48x32 px: img_03.png\)"):
         pair_dataset(images, masks, tmp_path / "d")
     (images / "img_03.png").unlink()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "img_00.tif")

@@ -95,7 +95,7 @@ def test_streamed_sources_write_the_same_pixels_as_an_array(tmp_path):
     assert reads == [(0, top, 1500, min(256, 1001 - top)) for top in range(0, 1001, 256)]
     with tifffile.TiffFile(from_array) as a, tifffile.TiffFile(from_bands) as b, tifffile.TiffFile(from_reader) as c:
         assert len(a.pages) == len(b.pages) == len(c.pages) == 4
-        for pa, pb, pc in zip(a.pages, b.pages, c.pages):
+        for pa, pb, pc in zip(a.pages, b.pages, c.pages, strict=True):
             np.testing.assert_array_equal(pa.asarray(), pb.asarray())
             np.testing.assert_array_equal(pa.asarray(), pc.asarray())
 

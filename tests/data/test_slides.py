@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import tifffile
@@ -138,7 +137,8 @@ def test_mask_slide_of_another_size_is_refused(tmp_path):
     slide_path = write_pyramid_tiff(tmp_path / "slide.tif", gradient(300, 400), mpp=0.5)
     mask_path = write_pyramid_tiff(tmp_path / "mask.tif", np.zeros((300, 200), np.uint8), mpp=0.5, is_mask=True)
     with open_slide(slide_path) as slide:
-        with pytest.raises(DataError, match=r"mask\.tif: the mask slide is 200x300 px but slide slide\.tif is 400x300 px"):
+        with pytest.raises(DataError,
+                           match=r"mask\.tif: the mask slide is 200x300 px but slide slide\.tif is 400x300 px"):
             open_mask_slide(mask_path, like=slide)
 
 
@@ -147,7 +147,8 @@ def test_missing_and_corrupt_slides_are_one_line_errors(tmp_path):
         open_slide(tmp_path / "absent.svs")
     garbage = tmp_path / "garbage.svs"
     garbage.write_bytes(b"II*\x00" + bytes(200))
-    with pytest.raises(DataError, match=r"cannot open .*garbage\.svs as a slide \(openslide: .*; tiffslide: .*\)") as err:
+    with pytest.raises(DataError,
+                       match=r"cannot open .*garbage\.svs as a slide \(openslide: .*; tiffslide: .*\)") as err:
         open_slide(garbage)
     assert "\n" not in str(err.value)
     whole = write_pyramid_tiff(tmp_path / "whole.tif", gradient(1024, 1024), mpp=0.5).read_bytes()

@@ -11,8 +11,8 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt, label
 
 from histosynth.cli import main
-from histosynth.data.phantom.layout import GAP_UM, LARGE_SPECS
 from histosynth.data.dataset import Patch, PatchDatasetWriter
+from histosynth.data.phantom.layout import GAP_UM, LARGE_SPECS
 from histosynth.data.phantom.stamp import Addition, parse_additions, stamp_structures, write_stamped_masks
 from histosynth.errors import ConfigError, DataError
 from histosynth.io import write_png_atomic

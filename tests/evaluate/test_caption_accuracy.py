@@ -11,6 +11,7 @@ from PIL import Image
 
 from histosynth.captions import GENERATING_CAPTION, Level
 from histosynth.cli import main
+from histosynth.errors import CaptionError, DataError, ModelError
 from histosynth.evaluate.caption_accuracy import (
     THESIS_TABLE_5_1,
     judge,
@@ -18,7 +19,6 @@ from histosynth.evaluate.caption_accuracy import (
     write_caption_accuracy_report,
 )
 from histosynth.evaluate.images import read_generated
-from histosynth.errors import CaptionError, DataError, ModelError
 from histosynth.io import write_png_atomic
 from histosynth.models.bundle import load_bundle
 from histosynth.sample.jobs import Job, item_seed
@@ -61,7 +61,8 @@ def test_table_5_1_counts_levels_found():
     assert table["combined %"].tolist() == [10.0, 30.0, 20.0, 40.0]
     assert table.loc["None", "Glomeruli % (thesis)"] == 12.34
     assert table.loc["High", "combined % (thesis)"] == 4.88
-    assert table["Sclerotic Glomeruli % (thesis)"].tolist() == [THESIS_TABLE_5_1["Sclerotic Glomeruli"][lvl] for lvl in Level]
+    assert (table["Sclerotic Glomeruli % (thesis)"].tolist()
+            == [THESIS_TABLE_5_1["Sclerotic Glomeruli"][lvl] for lvl in Level])
     assert result.mention_share() == 90.0
     assert result.exact_match_share() == 40.0
 
@@ -86,7 +87,8 @@ def test_report_places_the_thesis_beside_ours(tmp_path):
     assert "| None | 30.00 | 12.34 | 50.00 | 12.60 | 10.00 | 8.74 |" in text
     assert "**90.0 %** (thesis: 91.3 %)" in text
     assert "244 px out" in text and "12 px border" in text
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table_5_1.csv", keep_default_na=False), result.level_shares(), check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "table_5_1.csv", keep_default_na=False), result.level_shares(),
+                                  check_dtype=False)
     assert len(pd.read_csv(tmp_path / "per_image.csv")) == 10
     assert (tmp_path / "confusion_glomeruli.csv").is_file() and (tmp_path / "table_5_1.png").is_file()
 
@@ -127,7 +129,8 @@ def test_evaluate_captions_command(generated_folder, multiclass_folder, tmp_path
     images = [np.asarray(Image.open(p)) for p in sorted(generated_folder.glob("*.png"))]
     masks = predict_images(Segmenter.load(multiclass_folder), images, coverage=coverage, device="cpu")
     expected = judge(masks, [GENERATING_CAPTION] * 6, RENAL).level_shares()
-    pd.testing.assert_frame_equal(pd.read_csv(out / "table_5_1.csv", keep_default_na=False), expected, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table_5_1.csv", keep_default_na=False), expected,
+                                  check_dtype=False)
     assert (out / "report.md").read_text().count("(thesis: 91.3 %)") == 1
 
 
@@ -167,7 +170,8 @@ def test_generation_job_manifest_is_read_and_missing_images_reported(tmp_path):
 
 
 def test_manifest_must_list_images_and_captions(tmp_path):
-    pd.DataFrame([{"file": "missing.png", "caption": GENERATING_CAPTION}]).to_csv(tmp_path / "manifest.csv", index=False)
+    manifest = pd.DataFrame([{"file": "missing.png", "caption": GENERATING_CAPTION}])
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
     with pytest.raises(DataError, match="none of the 1 images listed"):
         read_generated(tmp_path)
     pd.DataFrame([{"name": "a.png"}]).to_csv(tmp_path / "manifest.csv", index=False)
@@ -192,4 +196,5 @@ def test_evaluate_captions_generates_from_a_model_folder(tiny_bundle_path, multi
     images = [np.asarray(Image.open(p)) for p in generated]
     masks = predict_images(Segmenter.load(multiclass_folder), images, coverage="thesis", device="cpu")
     expected = judge(masks, [GENERATING_CAPTION] * 2, RENAL).level_shares()
-    pd.testing.assert_frame_equal(pd.read_csv(out / "table_5_1.csv", keep_default_na=False), expected, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table_5_1.csv", keep_default_na=False), expected,
+                                  check_dtype=False)

@@ -14,8 +14,8 @@ from sklearn.metrics import f1_score
 
 from histosynth.cli import main
 from histosynth.data.dataset import Patch, PatchDatasetWriter
-from histosynth.evaluate.label_fidelity import evaluate_label_fidelity, pair_by_name, read_mask_job
 from histosynth.errors import DataError
+from histosynth.evaluate.label_fidelity import evaluate_label_fidelity, pair_by_name, read_mask_job
 from histosynth.io import write_png_atomic
 from histosynth.schema import RENAL
 from histosynth.segment.predict import predict_images
@@ -32,7 +32,8 @@ def random_pairs(seed: int, n: int = 4, size: int = 32):
     rng = np.random.default_rng(seed)
     masks, predictions = [], []
     for _ in range(n):
-        mask = np.kron(rng.choice([3, 4, 6], size=(4, 4)), np.ones((size // 4, size // 4), dtype=np.int64)).astype(np.uint8)
+        blocks = rng.choice([3, 4, 6], size=(4, 4))
+        mask = np.kron(blocks, np.ones((size // 4, size // 4), dtype=np.int64)).astype(np.uint8)
         mask[0, 0] = 1  # a rare class: one pixel per image
         wrong = rng.random(mask.shape) < 0.2
         prediction = np.where(wrong, rng.choice([3, 4, 5, 6], size=mask.shape), mask).astype(np.uint8)
@@ -54,7 +55,8 @@ def test_dice_per_class_equals_sklearns_f1_on_the_pooled_pixels():
     assert table.loc["white background", "images with the class"] == 0
     assert np.isnan(table.loc["white background", "Dice"])
     # per image: sklearn's F1 of each image where the class occurs, averaged
-    per_image = [f1_score(m.ravel(), p.ravel(), labels=[4], average=None)[0] for m, p in zip(masks, predictions)]
+    per_image = [f1_score(m.ravel(), p.ravel(), labels=[4], average=None)[0]
+                 for m, p in zip(masks, predictions, strict=True)]
     assert table.loc["Glomeruli", "mean image Dice"] == pytest.approx(np.mean(per_image))
     shares = np.bincount(truth, minlength=8) / truth.size
     np.testing.assert_allclose(table["mask pixel share"], shares)
@@ -131,7 +133,8 @@ def test_evaluate_masks_generates_segments_and_reports(mask_model, layouts, mult
     # any folder of images, against the masks of the same name: a mask folder, or a patch dataset's patches
     assert main(["evaluate", "masks", "--images", str(out / "job" / "images"), "--mask", str(out / "job" / "masks"),
                  "--segmenter", str(multiclass_folder), "--out", str(tmp_path / "by-stem"), "--no-progress"]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "by-stem" / "per_class.csv"), pd.read_csv(out / "per_class.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "by-stem" / "per_class.csv"),
+                                  pd.read_csv(out / "per_class.csv"))
     writer = PatchDatasetWriter(tmp_path / "ds", RENAL, 64)
     writer.write_slide("s", [Patch(np.asarray(Image.open(p.image).convert("RGB")), np.asarray(Image.open(p.mask)), 0, 0)
                              for p in pairs], "test")
@@ -155,10 +158,12 @@ def test_evaluate_masks_refuses_caption_jobs_and_missing_masks(tiny_bundle_path,
     capsys.readouterr()
     assert main(["evaluate", "masks", "--model", str(mask_model), "--segmenter", str(multiclass_folder),
                  "--out", str(tmp_path / "r")]) == 2
-    assert "with --model give the masks to generate from: --masks-from DATASET or --mask PATH" in capsys.readouterr().err
+    assert ("with --model give the masks to generate from: --masks-from DATASET or --mask PATH"
+            in capsys.readouterr().err)
     assert main(["evaluate", "masks", "--images", str(tmp_path), "--segmenter", str(multiclass_folder),
                  "--out", str(tmp_path / "r")]) == 2
-    assert f"{tmp_path} is not a generation job: give the masks of its images with --mask DIR" in capsys.readouterr().err
+    assert (f"{tmp_path} is not a generation job: give the masks of its images with --mask DIR"
+            in capsys.readouterr().err)
     assert main(["evaluate", "masks", "--images", str(job), "--mask", str(tmp_path), "--segmenter",
                  str(multiclass_folder), "--out", str(tmp_path / "r")]) == 2
     assert "--images is a finished job with its own masks; leave out --mask / --masks-from" in capsys.readouterr().err

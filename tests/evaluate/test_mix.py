@@ -74,7 +74,8 @@ def test_binary_experiment_runs_all_six_splits_and_resumes(toy_dataset, syntheti
     config = MixConfig(seeds=(0,), n=4, train=SegmentTrainConfig(class_name="Glomeruli", **TINY))
     result = run_mix_experiment(sources, config, tmp_path)
     counts = {r["split"]: (r["real"], r["synthetic"]) for r in result.runs}
-    assert counts == {"100_0": (4, 0), "75_25": (3, 1), "50_50": (2, 2), "25_75": (1, 3), "0_100": (0, 4), "100_100": (4, 4)}
+    assert counts == {"100_0": (4, 0), "75_25": (3, 1), "50_50": (2, 2), "25_75": (1, 3), "0_100": (0, 4),
+                      "100_100": (4, 4)}
     assert all(r["history"][-1] == r["final"] and r["epochs"] == 1 for r in result.runs)
     report = write_mix_report(result, tmp_path).read_text()
     table = pd.read_csv(tmp_path / "table_5_2.csv")

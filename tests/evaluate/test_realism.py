@@ -148,7 +148,8 @@ def test_evaluate_realism_with_an_extractor(toy):
 
 def test_realism_command(toy, tmp_path, capsys):
     folders = {}
-    for name, images in (("real", tissue(toy, 12, 1)), ("synthetic", tissue(toy, 12, 2)), ("train", tissue(toy, 12, 3))):
+    for name, seed in (("real", 1), ("synthetic", 2), ("train", 3)):
+        images = tissue(toy, 12, seed)
         folders[name] = tmp_path / name
         for index, image in enumerate(images):
             write_png_atomic(folders[name] / f"{index:03d}.png", image)

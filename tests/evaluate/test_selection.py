@@ -99,7 +99,8 @@ def test_select_pairs_keeps_each_masks_best_read_candidate(candidate_jobs, multi
         best = int(np.argmax(expected))  # the first of equals
         assert row.kept_agreement == pytest.approx(max(expected))
         assert row.kept_image == str(jobs[best] / "images" / row.name)
-        np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / row.name).convert("RGB")), candidates[best])
+        kept = np.asarray(Image.open(out / "images" / row.name).convert("RGB"))
+        np.testing.assert_array_equal(kept, candidates[best])
         np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / row.name)), mask)
         manifest = json.loads((jobs[best] / "manifest.json").read_text())
         assert row.kept_seed == manifest["items"][int(row.name[:5])]["seed"]

@@ -23,7 +23,6 @@ from histosynth.models.autoencoder import (
 )
 from histosynth.presets import AutoencoderConfig, load_preset
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

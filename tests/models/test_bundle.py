@@ -126,7 +126,8 @@ def test_a_corrupt_or_foreign_description_is_named(bundle_path):
 
 
 def test_an_autoencoder_with_other_latent_channels_is_a_mismatch(bundle_path):
-    other = Preset.from_dict({**PRESET.to_dict(), "autoencoder": {**PRESET.to_dict()["autoencoder"], "latent_channels": 4}})
+    autoencoder = {**PRESET.to_dict()["autoencoder"], "latent_channels": 4}
+    other = Preset.from_dict({**PRESET.to_dict(), "autoencoder": autoencoder})
     shutil.rmtree(bundle_path / "autoencoder")
     build_autoencoder(other).save_pretrained(bundle_path / "autoencoder")
     with pytest.raises(ModelError, match="part 'unet' does not fit part 'autoencoder': the UNet maps 3 -> 3 "
@@ -150,7 +151,7 @@ def test_a_changed_text_encoder_is_detected_on_first_use(bundle_path):
     bundle = load_bundle(bundle_path)
     with pytest.raises(ModelError, match="part 'text_encoder' does not match: the model was trained with "
                                          "bert:256:0000000000000000"):
-        bundle.text_encoder
+        _ = bundle.text_encoder
 
 
 def test_a_newer_format_version_asks_for_an_upgrade(bundle_path):

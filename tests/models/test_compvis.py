@@ -118,35 +118,26 @@ def _write_yaml(tmp_path: Path, config: dict) -> Path:
     return path
 
 
-def test_shape_mismatch_names_the_checkpoint_key(compvis_dir, tmp_path, fixture_config):
-    config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["unet_config"]["params"]["context_dim"] = 32
-    with pytest.raises(ModelError) as err:
-        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
-    assert str(err.value).startswith(
+@pytest.mark.parametrize("keys, value, message", [
+    pytest.param(("unet_config", "params", "context_dim"), 32, "^" + re.escape(
         "checkpoint key 'model.diffusion_model.input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight' "
-        "has shape (32, 64) but the config's denoiser expects (32, 32)"
-    )
-
-
-def test_extra_res_blocks_in_config_name_the_misplaced_key(compvis_dir, tmp_path, fixture_config):
+        "has shape (32, 64) but the config's denoiser expects (32, 32)"), id="shape-mismatch-names-the-key"),
+    pytest.param(("unet_config", "params", "num_res_blocks"), 2,
+                 r"checkpoint key 'model\.diffusion_model\.input_blocks\.3\.0\.[\w.]+' has no place",
+                 id="extra-res-blocks-name-the-misplaced-key"),
+    pytest.param(("first_stage_config", "params", "n_embed"), 128,
+                 r"checkpoint key 'first_stage_model\.quantize\.embedding\.weight' has shape \(64, 3\)",
+                 id="wrong-autoencoder-size-names-the-key"),
+    pytest.param(("linear_end",), 0.012, "'betas' buffer does not match", id="wrong-schedule-caught-by-betas-buffer"),
+])
+def test_a_config_that_does_not_fit_the_checkpoint_is_refused(compvis_dir, tmp_path, fixture_config, keys, value,
+                                                              message):
     config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["unet_config"]["params"]["num_res_blocks"] = 2
-    with pytest.raises(ModelError, match=r"checkpoint key 'model\.diffusion_model\.input_blocks\.3\.0\.[\w.]+' has no place"):
-        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
-
-
-def test_wrong_autoencoder_size_names_the_checkpoint_key(compvis_dir, tmp_path, fixture_config):
-    config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["first_stage_config"]["params"]["n_embed"] = 128
-    with pytest.raises(ModelError, match=r"checkpoint key 'first_stage_model\.quantize\.embedding\.weight' has shape \(64, 3\)"):
-        import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
-
-
-def test_wrong_schedule_in_config_is_caught_by_the_betas_buffer(compvis_dir, tmp_path, fixture_config):
-    config = yaml.safe_load(yaml.safe_dump(fixture_config))
-    config["model"]["params"]["linear_end"] = 0.012
-    with pytest.raises(ModelError, match="'betas' buffer does not match"):
+    params = config["model"]["params"]
+    for key in keys[:-1]:
+        params = params[key]
+    params[keys[-1]] = value
+    with pytest.raises(ModelError, match=message):
         import_compvis(compvis_dir / "tiny_ldm.safetensors", _write_yaml(tmp_path, config))
 
 
@@ -161,7 +152,8 @@ def test_missing_checkpoint_and_non_compvis_yaml_are_clear_errors(compvis_dir, t
 
 # --- the VQ nin_shortcut mapping of real PathLDM VQ-f4 checkpoints ---------------------------------
 
-_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                 "conv_shortcut": "nin_shortcut"}
 _ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -169,11 +161,13 @@ def compvis_vq_key(key: str, levels: int) -> str:
     """The CompVis (taming) name of a diffusers VQModel parameter, written out from the CompVis layout."""
     rules = [
         (r"(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.", lambda m: f"encoder.down.{m[1]}.block.{m[2]}.{_RESNET_PARTS[m[3]]}."),
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.",
+         lambda m: f"encoder.down.{m[1]}.block.{m[2]}.{_RESNET_PARTS[m[3]]}."),
         (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
         (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.",
          lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{_RESNET_PARTS[m[3]]}."),
-        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv."),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.",
+         lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv."),
         (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(\w+)\.",
          lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_RESNET_PARTS[m[3]]}."),
         (r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
@@ -260,7 +254,8 @@ def test_import_command_writes_loadable_networks(compvis_dir, compvis_ckpt, tmp_
     assert main(command) == 2
 
 
-def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_path, fixture_state, fixture_config, expected):
+def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_path, fixture_state, fixture_config,
+                                                                            expected):
     """The fixture's denoiser re-sized to read MiniLM states (384 features) gives a folder load_bundle accepts."""
     from histosynth.models.bundle import load_bundle
 
@@ -274,7 +269,8 @@ def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_p
     ckpt, yaml_path = _save_checkpoint(tmp_path, state, config)
     out = tmp_path / "bundle"
 
-    assert main(["import-compvis", str(ckpt), "--config", str(yaml_path), "--out", str(out), "--text-encoder", "minilm"]) == 0
+    assert main(["import-compvis", str(ckpt), "--config", str(yaml_path), "--out", str(out),
+                 "--text-encoder", "minilm"]) == 0
 
     bundle = load_bundle(out)
     assert bundle.config.text_encoder.ref == "minilm" and bundle.config.unet_weights == "raw"
@@ -287,7 +283,8 @@ def test_import_with_a_fitting_text_encoder_writes_a_complete_model_folder(tmp_p
 
 def test_a_text_encoder_of_the_wrong_width_is_refused(compvis_dir, tmp_path, capsys):
     out = tmp_path / "bundle"
-    code = main(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"), "--config", str(compvis_dir / "tiny_ldm.yaml"),
-                 "--out", str(out), "--text-encoder", "minilm"])
+    code = main(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"),
+                 "--config", str(compvis_dir / "tiny_ldm.yaml"), "--out", str(out), "--text-encoder", "minilm"])
     assert code == 2 and not out.exists()
-    assert "text encoder 'minilm' gives 384 features per token but the checkpoint's denoiser reads 64" in capsys.readouterr().err
+    assert ("text encoder 'minilm' gives 384 features per token but the checkpoint's denoiser reads 64"
+            in capsys.readouterr().err)

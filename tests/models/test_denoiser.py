@@ -17,7 +17,8 @@ def fixture_shaped_preset() -> Preset:
     """A preset with the sizes of the CompVis fixture's UNet (channel_mult [1, 2, 1], attention at ds 4)."""
     return Preset.from_dict({
         "image_size": 64,
-        "autoencoder": {"kind": "vq", "block_out_channels": [32, 32, 32], "layers_per_block": 1, "num_vq_embeddings": 64},
+        "autoencoder": {"kind": "vq", "block_out_channels": [32, 32, 32], "layers_per_block": 1,
+                        "num_vq_embeddings": 64},
         "unet": {"block_out_channels": [32, 64, 32], "layers_per_block": 1, "cross_attention": [False, False, True]},
     })
 

@@ -80,7 +80,8 @@ def test_loss_is_the_noise_prediction_mse(little_unet):
 def test_loss_is_reproducible_from_a_seed(little_unet):
     latents, context = batch()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    losses = [diffusion_loss(little_unet, latents, context, mask, torch.Generator().manual_seed(s)).item() for s in (1, 1, 2)]
+    losses = [diffusion_loss(little_unet, latents, context, mask, torch.Generator().manual_seed(s)).item()
+              for s in (1, 1, 2)]
     assert losses[0] == losses[1] != losses[2]
 
 

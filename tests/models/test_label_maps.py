@@ -110,7 +110,8 @@ def test_a_mask_model_folder_restores_its_conditioning(tmp_path):
     config["conditioning"]["mask_classes"] = [0, 1, 2]
     (path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"conditioning: 8 mask channels need 'mask_classes' with one id of the "
-                                         r"class schema each \(schema ids \[0, 1, 2, 3, 4, 5, 6, 7\]\), got \[0, 1, 2\]"):
+                                         r"class schema each \(schema ids \[0, 1, 2, 3, 4, 5, 6, 7\]\), "
+                                         r"got \[0, 1, 2\]"):
         load_bundle(path)
 
 

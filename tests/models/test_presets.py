@@ -62,8 +62,10 @@ def test_a_preset_file_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "section, field, value, message",
     [
-        ("unet", "cross_attention", [True, False], "field 'unet': cross_attention has 2 entries but block_out_channels has 4 levels"),
-        ("unet", "block_out_channels", [32, 48, 96, 96], "field 'unet': channel counts [48] are not multiples of norm_num_groups=32"),
+        ("unet", "cross_attention", [True, False],
+         "field 'unet': cross_attention has 2 entries but block_out_channels has 4 levels"),
+        ("unet", "block_out_channels", [32, 48, 96, 96],
+         "field 'unet': channel counts [48] are not multiples of norm_num_groups=32"),
         ("autoencoder", "kind", "gan", "field 'autoencoder.kind'"),
         ("training", "precision", "16-mixed", "field 'training.precision': fp16 is refused"),
         ("training", "lr", -1, "field 'training.lr'"),
@@ -82,12 +84,14 @@ def test_bad_fields_are_named(tmp_path, section, field, value, message):
 def test_image_size_must_fit_the_networks(tmp_path):
     data = _tiny_dict()
     data["image_size"] = 100
-    with pytest.raises(ConfigError, match=r"image_size 100 must be a multiple of 32 \(autoencoder factor 4 x UNet factor 8\)"):
+    with pytest.raises(ConfigError,
+                       match=r"image_size 100 must be a multiple of 32 \(autoencoder factor 4 x UNet factor 8\)"):
         load_preset(_write(tmp_path, data))
 
 
 def test_unknown_preset_name_lists_the_choices():
-    with pytest.raises(ConfigError, match="unknown preset 'huge': give one of pathldm, small, tiny or a preset YAML file"):
+    with pytest.raises(ConfigError,
+                       match="unknown preset 'huge': give one of pathldm, small, tiny or a preset YAML file"):
         load_preset("huge")
 
 

@@ -39,5 +39,6 @@ def make_mask_bundle(path: Path, condition: str = "text+mask", seed: int = 0, ma
     torch.manual_seed(seed)
     unet = build_denoiser(preset, context_dim=text.hidden_size, extra_in_channels=len(RENAL.ids))
     autoencoder = build_autoencoder(preset)
-    meta = {"image_size": _conftest.PATCH, "preset": preset.to_dict(), "conditioning": conditioning.to_config(RENAL.ids)}
+    meta = {"image_size": _conftest.PATCH, "preset": preset.to_dict(),
+            "conditioning": conditioning.to_config(RENAL.ids)}
     return save_bundle(path, unet, autoencoder, dict(noise_scheduler(preset).config), text, RENAL, meta)

@@ -174,7 +174,8 @@ def test_a_job_from_masks_resumes_and_shards_to_the_same_bytes(mask_job, mask_bu
     assert _files(mask_job.folder) == expected
     sharded = tmp_path / "sharded"
     for index in (1, 0):
-        job = new_job(sharded, mask_bundle, [""], None, 7, OPTIONS, batch_size=2, masks=conditioning_masks(source_masks))
+        job = new_job(sharded, mask_bundle, [""], None, 7, OPTIONS, batch_size=2,
+                      masks=conditioning_masks(source_masks))
         run_job(mask_bundle, job, Shard(index, 2))
     assert _files(sharded) == expected
 
@@ -198,7 +199,8 @@ def mask_dataset(tmp_path_factory):
     writer = PatchDatasetWriter(tmp_path_factory.mktemp("dataset") / "ds", patch_size=64)
     rng = np.random.default_rng(0)
     for slide, split in (("a", "train"), ("b", "test")):
-        patches = [Patch(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), blob_mask(64, 64, 20 + i + 10 * (split == "test")))
+        patches = [Patch(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                         blob_mask(64, 64, 20 + i + 10 * (split == "test")))
                    for i in range(3)]
         writer.write_slide(slide, patches, split=split)
     return writer.finalize()
@@ -215,7 +217,7 @@ def test_generate_from_a_dataset_split(mask_bundle_path, mask_dataset, tmp_path)
     assert [i["mask_source"] for i in manifest["items"]] == [
         f"{mask_dataset.root}:{test_rows.iloc[k]['patch_id']}" for k in chosen]
     assert [i["caption"] for i in manifest["items"]] == [test_rows.iloc[k]["caption"] for k in chosen]
-    for item, k in zip(manifest["items"], chosen):
+    for item, k in zip(manifest["items"], chosen, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(out / item["mask"])), mask_dataset.mask(test_rows.iloc[k]))
         assert (out / item["file"]).is_file()
 

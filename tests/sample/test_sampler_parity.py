@@ -6,7 +6,6 @@ Tolerances are the fixture README's for fp32 on a CPU. The DDIM latents of an un
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -89,8 +88,8 @@ def test_fifty_steps_and_the_decoded_image_match_pathldm_sampling(model, ref):
 
 def test_swapping_cond_and_uncond_is_detected(model, ref):
     unet, _, diffusion = model
-    swapped = denoise(unet, sampling_scheduler(diffusion), ref["ddim_xT"], Conditions(ref["ddim_uncond"], ref["ddim_cond"]),
-                      SamplingOptions(steps=10))
+    swapped = denoise(unet, sampling_scheduler(diffusion), ref["ddim_xT"],
+                      Conditions(ref["ddim_uncond"], ref["ddim_cond"]), SamplingOptions(steps=10))
     assert max_error(swapped, ref["ddim_out_10"]) > 1.0
 
 

@@ -36,7 +36,8 @@ def _level(path, level: int) -> np.ndarray:
 def test_seamless_slides_have_no_seams_where_stitched_ones_do(grid_slides):
     stitched, seamless = grid_slides["stitched"].seam_score, grid_slides["seamless"].seam_score
     assert seamless < 1.15 < stitched
-    assert grid_slides["seamless"].seam_score == json.loads(grid_slides["seamless"].record_path.read_text())["seam_score"]
+    record = json.loads(grid_slides["seamless"].record_path.read_text())
+    assert grid_slides["seamless"].seam_score == record["seam_score"]
 
 
 def test_stitched_slides_are_grids_of_independent_patches(tiny_bundle):

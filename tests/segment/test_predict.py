@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from histosynth.errors import DataError, ModelError
-from histosynth.schema import RENAL
 from histosynth.data.images import list_images
-from histosynth.errors import ConfigError
+from histosynth.errors import ConfigError, DataError, ModelError
+from histosynth.io import write_png_atomic
+from histosynth.schema import RENAL
 from histosynth.segment.predict import class_mask, images_to_segment, predict_image, predict_images
 from histosynth.segment.segmenter import Segmenter
-from histosynth.io import write_png_atomic
 
 
 class RedCentre(nn.Module):
@@ -66,7 +65,7 @@ def test_tiling_is_invisible_for_a_real_unet():
 def test_batches_mix_sizes_and_keep_order():
     images = [random_image(64, 64, 1), random_image(100, 80, 2), random_image(64, 64, 3)]
     results = predict_images(red_segmenter(), images, batch_size=2, device="cpu")
-    for image, labels in zip(images, results):
+    for image, labels in zip(images, results, strict=True):
         np.testing.assert_array_equal(labels, (image[..., 0] > 127.5).astype(np.uint8))
 
 

@@ -188,7 +188,8 @@ def test_segment_train_writes_a_folder_with_its_record(multiclass_folder, toy):
     training = config["training"]
     assert training["patches"] == {"train": 24, "val": 8, "test": 8}
     assert training["config"]["input_size"] == toy.QUICK_OPTIONS["input_size"]
-    assert training["epochs"] == len(pd.read_csv(multiclass_folder / "logs" / "metrics.csv").dropna(subset=["val_loss"]))
+    metrics = pd.read_csv(multiclass_folder / "logs" / "metrics.csv")
+    assert training["epochs"] == len(metrics.dropna(subset=["val_loss"]))
     assert training["weights"] == "lowest validation loss"
     assert set(training["evaluation"]) == {"val", "test"}
     test = training["evaluation"]["test"]

@@ -12,11 +12,22 @@ from PIL import Image
 from sklearn.metrics import cohen_kappa_score, recall_score
 
 from histosynth.errors import DataError
-from histosynth.survey.analyze import (GRID_CORRECT, GRID_OPEN, GRID_WRONG, analyze_responses, analyze_survey,
-                                       answers_grid)
+from histosynth.survey.analyze import (
+    GRID_CORRECT,
+    GRID_OPEN,
+    GRID_WRONG,
+    analyze_responses,
+    analyze_survey,
+    answers_grid,
+)
 from histosynth.survey.app import create_app
-from histosynth.survey.responses import (ParticipantAnswers, Responses, read_responses_csv, responses_to_csv,
-                                         write_responses_csv)
+from histosynth.survey.responses import (
+    ParticipantAnswers,
+    Responses,
+    read_responses_csv,
+    responses_to_csv,
+    write_responses_csv,
+)
 
 R, S = "real", "synthetic"
 
@@ -73,8 +84,8 @@ def test_kappa_and_rates_equal_sklearn_including_unanswered_questions():
         answers = [rng.choice([R, S]) if rng.random() > 0.1 else None for _ in truth]
         people.append(ParticipantAnswers(f"P{i + 1}", int(rng.integers(1, 6)), tuple(answers)))
     analysis = analyze_responses(Responses(truth=truth, participants=tuple(people)))
-    for person, row in zip(people, analysis.participants.itertuples()):
-        answered = [(t, a) for t, a in zip(truth, person.answers) if a is not None]
+    for person, row in zip(people, analysis.participants.itertuples(), strict=True):
+        answered = [(t, a) for t, a in zip(truth, person.answers, strict=True) if a is not None]
         y_true, y_given = [t for t, _ in answered], [a for _, a in answered]
         assert row.answered == len(answered) < 40
         assert row.kappa == cohen_kappa_score(y_true, y_given)

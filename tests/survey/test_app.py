@@ -17,8 +17,13 @@ from PIL import Image
 from histosynth.errors import ConfigError
 from histosynth.survey.app import COMMON_HEADERS, create_app, is_loopback
 from histosynth.survey.build import KEY_FILE, build_survey, open_survey, read_answer_key, reencode
-from histosynth.survey.responses import (ParticipantAnswers, Responses, read_responses_csv, responses_to_csv,
-                                         write_responses_csv)
+from histosynth.survey.responses import (
+    ParticipantAnswers,
+    Responses,
+    read_responses_csv,
+    responses_to_csv,
+    write_responses_csv,
+)
 from histosynth.survey.security import ADMIN_COOKIE
 from histosynth.survey.store import SurveyStore
 
@@ -250,14 +255,14 @@ def test_served_images_say_nothing_of_their_class_by_length_or_headers(telltale_
     key = {row["number"]: row["source"] for row in json.loads((survey_dir / KEY_FILE).read_text())["questions"]}
     client = TestClient(create_app(survey_dir, admin_secret))
     served = {label: [] for label in ("real", "synthetic")}
-    for question, label in zip(survey.questions, truth):
+    for question, label in zip(survey.questions, truth, strict=True):
         response = client.get(f"/images/{question.image_id}")
         served[label].append((dict(response.headers), len(response.content)))
         unpadded, _ = reencode(Path(key[question.number]), 64, image_format)
         assert np.array_equal(decoded(response.content), decoded(unpadded))
     # unpadded, the two classes have sizes that do not even overlap ...
     sizes = {label: [len(reencode(Path(key[q.number]), 64, image_format)[0])
-                     for q, t in zip(survey.questions, truth) if t == label] for label in served}
+                     for q, t in zip(survey.questions, truth, strict=True) if t == label] for label in served}
     assert min(sizes["real"]) > max(sizes["synthetic"])
     # ... served, every response has the same headers, Content-Length included, whatever its class
     everything = served["real"] + served["synthetic"]
@@ -276,7 +281,7 @@ def test_a_survey_built_without_padding_is_padded_when_served(telltale_folders, 
     client = TestClient(create_app(survey_dir, admin_secret))
     responses = [client.get(f"/images/{q.image_id}") for q in survey.questions]
     assert len({r.headers["content-length"] for r in responses}) == 1
-    for question, response in zip(survey.questions, responses):
+    for question, response in zip(survey.questions, responses, strict=True):
         assert np.array_equal(decoded(response.content), decoded(survey.image_path(question).read_bytes()))
 
 
@@ -300,7 +305,7 @@ def test_the_export_neutralises_cells_a_spreadsheet_would_run(client, survey_dir
     rows = list(csv.reader(io.StringIO(export)))[2:]
     stored_comments = [p.comment for p in SurveyStore(open_survey(survey_dir).responses_path).participants()]
     cells = [row[-1] for row in rows]
-    for kept, cell in zip(stored_comments, cells):
+    for kept, cell in zip(stored_comments, cells, strict=True):
         if kept[:1] in ("=", "+", "-", "@", "\t", "\r") or kept.startswith("'="):
             assert cell == "'" + kept
         else:

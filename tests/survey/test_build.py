@@ -13,8 +13,16 @@ from PIL import Image
 
 from histosynth.data.dataset import Patch, PatchDatasetWriter
 from histosynth.errors import ConfigError, DataError, JobError
-from histosynth.survey.build import (IMAGES_DIR, KEY_FILE, SURVEY_FILE, build_survey, list_images, open_survey,
-                                     read_answer_key, reencode)
+from histosynth.survey.build import (
+    IMAGES_DIR,
+    KEY_FILE,
+    SURVEY_FILE,
+    build_survey,
+    list_images,
+    open_survey,
+    read_answer_key,
+    reencode,
+)
 
 
 def test_build_picks_the_asked_numbers_and_keeps_the_truth_apart(make_survey, image_folders):
@@ -46,7 +54,7 @@ def test_a_seed_repeats_the_selection_and_order_but_never_the_ids(make_survey):
     ids = [[q.image_id for q in open_survey(root).questions] for root in (first, again, other)]
     assert not set(ids[0]) & set(ids[1]) and not set(ids[0]) & set(ids[2]), \
         "ids come from the secure random source: replaying the seed must not give them back"
-    for q_first, q_again in zip(*(open_survey(root).questions for root in (first, again))):
+    for q_first, q_again in zip(*(open_survey(root).questions for root in (first, again)), strict=True):
         assert np.array_equal(pixels(open_survey(first).image_path(q_first).read_bytes()),
                               pixels(open_survey(again).image_path(q_again).read_bytes()))
     orders = {tuple(read_answer_key(make_survey(n_real=4, n_synthetic=4, seed=s, name=f"s{s}"))) for s in range(6)}
@@ -99,7 +107,7 @@ def test_file_sizes_do_not_tell_real_from_synthetic(telltale_folders, tmp_path, 
     key = {row["number"]: row["source"] for row in json.loads((root / KEY_FILE).read_text())["questions"]}
     plain = {t: [] for t in ("real", "synthetic")}
     sizes = set()
-    for q, t in zip(survey.questions, truth):
+    for q, t in zip(survey.questions, truth, strict=True):
         data = survey.image_path(q).read_bytes()
         sizes.add(len(data))
         unpadded, _ = reencode(Path(key[q.number]), 64, image_format)

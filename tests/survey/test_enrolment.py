@@ -74,7 +74,7 @@ def test_open_mode_admits_anyone_with_the_address(survey_dir, admin_secret, part
     client = TestClient(create_app(survey_dir, admin_secret, open_enrolment=True), follow_redirects=False)
     assert 'action="/start"' in client.get("/").text
     people = [participant(client) for _ in range(2)]
-    for person, experience in zip(people, (1, 5)):
+    for person, experience in zip(people, (1, 5), strict=True):
         assert person.start(experience).status_code == 303
         assert person.answer(1, "real").status_code == 303
     assert [(p.experience, p.answers) for p in store_of(survey_dir).participants()] == [
@@ -155,7 +155,8 @@ def test_the_admin_mints_invitation_links(survey_dir, admin_secret, participant)
     assert scripted.status_code == 200 and len(scripted.text.splitlines()) == 3
     assert all(line.startswith("http://testserver/i/") for line in scripted.text.splitlines())
     for bad in ["0", "1001", "-2", "many"]:
-        refused = bearer.post("/admin/invites", data={"count": bad}, headers={"Authorization": f"Bearer {admin_secret}"})
+        refused = bearer.post("/admin/invites", data={"count": bad},
+                              headers={"Authorization": f"Bearer {admin_secret}"})
         assert refused.status_code == 400
     assert len(store_of(survey_dir).invites()) == 5
     # a link taken from the list starts a survey; then it is no longer listed
