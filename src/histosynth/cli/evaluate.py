@@ -24,7 +24,7 @@ from .common import (
 
 SegmenterOption = typer.Option(..., "--segmenter", help="multi-class segmenter folder")
 CoverageOption = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only")
-SegmenterBatchOption = typer.Option(8, "--batch-size", help="images per segmenter call")
+BatchSizeOption = typer.Option(8, "--batch-size", help="images per batch")
 
 
 def register(app: typer.Typer) -> None:
@@ -43,14 +43,18 @@ def register(app: typer.Typer) -> None:
 def captions(
     segmenter: Path = SegmenterOption,
     out: Path = typer.Option(..., "--out", help="report folder"),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder of generated images (+ manifest with captions)"),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="folder of generated images (+ manifest with captions)"),
     model: Optional[Path] = typer.Option(None, "--model", help="model folder to generate the images from"),
-    caption: Optional[str] = typer.Option(None, "--caption", help="the requested caption (default with --model: the thesis' generating caption; with --images: from the manifest)"),
+    caption: Optional[str] = typer.Option(
+        None, "--caption", help="the requested caption (default with --model: the thesis' generating caption; with "
+                                "--images: from the manifest)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all in --images; 400 with --model)"),
     seed: int = seed_option("seed of the choice of images and of the generation job"),
-    coverage: str = typer.Option("thesis", "--coverage", help="thesis: 86 px padding, 12 px border lost (as the thesis); full: every pixel"),
+    coverage: str = typer.Option(
+        "thesis", "--coverage", help="thesis: 86 px padding, 12 px border lost (as the thesis); full: every pixel"),
     schema: Optional[str] = SchemaOption,
-    batch_size: int = SegmenterBatchOption,
+    batch_size: int = BatchSizeOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -107,7 +111,8 @@ def masks(
     images: Optional[Path] = typer.Option(None, "--images", help="a generation job made from masks (images/ + masks/), "
                                           "or a folder of images scored against the --mask / --masks-from masks "
                                           "of the same name"),
-    model: Optional[Path] = typer.Option(None, "--model", help="mask-conditioned model folder to generate the images from"),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="mask-conditioned model folder to generate the images from"),
     masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="the masks of this patch dataset (with "
                                               "--images: the patch named like each image)"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
@@ -125,7 +130,7 @@ def masks(
     coverage: str = CoverageOption,
     min_share: float = typer.Option(0.01, "--min-share", help="classes below this share of the mask pixels are left "
                                     "out of the mean Dice"),
-    batch_size: int = SegmenterBatchOption,
+    batch_size: int = BatchSizeOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -182,7 +187,7 @@ def masks(
     else:
         pairs, source = read_mask_job(job, n, seed)
     result, pictures, masks_read, predictions = evaluate_mask_job(pairs, segment, seg.schema, min_share)
-    examples = list(zip(masks_read, pictures, predictions))
+    examples = list(zip(masks_read, pictures, predictions, strict=True))
     path = write_label_fidelity_report(result, out, examples, source=source,
                                        segmenter=f"{seg.describe()} ({segmenter})", coverage=coverage)
     typer.echo(f"{len(result)} images: mean Dice {result.mean_dice():.3f} over classes with >= {min_share:.1%} of "
@@ -196,7 +201,7 @@ def select_pairs(
                                    "with another one)"),
     out: Path = typer.Option(..., "--out", help="folder for images/ and masks/ of the kept pairs and selection.csv"),
     coverage: str = CoverageOption,
-    batch_size: int = SegmenterBatchOption,
+    batch_size: int = BatchSizeOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -221,9 +226,12 @@ def realism(
     synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patches: a patch dataset or a folder"),
     out: Path = typer.Option(..., "--out", help="report folder"),
     train: Optional[Path] = typer.Option(None, "--train", help="the generator's training patches (memorisation check)"),
-    extractor: Optional[Path] = typer.Option(None, "--extractor", help="local feature extractor for FID/KID: a torch.export .pt2 or TorchScript file (never downloaded)"),
+    extractor: Optional[Path] = typer.Option(
+        None, "--extractor", help="local feature extractor for FID/KID: a torch.export .pt2 or TorchScript file (never "
+                                  "downloaded)"),
     n: Optional[int] = typer.Option(None, "--n", help="images drawn from each set (default: all)"),
-    real_split: Optional[str] = typer.Option(None, "--real-split", help="use only this split of a real patch dataset (e.g. test)"),
+    real_split: Optional[str] = typer.Option(
+        None, "--real-split", help="use only this split of a real patch dataset (e.g. test)"),
     folds: int = typer.Option(5, "--folds"),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap rounds of the AUC interval"),
     seed: int = seed_option("seed of the choice of images, the folds and the bootstrap"),
@@ -252,7 +260,8 @@ def realism(
         sources["feature extractor"] = str(extractor)
     path = write_realism_report(result, out, sources)
     test = result.two_sample
-    typer.echo(f"two-sample ROC AUC {test.auc:.3f} ({test.confidence:.0%} CI {test.ci_low:.3f}-{test.ci_high:.3f}): {test.verdict()}")
+    typer.echo(f"two-sample ROC AUC {test.auc:.3f} ({test.confidence:.0%} CI {test.ci_low:.3f}-{test.ci_high:.3f}): "
+               f"{test.verdict()}")
     typer.echo(f"wrote {path}")
 
 
@@ -261,7 +270,8 @@ def mix(
     real: Path = typer.Option(..., "--real", help="real patch dataset (its 'train' rows are used)"),
     synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patch dataset (all rows)"),
     out: Path = typer.Option(..., "--out", help="experiment folder (runs, logs, report)"),
-    val: Optional[Path] = typer.Option(None, "--val", help="real validation dataset (all rows); default: --real's 'val' rows"),
+    val: Optional[Path] = typer.Option(
+        None, "--val", help="real validation dataset (all rows); default: --real's 'val' rows"),
     seeds: str = typer.Option("3", "--seeds", help="number of seeds (3 = seeds 0,1,2) or a list (0,5,7)"),
     splits: Optional[str] = typer.Option(None, "--splits", help="subset of 100_0,75_25,50_50,25_75,0_100,100_100"),
     n: Optional[int] = typer.Option(None, "--n", help="patches per split (default: min of real and synthetic)"),

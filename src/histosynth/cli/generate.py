@@ -64,13 +64,15 @@ def generate_command(
     captions_file: Optional[Path] = typer.Option(None, "--captions-file", help="text file, one caption per line"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="label mask PNG, or a folder of them: one image per "
                                         "mask, of its size (a mask-conditioned model)"),
-    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="generate from the masks of this patch dataset"),
+    masks_from: Optional[Path] = typer.Option(
+        None, "--masks-from", help="generate from the masks of this patch dataset"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="caption each image from its own mask "
                                        "(with masks, for a model that reads text and masks)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: one per caption; captions cycle); "
                                     "with masks: that many of the masks, drawn with --seed (default: all)"),
-    out: Path = typer.Option(..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
+    out: Path = typer.Option(
+        ..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
     seed: int = SeedOption,
     sampling: dict = Sampling,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", show_default=False,
@@ -159,7 +161,8 @@ def synth_slide_command(
     sampling: dict = Sampling,
     batch_size: int = typer.Option(8, "--batch-size", help="patches per UNet call (stitched mode)"),
     window_batch: int = typer.Option(8, "--window-batch", help="latent windows per UNet call (seamless mode)"),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
     device: str = DeviceOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
 ) -> None:

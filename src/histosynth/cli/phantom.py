@@ -67,7 +67,8 @@ def patches(
     size: int = typer.Option(256, "--size", help="patch side in pixels"),
     phantom: dict = Phantom,
     slides: Optional[int] = typer.Option(
-        None, "--slides", help="pseudo-slides to group the patches in (splits are by slide); default n/25, within 5-10"),
+        None, "--slides",
+        help="pseudo-slides to group the patches in (splits are by slide); default n/25, within 5-10"),
     val: float = typer.Option(0.1, "--val", help="share of pseudo-slides for validation"),
     test: float = typer.Option(0.1, "--test", help="share of pseudo-slides for testing"),
 ) -> None:
@@ -100,7 +101,8 @@ def stamp(
     masks: Optional[Path] = typer.Argument(None, help="a label mask PNG or a folder of them"),
     masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="instead: the masks of this patch dataset"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
-    n: Optional[int] = typer.Option(None, "--n", help="edit this many of the masks, drawn with the seed (default: all)"),
+    n: Optional[int] = typer.Option(
+        None, "--n", help="edit this many of the masks, drawn with the seed (default: all)"),
     add: str = typer.Option(..., "--add", help="structures to add to each mask, CLASS=COUNT,...: Glomeruli, "
                             "Sclerotic Glomeruli, Arteries or Dilated Tubuli (e.g. Glomeruli=2)"),
     out: Path = typer.Option(..., "--out", help="folder for the edited masks (the source's file stem or patch "

@@ -25,7 +25,8 @@ def train(
     dataset: Path = typer.Argument(..., help="patch dataset (with 'train' and 'val' slides)"),
     out: Path = typer.Option(..., "--out", help="segmenter folder to write"),
     training: dict = SegmenterTraining,
-    init: Optional[Path] = typer.Option(None, "--init", help="segmenter folder to fine-tune (same schema, --class and width)"),
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="segmenter folder to fine-tune (same schema, --class and width)"),
     seed: int = seed_option("seed of the initial weights, the batches and the augmentations"),
     progress: bool = ProgressOption,
 ) -> None:
@@ -56,7 +57,8 @@ def predict(
     segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder"),
     out: Path = typer.Option(..., "--out", help="folder for the label PNGs"),
     class_name: Optional[str] = typer.Option(None, "--class", help="write a 0/1 mask of this class only"),
-    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding of 256 px images, 12 px border lost"),
+    coverage: str = typer.Option(
+        "full", "--coverage", help="full: every pixel; thesis: 86 px padding of 256 px images, 12 px border lost"),
     tile: int = typer.Option(572, "--tile", help="largest network window in px (a valid size)"),
     batch_size: int = typer.Option(4, "--batch-size"),
     device: str = DeviceOption,
@@ -77,7 +79,7 @@ def predict(
         model.schema.id_of(class_name)
     labels_iter = predict_images(model, (read_rgb(p) for p in paths), coverage=coverage, tile=tile,
                                  batch_size=batch_size, device=device, progress=progress, total=len(paths))
-    for (_, target), labels in zip(found, labels_iter):
+    for (_, target), labels in zip(found, labels_iter, strict=True):
         if class_name is not None:
             labels = class_mask(model, labels, class_name)
         write_png_atomic(out / target, labels)

@@ -40,7 +40,7 @@ def tile(
     annotations_per_slide = _one_per_slide(annotations, slides, "--annotations")
     overrides = _one_per_slide(mpp_override, slides, "--mpp-override", allow_one=True)
     inputs = [SlideInput(slide, mask=m, annotations=a, mpp_override=o)
-              for slide, m, a, o in zip(slides, masks_per_slide, annotations_per_slide, overrides)]
+              for slide, m, a, o in zip(slides, masks_per_slide, annotations_per_slide, overrides, strict=True)]
     result = tile_slides(
         inputs, out, schema_from_option(schema),
         TilingOptions(mpp=mpp, size=size, min_tissue=min_tissue),

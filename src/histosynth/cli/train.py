@@ -60,11 +60,13 @@ def register(app: typer.Typer) -> None:
 
 def cache_command(
     dataset: Path = typer.Argument(..., help="patch dataset folder"),
-    model: Optional[Path] = typer.Option(None, "--model", help="take the autoencoder and text encoder of this model folder"),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="take the autoencoder and text encoder of this model folder"),
     preset: str = PresetOption,
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder"),
     text_encoder: Optional[str] = TextEncoderOption,
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="where to store the cache (default DATASET/cache)"),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="where to store the cache (default DATASET/cache)"),
     split: str = typer.Option("train", "--split", help="which split of the dataset to encode"),
     label_maps: bool = typer.Option(False, "--label-maps", help="also cache the masks' label maps (for training "
                                     "with --condition mask or text+mask)"),
@@ -86,8 +88,8 @@ def cache_command(
         data = prepare_training_data(dataset, ae, encoder, cache_dir, split, label_classes=classes)
     maps = f", label maps of {len(classes)} classes" if classes else ""
     typer.echo(
-        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}){maps} and "
-        f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
+        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}){maps}"
+        f" and {len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
         f"[{time.perf_counter() - started:.1f} s]"
     )
 
@@ -119,7 +121,8 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch per device (default: the preset's)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default: the preset's; pathldm has "
                                        "the thesis' 2.5e-5, §4.1.5)"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
+    warmup_steps: Optional[int] = typer.Option(
+        None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this model folder's UNet (fine-tuning; a "
                                         "text model becomes a text+mask one with zero-initialised mask channels)"),
     condition: str = typer.Option("text", "--condition", help="what the model reads: text, mask (a label map at "
@@ -132,9 +135,11 @@ def train_command(
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder "
                                                "(default with --init: that model's)"),
     text_encoder: Optional[str] = TextEncoderOption,
-    sample_every: int = typer.Option(0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
+    sample_every: int = typer.Option(
+        0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
     log_every: int = typer.Option(10, "--log-every", help="steps between rows of the CSV log (OUT.run/logs)"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="latent / embedding cache (default DATASET/cache)"),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="latent / embedding cache (default DATASET/cache)"),
     run: dict = DiffusionRun,
 ) -> None:
     """Train a latent diffusion model conditioned on captions and/or label masks; write its model folder."""
@@ -161,7 +166,8 @@ def train_autoencoder_command(
     dataset: Path = typer.Argument(..., help="patch dataset folder"),
     out: Path = typer.Option(..., "--out", help="autoencoder folder to write (use it with train --autoencoder)"),
     preset: str = PresetOption,
-    init: Optional[Path] = typer.Option(None, "--init", help="fine-tune this autoencoder (model folder or autoencoder folder)"),
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="fine-tune this autoencoder (model folder or autoencoder folder)"),
     steps: int = typer.Option(5_000, "--steps", help="training steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="batch per device"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate"),
