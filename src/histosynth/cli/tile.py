@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import DataError
-from .common import SchemaOption, schema_from_option
+from .common import ProgressOption, SchemaOption, schema_from_option
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +31,7 @@ def tile(
     split_file: Optional[Path] = typer.Option(
         None, "--split-file", help="CSV with columns slide,split (train/val/test); default: a hash of the name"),
     schema: Optional[str] = SchemaOption,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+    progress: bool = ProgressOption,
 ) -> None:
     """Cut slides into a patch dataset of image/mask PNG pairs with captions; re-runs skip finished slides."""
     from ..data.tiling import SlideInput, TilingOptions, read_split_file, tile_slides
