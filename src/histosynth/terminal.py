@@ -14,24 +14,42 @@ if TYPE_CHECKING:
 LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
 
 
-def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool = False) -> "Progress":
+def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool = False, rate: bool = False,
+                 stderr: bool = False) -> "Progress":
     """A rich progress bar: each task's description, the bar, done/total and the time left.
 
     ``transient`` bars disappear when they finish (steps inside a larger command); ``elapsed`` shows
-    the time taken instead of the time left. A disabled bar prints nothing, so callers need no branch.
+    the time taken instead of the time left; ``rate`` (long jobs) shows the units per second of a task
+    whose ``unit`` field names them (``1.42 images/s``), the time taken and the time left ("ETA").
+    ``stderr`` draws on standard error, leaving standard output to a command's results. A disabled bar
+    prints nothing, so callers need no branch.
     """
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
 
-    clock = TimeElapsedColumn() if elapsed else TimeRemainingColumn()
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), clock,
-                    disable=not enabled, transient=transient)
+    class RateColumn(ProgressColumn):
+        """Units per second of a task whose ``unit`` field names them, e.g. ``1.42 images/s``."""
+
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            unit = task.fields.get("unit", "")
+            return Text("" if speed is None else f"{speed:.2f} {unit}/s", style="progress.data.speed")
+
+    if rate:
+        clocks = [RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    else:
+        clocks = [TimeElapsedColumn() if elapsed else TimeRemainingColumn()]
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clocks,
+                    disable=not enabled, transient=transient, console=Console(stderr=True) if stderr else None)
 
 
 @contextmanager

@@ -12,17 +12,7 @@ import sys
 import typer
 
 from ..errors import HistosynthError
-from . import caption
-from . import demo
-from . import survey
-from . import model
-from . import tile
-from . import generate
-from . import phantom
-from . import train
-from . import segment
-from . import evaluate
-from . import dataset
+from . import caption, dataset, demo, evaluate, generate, model, phantom, segment, survey, tile, train
 
 app = typer.Typer(
     name="histosynth",

@@ -1,9 +1,20 @@
-"""Options and helpers shared by several command groups."""
+"""Options and helpers shared by several command groups, each defined once.
+
+An option that more than one command group takes is a ``typer.Option`` (or a small factory of one) here. A block
+of options that several commands share is an :class:`OptionBlock`: one function whose parameters are the options
+and which turns them into what the library takes. A command names the block as the default of one parameter and
+is wrapped by :func:`expand_blocks`, so ``--help`` lists the block's options in place and the command receives
+what the block's function returned. Blocks and options shared only by the commands of one module are defined at
+the top of that module (phantom's ``--seed/--mix/--mpp``, generate's sampling options, train's run options).
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -12,7 +23,91 @@ from ..schema import ClassSchema, load_schema
 SchemaOption = typer.Option(
     None, "--schema", help="class schema: 'renal' (default) or a YAML file", show_default=False
 )
+#: What :func:`histosynth.devices.pick_device` accepts, for every command that takes --device.
+DeviceOption = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+ProgressOption = typer.Option(True, "--progress/--no-progress", help="show progress bars")
+WorkersOption = typer.Option(0, "--workers", help="data-loading worker processes")
+
+
+def seed_option(help: str, default: Optional[int] = 0) -> Any:
+    """--seed with what it seeds in this command (the commands differ only in that; ``None``: random)."""
+    return typer.Option(default, "--seed", help=help, show_default=default is not None)
 
 
 def schema_from_option(value: Optional[Path | str]) -> ClassSchema:
     return load_schema(value)
+
+
+# --- blocks of options --------------------------------------------------------------------------------
+class OptionBlock:
+    """Options several commands share: a function whose parameters are Typer options (their defaults) and
+    which returns what the commands pass on to the library, built from them."""
+
+    def __init__(self, build: Callable[..., Any]) -> None:
+        self.build = build
+        hints = typing.get_type_hints(build)
+        self.parameters = [p.replace(annotation=hints.get(p.name, p.annotation))
+                           for p in inspect.signature(build).parameters.values()]
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def expand_blocks(command: Command) -> Command:
+    """The command with each parameter whose default is an :class:`OptionBlock` replaced, in the signature
+    that Typer reads, by the block's options; the command receives the block's result there."""
+    hints = typing.get_type_hints(command)
+    blocks: dict[str, OptionBlock] = {}
+    parameters: list[inspect.Parameter] = []
+    for parameter in inspect.signature(command).parameters.values():
+        if isinstance(parameter.default, OptionBlock):
+            blocks[parameter.name] = parameter.default
+            parameters += parameter.default.parameters
+        else:
+            parameters.append(parameter.replace(annotation=hints.get(parameter.name, parameter.annotation)))
+    names = [p.name for p in parameters]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{command.__name__}: an option block repeats one of the command's parameter names")
+
+    @functools.wraps(command)
+    def run(**values: Any) -> Any:
+        for name, block in blocks.items():
+            values[name] = block.build(**{p.name: values.pop(p.name) for p in block.parameters})
+        return command(**values)
+
+    run.__signature__ = inspect.Signature(parameters, return_annotation=hints.get("return", None))  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in parameters}
+    return typing.cast(Command, run)
+
+
+# --- the segmenter-training block of `segment train` and `experiment mix` (one loop, one set of knobs) ---------
+def segmenter_training(
+    class_name: Optional[str] = typer.Option(
+        None, "--class", help="binary segmentation of this class (e.g. Glomeruli); default: multi-class"),
+    base_channels: int = typer.Option(64, "--base-channels", help="U-Net width (64 = classic; 4-16 for CPUs)"),
+    input_size: Optional[int] = typer.Option(
+        None, "--input-size", help="training window in px (a valid size); default: largest that fits a patch"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    epochs: int = typer.Option(100, "--epochs", help="at most this many epochs (EarlyStopping usually stops sooner)"),
+    patience: int = typer.Option(10, "--patience", help="EarlyStopping: epochs without a lower validation loss"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    dice_weight: float = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE"),
+    class_weights: str = typer.Option(
+        "none", "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none"),
+    device: str = DeviceOption,
+    workers: int = WorkersOption,
+) -> dict[str, Any]:
+    """Keyword arguments of ``SegmentTrainConfig.from_options`` (see :func:`segment_train_config`)."""
+    return dict(class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
+                max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight,
+                class_weights=class_weights, device=device, num_workers=workers)
+
+
+SegmenterTraining = OptionBlock(segmenter_training)
+
+
+def segment_train_config(training: dict[str, Any], **more: Any):
+    """The :data:`SegmenterTraining` options (and ``more`` fields) as one checked training config."""
+    from ..segment.training import SegmentTrainConfig
+
+    return SegmentTrainConfig.from_options(**training, **more)

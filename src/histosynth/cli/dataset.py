@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import SchemaOption, schema_from_option
+from .common import ProgressOption, SchemaOption, schema_from_option
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def pair(
     slide: Optional[str] = typer.Option(None, "--slide", help="pseudo-slide name; default: the image folder's"),
     split: str = typer.Option("train", "--split", help="split of the pairs: train, val or test"),
     schema: Optional[str] = SchemaOption,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = ProgressOption,
 ) -> None:
     """Pair images with their masks into a patch dataset (captions written from the masks)."""
     from ..data.pairing import pair_dataset

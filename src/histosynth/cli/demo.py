@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .common import ProgressOption, seed_option
+
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
@@ -13,8 +15,8 @@ def register(app: typer.Typer) -> None:
 
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="folder for the demo's outputs and report.html"),
-    seed: int = typer.Option(0, "--seed", help="random seed of the phantom slides"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+    seed: int = seed_option("random seed of the phantom slides"),
+    progress: bool = ProgressOption,
 ) -> None:
     """Phantom slides -> captioned patch dataset -> contact sheet -> report.html."""
     from ..demo import DemoSettings, run_demo

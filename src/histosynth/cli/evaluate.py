@@ -11,22 +11,20 @@ import typer
 
 from .. import validation
 from ..errors import ConfigError
-from .common import SchemaOption, schema_from_option
-from .segment import (
-    BaseChannelsOption,
-    BatchSizeOption,
-    ClassOption,
-    ClassWeightsOption,
+from .common import (
     DeviceOption,
-    DiceWeightOption,
-    EpochsOption,
-    InputSizeOption,
-    LearningRateOption,
-    PatienceOption,
     ProgressOption,
-    WorkersOption,
+    SchemaOption,
+    SegmenterTraining,
+    expand_blocks,
+    schema_from_option,
+    seed_option,
     segment_train_config,
 )
+
+SegmenterOption = typer.Option(..., "--segmenter", help="multi-class segmenter folder")
+CoverageOption = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only")
+BatchSizeOption = typer.Option(8, "--batch-size", help="images per batch")
 
 
 def register(app: typer.Typer) -> None:
@@ -43,16 +41,20 @@ def register(app: typer.Typer) -> None:
 
 
 def captions(
-    segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter folder"),
+    segmenter: Path = SegmenterOption,
     out: Path = typer.Option(..., "--out", help="report folder"),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder of generated images (+ manifest with captions)"),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="folder of generated images (+ manifest with captions)"),
     model: Optional[Path] = typer.Option(None, "--model", help="model folder to generate the images from"),
-    caption: Optional[str] = typer.Option(None, "--caption", help="the requested caption (default with --model: the thesis' generating caption; with --images: from the manifest)"),
+    caption: Optional[str] = typer.Option(
+        None, "--caption", help="the requested caption (default with --model: the thesis' generating caption; with "
+                                "--images: from the manifest)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all in --images; 400 with --model)"),
-    seed: int = typer.Option(0, "--seed"),
-    coverage: str = typer.Option("thesis", "--coverage", help="thesis: 86 px padding, 12 px border lost (as the thesis); full: every pixel"),
+    seed: int = seed_option("seed of the choice of images and of the generation job"),
+    coverage: str = typer.Option(
+        "thesis", "--coverage", help="thesis: 86 px padding, 12 px border lost (as the thesis); full: every pixel"),
     schema: Optional[str] = SchemaOption,
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = BatchSizeOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -104,19 +106,20 @@ def captions(
 
 
 def masks(
-    segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter folder"),
+    segmenter: Path = SegmenterOption,
     out: Path = typer.Option(..., "--out", help="report folder (images generated now go to OUT/job)"),
     images: Optional[Path] = typer.Option(None, "--images", help="a generation job made from masks (images/ + masks/), "
                                           "or a folder of images scored against the --mask / --masks-from masks "
                                           "of the same name"),
-    model: Optional[Path] = typer.Option(None, "--model", help="mask-conditioned model folder to generate the images from"),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="mask-conditioned model folder to generate the images from"),
     masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="the masks of this patch dataset (with "
                                               "--images: the patch named like each image)"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="a label mask PNG or a folder of them (with --images: "
                                         "the mask of the same file stem)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all masks / all images of the job)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the choice of masks and of the generation job"),
+    seed: int = seed_option("seed of the choice of masks and of the generation job"),
     steps: Optional[int] = typer.Option(None, "--steps", help="with --model: denoising steps (default: the model's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="with --model: text guidance scale "
                                              "(default: the model's)"),
@@ -124,10 +127,10 @@ def masks(
                                                   "scale (see generate) (default: the model's)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="with --model: caption each image from its mask "
                                        "(default: the empty caption, the mask alone)"),
-    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),
+    coverage: str = CoverageOption,
     min_share: float = typer.Option(0.01, "--min-share", help="classes below this share of the mask pixels are left "
                                     "out of the mean Dice"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = BatchSizeOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -184,7 +187,7 @@ def masks(
     else:
         pairs, source = read_mask_job(job, n, seed)
     result, pictures, masks_read, predictions = evaluate_mask_job(pairs, segment, seg.schema, min_share)
-    examples = list(zip(masks_read, pictures, predictions))
+    examples = list(zip(masks_read, pictures, predictions, strict=True))
     path = write_label_fidelity_report(result, out, examples, source=source,
                                        segmenter=f"{seg.describe()} ({segmenter})", coverage=coverage)
     typer.echo(f"{len(result)} images: mean Dice {result.mean_dice():.3f} over classes with >= {min_share:.1%} of "
@@ -197,8 +200,8 @@ def select_pairs(
     segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter that chooses (judge the result "
                                    "with another one)"),
     out: Path = typer.Option(..., "--out", help="folder for images/ and masks/ of the kept pairs and selection.csv"),
-    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    coverage: str = CoverageOption,
+    batch_size: int = BatchSizeOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -223,12 +226,15 @@ def realism(
     synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patches: a patch dataset or a folder"),
     out: Path = typer.Option(..., "--out", help="report folder"),
     train: Optional[Path] = typer.Option(None, "--train", help="the generator's training patches (memorisation check)"),
-    extractor: Optional[Path] = typer.Option(None, "--extractor", help="local feature extractor for FID/KID: a torch.export .pt2 or TorchScript file (never downloaded)"),
+    extractor: Optional[Path] = typer.Option(
+        None, "--extractor", help="local feature extractor for FID/KID: a torch.export .pt2 or TorchScript file (never "
+                                  "downloaded)"),
     n: Optional[int] = typer.Option(None, "--n", help="images drawn from each set (default: all)"),
-    real_split: Optional[str] = typer.Option(None, "--real-split", help="use only this split of a real patch dataset (e.g. test)"),
+    real_split: Optional[str] = typer.Option(
+        None, "--real-split", help="use only this split of a real patch dataset (e.g. test)"),
     folds: int = typer.Option(5, "--folds"),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap rounds of the AUC interval"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_option("seed of the choice of images, the folds and the bootstrap"),
     device: str = DeviceOption,
 ) -> None:
     """Classifier two-sample test (ROC AUC), FID/KID with your extractor, and a memorisation check."""
@@ -254,40 +260,29 @@ def realism(
         sources["feature extractor"] = str(extractor)
     path = write_realism_report(result, out, sources)
     test = result.two_sample
-    typer.echo(f"two-sample ROC AUC {test.auc:.3f} ({test.confidence:.0%} CI {test.ci_low:.3f}-{test.ci_high:.3f}): {test.verdict()}")
+    typer.echo(f"two-sample ROC AUC {test.auc:.3f} ({test.confidence:.0%} CI {test.ci_low:.3f}-{test.ci_high:.3f}): "
+               f"{test.verdict()}")
     typer.echo(f"wrote {path}")
 
 
+@expand_blocks
 def mix(
     real: Path = typer.Option(..., "--real", help="real patch dataset (its 'train' rows are used)"),
     synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patch dataset (all rows)"),
     out: Path = typer.Option(..., "--out", help="experiment folder (runs, logs, report)"),
-    val: Optional[Path] = typer.Option(None, "--val", help="real validation dataset (all rows); default: --real's 'val' rows"),
-    class_name: Optional[str] = ClassOption,
+    val: Optional[Path] = typer.Option(
+        None, "--val", help="real validation dataset (all rows); default: --real's 'val' rows"),
     seeds: str = typer.Option("3", "--seeds", help="number of seeds (3 = seeds 0,1,2) or a list (0,5,7)"),
     splits: Optional[str] = typer.Option(None, "--splits", help="subset of 100_0,75_25,50_50,25_75,0_100,100_100"),
     n: Optional[int] = typer.Option(None, "--n", help="patches per split (default: min of real and synthetic)"),
-    base_channels: int = BaseChannelsOption,
-    input_size: Optional[int] = InputSizeOption,
-    batch_size: int = BatchSizeOption,
-    epochs: int = EpochsOption,
-    patience: int = PatienceOption,
-    lr: float = LearningRateOption,
-    dice_weight: float = DiceWeightOption,
-    class_weights: str = ClassWeightsOption,
-    device: str = DeviceOption,
-    workers: int = WorkersOption,
+    training: dict = SegmenterTraining,
     progress: bool = ProgressOption,
 ) -> None:
     """The six-split real/synthetic experiment (thesis Table 5.2), mean ± sd over seeds."""
     from ..data.dataset import open_dataset
     from ..evaluate.mix import MixSources, mix_config, run_mix_experiment, write_mix_report
-    train_config = segment_train_config(
-        class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-        epochs=epochs, patience=patience, lr=lr, dice_weight=dice_weight, class_weights=class_weights,
-        device=device, workers=workers,
-    )
-    config = mix_config(splits, seeds, n, train_config)
+
+    config = mix_config(splits, seeds, n, segment_train_config(training))
     sources = MixSources.from_datasets(open_dataset(real), open_dataset(synthetic),
                                        open_dataset(val) if val is not None else None)
     result = run_mix_experiment(sources, config, out, progress=progress)

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import ConfigError
+from ..terminal import progress_bar
+from .common import DeviceOption, OptionBlock, expand_blocks, seed_option
+
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
@@ -32,26 +26,37 @@ ModelOption = typer.Option(None, "--model", help="model folder (default: the too
                            show_default=False)
 CaptionOption = typer.Option(None, "--caption", help="caption in the schema's templates ('\\n' between sentences)")
 LevelsOption = typer.Option(None, "--levels", help="class levels, e.g. 'Glomeruli=high,Tubuli=medium'")
-SeedOption = typer.Option(0, "--seed", help="job seed; each image's seed is derived from it and its index")
-# Sampling options default to the model folder's own (its preset's: 50 steps, guidance 1.5, ddim for the
-# shipped models; mask guidance 2.5); the ones given replace them.
-StepsOption = typer.Option(None, "--steps", show_default=False, help="denoising steps (default: the model's)")
-GuidanceOption = typer.Option(None, "--guidance", show_default=False,
-                              help="classifier-free guidance scale of the text (1 = none, 0 = unconditional) "
-                                   "(default: the model's)")
-MaskGuidanceOption = typer.Option(
-    None, "--mask-guidance", show_default=False,
-    help="guidance scale of the mask (1 = none): eps = e(u,0) + m*(e(u,M) - e(u,0)) + g*(e(c,M) - e(u,M)) "
-         "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask "
-         "(default: the model's)")
-SchedulerOption = typer.Option(None, "--scheduler", show_default=False,
-                               help="ddim (CompVis DDIM) or dpm++ (DPM-Solver++) (default: the model's)")
-EtaOption = typer.Option(None, "--eta", show_default=False,
-                         help="DDIM eta: 0 = deterministic, up to 1 = as much step noise as DDPM, drawn from each "
-                              "image's seed (default: the model's, 0)")
-DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+SeedOption = seed_option("job seed; each image's seed is derived from it and its index")
 
 
+def given_sampling(
+    steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
+                                        help="denoising steps (default: the model's)"),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", show_default=False,
+        help="classifier-free guidance scale of the text (1 = none, 0 = unconditional) (default: the model's)"),
+    mask_guidance: Optional[float] = typer.Option(
+        None, "--mask-guidance", show_default=False,
+        help="guidance scale of the mask (1 = none): eps = e(u,0) + m*(e(u,M) - e(u,0)) + g*(e(c,M) - e(u,M)) "
+             "with m = mask guidance, g = --guidance, c/u = caption/empty caption, M/0 = mask/null mask "
+             "(default: the model's)"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", show_default=False,
+                                            help="ddim (CompVis DDIM) or dpm++ (DPM-Solver++) (default: the model's)"),
+    eta: Optional[float] = typer.Option(
+        None, "--eta", show_default=False,
+        help="DDIM eta: 0 = deterministic, up to 1 = as much step noise as DDPM, drawn from each image's seed "
+             "(default: the model's, 0)"),
+) -> dict[str, Any]:
+    """The sampling options the user gave, for :func:`sampling_options` (None: the model's own)."""
+    return dict(steps=steps, guidance=guidance, mask_guidance=mask_guidance, scheduler=scheduler, eta=eta)
+
+
+#: The sampling options of `generate` and `synth-slide`. They default to the model folder's own (its preset's:
+#: 50 steps, guidance 1.5, ddim for the shipped models; mask guidance 2.5); the ones given replace them.
+Sampling = OptionBlock(given_sampling)
+
+
+@expand_blocks
 def generate_command(
     model: Optional[Path] = ModelOption,
     caption: Optional[str] = CaptionOption,
@@ -59,19 +64,17 @@ def generate_command(
     captions_file: Optional[Path] = typer.Option(None, "--captions-file", help="text file, one caption per line"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="label mask PNG, or a folder of them: one image per "
                                         "mask, of its size (a mask-conditioned model)"),
-    masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="generate from the masks of this patch dataset"),
+    masks_from: Optional[Path] = typer.Option(
+        None, "--masks-from", help="generate from the masks of this patch dataset"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="caption each image from its own mask "
                                        "(with masks, for a model that reads text and masks)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: one per caption; captions cycle); "
                                     "with masks: that many of the masks, drawn with --seed (default: all)"),
-    out: Path = typer.Option(..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
+    out: Path = typer.Option(
+        ..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
     seed: int = SeedOption,
-    steps: Optional[int] = StepsOption,
-    guidance: Optional[float] = GuidanceOption,
-    mask_guidance: Optional[float] = MaskGuidanceOption,
-    scheduler: Optional[str] = SchedulerOption,
-    eta: Optional[float] = EtaOption,
+    sampling: dict = Sampling,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", show_default=False,
                                              help="images per UNet call, part of the job (default: 8, or the "
                                              "job's when resuming)"),
@@ -88,8 +91,7 @@ def generate_command(
 
     check_seeds([seed])
     folder = _model_folder(model, from_masks=mask is not None or masks_from is not None)
-    options = sampling_options(folder, steps=steps, guidance=guidance, mask_guidance=mask_guidance,
-                               scheduler=scheduler, eta=eta)
+    options = sampling_options(folder, **sampling)
     schema = model_schema(folder)
     masks = masks_from_options(schema, mask, masks_from, split, n, seed)
     captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
@@ -99,7 +101,7 @@ def generate_command(
     job = new_job(out, bundle, captions, count, seed, options, size, batch_size, masks=masks)
     todo = len(job.missing(chosen))
     started = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar(rate=True, stderr=True) as progress:
         task = progress.add_task(f"shard {chosen}" if chosen.count > 1 else "generating", total=todo, unit="images")
         run = run_job(bundle, job, chosen, lambda k: progress.advance(task, k))
     seconds = time.perf_counter() - started
@@ -138,9 +140,10 @@ def job_captions(schema, caption: Optional[str], levels: Optional[str], captions
         from ..captions import caption_for_mask
 
         return [caption_for_mask(m.mask, schema) for m in masks]
-    return _captions(schema, caption, levels, captions_file) if given else [""]
+    return _captions(schema, caption, levels, captions_file) if given else [UNCONDITIONAL_CAPTION]
 
 
+@expand_blocks
 def synth_slide_command(
     model: Optional[Path] = ModelOption,
     caption: Optional[str] = CaptionOption,
@@ -155,14 +158,11 @@ def synth_slide_command(
     mpp: Optional[float] = typer.Option(None, "--mpp", help="microns per pixel written in the TIFF (default: the "
                                         "mask slide's, else 0.5)"),
     seed: int = SeedOption,
-    steps: Optional[int] = StepsOption,
-    guidance: Optional[float] = GuidanceOption,
-    mask_guidance: Optional[float] = MaskGuidanceOption,
-    scheduler: Optional[str] = SchedulerOption,
-    eta: Optional[float] = EtaOption,
+    sampling: dict = Sampling,
     batch_size: int = typer.Option(8, "--batch-size", help="patches per UNet call (stitched mode)"),
     window_batch: int = typer.Option(8, "--window-batch", help="latent windows per UNet call (seamless mode)"),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
     device: str = DeviceOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
 ) -> None:
@@ -175,15 +175,14 @@ def synth_slide_command(
     if mpp is not None:
         check_mpp(mpp)
     folder = _model_folder(model, from_masks=mask_slide is not None)
-    options = sampling_options(folder, steps=steps, guidance=guidance, mask_guidance=mask_guidance,
-                               scheduler=scheduler, eta=eta)
+    options = sampling_options(folder, **sampling)
     schema = model_schema(folder)
     if caption is not None and levels is not None:
         raise ConfigError("give one of --caption or --levels, not both")
     if caption is None and levels is None:
         if mask_slide is None:
             raise ConfigError("give exactly one of --caption or --levels")
-        text = ""  # a slide from a mask alone: the unconditional caption
+        text = UNCONDITIONAL_CAPTION  # a slide from a mask alone
     else:
         (text,) = _captions(schema, caption, levels, None)
     if size is None and mask_slide is None:
@@ -192,7 +191,7 @@ def synth_slide_command(
     slide_size = parse_slide_size(size) if size is not None else None
     bundle = _load(folder, pick_device(device))
     tasks: dict[str, int] = {}
-    with _progress() as progress:
+    with progress_bar(rate=True, stderr=True) as progress:
         def advance(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
                 tasks[phase] = progress.add_task(phase, total=total, unit=phase.split()[-1])
@@ -261,16 +260,3 @@ def _load(folder: Path, device):
     with Console(stderr=True).status(f"loading {folder} on {device}"):
         return load_bundle(folder, device)
 
-
-class _RateColumn(ProgressColumn):
-    """Units per second of a task whose ``unit`` field names them, e.g. ``1.42 images/s``."""
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        unit = task.fields.get("unit", "")
-        return Text("" if speed is None else f"{speed:.2f} {unit}/s", style="progress.data.speed")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))

@@ -51,7 +51,7 @@ def latent_range_command(
     bundle = load_bundle(model)
     latent_range = dataset_latent_range(dataset, bundle.autoencoder, quantile, split)
     model_id = set_latent_range(model, latent_range)
-    bounds = ", ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(latent_range.low, latent_range.high))
+    bounds = ", ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(latent_range.low, latent_range.high, strict=True))
     typer.echo(f"{model}: latent range per channel {bounds} (quantile {quantile}); id now {model_id}")
 
 

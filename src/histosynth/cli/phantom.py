@@ -6,9 +6,11 @@ A phantom is a test bed and a demo, never real tissue.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from .common import OptionBlock, ProgressOption, expand_blocks, seed_option
 
 phantom_app = typer.Typer(
     name="phantom",
@@ -20,9 +22,21 @@ MixOption = typer.Option(
     "default", "--mix",
     help="class mix: default (the thesis data's shares), glomeruli-rich, sclerotic-rich, arteries-rich, "
          "dilated-rich, tubuli-rich, atrophic-rich or generating")
-SeedOption = typer.Option(0, "--seed", help="random seed; the same seed gives the same output")
-MppOption = typer.Option(0.5, "--mpp", help="microns per pixel")
-ProgressOption = typer.Option(True, "--progress/--no-progress", help="show progress bars")
+SeedOption = seed_option("random seed; the same seed gives the same output")
+
+
+def phantom_options(
+    seed: int = SeedOption,
+    mix: str = MixOption,
+    mpp: float = typer.Option(0.5, "--mpp", help="microns per pixel"),
+    progress: bool = ProgressOption,
+) -> dict[str, Any]:
+    """The options of every phantom writer, as its keyword arguments."""
+    return dict(seed=seed, mix=mix, mpp=mpp, progress=progress)
+
+
+#: Seed, class mix, resolution and progress bars of `phantom slide`, `phantom patches` and `phantom masks`.
+Phantom = OptionBlock(phantom_options)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,62 +44,55 @@ def register(app: typer.Typer) -> None:
 
 
 @phantom_app.command("slide")
+@expand_blocks
 def slide(
     out: Path = typer.Option(..., "--out", help="folder for <name>.tif, <name>-mask.tif and <name>.json"),
     size: int = typer.Option(8192, "--size", help="width (and height, unless --height) in pixels"),
     height: Optional[int] = typer.Option(None, "--height", help="height in pixels (default: --size)"),
-    seed: int = SeedOption,
-    mpp: float = MppOption,
-    mix: str = MixOption,
+    phantom: dict = Phantom,
     name: Optional[str] = typer.Option(None, "--name", help="file name stem (default: phantom-<seed>)"),
-    progress: bool = ProgressOption,
 ) -> None:
     """Write a phantom slide and its label-mask slide as pyramidal TIFFs."""
     from ..data.phantom.export import write_phantom_slide
 
-    files = write_phantom_slide(out, seed=seed, width=size, height=height, mpp=mpp, mix=mix, name=name,
-                                progress=progress)
+    files = write_phantom_slide(out, width=size, height=height, name=name, **phantom)
     typer.echo(f"wrote {files.image}, {files.mask} and {files.info}")
 
 
 @phantom_app.command("patches")
+@expand_blocks
 def patches(
     out: Path = typer.Option(..., "--out", help="patch dataset folder (created, or resumed)"),
     n: int = typer.Option(200, "--n", help="number of patches"),
     size: int = typer.Option(256, "--size", help="patch side in pixels"),
-    seed: int = SeedOption,
-    mix: str = MixOption,
-    mpp: float = MppOption,
+    phantom: dict = Phantom,
     slides: Optional[int] = typer.Option(
-        None, "--slides", help="pseudo-slides to group the patches in (splits are by slide); default n/25, within 5-10"),
+        None, "--slides",
+        help="pseudo-slides to group the patches in (splits are by slide); default n/25, within 5-10"),
     val: float = typer.Option(0.1, "--val", help="share of pseudo-slides for validation"),
     test: float = typer.Option(0.1, "--test", help="share of pseudo-slides for testing"),
-    progress: bool = ProgressOption,
 ) -> None:
     """Write a captioned patch dataset of phantom patches, split by pseudo-slide."""
     from ..data.phantom.export import write_phantom_patches
 
-    dataset = write_phantom_patches(out, n, size=size, seed=seed, mix=mix, mpp=mpp, slides=slides, val=val,
-                                    test=test, progress=progress)
+    dataset = write_phantom_patches(out, n, size=size, slides=slides, val=val, test=test, **phantom)
     counts = dataset.manifest["split"].value_counts()
     described = ", ".join(f"{split} {counts.get(split, 0)}" for split in ("train", "val", "test"))
     typer.echo(f"{len(dataset)} patches in {out} ({described})")
 
 
 @phantom_app.command("masks")
+@expand_blocks
 def masks(
     out: Path = typer.Option(..., "--out", help="folder for mask_NNNNNN.png and masks.csv"),
     n: int = typer.Option(200, "--n", help="number of masks"),
     size: int = typer.Option(256, "--size", help="mask side in pixels"),
-    seed: int = SeedOption,
-    mix: str = MixOption,
-    mpp: float = MppOption,
-    progress: bool = ProgressOption,
+    phantom: dict = Phantom,
 ) -> None:
     """Write phantom label masks (PNG of class ids) with their captions, without images."""
     from ..data.phantom.export import write_phantom_masks
 
-    table = write_phantom_masks(out, n, size=size, seed=seed, mix=mix, mpp=mpp, progress=progress)
+    table = write_phantom_masks(out, n, size=size, **phantom)
     typer.echo(f"wrote {n} masks and {table}")
 
 
@@ -94,7 +101,8 @@ def stamp(
     masks: Optional[Path] = typer.Argument(None, help="a label mask PNG or a folder of them"),
     masks_from: Optional[Path] = typer.Option(None, "--masks-from", help="instead: the masks of this patch dataset"),
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
-    n: Optional[int] = typer.Option(None, "--n", help="edit this many of the masks, drawn with the seed (default: all)"),
+    n: Optional[int] = typer.Option(
+        None, "--n", help="edit this many of the masks, drawn with the seed (default: all)"),
     add: str = typer.Option(..., "--add", help="structures to add to each mask, CLASS=COUNT,...: Glomeruli, "
                             "Sclerotic Glomeruli, Arteries or Dilated Tubuli (e.g. Glomeruli=2)"),
     out: Path = typer.Option(..., "--out", help="folder for the edited masks (the source's file stem or patch "
@@ -103,8 +111,8 @@ def stamp(
     mpp: float = typer.Option(0.5, "--mpp", help="microns per pixel of the masks (sets the structures' size)"),
 ) -> None:
     """Edit label masks: draw phantom-sized structures onto their tissue (e.g. add glomeruli to a real layout)."""
-    from ..data.phantom.stamp import parse_additions, write_stamped_masks
     from .. import validation
+    from ..data.phantom.stamp import parse_additions, write_stamped_masks
     from ..errors import ConfigError
     from ..schema import RENAL
     from .generate import masks_from_options

@@ -7,33 +7,10 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from .common import DeviceOption, ProgressOption, SegmenterTraining, expand_blocks, seed_option, segment_train_config
+
 if TYPE_CHECKING:
     from ..segment.segmenter import Segmenter
-    from ..segment.training import SegmentTrainConfig
-
-# Training options shared by `segment train` and `experiment mix` (one training loop, one set of knobs).
-ClassOption = typer.Option(None, "--class", help="binary segmentation of this class (e.g. Glomeruli); default: multi-class")
-BaseChannelsOption = typer.Option(64, "--base-channels", help="U-Net width (64 = classic; 4-16 for CPUs)")
-InputSizeOption = typer.Option(None, "--input-size", help="training window in px (a valid size); default: largest that fits a patch")
-BatchSizeOption = typer.Option(8, "--batch-size")
-EpochsOption = typer.Option(100, "--epochs", help="at most this many epochs (EarlyStopping usually stops sooner)")
-PatienceOption = typer.Option(10, "--patience", help="EarlyStopping: epochs without a lower validation loss")
-LearningRateOption = typer.Option(1e-3, "--lr")
-DiceWeightOption = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE")
-ClassWeightsOption = typer.Option(
-    "none", "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none")
-DeviceOption = typer.Option("auto", "--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
-WorkersOption = typer.Option(0, "--workers", help="data-loading processes")
-ProgressOption = typer.Option(True, "--progress/--no-progress")
-
-
-def segment_train_config(*, epochs: int, lr: float, workers: int, class_weights: str = "none",
-                         **options) -> "SegmentTrainConfig":
-    """The options above (shared by `segment train` and `experiment mix`) as one training config."""
-    from ..segment.training import SegmentTrainConfig
-
-    return SegmentTrainConfig.from_options(max_epochs=epochs, learning_rate=lr, num_workers=workers,
-                                           class_weights=class_weights, **options)
 
 
 def register(app: typer.Typer) -> None:
@@ -43,32 +20,20 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="segment")
 
 
+@expand_blocks
 def train(
     dataset: Path = typer.Argument(..., help="patch dataset (with 'train' and 'val' slides)"),
     out: Path = typer.Option(..., "--out", help="segmenter folder to write"),
-    class_name: Optional[str] = ClassOption,
-    base_channels: int = BaseChannelsOption,
-    input_size: Optional[int] = InputSizeOption,
-    batch_size: int = BatchSizeOption,
-    epochs: int = EpochsOption,
-    patience: int = PatienceOption,
-    lr: float = LearningRateOption,
-    dice_weight: float = DiceWeightOption,
-    class_weights: str = ClassWeightsOption,
-    init: Optional[Path] = typer.Option(None, "--init", help="segmenter folder to fine-tune (same schema, --class and width)"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = DeviceOption,
-    workers: int = WorkersOption,
+    training: dict = SegmenterTraining,
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="segmenter folder to fine-tune (same schema, --class and width)"),
+    seed: int = seed_option("seed of the initial weights, the batches and the augmentations"),
     progress: bool = ProgressOption,
 ) -> None:
     """Train a segmenter: CE/BCE + Dice, EarlyStopping on the 'val' slides, best weights kept."""
     from ..segment.training import train_segmenter_on_dataset
 
-    config = segment_train_config(
-        class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-        epochs=epochs, patience=patience, lr=lr, dice_weight=dice_weight, class_weights=class_weights,
-        init=None if init is None else str(init), seed=seed, device=device, workers=workers,
-    )
+    config = segment_train_config(training, init=None if init is None else str(init), seed=seed)
     run = train_segmenter_on_dataset(dataset, out, config, progress=progress)
     best = run.best
     typer.echo(f"trained {run.segmenter.describe()} for {len(run.history)} epochs in {run.seconds:.0f} s; "
@@ -92,7 +57,8 @@ def predict(
     segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder"),
     out: Path = typer.Option(..., "--out", help="folder for the label PNGs"),
     class_name: Optional[str] = typer.Option(None, "--class", help="write a 0/1 mask of this class only"),
-    coverage: str = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding of 256 px images, 12 px border lost"),
+    coverage: str = typer.Option(
+        "full", "--coverage", help="full: every pixel; thesis: 86 px padding of 256 px images, 12 px border lost"),
     tile: int = typer.Option(572, "--tile", help="largest network window in px (a valid size)"),
     batch_size: int = typer.Option(4, "--batch-size"),
     device: str = DeviceOption,
@@ -113,7 +79,7 @@ def predict(
         model.schema.id_of(class_name)
     labels_iter = predict_images(model, (read_rgb(p) for p in paths), coverage=coverage, tile=tile,
                                  batch_size=batch_size, device=device, progress=progress, total=len(paths))
-    for (_, target), labels in zip(found, labels_iter):
+    for (_, target), labels in zip(found, labels_iter, strict=True):
         if class_name is not None:
             labels = class_mask(model, labels, class_name)
         write_png_atomic(out / target, labels)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
+from .common import seed_option
 
 survey_app = typer.Typer(help="The realism survey: build it, serve it, analyse the answers.",
                          no_args_is_help=True)
@@ -26,9 +27,9 @@ def build(
     out: Path = typer.Option(..., "--out", help="new survey folder to create"),
     n_real: int = typer.Option(20, "--n-real", help="real images to pick"),
     n_synthetic: int = typer.Option(20, "--n-synthetic", help="synthetic images to pick"),
-    seed: Optional[int] = typer.Option(
-        None, "--seed", help="seed of which images are picked and their order (default: random); it "
-        "rebuilds the answer key, so keep it as private as the key", show_default=False),
+    seed: Optional[int] = seed_option(
+        "seed of which images are picked and their order (default: random); it rebuilds the answer key, so keep it "
+        "as private as the key", default=None),
     size: int = typer.Option(256, "--size", help="every image is shown at this size (px, square)"),
     image_format: str = typer.Option("png", "--format", help="png (lossless) or jpeg"),
     jpeg_quality: int = typer.Option(90, "--jpeg-quality", help="quality with --format jpeg"),

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import DataError
-from .common import SchemaOption, schema_from_option
+from .common import ProgressOption, SchemaOption, schema_from_option
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +31,7 @@ def tile(
     split_file: Optional[Path] = typer.Option(
         None, "--split-file", help="CSV with columns slide,split (train/val/test); default: a hash of the name"),
     schema: Optional[str] = SchemaOption,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+    progress: bool = ProgressOption,
 ) -> None:
     """Cut slides into a patch dataset of image/mask PNG pairs with captions; re-runs skip finished slides."""
     from ..data.tiling import SlideInput, TilingOptions, read_split_file, tile_slides
@@ -40,7 +40,7 @@ def tile(
     annotations_per_slide = _one_per_slide(annotations, slides, "--annotations")
     overrides = _one_per_slide(mpp_override, slides, "--mpp-override", allow_one=True)
     inputs = [SlideInput(slide, mask=m, annotations=a, mpp_override=o)
-              for slide, m, a, o in zip(slides, masks_per_slide, annotations_per_slide, overrides)]
+              for slide, m, a, o in zip(slides, masks_per_slide, annotations_per_slide, overrides, strict=True)]
     result = tile_slides(
         inputs, out, schema_from_option(schema),
         TilingOptions(mpp=mpp, size=size, min_tissue=min_tissue),

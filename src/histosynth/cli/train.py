@@ -8,22 +8,48 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
 from ..terminal import quiet_lightning
+from .common import DeviceOption, OptionBlock, WorkersOption, expand_blocks, seed_option
 
 PresetOption = typer.Option("tiny", "--preset", help="model preset: tiny, small, pathldm, or a preset YAML file")
-SeedOption = typer.Option(0, "--seed", help="seed of every random choice (initialisation, batches, noise)")
-AcceleratorOption = typer.Option("auto", "--accelerator", help="Lightning accelerator: auto, cpu, gpu, mps")
-DevicesOption = typer.Option("auto", "--devices", help="Lightning devices: auto, a count (DDP when > 1), or a list")
-StrategyOption = typer.Option("auto", "--strategy", help="Lightning strategy, e.g. ddp")
-NodesOption = typer.Option(1, "--num-nodes", help="machines of a multi-node DDP run")
-WorkersOption = typer.Option(0, "--workers", help="data-loader worker processes")
-PrecisionOption = typer.Option(
-    None, "--precision", help="32 (default) or bf16; fp16 is refused (it froze weights in the thesis' runs)"
-)
+SeedOption = seed_option("seed of every random choice (initialisation, batches, noise)")
+TextEncoderOption = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)")
+
+
+def training_run(checkpoints: str, folder: str) -> OptionBlock:
+    """The run options of `train` and `train-autoencoder` (precision, resuming, seed, checkpoints, run folder,
+    Lightning's devices) as keyword arguments of their options classes; the help says what a checkpoint step
+    does (``checkpoints``) and what the run folder holds (``folder``)."""
+
+    def run(
+        precision: Optional[str] = typer.Option(
+            None, "--precision", help="32 (default) or bf16; fp16 is refused (it froze weights in the thesis' runs)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
+        seed: int = SeedOption,
+        checkpoint_every: int = typer.Option(500, "--checkpoint-every", help=f"steps between {checkpoints}"),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help=f"{folder} (default OUT.run)"),
+        accelerator: str = typer.Option("auto", "--accelerator", help="Lightning accelerator: auto, cpu, gpu, mps"),
+        devices: str = typer.Option(
+            "auto", "--devices", help="Lightning devices: auto, a count (DDP when > 1), or a list"),
+        strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy, e.g. ddp"),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="machines of a multi-node DDP run"),
+        workers: int = WorkersOption,
+    ) -> dict[str, Any]:
+        from ..train.runtime import DeviceOptions
+
+        return dict(precision=precision, resume=resume, seed=seed, checkpoint_every=checkpoint_every,
+                    run_dir=run_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes),
+                    num_workers=workers, command=_command_line())
+
+    return OptionBlock(run)
+
+
+DiffusionRun = training_run("checkpoints", "checkpoints, logs and samples")
+AutoencoderRun = training_run("checkpoints and held-out checks", "checkpoints and logs")
 
 
 def register(app: typer.Typer) -> None:
@@ -34,15 +60,17 @@ def register(app: typer.Typer) -> None:
 
 def cache_command(
     dataset: Path = typer.Argument(..., help="patch dataset folder"),
-    model: Optional[Path] = typer.Option(None, "--model", help="take the autoencoder and text encoder of this model folder"),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="take the autoencoder and text encoder of this model folder"),
     preset: str = PresetOption,
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder"),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="where to store the cache (default DATASET/cache)"),
+    text_encoder: Optional[str] = TextEncoderOption,
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="where to store the cache (default DATASET/cache)"),
     split: str = typer.Option("train", "--split", help="which split of the dataset to encode"),
     label_maps: bool = typer.Option(False, "--label-maps", help="also cache the masks' label maps (for training "
                                     "with --condition mask or text+mask)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps"),
+    device: str = DeviceOption,
     seed: int = SeedOption,
 ) -> None:
     """Encode a dataset once: latents of each patch's four flips, each unique caption's embedding (and label maps)."""
@@ -60,8 +88,8 @@ def cache_command(
         data = prepare_training_data(dataset, ae, encoder, cache_dir, split, label_classes=classes)
     maps = f", label maps of {len(classes)} classes" if classes else ""
     typer.echo(
-        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}){maps} and "
-        f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
+        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}){maps}"
+        f" and {len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
         f"[{time.perf_counter() - started:.1f} s]"
     )
 
@@ -84,6 +112,7 @@ def _cache_models(model: Optional[Path], preset: str, autoencoder: Optional[Path
     return autoencoder, load_text_encoder(text_encoder or chosen.text_encoder, device)
 
 
+@expand_blocks
 def train_command(
     dataset: Path = typer.Argument(..., help="patch dataset folder (with captions)"),
     out: Path = typer.Option(..., "--out", help="model folder to write when training ends"),
@@ -92,9 +121,8 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch per device (default: the preset's)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default: the preset's; pathldm has "
                                        "the thesis' 2.5e-5, §4.1.5)"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
-    precision: Optional[str] = PrecisionOption,
-    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
+    warmup_steps: Optional[int] = typer.Option(
+        None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this model folder's UNet (fine-tuning; a "
                                         "text model becomes a text+mask one with zero-initialised mask channels)"),
     condition: str = typer.Option("text", "--condition", help="what the model reads: text, mask (a label map at "
@@ -106,31 +134,23 @@ def train_command(
                                     "frozen text model given with --init)"),
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder "
                                                "(default with --init: that model's)"),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)"),
-    seed: int = SeedOption,
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints"),
-    sample_every: int = typer.Option(0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
+    text_encoder: Optional[str] = TextEncoderOption,
+    sample_every: int = typer.Option(
+        0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
     log_every: int = typer.Option(10, "--log-every", help="steps between rows of the CSV log (OUT.run/logs)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="checkpoints, logs and samples (default OUT.run)"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="latent / embedding cache (default DATASET/cache)"),
-    accelerator: str = AcceleratorOption,
-    devices: str = DevicesOption,
-    strategy: str = StrategyOption,
-    num_nodes: int = NodesOption,
-    workers: int = WorkersOption,
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="latent / embedding cache (default DATASET/cache)"),
+    run: dict = DiffusionRun,
 ) -> None:
     """Train a latent diffusion model conditioned on captions and/or label masks; write its model folder."""
     from ..presets import load_preset
     from ..train.ldm import TrainOptions, train_ldm
-    from ..train.runtime import DeviceOptions
 
     options = TrainOptions(
         dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
-        warmup_steps=warmup_steps, precision=precision, resume=resume, init=init, autoencoder=autoencoder,
-        text_encoder=text_encoder, seed=seed, checkpoint_every=checkpoint_every, sample_every=sample_every,
-        condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
-        run_dir=run_dir, cache_dir=cache_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes),
-        num_workers=workers, log_every=log_every, command=_command_line(),
+        warmup_steps=warmup_steps, init=init, autoencoder=autoencoder, text_encoder=text_encoder,
+        sample_every=sample_every, condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
+        cache_dir=cache_dir, log_every=log_every, **run,
     )
     with _plain_output():
         result = train_ldm(options)
@@ -141,36 +161,24 @@ def train_command(
                f"model folder {result.bundle}, checkpoints and logs in {result.run_dir}")
 
 
+@expand_blocks
 def train_autoencoder_command(
     dataset: Path = typer.Argument(..., help="patch dataset folder"),
     out: Path = typer.Option(..., "--out", help="autoencoder folder to write (use it with train --autoencoder)"),
     preset: str = PresetOption,
-    init: Optional[Path] = typer.Option(None, "--init", help="fine-tune this autoencoder (model folder or autoencoder folder)"),
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="fine-tune this autoencoder (model folder or autoencoder folder)"),
     steps: int = typer.Option(5_000, "--steps", help="training steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="batch per device"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate"),
-    precision: Optional[str] = PrecisionOption,
-    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
-    seed: int = SeedOption,
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="steps between checkpoints and held-out checks"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="checkpoints and logs (default OUT.run)"),
-    accelerator: str = AcceleratorOption,
-    devices: str = DevicesOption,
-    strategy: str = StrategyOption,
-    num_nodes: int = NodesOption,
-    workers: int = WorkersOption,
+    run: dict = AutoencoderRun,
 ) -> None:
     """Train or fine-tune the f4 autoencoder; report reconstruction PSNR / SSIM on held-out patches."""
     from ..presets import load_preset
     from ..train.autoencoder import AutoencoderTrainOptions, train_autoencoder
-    from ..train.runtime import DeviceOptions
 
-    options = AutoencoderTrainOptions(
-        dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
-        precision=precision, init=init, resume=resume, seed=seed, checkpoint_every=checkpoint_every,
-        run_dir=run_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes), num_workers=workers,
-        command=_command_line(),
-    )
+    options = AutoencoderTrainOptions(dataset=dataset, out=out, preset=load_preset(preset), init=init, steps=steps,
+                                      batch_size=batch_size, lr=lr, **run)
     with _plain_output():
         result = train_autoencoder(options)
     if result.main_process:
