@@ -216,7 +216,7 @@ RENAL = ClassSchema(
     uncaptioned_ids=(0,),
 )
 
-#: Mean pixel share of each renal class in the thesis' rat-kidney data (SPEC §2).
+#: Mean pixel share of each renal class in the thesis' rat-kidney data (thesis §4.1.3).
 RENAL_PIXEL_SHARES: dict[int, float] = {
     0: 0.0037, 1: 0.0001, 2: 0.0271, 3: 0.4418, 4: 0.0121, 5: 0.0219, 6: 0.3760, 7: 0.1172,
 }

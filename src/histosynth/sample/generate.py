@@ -18,7 +18,7 @@ exactly the bytes of one uninterrupted run.
 Images larger than the model's patches go through :mod:`histosynth.sample.large` (overlapping
 windows blended at every step, tiled decoding).
 
-Conditions are captions in the schema's templates (SPEC §3). A user's caption is parsed and rewritten
+Conditions are captions in the schema's templates (thesis §4.1.4). A user's caption is parsed and rewritten
 in canonical form (intro line, classes in id order, one sentence per line), which is the form the
 model was trained on; an unknown class or level is an error naming it. The empty caption is the
 unconditional one.
@@ -72,7 +72,7 @@ def canonical_caption(text: str, schema: ClassSchema) -> str:
 
 
 def caption_for_levels(levels: str | Mapping[str, Level | str], schema: ClassSchema) -> str:
-    """The SPEC §3 caption of levels given as ``Glomeruli=high,Tubuli=medium`` or a mapping."""
+    """The caption (thesis §4.1.4) of levels given as ``Glomeruli=high,Tubuli=medium`` or a mapping."""
     if isinstance(levels, str):
         levels = parse_levels_option(levels, schema)
     return caption_from_levels(levels, schema)

@@ -1,4 +1,4 @@
-"""Analysis of a realism survey, as in the thesis' human-perception study.
+"""Analysis of a realism survey, as in the thesis' human-perception study (§4.2.2, results §5.2).
 
 Input: a survey folder (its stored answers and answer key) or a CSV in the layout documented in
 :mod:`histosynth.survey.responses` (one row per participant: ``participant, experience, q1..qN,
