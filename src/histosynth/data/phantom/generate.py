@@ -50,7 +50,7 @@ def _plan_patch(seed: int, size: int, mix: PhantomMix, mpp: float) -> _PatchPlan
     """A patch's surroundings: large structures may reach in from outside it."""
     rng = np.random.default_rng([seed, 2])
     stain = Stain.random(rng)
-    margin = max(spec.radius_um[1] for spec in lay.LARGE_SPECS.values()) / mpp + lay.FILL_SPACING_UM / mpp
+    margin = max(spec.radius_um[1] for spec in lay.LARGE_STRUCTURES.values()) / mpp + lay.FILL_SPACING_UM / mpp
     region = (-margin, -margin, size + margin, size + margin)
     focus = lay.place_focus(rng, seed, mix, size, mpp) if mix.focus is not None else None
     tissue = None

@@ -65,7 +65,7 @@ class LargeSpec:
 
 
 #: Large structures by class, largest first (they are placed in this order).
-LARGE_SPECS: dict[int, LargeSpec] = {
+LARGE_STRUCTURES: dict[int, LargeSpec] = {
     m.GLOMERULI: LargeSpec(Kind.GLOMERULUS, (50.0, 85.0), (0.85, 1.0), 0.0),
     m.SCLEROTIC: LargeSpec(Kind.SCLEROTIC, (45.0, 75.0), (0.85, 1.0), 1.5),
     m.ARTERIES: LargeSpec(Kind.ARTERY, (25.0, 70.0), (0.75, 1.0), 0.0),
@@ -358,7 +358,7 @@ class _LargePlacer:
 
 def place_focus(rng: np.random.Generator, seed: int, mix: m.PhantomMix, size: int, mpp: float) -> Structures:
     """The mix's focus structure, placed so that it covers a share of the patch in focus_coverage."""
-    spec = LARGE_SPECS[mix.focus]
+    spec = LARGE_STRUCTURES[mix.focus]
     low, high = mix.focus_coverage
     radius = rng.uniform(*spec.radius_um) / mpp
     # large enough to cover the wanted share of the patch even for large patches or coarse mpp
@@ -411,7 +411,7 @@ def place_large(rng: np.random.Generator, seed: int, mix: m.PhantomMix, region: 
     placer = _LargePlacer(GAP_UM / mpp * 2, period=(x1 - x0, y1 - y0) if wrap else None)
     if placed is not None and len(placed):
         placer.add(placed)
-    for class_id, spec in LARGE_SPECS.items():
+    for class_id, spec in LARGE_STRUCTURES.items():
         expected = mix.share(class_id) * tissue_area_px / (spec.mean_area_um2() / mpp**2)
         wanted = int(expected) + int(rng.uniform() < expected - int(expected))  # unbiased, low variance
         kept, thrown = 0, 0
@@ -445,7 +445,7 @@ def _hex_sites(rng: np.random.Generator, region: tuple[float, float, float, floa
 
 def fill_plan(mix: m.PhantomMix) -> tuple[float, float]:
     """(share of grid sites kept, share of kept sites that are atrophic) for a mix's tubule shares."""
-    large = sum(mix.share(c) for c in LARGE_SPECS)
+    large = sum(mix.share(c) for c in LARGE_STRUCTURES)
     room = max(1e-6, 1.0 - FILL_LOSS_NEAR_LARGE * large)
     tubuli = mix.share(m.TUBULI) / FILL_COVERAGE["tubule"]
     atrophic = mix.share(m.ATROPHIC) / FILL_COVERAGE["atrophic"]
