@@ -213,7 +213,7 @@ def generate_caption_job(model: str | Path, caption: str, n: int, seed: int, fol
 
     from ..devices import pick_device
     from ..models.bundle import load_bundle
-    from ..sample.generate import canonical_caption
+    from ..captions import canonical_caption
     from ..sample.jobs import Shard, new_job, run_job
 
     bundle = load_bundle(model, pick_device(device))

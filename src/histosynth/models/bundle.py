@@ -40,6 +40,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import HistosynthError, ModelError
 from ..io import remove_partial_files, write_json_atomic
 from ..schema import ClassSchema
@@ -146,7 +147,7 @@ class ModelConfig(BaseModel):
     normalization: dict[str, Any] = Field(default_factory=lambda: dict(NORMALIZATION))
     latent: LatentSection
     class_schema: dict[str, Any] = Field(alias="schema")
-    unconditional_caption: str = ""
+    unconditional_caption: str = UNCONDITIONAL_CAPTION
     text_encoder: TextEncoderSection
     conditioning: ConditioningSection = ConditioningSection()
     #: the options ``generate`` uses where the user gives none (from the preset the model was trained with)

@@ -19,9 +19,9 @@ Images larger than the model's patches go through :mod:`histosynth.sample.large`
 windows blended at every step, tiled decoding).
 
 Conditions are captions in the schema's templates (thesis §4.1.4). A user's caption is parsed and rewritten
-in canonical form (intro line, classes in id order, one sentence per line), which is the form the
-model was trained on; an unknown class or level is an error naming it. The empty caption is the
-unconditional one.
+in canonical form (:func:`histosynth.captions.canonical_caption`: intro line, classes in id order, one
+sentence per line), which is the form the model was trained on; an unknown class or level is an error
+naming it. The empty caption is the unconditional one.
 
 A mask-conditioned model also takes one label mask per image (the image has the mask's size); its
 label map enters the UNet beside the latent, and ``mask_guidance`` weights it against the null map
@@ -33,15 +33,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..captions import UNCONDITIONAL_CAPTION, Level, caption_from_levels, parse_caption, parse_levels_option
+from ..captions import UNCONDITIONAL_CAPTION
 from ..data.torchdata import to_uint8
 from ..devices import pick_device
-from ..errors import CaptionError, ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
 from ..models.diffusion import sampling_scheduler
@@ -60,45 +60,6 @@ DEFAULT_BATCH_SIZE = 8
 ImagesDone = Callable[[int], None]
 #: called after each denoising step with (step, steps)
 StepsDone = Callable[[int, int], None]
-
-
-# --- conditions ------------------------------------------------------------------------------------
-def canonical_caption(text: str, schema: ClassSchema) -> str:
-    """The caption in the form the model was trained on; the empty caption stays empty."""
-    text = text.replace("\\n", "\n").strip()
-    if not text:
-        return ""
-    return caption_from_levels(parse_caption(text, schema), schema)
-
-
-def caption_for_levels(levels: str | Mapping[str, Level | str], schema: ClassSchema) -> str:
-    """The caption (thesis §4.1.4) of levels given as ``Glomeruli=high,Tubuli=medium`` or a mapping."""
-    if isinstance(levels, str):
-        levels = parse_levels_option(levels, schema)
-    return caption_from_levels(levels, schema)
-
-
-def read_captions_file(path: str | Path, schema: ClassSchema) -> list[str]:
-    """Captions from a text file, one per line (sentences separated by spaces or a literal ``\\n``).
-
-    Blank lines are skipped. A line that does not parse is an error naming the file and line.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read captions file {path}: {exc.__class__.__name__}: {exc}") from None
-    captions = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            captions.append(canonical_caption(line, schema))
-        except CaptionError as exc:
-            raise CaptionError(f"{path}, line {number}: {exc}") from None
-    if not captions:
-        raise DataError(f"captions file {path} holds no caption; write one caption per line")
-    return captions
 
 
 # --- records ---------------------------------------------------------------------------------------------
@@ -421,7 +382,7 @@ def generate(
 ) -> Generated:
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
-    ``conditions`` are captions (see :func:`canonical_caption`; pass them canonical). ``options``
+    ``conditions`` are captions (see :func:`histosynth.captions.canonical_caption`; pass them canonical). ``options``
     default to the model's own (:attr:`Bundle.sampling`). ``batch_size`` items share each UNet call
     (default: up to 8). ``device`` moves the bundle's networks first (default: where the bundle is).
     ``size`` (px, or (height, width)) defaults to the model's patch size, or the masks' size; larger

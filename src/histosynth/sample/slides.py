@@ -103,7 +103,7 @@ def synth_slide(
 ) -> SlideReport:
     """Generate a synthetic slide of ``caption`` and write it to ``out`` (pyramidal TIFF) plus its record.
 
-    ``caption`` must be canonical (see :func:`histosynth.sample.generate.canonical_caption`). With
+    ``caption`` must be canonical (see :func:`histosynth.captions.canonical_caption`). With
     ``mask_slide`` (seamless mode, a mask-conditioned model) the slide has the mask's size and
     follows it, ``size`` may be None, ``mpp`` None takes the mask slide's (else 0.5), and the mask
     is written beside the slide (:func:`mask_path_for`). ``options`` default to the model's own.
