@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, describe_validation_error
 from .validation import one_line
 
 RGB = tuple[int, int, int]
@@ -169,7 +169,7 @@ class ClassSchema(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe_validation_error(exc)}") from None
+            raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ClassSchema":
@@ -191,14 +191,6 @@ class ClassSchema(BaseModel):
         data = self.model_dump(mode="json")
         data["remap"] = {int(k): v for k, v in data["remap"].items()}
         return data
-
-
-def _describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"field '{field}': {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 RENAL = ClassSchema(

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, describe_validation_error
 from ..validation import one_line
 
 __all__ = [
@@ -183,16 +183,7 @@ class Preset(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc)}") from None
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}")
-    return "; ".join(parts)
+            raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
 
 def builtin_presets() -> list[str]:

@@ -40,6 +40,7 @@ import torch
 
 from ..captions import UNCONDITIONAL_CAPTION
 from ..data.torchdata import to_uint8
+from .. import validation
 from ..devices import pick_device
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
@@ -49,7 +50,6 @@ from ..models.label_maps import check_mask_ids, label_map
 from ..models.sampling import SamplingOptions
 from ..models.text import EmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
-from ..schema import ClassSchema
 from .large import DEFAULT_WINDOW_BATCH, Size, WindowedUNet, as_size, decode_tile, latent_size, window_overlap
 from .sampler import Conditions, denoise
 
@@ -332,7 +332,7 @@ def generate_batches(
     conditions, seeds = list(conditions), [int(s) for s in seeds]
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one of each per image")
-    check_seeds(seeds)
+    check_seeds(seeds, "an image's seed", validation.MAX_IMAGE_SEED)
     masks = None if masks is None else list(masks)
     if masks is not None and len(masks) != len(seeds):
         raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds; give one of each per image")
@@ -404,15 +404,11 @@ def generate(
     return Generated(stacked, records)
 
 
-#: seeds seed numpy's and torch's generators: whole numbers from 0 to 2^63 - 1
-MAX_SEED = 2 ** 63 - 1
-
-
-def check_seeds(seeds: Sequence[int], what: str = "seed") -> None:
-    """Refuse seeds a generator cannot take (negative, or beyond 63 bits)."""
+def check_seeds(seeds: Sequence[int], name: str = "--seed", high: int = validation.MAX_SEED) -> None:
+    """Refuse seeds a generator cannot take (see :func:`histosynth.validation.seed`): by default seeds a
+    user gives; an image's own seed, derived from a job's, may be as large as ``validation.MAX_IMAGE_SEED``."""
     for seed in seeds:
-        if not 0 <= int(seed) <= MAX_SEED:
-            raise ConfigError(f"a {what} must be a whole number from 0 to {MAX_SEED}, got {seed}")
+        validation.seed(seed, name, high=high)
 
 
 def move_bundle(bundle: Bundle, device: torch.device) -> None:

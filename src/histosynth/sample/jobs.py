@@ -49,6 +49,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .. import validation
 from ..data.dataset import read_image
 from ..errors import ConfigError, JobError
 from ..io import write_json_atomic, write_png_atomic
@@ -61,7 +62,6 @@ from .generate import (
     SamplingOptions,
     check_caption_conditioning,
     check_fits_in_memory,
-    check_seeds,
     generate_batches,
     generation_record,
     image_latent_size,
@@ -137,7 +137,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"the number of images must be at least 1, got {self.n}")
-        check_seeds([self.seed], "job seed")
+        validation.seed(self.seed, "the job seed")
         if not self.captions:
             raise ConfigError("a job needs at least one caption")
         if self.masks and len(self.masks) != self.n:

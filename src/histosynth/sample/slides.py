@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from .. import validation
 from ..data.pyramid import TileSource, write_pyramid_tiff
 from ..data.slides import open_mask_slide
 from ..errors import ConfigError, JobError
@@ -45,7 +46,6 @@ from .generate import (
     CaptionEmbeddings,
     SamplingOptions,
     check_fits_in_memory,
-    check_seeds,
     generate_batches,
     generation_record,
     image_latent_size,
@@ -113,7 +113,7 @@ def synth_slide(
     out = Path(out)
     record_path = out.with_suffix(".json")
     check_slide_mode(mode)
-    check_seeds([seed])
+    validation.seed(seed)
     if mpp is not None:
         check_mpp(mpp)
     mask_out = mask_path_for(out) if mask_slide is not None else None
