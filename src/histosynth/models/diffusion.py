@@ -9,7 +9,7 @@ last step lands on alphas_cumprod[0], not 1) and no clipping of the predicted x0
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from ..errors import ConfigError
 from ..presets import DiffusionConfig, Preset
+from .sampling import SAMPLER_KINDS
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
-
-SamplerKind = Literal["ddim", "dpm++"]
-SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm++")
 
 
 def _diffusion_section(cfg: DiffusionConfig | Preset | None) -> DiffusionConfig:

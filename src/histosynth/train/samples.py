@@ -17,7 +17,6 @@ from ..models.autoencoder import Autoencoder, decode_latents
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import counts_to_shares, ids_from_label_map
 from ..models.latent_range import LatentRange
-from ..models.sampling import SamplingOptions
 from ..presets import Preset
 from ..sample.generate import batch_conditions, denoise_seeds
 from ..schema import ClassSchema
@@ -42,7 +41,7 @@ class SampleGrids(L.Callback):
         self.latent_range = latent_range
         self.autoencoder = autoencoder
         self.every = every
-        self.options = SamplingOptions.from_dict(preset.sampling.model_dump()).overridden(steps=steps)
+        self.options = preset.sampling.to_options().overridden(steps=steps)
         self.diffusion = preset.diffusion
         self.schema = schema
         self.label_maps: Optional[torch.Tensor] = None
