@@ -266,9 +266,6 @@ class Bundle:
             self._text_encoder = encoder
         return self._text_encoder
 
-    def noise_scheduler(self) -> DDPMScheduler:
-        return DDPMScheduler.from_config(self.scheduler_config)
-
 
 # --- saving -------------------------------------------------------------------------------------
 def save_bundle(

@@ -171,8 +171,8 @@ def denoise(
         model_in = scheduler.scale_model_input(x, t)
         eps = guided_eps(unet, model_in, t, conditions, options.guidance, options.mask_guidance)
         if latent_range is not None:
-            # the clean latent is implied by the sample itself (x = sqrt(a) x0 + sqrt(1-a) eps), not by a
-            # scheduler's scaled model input
+            # x, not model_in: x = sqrt(a) x0 + sqrt(1-a) eps holds for the sample itself, and a scheduler may
+            # rescale its model input
             eps = clamp_model_output(eps, x, scheduler.alphas_cumprod[int(t)], latent_range,
                                      scheduler.config.prediction_type)
         if on_step is not None:

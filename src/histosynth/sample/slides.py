@@ -57,7 +57,8 @@ from .jobs import item_seed
 from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile, window_overlap
 
 MODES = ("stitched", "seamless")
-#: rows of latent pixels turned into label maps at a time (bounds the one-hot temporaries)
+#: rows of latent pixels turned into label maps at a time (bounds the memory of the per-class comparison
+#: masks each band is counted with)
 LABEL_MAP_BAND = 64
 
 #: called with (what is being done, units done, units in all)
