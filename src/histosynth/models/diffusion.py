@@ -76,14 +76,13 @@ def diffusion_loss(
     generator: Optional[torch.Generator] = None,
     *,
     scheduler: Optional[DDPMScheduler] = None,
-    extra_channels: Optional[torch.Tensor] = None,
+    label_maps: Optional[torch.Tensor] = None,
     timesteps: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The denoising MSE of one batch at uniformly drawn timesteps.
 
-    ``extra_channels`` (B, C, h, w) are concatenated to the noisy latent (e.g. a label map for mask
-    conditioning). ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they
+    ``label_maps`` (B, K, h, w) of a mask-conditioned model are concatenated to the noisy latent. ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they
     are drawn from ``generator``.
     """
     scheduler = scheduler or noise_scheduler()
@@ -95,8 +94,8 @@ def diffusion_loss(
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if extra_channels is not None:
-        noisy = torch.cat([noisy, extra_channels.to(noisy)], dim=1)
+    if label_maps is not None:
+        noisy = torch.cat([noisy, label_maps.to(noisy)], dim=1)
     prediction = unet(
         noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=attention_mask
     ).sample

@@ -221,13 +221,13 @@ def sample_latents(bundle: Bundle, captions: Sequence[str], seeds: Sequence[int]
                    progress: Optional[StepsDone] = None, label_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Final latents (B, C, h, w) of one batch; latents larger than the UNet's window are windowed.
 
-    ``label_maps`` (B, K, h, w) condition a mask-conditioned model (see :func:`conditioning_maps`;
+    ``label_maps`` (B, K, h, w) condition a mask-conditioned model (see :func:`batch_label_maps`;
     default: the null map). A model with a latent range is clamped into it at every step.
     """
     channels, _, window = latent_geometry(bundle)
     latent_hw = image_latent_size(bundle, size)
     if label_maps is None:
-        label_maps = conditioning_maps(bundle, None, len(seeds), as_size(bundle.image_size if size is None else size))
+        label_maps = batch_label_maps(bundle, None, len(seeds), as_size(bundle.image_size if size is None else size))
         options = replace(options, mask_guidance=1.0)  # nothing to guide towards: the null map against itself
     unet = bundle.unet
     if max(latent_hw) > window:
@@ -262,7 +262,7 @@ def denoise_seeds(unet, scheduler, seeds: Sequence[int], latent_shape: Sequence[
                    generators=generators, progress=progress)
 
 
-def conditioning_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
+def batch_label_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
                       size: Size) -> Optional[torch.Tensor]:
     """The label maps (count, K, h, w) a batch feeds the UNet: its masks', or the null map.
 
@@ -359,9 +359,9 @@ def generate_batches(
         batch_seeds += [batch_seeds[-1]] * (batch - real)
         if batch_masks is not None:
             batch_masks += [batch_masks[-1]] * (batch - real)
-        maps = None if batch_masks is None else conditioning_maps(bundle, batch_masks, batch, out_size)
+        label_maps = None if batch_masks is None else batch_label_maps(bundle, batch_masks, batch, out_size)
         latents = sample_latents(bundle, captions, batch_seeds, options, embeddings, out_size, window_batch, overlap,
-                                 label_maps=maps)
+                                 label_maps=label_maps)
         images = decode_images(bundle, latents)[:real]
         records = [generation_record(c, s, options, bundle.id, out_size, masked=masks is not None)
                    for c, s in zip(captions, batch_seeds)]

@@ -76,7 +76,7 @@ class Conditions:
 
     ``text`` (B, L, D) are the captions' token states; ``unconditional`` (B or 1, L', D) the empty
     caption's, or None when the text is not guided (the caption is the unconditional one);
-    ``label_map`` (B, K, h, w) the label maps of a mask-conditioned model (channels concatenated to
+    ``label_maps`` (B, K, h, w) the label maps of a mask-conditioned model (channels concatenated to
     the latent). The masks mark the tokens to attend to (None: all).
     """
 
@@ -84,7 +84,7 @@ class Conditions:
     unconditional: Optional[torch.Tensor] = None
     text_mask: Optional[torch.Tensor] = None
     unconditional_mask: Optional[torch.Tensor] = None
-    label_map: Optional[torch.Tensor] = None
+    label_maps: Optional[torch.Tensor] = None
 
 
 def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int, conditions: Conditions,
@@ -102,17 +102,17 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
     ``e(u, 0) + m * (e(u, M) - e(u, 0))`` (two predictions); otherwise three. Only the predictions
     a formula needs are computed, in one UNet call on the stacked batch.
     """
-    cond, cond_mask, cond_extra = conditions.text, conditions.text_mask, conditions.label_map
+    cond, cond_mask, label_maps = conditions.text, conditions.text_mask, conditions.label_maps
     uncond, uncond_mask = conditions.unconditional, conditions.unconditional_mask
     text_guided = uncond is not None and guidance != 1.0
-    mask_guided = cond_extra is not None and mask_guidance != 1.0
+    mask_guided = label_maps is not None and mask_guidance != 1.0
     # (name, context, its attention mask, label map) of each prediction needed
-    wanted = [("cond", cond, cond_mask, cond_extra)]
+    wanted = [("cond", cond, cond_mask, label_maps)]
     if uncond is not None and (text_guided or mask_guided):
-        wanted.insert(0, ("uncond", uncond, uncond_mask, cond_extra))
+        wanted.insert(0, ("uncond", uncond, uncond_mask, label_maps))
     if mask_guided:
         null_text, null_mask = (cond, cond_mask) if uncond is None else (uncond, uncond_mask)
-        wanted.insert(0, ("null", null_text, null_mask, torch.zeros_like(cond_extra)))
+        wanted.insert(0, ("null", null_text, null_mask, torch.zeros_like(label_maps)))
     eps = _predict(unet, x, t, wanted)
     if uncond is None:
         if not mask_guided:
@@ -128,13 +128,13 @@ def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
              wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """The UNet's predictions for x under several conditions, from one call on the stacked batch."""
     if len(wanted) == 1:
-        _, context, mask, extra = wanted[0]
-        unet_in = x if extra is None else torch.cat([x, extra], dim=1)
+        _, context, mask, label_maps = wanted[0]
+        unet_in = x if label_maps is None else torch.cat([x, label_maps], dim=1)
         return {wanted[0][0]: unet(unet_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample}
     contexts, masks = stack_contexts([(c, m) for _, c, m, _ in wanted], x.shape[0])
     stacked = torch.cat([x] * len(wanted))
     if wanted[0][3] is not None:
-        stacked = torch.cat([stacked, torch.cat([extra for _, _, _, extra in wanted])], dim=1)
+        stacked = torch.cat([stacked, torch.cat([label_maps for _, _, _, label_maps in wanted])], dim=1)
     out = unet(stacked, t, encoder_hidden_states=contexts, encoder_attention_mask=masks).sample
     return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted))))
 

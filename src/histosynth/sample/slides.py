@@ -121,7 +121,7 @@ def synth_slide(
     existing = [p for p in (out, record_path, mask_out) if p is not None and p.exists()]
     if existing and not overwrite:
         raise JobError(f"{existing[0]} exists; choose another output path or allow overwriting")
-    mask, maps = None, None
+    mask, label_maps = None, None
     if mask_slide is not None:
         if mode != "seamless":
             raise ConfigError("a slide that follows a mask slide is generated seamless; use the seamless mode")
@@ -130,7 +130,7 @@ def synth_slide(
             raise ConfigError(f"the slide takes the size of its mask slide ({mask.shape[1]}x{mask.shape[0]} px); "
                               "leave out the size")
         size, mpp = mask.shape, mpp or mask_mpp or 0.5
-        maps = slide_label_map(mask, bundle)
+        label_maps = slide_label_map(mask, bundle)
     if size is None:
         raise ConfigError("give the slide's size (or a mask slide to take it from)")
     mpp = 0.5 if mpp is None else mpp
@@ -150,7 +150,7 @@ def synth_slide(
         bands = stitched_bands(bundle, caption, size, seed, options, embeddings, batch_size, progress)
     else:
         bands = seamless_bands(bundle, caption, size, seed, options, embeddings, window_batch, overlap, progress,
-                               label_maps=maps)
+                               label_maps=label_maps)
     meter = SeamMeter(bundle.image_size)
     write_pyramid_tiff(out, TileSource.from_bands(size[0], size[1], _measured(bands, meter)), mpp)
     if mask is not None:

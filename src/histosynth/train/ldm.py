@@ -82,7 +82,7 @@ class LatentDiffusionModule(L.LightningModule):
         generator = torch.Generator(device=batch.latents.device).manual_seed(int(noise_seed))
         condition = batch.condition
         loss = diffusion_loss(self.unet, batch.latents, condition.text, condition.text_mask, generator,
-                              scheduler=self.scheduler, extra_channels=condition.label_map)
+                              scheduler=self.scheduler, label_maps=condition.label_map)
         finite_or_stop(self, loss, batch.step, self._describe(batch), self.run)
         size = batch.latents.shape[0]
         self.log("loss", loss, prog_bar=True, batch_size=size)
