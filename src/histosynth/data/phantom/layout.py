@@ -180,8 +180,8 @@ class PatchBorder:
 
 
 @dataclass
-class Structures:
-    """Elliptical structures: kind, centre, semi-axes (px), orientation and a hash key each."""
+class _Ellipses:
+    """Ellipses as equal-length columns, one row each: kind, centre (px), semi-axes (px), orientation."""
 
     kind: np.ndarray
     x: np.ndarray
@@ -189,6 +189,22 @@ class Structures:
     a: np.ndarray
     b: np.ndarray
     angle: np.ndarray
+
+    def take(self, index: np.ndarray):
+        """The rows at ``index``, as the same kind of table."""
+        return type(self)(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    def near(self, x0: float, y0: float, x1: float, y1: float, reach: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the rows whose centre lies within ``reach`` (default: the semi-axis ``a``) of the window."""
+        reach = self.a if reach is None else reach
+        return np.flatnonzero((self.x + reach > x0) & (self.x - reach < x1)
+                              & (self.y + reach > y0) & (self.y - reach < y1))
+
+
+@dataclass
+class Structures(_Ellipses):
+    """Elliptical structures: kind, centre, semi-axes (px), orientation and a hash key each."""
+
     key: np.ndarray
 
     @classmethod
@@ -202,9 +218,6 @@ class Structures:
             return cls.empty()
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
-    def take(self, index: np.ndarray) -> "Structures":
-        return Structures(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
-
     def __len__(self) -> int:
         return len(self.kind)
 
@@ -212,11 +225,6 @@ class Structures:
     def radius(self) -> np.ndarray:
         """Equivalent radius sqrt(a * b) in pixels."""
         return np.sqrt(self.a * self.b)
-
-    def near(self, x0: float, y0: float, x1: float, y1: float, reach: np.ndarray) -> np.ndarray:
-        """Indices of the structures whose centre lies within `reach` of the window."""
-        return np.flatnonzero((self.x + reach > x0) & (self.x - reach < x1)
-                              & (self.y + reach > y0) & (self.y - reach < y1))
 
 
 class CellKind(IntEnum):
@@ -227,23 +235,8 @@ class CellKind(IntEnum):
 
 
 @dataclass
-class Cells:
+class Cells(_Ellipses):
     """Interstitial cells: kind, centre (px), semi-axes (px), orientation."""
-
-    kind: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
-    angle: np.ndarray
-
-    def take(self, index: np.ndarray) -> "Cells":
-        return Cells(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
-
-    def near(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-        reach = self.a
-        return np.flatnonzero((self.x + reach > x0) & (self.x - reach < x1)
-                              & (self.y + reach > y0) & (self.y - reach < y1))
 
 
 @dataclass
