@@ -218,7 +218,7 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise DataError(f"{path}: unknown splits {bad}; use train, val or test")
-    return dict(zip(table["slide"], table["split"]))
+    return dict(zip(table["slide"], table["split"], strict=True))
 
 
 # --- labels ---------------------------------------------------------------------------------
@@ -333,7 +333,8 @@ def _check_inputs(inputs: list[SlideInput], options: TilingOptions, splits: dict
     for item in inputs:
         if item.mask is not None and item.annotations is not None:
             raise DataError(f"slide {item.slide}: give a mask slide or annotations, not both")
-        for kind, path in (("slide file", item.slide), ("mask slide", item.mask), ("annotation file", item.annotations)):
+        for kind, path in (("slide file", item.slide), ("mask slide", item.mask),
+                           ("annotation file", item.annotations)):
             if path is not None and not Path(path).is_file():
                 raise DataError(f"{kind} {path} does not exist; check the path")
         override = item.mpp_override

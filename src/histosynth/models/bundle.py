@@ -495,7 +495,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
     schema = ClassSchema.from_dict(config.class_schema, source=f"{path / CONFIG_FILE}: schema")
     _check_conditioning(config.conditioning, schema, f"{path / CONFIG_FILE}: conditioning")
-    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False), path)
+    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False),
+                      path)
     if controlled:
         unet = MaskControlledUNet(unet, _load_part(CONTROLNET_DIR, lambda: load_mask_branch(path), path))
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)

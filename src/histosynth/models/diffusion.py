@@ -82,8 +82,9 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """The denoising MSE of one batch at uniformly drawn timesteps.
 
-    ``label_maps`` (B, K, h, w) of a mask-conditioned model are concatenated to the noisy latent. ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they
-    are drawn from ``generator``.
+    ``label_maps`` (B, K, h, w) of a mask-conditioned model are concatenated to the noisy latent.
+    ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they are drawn from
+    ``generator``.
     """
     scheduler = scheduler or noise_scheduler()
     batch = latents.shape[0]
@@ -110,8 +111,9 @@ def make_ema(model: torch.nn.Module, decay: float = 0.9999) -> "EMAModel":
     """An exponential moving average of ``model``'s weights (diffusers' ``EMAModel``).
 
     Its decay warms up as (1 + n) / (10 + n) after the first update (which copies the weights),
-    capped at ``decay``, so short runs are not dominated by the initial weights. ``ema.step(model.parameters())`` after each optimiser step;
-    ``ema.copy_to(model.parameters())`` before saving for inference.
+    capped at ``decay``, so short runs are not dominated by the initial weights.
+    ``ema.step(model.parameters())`` after each optimiser step; ``ema.copy_to(model.parameters())``
+    before saving for inference.
     """
     from diffusers.training_utils import EMAModel  # imports diffusers' pipelines: keep it off start-up
 

@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import validation
 from ..captions import UNCONDITIONAL_CAPTION
 from ..data.torchdata import to_uint8
-from .. import validation
 from ..devices import pick_device
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
@@ -364,7 +364,7 @@ def generate_batches(
                                  label_maps=label_maps)
         images = decode_images(bundle, latents)[:real]
         records = [generation_record(c, s, options, bundle.id, out_size, masked=masks is not None)
-                   for c, s in zip(captions, batch_seeds)]
+                   for c, s in zip(captions, batch_seeds, strict=True)]
         yield Generated(images, records[:real])
 
 

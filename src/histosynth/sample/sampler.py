@@ -26,7 +26,8 @@ ProgressFn = Callable[[int, int], None]
 StepObserver = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def _pad_tokens(context: torch.Tensor, mask: Optional[torch.Tensor], length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _pad_tokens(context: torch.Tensor, mask: Optional[torch.Tensor],
+                length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Zero-pad a (B, L, D) context to ``length`` tokens; the mask marks the padding as ignored."""
     tokens = context.shape[1]
     if tokens == length:
@@ -125,7 +126,8 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
 
 
 def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
-             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
+             ) -> dict[str, torch.Tensor]:
     """The UNet's predictions for x under several conditions, from one call on the stacked batch."""
     if len(wanted) == 1:
         _, context, mask, label_maps = wanted[0]
@@ -136,7 +138,7 @@ def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
     if wanted[0][3] is not None:
         stacked = torch.cat([stacked, torch.cat([label_maps for _, _, _, label_maps in wanted])], dim=1)
     out = unet(stacked, t, encoder_hidden_states=contexts, encoder_attention_mask=masks).sample
-    return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted))))
+    return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted)), strict=True))
 
 
 @torch.no_grad()

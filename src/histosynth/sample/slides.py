@@ -81,8 +81,8 @@ class SlideReport:
     def summary(self) -> str:
         mask = f" and its label mask {self.mask_path}" if self.mask_path else ""
         return (f"wrote {self.path}{mask} ({self.size[1]} x {self.size[0]} px, {self.mode}) in {self.seconds:.1f} s; "
-                f"seam score {self.seam_score:.3f} (gradient energy on the {self.patch_size} px patch grid vs elsewhere; "
-                "1 = no seams)")
+                f"seam score {self.seam_score:.3f} (gradient energy on the {self.patch_size} px patch grid vs "
+                "elsewhere; 1 = no seams)")
 
 
 def synth_slide(

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from diffusers import UNet2DConditionModel
 
+from .. import validation
 from ..data.dataset import open_dataset
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
@@ -38,7 +39,6 @@ from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.latent_range import LatentRange
 from ..models.text import load_text_encoder
 from ..presets import Preset
-from .. import validation
 from .cache import autoencoder_id, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
@@ -51,6 +51,7 @@ from .runtime import (
     save_final_checkpoint,
 )
 from .samples import SampleGrids
+
 
 class LatentDiffusionModule(L.LightningModule):
     """The denoiser, its optimiser and warm-up, the diffusion loss and the EMA of its weights."""

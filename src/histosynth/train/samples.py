@@ -72,7 +72,8 @@ class SampleGrids(L.Callback):
         text = tuple(t.to(device) for t in self.embeddings.lookup(self.rows))
         unconditional = tuple(t.to(device) for t in self.embeddings.encode([UNCONDITIONAL_CAPTION]))
         label_maps = None if self.label_maps is None else self.label_maps.to(device)
-        conditions = batch_conditions(text, unconditional, label_maps, all(c == UNCONDITIONAL_CAPTION for c in self.captions))
+        conditions = batch_conditions(text, unconditional, label_maps,
+                                      all(c == UNCONDITIONAL_CAPTION for c in self.captions))
         latents = denoise_seeds(unet, sampling_scheduler(self.diffusion, self.options.scheduler),
                                 range(len(self.captions)), self.latent_shape, conditions, self.options, device,
                                 self.latent_range)

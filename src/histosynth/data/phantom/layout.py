@@ -497,7 +497,7 @@ def place_cells(rng: np.random.Generator, seed: int, region: tuple[float, float,
         minor = major * rng.uniform(*aspect, n)
         parts.append((np.full(n, kind, np.int8), x, y, major.astype(np.float32), minor.astype(np.float32),
                       rng.uniform(0, math.pi, n).astype(np.float32)))
-    return Cells(*(np.concatenate(column) for column in zip(*parts)))
+    return Cells(*(np.concatenate(column) for column in zip(*parts, strict=True)))
 
 
 def tissue_area(tissue: TissueShape | None, region: tuple[float, float, float, float]) -> float:
