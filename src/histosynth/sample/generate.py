@@ -18,10 +18,10 @@ exactly the bytes of one uninterrupted run.
 Images larger than the model's patches go through :mod:`histosynth.sample.large` (overlapping
 windows blended at every step, tiled decoding).
 
-Conditions are captions in the schema's templates (thesis §4.1.4). A user's caption is parsed and rewritten
-in canonical form (:func:`histosynth.captions.canonical_caption`: intro line, classes in id order, one
-sentence per line), which is the form the model was trained on; an unknown class or level is an error
-naming it. The empty caption is the unconditional one.
+Conditions are captions in the schema's templates (thesis §4.1.4). A user's caption is parsed and
+rewritten in canonical form (:func:`histosynth.captions.canonical_caption`: intro line, classes in id
+order, one sentence per line), which is the form the model was trained on; an unknown class or level
+is an error naming it. The empty caption is the unconditional one.
 
 A mask-conditioned model also takes one label mask per image (the image has the mask's size); its
 label map enters the UNet beside the latent, and ``mask_guidance`` weights it against the null map
@@ -263,7 +263,7 @@ def denoise_seeds(unet, scheduler, seeds: Sequence[int], latent_shape: Sequence[
 
 
 def batch_label_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
-                      size: Size) -> Optional[torch.Tensor]:
+                     size: Size) -> Optional[torch.Tensor]:
     """The label maps (count, K, h, w) a batch feeds the UNet: its masks', or the null map.
 
     None for a text-only model (which refuses masks). A mask-conditioned model without masks reads
@@ -382,12 +382,12 @@ def generate(
 ) -> Generated:
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
-    ``conditions`` are captions (see :func:`histosynth.captions.canonical_caption`; pass them canonical). ``options``
-    default to the model's own (:attr:`Bundle.sampling`). ``batch_size`` items share each UNet call
-    (default: up to 8). ``device`` moves the bundle's networks first (default: where the bundle is).
-    ``size`` (px, or (height, width)) defaults to the model's patch size, or the masks' size; larger
-    images are denoised in blended windows. ``masks`` (one (H, W) array of schema ids per image, all
-    of one size) condition a mask-conditioned model.
+    ``conditions`` are captions (see :func:`histosynth.captions.canonical_caption`; pass them
+    canonical). ``options`` default to the model's own (:attr:`Bundle.sampling`). ``batch_size``
+    items share each UNet call (default: up to 8). ``device`` moves the bundle's networks first
+    (default: where the bundle is). ``size`` (px, or (height, width)) defaults to the model's patch
+    size, or the masks' size; larger images are denoised in blended windows. ``masks`` (one (H, W)
+    array of schema ids per image, all of one size) condition a mask-conditioned model.
     """
     if device is not None:
         move_bundle(bundle, pick_device(str(device)))
