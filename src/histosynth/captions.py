@@ -3,18 +3,21 @@
 prevalence(c) = pixels of class c / all pixels of the mask (background included in the
 denominator). A prevalence p > 0 is *low* below 0.2, *medium* from 0.2 and *high* from 0.4. A
 caption is the schema's intro sentence followed by one sentence per present, captioned class in
-ascending id order, one sentence per line. Pure functions over numpy.
+ascending id order, one sentence per line. A caption a user writes (or a captions file holds) is
+parsed and rewritten in that canonical form, the form a model was trained on. Pure functions over
+numpy.
 """
 
 from __future__ import annotations
 
 import re
 from enum import Enum
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from .errors import CaptionError, ConfigError
+from .errors import CaptionError, ConfigError, DataError
 from .schema import RENAL, ClassSchema
 
 
@@ -126,6 +129,44 @@ def parse_levels_option(text: str, schema: ClassSchema = RENAL) -> dict[str, Lev
         name, level = (s.strip() for s in item.split("=", 1))
         levels[schema.name_of(_captioned_id(name, schema))] = _as_level(level, name)
     return levels
+
+
+def canonical_caption(text: str, schema: ClassSchema) -> str:
+    """The caption in the form the model was trained on; the empty caption stays empty."""
+    text = text.replace("\\n", "\n").strip()
+    if not text:
+        return UNCONDITIONAL_CAPTION
+    return caption_from_levels(parse_caption(text, schema), schema)
+
+
+def caption_for_levels(levels: str | Mapping[str, Level | str], schema: ClassSchema) -> str:
+    """The caption (thesis §4.1.4) of levels given as ``Glomeruli=high,Tubuli=medium`` or a mapping."""
+    if isinstance(levels, str):
+        levels = parse_levels_option(levels, schema)
+    return caption_from_levels(levels, schema)
+
+
+def read_captions_file(path: str | Path, schema: ClassSchema) -> list[str]:
+    """Captions from a text file, one per line (sentences separated by spaces or a literal ``\\n``).
+
+    Blank lines are skipped. A line that does not parse is an error naming the file and line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read captions file {path}: {exc.__class__.__name__}: {exc}") from None
+    captions = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            captions.append(canonical_caption(line, schema))
+        except CaptionError as exc:
+            raise CaptionError(f"{path}, line {number}: {exc}") from None
+    if not captions:
+        raise DataError(f"captions file {path} holds no caption; write one caption per line")
+    return captions
 
 
 def _sentences(caption: str) -> list[str]:

@@ -28,7 +28,8 @@ MASK_LDM = "ldm-mask"
 SEGMENTER = "segmenter"
 AUTOENCODER = "ldm/autoencoder"
 #: The file whose presence marks each shipped folder as complete.
-_MARKERS = {LDM: "histosynth.json", MASK_LDM: "histosynth.json", SEGMENTER: "segmenter.json", AUTOENCODER: "config.json"}
+_MARKERS = {LDM: "histosynth.json", MASK_LDM: "histosynth.json", SEGMENTER: "segmenter.json",
+            AUTOENCODER: "config.json"}
 _HOW_TO_MAKE = "train them with `make default-models` (scripts/default_models.py) in a source checkout"
 
 

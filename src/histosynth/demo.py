@@ -4,8 +4,9 @@ Phantom slides (with their label-mask slides) are tiled into a captioned patch d
 sheet shows patches with their masks and captions, the shipped model generates patches for the
 thesis' generating caption and a few others, the shipped segmenter measures their caption accuracy,
 the shipped text+mask model generates patches from some of the dataset's label masks (the segmenter
-measures how well they follow them), and `report.html` gathers what was made with timings. Each stage is skipped when its output already exists, so a re-run after an interruption
-continues where it stopped.
+measures how well they follow them), and `report.html` gathers what was made with timings. Each
+stage is skipped when its output already exists, so a re-run after an interruption continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from .captions import GENERATING_CAPTION, caption_for_mask, caption_from_levels
 from .data.dataset import PatchDataset
 from .data.phantom.export import write_phantom_slide
 from .data.tiling import SlideInput, TilingOptions, tile_slides
-from .captions import GENERATING_CAPTION, caption_for_mask, caption_from_levels
 from .errors import ModelError
 from .figures import contact_sheet
 from .io import write_text_atomic
@@ -78,10 +79,12 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def run_demo(out: str | Path = "demo", settings: DemoSettings = DemoSettings(),
+def run_demo(out: str | Path = "demo", settings: Optional[DemoSettings] = None,
              progress: bool = True) -> DemoResult:
-    """Run every stage of the demo into `out` and return where things are."""
+    """Run every stage of the demo into `out` (with the default :class:`DemoSettings` unless given) and
+    return where things are."""
     out = Path(out)
+    settings = DemoSettings() if settings is None else settings
     timings: dict[str, float] = {}
     with _timed(timings, "phantom slides"):
         inputs = make_phantom_slides(out / "slides", settings, progress)

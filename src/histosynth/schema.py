@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, describe_validation_error
 from .validation import one_line
 
 RGB = tuple[int, int, int]
@@ -169,7 +169,7 @@ class ClassSchema(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe_validation_error(exc)}") from None
+            raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ClassSchema":
@@ -193,14 +193,6 @@ class ClassSchema(BaseModel):
         return data
 
 
-def _describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"field '{field}': {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 RENAL = ClassSchema(
     name="renal",
     classes=(
@@ -216,7 +208,7 @@ RENAL = ClassSchema(
     uncaptioned_ids=(0,),
 )
 
-#: Mean pixel share of each renal class in the thesis' rat-kidney data (SPEC §2).
+#: Mean pixel share of each renal class in the thesis' rat-kidney data (thesis §4.1.3).
 RENAL_PIXEL_SHARES: dict[int, float] = {
     0: 0.0037, 1: 0.0001, 2: 0.0271, 3: 0.4418, 4: 0.0121, 5: 0.0219, 6: 0.3760, 7: 0.1172,
 }

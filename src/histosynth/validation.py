@@ -8,6 +8,7 @@ of work. These helpers refuse them where the number enters, naming the option or
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import Optional
 
 from .errors import ConfigError, HistosynthError
@@ -15,6 +16,10 @@ from .errors import ConfigError, HistosynthError
 #: Largest seed a user may give: the range that every generator here accepts (numpy's, torch's,
 #: scikit-learn's random_state) is [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
+#: Largest seed of one generated image: a job derives each image's seed from the job seed and the
+#: image's index as a 63-bit hash (:func:`histosynth.sample.jobs.item_seed`), which torch's and
+#: numpy's generators take whole.
+MAX_IMAGE_SEED = 2**63 - 1
 
 
 def finite_float(value: float, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
@@ -46,9 +51,10 @@ def share(value: float, name: str, error: type[HistosynthError] = ConfigError) -
 
 def int_at_least(value: int, name: str, low: int, high: Optional[int] = None,
                  error: type[HistosynthError] = ConfigError) -> int:
-    """An integer (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (not a bool; numpy's integers too) in [low, high], as an int."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise error(f"{name} must be a whole number, got {value!r}")
+    value = int(value)
     if value < low:
         raise error(f"{name} must be at least {low}, got {value}")
     if high is not None and value > high:
@@ -61,9 +67,10 @@ def positive_int(value: int, name: str, error: type[HistosynthError] = ConfigErr
     return int_at_least(value, name, 1, error=error)
 
 
-def seed(value: int, name: str = "--seed", error: type[HistosynthError] = ConfigError) -> int:
-    """A seed every random generator takes: a whole number in [0, 2**32 - 1]."""
-    return int_at_least(value, name, 0, MAX_SEED, error=error)
+def seed(value: int, name: str = "--seed", error: type[HistosynthError] = ConfigError, *,
+         high: int = MAX_SEED) -> int:
+    """A seed: a whole number in [0, ``high``]; by default one every random generator takes, [0, 2**32 - 1]."""
+    return int_at_least(value, name, 0, high, error=error)
 
 
 def one_line(message: object) -> str:

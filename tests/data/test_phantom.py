@@ -308,8 +308,9 @@ def test_a_phantom_dataset_that_finished_no_slide_binds_no_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("command, extra, message", [
-    ("patches", ["--seed", "-1"], "a seed must be a whole number >= 0, got -1"),
-    ("masks", ["--seed", "-1"], "a seed must be a whole number >= 0, got -1"),
+    ("patches", ["--seed", "-1"], "--seed must be at least 0, got -1"),
+    ("masks", ["--seed", "-1"], "--seed must be at least 0, got -1"),
+    ("masks", ["--seed", str(2**32)], "--seed must be at most 4294967295, got 4294967296"),
     ("patches", ["--slides", "0"], "--slides must lie between 1 and the number of patches (2), got 0"),
     ("patches", ["--size", "0"], "size must be a whole number of pixels >= 16, got 0"),
     ("masks", ["--mpp", "nan"], "microns per pixel must lie between 0.05 and 4, got nan"),

@@ -12,7 +12,7 @@ from scipy.ndimage import distance_transform_edt, label
 
 from histosynth.cli import main
 from histosynth.data.dataset import Patch, PatchDatasetWriter
-from histosynth.data.phantom.layout import GAP_UM, LARGE_SPECS
+from histosynth.data.phantom.layout import GAP_UM, LARGE_STRUCTURES
 from histosynth.data.phantom.stamp import Addition, parse_additions, stamp_structures, write_stamped_masks
 from histosynth.errors import ConfigError, DataError
 from histosynth.io import write_png_atomic
@@ -29,7 +29,7 @@ def test_a_stamped_glomerulus_has_the_phantoms_size_and_leaves_the_rest_alone():
     assert (result.asked, result.placed) == (1, 1)
     components, count = label(result.mask == GLOMERULI)
     assert count == 1
-    low, high = (r / MPP for r in LARGE_SPECS[GLOMERULI].radius_um)
+    low, high = (r / MPP for r in LARGE_STRUCTURES[GLOMERULI].radius_um)
     area = (result.mask == GLOMERULI).sum()
     assert math.pi * low ** 2 * 0.9 <= area <= math.pi * high ** 2 * 1.05  # (a part may lie outside the mask)
     untouched = result.mask != GLOMERULI

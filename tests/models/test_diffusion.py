@@ -111,7 +111,7 @@ def test_mask_conditioning_channels_are_concatenated():
     unet = build_denoiser(preset, context_dim=8, extra_in_channels=2)
     latents, context = batch()
     loss = diffusion_loss(unet, latents, context, generator=torch.Generator().manual_seed(0),
-                          extra_channels=torch.zeros(2, 2, 16, 16))
+                          label_maps=torch.zeros(2, 2, 16, 16))
     assert torch.isfinite(loss)
 
 

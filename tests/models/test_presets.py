@@ -7,6 +7,7 @@ import yaml
 
 from histosynth.errors import ConfigError
 from histosynth.models.denoiser import denoiser_config
+from histosynth.models.sampling import SamplingOptions
 from histosynth.presets import builtin_presets, load_preset
 
 
@@ -121,3 +122,14 @@ def test_yaml_syntax_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"not valid YAML \(ParserError: ") as err:
         load_preset(path)
     assert "\n" not in str(err.value)
+
+
+def test_the_sampling_section_holds_every_sampling_option_with_its_defaults(tmp_path):
+    assert load_preset("tiny").sampling.to_options() == SamplingOptions()
+    data = _tiny_dict()
+    data["sampling"] = {"steps": 7, "mask_guidance": 1.0, "eta": 0.5}
+    assert load_preset(_write(tmp_path, data)).sampling.to_options() == SamplingOptions(steps=7, mask_guidance=1.0,
+                                                                                         eta=0.5)
+    data["sampling"] = {"scheduler": "dpm++", "eta": 0.5}
+    with pytest.raises(ConfigError, match="field 'sampling': eta applies to the ddim scheduler only"):
+        load_preset(_write(tmp_path, data))

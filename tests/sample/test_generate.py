@@ -7,54 +7,10 @@ import pytest
 import torch
 
 from histosynth.captions import GENERATING_CAPTION
-from histosynth.errors import CaptionError, ConfigError, DataError
-from histosynth.sample.generate import (
-    SamplingOptions,
-    bundle_scheduler,
-    canonical_caption,
-    caption_for_levels,
-    generate,
-    initial_noise,
-    read_captions_file,
-)
-from histosynth.schema import RENAL
+from histosynth.errors import ConfigError
+from histosynth.sample.generate import SamplingOptions, bundle_scheduler, generate, initial_noise
 
 STEPS = 2
-ONLY_GLOMERULI = (
-    "This image showcases various types of tissue structures found in renal tissue.\n"
-    "The image shows a low amount of Glomeruli."
-)
-
-
-# --- conditions --------------------------------------------------------------------------------------
-def test_captions_are_rewritten_in_the_trained_form():
-    shuffled = "There is a lot of Glomeruli visible in the image. The prevalence of Tubuli is medium."
-    assert canonical_caption(shuffled, RENAL) == GENERATING_CAPTION
-    assert canonical_caption(GENERATING_CAPTION.replace("\n", "\\n"), RENAL) == GENERATING_CAPTION
-    assert canonical_caption("  ", RENAL) == ""
-    assert caption_for_levels("Glomeruli=high, Tubuli=medium", RENAL) == GENERATING_CAPTION
-    assert caption_for_levels({"glomeruli": "low"}, RENAL) == ONLY_GLOMERULI
-
-
-def test_unknown_classes_and_levels_are_named():
-    with pytest.raises(CaptionError, match=r"^unknown class name 'Glomerulus'; schema 'renal' has "):
-        canonical_caption("There is a lot of Glomerulus visible in the image.", RENAL)
-    with pytest.raises(CaptionError, match=r"^unknown level 'huge' for 'Glomeruli'; use one of none, low, medium, high$"):
-        caption_for_levels("Glomeruli=huge", RENAL)
-
-
-def test_captions_file_one_per_line(tmp_path):
-    path = tmp_path / "captions.txt"
-    path.write_text("There is a lot of Glomeruli visible in the image. The prevalence of Tubuli is medium.\n"
-                    "\n"
-                    "The image shows a low amount of Glomeruli.\n")
-    assert read_captions_file(path, RENAL) == [GENERATING_CAPTION, ONLY_GLOMERULI]
-    path.write_text("The image shows a low amount of Glomeruli.\n\nThe image shows a low amount of Podocytes.\n")
-    with pytest.raises(CaptionError, match=rf"^{path}, line 3: unknown class name 'Podocytes'"):
-        read_captions_file(path, RENAL)
-    path.write_text("\n\n")
-    with pytest.raises(DataError, match="holds no caption"):
-        read_captions_file(path, RENAL)
 
 
 # --- generation ----------------------------------------------------------------------------------------

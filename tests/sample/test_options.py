@@ -86,7 +86,8 @@ def test_ddim_with_eta_draws_its_step_noise_from_each_items_seed(tiny_bundle):
 @pytest.mark.parametrize("extra, message", [
     (["--guidance", "nan"], "error: guidance must be a finite number, got nan"),
     (["--mask-guidance", "inf"], "error: mask guidance must be a finite number, got inf"),
-    (["--seed", "-1"], "error: a seed must be a whole number from 0 to 9223372036854775807, got -1"),
+    (["--seed", "-1"], "error: --seed must be at least 0, got -1"),
+    (["--seed", str(2**32)], "error: --seed must be at most 4294967295, got 4294967296"),
     (["--size", "0"], "error: image size 0 px must be a multiple of 8"),
     (["--size", "1048576"], "error: an image of 1048576x1048576 px needs about"),
     (["--eta", "2"], "error: eta must be between 0"),
@@ -112,7 +113,7 @@ def test_the_size_error_names_the_largest_size_that_fits(tiny_bundle, monkeypatc
 @pytest.mark.parametrize("extra, message", [
     (["--mpp", "nan"], "error: microns per pixel must be a positive finite number, got nan"),
     (["--mpp", "inf"], "error: microns per pixel must be a positive finite number, got inf"),
-    (["--seed", "-1"], "error: a seed must be a whole number"),
+    (["--seed", "-1"], "error: --seed must be at least 0, got -1"),
     (["--guidance", "nan"], "error: guidance must be a finite number, got nan"),
     (["--overlap", "99"], "error: the window overlap must be 0 to 15 latent pixels, got 99"),
     (["--window-batch", "0"], "error: the window batch must be at least 1, got 0"),

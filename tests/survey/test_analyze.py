@@ -68,7 +68,7 @@ def test_worked_example_gives_the_hand_computed_numbers():
 
 def test_the_thesis_minimum_twelve_of_forty_right_is_kappa_minus_0_40():
     # With 20 real and 20 synthetic questions all answered, chance agreement is 1/2 whatever the
-    # participant's bias, so kappa = 2 * accuracy - 1: 12/40 right -> -0.40, as in the thesis.
+    # participant's bias, so kappa = 2 * accuracy - 1: 12/40 right -> -0.40, as in the thesis (§5.2).
     truth = (R,) * 20 + (S,) * 20
     answers = (R,) * 6 + (S,) * 14 + (R,) * 14 + (S,) * 6
     analysis = analyze_responses(Responses(truth=truth, participants=(ParticipantAnswers("min", 2, answers),)))

@@ -242,7 +242,7 @@ def model_schema(folder: Path):
 
 
 def _captions(schema, caption: Optional[str], levels: Optional[str], captions_file: Optional[Path]) -> list[str]:
-    from ..sample.generate import canonical_caption, caption_for_levels, read_captions_file
+    from ..captions import canonical_caption, caption_for_levels, read_captions_file
 
     given = [x is not None for x in (caption, levels, captions_file)]
     if sum(given) != 1:

@@ -69,7 +69,8 @@ def read_annotations(path: str | Path, schema: ClassSchema = RENAL) -> list[Anno
     elif suffix == ".xml":
         named = list(_asap_polygons(path))
     else:
-        raise DataError(f"{path}: unknown annotation format; give a QuPath GeoJSON export (.geojson) or ASAP XML (.xml)")
+        raise DataError(f"{path}: unknown annotation format; give a QuPath GeoJSON export (.geojson) or ASAP XML "
+                        "(.xml)")
     if not named:
         raise DataError(f"{path}: holds no polygon annotations; export the annotations as polygons")
     return [_with_class(path, schema, name, rings) for name, rings in named]

@@ -298,7 +298,7 @@ def recaption_dataset(root: str | Path, schema: ClassSchema | None = None) -> tu
     dataset = open_dataset(root)
     schema = schema or dataset.schema
     captions = [caption_for_mask(dataset.mask(row), schema) for _, row in dataset.manifest.iterrows()]
-    changed = int(sum(a != b for a, b in zip(captions, dataset.manifest["caption"])))
+    changed = int(sum(a != b for a, b in zip(captions, dataset.manifest["caption"], strict=True)))
     dataset.manifest["caption"] = captions
     write_manifest(dataset.root, dataset.manifest)
     if schema != dataset.schema:

@@ -28,10 +28,11 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from ..errors import ConfigError, DataError
 from ..schema import RENAL, ClassSchema
+from ..terminal import progress_bar
 from .annotations import Annotation, rasterize, read_annotations
 from .dataset import Patch, PatchDataset, PatchDatasetWriter, finished_slides, slide_name_problem
 from .slides import LevelChoice, Slide, TissueMap, detect_tissue, open_mask_slide, open_slide
@@ -138,7 +139,7 @@ def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema =
     writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()})
     tiled: dict[str, int] = {}
     skipped: list[str] = []
-    with _progress_bar(progress) as bar:
+    with progress_bar(progress) as bar:
         slides_task = bar.add_task("slides", total=len(inputs))
         for item in inputs:
             if writer.slide_done(item.name):
@@ -217,7 +218,7 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise DataError(f"{path}: unknown splits {bad}; use train, val or test")
-    return dict(zip(table["slide"], table["split"]))
+    return dict(zip(table["slide"], table["split"], strict=True))
 
 
 # --- labels ---------------------------------------------------------------------------------
@@ -321,11 +322,6 @@ def _kept_patches(slide: Slide, labels: _Labels, candidates: list[tuple[int, int
             bar.advance(task)
 
 
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
-
-
 def _check_inputs(inputs: list[SlideInput], options: TilingOptions, splits: dict[str, str] | None) -> None:
     """Everything that can be checked before a file is written: names, files, options, splits."""
     if not inputs:
@@ -337,7 +333,8 @@ def _check_inputs(inputs: list[SlideInput], options: TilingOptions, splits: dict
     for item in inputs:
         if item.mask is not None and item.annotations is not None:
             raise DataError(f"slide {item.slide}: give a mask slide or annotations, not both")
-        for kind, path in (("slide file", item.slide), ("mask slide", item.mask), ("annotation file", item.annotations)):
+        for kind, path in (("slide file", item.slide), ("mask slide", item.mask),
+                           ("annotation file", item.annotations)):
             if path is not None and not Path(path).is_file():
                 raise DataError(f"{kind} {path} does not exist; check the path")
         override = item.mpp_override

@@ -163,7 +163,7 @@ def judge(masks: Sequence[np.ndarray], captions: Sequence[str], schema: ClassSch
     names = list(names) if names is not None else [f"image_{i:05d}" for i in range(len(masks))]
     requested_by_caption: dict[str, dict[str, Level]] = {}
     verdicts = []
-    for name, mask, caption in zip(names, masks, captions):
+    for name, mask, caption in zip(names, masks, captions, strict=True):
         if caption not in requested_by_caption:
             try:
                 requested_by_caption[caption] = parse_caption(caption, schema)
@@ -211,9 +211,9 @@ def generate_caption_job(model: str | Path, caption: str, n: int, seed: int, fol
     """
     from rich.progress import Progress
 
+    from ..captions import canonical_caption
     from ..devices import pick_device
     from ..models.bundle import load_bundle
-    from ..sample.generate import canonical_caption
     from ..sample.jobs import Shard, new_job, run_job
 
     bundle = load_bundle(model, pick_device(device))
@@ -273,7 +273,7 @@ def _levels_figure(result: CaptionAccuracy, shares: pd.DataFrame) -> plt.Figure:
     columns = result.columns()
     fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.2), squeeze=False)
     x = np.arange(len(Level))
-    for ax, column in zip(axes[0], columns):
+    for ax, column in zip(axes[0], columns, strict=True):
         ours = shares[f"{column} %"].to_numpy(dtype=float)
         thesis = pd.to_numeric(shares[f"{column} % (thesis)"], errors="coerce").to_numpy(dtype=float)
         ax.bar(x - 0.2, ours, 0.4, label="ours")

@@ -12,11 +12,11 @@ from typing import Sequence, TypeVar
 import numpy as np
 import pandas as pd
 
+from .. import validation
 from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import open_dataset
-from ..errors import DataError
-from .. import validation
 from ..data.images import list_images
+from ..errors import DataError
 from ..segment.predict import read_rgb
 
 T = TypeVar("T")
@@ -117,7 +117,7 @@ def read_generated(folder: str | Path, caption: str | None = None) -> tuple[list
         if not path.is_file():
             missing += 1
             continue
-        text = getattr(record, "caption")
+        text = record.caption
         text = UNCONDITIONAL_CAPTION if pd.isna(text) else str(text)
         items.append(GeneratedImage(path, caption if caption is not None else text))
     if not items:

@@ -93,7 +93,7 @@ def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
 
     dataset = open_dataset(dataset_root)
     rows = dataset.rows()
-    mask_of = dict(zip(rows["patch_id"], rows["mask"]))
+    mask_of = dict(zip(rows["patch_id"], rows["mask"], strict=True))
     paths = list_images([images])
     missing = [p.name for p in paths if p.stem not in mask_of]
     if missing:
@@ -206,16 +206,17 @@ def evaluate_label_fidelity(images: Sequence[np.ndarray], masks: Sequence[np.nda
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     predictions = segment(images)
     counts = np.stack([pixel_counts(centre_crop(mask, pred.shape), pred, schema.ids)
-                       for mask, pred in zip(masks, predictions)])
+                       for mask, pred in zip(masks, predictions, strict=True)])
     return LabelFidelity(schema, list(names), counts, min_share), predictions
 
 
 def evaluate_mask_job(pairs: Sequence[GeneratedPair], segment: SegmentFn, schema: ClassSchema,
-                      min_share: float = DEFAULT_MIN_SHARE) -> tuple[LabelFidelity, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+                      min_share: float = DEFAULT_MIN_SHARE
+                      ) -> tuple[LabelFidelity, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """:func:`evaluate_label_fidelity` on generated pairs; returns the result, images, masks and predictions."""
     images = [read_rgb(p.image) for p in pairs]
     masks = [read_image(p.mask, mode=None) for p in pairs]
-    for pair, mask in zip(pairs, masks):
+    for pair, mask in zip(pairs, masks, strict=True):
         schema.check_mask(mask, str(pair.mask))
     result, predictions = evaluate_label_fidelity(images, masks, segment, schema, [p.name for p in pairs], min_share)
     return result, images, masks, predictions
@@ -253,10 +254,10 @@ def write_label_fidelity_report(result: LabelFidelity, out: str | Path, examples
 def _triptychs(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], schema: ClassSchema) -> plt.Figure:
     fig, axes = plt.subplots(len(examples), 3, figsize=(7.5, 2.6 * len(examples)), squeeze=False)
     present: set[int] = set()
-    for row, (mask, image, prediction) in zip(axes, examples):
+    for row, (mask, image, prediction) in zip(axes, examples, strict=True):
         present |= set(np.unique(mask).tolist()) | set(np.unique(prediction).tolist())
         for ax, picture, title in zip(row, (schema.colorize(mask), image, schema.colorize(prediction)),
-                                      ("mask", "generated", "segmented")):
+                                      ("mask", "generated", "segmented"), strict=True):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")

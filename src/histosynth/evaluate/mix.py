@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 
-from ..data.dataset import PatchDataset
 from .. import validation
+from ..data.dataset import PatchDataset
 from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..io import atomic_path, write_json_atomic
 from ..segment.data import PatchRows
@@ -118,7 +118,8 @@ class MixSources:
     val: PatchRows
 
     @classmethod
-    def from_datasets(cls, real: PatchDataset, synthetic: PatchDataset, val: PatchDataset | None = None) -> "MixSources":
+    def from_datasets(cls, real: PatchDataset, synthetic: PatchDataset,
+                      val: PatchDataset | None = None) -> "MixSources":
         """Real 'train' rows; all synthetic rows (generated data has no held-out split); the
         validation dataset's rows, or the real dataset's 'val' rows when none is given."""
         val_rows = PatchRows(val, val.rows()) if val is not None else PatchRows(real, real.rows("val"))
@@ -129,7 +130,8 @@ class MixSources:
     def check(self) -> None:
         schemas = {str(p.dataset.root): p.dataset.schema for p in (self.real, self.synthetic, self.val)}
         if len({s.model_dump_json() for s in schemas.values()}) > 1:
-            raise DataError(f"the real, synthetic and validation datasets use different class schemas: {sorted(schemas)}")
+            raise DataError("the real, synthetic and validation datasets use different class schemas: "
+                            f"{sorted(schemas)}")
         for what, part in (("real training ('train' split)", self.real), ("synthetic", self.synthetic),
                            ("validation", self.val)):
             if not len(part):
@@ -240,8 +242,10 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
     ])
     table = result.final_table()
     shown = table[["experiment", "real share", "synthetic share", "patches", "epochs"]].copy()
-    shown["final val loss"] = [mean_sd([r["final"]["val_loss"] for r in result.runs if r["split"] == s]) for s in table["experiment"]]
-    shown["final Dice"] = [mean_sd([r["final"]["val_dice"] for r in result.runs if r["split"] == s]) for s in table["experiment"]]
+    shown["final val loss"] = [mean_sd([r["final"]["val_loss"] for r in result.runs if r["split"] == s])
+                               for s in table["experiment"]]
+    shown["final Dice"] = [mean_sd([r["final"]["val_dice"] for r in result.runs if r["split"] == s])
+                           for s in table["experiment"]]
     if binary:
         shown["thesis val loss"] = [THESIS_TABLE_5_2[s][0] for s in table["experiment"]]
         shown["thesis Dice"] = [THESIS_TABLE_5_2[s][1] for s in table["experiment"]]
@@ -253,7 +257,8 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
     if not binary:
         report.heading("Dice per class")
         report.table("dice_per_class", _per_class(result), "final Dice per class, mean over seeds")
-    runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("history", "final")} | r["final"] for r in result.runs])
+    runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("history", "final")} | r["final"]
+                         for r in result.runs])
     report.table("runs", runs, "every run")
     history = result.history()
     with atomic_path(out / "history.csv") as tmp:
@@ -268,7 +273,8 @@ def _per_class(result: MixResult) -> pd.DataFrame:
         finals = [r["final"] for r in result.runs if r["split"] == split]
         keys = [k for k in finals[0] if k.startswith("val_dice_")]
         rows.append({"experiment": split,
-                     **{f"class {k.rsplit('_', 1)[1]}": pd.Series([f[k] for f in finals], dtype=float).mean() for k in keys}})
+                     **{f"class {k.rsplit('_', 1)[1]}": pd.Series([f[k] for f in finals], dtype=float).mean()
+                        for k in keys}})
     return pd.DataFrame(rows)
 
 

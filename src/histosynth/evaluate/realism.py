@@ -33,9 +33,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from ..errors import ConfigError, DataError
 from .. import validation
 from ..devices import pick_device
+from ..errors import ConfigError, DataError
 from .images import check_one_size
 from .report import Report
 
@@ -74,7 +74,8 @@ def _band_power(grey: np.ndarray, bands: int) -> np.ndarray:
     fx = np.fft.fftfreq(grey.shape[1])[None, :]
     radius = np.hypot(fy, fx)
     edges = np.geomspace(1.0 / max(grey.shape), np.sqrt(0.5) + 1e-9, bands + 1)
-    shares = np.array([power[(radius >= lo) & (radius < hi)].sum() for lo, hi in zip(edges[:-1], edges[1:])])
+    shares = np.array([power[(radius >= lo) & (radius < hi)].sum()
+                       for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
     return shares / max(shares.sum(), 1e-12)
 
 
@@ -144,7 +145,8 @@ def classifier_two_sample_test(real: np.ndarray, synthetic: np.ndarray, folds: i
     real, synthetic = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
     smallest = min(len(real), len(synthetic))
     if smallest < folds:
-        raise DataError(f"a {folds}-fold two-sample test needs at least {folds} images per set; the smaller has {smallest}")
+        raise DataError(f"a {folds}-fold two-sample test needs at least {folds} images per set; the smaller has "
+                        f"{smallest}")
     features = np.vstack([real, synthetic])
     labels = np.r_[np.zeros(len(real), dtype=int), np.ones(len(synthetic), dtype=int)]
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
@@ -200,11 +202,13 @@ def frechet_and_kernel_distance(real: np.ndarray, synthetic: np.ndarray, kid_sub
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            kid = KernelInceptionDistance(feature=_GivenFeatures(real_t.shape[1]), subsets=kid_subsets, subset_size=subset)
+            kid = KernelInceptionDistance(feature=_GivenFeatures(real_t.shape[1]), subsets=kid_subsets,
+                                          subset_size=subset)
         kid.update(real_t, real=True)
         kid.update(fake_t, real=False)
         kid_mean, kid_sd = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_sd": float(kid_sd), "kid_subset_size": subset}
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_sd": float(kid_sd),
+            "kid_subset_size": subset}
 
 
 # --- memorisation ----------------------------------------------------------------------------------
@@ -286,7 +290,8 @@ def evaluate_realism(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]
     if extractor is not None:
         embed = partial(extractor_features, extractor, device=device, progress=progress)
         real_features, synthetic_features = embed(real), embed(synthetic)
-        result.two_sample_extractor = classifier_two_sample_test(real_features, synthetic_features, folds, seed, bootstrap)
+        result.two_sample_extractor = classifier_two_sample_test(real_features, synthetic_features, folds, seed,
+                                                                 bootstrap)
         result.distances = frechet_and_kernel_distance(real_features, synthetic_features, seed=seed)
     else:
         result.notes.append(f"FID/KID not computed. {NO_EXTRACTOR}")

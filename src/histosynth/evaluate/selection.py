@@ -111,7 +111,7 @@ class Selection:
 
     def table(self) -> pd.DataFrame:
         rows = []
-        for candidates, scores, kept in zip(self.candidates, self.scores, self.chosen):
+        for candidates, scores, kept in zip(self.candidates, self.scores, self.chosen, strict=True):
             rows.append({"name": candidates.name, "mask_source": candidates.mask_source,
                          "kept_image": str(candidates.images[kept]), "kept_seed": candidates.seeds[kept],
                          "kept_agreement": float(scores[kept]),
@@ -148,7 +148,7 @@ def write_selection(selection: Selection, out: str | Path, jobs: Sequence[str | 
     out = check_output_folder(out)
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for group, kept in zip(selection.candidates, selection.chosen):
+    for group, kept in zip(selection.candidates, selection.chosen, strict=True):
         copy_file_atomic(group.images[kept], out / "images" / group.name)
         copy_file_atomic(group.mask, out / "masks" / group.name)
     table = selection.table()

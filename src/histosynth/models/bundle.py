@@ -40,6 +40,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import HistosynthError, ModelError
 from ..io import remove_partial_files, write_json_atomic
 from ..schema import ClassSchema
@@ -146,7 +147,7 @@ class ModelConfig(BaseModel):
     normalization: dict[str, Any] = Field(default_factory=lambda: dict(NORMALIZATION))
     latent: LatentSection
     class_schema: dict[str, Any] = Field(alias="schema")
-    unconditional_caption: str = ""
+    unconditional_caption: str = UNCONDITIONAL_CAPTION
     text_encoder: TextEncoderSection
     conditioning: ConditioningSection = ConditioningSection()
     #: the options ``generate`` uses where the user gives none (from the preset the model was trained with)
@@ -264,9 +265,6 @@ class Bundle:
                 )
             self._text_encoder = encoder
         return self._text_encoder
-
-    def noise_scheduler(self) -> DDPMScheduler:
-        return DDPMScheduler.from_config(self.scheduler_config)
 
 
 # --- saving -------------------------------------------------------------------------------------
@@ -497,7 +495,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
     schema = ClassSchema.from_dict(config.class_schema, source=f"{path / CONFIG_FILE}: schema")
     _check_conditioning(config.conditioning, schema, f"{path / CONFIG_FILE}: conditioning")
-    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False), path)
+    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False),
+                      path)
     if controlled:
         unet = MaskControlledUNet(unet, _load_part(CONTROLNET_DIR, lambda: load_mask_branch(path), path))
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)

@@ -290,7 +290,8 @@ def _load_checked(
     return {_source_key(t, names, k) for k, t in converted.items()}
 
 
-def _convert_unet(state: dict[str, torch.Tensor], config: dict[str, Any], names: dict[int, str]) -> tuple[UNet2DConditionModel, set[str]]:
+def _convert_unet(state: dict[str, torch.Tensor], config: dict[str, Any],
+                  names: dict[int, str]) -> tuple[UNet2DConditionModel, set[str]]:
     unet = UNet2DConditionModel(**config)
     converted = convert_ldm_unet_checkpoint(state, config)
     return unet, _load_checked(unet, converted, names, "denoiser", UNET_PREFIX)
@@ -316,7 +317,8 @@ def _count_skipped(keys: set[str]) -> dict[str, int]:
     """Skipped checkpoint keys counted by kind: ``{"cond_stage_model.*": 196, "schedule buffers": 12}``."""
     counts: dict[str, int] = {}
     for key in sorted(keys):
-        prefix = next((p for p in (TEXT_PREFIX, EMA_PREFIX, UNET_PREFIX, *FIRST_STAGE_IGNORED) if key.startswith(p)), None)
+        prefix = next((p for p in (TEXT_PREFIX, EMA_PREFIX, UNET_PREFIX, *FIRST_STAGE_IGNORED) if key.startswith(p)),
+                      None)
         label = f"{prefix}*" if prefix else ("schedule buffers" if key in SCHEDULE_BUFFERS else key)
         counts[label] = counts.get(label, 0) + 1
     return counts
@@ -375,7 +377,8 @@ def import_compvis(
         latent_scale=scale,
         context_dim=unet_config["cross_attention_dim"],
         image_size=unet_config["sample_size"] * (2 ** (len(first_stage["params"]["ddconfig"]["ch_mult"]) - 1)),
-        text_encoder={"target": cond_stage.get("target"), "params": cond_stage.get("params", {})} if cond_stage else None,
+        text_encoder=({"target": cond_stage.get("target"), "params": cond_stage.get("params", {})}
+                      if cond_stage else None),
         global_step=int(extras["global_step"]) if "global_step" in extras else None,
         skipped=_count_skipped(leftover),
     )

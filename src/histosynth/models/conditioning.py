@@ -49,7 +49,8 @@ class Conditioning:
         if self.mask_branch not in MASK_BRANCHES:
             raise ConfigError(f"unknown mask branch {self.mask_branch!r}; use one of {', '.join(MASK_BRANCHES)}")
         if self.mask_branch != "concat" and not self.mask:
-            raise ConfigError(f"the {self.mask_branch} mask branch needs a mask condition: --condition mask or text+mask")
+            raise ConfigError(f"the {self.mask_branch} mask branch needs a mask condition: --condition mask or "
+                              "text+mask")
         for name, p in (("text", self.text_dropout), ("mask", self.mask_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"the {name} dropout must be between 0 and 1, got {p}")

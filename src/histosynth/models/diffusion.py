@@ -9,7 +9,7 @@ last step lands on alphas_cumprod[0], not 1) and no clipping of the predicted x0
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from ..errors import ConfigError
 from ..presets import DiffusionConfig, Preset
+from .sampling import SAMPLER_KINDS
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
-
-SamplerKind = Literal["ddim", "dpm++"]
-SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm++")
 
 
 def _diffusion_section(cfg: DiffusionConfig | Preset | None) -> DiffusionConfig:
@@ -78,15 +76,15 @@ def diffusion_loss(
     generator: Optional[torch.Generator] = None,
     *,
     scheduler: Optional[DDPMScheduler] = None,
-    extra_channels: Optional[torch.Tensor] = None,
+    label_maps: Optional[torch.Tensor] = None,
     timesteps: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The denoising MSE of one batch at uniformly drawn timesteps.
 
-    ``extra_channels`` (B, C, h, w) are concatenated to the noisy latent (e.g. a label map for mask
-    conditioning). ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they
-    are drawn from ``generator``.
+    ``label_maps`` (B, K, h, w) of a mask-conditioned model are concatenated to the noisy latent.
+    ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they are drawn from
+    ``generator``.
     """
     scheduler = scheduler or noise_scheduler()
     batch = latents.shape[0]
@@ -97,8 +95,8 @@ def diffusion_loss(
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if extra_channels is not None:
-        noisy = torch.cat([noisy, extra_channels.to(noisy)], dim=1)
+    if label_maps is not None:
+        noisy = torch.cat([noisy, label_maps.to(noisy)], dim=1)
     prediction = unet(
         noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=attention_mask
     ).sample
@@ -113,8 +111,9 @@ def make_ema(model: torch.nn.Module, decay: float = 0.9999) -> "EMAModel":
     """An exponential moving average of ``model``'s weights (diffusers' ``EMAModel``).
 
     Its decay warms up as (1 + n) / (10 + n) after the first update (which copies the weights),
-    capped at ``decay``, so short runs are not dominated by the initial weights. ``ema.step(model.parameters())`` after each optimiser step;
-    ``ema.copy_to(model.parameters())`` before saving for inference.
+    capped at ``decay``, so short runs are not dominated by the initial weights.
+    ``ema.step(model.parameters())`` after each optimiser step; ``ema.copy_to(model.parameters())``
+    before saving for inference.
     """
     from diffusers.training_utils import EMAModel  # imports diffusers' pipelines: keep it off start-up
 

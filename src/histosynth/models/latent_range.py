@@ -40,7 +40,7 @@ class LatentRange:
         if len(self.low) != len(self.high) or not self.low:
             raise ModelError(f"a latent range needs one low and one high bound per channel, got "
                              f"{len(self.low)} and {len(self.high)}")
-        if any(lo > hi for lo, hi in zip(self.low, self.high)):
+        if any(lo > hi for lo, hi in zip(self.low, self.high, strict=True)):
             raise ModelError(f"a latent range's low bounds must not exceed its high bounds: {self.low} / {self.high}")
 
     @classmethod

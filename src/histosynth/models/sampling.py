@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from ..errors import ConfigError
 from .conditioning import DEFAULT_MASK_GUIDANCE
-from .diffusion import SAMPLER_KINDS
 
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 1.5
-DEFAULT_SCHEDULER = "ddim"
+SamplerKind = Literal["ddim", "dpm++"]
+#: the schedulers :func:`histosynth.models.diffusion.sampling_scheduler` makes
+SAMPLER_KINDS: tuple[str, ...] = ("ddim", "dpm++")
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,9 @@ class SamplingOptions:
     stochastic, with each item's step noise drawn from its own seed (DPM-Solver++ has none).
     """
 
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
-    scheduler: str = DEFAULT_SCHEDULER
+    steps: int = 50
+    guidance: float = 1.5
+    scheduler: str = "ddim"
     mask_guidance: float = DEFAULT_MASK_GUIDANCE
     eta: float = 0.0
 

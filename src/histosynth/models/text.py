@@ -333,7 +333,7 @@ class EmbeddingCache:
             task = progress.add_task("encoding captions", total=len(todo))
             for start in range(0, len(todo), batch_size):
                 states, mask = encoder.encode(todo[start : start + batch_size])
-                for row, row_mask in zip(states.cpu(), mask.cpu()):
+                for row, row_mask in zip(states.cpu(), mask.cpu(), strict=True):
                     n = int(row_mask.sum())
                     new_states.append(row[:n])
                     lengths.append(n)
@@ -365,7 +365,7 @@ class EmbeddingCache:
         longest = int(lengths.max())
         states = torch.zeros(len(rows), longest, self.hidden_size, dtype=self.states.dtype)
         mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        for i, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
             states[i, :n] = self.states[start : start + n]
             mask[i, :n] = 1
         return states, mask

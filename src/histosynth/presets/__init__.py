@@ -19,7 +19,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, describe_validation_error
+from ..models.sampling import SamplerKind, SamplingOptions
 from ..validation import one_line
 
 __all__ = [
@@ -53,7 +54,8 @@ class AutoencoderConfig(_Section):
     layers_per_block: int = Field(2, ge=1, description="ResNet blocks per encoder level")
     latent_channels: int = Field(3, ge=1)
     num_vq_embeddings: int = Field(8192, ge=2, description="codebook size (VQ only)")
-    vq_embed_dim: Optional[int] = Field(None, ge=1, description="codebook vector size (VQ only); default latent_channels")
+    vq_embed_dim: Optional[int] = Field(None, ge=1,
+                                        description="codebook vector size (VQ only); default latent_channels")
     norm_num_groups: int = Field(32, ge=1)
     mid_block_attention: bool = Field(True, description="self-attention in the lowest-resolution block")
     latent_scale: float = Field(1.0, gt=0, description="latents = encoder output * latent_scale")
@@ -140,10 +142,31 @@ class TrainingConfig(_Section):
         return str(value) if isinstance(value, int) else value
 
 
+_SAMPLING = SamplingOptions()
+
+
 class SamplingConfig(_Section):
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(1.5, ge=0, description="classifier-free guidance scale; 1 = conditional only")
-    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    """A model's sampling defaults: the fields of :class:`~histosynth.models.sampling.SamplingOptions`, with
+    its defaults; a model trained from the preset keeps them as its own (``generate`` uses them)."""
+
+    steps: int = Field(_SAMPLING.steps, ge=1)
+    guidance: float = Field(_SAMPLING.guidance, ge=0,
+                            description="classifier-free guidance scale; 1 = conditional only")
+    scheduler: SamplerKind = _SAMPLING.scheduler
+    mask_guidance: float = Field(_SAMPLING.mask_guidance, ge=0,
+                                 description="guidance scale of the label mask (mask-conditioned models); 1 = none")
+    eta: float = Field(_SAMPLING.eta, ge=0, le=1, description="DDIM eta: 0 = deterministic (DDIM only)")
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> "SamplingConfig":
+        try:
+            self.to_options()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def to_options(self) -> SamplingOptions:
+        return SamplingOptions(**self.model_dump())
 
 
 class Preset(_Section):
@@ -183,16 +206,7 @@ class Preset(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc)}") from None
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}")
-    return "; ".join(parts)
+            raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
 
 def builtin_presets() -> list[str]:

@@ -18,10 +18,10 @@ exactly the bytes of one uninterrupted run.
 Images larger than the model's patches go through :mod:`histosynth.sample.large` (overlapping
 windows blended at every step, tiled decoding).
 
-Conditions are captions in the schema's templates (SPEC §3). A user's caption is parsed and rewritten
-in canonical form (intro line, classes in id order, one sentence per line), which is the form the
-model was trained on; an unknown class or level is an error naming it. The empty caption is the
-unconditional one.
+Conditions are captions in the schema's templates (thesis §4.1.4). A user's caption is parsed and
+rewritten in canonical form (:func:`histosynth.captions.canonical_caption`: intro line, classes in id
+order, one sentence per line), which is the form the model was trained on; an unknown class or level
+is an error naming it. The empty caption is the unconditional one.
 
 A mask-conditioned model also takes one label mask per image (the image has the mask's size); its
 label map enters the UNet beside the latent, and ``mask_guidance`` weights it against the null map
@@ -33,15 +33,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..captions import UNCONDITIONAL_CAPTION, Level, caption_from_levels, parse_caption, parse_levels_option
+from .. import validation
+from ..captions import UNCONDITIONAL_CAPTION
 from ..data.torchdata import to_uint8
 from ..devices import pick_device
-from ..errors import CaptionError, ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
 from ..models.diffusion import sampling_scheduler
@@ -49,7 +50,6 @@ from ..models.label_maps import check_mask_ids, label_map
 from ..models.sampling import SamplingOptions
 from ..models.text import EmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
-from ..schema import ClassSchema
 from .large import DEFAULT_WINDOW_BATCH, Size, WindowedUNet, as_size, decode_tile, latent_size, window_overlap
 from .sampler import Conditions, denoise
 
@@ -60,45 +60,6 @@ DEFAULT_BATCH_SIZE = 8
 ImagesDone = Callable[[int], None]
 #: called after each denoising step with (step, steps)
 StepsDone = Callable[[int, int], None]
-
-
-# --- conditions ------------------------------------------------------------------------------------
-def canonical_caption(text: str, schema: ClassSchema) -> str:
-    """The caption in the form the model was trained on; the empty caption stays empty."""
-    text = text.replace("\\n", "\n").strip()
-    if not text:
-        return ""
-    return caption_from_levels(parse_caption(text, schema), schema)
-
-
-def caption_for_levels(levels: str | Mapping[str, Level | str], schema: ClassSchema) -> str:
-    """The SPEC §3 caption of levels given as ``Glomeruli=high,Tubuli=medium`` or a mapping."""
-    if isinstance(levels, str):
-        levels = parse_levels_option(levels, schema)
-    return caption_from_levels(levels, schema)
-
-
-def read_captions_file(path: str | Path, schema: ClassSchema) -> list[str]:
-    """Captions from a text file, one per line (sentences separated by spaces or a literal ``\\n``).
-
-    Blank lines are skipped. A line that does not parse is an error naming the file and line.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read captions file {path}: {exc.__class__.__name__}: {exc}") from None
-    captions = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            captions.append(canonical_caption(line, schema))
-        except CaptionError as exc:
-            raise CaptionError(f"{path}, line {number}: {exc}") from None
-    if not captions:
-        raise DataError(f"captions file {path} holds no caption; write one caption per line")
-    return captions
 
 
 # --- records ---------------------------------------------------------------------------------------------
@@ -260,13 +221,13 @@ def sample_latents(bundle: Bundle, captions: Sequence[str], seeds: Sequence[int]
                    progress: Optional[StepsDone] = None, label_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Final latents (B, C, h, w) of one batch; latents larger than the UNet's window are windowed.
 
-    ``label_maps`` (B, K, h, w) condition a mask-conditioned model (see :func:`conditioning_maps`;
+    ``label_maps`` (B, K, h, w) condition a mask-conditioned model (see :func:`batch_label_maps`;
     default: the null map). A model with a latent range is clamped into it at every step.
     """
     channels, _, window = latent_geometry(bundle)
     latent_hw = image_latent_size(bundle, size)
     if label_maps is None:
-        label_maps = conditioning_maps(bundle, None, len(seeds), as_size(bundle.image_size if size is None else size))
+        label_maps = batch_label_maps(bundle, None, len(seeds), as_size(bundle.image_size if size is None else size))
         options = replace(options, mask_guidance=1.0)  # nothing to guide towards: the null map against itself
     unet = bundle.unet
     if max(latent_hw) > window:
@@ -301,8 +262,8 @@ def denoise_seeds(unet, scheduler, seeds: Sequence[int], latent_shape: Sequence[
                    generators=generators, progress=progress)
 
 
-def conditioning_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
-                      size: Size) -> Optional[torch.Tensor]:
+def batch_label_maps(bundle: Bundle, masks: Optional[Sequence[np.ndarray]], count: int,
+                     size: Size) -> Optional[torch.Tensor]:
     """The label maps (count, K, h, w) a batch feeds the UNet: its masks', or the null map.
 
     None for a text-only model (which refuses masks). A mask-conditioned model without masks reads
@@ -371,7 +332,7 @@ def generate_batches(
     conditions, seeds = list(conditions), [int(s) for s in seeds]
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one of each per image")
-    check_seeds(seeds)
+    check_seeds(seeds, "an image's seed", validation.MAX_IMAGE_SEED)
     masks = None if masks is None else list(masks)
     if masks is not None and len(masks) != len(seeds):
         raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds; give one of each per image")
@@ -398,12 +359,12 @@ def generate_batches(
         batch_seeds += [batch_seeds[-1]] * (batch - real)
         if batch_masks is not None:
             batch_masks += [batch_masks[-1]] * (batch - real)
-        maps = None if batch_masks is None else conditioning_maps(bundle, batch_masks, batch, out_size)
+        label_maps = None if batch_masks is None else batch_label_maps(bundle, batch_masks, batch, out_size)
         latents = sample_latents(bundle, captions, batch_seeds, options, embeddings, out_size, window_batch, overlap,
-                                 label_maps=maps)
+                                 label_maps=label_maps)
         images = decode_images(bundle, latents)[:real]
         records = [generation_record(c, s, options, bundle.id, out_size, masked=masks is not None)
-                   for c, s in zip(captions, batch_seeds)]
+                   for c, s in zip(captions, batch_seeds, strict=True)]
         yield Generated(images, records[:real])
 
 
@@ -421,12 +382,12 @@ def generate(
 ) -> Generated:
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
-    ``conditions`` are captions (see :func:`canonical_caption`; pass them canonical). ``options``
-    default to the model's own (:attr:`Bundle.sampling`). ``batch_size`` items share each UNet call
-    (default: up to 8). ``device`` moves the bundle's networks first (default: where the bundle is).
-    ``size`` (px, or (height, width)) defaults to the model's patch size, or the masks' size; larger
-    images are denoised in blended windows. ``masks`` (one (H, W) array of schema ids per image, all
-    of one size) condition a mask-conditioned model.
+    ``conditions`` are captions (see :func:`histosynth.captions.canonical_caption`; pass them
+    canonical). ``options`` default to the model's own (:attr:`Bundle.sampling`). ``batch_size``
+    items share each UNet call (default: up to 8). ``device`` moves the bundle's networks first
+    (default: where the bundle is). ``size`` (px, or (height, width)) defaults to the model's patch
+    size, or the masks' size; larger images are denoised in blended windows. ``masks`` (one (H, W)
+    array of schema ids per image, all of one size) condition a mask-conditioned model.
     """
     if device is not None:
         move_bundle(bundle, pick_device(str(device)))
@@ -443,15 +404,11 @@ def generate(
     return Generated(stacked, records)
 
 
-#: seeds seed numpy's and torch's generators: whole numbers from 0 to 2^63 - 1
-MAX_SEED = 2 ** 63 - 1
-
-
-def check_seeds(seeds: Sequence[int], what: str = "seed") -> None:
-    """Refuse seeds a generator cannot take (negative, or beyond 63 bits)."""
+def check_seeds(seeds: Sequence[int], name: str = "--seed", high: int = validation.MAX_SEED) -> None:
+    """Refuse seeds a generator cannot take (see :func:`histosynth.validation.seed`): by default seeds a
+    user gives; an image's own seed, derived from a job's, may be as large as ``validation.MAX_IMAGE_SEED``."""
     for seed in seeds:
-        if not 0 <= int(seed) <= MAX_SEED:
-            raise ConfigError(f"a {what} must be a whole number from 0 to {MAX_SEED}, got {seed}")
+        validation.seed(seed, name, high=high)
 
 
 def move_bundle(bundle: Bundle, device: torch.device) -> None:

@@ -49,11 +49,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .. import validation
 from ..data.dataset import read_image
 from ..errors import ConfigError, JobError
 from ..io import write_json_atomic, write_png_atomic
 from ..models.bundle import Bundle
-from .masks import ConditioningMask, check_masks_fit
 from .generate import (
     DEFAULT_BATCH_SIZE,
     CaptionEmbeddings,
@@ -61,12 +61,12 @@ from .generate import (
     SamplingOptions,
     check_caption_conditioning,
     check_fits_in_memory,
-    check_seeds,
     generate_batches,
     generation_record,
     image_latent_size,
 )
 from .large import Size, as_size
+from .masks import ConditioningMask, check_masks_fit
 
 MANIFEST_FILE = "manifest.json"
 #: sub-folders of a job generated from masks: images and the masks that made them, same file names
@@ -137,7 +137,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError(f"the number of images must be at least 1, got {self.n}")
-        check_seeds([self.seed], "job seed")
+        validation.seed(self.seed, "the job seed")
         if not self.captions:
             raise ConfigError("a job needs at least one caption")
         if self.masks and len(self.masks) != self.n:
@@ -163,7 +163,8 @@ class JobSpec:
             "batch_size": self.batch_size,
             "captions": list(self.captions),
             **({"mask_guidance": self.options.mask_guidance,
-                "masks": [{"source": source, "digest": digest} for source, digest in zip(self.mask_sources, self.masks)]}
+                "masks": [{"source": source, "digest": digest}
+                          for source, digest in zip(self.mask_sources, self.masks, strict=True)]}
                if self.masks else {}),
         }
 
@@ -280,7 +281,9 @@ class Job:
 
     def write_masks(self, masks: Sequence[ConditioningMask]) -> None:
         """Store the conditioning masks in the folder (those not there yet), one per item."""
-        for item, mask in zip(self.items, masks):
+        if not masks:  # a job without masks
+            return
+        for item, mask in zip(self.items, masks, strict=True):
             path = self.folder / item["mask"]
             if not path.exists():
                 write_png_atomic(path, mask.mask.astype(np.uint8))
@@ -294,8 +297,8 @@ class Job:
                 raise JobError(f"{path} is missing; run the job again with its masks (--mask / --masks-from)")
             mask = ConditioningMask(str(path), read_image(path, mode=None))
             if mask.digest != self.spec.masks[item["index"]]:
-                raise JobError(f"{path} is not the mask the job was made with ({self.spec.mask_sources[item['index']]}); "
-                               "restore it or start another job")
+                raise JobError(f"{path} is not the mask the job was made with "
+                               f"({self.spec.mask_sources[item['index']]}); restore it or start another job")
             masks.append(mask.mask)
         return masks
 
@@ -382,8 +385,9 @@ def run_job(
             embeddings=CaptionEmbeddings.for_bundle(bundle, spec.captions),
             masks=job.read_masks(todo) if spec.masks else None,
         )
-        for items, result in zip(batches, made):
-            wanted = [(item, image) for item, image in zip(items, result.images) if item["file"] in missing]
+        for items, result in zip(batches, made, strict=True):
+            wanted = [(item, image) for item, image in zip(items, result.images, strict=True)
+                      if item["file"] in missing]
             for item, image in wanted:
                 write_png_atomic(job.folder / item["file"], image)
             if progress is not None:

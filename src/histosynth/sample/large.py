@@ -128,7 +128,7 @@ class WindowedUNet:
             self.calls += 1
             if blended is None:
                 blended = eps.new_zeros(sample.shape[0], eps.shape[1], height, width)
-            for (top, left, n), piece in zip(chunk, eps):
+            for (top, left, n), piece in zip(chunk, eps, strict=True):
                 weight = (row_weights[top][:, None] * col_weights[left][None, :]).to(piece)
                 blended[n, :, top:top + win_h, left:left + win_w] += piece * weight
         # The window weights are products of row and column ramps on a grid, so their sum is too.

@@ -14,13 +14,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .. import validation
 from ..data.dataset import open_dataset
 from ..data.masks import read_mask
 from ..errors import ConfigError, DataError
 from ..models.bundle import Bundle
 from ..models.label_maps import check_mask_grid, check_mask_ids
 from ..schema import ClassSchema
-from .generate import check_seeds, image_latent_size, require_mask_conditioning
+from .generate import image_latent_size, require_mask_conditioning
 from .large import Size
 
 #: files of a mask folder that are read as masks
@@ -76,7 +77,7 @@ def dataset_masks(path: str | Path, split: Optional[str] = None) -> list[Conditi
 
 def choose_masks(masks: Sequence[ConditioningMask], n: Optional[int], seed: int) -> list[ConditioningMask]:
     """``n`` of the masks drawn with ``seed``, kept in their order (all for None)."""
-    check_seeds([seed])
+    validation.seed(seed)
     if n is None:
         return list(masks)
     if n < 1:

@@ -26,7 +26,8 @@ ProgressFn = Callable[[int, int], None]
 StepObserver = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def _pad_tokens(context: torch.Tensor, mask: Optional[torch.Tensor], length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _pad_tokens(context: torch.Tensor, mask: Optional[torch.Tensor],
+                length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Zero-pad a (B, L, D) context to ``length`` tokens; the mask marks the padding as ignored."""
     tokens = context.shape[1]
     if tokens == length:
@@ -76,7 +77,7 @@ class Conditions:
 
     ``text`` (B, L, D) are the captions' token states; ``unconditional`` (B or 1, L', D) the empty
     caption's, or None when the text is not guided (the caption is the unconditional one);
-    ``label_map`` (B, K, h, w) the label maps of a mask-conditioned model (channels concatenated to
+    ``label_maps`` (B, K, h, w) the label maps of a mask-conditioned model (channels concatenated to
     the latent). The masks mark the tokens to attend to (None: all).
     """
 
@@ -84,7 +85,7 @@ class Conditions:
     unconditional: Optional[torch.Tensor] = None
     text_mask: Optional[torch.Tensor] = None
     unconditional_mask: Optional[torch.Tensor] = None
-    label_map: Optional[torch.Tensor] = None
+    label_maps: Optional[torch.Tensor] = None
 
 
 def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int, conditions: Conditions,
@@ -102,17 +103,17 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
     ``e(u, 0) + m * (e(u, M) - e(u, 0))`` (two predictions); otherwise three. Only the predictions
     a formula needs are computed, in one UNet call on the stacked batch.
     """
-    cond, cond_mask, cond_extra = conditions.text, conditions.text_mask, conditions.label_map
+    cond, cond_mask, label_maps = conditions.text, conditions.text_mask, conditions.label_maps
     uncond, uncond_mask = conditions.unconditional, conditions.unconditional_mask
     text_guided = uncond is not None and guidance != 1.0
-    mask_guided = cond_extra is not None and mask_guidance != 1.0
+    mask_guided = label_maps is not None and mask_guidance != 1.0
     # (name, context, its attention mask, label map) of each prediction needed
-    wanted = [("cond", cond, cond_mask, cond_extra)]
+    wanted = [("cond", cond, cond_mask, label_maps)]
     if uncond is not None and (text_guided or mask_guided):
-        wanted.insert(0, ("uncond", uncond, uncond_mask, cond_extra))
+        wanted.insert(0, ("uncond", uncond, uncond_mask, label_maps))
     if mask_guided:
         null_text, null_mask = (cond, cond_mask) if uncond is None else (uncond, uncond_mask)
-        wanted.insert(0, ("null", null_text, null_mask, torch.zeros_like(cond_extra)))
+        wanted.insert(0, ("null", null_text, null_mask, torch.zeros_like(label_maps)))
     eps = _predict(unet, x, t, wanted)
     if uncond is None:
         if not mask_guided:
@@ -125,18 +126,19 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
 
 
 def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
-             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
+             ) -> dict[str, torch.Tensor]:
     """The UNet's predictions for x under several conditions, from one call on the stacked batch."""
     if len(wanted) == 1:
-        _, context, mask, extra = wanted[0]
-        unet_in = x if extra is None else torch.cat([x, extra], dim=1)
+        _, context, mask, label_maps = wanted[0]
+        unet_in = x if label_maps is None else torch.cat([x, label_maps], dim=1)
         return {wanted[0][0]: unet(unet_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample}
     contexts, masks = stack_contexts([(c, m) for _, c, m, _ in wanted], x.shape[0])
     stacked = torch.cat([x] * len(wanted))
     if wanted[0][3] is not None:
-        stacked = torch.cat([stacked, torch.cat([extra for _, _, _, extra in wanted])], dim=1)
+        stacked = torch.cat([stacked, torch.cat([label_maps for _, _, _, label_maps in wanted])], dim=1)
     out = unet(stacked, t, encoder_hidden_states=contexts, encoder_attention_mask=masks).sample
-    return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted))))
+    return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted)), strict=True))
 
 
 @torch.no_grad()
@@ -171,8 +173,8 @@ def denoise(
         model_in = scheduler.scale_model_input(x, t)
         eps = guided_eps(unet, model_in, t, conditions, options.guidance, options.mask_guidance)
         if latent_range is not None:
-            # the clean latent is implied by the sample itself (x = sqrt(a) x0 + sqrt(1-a) eps), not by a
-            # scheduler's scaled model input
+            # x, not model_in: x = sqrt(a) x0 + sqrt(1-a) eps holds for the sample itself, and a scheduler may
+            # rescale its model input
             eps = clamp_model_output(eps, x, scheduler.alphas_cumprod[int(t)], latent_range,
                                      scheduler.config.prediction_type)
         if on_step is not None:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from .. import validation
 from ..data.pyramid import TileSource, write_pyramid_tiff
 from ..data.slides import open_mask_slide
 from ..errors import ConfigError, JobError
@@ -45,7 +46,6 @@ from .generate import (
     CaptionEmbeddings,
     SamplingOptions,
     check_fits_in_memory,
-    check_seeds,
     generate_batches,
     generation_record,
     image_latent_size,
@@ -57,7 +57,8 @@ from .jobs import item_seed
 from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile, window_overlap
 
 MODES = ("stitched", "seamless")
-#: rows of latent pixels turned into label maps at a time (bounds the one-hot temporaries)
+#: rows of latent pixels turned into label maps at a time (bounds the memory of the per-class comparison
+#: masks each band is counted with)
 LABEL_MAP_BAND = 64
 
 #: called with (what is being done, units done, units in all)
@@ -80,8 +81,8 @@ class SlideReport:
     def summary(self) -> str:
         mask = f" and its label mask {self.mask_path}" if self.mask_path else ""
         return (f"wrote {self.path}{mask} ({self.size[1]} x {self.size[0]} px, {self.mode}) in {self.seconds:.1f} s; "
-                f"seam score {self.seam_score:.3f} (gradient energy on the {self.patch_size} px patch grid vs elsewhere; "
-                "1 = no seams)")
+                f"seam score {self.seam_score:.3f} (gradient energy on the {self.patch_size} px patch grid vs "
+                "elsewhere; 1 = no seams)")
 
 
 def synth_slide(
@@ -103,7 +104,7 @@ def synth_slide(
 ) -> SlideReport:
     """Generate a synthetic slide of ``caption`` and write it to ``out`` (pyramidal TIFF) plus its record.
 
-    ``caption`` must be canonical (see :func:`histosynth.sample.generate.canonical_caption`). With
+    ``caption`` must be canonical (see :func:`histosynth.captions.canonical_caption`). With
     ``mask_slide`` (seamless mode, a mask-conditioned model) the slide has the mask's size and
     follows it, ``size`` may be None, ``mpp`` None takes the mask slide's (else 0.5), and the mask
     is written beside the slide (:func:`mask_path_for`). ``options`` default to the model's own.
@@ -113,14 +114,14 @@ def synth_slide(
     out = Path(out)
     record_path = out.with_suffix(".json")
     check_slide_mode(mode)
-    check_seeds([seed])
+    validation.seed(seed)
     if mpp is not None:
         check_mpp(mpp)
     mask_out = mask_path_for(out) if mask_slide is not None else None
     existing = [p for p in (out, record_path, mask_out) if p is not None and p.exists()]
     if existing and not overwrite:
         raise JobError(f"{existing[0]} exists; choose another output path or allow overwriting")
-    mask, maps = None, None
+    mask, label_maps = None, None
     if mask_slide is not None:
         if mode != "seamless":
             raise ConfigError("a slide that follows a mask slide is generated seamless; use the seamless mode")
@@ -129,7 +130,7 @@ def synth_slide(
             raise ConfigError(f"the slide takes the size of its mask slide ({mask.shape[1]}x{mask.shape[0]} px); "
                               "leave out the size")
         size, mpp = mask.shape, mpp or mask_mpp or 0.5
-        maps = slide_label_map(mask, bundle)
+        label_maps = slide_label_map(mask, bundle)
     if size is None:
         raise ConfigError("give the slide's size (or a mask slide to take it from)")
     mpp = 0.5 if mpp is None else mpp
@@ -149,7 +150,7 @@ def synth_slide(
         bands = stitched_bands(bundle, caption, size, seed, options, embeddings, batch_size, progress)
     else:
         bands = seamless_bands(bundle, caption, size, seed, options, embeddings, window_batch, overlap, progress,
-                               label_maps=maps)
+                               label_maps=label_maps)
     meter = SeamMeter(bundle.image_size)
     write_pyramid_tiff(out, TileSource.from_bands(size[0], size[1], _measured(bands, meter)), mpp)
     if mask is not None:

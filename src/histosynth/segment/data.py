@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ..data.dataset import PatchDataset
 from ..errors import ConfigError, DataError
-from .geometry import context_pixels, full_cover_plan, cover_input_size, largest_valid_input, lost_pixels, output_size
+from .geometry import context_pixels, cover_input_size, full_cover_plan, largest_valid_input, lost_pixels, output_size
 from .predict import mirror_pad
 from .segmenter import Segmenter
 
@@ -87,7 +87,8 @@ class SegmentationPairs(Dataset):
             "labels": torch.from_numpy(np.ascontiguousarray(target)).long(),
         }
 
-    def _random_pair(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _random_pair(self, image: np.ndarray, labels: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         flip_h, flip_v = rng.random(2) < 0.5
         if flip_h:
             image, labels = image[:, ::-1], labels[:, ::-1]

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from .. import validation
 from ..data.dataset import read_image
+from ..devices import pick_device
 from ..errors import ConfigError, DataError, ModelError
 from .geometry import AxisPlan, full_cover_plan, thesis_plan
-from ..devices import pick_device
-from .. import validation
 from .segmenter import Segmenter
 
 Coverage = Literal["full", "thesis"]
@@ -77,7 +77,7 @@ class _WindowRunner:
             return
         logits = self.segmenter.net(image_batch_to_tensor(self.windows).to(self.device))
         labels = self.segmenter.ids_from_logits(logits).cpu().numpy()
-        for out, (result, rows, ky, cols, kx) in zip(labels, self.targets):
+        for out, (result, rows, ky, cols, kx) in zip(labels, self.targets, strict=True):
             _place(out, result, rows, ky, cols, kx)
         self.windows, self.targets = [], []
 

@@ -25,13 +25,13 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics.classification import MulticlassStatScores
 
 from ..data.dataset import open_dataset
+from ..devices import pick_device
 from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..schema import ClassSchema
 from ..terminal import quiet_lightning
 from ..validation import MAX_SEED
 from .data import PatchRows, SegmentationPairs
 from .predict import predict_images
-from ..devices import pick_device
 from .segmenter import CONFIG_FILE, Segmenter
 
 
@@ -272,7 +272,8 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
     ])
     val_set = SegmentationPairs(val, segmenter, augment=False)
     loaders = _loaders(train_set, val_set, config)
-    weights = balanced_class_weights(label_pixel_counts(segmenter, train)) if config.class_weights == "balanced" else None
+    balanced = config.class_weights == "balanced"
+    weights = balanced_class_weights(label_pixel_counts(segmenter, train)) if balanced else None
     task = SegmentationTask(segmenter, config.learning_rate, config.dice_weight, weights)
     early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
     checkpoint = _best_checkpoint(log_dir) if keep_best else None
@@ -353,7 +354,7 @@ def evaluate_segmenter(segmenter: Segmenter, source: PatchRows, device: str = "a
     images = (source.dataset.image(row) for row in rows)
     predictions = predict_images(segmenter, images, batch_size=batch_size, device=device,
                                  progress=progress, total=len(rows))
-    for row, predicted in zip(rows, predictions):
+    for row, predicted in zip(rows, predictions, strict=True):
         labels = segmenter.labels(source.dataset.mask(row))
         metric.update(torch.from_numpy(predicted).long()[None], torch.from_numpy(labels).long()[None])
     stats = metric.compute()

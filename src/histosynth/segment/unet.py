@@ -64,7 +64,7 @@ class ValidUNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips)):
+        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips), strict=True):
             x = upsample(x)
             x = block(torch.cat([_centre_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1))
         return self.head(x)

@@ -1,4 +1,4 @@
-"""The real-vs-synthetic realism survey of the thesis' human-perception study.
+"""The real-vs-synthetic realism survey of the thesis' human-perception study (§4.2.2, §5.2).
 
 - :mod:`.build`: pick and re-encode real and synthetic images into a leak-proof survey folder.
 - :mod:`.app`: the web app participants answer in (FastAPI, server-rendered pages, SQLite via

@@ -1,4 +1,4 @@
-"""Analysis of a realism survey, as in the thesis' human-perception study.
+"""Analysis of a realism survey, as in the thesis' human-perception study (§4.2.2, results §5.2).
 
 Input: a survey folder (its stored answers and answer key) or a CSV in the layout documented in
 :mod:`histosynth.survey.responses` (one row per participant: ``participant, experience, q1..qN,
@@ -51,7 +51,7 @@ class SurveyAnalysis:
 
 def participant_scores(truth: tuple[str, ...], person: ParticipantAnswers) -> dict:
     """Kappa, correct count, sensitivity and specificity for "synthetic" over the answered questions."""
-    pairs = [(t, a) for t, a in zip(truth, person.answers) if a is not None]
+    pairs = [(t, a) for t, a in zip(truth, person.answers, strict=True) if a is not None]
     true_labels = [t for t, _ in pairs]
     given = [a for _, a in pairs]
     with warnings.catch_warnings():
@@ -165,7 +165,7 @@ def answers_grid(responses: Responses) -> tuple[np.ndarray, list[ParticipantAnsw
     people = sorted(responses.participants, key=lambda person: person.experience)
     grid = np.full((responses.n_questions, len(people)), GRID_OPEN)
     for column, person in enumerate(people):
-        for row, (truth, answer) in enumerate(zip(responses.truth, person.answers)):
+        for row, (truth, answer) in enumerate(zip(responses.truth, person.answers, strict=True)):
             if answer is not None:
                 grid[row, column] = GRID_CORRECT if answer == truth else GRID_WRONG
     return grid, people

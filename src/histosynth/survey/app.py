@@ -33,8 +33,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import DataError
 from .build import Question, Survey, equal_sizes, open_survey, read_answer_key
 from .responses import EXPERIENCE_ENDS, EXPERIENCE_LEVELS, responses_to_csv, stored_responses
-from .security import (ADMIN_COOKIE, FormSigner, StartLimiter, admin_bearer_ok, check_admin_secret, same_origin,
-                       secret_matches)
+from .security import (
+    ADMIN_COOKIE,
+    FormSigner,
+    StartLimiter,
+    admin_bearer_ok,
+    check_admin_secret,
+    same_origin,
+    secret_matches,
+)
 from .store import Participant, SurveyStore
 
 HERE = Path(__file__).parent
@@ -129,7 +136,7 @@ def _load_images(survey: Survey) -> dict[str, bytes]:
             raise DataError(f"{path} is missing; rebuild the survey")
         contents.append(path.read_bytes())
     padded = equal_sizes(contents, survey.image_format)
-    return {question.image_id: content for question, content in zip(survey.questions, padded)}
+    return {question.image_id: content for question, content in zip(survey.questions, padded, strict=True)}
 
 
 def is_loopback(host: str) -> bool:

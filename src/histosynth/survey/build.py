@@ -139,14 +139,14 @@ def build_survey(
     try:
         (staging / IMAGES_DIR).mkdir()
         key_rows, encoded = [], []
-        steps = zip(range(1, len(sources) + 1), ids, sources)
+        steps = zip(range(1, len(sources) + 1), ids, sources, strict=True)
         for number, image_id, source in track(steps, total=len(sources), description="re-encoding",
                                                disable=not progress, transient=True):
             data, original = reencode(source.path, size, image_format, jpeg_quality)
             encoded.append(data)
             key_rows.append({"number": number, "id": image_id, "truth": source.truth,
                              "source": str(source.path.resolve()), **original})
-        for image_id, data in zip(ids, equal_sizes(encoded, image_format)):
+        for image_id, data in zip(ids, equal_sizes(encoded, image_format), strict=True):
             (staging / IMAGES_DIR / f"{image_id}{FILE_SUFFIXES[image_format]}").write_bytes(data)
         public = {
             "format": FORMAT, "title": title, "image_size": size, "image_format": image_format,

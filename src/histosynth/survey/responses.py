@@ -143,7 +143,7 @@ def read_responses_csv(path: str | Path) -> Responses:
             continue
         if len(row) != len(header):
             raise DataError(f"{path} line {line} has {len(row)} cells; the header has {len(header)}")
-        cells = dict(zip(header, (cell.strip() for cell in row)))
+        cells = dict(zip(header, (cell.strip() for cell in row), strict=True))
         answers = _answers(path, line, cells, numbers)
         if cells["participant"].lower() == TRUTH_LABEL:
             if None in answers:

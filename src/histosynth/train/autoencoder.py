@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
 from ..data.torchdata import PatchTorchDataset
 from ..errors import DataError, JobError
@@ -43,7 +44,6 @@ from ..models.autoencoder import (
 )
 from ..models.bundle import load_autoencoder_folder
 from ..presets import Preset
-from .. import validation
 from .runtime import DeviceOptions, RunFolder, build_trainer, finite_or_stop, lightning_precision, save_final_checkpoint
 
 HELD_OUT_SHARE = 0.1
@@ -179,7 +179,8 @@ def check_autoencoder_options(options: AutoencoderTrainOptions) -> None:
     validation.positive_int(options.devices.num_nodes, "--num-nodes")
 
 
-def split_for_autoencoder(dataset: PatchDataset, seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+def split_for_autoencoder(dataset: PatchDataset,
+                          seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(training items with flips, held-out items without): the val split, or a seeded tenth of train."""
     train = PatchTorchDataset(dataset, split="train", flips=True, seed=seed)
     if len(train) == 0:

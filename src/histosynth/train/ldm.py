@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from diffusers import UNet2DConditionModel
 
+from .. import validation
 from ..data.dataset import open_dataset
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
@@ -38,7 +39,6 @@ from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.latent_range import LatentRange
 from ..models.text import load_text_encoder
 from ..presets import Preset
-from .. import validation
 from .cache import autoencoder_id, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
@@ -51,6 +51,7 @@ from .runtime import (
     save_final_checkpoint,
 )
 from .samples import SampleGrids
+
 
 class LatentDiffusionModule(L.LightningModule):
     """The denoiser, its optimiser and warm-up, the diffusion loss and the EMA of its weights."""
@@ -82,7 +83,7 @@ class LatentDiffusionModule(L.LightningModule):
         generator = torch.Generator(device=batch.latents.device).manual_seed(int(noise_seed))
         condition = batch.condition
         loss = diffusion_loss(self.unet, batch.latents, condition.text, condition.text_mask, generator,
-                              scheduler=self.scheduler, extra_channels=condition.label_map)
+                              scheduler=self.scheduler, label_maps=condition.label_map)
         finite_or_stop(self, loss, batch.step, self._describe(batch), self.run)
         size = batch.latents.shape[0]
         self.log("loss", loss, prog_bar=True, batch_size=size)

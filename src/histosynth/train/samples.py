@@ -17,7 +17,6 @@ from ..models.autoencoder import Autoencoder, decode_latents
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import counts_to_shares, ids_from_label_map
 from ..models.latent_range import LatentRange
-from ..models.sampling import SamplingOptions
 from ..presets import Preset
 from ..sample.generate import batch_conditions, denoise_seeds
 from ..schema import ClassSchema
@@ -42,7 +41,7 @@ class SampleGrids(L.Callback):
         self.latent_range = latent_range
         self.autoencoder = autoencoder
         self.every = every
-        self.options = SamplingOptions.from_dict(preset.sampling.model_dump()).overridden(steps=steps)
+        self.options = preset.sampling.to_options().overridden(steps=steps)
         self.diffusion = preset.diffusion
         self.schema = schema
         self.label_maps: Optional[torch.Tensor] = None
@@ -72,8 +71,9 @@ class SampleGrids(L.Callback):
         device = module.device
         text = tuple(t.to(device) for t in self.embeddings.lookup(self.rows))
         unconditional = tuple(t.to(device) for t in self.embeddings.encode([UNCONDITIONAL_CAPTION]))
-        maps = None if self.label_maps is None else self.label_maps.to(device)
-        conditions = batch_conditions(text, unconditional, maps, all(c == UNCONDITIONAL_CAPTION for c in self.captions))
+        label_maps = None if self.label_maps is None else self.label_maps.to(device)
+        conditions = batch_conditions(text, unconditional, label_maps,
+                                      all(c == UNCONDITIONAL_CAPTION for c in self.captions))
         latents = denoise_seeds(unet, sampling_scheduler(self.diffusion, self.options.scheduler),
                                 range(len(self.captions)), self.latent_shape, conditions, self.options, device,
                                 self.latent_range)

@@ -77,15 +77,16 @@ def write_phantom_slide(out: str | Path, seed: int = 0, width: int = 8192, heigh
         mask = np.lib.format.open_memmap(scratch / "mask.npy", mode="w+", dtype=np.uint8,
                                          shape=(height, width))
 
-        def image_bands() -> Iterator[np.ndarray]:
+        def image_bands(mask_store: np.ndarray) -> Iterator[np.ndarray]:
+            """The image's bands, keeping each band's mask in ``mask_store`` and its class counts."""
             for top, image, band_mask in slide.bands(on_tile=lambda: bar.advance(task)):
-                mask[top:top + len(band_mask)] = band_mask
+                mask_store[top:top + len(band_mask)] = band_mask
                 counts[:] += np.bincount(band_mask.ravel(), minlength=256)
                 yield image
 
-        write_pyramid_tiff(files.image, TileSource.from_bands(height, width, image_bands()), mpp)
+        write_pyramid_tiff(files.image, TileSource.from_bands(height, width, image_bands(mask)), mpp)
         write_pyramid_tiff(files.mask, mask, mpp, is_mask=True)
-        del mask
+        del mask  # close the memory map before its scratch folder is removed
     write_json_atomic(files.info, {
         "kind": "histosynth phantom slide", "seed": seed, "width": width, "height": height, "mpp": mpp,
         "mix": resolve_mix(mix).name, "image": files.image.name, "mask": files.mask.name,

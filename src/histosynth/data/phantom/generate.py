@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ... import validation
 from ...errors import DataError
 from . import layout as lay
 from .mixes import PhantomMix, resolve_mix
@@ -23,11 +24,6 @@ def _check_size(name: str, value: int, minimum: int = 16) -> None:
         raise DataError(f"{name} must be a whole number of pixels >= {minimum}, got {value}")
 
 
-def _check_seed(seed: int) -> None:
-    if int(seed) != seed or seed < 0:
-        raise DataError(f"a seed must be a whole number >= 0, got {seed}")
-
-
 def _check_mpp(mpp: float) -> None:
     if not 0.05 <= mpp <= 4.0:
         raise DataError(f"microns per pixel must lie between 0.05 and 4, got {mpp}")
@@ -36,7 +32,7 @@ def _check_mpp(mpp: float) -> None:
 def check_phantom_settings(size: int, seed: int, mpp: float) -> None:
     """A patch side, seed and mpp that phantom rendering can use; checked before anything is written."""
     _check_size("size", size)
-    _check_seed(seed)
+    validation.seed(seed, error=DataError)
     _check_mpp(mpp)
 
 
@@ -50,7 +46,7 @@ def _plan_patch(seed: int, size: int, mix: PhantomMix, mpp: float) -> _PatchPlan
     """A patch's surroundings: large structures may reach in from outside it."""
     rng = np.random.default_rng([seed, 2])
     stain = Stain.random(rng)
-    margin = max(spec.radius_um[1] for spec in lay.LARGE_SPECS.values()) / mpp + lay.FILL_SPACING_UM / mpp
+    margin = max(spec.radius_um[1] for spec in lay.LARGE_STRUCTURES.values()) / mpp + lay.FILL_SPACING_UM / mpp
     region = (-margin, -margin, size + margin, size + margin)
     focus = lay.place_focus(rng, seed, mix, size, mpp) if mix.focus is not None else None
     tissue = None
@@ -70,7 +66,7 @@ def phantom_patch(seed: int, size: int = 256, mix: str | PhantomMix | None = Non
     `mix` is a :class:`PhantomMix` or the name of one (see :data:`MIXES`); the default follows the
     thesis data's class shares. The same seed, size, mix and mpp give identical arrays.
     """
-    _check_seed(seed)
+    validation.seed(seed, error=DataError)
     _check_size("size", size)
     _check_mpp(mpp)
     plan = _plan_patch(seed, size, resolve_mix(mix), mpp)
@@ -80,7 +76,7 @@ def phantom_patch(seed: int, size: int = 256, mix: str | PhantomMix | None = Non
 def phantom_patch_mask(seed: int, size: int = 256, mix: str | PhantomMix | None = None,
                        mpp: float = 0.5) -> np.ndarray:
     """The label mask :func:`phantom_patch` returns for these arguments, without the image."""
-    _check_seed(seed)
+    validation.seed(seed, error=DataError)
     _check_size("size", size)
     _check_mpp(mpp)
     return render_mask(_plan_patch(seed, size, resolve_mix(mix), mpp).layout, 0, 0, size, size)
@@ -104,7 +100,7 @@ class PhantomSlide:
     @classmethod
     def create(cls, seed: int, width: int, height: int, mpp: float = 0.5,
                mix: str | PhantomMix | None = None) -> "PhantomSlide":
-        _check_seed(seed)
+        validation.seed(seed, error=DataError)
         _check_size("width", width)
         _check_size("height", height)
         _check_mpp(mpp)

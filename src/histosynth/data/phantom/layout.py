@@ -65,7 +65,7 @@ class LargeSpec:
 
 
 #: Large structures by class, largest first (they are placed in this order).
-LARGE_SPECS: dict[int, LargeSpec] = {
+LARGE_STRUCTURES: dict[int, LargeSpec] = {
     m.GLOMERULI: LargeSpec(Kind.GLOMERULUS, (50.0, 85.0), (0.85, 1.0), 0.0),
     m.SCLEROTIC: LargeSpec(Kind.SCLEROTIC, (45.0, 75.0), (0.85, 1.0), 1.5),
     m.ARTERIES: LargeSpec(Kind.ARTERY, (25.0, 70.0), (0.75, 1.0), 0.0),
@@ -180,8 +180,8 @@ class PatchBorder:
 
 
 @dataclass
-class Structures:
-    """Elliptical structures: kind, centre, semi-axes (px), orientation and a hash key each."""
+class _Ellipses:
+    """Ellipses as equal-length columns, one row each: kind, centre (px), semi-axes (px), orientation."""
 
     kind: np.ndarray
     x: np.ndarray
@@ -189,6 +189,22 @@ class Structures:
     a: np.ndarray
     b: np.ndarray
     angle: np.ndarray
+
+    def take(self, index: np.ndarray):
+        """The rows at ``index``, as the same kind of table."""
+        return type(self)(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    def near(self, x0: float, y0: float, x1: float, y1: float, reach: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the rows whose centre lies within ``reach`` (default: the semi-axis ``a``) of the window."""
+        reach = self.a if reach is None else reach
+        return np.flatnonzero((self.x + reach > x0) & (self.x - reach < x1)
+                              & (self.y + reach > y0) & (self.y - reach < y1))
+
+
+@dataclass
+class Structures(_Ellipses):
+    """Elliptical structures: kind, centre, semi-axes (px), orientation and a hash key each."""
+
     key: np.ndarray
 
     @classmethod
@@ -202,9 +218,6 @@ class Structures:
             return cls.empty()
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
-    def take(self, index: np.ndarray) -> "Structures":
-        return Structures(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
-
     def __len__(self) -> int:
         return len(self.kind)
 
@@ -212,11 +225,6 @@ class Structures:
     def radius(self) -> np.ndarray:
         """Equivalent radius sqrt(a * b) in pixels."""
         return np.sqrt(self.a * self.b)
-
-    def near(self, x0: float, y0: float, x1: float, y1: float, reach: np.ndarray) -> np.ndarray:
-        """Indices of the structures whose centre lies within `reach` of the window."""
-        return np.flatnonzero((self.x + reach > x0) & (self.x - reach < x1)
-                              & (self.y + reach > y0) & (self.y - reach < y1))
 
 
 class CellKind(IntEnum):
@@ -227,23 +235,8 @@ class CellKind(IntEnum):
 
 
 @dataclass
-class Cells:
+class Cells(_Ellipses):
     """Interstitial cells: kind, centre (px), semi-axes (px), orientation."""
-
-    kind: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
-    angle: np.ndarray
-
-    def take(self, index: np.ndarray) -> "Cells":
-        return Cells(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
-
-    def near(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-        reach = self.a
-        return np.flatnonzero((self.x + reach > x0) & (self.x - reach < x1)
-                              & (self.y + reach > y0) & (self.y - reach < y1))
 
 
 @dataclass
@@ -358,7 +351,7 @@ class _LargePlacer:
 
 def place_focus(rng: np.random.Generator, seed: int, mix: m.PhantomMix, size: int, mpp: float) -> Structures:
     """The mix's focus structure, placed so that it covers a share of the patch in focus_coverage."""
-    spec = LARGE_SPECS[mix.focus]
+    spec = LARGE_STRUCTURES[mix.focus]
     low, high = mix.focus_coverage
     radius = rng.uniform(*spec.radius_um) / mpp
     # large enough to cover the wanted share of the patch even for large patches or coarse mpp
@@ -411,7 +404,7 @@ def place_large(rng: np.random.Generator, seed: int, mix: m.PhantomMix, region: 
     placer = _LargePlacer(GAP_UM / mpp * 2, period=(x1 - x0, y1 - y0) if wrap else None)
     if placed is not None and len(placed):
         placer.add(placed)
-    for class_id, spec in LARGE_SPECS.items():
+    for class_id, spec in LARGE_STRUCTURES.items():
         expected = mix.share(class_id) * tissue_area_px / (spec.mean_area_um2() / mpp**2)
         wanted = int(expected) + int(rng.uniform() < expected - int(expected))  # unbiased, low variance
         kept, thrown = 0, 0
@@ -445,7 +438,7 @@ def _hex_sites(rng: np.random.Generator, region: tuple[float, float, float, floa
 
 def fill_plan(mix: m.PhantomMix) -> tuple[float, float]:
     """(share of grid sites kept, share of kept sites that are atrophic) for a mix's tubule shares."""
-    large = sum(mix.share(c) for c in LARGE_SPECS)
+    large = sum(mix.share(c) for c in LARGE_STRUCTURES)
     room = max(1e-6, 1.0 - FILL_LOSS_NEAR_LARGE * large)
     tubuli = mix.share(m.TUBULI) / FILL_COVERAGE["tubule"]
     atrophic = mix.share(m.ATROPHIC) / FILL_COVERAGE["atrophic"]
@@ -504,7 +497,7 @@ def place_cells(rng: np.random.Generator, seed: int, region: tuple[float, float,
         minor = major * rng.uniform(*aspect, n)
         parts.append((np.full(n, kind, np.int8), x, y, major.astype(np.float32), minor.astype(np.float32),
                       rng.uniform(0, math.pi, n).astype(np.float32)))
-    return Cells(*(np.concatenate(column) for column in zip(*parts)))
+    return Cells(*(np.concatenate(column) for column in zip(*parts, strict=True)))
 
 
 def tissue_area(tissue: TissueShape | None, region: tuple[float, float, float, float]) -> float:

@@ -7,6 +7,8 @@ tiling, with structures and textures continuing seamlessly across tile borders.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 _M1 = np.uint32(0x85EBCA6B)
@@ -90,19 +92,20 @@ def point_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.ndar
 
 def grid_fbm(xs: np.ndarray, ys: np.ndarray, cell: float, seed: int, octaves: int = 3) -> np.ndarray:
     """Fractal sum of :func:`grid_noise` octaves (cell halving, amplitude halving), about [-1, 1]."""
-    total, norm = 0.0, 0.0
-    for octave in range(octaves):
-        amplitude = 0.5**octave
-        total = total + amplitude * grid_noise(xs, ys, cell / 2**octave, seed + 7919 * octave)
-        norm += amplitude
-    return total / norm
+    return _fractal_sum(grid_noise, xs, ys, cell, seed, octaves)
 
 
 def point_fbm(x: np.ndarray, y: np.ndarray, cell: float, seed: int, octaves: int = 3) -> np.ndarray:
     """:func:`grid_fbm` at scattered points."""
+    return _fractal_sum(point_noise, x, y, cell, seed, octaves)
+
+
+def _fractal_sum(noise: Callable[[np.ndarray, np.ndarray, float, int], np.ndarray], x: np.ndarray, y: np.ndarray,
+                 cell: float, seed: int, octaves: int) -> np.ndarray:
+    """``octaves`` octaves of ``noise``, each with half the cell, half the amplitude and its own seed."""
     total, norm = 0.0, 0.0
     for octave in range(octaves):
         amplitude = 0.5**octave
-        total = total + amplitude * point_noise(x, y, cell / 2**octave, seed + 7919 * octave)
+        total = total + amplitude * noise(x, y, cell / 2**octave, seed + 7919 * octave)
         norm += amplitude
     return total / norm

@@ -32,7 +32,8 @@ def render_mask(layout: Layout, x: int, y: int, width: int, height: int) -> np.n
     return window_geometry(layout, xs, ys).label
 
 
-def render_window(layout: Layout, stain: Stain, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def render_window(layout: Layout, stain: Stain, x: int, y: int, width: int,
+                  height: int) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 (height, width, 3) and label mask (height, width) of the window at (x, y)."""
     halo = _halo(layout.mpp)
     xs = np.arange(x - halo, x + width + halo, dtype=np.float64)

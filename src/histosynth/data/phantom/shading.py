@@ -241,7 +241,7 @@ def _ring_pixels(geom: WindowGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarr
         large_index = geom.large_index.ravel()
         dilated = np.flatnonzero((large_index >= 0) & (geom.large.kind[np.maximum(large_index, 0)] == Kind.DILATED))
         parts.append((dilated, len(geom.tubuli) + large_index[dilated], geom.large_depth.ravel()[dilated]))
-    pixels, index, depth = (np.concatenate(column) for column in zip(*parts))
+    pixels, index, depth = (np.concatenate(column) for column in zip(*parts, strict=True))
     return pixels, index, depth, table
 
 

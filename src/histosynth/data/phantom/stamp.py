@@ -2,7 +2,7 @@
 
 To ask a mask-conditioned model for a layout that no slide has (e.g. a real layout with two more
 glomeruli), a mask is edited: elliptical glomeruli, sclerotic glomeruli, arteries or dilated tubuli
-of the phantom's sizes (:data:`~histosynth.data.phantom.layout.LARGE_SPECS`, at the mask's µm per
+of the phantom's sizes (:data:`~histosynth.data.phantom.layout.LARGE_STRUCTURES`, at the mask's µm per
 pixel) are drawn onto it. A structure goes where it lies on tissue (any class but the schema's
 background classes) for at least ``min_on_tissue`` of its area, and keeps a gap to the large
 structures of the mask and to those stamped before it; it overwrites the tubuli and interstitium it
@@ -25,7 +25,7 @@ from ...errors import ConfigError, DataError
 from ...io import write_png_atomic
 from ...schema import RENAL, ClassSchema
 from .export import mask_description, phantom_seed, write_mask_table
-from .layout import GAP_UM, LARGE_SPECS
+from .layout import GAP_UM, LARGE_STRUCTURES
 
 #: random centres tried for each structure before giving up
 TRIES = 200
@@ -48,8 +48,8 @@ def parse_additions(text: str, schema: ClassSchema) -> list[Addition]:
         if not sep or not count.strip().isdigit() or int(count) < 1:
             raise ConfigError(f"--add {part!r}: write CLASS=COUNT with a count of at least 1, e.g. Glomeruli=2")
         class_id = schema.id_of(name)
-        if class_id not in LARGE_SPECS:
-            stampable = ", ".join(schema.name_of(i) for i in LARGE_SPECS)
+        if class_id not in LARGE_STRUCTURES:
+            stampable = ", ".join(schema.name_of(i) for i in LARGE_STRUCTURES)
             raise ConfigError(f"--add: {schema.name_of(class_id)} cannot be stamped; stampable classes: {stampable}")
         additions.append(Addition(class_id, int(count)))
     if not additions:
@@ -70,7 +70,7 @@ def stamp_structures(mask: np.ndarray, additions: Sequence[Addition], schema: Cl
     rng = np.random.default_rng(seed)
     edited = mask.copy()
     # large structures already there, stamped ones, and the gap around each, are kept clear
-    blocked = _grown(np.isin(mask, list(LARGE_SPECS)), GAP_UM / mpp)
+    blocked = _grown(np.isin(mask, list(LARGE_STRUCTURES)), GAP_UM / mpp)
     tissue = ~np.isin(mask, schema.uncaptioned_ids)
     placed = 0
     for addition in additions:
@@ -88,7 +88,7 @@ def stamp_structures(mask: np.ndarray, additions: Sequence[Addition], schema: Cl
 
 def _ellipse(rng: np.random.Generator, class_id: int, shape: tuple[int, ...], mpp: float):
     """A random ellipse of the class's phantom size and aspect; returns centre -> pixel mask."""
-    spec = LARGE_SPECS[class_id]
+    spec = LARGE_STRUCTURES[class_id]
     radius = rng.uniform(*spec.radius_um) / mpp
     aspect = rng.uniform(*spec.aspect)
     major, minor = radius / math.sqrt(aspect), radius * math.sqrt(aspect)
