@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from histosynth.captions import GENERATING_CAPTION
+from histosynth.captions import GENERATING_CAPTION, UNCONDITIONAL_CAPTION
 from histosynth.errors import ConfigError
 from histosynth.sample.generate import SamplingOptions, bundle_scheduler, generate, initial_noise
 
@@ -14,10 +14,12 @@ STEPS = 2
 
 
 # --- generation ----------------------------------------------------------------------------------------
+THREE_CAPTIONS = [GENERATING_CAPTION, GENERATING_CAPTION, UNCONDITIONAL_CAPTION]
+
+
 @pytest.fixture(scope="module")
 def three(tiny_bundle):
-    return generate(tiny_bundle, [GENERATING_CAPTION, GENERATING_CAPTION, ""], [11, 12, 13], SamplingOptions(steps=STEPS),
-                    batch_size=3)
+    return generate(tiny_bundle, THREE_CAPTIONS, [11, 12, 13], SamplingOptions(steps=STEPS), batch_size=3)
 
 
 def test_images_and_records(three, tiny_bundle):
@@ -32,14 +34,12 @@ def test_images_and_records(three, tiny_bundle):
 
 def test_an_image_does_not_depend_on_what_shares_its_batch(three, tiny_bundle):
     # the same batch again: the same bytes (no hidden random state)
-    again = generate(tiny_bundle, [GENERATING_CAPTION, GENERATING_CAPTION, ""], [11, 12, 13], SamplingOptions(steps=STEPS),
-                     batch_size=3)
+    again = generate(tiny_bundle, THREE_CAPTIONS, [11, 12, 13], SamplingOptions(steps=STEPS), batch_size=3)
     np.testing.assert_array_equal(again.images, three.images)
     # other batch shapes: float32 kernels round differently, at most one level on rare pixels
     alone = generate(tiny_bundle, [GENERATING_CAPTION, ""], [12, 13], SamplingOptions(steps=STEPS), batch_size=2)
     assert np.abs(alone.images.astype(int) - three.images[1:]).max() <= 1
-    single = generate(tiny_bundle, [GENERATING_CAPTION, GENERATING_CAPTION, ""], [11, 12, 13], SamplingOptions(steps=STEPS),
-                      batch_size=1)
+    single = generate(tiny_bundle, THREE_CAPTIONS, [11, 12, 13], SamplingOptions(steps=STEPS), batch_size=1)
     difference = np.abs(single.images.astype(int) - three.images)
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 

@@ -76,7 +76,8 @@ def test_text_and_mask_guidance_follow_the_documented_formula(mask_bundle):
     try:
         both = guided_eps(unet, x, t, Conditions(cond, uncond, label_maps=maps), 1.5, mask_guidance=2.0)
         text_only = guided_eps(unet, x, t, Conditions(cond, uncond, label_maps=maps), 1.5, mask_guidance=1.0)
-        mask_only = guided_eps(unet, x, t, Conditions(uncond.expand(2, -1, -1), label_maps=maps), 1.5, mask_guidance=2.0)
+        unconditional = Conditions(uncond.expand(2, -1, -1), label_maps=maps)
+        mask_only = guided_eps(unet, x, t, unconditional, 1.5, mask_guidance=2.0)
     finally:
         hook.remove()
     tolerance = {"rtol": 1e-4, "atol": 1e-5}
