@@ -132,13 +132,13 @@ def one_torch_thread():
 
 @pytest.fixture
 def refused(capsys):
-    """Runs a command line that must be refused: exit status 2 and one line of error (blanks around it stripped)."""
+    """Runs a command line that must be refused: exit status 2 and exactly one line, ``error: ...``, on stderr."""
     from histosynth.cli import main
 
     def run(args: list[str]) -> str:
         assert main(args) == 2
-        error = capsys.readouterr().err.strip()
-        assert "\n" not in error, error
-        return error
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and error.endswith("\n"), repr(error)
+        return error.strip()
 
     return run

@@ -44,12 +44,28 @@ def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool
             unit = task.fields.get("unit", "")
             return Text("" if speed is None else f"{speed:.2f} {unit}/s", style="progress.data.speed")
 
+    class ShownFromFirstTask(Progress):
+        """Draws nothing until its first task: a command refused before any work prints its one line only."""
+
+        def __enter__(self) -> "ShownFromFirstTask":
+            return self
+
+        def add_task(self, *args, **kwargs):
+            if not self.live.is_started:
+                self.start()
+            return super().add_task(*args, **kwargs)
+
+        def __exit__(self, *exc_info) -> None:
+            if self.live.is_started:
+                self.stop()
+
     if rate:
         clocks = [RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     else:
         clocks = [TimeElapsedColumn() if elapsed else TimeRemainingColumn()]
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clocks,
-                    disable=not enabled, transient=transient, console=Console(stderr=True) if stderr else None)
+    return ShownFromFirstTask(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clocks,
+                              disable=not enabled, transient=transient,
+                              console=Console(stderr=True) if stderr else None)
 
 
 @contextmanager
