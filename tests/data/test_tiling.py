@@ -307,6 +307,17 @@ def test_a_failed_first_run_does_not_block_a_retry(synthetic, tmp_path, capsys):
     assert "was tiled with" in capsys.readouterr().err
 
 
+def test_a_slide_smaller_than_one_patch_is_refused_and_binds_nothing(synthetic, tmp_path, capsys):
+    folder, _, _ = synthetic
+    out = tmp_path / "ds"
+    args = ["tile", str(folder / "kidney.tif"), "--masks", str(folder / "kidney_mask.tif"),
+            "--size", "64", "--out", str(out), "--no-progress"]
+    assert main([*args, "--mpp", "360"]) == 2  # a mistyped mpp: no patch fits, so no finished, empty slide
+    assert "smaller than one patch (64 px at 360 µm/px" in capsys.readouterr().err
+    assert main([*args, "--mpp", "1.0"]) == 0
+    assert open_dataset(out).info["tiling"]["mpp"] == 1.0
+
+
 def test_a_failed_first_run_may_be_retried_with_another_patch_size(synthetic, tmp_path):
     folder, _, mask = synthetic
     bad = mask.copy()

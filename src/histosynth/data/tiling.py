@@ -161,6 +161,8 @@ def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema
         choice = slide.choose_level(options.mpp)
         labels = _labels_for(item, slide, schema, options.mpp, stack)
         grid = patch_grid(slide, choice, options.size)
+        if not grid:
+            _refuse_slide_smaller_than_a_patch(item, slide, options)
         box = _box_side(choice, options.size)
         candidates = [(x, y) for x, y in grid if labels.may_hold_tissue(x, y, box)]
         task = bar.add_task(item.name, total=len(candidates)) if bar else None
@@ -176,6 +178,15 @@ def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema
         if bar is not None and task is not None:
             bar.remove_task(task)
         return count
+
+
+def _refuse_slide_smaller_than_a_patch(item: SlideInput, slide: Slide, options: TilingOptions) -> None:
+    width, height = (side * slide.require_mpp() for side in slide.dimensions)
+    patch = options.size * options.mpp
+    raise DataError(
+        f"slide {item.slide} is {width:.0f} x {height:.0f} µm, smaller than one patch ({options.size} px at "
+        f"{options.mpp:g} µm/px = {patch:.0f} µm); use a finer --mpp or a smaller --size"
+    )
 
 
 def patch_grid(slide: Slide, choice: LevelChoice, size: int) -> list[tuple[int, int]]:
