@@ -154,3 +154,29 @@ def test_half_precision_latents_decode_within_half_a_db_of_float32(tmp_path):
     assert quality["float32"] > 20, quality  # a real reconstruction, not noise
     assert abs(quality["bfloat16"] - quality["float32"]) < 0.5, quality
     assert abs(quality["float16"] - quality["float32"]) < 0.5, quality
+
+
+def test_the_latent_range_of_a_cache_is_that_of_its_latents_as_one_tensor(tmp_path, monkeypatch):
+    import histosynth.models.latent_range as latent_range_module
+
+    monkeypatch.setattr(latent_range_module, "MAX_VALUES_PER_CHANNEL", 500)  # every k-th variant, k > 1
+    values = torch.randn(50, 4, 2, 4, 4) * torch.tensor([1.0, 3.0]).view(1, 1, 2, 1, 1)
+    parts = [tmp_path / f"part-{k}.npy" for k in range(4)]
+    for k, path in enumerate(parts):
+        write_part(path, values[16 * k : 16 * k + 16], "float32")
+    rows = ShardedRows(parts, 50, (4, 2, 4, 4), "float32", part_size=16)
+    assert latent_range(rows, 0.05, chunk=3) == LatentRange.of_latents(values, 0.05)
+
+
+def test_reading_releases_the_maps_after_a_budget_of_bytes(tmp_path, monkeypatch):
+    import histosynth.train.shards as shards
+
+    values = torch.randn(8, 1000)
+    write_part(tmp_path / "part.npy", values, "float32")
+    rows = ShardedRows([tmp_path / "part.npy"], 8, (1000,), "float32", part_size=8)
+    rows.read([1])
+    assert rows._maps[0] is not None  # mapped while little has been read
+    monkeypatch.setattr(shards, "MAPPED_BYTES_LIMIT", 10_000)
+    assert torch.equal(rows.read([2, 3, 4]), values[[2, 3, 4]])
+    assert rows._maps == [None]  # 12 kB read: unmapped, mapped again on the next read
+    assert torch.equal(rows.read([7]), values[[7]])

@@ -191,20 +191,28 @@ def dataset_latent_range(dataset: PatchDataset | str | Path, autoencoder: Autoen
     return latent_range(latents, quantile)
 
 
-def latent_range(latents: ShardedRows, quantile: float = DEFAULT_QUANTILE) -> LatentRange:
+def latent_range(latents: ShardedRows, quantile: float = DEFAULT_QUANTILE, chunk: int = 256) -> LatentRange:
     """:meth:`LatentRange.of_latents` of cached latents, reading only the latents it measures.
 
     The range of latents (N, 4, C, h, w) is measured on every k-th of their N * 4 flip variants (at
     most :data:`~histosynth.models.latent_range.MAX_VALUES_PER_CHANNEL` values per channel), the
-    ones ``of_latents`` picks from a tensor of them all, so the result does not depend on the storage.
+    ones ``of_latents`` picks from a tensor of them all, so the result is the same; they are read
+    ``chunk`` at a time into one float32 array per channel, the only copy of them.
     """
     from ..models.latent_range import MAX_VALUES_PER_CHANNEL
 
-    count, variants = latents.shape[0], latents.shape[1]
+    check_quantile(quantile)
+    count, variants, channels = latents.shape[0], latents.shape[1], latents.shape[2]
     pixels = int(np.prod(latents.shape[-2:]))
     step = -(-pixels * count * variants // MAX_VALUES_PER_CHANNEL)  # ceil, as of_latents
     chosen = np.arange(0, count * variants, step)
-    return LatentRange.of_latents(latents.read(chosen // variants, chosen % variants).float(), quantile)
+    values = np.empty((channels, len(chosen) * pixels), np.float32)
+    for first in range(0, len(chosen), chunk):
+        picked = chosen[first : first + chunk]
+        block = latents.read(picked // variants, picked % variants).float().numpy()  # (m, C, h, w)
+        values[:, first * pixels : (first + len(picked)) * pixels] = block.transpose(1, 0, 2, 3).reshape(channels, -1)
+    bounds = [np.quantile(row, [quantile, 1.0 - quantile], overwrite_input=True) for row in values]
+    return LatentRange(tuple(float(b[0]) for b in bounds), tuple(float(b[1]) for b in bounds), float(quantile))
 
 
 def cached_label_maps(dataset: PatchDataset, rows, class_ids: Sequence[int], factor: int, folder: Path,
@@ -252,6 +260,17 @@ def _cached_parts(folder: Path, index: dict, rows, encode: Callable[[Any], torch
         write_json_atomic(folder / "index.json", {**index, "row_shape": row_shape})
     return ShardedRows([_part_path(folder, start) for start, _ in parts], len(patch_ids), row_shape,
                        index["dtype"], PART_SIZE)
+
+
+def open_cache_folder(folder: Path) -> ShardedRows:
+    """The rows of a finished cache folder (latents or label maps), as its index describes them."""
+    index = _read_index(Path(folder))
+    if "row_shape" not in index:
+        raise DataError(f"{folder} is not a finished cache folder (its index.json lacks the row shape); "
+                        "run 'histosynth cache' to finish it")
+    parts = range(0, index["patches"], index["part_size"])
+    return ShardedRows([Path(folder) / f"part-{k:05d}.npy" for k in range(len(parts))], index["patches"],
+                       index["row_shape"], index["dtype"], index["part_size"])
 
 
 def _read_index(folder: Path) -> dict:

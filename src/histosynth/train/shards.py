@@ -5,6 +5,10 @@ touched, and a batch copies out just its rows, so a process's memory does not gr
 of patches. bfloat16, which numpy lacks, is stored as its raw 16 bits (``uint16``); the index of
 the folder names the real dtype.
 
+Pages of a mapped file that a process has read count towards its resident memory until the map is
+closed, so the maps are closed (and reopened on demand) after every :data:`MAPPED_BYTES_LIMIT`
+bytes read: an epoch over a cache larger than the machine's memory does not look like a leak.
+
 The maps are opened lazily and never pickled: a data-loader worker or a spawned DDP process that
 receives a :class:`ShardedRows` maps the files itself instead of receiving a copy of their content.
 """
@@ -31,6 +35,8 @@ STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                  "bf16": "bfloat16", "bfloat16": "bfloat16"}
 FLOAT16_MAX = 65504.0
+#: bytes read through the maps after which they are closed, releasing the pages they hold
+MAPPED_BYTES_LIMIT = 64 << 20
 
 
 def latent_dtype_name(name: str) -> str:
@@ -64,6 +70,7 @@ class ShardedRows:
         self.dtype = dtype
         self.part_size = int(part_size)
         self._maps: list[Optional[np.ndarray]] = [None] * len(self.parts)
+        self._mapped_bytes = 0
 
     def __len__(self) -> int:
         return self.count
@@ -81,7 +88,12 @@ class ShardedRows:
         return int(np.prod(self.row_shape)) * STORAGE_DTYPES[self.dtype][1].itemsize
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": [None] * len(self.parts)}
+        return {**self.__dict__, "_maps": [None] * len(self.parts), "_mapped_bytes": 0}
+
+    def close(self) -> None:
+        """Unmap the parts (they are mapped again when read)."""
+        self._maps = [None] * len(self.parts)
+        self._mapped_bytes = 0
 
     def _part(self, k: int) -> np.ndarray:
         mapped = self._maps[k]
@@ -110,6 +122,9 @@ class ShardedRows:
             where = np.flatnonzero(parts == k)
             local = items[where] - k * self.part_size
             out[where] = self._part(int(k))[local] if sub is None else self._part(int(k))[local, sub[where]]
+        self._mapped_bytes += out.nbytes
+        if self._mapped_bytes > MAPPED_BYTES_LIMIT:
+            self.close()
         if self.dtype == "bfloat16":
             return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(out)
