@@ -196,8 +196,8 @@ def latent_range(latents: ShardedRows, quantile: float = DEFAULT_QUANTILE, chunk
 
     The range of latents (N, 4, C, h, w) is measured on every k-th of their N * 4 flip variants (at
     most :data:`~histosynth.models.latent_range.MAX_VALUES_PER_CHANNEL` values per channel), the
-    ones ``of_latents`` picks from a tensor of them all, so the result is the same; they are read
-    ``chunk`` at a time into one float32 array per channel, the only copy of them.
+    ones ``of_latents`` picks from a tensor of them all, so the result is the same. One channel at
+    a time, read ``chunk`` latents at a time: memory holds one channel's values, not all of them.
     """
     from ..models.latent_range import MAX_VALUES_PER_CHANNEL
 
@@ -206,13 +206,18 @@ def latent_range(latents: ShardedRows, quantile: float = DEFAULT_QUANTILE, chunk
     pixels = int(np.prod(latents.shape[-2:]))
     step = -(-pixels * count * variants // MAX_VALUES_PER_CHANNEL)  # ceil, as of_latents
     chosen = np.arange(0, count * variants, step)
-    values = np.empty((channels, len(chosen) * pixels), np.float32)
-    for first in range(0, len(chosen), chunk):
-        picked = chosen[first : first + chunk]
-        block = latents.read(picked // variants, picked % variants).float().numpy()  # (m, C, h, w)
-        values[:, first * pixels : (first + len(picked)) * pixels] = block.transpose(1, 0, 2, 3).reshape(channels, -1)
-    bounds = [np.quantile(row, [quantile, 1.0 - quantile], overwrite_input=True) for row in values]
-    return LatentRange(tuple(float(b[0]) for b in bounds), tuple(float(b[1]) for b in bounds), float(quantile))
+    values = np.empty(len(chosen) * pixels, np.float32)
+    low, high = [], []
+    for channel in range(channels):
+        for first in range(0, len(chosen), chunk):
+            picked = chosen[first : first + chunk]
+            block = latents.read(picked // variants, picked % variants)[:, channel].float()
+            values[first * pixels : (first + len(picked)) * pixels] = block.reshape(-1).numpy()
+        bounds = np.quantile(values, [quantile, 1.0 - quantile], overwrite_input=True)
+        low.append(float(bounds[0]))
+        high.append(float(bounds[1]))
+    latents.close()  # (the pages this scan mapped)
+    return LatentRange(tuple(low), tuple(high), float(quantile))
 
 
 def cached_label_maps(dataset: PatchDataset, rows, class_ids: Sequence[int], factor: int, folder: Path,

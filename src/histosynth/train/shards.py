@@ -7,7 +7,7 @@ the folder names the real dtype.
 
 Pages of a mapped file that a process has read count towards its resident memory until the map is
 closed, so the maps are closed (and reopened on demand) after every :data:`MAPPED_BYTES_LIMIT`
-bytes read: an epoch over a cache larger than the machine's memory does not look like a leak.
+bytes of rows read: an epoch over a cache larger than the machine's memory does not look like a leak.
 
 The maps are opened lazily and never pickled: a data-loader worker or a spawned DDP process that
 receives a :class:`ShardedRows` maps the files itself instead of receiving a copy of their content.
@@ -122,7 +122,8 @@ class ShardedRows:
             where = np.flatnonzero(parts == k)
             local = items[where] - k * self.part_size
             out[where] = self._part(int(k))[local] if sub is None else self._part(int(k))[local, sub[where]]
-        self._mapped_bytes += out.nbytes
+        # whole rows, not just the bytes read: a page fault maps its neighbours too (fault-around)
+        self._mapped_bytes += len(items) * self.bytes_per_row
         if self._mapped_bytes > MAPPED_BYTES_LIMIT:
             self.close()
         if self.dtype == "bfloat16":
