@@ -78,10 +78,10 @@ def test_rows_are_read_from_their_parts_in_any_order(tmp_path):
     assert torch.equal(rows[-1], values[9].to(torch.bfloat16))
     with pytest.raises(IndexError):
         rows.read([10])
-    # a worker or spawned process receives the paths, not the content
+    # a worker or spawned process receives the paths, not the content or open files
     rows.read(np.arange(10))
     copy = pickle.loads(pickle.dumps(rows))
-    assert len(pickle.dumps(rows)) < 2000 and copy._maps == [None] * 4
+    assert len(pickle.dumps(rows)) < 2000 and copy._files == [None] * 4
     assert torch.equal(copy[:], rows[:])
 
 
@@ -168,15 +168,13 @@ def test_the_latent_range_of_a_cache_is_that_of_its_latents_as_one_tensor(tmp_pa
     assert latent_range(rows, 0.05, chunk=3) == LatentRange.of_latents(values, 0.05)
 
 
-def test_reading_releases_the_maps_after_a_budget_of_bytes(tmp_path, monkeypatch):
-    import histosynth.train.shards as shards
-
+def test_reading_a_row_reads_that_row_and_checks_the_part_against_the_index(tmp_path):
     values = torch.randn(8, 1000)
     write_part(tmp_path / "part.npy", values, "float32")
     rows = ShardedRows([tmp_path / "part.npy"], 8, (1000,), "float32", part_size=8)
-    rows.read([1])
-    assert rows._maps[0] is not None  # mapped while little has been read
-    monkeypatch.setattr(shards, "MAPPED_BYTES_LIMIT", 10_000)
-    assert torch.equal(rows.read([2, 3, 4]), values[[2, 3, 4]])
-    assert rows._maps == [None]  # 12 kB read: unmapped, mapped again on the next read
-    assert torch.equal(rows.read([7]), values[[7]])
+    assert torch.equal(rows.read([2, 7, 2]), values[[2, 7, 2]])
+    rows.close()
+    assert torch.equal(rows[3], values[3])  # opened again
+    wrong = ShardedRows([tmp_path / "part.npy"], 8, (1000,), "bfloat16", part_size=8)
+    with pytest.raises(DataError, match="holds float32 .*the cache index says bfloat16 .*run 'histosynth cache' again"):
+        wrong.read([0])

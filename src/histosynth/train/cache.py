@@ -21,8 +21,8 @@ Latents are stored as bfloat16 unless the cache is built with another dtype (``h
 --dtype float32`` keeps the autoencoder's float32 exactly; float16 is the third choice): half the
 bytes, and images decoded from them within a small fraction of a dB of the float32 ones. A cache
 keeps the dtype it was built with until it is rebuilt with another. Parts are plain ``.npy`` files
-that training memory-maps (:mod:`histosynth.train.shards`): a process reads only the rows of its
-batches, so its memory does not grow with the dataset.
+from which training reads single rows (:mod:`histosynth.train.shards`): a process reads only the
+rows of its batches, so its memory does not grow with the dataset.
 
 Parts are written atomically and one at a time, so a killed run resumes with the parts it lacks.
 """
@@ -89,7 +89,7 @@ def flip_each(maps: torch.Tensor, variants: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TrainingData:
-    """Everything a training step reads: latents and label maps (memory-mapped, read by the rows of a
+    """Everything a training step reads: latents and label maps (on disk, read by the rows of a
     batch), caption rows and their embeddings (in memory: one row per unique caption)."""
 
     latents: ShardedRows  # (N, 4, C, h, w): flip variants of each patch
@@ -287,7 +287,7 @@ def _refuse_old_format(folder: Path) -> None:
     """Caches of format 1 (safetensors parts, loaded whole) are not read: they are rebuilt on request."""
     if any(folder.glob("part-*.safetensors")):
         raise DataError(f"{folder} is a cache of an older format (whole-file safetensors parts); delete that folder "
-                        "and run 'histosynth cache' again to rebuild it as memory-mapped parts")
+                        "and run 'histosynth cache' again to rebuild it as parts read row by row")
 
 
 def _fill_parts(folder: Path, rows, parts, encode, what: str, dtype: str, batch_size: int,

@@ -1,22 +1,21 @@
-"""Arrays of one row per patch, stored as ``.npy`` parts and read row by row through memory maps.
+"""Arrays of one row per patch, stored as ``.npy`` parts and read row by row.
 
-A training process reads only the rows of its batches: a part is mapped (not read) when first
-touched, and a batch copies out just its rows, so a process's memory does not grow with the number
-of patches. bfloat16, which numpy lacks, is stored as its raw 16 bits (``uint16``); the index of
-the folder names the real dtype.
+A training process reads only the rows of its batches: each row is read from its part at its
+offset (the ``.npy`` header gives where the data starts), so a process's memory does not grow with
+the number of patches. The parts are plain ``.npy`` files that ``np.load(..., mmap_mode="r")`` opens
+as well; training does not map them because a mapped page stays resident in the process once read,
+and the kernel maps whole large folios (up to 2 MB) per fault: sparse rows of a 4 GB cache made the
+resident memory of a short run grow by 760 MB. bfloat16, which numpy lacks, is stored as its raw
+16 bits (``uint16``); the index of the folder names the real dtype.
 
-Pages of a mapped file that a process has read count towards its resident memory until the map is
-closed, so the maps are closed (and reopened on demand) after every :data:`MAPPED_BYTES_LIMIT`
-bytes of rows read: an epoch over a cache larger than the machine's memory does not look like a leak.
-
-The maps are opened lazily and never pickled: a data-loader worker or a spawned DDP process that
-receives a :class:`ShardedRows` maps the files itself instead of receiving a copy of their content.
+Files are opened lazily and never pickled: a data-loader worker or a spawned DDP process that
+receives a :class:`ShardedRows` opens them itself.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +34,6 @@ STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                  "bf16": "bfloat16", "bfloat16": "bfloat16"}
 FLOAT16_MAX = 65504.0
-#: bytes read through the maps after which they are closed, releasing the pages they hold
-MAPPED_BYTES_LIMIT = 64 << 20
 
 
 def latent_dtype_name(name: str) -> str:
@@ -69,8 +66,7 @@ class ShardedRows:
         self.row_shape = tuple(int(s) for s in row_shape)
         self.dtype = dtype
         self.part_size = int(part_size)
-        self._maps: list[Optional[np.ndarray]] = [None] * len(self.parts)
-        self._mapped_bytes = 0
+        self._files: list[Optional[tuple[BinaryIO, int]]] = [None] * len(self.parts)
 
     def __len__(self) -> int:
         return self.count
@@ -88,24 +84,41 @@ class ShardedRows:
         return int(np.prod(self.row_shape)) * STORAGE_DTYPES[self.dtype][1].itemsize
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": [None] * len(self.parts), "_mapped_bytes": 0}
+        return {**self.__dict__, "_files": [None] * len(self.parts)}
+
+    def __del__(self) -> None:
+        self.close()
 
     def close(self) -> None:
-        """Unmap the parts (they are mapped again when read)."""
-        self._maps = [None] * len(self.parts)
-        self._mapped_bytes = 0
+        """Close the part files (they are opened again when read)."""
+        for opened in getattr(self, "_files", []):
+            if opened is not None:
+                opened[0].close()
+        self._files = [None] * len(self.parts)
 
-    def _part(self, k: int) -> np.ndarray:
-        mapped = self._maps[k]
-        if mapped is None:
-            mapped = np.load(self.parts[k], mmap_mode="r", allow_pickle=False)
-            expected = min(self.part_size, self.count - k * self.part_size)
-            if mapped.shape != (expected, *self.row_shape) or mapped.dtype != STORAGE_DTYPES[self.dtype][1]:
-                raise DataError(f"{self.parts[k]} holds {mapped.dtype} {mapped.shape}, the cache index says "
-                                f"{self.dtype} {(expected, *self.row_shape)}; delete {self.parts[k].parent} and "
-                                "run 'histosynth cache' again")
-            self._maps[k] = mapped
-        return mapped
+    def _part(self, k: int) -> tuple[BinaryIO, int]:
+        """Part ``k``'s open file and the offset of its first row, its header checked against the index."""
+        opened = self._files[k]
+        if opened is None:
+            file = open(self.parts[k], "rb", buffering=0)
+            try:
+                version = np.lib.format.read_magic(file)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"npy format version {version}")
+                shape, fortran, dtype = read_header(file)
+            except (ValueError, OSError) as exc:
+                file.close()
+                raise DataError(f"{self.parts[k]} is not a cache part ({exc}); delete {self.parts[k].parent} and "
+                                "run 'histosynth cache' again") from None
+            expected = (min(self.part_size, self.count - k * self.part_size), *self.row_shape)
+            if shape != expected or dtype != STORAGE_DTYPES[self.dtype][1] or fortran:
+                file.close()
+                raise DataError(f"{self.parts[k]} holds {dtype} {shape}, the cache index says {self.dtype} "
+                                f"{expected}; delete {self.parts[k].parent} and run 'histosynth cache' again")
+            opened = self._files[k] = (file, file.tell())
+        return opened
 
     def read(self, items: np.ndarray | torch.Tensor | Sequence[int], sub: Optional[np.ndarray | torch.Tensor] = None
              ) -> torch.Tensor:
@@ -114,18 +127,19 @@ class ShardedRows:
         items = np.asarray(items, dtype=np.int64).reshape(-1)
         if len(items) and (items.min() < 0 or items.max() >= self.count):
             raise IndexError(f"rows {items.min()}..{items.max()} of {self.count}")
-        sub = None if sub is None else np.asarray(sub, dtype=np.int64).reshape(-1)
-        shape = self.row_shape if sub is None else self.row_shape[1:]
+        subs = None if sub is None else np.asarray(sub, dtype=np.int64).reshape(-1)
+        if subs is not None and len(subs) and (subs.min() < 0 or subs.max() >= self.row_shape[0]):
+            raise IndexError(f"elements {subs.min()}..{subs.max()} of {self.row_shape[0]}")
+        shape = self.row_shape if subs is None else self.row_shape[1:]
         out = np.empty((len(items), *shape), STORAGE_DTYPES[self.dtype][1])
-        parts = items // self.part_size
-        for k in np.unique(parts):
-            where = np.flatnonzero(parts == k)
-            local = items[where] - k * self.part_size
-            out[where] = self._part(int(k))[local] if sub is None else self._part(int(k))[local, sub[where]]
-        # whole rows, not just the bytes read: a page fault maps its neighbours too (fault-around)
-        self._mapped_bytes += len(items) * self.bytes_per_row
-        if self._mapped_bytes > MAPPED_BYTES_LIMIT:
-            self.close()
+        size = out[0].nbytes if len(items) else 0
+        for i, item in enumerate(items.tolist()):
+            file, start = self._part(item // self.part_size)
+            offset = start + (item % self.part_size) * self.bytes_per_row + (0 if subs is None else int(subs[i]) * size)
+            file.seek(offset)
+            if file.readinto(memoryview(out[i]).cast("B")) != size:
+                raise DataError(f"{self.parts[item // self.part_size]} ends early; delete its folder and run "
+                                "'histosynth cache' again")
         if self.dtype == "bfloat16":
             return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(out)
