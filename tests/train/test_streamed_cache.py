@@ -178,3 +178,22 @@ def test_reading_a_row_reads_that_row_and_checks_the_part_against_the_index(tmp_
     wrong = ShardedRows([tmp_path / "part.npy"], 8, (1000,), "bfloat16", part_size=8)
     with pytest.raises(DataError, match="holds float32 .*the cache index says bfloat16 .*run 'histosynth cache' again"):
         wrong.read([0])
+
+
+def test_forked_data_loader_workers_read_the_rows_they_ask_for(tmp_path):
+    values = torch.arange(64 * 50, dtype=torch.float32).reshape(64, 50)
+    write_part(tmp_path / "part.npy", values, "float32")
+    rows = ShardedRows([tmp_path / "part.npy"], 64, (50,), "float32", part_size=64)
+    rows.read([0])  # opened in the parent before the workers fork
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return rows.read([i, 63 - i] * 20)
+
+    loader = torch.utils.data.DataLoader(Rows(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    for i, got in enumerate(loader):
+        assert torch.equal(got, values[[i, 63 - i] * 20]), i

@@ -14,6 +14,7 @@ receives a :class:`ShardedRows` opens them itself.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import BinaryIO, Optional, Sequence
 
@@ -57,6 +58,14 @@ def write_part(path: Path, values: torch.Tensor, dtype: str) -> None:
         np.save(file, array, allow_pickle=False)
 
 
+def _read_at(file: BinaryIO, buffer: memoryview, offset: int) -> int:
+    """Read into ``buffer`` from ``offset`` without moving the file position where the OS allows it."""
+    if hasattr(os, "preadv"):
+        return os.preadv(file.fileno(), [buffer], offset)
+    file.seek(offset)
+    return file.readinto(buffer)
+
+
 class ShardedRows:
     """``count`` rows of shape ``row_shape`` in parts of ``part_size`` rows (the last may be shorter)."""
 
@@ -67,6 +76,7 @@ class ShardedRows:
         self.dtype = dtype
         self.part_size = int(part_size)
         self._files: list[Optional[tuple[BinaryIO, int]]] = [None] * len(self.parts)
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self.count
@@ -98,6 +108,8 @@ class ShardedRows:
 
     def _part(self, k: int) -> tuple[BinaryIO, int]:
         """Part ``k``'s open file and the offset of its first row, its header checked against the index."""
+        if self._pid != os.getpid():  # a forked data-loader worker: files of its own, not the parent's
+            self._files, self._pid = [None] * len(self.parts), os.getpid()
         opened = self._files[k]
         if opened is None:
             file = open(self.parts[k], "rb", buffering=0)
@@ -136,8 +148,7 @@ class ShardedRows:
         for i, item in enumerate(items.tolist()):
             file, start = self._part(item // self.part_size)
             offset = start + (item % self.part_size) * self.bytes_per_row + (0 if subs is None else int(subs[i]) * size)
-            file.seek(offset)
-            if file.readinto(memoryview(out[i]).cast("B")) != size:
+            if _read_at(file, memoryview(out[i]).cast("B"), offset) != size:
                 raise DataError(f"{self.parts[item // self.part_size]} ends early; delete its folder and run "
                                 "'histosynth cache' again")
         if self.dtype == "bfloat16":
