@@ -30,7 +30,8 @@ def test_latents_are_the_encodings_of_the_four_flipped_images(blob_dataset, cach
     with torch.no_grad():
         for variant, dims in enumerate([[], [-1], [-2], [-1, -2]]):
             expected = encode_latents(ae, image.flip(dims) if dims else image)[0]
-            torch.testing.assert_close(data.latents[5, variant], expected, atol=1e-5, rtol=1e-5)
+            # stored as bfloat16 (by default): the encoding rounded to 8 significant bits
+            torch.testing.assert_close(data.latents[5][variant].float(), expected, atol=1e-5, rtol=2**-8)
 
 
 def test_each_unique_caption_is_embedded_once_with_the_empty_caption(blob_dataset, cached, minilm):
@@ -45,14 +46,14 @@ def test_each_unique_caption_is_embedded_once_with_the_empty_caption(blob_datase
 
 def test_a_killed_cache_run_encodes_only_what_is_missing(blob_dataset, cached, minilm):
     data, folder = cached
-    part = next((folder / "latents").glob("*/part-00000.safetensors"))
+    part = next((folder / "latents").glob("*/part-00000.npy"))
     stamp = part.stat().st_mtime_ns
     again = prepare_training_data(blob_dataset, seeded_autoencoder(), minilm, folder, show_progress=False)
     assert part.stat().st_mtime_ns == stamp  # read, not rewritten
-    assert torch.equal(again.latents, data.latents)
+    assert torch.equal(again.latents[:], data.latents[:])
     part.unlink()
     rebuilt = prepare_training_data(blob_dataset, seeded_autoencoder(), minilm, folder, show_progress=False)
-    torch.testing.assert_close(rebuilt.latents, data.latents)
+    assert torch.equal(rebuilt.latents[:], data.latents[:])
 
 
 def test_another_autoencoder_gets_its_own_cache(blob_dataset, cached, minilm):
@@ -91,11 +92,11 @@ def test_caption_dropout_uses_the_empty_caption_at_its_rate(cached):
     data, _ = cached
     batches = StepBatches(data, 16, seed=0, dropout=ConditionDropout(text=0.1))
     empty_length = int(data.embeddings.lookup([data.empty_caption_row])[1].sum())  # "" = [CLS] [SEP]
-    dropped = sum(int((b.condition.text_mask.sum(1) == empty_length).sum()) for b in map(batches.__getitem__, range(100)))
+    dropped = sum(int((batches[i].condition.text_mask.sum(1) == empty_length).sum()) for i in range(100))
     assert 0.07 < dropped / 1600 < 0.13
 
 
 def test_flips_off_means_the_unflipped_latents(cached):
     data, _ = cached
     batch = StepBatches(data, 8, seed=0, dropout=ConditionDropout(text=0.0), flips=(False, False))[3]
-    assert torch.equal(batch.latents, data.latents[batch.items, 0])
+    assert torch.equal(batch.latents, data.latents[batch.items][:, 0].float())

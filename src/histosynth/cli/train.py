@@ -71,6 +71,9 @@ def cache_command(
     label_maps: bool = typer.Option(False, "--label-maps", help="also cache the masks' label maps (for training "
                                     "with --condition mask or text+mask)"),
     device: str = DeviceOption,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="how latents are stored: bfloat16 (a new cache's "
+                                        "default), float16, or float32 (exact); another dtype than the cache's "
+                                        "rebuilds it"),
     seed: int = SeedOption,
 ) -> None:
     """Encode a dataset once: latents of each patch's four flips, each unique caption's embedding (and label maps)."""
@@ -79,17 +82,21 @@ def cache_command(
     from ..data.dataset import open_dataset
     from ..devices import pick_device
     from ..train.cache import autoencoder_id, prepare_training_data
+    from ..train.shards import latent_dtype_name
 
     started = time.perf_counter()
+    dtype = None if dtype is None else latent_dtype_name(dtype)
     torch_device = pick_device(device)
     classes = open_dataset(dataset).schema.ids if label_maps else None
     with _plain_output():
         ae, encoder = _cache_models(model, preset, autoencoder, text_encoder, seed, torch_device)
-        data = prepare_training_data(dataset, ae, encoder, cache_dir, split, label_classes=classes)
+        data = prepare_training_data(dataset, ae, encoder, cache_dir, split, label_classes=classes,
+                                     latent_dtype=dtype)
     maps = f", label maps of {len(classes)} classes" if classes else ""
     typer.echo(
-        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} latents, {autoencoder_id(ae)}){maps}"
-        f" and {len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
+        f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} {data.latents.dtype} latents, "
+        f"{autoencoder_id(ae)}){maps} and "
+        f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
         f"[{time.perf_counter() - started:.1f} s]"
     )
 

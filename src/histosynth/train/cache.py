@@ -12,10 +12,17 @@ Counts are a quarter of the bytes of float shares and turn into shares on the ba
 
 On disk, in the dataset's ``cache/`` folder (or one the user names)::
 
-    latents/<autoencoder id>-<split>/index.json          what was encoded with what
-    latents/<autoencoder id>-<split>/part-00000.safetensors   latents (n, 4, C, h, w) of 1024 patches
-    labels/f<factor>-<classes>-<split>/part-00000.safetensors   label-map counts (n, K, h, w), uint8
-    text/<encoder id>.safetensors                        caption embeddings (models.text.EmbeddingCache)
+    latents/<autoencoder id>-<split>/index.json     what was encoded with what: dtype, row shape, count
+    latents/<autoencoder id>-<split>/part-00000.npy     latents (n, 4, C, h, w) of 1024 patches
+    labels/f<factor>-<classes>-<split>/part-00000.npy   label-map counts (n, K, h, w), uint8
+    text/<encoder id>.safetensors                   caption embeddings (models.text.EmbeddingCache)
+
+Latents are stored as bfloat16 unless the cache is built with another dtype (``histosynth cache
+--dtype float32`` keeps the autoencoder's float32 exactly; float16 is the third choice): half the
+bytes, and images decoded from them within a small fraction of a dB of the float32 ones. A cache
+keeps the dtype it was built with until it is rebuilt with another. Parts are plain ``.npy`` files
+from which training reads single rows (:mod:`histosynth.train.shards`): a process reads only the
+rows of its batches, so its memory does not grow with the dataset.
 
 Parts are written atomically and one at a time, so a killed run resumes with the parts it lacks.
 """
@@ -30,21 +37,23 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import PatchDataset, open_dataset
 from ..data.torchdata import to_model_range
 from ..errors import DataError
-from ..io import atomic_path, write_json_atomic
+from ..io import write_json_atomic
 from ..models.autoencoder import Autoencoder, downsampling_factor, encode_latents
 from ..models.label_maps import label_counts
 from ..models.latent_range import DEFAULT_QUANTILE, LatentRange, check_quantile
 from ..models.text import EmbeddingCache, TextEncoder, cached_caption_embeddings, weights_digest
 from ..terminal import progress_bar
+from .shards import ShardedRows, latent_dtype_name, write_part
 
-FORMAT = "histosynth.latents/1"
-LABELS_FORMAT = "histosynth.label-maps/1"
+FORMAT = "histosynth.latents/2"
+LABELS_FORMAT = "histosynth.label-maps/2"
+#: how latents are stored unless the cache is built (or was built) with another dtype
+DEFAULT_LATENT_DTYPE = "bfloat16"
 #: the flip variants of each patch, in storage order: (horizontal, vertical)
 FLIP_VARIANTS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 PART_SIZE = 1024
@@ -80,14 +89,14 @@ def flip_each(maps: torch.Tensor, variants: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TrainingData:
-    """Everything a training step reads, in memory: latents, caption rows and their embeddings, and
-    (for mask conditioning) the label maps of the patches."""
+    """Everything a training step reads: latents and label maps (on disk, read by the rows of a
+    batch), caption rows and their embeddings (in memory: one row per unique caption)."""
 
-    latents: torch.Tensor  # (N, 4, C, h, w): flip variants of each patch
+    latents: ShardedRows  # (N, 4, C, h, w): flip variants of each patch
     caption_rows: torch.Tensor  # (N,): row of each patch's caption in ``embeddings``
     patch_ids: list[str]
     embeddings: EmbeddingCache
-    label_counts: Optional[torch.Tensor] = None  # (N, K, h, w) uint8, unflipped (see models.label_maps)
+    label_counts: Optional[ShardedRows] = None  # (N, K, h, w) uint8, unflipped (see models.label_maps)
     label_classes: tuple[int, ...] = ()
     label_factor: int = 1
 
@@ -122,30 +131,35 @@ def prepare_training_data(
     *,
     text: bool = True,
     label_classes: Optional[Sequence[int]] = None,
+    latent_dtype: Optional[str] = None,
 ) -> TrainingData:
     """Latents and caption embeddings of a dataset's split, from the cache, encoding what is missing.
 
     With ``label_classes`` (schema ids, one label-map channel each) the patches' label maps are
     cached too. Without ``text`` (a mask-only model) every patch reads the empty caption.
+    ``latent_dtype`` (bfloat16, float16, float32) rebuilds a cache of another dtype; without it an
+    existing cache is used as it is and a new one is bfloat16.
     """
     dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
     rows = training_rows(dataset, split, need_captions=text)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
-    latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress)
+    latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress,
+                             latent_dtype)
     captions = rows["caption"].tolist() if text else [UNCONDITIONAL_CAPTION] * len(rows)
     embeddings = cached_caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress=show_progress)
     data = TrainingData(latents, embeddings.rows(captions), rows["patch_id"].tolist(), embeddings)
     if label_classes is not None:
         factor = downsampling_factor(autoencoder)
-        data.label_counts = cached_label_counts(dataset, rows, label_classes, factor, cache_dir / "labels", split,
-                                                show_progress=show_progress)
+        data.label_counts = cached_label_maps(dataset, rows, label_classes, factor, cache_dir / "labels", split,
+                                              show_progress=show_progress)
         data.label_classes, data.label_factor = tuple(int(i) for i in label_classes), factor
     return data
 
 
 def cached_latents(dataset: PatchDataset, rows, autoencoder: Autoencoder, folder: Path, split: str,
-                   batch_size: int = 4, show_progress: bool = True) -> torch.Tensor:
-    """(N, 4, C, h, w) latents of ``rows``, read from ``folder`` or encoded (and stored) part by part."""
+                   batch_size: int = 4, show_progress: bool = True, dtype: Optional[str] = None) -> ShardedRows:
+    """(N, 4, C, h, w) latents of ``rows``, read from ``folder`` or encoded (and stored) part by part;
+    stored as ``dtype``, or as an existing cache's dtype, or as :data:`DEFAULT_LATENT_DTYPE`."""
     _check_patch_size(dataset, autoencoder)
     device = next(autoencoder.parameters()).device
 
@@ -153,9 +167,16 @@ def cached_latents(dataset: PatchDataset, rows, autoencoder: Autoencoder, folder
         images = torch.stack([to_model_range(dataset.image(row)) for _, row in batch.iterrows()])
         return encode_flip_variants(autoencoder, images.to(device)).cpu()
 
-    index = {"format": FORMAT, "autoencoder": autoencoder_id(autoencoder), "split": split}
-    return _cached_parts(folder / f"{autoencoder_id(autoencoder)}-{split}", index, rows, encode, "latents",
-                         batch_size, show_progress)
+    folder = folder / f"{autoencoder_id(autoencoder)}-{split}"
+    stored = _read_index(folder)
+    if dtype is not None:
+        dtype = latent_dtype_name(dtype)
+    elif stored.get("format") == FORMAT and stored.get("dtype") in ("bfloat16", "float16", "float32"):
+        dtype = stored["dtype"]
+    else:
+        dtype = DEFAULT_LATENT_DTYPE
+    index = {"format": FORMAT, "autoencoder": autoencoder_id(autoencoder), "split": split, "dtype": dtype}
+    return _cached_parts(folder, index, rows, encode, "latents", batch_size, show_progress)
 
 
 def dataset_latent_range(dataset: PatchDataset | str | Path, autoencoder: Autoencoder,
@@ -167,18 +188,48 @@ def dataset_latent_range(dataset: PatchDataset | str | Path, autoencoder: Autoen
     rows = training_rows(dataset, split, need_captions=False)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, show_progress=show_progress)
-    return LatentRange.of_latents(latents, quantile)
+    return latent_range(latents, quantile)
 
 
-def cached_label_counts(dataset: PatchDataset, rows, class_ids: Sequence[int], factor: int, folder: Path,
-                        split: str, batch_size: int = 64, show_progress: bool = True) -> torch.Tensor:
+def latent_range(latents: ShardedRows, quantile: float = DEFAULT_QUANTILE, chunk: int = 256) -> LatentRange:
+    """:meth:`LatentRange.of_latents` of cached latents, reading only the latents it measures.
+
+    The range of latents (N, 4, C, h, w) is measured on every k-th of their N * 4 flip variants (at
+    most :data:`~histosynth.models.latent_range.MAX_VALUES_PER_CHANNEL` values per channel), the
+    ones ``of_latents`` picks from a tensor of them all, so the result is the same. One channel at
+    a time, read ``chunk`` latents at a time: memory holds one channel's values, not all of them.
+    """
+    from ..models.latent_range import MAX_VALUES_PER_CHANNEL
+
+    check_quantile(quantile)
+    count, variants, channels = latents.shape[0], latents.shape[1], latents.shape[2]
+    pixels = int(np.prod(latents.shape[-2:]))
+    step = -(-pixels * count * variants // MAX_VALUES_PER_CHANNEL)  # ceil, as of_latents
+    chosen = np.arange(0, count * variants, step)
+    values = np.empty(len(chosen) * pixels, np.float32)
+    low, high = [], []
+    for channel in range(channels):
+        for first in range(0, len(chosen), chunk):
+            picked = chosen[first : first + chunk]
+            block = latents.read(picked // variants, picked % variants)[:, channel].float()
+            values[first * pixels : (first + len(picked)) * pixels] = block.reshape(-1).numpy()
+        bounds = np.quantile(values, [quantile, 1.0 - quantile], overwrite_input=True)
+        low.append(float(bounds[0]))
+        high.append(float(bounds[1]))
+    latents.close()  # (the pages this scan mapped)
+    return LatentRange(tuple(low), tuple(high), float(quantile))
+
+
+def cached_label_maps(dataset: PatchDataset, rows, class_ids: Sequence[int], factor: int, folder: Path,
+                      split: str, batch_size: int = 64, show_progress: bool = True) -> ShardedRows:
     """(N, K, h, w) uint8 label-map counts of ``rows``' masks (unflipped), cached like the latents.
 
     One map per patch serves all four flip variants: a flipped map is the map of the flipped mask
     (see :mod:`histosynth.models.label_maps`), so batches flip it with the latent's variant.
     """
     if dataset.patch_size % factor:
-        raise DataError(f"{dataset.root}: {dataset.patch_size} px masks are not a multiple of the latent factor {factor}")
+        raise DataError(
+            f"{dataset.root}: {dataset.patch_size} px masks are not a multiple of the latent factor {factor}")
     classes = [int(i) for i in class_ids]
 
     def encode(batch) -> torch.Tensor:
@@ -186,29 +237,62 @@ def cached_label_counts(dataset: PatchDataset, rows, class_ids: Sequence[int], f
         return label_counts(masks, classes, factor)
 
     key = f"f{factor}-{_digest([str(i) for i in classes])[:8]}-{split}"
-    index = {"format": LABELS_FORMAT, "classes": classes, "factor": factor, "split": split}
-    return _cached_parts(folder / key, index, rows, encode, "label maps", batch_size, show_progress, name="counts")
+    index = {"format": LABELS_FORMAT, "classes": classes, "factor": factor, "split": split, "dtype": "uint8"}
+    return _cached_parts(folder / key, index, rows, encode, "label maps", batch_size, show_progress)
 
 
 def _cached_parts(folder: Path, index: dict, rows, encode: Callable[[Any], torch.Tensor], what: str,
-                  batch_size: int, show_progress: bool, name: str = "latents") -> torch.Tensor:
-    """One tensor per row of ``rows``, stored as tensor ``name`` in parts of :data:`PART_SIZE` rows; only
-    missing parts are computed (``encode`` maps a slice of rows to a batch of tensors)."""
+                  batch_size: int, show_progress: bool) -> ShardedRows:
+    """One array row per row of ``rows``, stored as ``index["dtype"]`` in ``.npy`` parts of
+    :data:`PART_SIZE` rows; only missing parts are computed (``encode`` maps a slice of rows to a
+    batch of tensors). The index gains the row shape once every part is there."""
+    _refuse_old_format(folder)
     patch_ids = rows["patch_id"].tolist()
     index = {**index, "patches": len(patch_ids), "patch_ids_sha256": _digest(patch_ids), "part_size": PART_SIZE}
-    index_path = folder / "index.json"
-    if index_path.is_file() and json.loads(index_path.read_text()) != index:
-        for stale in folder.glob("part-*.safetensors"):  # the dataset changed since: start over
+    stored = _read_index(folder)
+    if stored and {k: stored.get(k) for k in index} != index:
+        for stale in folder.glob("part-*.npy"):  # the dataset or the dtype changed since: start over
             stale.unlink()
-    write_json_atomic(index_path, index)
+        stored = {}
+    if "row_shape" not in stored:
+        write_json_atomic(folder / "index.json", index)
     parts = [(start, min(start + PART_SIZE, len(patch_ids))) for start in range(0, len(patch_ids), PART_SIZE)]
     todo = [p for p in parts if not _part_path(folder, p[0]).is_file()]
     if todo:
-        _fill_parts(folder, rows, todo, encode, what, name, batch_size, show_progress)
-    return torch.cat([load_file(_part_path(folder, start))[name] for start, _ in parts])
+        _fill_parts(folder, rows, todo, encode, what, index["dtype"], batch_size, show_progress)
+    row_shape = stored.get("row_shape")
+    if row_shape is None or todo:
+        row_shape = list(np.load(_part_path(folder, 0), mmap_mode="r").shape[1:])
+        write_json_atomic(folder / "index.json", {**index, "row_shape": row_shape})
+    return ShardedRows([_part_path(folder, start) for start, _ in parts], len(patch_ids), row_shape,
+                       index["dtype"], PART_SIZE)
 
 
-def _fill_parts(folder: Path, rows, parts, encode, what: str, name: str, batch_size: int, show_progress: bool) -> None:
+def open_cache_folder(folder: Path) -> ShardedRows:
+    """The rows of a finished cache folder (latents or label maps), as its index describes them."""
+    index = _read_index(Path(folder))
+    if "row_shape" not in index:
+        raise DataError(f"{folder} is not a finished cache folder (its index.json lacks the row shape); "
+                        "run 'histosynth cache' to finish it")
+    parts = range(0, index["patches"], index["part_size"])
+    return ShardedRows([Path(folder) / f"part-{k:05d}.npy" for k in range(len(parts))], index["patches"],
+                       index["row_shape"], index["dtype"], index["part_size"])
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / "index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _refuse_old_format(folder: Path) -> None:
+    """Caches of format 1 (safetensors parts, loaded whole) are not read: they are rebuilt on request."""
+    if any(folder.glob("part-*.safetensors")):
+        raise DataError(f"{folder} is a cache of an older format (whole-file safetensors parts); delete that folder "
+                        "and run 'histosynth cache' again to rebuild it as parts read row by row")
+
+
+def _fill_parts(folder: Path, rows, parts, encode, what: str, dtype: str, batch_size: int,
+                show_progress: bool) -> None:
     total = sum(end - start for start, end in parts)
     with progress_bar(show_progress, transient=True) as progress:
         task = progress.add_task(f"encoding {what}", total=total)
@@ -218,8 +302,7 @@ def _fill_parts(folder: Path, rows, parts, encode, what: str, name: str, batch_s
                 batch = rows.iloc[first : min(first + batch_size, end)]
                 encoded.append(encode(batch))
                 progress.advance(task, len(batch))
-            with atomic_path(_part_path(folder, start)) as tmp:
-                save_file({name: torch.cat(encoded).contiguous()}, str(tmp))
+            write_part(_part_path(folder, start), torch.cat(encoded), dtype)
 
 
 @torch.no_grad()
@@ -238,7 +321,7 @@ def _check_patch_size(dataset: PatchDataset, autoencoder: Autoencoder) -> None:
 
 
 def _part_path(folder: Path, start: int) -> Path:
-    return folder / f"part-{start // PART_SIZE:05d}.safetensors"
+    return folder / f"part-{start // PART_SIZE:05d}.npy"
 
 
 def _digest(items: list[str]) -> str:

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 from ..models.label_maps import counts_to_shares
 from .cache import FLIP_VARIANTS, TrainingData, flip_each
 
-
 #: independent RNG streams: batch choices and diffusion noise (per step), patch order (per epoch)
 DATA_STREAM, NOISE_STREAM, ORDER_STREAM = 0, 1, 2
 
@@ -71,13 +70,44 @@ def step_generator(seed: int, step: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng((seed, step, *stream))
 
 
+def epoch_order(n_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the ``n_items`` dataset positions (a seeded permutation)."""
+    order = np.random.default_rng((seed, epoch, ORDER_STREAM)).permutation(n_items)
+    return order.astype(np.int32) if n_items < 2**31 else order  # half the memory; the same positions
+
+
+class EpochOrders:
+    """Step ``s``'s global batch: items ``s * B`` to ``(s + 1) * B`` of the concatenated epoch orders.
+
+    Each epoch's permutation is drawn once and kept while the steps cut from it (the two epochs a
+    batch may straddle), so a step costs a slice, not a permutation of the whole dataset.
+    """
+
+    def __init__(self, n_items: int, seed: int):
+        self.n_items = n_items
+        self.seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # at most two kept
+            self._orders[epoch] = epoch_order(self.n_items, self.seed, epoch)
+        return self._orders[epoch]
+
+    def global_batch(self, global_batch: int, step: int) -> np.ndarray:
+        first = step * global_batch
+        epochs = range(first // self.n_items, (first + global_batch - 1) // self.n_items + 1)
+        offset = first - epochs[0] * self.n_items
+        if len(epochs) == 1:
+            return self.order(epochs[0])[offset : offset + global_batch].astype(np.int64)
+        stream = np.concatenate([self.order(epoch) for epoch in epochs])
+        return stream[offset : offset + global_batch].astype(np.int64)
+
+
 def global_batch_items(n_items: int, global_batch: int, seed: int, step: int) -> np.ndarray:
-    """Dataset positions of step ``step``'s global batch: consecutive slices of seeded permutations."""
-    first = step * global_batch
-    epochs = range(first // n_items, (first + global_batch - 1) // n_items + 1)
-    stream = np.concatenate([np.random.default_rng((seed, epoch, ORDER_STREAM)).permutation(n_items) for epoch in epochs])
-    offset = first - epochs[0] * n_items
-    return stream[offset : offset + global_batch]
+    """Dataset positions of step ``step``'s global batch: consecutive slices of seeded permutations
+    (one step on its own; a training run keeps its :class:`EpochOrders`)."""
+    return EpochOrders(n_items, seed).global_batch(global_batch, step)
 
 
 class StepBatches(Dataset):
@@ -92,19 +122,23 @@ class StepBatches(Dataset):
         self.variants = [i for i, (h, v) in enumerate(FLIP_VARIANTS) if (flips[0] or not h) and (flips[1] or not v)]
         self.rank = rank
         self.world_size = world_size
+        self.orders = EpochOrders(len(data), seed)
+
+    def __getstate__(self) -> dict:  # a data-loader worker draws its own epoch orders
+        return {**self.__dict__, "orders": EpochOrders(len(self.data), self.seed)}
 
     def __len__(self) -> int:  # steps are unbounded; the trainer stops at max_steps
         return 2**62
 
     def __getitem__(self, step: int) -> LatentBatch:
-        global_items = global_batch_items(len(self.data), self.batch_size * self.world_size, self.seed, step)
+        global_items = self.orders.global_batch(self.batch_size * self.world_size, step)
         rng = step_generator(self.seed, step, DATA_STREAM)
         variants = rng.choice(self.variants, size=len(global_items))
         dropped = rng.random(len(global_items)) < self.dropout.text
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         items = torch.from_numpy(global_items[mine])
         my_variants = torch.from_numpy(variants[mine])
-        latents = self.data.latents[items, my_variants]
+        latents = self.data.latents.read(items, my_variants).float()  # (bf16 / fp16 storage: fp32 to train)
         rows = self.data.caption_rows[items].clone()
         rows[torch.from_numpy(dropped[mine])] = self.data.empty_caption_row
         text, text_mask = self.data.embeddings.lookup(rows)
@@ -117,7 +151,7 @@ class StepBatches(Dataset):
 
     def label_maps(self, items: torch.Tensor, variants: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """Float label maps of ``items``, flipped like their latents; dropped ones all zero."""
-        counts = flip_each(self.data.label_counts[items], variants)
+        counts = flip_each(self.data.label_counts.read(items), variants)
         counts[dropped] = 0
         return counts_to_shares(counts, self.data.label_factor)
 
@@ -169,8 +203,9 @@ class LatentDataModule(L.LightningDataModule):
         trainer = self.trainer
         batches = StepBatches(self.data, self.batch_size, self.seed, self.dropout, self.flips,
                               trainer.global_rank, trainer.world_size)
-        return StepDataLoader(batches, batch_size=None, sampler=StepSampler(lambda: trainer.global_step, self.max_steps),
-                              num_workers=self.num_workers, persistent_workers=False)
+        sampler = StepSampler(lambda: trainer.global_step, self.max_steps)
+        return StepDataLoader(batches, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                              persistent_workers=False)
 
     def transfer_batch_to_device(self, batch: LatentBatch, device: torch.device, dataloader_idx: int) -> LatentBatch:
         return batch.to(device)

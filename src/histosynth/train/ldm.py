@@ -36,10 +36,9 @@ from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
-from ..models.latent_range import LatentRange
 from ..models.text import load_text_encoder
 from ..presets import Preset
-from .cache import autoencoder_id, prepare_training_data
+from .cache import autoencoder_id, latent_range, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
     DeviceOptions,
@@ -213,9 +212,9 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     dropout = ConditionDropout(text=conditioning.text_dropout, label_map=conditioning.mask_dropout)
     datamodule = LatentDataModule(data, batch_size, options.steps, options.seed, dropout,
                                   (training.hflip, training.vflip), options.num_workers)
-    latent_range = LatentRange.of_latents(data.latents)
+    training_range = latent_range(data.latents)
     callbacks = [SampleGrids(run.root / "samples", autoencoder, data, options.sample_every, preset, dataset.schema,
-                             latent_range=latent_range)] if options.sample_every else []
+                             latent_range=training_range)] if options.sample_every else []
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             callbacks, options.show_progress, options.log_every, limit_val_batches=0,
                             use_distributed_sampler=False)  # the step sampler already gives each rank its slice
@@ -226,7 +225,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     final_loss = None if loss is None else float(loss)
     if trainer.is_global_zero:
         provenance = {
-            "data": {"dataset": str(options.dataset), "patches": len(data), "patch_size": dataset.patch_size},
+            "data": {"dataset": str(options.dataset), "patches": len(data), "patch_size": dataset.patch_size,
+                     "latent_dtype": data.latents.dtype},
             **{k: settings[k] for k in ("batch_size", "lr", "warmup_steps", "seed", "precision", "init")},
             "condition": conditioning.name,
             "steps": int(trainer.global_step),
@@ -239,7 +239,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
             "preset": preset.to_dict(),
             "unet_weights": "ema" if module.ema is not None else "raw",
             "conditioning": conditioning.to_config(mask_classes),
-            "latent_range": latent_range,
+            "latent_range": training_range,
             "provenance": provenance,
         }
         if options.out.is_dir() and not any(options.out.iterdir()):
