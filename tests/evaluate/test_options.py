@@ -1,4 +1,5 @@
-"""The evaluation commands refuse impossible numbers in one line, before reading a model or an image."""
+"""The evaluation commands refuse impossible numbers in one line, before reading a model or an image (their command
+lines with the other commands' in tests/test_cli_options.py)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,6 @@ import pytest
 from histosynth.errors import ConfigError
 from histosynth.evaluate.images import choose
 from histosynth.evaluate.realism import evaluate_realism
-
-# Command lines as typed, split at spaces: each command with every path it needs, in a folder {tmp} that holds none.
-REALISM = "evaluate realism --real {tmp}/real --synthetic {tmp}/synthetic --out {tmp}/report"
-MASKS = "evaluate masks --segmenter {tmp}/seg --out {tmp}/report --model {tmp}/model --masks-from {tmp}/dataset"
-CAPTIONS = "evaluate captions --segmenter {tmp}/seg --out {tmp}/report --images {tmp}/images"
-SELECT = "select-pairs {tmp}/job --segmenter {tmp}/seg --out {tmp}/out"
-
-
-@pytest.mark.parametrize("command, extra, message", [
-    (REALISM, "--n -1", "--n must be at least 1, got -1"),
-    (REALISM, "--n 0", "--n must be at least 1, got 0"),
-    (REALISM, "--folds 0", "--folds must be at least 2, got 0"),
-    (REALISM, "--bootstrap -1", "--bootstrap must be at least 1, got -1"),
-    (REALISM, "--seed -1", "--seed must be at least 0, got -1"),
-    (REALISM, "--seed 4294967296", "--seed must be at most 4294967295, got 4294967296"),
-    (MASKS, "--guidance nan", "--guidance must be a finite number, got nan"),
-    (MASKS, "--mask-guidance inf", "--mask-guidance must be a finite number, got inf"),
-    (MASKS, "--guidance -1", "--guidance must be at least 0, got -1.0"),
-    (MASKS, "--min-share nan", "--min-share must be a finite number, got nan"),
-    (MASKS, "--min-share 2", "--min-share must be at most 1, got 2.0"),
-    (MASKS, "--steps 0", "--steps must be at least 1, got 0"),
-    (MASKS, "--n -3", "--n must be at least 1, got -3"),
-    (MASKS, "--seed -1", "--seed must be at least 0, got -1"),
-    (MASKS, "--batch-size 0", "--batch-size must be at least 1, got 0"),
-    (CAPTIONS, "--n 0", "--n must be at least 1, got 0"),
-    (CAPTIONS, "--seed -5", "--seed must be at least 0, got -5"),
-    (CAPTIONS, "--batch-size -1", "--batch-size must be at least 1, got -1"),
-    (SELECT, "--batch-size 0", "--batch-size must be at least 1, got 0"),
-])
-def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, refused, command, extra, message):
-    assert refused([word.format(tmp=tmp_path) for word in f"{command} {extra}".split()]) == f"error: {message}"
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_library_functions_check_too():
