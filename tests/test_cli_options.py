@@ -1,4 +1,5 @@
-"""The command line's shared options: each defined once, the same wherever it appears."""
+"""The command line's shared options: each defined once, the same wherever it appears; impossible numbers refused in
+one exact line before any work."""
 
 from __future__ import annotations
 
@@ -66,3 +67,59 @@ def test_block_options_are_parsed_and_checked_as_before(tmp_path, capsys):
     assert main(["segment", "train", str(tmp_path), "--out", str(tmp_path / "s"), "--epochs", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "max_epochs" in err and err.count("\n") == 1
+
+
+# Command lines as typed, split at spaces: the tiny model folder as {model}, every other path in a folder {tmp} that
+# holds nothing and must stay empty.
+LEVELS = "Glomeruli=high,Tubuli=medium"
+GENERATE = f"generate --model {{model}} --levels {LEVELS} --steps 1 --out {{tmp}}/out"
+SYNTH_SLIDE = f"synth-slide --model {{model}} --levels {LEVELS} --size 128 --steps 1 --out {{tmp}}/slide.tif"
+REALISM = "evaluate realism --real {tmp}/real --synthetic {tmp}/synthetic --out {tmp}/report"
+MASKS = "evaluate masks --segmenter {tmp}/seg --out {tmp}/report --model {tmp}/model --masks-from {tmp}/dataset"
+CAPTIONS = "evaluate captions --segmenter {tmp}/seg --out {tmp}/report --images {tmp}/images"
+SELECT = "select-pairs {tmp}/job --segmenter {tmp}/seg --out {tmp}/out"
+
+
+# The whole error after "error: "; one ending in "..." is its beginning (the rest depends on the machine).
+@pytest.mark.parametrize("command, extra, message", [
+    (GENERATE, "--guidance nan", "guidance must be a finite number, got nan"),
+    (GENERATE, "--mask-guidance inf", "mask guidance must be a finite number, got inf"),
+    (GENERATE, "--seed -1", "--seed must be at least 0, got -1"),
+    (GENERATE, "--seed 4294967296", "--seed must be at most 4294967295, got 4294967296"),
+    (GENERATE, "--size 0",
+     "image size 0 px must be a multiple of 8 when smaller than the model's 64 px patches; use 8"),
+    (GENERATE, "--size 1048576", "an image of 1048576x1048576 px needs about..."),
+    (GENERATE, "--eta 2", "eta must be between 0 (deterministic DDIM) and 1, got 2.0"),
+    (SYNTH_SLIDE, "--mpp nan", "microns per pixel must be a positive finite number, got nan"),
+    (SYNTH_SLIDE, "--mpp inf", "microns per pixel must be a positive finite number, got inf"),
+    (SYNTH_SLIDE, "--seed -1", "--seed must be at least 0, got -1"),
+    (SYNTH_SLIDE, "--guidance nan", "guidance must be a finite number, got nan"),
+    (SYNTH_SLIDE, "--overlap 99", "the window overlap must be 0 to 15 latent pixels, got 99"),
+    (SYNTH_SLIDE, "--window-batch 0", "the window batch must be at least 1, got 0"),
+    (REALISM, "--n -1", "--n must be at least 1, got -1"),
+    (REALISM, "--n 0", "--n must be at least 1, got 0"),
+    (REALISM, "--folds 0", "--folds must be at least 2, got 0"),
+    (REALISM, "--bootstrap -1", "--bootstrap must be at least 1, got -1"),
+    (REALISM, "--seed -1", "--seed must be at least 0, got -1"),
+    (REALISM, "--seed 4294967296", "--seed must be at most 4294967295, got 4294967296"),
+    (MASKS, "--guidance nan", "--guidance must be a finite number, got nan"),
+    (MASKS, "--mask-guidance inf", "--mask-guidance must be a finite number, got inf"),
+    (MASKS, "--guidance -1", "--guidance must be at least 0, got -1.0"),
+    (MASKS, "--min-share nan", "--min-share must be a finite number, got nan"),
+    (MASKS, "--min-share 2", "--min-share must be at most 1, got 2.0"),
+    (MASKS, "--steps 0", "--steps must be at least 1, got 0"),
+    (MASKS, "--n -3", "--n must be at least 1, got -3"),
+    (MASKS, "--seed -1", "--seed must be at least 0, got -1"),
+    (MASKS, "--batch-size 0", "--batch-size must be at least 1, got 0"),
+    (CAPTIONS, "--n 0", "--n must be at least 1, got 0"),
+    (CAPTIONS, "--seed -5", "--seed must be at least 0, got -5"),
+    (CAPTIONS, "--batch-size -1", "--batch-size must be at least 1, got -1"),
+    (SELECT, "--batch-size 0", "--batch-size must be at least 1, got 0"),
+])
+def test_impossible_numbers_are_refused_before_any_work(tiny_bundle_path, tmp_path, refused, command, extra, message):
+    error = refused([word.format(model=tiny_bundle_path, tmp=tmp_path) for word in f"{command} {extra}".split()])
+    if message.endswith("..."):
+        assert error.startswith(f"error: {message[:-3]}")
+    else:
+        assert error == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """Sampling options: checked on creation, defaulting to the model folder's own, overridden by what a user gives;
-impossible seeds, sizes and resolutions refused before any file is written."""
+impossible seeds, sizes and resolutions refused before any file is written (the command lines in
+tests/test_cli_options.py)."""
 
 from __future__ import annotations
 
@@ -83,22 +84,6 @@ def test_ddim_with_eta_draws_its_step_noise_from_each_items_seed(tiny_bundle):
     assert first.records[0]["eta"] == 0.7 and "eta" not in plain.records[0]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--guidance", "nan"], "error: guidance must be a finite number, got nan"),
-    (["--mask-guidance", "inf"], "error: mask guidance must be a finite number, got inf"),
-    (["--seed", "-1"], "error: --seed must be at least 0, got -1"),
-    (["--seed", str(2**32)], "error: --seed must be at most 4294967295, got 4294967296"),
-    (["--size", "0"], "error: image size 0 px must be a multiple of 8"),
-    (["--size", "1048576"], "error: an image of 1048576x1048576 px needs about"),
-    (["--eta", "2"], "error: eta must be between 0"),
-])
-def test_generate_refuses_bad_options_before_writing_anything(tiny_bundle_path, tmp_path, refused, extra, message):
-    out = tmp_path / "out"
-    assert refused(["generate", "--model", str(tiny_bundle_path), "--levels", LEVELS, "--steps", "1",
-                    "--out", str(out), *extra]).startswith(message)
-    assert not out.exists()
-
-
 def test_the_size_error_names_the_largest_size_that_fits(tiny_bundle, monkeypatch):
     from histosynth.sample import generate as module
 
@@ -108,18 +93,3 @@ def test_the_size_error_names_the_largest_size_that_fits(tiny_bundle, monkeypatc
         generate(tiny_bundle, [GENERATING_CAPTION], [1], SamplingOptions(steps=1), size=65536)
     largest = int(caught.value.args[0].rsplit("about ", 1)[1].split()[0])
     assert largest % 4 == 0 and largest ** 2 * module._bytes_per_pixel(tiny_bundle, True) <= 2 ** 30
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--mpp", "nan"], "error: microns per pixel must be a positive finite number, got nan"),
-    (["--mpp", "inf"], "error: microns per pixel must be a positive finite number, got inf"),
-    (["--seed", "-1"], "error: --seed must be at least 0, got -1"),
-    (["--guidance", "nan"], "error: guidance must be a finite number, got nan"),
-    (["--overlap", "99"], "error: the window overlap must be 0 to 15 latent pixels, got 99"),
-    (["--window-batch", "0"], "error: the window batch must be at least 1, got 0"),
-])
-def test_synth_slide_refuses_bad_options_before_any_work(tiny_bundle_path, tmp_path, refused, extra, message):
-    out = tmp_path / "slide.tif"
-    assert refused(["synth-slide", "--model", str(tiny_bundle_path), "--levels", LEVELS, "--size", "128",
-                    "--steps", "1", "--out", str(out), *extra]).startswith(message)
-    assert list(tmp_path.iterdir()) == []
