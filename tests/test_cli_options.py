@@ -66,3 +66,26 @@ def test_block_options_are_parsed_and_checked_as_before(tmp_path, capsys):
     assert main(["segment", "train", str(tmp_path), "--out", str(tmp_path / "s"), "--epochs", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "max_epochs" in err and err.count("\n") == 1
+
+
+def test_a_block_may_hold_a_block():
+    def _outer(last: bool = typer.Option(False, "--last"), both: tuple = Block) -> tuple:
+        return both, last
+
+    seen = []
+
+    @expand_blocks
+    def command(outer: tuple = OptionBlock(_outer)):
+        seen.append(outer)
+
+    assert list(inspect.signature(command).parameters) == ["last", "first", "second"]
+    runner = typer.Typer()
+    runner.command()(command)
+    runner(["--second", "x", "--last"], standalone_mode=False)
+    assert seen == [((1, "x"), True)]
+
+
+def test_every_coverage_option_says_the_same():
+    helps = {param.help for _, command in _commands(get_command(app)) for param in command.params
+             if param.name == "coverage"}
+    assert len(helps) == 1
