@@ -123,8 +123,7 @@ def captions(
     from ..evaluate.images import choose, read_generated
     from ..segment.predict import read_rgb
 
-    if (images is None) == (model is None):
-        raise ConfigError("give either --images DIR (generated images) or --model DIR (generate them now)")
+    _images_or_model(images, model, "DIR (generated images)")
     segmenting.check()
     _check_n_and_seed(n, seed)
     seg = segmenting.load()
@@ -193,8 +192,7 @@ def masks(
     )
     from ..sample.jobs import is_job_folder
 
-    if (images is None) == (model is None):
-        raise ConfigError("give either --images JOB (images generated from masks) or --model DIR (generate them now)")
+    _images_or_model(images, model, "JOB (images generated from masks)")
     if model is not None and (mask is None) == (masks_from is None):
         raise ConfigError("with --model give the masks to generate from: --masks-from DATASET or --mask PATH")
     given_masks = mask if mask is not None else masks_from
@@ -329,6 +327,12 @@ def mix(
     for _, row in result.final_table().iterrows():
         typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
     typer.echo(f"wrote {path}")
+
+
+def _images_or_model(images: Optional[Path], model: Optional[Path], images_are: str) -> None:
+    """The images to evaluate come from one source: made already (--images) or generated now (--model)."""
+    if (images is None) == (model is None):
+        raise ConfigError(f"give either --images {images_are} or --model DIR (generate them now)")
 
 
 def _check_n_and_seed(n: Optional[int], seed: int) -> None:
