@@ -123,3 +123,26 @@ def test_impossible_numbers_are_refused_before_any_work(tiny_bundle_path, tmp_pa
     else:
         assert error == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_block_may_hold_a_block():
+    def _outer(last: bool = typer.Option(False, "--last"), both: tuple = Block) -> tuple:
+        return both, last
+
+    seen = []
+
+    @expand_blocks
+    def command(outer: tuple = OptionBlock(_outer)):
+        seen.append(outer)
+
+    assert list(inspect.signature(command).parameters) == ["last", "first", "second"]
+    runner = typer.Typer()
+    runner.command()(command)
+    runner(["--second", "x", "--last"], standalone_mode=False)
+    assert seen == [((1, "x"), True)]
+
+
+def test_every_coverage_option_says_the_same():
+    helps = {param.help for _, command in _commands(get_command(app)) for param in command.params
+             if param.name == "coverage"}
+    assert len(helps) == 1

@@ -4,8 +4,9 @@ An option that more than one command group takes is a ``typer.Option`` (or a sma
 of options that several commands share is an :class:`OptionBlock`: one function whose parameters are the options
 and which turns them into what the library takes. A command names the block as the default of one parameter and
 is wrapped by :func:`expand_blocks`, so ``--help`` lists the block's options in place and the command receives
-what the block's function returned. Blocks and options shared only by the commands of one module are defined at
-the top of that module (phantom's ``--seed/--mix/--mpp``, generate's sampling options, train's run options).
+what the block's function returned; a block's own parameters may name blocks in turn. Blocks and options shared
+only by the commands of one module are defined at the top of that module (phantom's ``--seed/--mix/--mpp`` and
+phantom sets, evaluate's segmenting options, generate's sampling options, train's run options).
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="show progr
 WorkersOption = typer.Option(0, "--workers", help="data-loading worker processes")
 
 
+def dataset_argument(help: str = "patch dataset folder") -> Any:
+    """DATASET, the patch dataset a command reads (``help``: what it needs of it, where more than a dataset)."""
+    return typer.Argument(..., help=help)
+
+
+def init_option(help: str) -> Any:
+    """--init: the folder a training command starts from (fine-tuning); ``help`` says which folders fit."""
+    return typer.Option(None, "--init", help=help)
+
+
+def coverage_option(default: str) -> Any:
+    """--coverage of every command that segments images (the commands differ in the default only)."""
+    return typer.Option(default, "--coverage", help="full: every pixel; thesis: as the thesis, 86 px padding of "
+                                                    "256 px images, a 12 px border lost")
+
+
 def seed_option(help: str, default: Optional[int] = 0) -> Any:
     """--seed with what it seeds in this command (the commands differ only in that; ``None``: random)."""
     return typer.Option(default, "--seed", help=help, show_default=default is not None)
@@ -44,7 +61,7 @@ class OptionBlock:
     which returns what the commands pass on to the library, built from them."""
 
     def __init__(self, build: Callable[..., Any]) -> None:
-        self.build = build
+        self.build = build = expand_blocks(build)  # a block may hold blocks of its own
         hints = typing.get_type_hints(build)
         self.parameters = [p.replace(annotation=hints.get(p.name, p.annotation))
                            for p in inspect.signature(build).parameters.values()]
@@ -78,6 +95,22 @@ def expand_blocks(command: Command) -> Command:
     run.__signature__ = inspect.Signature(parameters, return_annotation=hints.get("return", None))  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in parameters}
     return typing.cast(Command, run)
+
+
+# --- what a training command reads and writes: `train`, `train-autoencoder` and `segment train` ---------------
+def training_folders(out_help: str, init_help: str, dataset_help: str = "patch dataset folder") -> OptionBlock:
+    """DATASET, --out and --init of a training command: the patch dataset it learns from, the folder it writes and
+    the folder it fine-tunes (``None``: it starts afresh), as a dict of ``dataset``, ``out`` and ``init``; the
+    helps say what each must hold."""
+
+    def folders(
+        dataset: Path = typer.Argument(..., help=dataset_help),
+        out: Path = typer.Option(..., "--out", help=out_help),
+        init: Optional[Path] = typer.Option(None, "--init", help=init_help),
+    ) -> dict[str, Any]:
+        return dict(dataset=dataset, out=out, init=init)
+
+    return OptionBlock(folders)
 
 
 # --- the segmenter-training block of `segment train` and `experiment mix` (one loop, one set of knobs) ---------

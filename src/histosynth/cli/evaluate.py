@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -13,18 +14,75 @@ from .. import validation
 from ..errors import ConfigError
 from .common import (
     DeviceOption,
+    OptionBlock,
     ProgressOption,
     SchemaOption,
     SegmenterTraining,
+    coverage_option,
     expand_blocks,
     schema_from_option,
     seed_option,
     segment_train_config,
 )
 
-SegmenterOption = typer.Option(..., "--segmenter", help="multi-class segmenter folder")
-CoverageOption = typer.Option("full", "--coverage", help="full: every pixel; thesis: 86 px padding, the centre only")
-BatchSizeOption = typer.Option(8, "--batch-size", help="images per batch")
+if TYPE_CHECKING:
+    from ..evaluate.caption_accuracy import SegmentFn
+    from ..segment.segmenter import Segmenter
+
+
+@dataclass(frozen=True)
+class Segmenting:
+    """How a command segments images: the multi-class segmenter folder, coverage, batch size, device and
+    progress bars of `evaluate captions`, `evaluate masks` and `select-pairs`."""
+
+    segmenter: Path
+    coverage: str
+    batch_size: int
+    device: str
+    progress: bool
+
+    def check(self) -> None:
+        """A ConfigError for a coverage or batch size the segmenter cannot use (before anything is read)."""
+        check_coverage(self.coverage)
+        validation.positive_int(self.batch_size, "--batch-size")
+
+    def load(self) -> Segmenter:
+        from ..segment.segmenter import Segmenter
+
+        return Segmenter.load(self.segmenter)
+
+    def function(self, segmenter: Segmenter, progress: Optional[bool] = None) -> SegmentFn:
+        """The loaded segmenter as a function of a batch of images (progress bars: ``progress``, else --progress)."""
+        from ..evaluate.caption_accuracy import segmenter_function
+
+        return segmenter_function(segmenter, self.coverage, self.device, self.batch_size,
+                                  self.progress if progress is None else progress)
+
+    def describe(self, segmenter: Segmenter) -> str:
+        """The segmenter and its folder, for a report."""
+        return f"{segmenter.describe()} ({self.segmenter})"
+
+
+def segmenting(coverage: str, segmenter: str = "multi-class segmenter folder") -> OptionBlock:
+    """The options of :class:`Segmenting`; the commands differ in the default --coverage and in what they say the
+    segmenter does (``segmenter``)."""
+
+    def options(
+        segmenter: Path = typer.Option(..., "--segmenter", help=segmenter),
+        coverage: str = coverage_option(coverage),
+        batch_size: int = typer.Option(8, "--batch-size", help="images per batch"),
+        device: str = DeviceOption,
+        progress: bool = ProgressOption,
+    ) -> Segmenting:
+        return Segmenting(segmenter, coverage, batch_size, device, progress)
+
+    return OptionBlock(options)
+
+
+CaptionSegmenting = segmenting("thesis")
+MaskSegmenting = segmenting("full")
+SelectionSegmenting = segmenting("full", segmenter="multi-class segmenter that chooses (judge the result with "
+                                                   "another one)")
 
 
 def register(app: typer.Typer) -> None:
@@ -40,8 +98,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(experiment, name="experiment")
 
 
+@expand_blocks
 def captions(
-    segmenter: Path = SegmenterOption,
+    segmenting: Segmenting = CaptionSegmenting,
     out: Path = typer.Option(..., "--out", help="report folder"),
     images: Optional[Path] = typer.Option(
         None, "--images", help="folder of generated images (+ manifest with captions)"),
@@ -51,12 +110,7 @@ def captions(
                                 "--images: from the manifest)"),
     n: Optional[int] = typer.Option(None, "--n", help="number of images (default: all in --images; 400 with --model)"),
     seed: int = seed_option("seed of the choice of images and of the generation job"),
-    coverage: str = typer.Option(
-        "thesis", "--coverage", help="thesis: 86 px padding, 12 px border lost (as the thesis); full: every pixel"),
     schema: Optional[str] = SchemaOption,
-    batch_size: int = BatchSizeOption,
-    device: str = DeviceOption,
-    progress: bool = ProgressOption,
 ) -> None:
     """Segment generated images, re-caption them and compare with the caption they were asked for."""
     from ..captions import GENERATING_CAPTION
@@ -64,29 +118,25 @@ def captions(
         THESIS_MENTION_SHARE,
         evaluate_caption_accuracy,
         generate_caption_job,
-        segmenter_function,
         write_caption_accuracy_report,
     )
     from ..evaluate.images import choose, read_generated
     from ..segment.predict import read_rgb
-    from ..segment.segmenter import Segmenter
 
-    if (images is None) == (model is None):
-        raise ConfigError("give either --images DIR (generated images) or --model DIR (generate them now)")
-    check_coverage(coverage)
+    _images_or_model(images, model, "DIR (generated images)")
+    segmenting.check()
     _check_n_and_seed(n, seed)
-    validation.positive_int(batch_size, "--batch-size")
-    seg = Segmenter.load(segmenter)
+    seg = segmenting.load()
     class_schema = seg.schema if schema is None else schema_from_option(schema)
     seg.check_schema(class_schema, f"schema {schema}" if schema else "the evaluation")
-    segment = segmenter_function(seg, coverage, device, batch_size, progress)
+    segment = segmenting.function(seg)
     if model is not None:
         from ..sample.jobs import Shard
 
         requested = (caption or GENERATING_CAPTION).replace("\\n", "\n")
         shard, count = Shard.from_environment(), n or 400
-        items = generate_caption_job(model, requested, count, seed, out / "images", device=device, shard=shard,
-                                     progress=progress)
+        items = generate_caption_job(model, requested, count, seed, out / "images", device=segmenting.device,
+                                     shard=shard, progress=segmenting.progress)
         if len(items) < count:  # other shards' images are still to come
             typer.echo(f"shard {shard}: {len(items)} of {count} images are in {out / 'images'}; evaluate once all "
                        "shards have run")
@@ -97,16 +147,17 @@ def captions(
         items = choose(found, n, seed, str(images))
     result = evaluate_caption_accuracy([read_rgb(i.path) for i in items], [i.caption for i in items], segment,
                                        class_schema, names=[i.path.name for i in items])
-    path = write_caption_accuracy_report(result, out, coverage=coverage, caption_source=source,
-                                         segmenter=f"{seg.describe()} ({segmenter})")
+    path = write_caption_accuracy_report(result, out, coverage=segmenting.coverage, caption_source=source,
+                                         segmenter=segmenting.describe(seg))
     if result.group:
         typer.echo(f"{len(result)} images: {result.mention_share():.1f} % mention glomeruli "
                    f"(thesis {THESIS_MENTION_SHARE} %); exact caption match {result.exact_match_share():.1f} %")
     typer.echo(f"wrote {path}")
 
 
+@expand_blocks
 def masks(
-    segmenter: Path = SegmenterOption,
+    segmenting: Segmenting = MaskSegmenting,
     out: Path = typer.Option(..., "--out", help="report folder (images generated now go to OUT/job)"),
     images: Optional[Path] = typer.Option(None, "--images", help="a generation job made from masks (images/ + masks/), "
                                           "or a folder of images scored against the --mask / --masks-from masks "
@@ -127,15 +178,10 @@ def masks(
                                                   "scale (see generate) (default: the model's)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="with --model: caption each image from its mask "
                                        "(default: the empty caption, the mask alone)"),
-    coverage: str = CoverageOption,
     min_share: float = typer.Option(0.01, "--min-share", help="classes below this share of the mask pixels are left "
                                     "out of the mean Dice"),
-    batch_size: int = BatchSizeOption,
-    device: str = DeviceOption,
-    progress: bool = ProgressOption,
 ) -> None:
     """Label fidelity: segment images generated from masks and score them (Dice per class) against their masks."""
-    from ..evaluate.caption_accuracy import segmenter_function
     from ..evaluate.label_fidelity import (
         TARGET_MEAN_DICE,
         evaluate_mask_job,
@@ -145,10 +191,8 @@ def masks(
         write_label_fidelity_report,
     )
     from ..sample.jobs import is_job_folder
-    from ..segment.segmenter import Segmenter
 
-    if (images is None) == (model is None):
-        raise ConfigError("give either --images JOB (images generated from masks) or --model DIR (generate them now)")
+    _images_or_model(images, model, "JOB (images generated from masks)")
     if model is not None and (mask is None) == (masks_from is None):
         raise ConfigError("with --model give the masks to generate from: --masks-from DATASET or --mask PATH")
     given_masks = mask if mask is not None else masks_from
@@ -159,7 +203,7 @@ def masks(
     if images is not None and not is_job_folder(images) and given_masks is None:
         raise ConfigError(f"{images} is not a generation job: give the masks of its images with --mask DIR "
                           "or --masks-from DATASET")
-    check_coverage(coverage)
+    segmenting.check()
     _check_n_and_seed(n, seed)
     if steps is not None:  # None: the model's own
         validation.positive_int(steps, "--steps")
@@ -167,9 +211,8 @@ def masks(
         if value is not None:
             validation.finite_float(value, name, low=0)
     validation.share(min_share, "--min-share")
-    validation.positive_int(batch_size, "--batch-size")
-    seg = Segmenter.load(segmenter)
-    segment = segmenter_function(seg, coverage, device, batch_size, progress)
+    seg = segmenting.load()
+    segment = segmenting.function(seg)
     job = images
     if model is not None:
         from .generate import job_captions, masks_from_options, model_schema, sampling_options
@@ -180,7 +223,8 @@ def masks(
         captions = job_captions(schema, None, None, None, chosen, mask_captions)
         job = generate_mask_job(model, chosen, out / "job", sampling_options(model, steps=steps, guidance=guidance,
                                                                     mask_guidance=mask_guidance),
-                                seed, captions, device=device, batch_size=batch_size, progress=progress)
+                                seed, captions, device=segmenting.device, batch_size=segmenting.batch_size,
+                                progress=segmenting.progress)
         n = None  # the job holds exactly the chosen masks
     if model is None and given_masks is not None:
         pairs, source = pair_by_name(images, given_masks, n, seed)
@@ -188,35 +232,28 @@ def masks(
         pairs, source = read_mask_job(job, n, seed)
     result, pictures, masks_read, predictions = evaluate_mask_job(pairs, segment, seg.schema, min_share)
     examples = list(zip(masks_read, pictures, predictions, strict=True))
-    path = write_label_fidelity_report(result, out, examples, source=source,
-                                       segmenter=f"{seg.describe()} ({segmenter})", coverage=coverage)
+    path = write_label_fidelity_report(result, out, examples, source=source, segmenter=segmenting.describe(seg),
+                                       coverage=segmenting.coverage)
     typer.echo(f"{len(result)} images: mean Dice {result.mean_dice():.3f} over classes with >= {min_share:.1%} of "
                f"the mask pixels (target {TARGET_MEAN_DICE})")
     typer.echo(f"wrote {path}")
 
 
+@expand_blocks
 def select_pairs(
     jobs: list[Path] = typer.Argument(..., help="generation jobs made from the same masks, each with its own --seed"),
-    segmenter: Path = typer.Option(..., "--segmenter", help="multi-class segmenter that chooses (judge the result "
-                                   "with another one)"),
+    segmenting: Segmenting = SelectionSegmenting,
     out: Path = typer.Option(..., "--out", help="folder for images/ and masks/ of the kept pairs and selection.csv"),
-    coverage: str = CoverageOption,
-    batch_size: int = BatchSizeOption,
-    device: str = DeviceOption,
-    progress: bool = ProgressOption,
 ) -> None:
     """Keep, per mask, the generated image a segmenter reads closest to its mask (best of several seeds)."""
-    from ..evaluate.caption_accuracy import segmenter_function
     from ..evaluate.selection import check_output_folder, read_candidates, select_best, summary, write_selection
-    from ..segment.segmenter import Segmenter
 
-    check_coverage(coverage)
-    validation.positive_int(batch_size, "--batch-size")
+    segmenting.check()
     check_output_folder(out)
     candidates = read_candidates(jobs)
-    seg = Segmenter.load(segmenter)
-    selection = select_best(candidates, segmenter_function(seg, coverage, device, batch_size), seg.schema, progress)
-    write_selection(selection, out, jobs, f"{seg.describe()} ({segmenter})")
+    seg = segmenting.load()
+    selection = select_best(candidates, segmenting.function(seg, progress=False), seg.schema, segmenting.progress)
+    write_selection(selection, out, jobs, segmenting.describe(seg))
     typer.echo(summary(selection))
     typer.echo(f"wrote {out}/images, {out}/masks and {out}/selection.csv")
 
@@ -290,6 +327,12 @@ def mix(
     for _, row in result.final_table().iterrows():
         typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
     typer.echo(f"wrote {path}")
+
+
+def _images_or_model(images: Optional[Path], model: Optional[Path], images_are: str) -> None:
+    """The images to evaluate come from one source: made already (--images) or generated now (--model)."""
+    if (images is None) == (model is None):
+        raise ConfigError(f"give either --images {images_are} or --model DIR (generate them now)")
 
 
 def _check_n_and_seed(n: Optional[int], seed: int) -> None:

@@ -39,6 +39,25 @@ def phantom_options(
 Phantom = OptionBlock(phantom_options)
 
 
+def phantom_set(item: str, items: str, out: str) -> OptionBlock:
+    """--out, --n and --size of a set of phantom ``items`` (each an ``item``) and the :data:`Phantom` options, as
+    the keyword arguments of its writer; ``out`` says what goes in the folder."""
+
+    def options(
+        out: Path = typer.Option(..., "--out", help=out),
+        n: int = typer.Option(200, "--n", help=f"number of {items}"),
+        size: int = typer.Option(256, "--size", help=f"{item} side in pixels"),
+        phantom: dict = Phantom,
+    ) -> dict[str, Any]:
+        return dict(out=out, n=n, size=size, **phantom)
+
+    return OptionBlock(options)
+
+
+PatchSet = phantom_set("patch", "patches", "patch dataset folder (created, or resumed)")
+MaskSet = phantom_set("mask", "masks", "folder for mask_NNNNNN.png and masks.csv")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(phantom_app, name="phantom")
 
@@ -62,10 +81,7 @@ def slide(
 @phantom_app.command("patches")
 @expand_blocks
 def patches(
-    out: Path = typer.Option(..., "--out", help="patch dataset folder (created, or resumed)"),
-    n: int = typer.Option(200, "--n", help="number of patches"),
-    size: int = typer.Option(256, "--size", help="patch side in pixels"),
-    phantom: dict = Phantom,
+    patch_set: dict = PatchSet,
     slides: Optional[int] = typer.Option(
         None, "--slides",
         help="pseudo-slides to group the patches in (splits are by slide); default n/25, within 5-10"),
@@ -75,25 +91,20 @@ def patches(
     """Write a captioned patch dataset of phantom patches, split by pseudo-slide."""
     from ..data.phantom.export import write_phantom_patches
 
-    dataset = write_phantom_patches(out, n, size=size, slides=slides, val=val, test=test, **phantom)
+    dataset = write_phantom_patches(**patch_set, slides=slides, val=val, test=test)
     counts = dataset.manifest["split"].value_counts()
     described = ", ".join(f"{split} {counts.get(split, 0)}" for split in ("train", "val", "test"))
-    typer.echo(f"{len(dataset)} patches in {out} ({described})")
+    typer.echo(f"{len(dataset)} patches in {patch_set['out']} ({described})")
 
 
 @phantom_app.command("masks")
 @expand_blocks
-def masks(
-    out: Path = typer.Option(..., "--out", help="folder for mask_NNNNNN.png and masks.csv"),
-    n: int = typer.Option(200, "--n", help="number of masks"),
-    size: int = typer.Option(256, "--size", help="mask side in pixels"),
-    phantom: dict = Phantom,
-) -> None:
+def masks(mask_set: dict = MaskSet) -> None:
     """Write phantom label masks (PNG of class ids) with their captions, without images."""
     from ..data.phantom.export import write_phantom_masks
 
-    table = write_phantom_masks(out, n, size=size, **phantom)
-    typer.echo(f"wrote {n} masks and {table}")
+    table = write_phantom_masks(**mask_set)
+    typer.echo(f"wrote {mask_set['n']} masks and {table}")
 
 
 @phantom_app.command("stamp")

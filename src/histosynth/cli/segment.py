@@ -7,10 +7,24 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .common import DeviceOption, ProgressOption, SegmenterTraining, expand_blocks, seed_option, segment_train_config
+from .common import (
+    DeviceOption,
+    ProgressOption,
+    SegmenterTraining,
+    coverage_option,
+    expand_blocks,
+    seed_option,
+    segment_train_config,
+    training_folders,
+)
 
 if TYPE_CHECKING:
     from ..segment.segmenter import Segmenter
+
+
+SegmenterFolders = training_folders(
+    "segmenter folder to write", "segmenter folder to fine-tune (same schema, --class and width)",
+    dataset_help="patch dataset (with 'train' and 'val' slides)")
 
 
 def register(app: typer.Typer) -> None:
@@ -22,17 +36,15 @@ def register(app: typer.Typer) -> None:
 
 @expand_blocks
 def train(
-    dataset: Path = typer.Argument(..., help="patch dataset (with 'train' and 'val' slides)"),
-    out: Path = typer.Option(..., "--out", help="segmenter folder to write"),
+    folders: dict = SegmenterFolders,
     training: dict = SegmenterTraining,
-    init: Optional[Path] = typer.Option(
-        None, "--init", help="segmenter folder to fine-tune (same schema, --class and width)"),
     seed: int = seed_option("seed of the initial weights, the batches and the augmentations"),
     progress: bool = ProgressOption,
 ) -> None:
     """Train a segmenter: CE/BCE + Dice, EarlyStopping on the 'val' slides, best weights kept."""
     from ..segment.training import train_segmenter_on_dataset
 
+    dataset, out, init = folders["dataset"], folders["out"], folders["init"]
     config = segment_train_config(training, init=None if init is None else str(init), seed=seed)
     run = train_segmenter_on_dataset(dataset, out, config, progress=progress)
     best = run.best
@@ -57,8 +69,7 @@ def predict(
     segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder"),
     out: Path = typer.Option(..., "--out", help="folder for the label PNGs"),
     class_name: Optional[str] = typer.Option(None, "--class", help="write a 0/1 mask of this class only"),
-    coverage: str = typer.Option(
-        "full", "--coverage", help="full: every pixel; thesis: 86 px padding of 256 px images, 12 px border lost"),
+    coverage: str = coverage_option("full"),
     tile: int = typer.Option(572, "--tile", help="largest network window in px (a valid size)"),
     batch_size: int = typer.Option(4, "--batch-size"),
     device: str = DeviceOption,

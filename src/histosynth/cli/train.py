@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import typer
 
 from ..terminal import quiet_lightning
-from .common import DeviceOption, OptionBlock, WorkersOption, expand_blocks, seed_option
+from .common import DeviceOption, OptionBlock, WorkersOption, expand_blocks, seed_option, training_folders
 
 PresetOption = typer.Option("tiny", "--preset", help="model preset: tiny, small, pathldm, or a preset YAML file")
 SeedOption = seed_option("seed of every random choice (initialisation, batches, noise)")
@@ -50,6 +50,14 @@ def training_run(checkpoints: str, folder: str) -> OptionBlock:
 
 DiffusionRun = training_run("checkpoints", "checkpoints, logs and samples")
 AutoencoderRun = training_run("checkpoints and held-out checks", "checkpoints and logs")
+
+
+ModelFolders = training_folders(
+    "model folder to write when training ends", "start from this model folder's UNet (fine-tuning; a text model "
+    "becomes a text+mask one with zero-initialised mask channels)", dataset_help="patch dataset folder (with captions)")
+AutoencoderFolders = training_folders(
+    "autoencoder folder to write (use it with train --autoencoder)",
+    "fine-tune this autoencoder (model folder or autoencoder folder)")
 
 
 def register(app: typer.Typer) -> None:
@@ -121,8 +129,7 @@ def _cache_models(model: Optional[Path], preset: str, autoencoder: Optional[Path
 
 @expand_blocks
 def train_command(
-    dataset: Path = typer.Argument(..., help="patch dataset folder (with captions)"),
-    out: Path = typer.Option(..., "--out", help="model folder to write when training ends"),
+    folders: dict = ModelFolders,
     preset: str = PresetOption,
     steps: int = typer.Option(10_000, "--steps", help="training steps in all (a resumed run continues to this)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch per device (default: the preset's)"),
@@ -130,8 +137,6 @@ def train_command(
                                        "the thesis' 2.5e-5, §4.1.5)"),
     warmup_steps: Optional[int] = typer.Option(
         None, "--warmup-steps", help="linear LR warm-up steps (default: the preset's)"),
-    init: Optional[Path] = typer.Option(None, "--init", help="start from this model folder's UNet (fine-tuning; a "
-                                        "text model becomes a text+mask one with zero-initialised mask channels)"),
     condition: str = typer.Option("text", "--condition", help="what the model reads: text, mask (a label map at "
                                   "latent resolution as extra UNet input channels) or text+mask"),
     mask_dropout: float = typer.Option(0.2, "--mask-dropout", help="probability of dropping the label map to all "
@@ -154,8 +159,8 @@ def train_command(
     from ..train.ldm import TrainOptions, train_ldm
 
     options = TrainOptions(
-        dataset=dataset, out=out, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
-        warmup_steps=warmup_steps, init=init, autoencoder=autoencoder, text_encoder=text_encoder,
+        **folders, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
+        warmup_steps=warmup_steps, autoencoder=autoencoder, text_encoder=text_encoder,
         sample_every=sample_every, condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
         cache_dir=cache_dir, log_every=log_every, **run,
     )
@@ -170,11 +175,8 @@ def train_command(
 
 @expand_blocks
 def train_autoencoder_command(
-    dataset: Path = typer.Argument(..., help="patch dataset folder"),
-    out: Path = typer.Option(..., "--out", help="autoencoder folder to write (use it with train --autoencoder)"),
+    folders: dict = AutoencoderFolders,
     preset: str = PresetOption,
-    init: Optional[Path] = typer.Option(
-        None, "--init", help="fine-tune this autoencoder (model folder or autoencoder folder)"),
     steps: int = typer.Option(5_000, "--steps", help="training steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="batch per device"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate"),
@@ -184,8 +186,8 @@ def train_autoencoder_command(
     from ..presets import load_preset
     from ..train.autoencoder import AutoencoderTrainOptions, train_autoencoder
 
-    options = AutoencoderTrainOptions(dataset=dataset, out=out, preset=load_preset(preset), init=init, steps=steps,
-                                      batch_size=batch_size, lr=lr, **run)
+    options = AutoencoderTrainOptions(**folders, preset=load_preset(preset), steps=steps, batch_size=batch_size,
+                                      lr=lr, **run)
     with _plain_output():
         result = train_autoencoder(options)
     if result.main_process:
