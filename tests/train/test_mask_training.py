@@ -72,9 +72,9 @@ def test_the_cache_command_caches_label_maps_on_request(blob_dataset, tmp_path, 
 def test_batches_flip_each_label_map_with_its_latent(blob_dataset, with_maps):
     data, _ = with_maps
     masks = blob_masks(blob_dataset)
-    batch = StepBatches(data, 16, seed=3, dropout=ConditionDropout(text=0.0, label_map=0.0))[5]
+    batch = StepBatches(data, 16, seed=3, dropout=ConditionDropout(text=0.0, label_maps=0.0))[5]
     seen = set()
-    for latent, item, shares in zip(batch.latents, batch.items.tolist(), batch.condition.label_map, strict=True):
+    for latent, item, shares in zip(batch.latents, batch.items.tolist(), batch.condition.label_maps, strict=True):
         variant = next(v for v in range(4) if torch.equal(data.latents[item][v].float(), latent))
         horizontal, vertical = FLIP_VARIANTS[variant]
         axes = [a for a, flip in ((1, horizontal), (0, vertical)) if flip]
@@ -86,14 +86,14 @@ def test_batches_flip_each_label_map_with_its_latent(blob_dataset, with_maps):
 
 def test_mask_dropout_is_its_own_and_leaves_text_batches_as_they_were(with_maps):
     data, _ = with_maps
-    dropout = ConditionDropout(text=0.3, label_map=0.5)
+    dropout = ConditionDropout(text=0.3, label_maps=0.5)
     batches = [StepBatches(data, 16, seed=0, dropout=dropout)[s] for s in range(40)]
-    dropped_maps = torch.cat([b.condition.label_map.flatten(1).sum(1) == 0 for b in batches])
+    dropped_maps = torch.cat([b.condition.label_maps.flatten(1).sum(1) == 0 for b in batches])
     assert 0.4 < dropped_maps.float().mean() < 0.6
     text_only = replace(data, label_counts=None)
     for step, batch in enumerate(batches[:5]):
         plain = StepBatches(text_only, 16, seed=0, dropout=dropout)[step]
-        assert plain.condition.label_map is None
+        assert plain.condition.label_maps is None
         assert torch.equal(plain.latents, batch.latents) and torch.equal(plain.condition.text, batch.condition.text)
 
 

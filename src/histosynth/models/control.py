@@ -47,8 +47,8 @@ class MaskControlledUNet(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: Optional[torch.Tensor] = None, return_dict: bool = True, **kwargs: Any):
-        latent, label_map = sample[:, :self.latent_channels], sample[:, self.latent_channels:]
-        control = self.controlnet(latent, timestep, encoder_hidden_states, controlnet_cond=label_map)
+        latent, label_maps = sample[:, :self.latent_channels], sample[:, self.latent_channels:]
+        control = self.controlnet(latent, timestep, encoder_hidden_states, controlnet_cond=label_maps)
         return self.base(latent, timestep, encoder_hidden_states=encoder_hidden_states,
                          encoder_attention_mask=encoder_attention_mask,
                          down_block_additional_residuals=control.down_block_res_samples,

@@ -8,7 +8,7 @@ one slice per rank.
 
 The condition of a batch is one :class:`Condition`: text and/or a label map, each with its own
 dropout (:class:`ConditionDropout`). Text-only training fills ``text``; mask conditioning adds
-``label_map`` (class shares per latent pixel, concatenated to the UNet input) through the same seam.
+``label_maps`` (class shares per latent pixel, concatenated to the UNet input) through the same seam.
 """
 
 from __future__ import annotations
@@ -37,21 +37,21 @@ class ConditionDropout:
     """
 
     text: float = 0.1
-    label_map: float = 0.0
+    label_maps: float = 0.0
 
 
 @dataclass
 class Condition:
     """What the denoiser is conditioned on. ``text`` (B, L, D) with ``text_mask`` (B, L);
-    ``label_map`` (B, K, h, w) enters as extra input channels."""
+    ``label_maps`` (B, K, h, w) enters as extra input channels."""
 
     text: Optional[torch.Tensor] = None
     text_mask: Optional[torch.Tensor] = None
-    label_map: Optional[torch.Tensor] = None
+    label_maps: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "Condition":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return replace(self, text=move(self.text), text_mask=move(self.text_mask), label_map=move(self.label_map))
+        return replace(self, text=move(self.text), text_mask=move(self.text_mask), label_maps=move(self.label_maps))
 
 
 @dataclass
@@ -145,8 +145,8 @@ class StepBatches(Dataset):
         condition = Condition(text=text, text_mask=text_mask)
         if self.data.label_counts is not None:
             # drawn after the text draws, so text-only batches are what they always were
-            masks_dropped = torch.from_numpy(rng.random(len(global_items)) < self.dropout.label_map)[mine]
-            condition.label_map = self.label_maps(items, my_variants, masks_dropped)
+            masks_dropped = torch.from_numpy(rng.random(len(global_items)) < self.dropout.label_maps)[mine]
+            condition.label_maps = self.label_maps(items, my_variants, masks_dropped)
         return LatentBatch(latents, condition, items, step)
 
     def label_maps(self, items: torch.Tensor, variants: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:

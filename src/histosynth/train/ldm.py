@@ -82,7 +82,7 @@ class LatentDiffusionModule(L.LightningModule):
         generator = torch.Generator(device=batch.latents.device).manual_seed(int(noise_seed))
         condition = batch.condition
         loss = diffusion_loss(self.unet, batch.latents, condition.text, condition.text_mask, generator,
-                              scheduler=self.scheduler, label_maps=condition.label_map)
+                              scheduler=self.scheduler, label_maps=condition.label_maps)
         finite_or_stop(self, loss, batch.step, self._describe(batch), self.run)
         size = batch.latents.shape[0]
         self.log("loss", loss, prog_bar=True, batch_size=size)
@@ -209,7 +209,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         unet = build_training_denoiser(preset, text_encoder.hidden_size, conditioning, mask_classes,
                                        options.init, load_init=not resume_from)
     module = LatentDiffusionModule(unet, preset, lr, warmup, options.seed, run, data.patch_ids)
-    dropout = ConditionDropout(text=conditioning.text_dropout, label_map=conditioning.mask_dropout)
+    dropout = ConditionDropout(text=conditioning.text_dropout, label_maps=conditioning.mask_dropout)
     datamodule = LatentDataModule(data, batch_size, options.steps, options.seed, dropout,
                                   (training.hflip, training.vflip), options.num_workers)
     training_range = latent_range(data.latents)
