@@ -211,3 +211,15 @@ def test_build_errors_say_what_to_do(image_folders, tmp_path):
         build_survey(*image_folders, tmp_path / "taken", n_real=1, n_synthetic=1, progress=False)
     assert not (tmp_path / "x").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_build_removes_the_staging_folder_a_killed_build_left_and_nothing_else(make_survey, tmp_path):
+    killed = tmp_path / ".survey.k3j9x_2a.part"  # what a build killed halfway leaves beside its --out
+    (killed / IMAGES_DIR).mkdir(parents=True)
+    (killed / KEY_FILE).write_text("{}")
+    others = [tmp_path / ".other.k3j9x_2a.part", tmp_path / "notes.txt"]
+    others[0].mkdir()
+    others[1].write_text("mine")
+    root = make_survey()
+    assert not killed.exists() and all(path.exists() for path in others)
+    assert (root / SURVEY_FILE).is_file()

@@ -37,6 +37,7 @@ from rich.progress import track
 
 from ..data.images import is_image_file
 from ..errors import ConfigError, DataError, JobError
+from ..io import remove_partial_files
 
 FORMAT = "histosynth.survey/1"
 SURVEY_FILE = "survey.json"
@@ -135,6 +136,7 @@ def build_survey(
     sources = [chosen[i] for i in order]
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)  # the staging folder of a build that was killed
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:
         (staging / IMAGES_DIR).mkdir()
