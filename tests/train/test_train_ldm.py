@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,3 +277,18 @@ def test_cache_refuses_a_negative_seed_before_encoding(blob_dataset, tmp_path, c
     assert main(["cache", str(blob_dataset.root), "--cache-dir", str(tmp_path / "cache"), "--seed", "-1"]) == 2
     assert capsys.readouterr().err == "error: --seed must be at least 0, got -1\n"
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_resume_on_a_cache_of_another_dtype_is_refused(straight_run, tmp_path, capsys):
+    dataset, root = straight_run
+    run = tmp_path / "model.run"
+    shutil.copytree(root / "model.run", run)
+    assert json.loads((run / "run.json").read_text())["latent_dtype"] == "bfloat16"  # the default cache
+    assert main(["cache", str(dataset), "--preset", "tiny", "--cache-dir", str(tmp_path / "cache"),
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    args = train_args(dataset, tmp_path / "model", "--cache-dir", str(tmp_path / "cache"), "--resume")
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume with latent_dtype float32, but the run in {run} trained with bfloat16; rebuild the "
+        f"cache with 'histosynth cache {dataset} --dtype bfloat16', or start a new run\n")

@@ -204,6 +204,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
                                  show_progress=options.show_progress, text=conditioning.text,
                                  label_classes=mask_classes or None)
+    run.bind_data_setting("latent_dtype", data.latents.dtype,
+                          f"rebuild the cache with 'histosynth cache {options.dataset} --dtype {{before}}'")
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
         unet = build_training_denoiser(preset, text_encoder.hidden_size, conditioning, mask_classes,

@@ -81,6 +81,7 @@ class RunFolder:
 
     root: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    resumed_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last_checkpoint(self) -> Path:
@@ -93,6 +94,7 @@ class RunFolder:
             if not has_checkpoint:
                 raise JobError(f"nothing to resume: {self.last_checkpoint} does not exist; start without --resume")
             stored = json.loads((self.root / RUN_FILE).read_text())
+            self.resumed_settings = stored
             changed = [k for k in settings if k not in ("steps",) and stored.get(k) != settings[k]]
             if changed:
                 raise JobError(
@@ -108,6 +110,17 @@ class RunFolder:
         write_json_atomic(self.root / RUN_FILE, settings)
         self.settings = settings
         return self.last_checkpoint if resume else None
+
+    def bind_data_setting(self, key: str, value: Any, how_to_match: str) -> None:
+        """Record a setting known only once the data is open (the cache's latent dtype); a resumed run
+        must find what it trained on. ``how_to_match`` ends the refusal: what gives the same data again
+        (``{before}`` in it names what the run trained with)."""
+        before = self.resumed_settings.get(key)
+        if before is not None and before != value:
+            raise JobError(f"--resume with {key} {value}, but the run in {self.root} trained with {before}; "
+                           f"{how_to_match.format(before=before)}, or start a new run")
+        self.settings = {**self.settings, key: value}
+        write_json_atomic(self.root / RUN_FILE, self.settings)
 
     def remove_partial_files(self) -> list[Path]:
         """Delete the temporaries of checkpoints that a killed run left in ``checkpoints/``.
