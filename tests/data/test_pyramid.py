@@ -133,7 +133,7 @@ def test_bad_sources_are_data_errors(tmp_path):
         write_pyramid_tiff(tmp_path / "a.tif", np.zeros((10, 10, 3)), mpp=0.5)
     with pytest.raises(DataError, match=r"expected a uint8 \(H, W\) label ids image"):
         write_pyramid_tiff(tmp_path / "b.tif", np.zeros((10, 10, 3), np.uint8), mpp=0.5, is_mask=True)
-    with pytest.raises(DataError, match="microns per pixel must be positive"):
+    with pytest.raises(DataError, match="microns per pixel must be above 0, got 0"):
         write_pyramid_tiff(tmp_path / "c.tif", np.zeros((10, 10, 3), np.uint8), mpp=0)
     wrong = TileSource(300, 300, lambda x, y, w, h: np.zeros((h, w), np.uint8))
     with pytest.raises(DataError, match=r"returned uint8 \(256, 300\) for rows 0-256; expected uint8 \(256, 300, 3\)"):
@@ -155,8 +155,10 @@ def test_a_rerun_removes_what_a_killed_write_of_the_same_file_left(tmp_path):
     assert all(path.read_bytes() == b"mine" for path in kept)
 
 
-@pytest.mark.parametrize("mpp", [float("nan"), float("inf"), -1.0])
-def test_non_finite_resolutions_are_refused_before_writing(tmp_path, mpp):
-    with pytest.raises(DataError, match="microns per pixel must be positive and finite"):
+@pytest.mark.parametrize("mpp, message", [(float("nan"), "must be a finite number, got nan"),
+                                          (float("inf"), "must be a finite number, got inf"),
+                                          (-1.0, "must be above 0, got -1.0")])
+def test_non_finite_resolutions_are_refused_before_writing(tmp_path, mpp, message):
+    with pytest.raises(DataError, match=f"a.tif: microns per pixel {message}"):
         write_pyramid_tiff(tmp_path / "a.tif", np.zeros((10, 10, 3), np.uint8), mpp=mpp)
     assert list(tmp_path.iterdir()) == []

@@ -333,10 +333,10 @@ def test_a_failed_first_run_may_be_retried_with_another_patch_size(synthetic, tm
 
 @pytest.mark.parametrize("field, value, message", [
     ("mpp", float("inf"), "--mpp must be a finite number"), ("mpp", float("nan"), "--mpp must be a finite number"),
-    ("mpp", 0.0, "--mpp must be a finite number"), ("mpp", -1.0, "--mpp must be a finite number"),
+    ("mpp", 0.0, "--mpp must be above 0"), ("mpp", -1.0, "--mpp must be above 0"),
     ("size", 0, "--size must be a whole number of pixels from 16 to 8192"), ("size", 15, "--size"),
     ("size", 1 << 20, "--size"), ("size", 64.5, "--size"), ("size", True, "--size"),
-    ("min_tissue", float("nan"), "--min-tissue must be a share between 0 and 1"),
+    ("min_tissue", float("nan"), "--min-tissue must be a finite number"),
     ("min_tissue", -0.1, "--min-tissue"), ("min_tissue", 1.5, "--min-tissue"),
     ("split_fractions", (0.8, float("nan"), 0.1), "split fractions"), ("split_fractions", (0, 0, 0), "split fractions"),
 ])

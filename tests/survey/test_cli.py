@@ -63,8 +63,8 @@ def test_bad_numbers_are_one_line_errors_before_any_work(image_folders, tmp_path
     assert main(["survey", "build", "--real", str(real), "--synthetic", str(synthetic), "--out", str(survey),
                  "--n-real", "1", "--n-synthetic", "1", "--size", "32", "--participants", "4"]) == 0
     assert "4 invitation links are listed on the admin page" in capsys.readouterr().out
-    for options, message in [(["--start-limit", "0"], "--start-limit 0 is out of range"),
-                             (["--start-window", "-5"], "--start-window -5 is out of range")]:
+    for options, message in [(["--start-limit", "0"], "--start-limit must be at least 1, got 0"),
+                             (["--start-window", "-5"], "--start-window (seconds) must be at least 1, got -5")]:
         assert main(["survey", "serve", str(survey), *options]) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {message}")
 

@@ -119,12 +119,12 @@ def test_the_limiter_forgets_starts_older_than_its_window():
 
 
 @pytest.mark.parametrize("limit, window, message", [
-    (0, 600, "--start-limit 0 is out of range"),
-    (-1, 600, "--start-limit -1 is out of range"),
-    (5, 0, "--start-window 0 is out of range"),
-    (5, -10, "--start-window -10 is out of range"),
-    (5, float("nan"), "--start-window nan is out of range"),
-    (5, float("inf"), "--start-window inf is out of range"),
+    (0, 600, "--start-limit must be at least 1, got 0"),
+    (-1, 600, "--start-limit must be at least 1, got -1"),
+    (5, 0, "--start-window (seconds) must be at least 1, got 0"),
+    (5, -10, "--start-window (seconds) must be at least 1, got -10"),
+    (5, float("nan"), "--start-window (seconds) must be a finite number, got nan"),
+    (5, float("inf"), "--start-window (seconds) must be a finite number, got inf"),
 ])
 def test_start_limits_must_be_positive_and_finite(survey_dir, admin_secret, limit, window, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

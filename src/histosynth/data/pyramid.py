@@ -22,7 +22,6 @@ removed when the same output is written again.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from .. import validation
 from ..errors import DataError
 from ..io import (
     atomic_path,
@@ -114,8 +114,7 @@ def write_pyramid_tiff(path: str | Path, source: np.ndarray | TileSource, mpp: f
     once complete (a killed write leaves no file that looks finished). Returns `path`.
     """
     path = Path(path)
-    if not isinstance(mpp, numbers.Real) or not math.isfinite(mpp) or mpp <= 0:
-        raise DataError(f"{path}: microns per pixel must be positive and finite, got {mpp}")
+    validation.positive_float(mpp, f"{path}: microns per pixel", error=DataError)
     if tile % 16:
         raise DataError(f"{path}: the tile size must be a multiple of 16, got {tile}")
     source = _as_tile_source(source, is_mask, path)

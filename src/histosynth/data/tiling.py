@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from rich.progress import Progress
 
+from .. import validation
 from ..errors import ConfigError, DataError
 from ..schema import RENAL, ClassSchema
 from ..terminal import progress_bar
@@ -96,13 +97,11 @@ class TilingOptions:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_number(self.mpp) or not math.isfinite(self.mpp) or self.mpp <= 0:
-            raise ConfigError(f"--mpp must be a finite number of microns per pixel above 0, got {self.mpp}")
+        validation.positive_float(self.mpp, "--mpp")
         if not _is_int(self.size) or not MIN_PATCH_SIZE <= self.size <= MAX_PATCH_SIZE:
             raise ConfigError(f"--size must be a whole number of pixels from {MIN_PATCH_SIZE} to {MAX_PATCH_SIZE}, "
                               f"got {self.size}")
-        if not _is_number(self.min_tissue) or not 0 <= self.min_tissue <= 1:  # NaN fails both
-            raise ConfigError(f"--min-tissue must be a share between 0 and 1, got {self.min_tissue}")
+        validation.share(self.min_tissue, "--min-tissue")
         fractions = tuple(self.split_fractions) if isinstance(self.split_fractions, (tuple, list)) else ()
         if (len(fractions) != 3 or not all(_is_number(f) and math.isfinite(f) and f >= 0 for f in fractions)
                 or sum(fractions) <= 0):

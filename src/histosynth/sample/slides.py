@@ -197,8 +197,7 @@ def slide_label_map(mask: np.ndarray, bundle: Bundle) -> torch.Tensor:
 
 
 def check_mpp(mpp: float) -> None:
-    if not math.isfinite(mpp) or mpp <= 0:
-        raise ConfigError(f"microns per pixel must be a positive finite number, got {mpp}")
+    validation.positive_float(mpp, "--mpp")
 
 
 def check_slide_mode(mode: str) -> None:

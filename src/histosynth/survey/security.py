@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Request
 
+from .. import validation
 from ..errors import ConfigError
 
 ADMIN_COOKIE = "histosynth_admin"
@@ -125,8 +126,5 @@ class StartLimiter:
 
 
 def check_start_limit(limit: int, window_s: float) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"--start-limit {limit} is out of range; give a whole number of at least 1")
-    if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or not math.isfinite(window_s) \
-            or not 1 <= window_s <= 86_400:
-        raise ConfigError(f"--start-window {window_s} is out of range; give 1 to 86400 seconds")
+    validation.int_at_least(limit, "--start-limit", 1)
+    validation.finite_float(window_s, "--start-window (seconds)", low=1, high=86_400)
