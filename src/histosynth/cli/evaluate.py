@@ -215,16 +215,14 @@ def masks(
     segment = segmenting.function(seg)
     job = images
     if model is not None:
-        from .generate import job_captions, masks_from_options, model_schema, sampling_options
+        from .generate import job_captions, masks_from_options, model_settings
 
-        schema = model_schema(model)
+        schema, options = model_settings(model, steps=steps, guidance=guidance, mask_guidance=mask_guidance)
         seg.check_schema(schema, f"model {model}")
         chosen = masks_from_options(schema, mask, masks_from, split, n, seed)
         captions = job_captions(schema, None, None, None, chosen, mask_captions)
-        job = generate_mask_job(model, chosen, out / "job", sampling_options(model, steps=steps, guidance=guidance,
-                                                                    mask_guidance=mask_guidance),
-                                seed, captions, device=segmenting.device, batch_size=segmenting.batch_size,
-                                progress=segmenting.progress)
+        job = generate_mask_job(model, chosen, out / "job", options, seed, captions, device=segmenting.device,
+                                batch_size=segmenting.batch_size, progress=segmenting.progress)
         n = None  # the job holds exactly the chosen masks
     if model is None and given_masks is not None:
         pairs, source = pair_by_name(images, given_masks, n, seed)

@@ -47,7 +47,7 @@ def given_sampling(
         help="DDIM eta: 0 = deterministic, up to 1 = as much step noise as DDPM, drawn from each image's seed "
              "(default: the model's, 0)"),
 ) -> dict[str, Any]:
-    """The sampling options the user gave, for :func:`sampling_options` (None: the model's own)."""
+    """The sampling options the user gave, for :func:`model_settings` (None: the model's own)."""
     return dict(steps=steps, guidance=guidance, mask_guidance=mask_guidance, scheduler=scheduler, eta=eta)
 
 
@@ -91,8 +91,7 @@ def generate_command(
 
     check_seeds([seed])
     folder = _model_folder(model, from_masks=mask is not None or masks_from is not None)
-    options = sampling_options(folder, **sampling)
-    schema = model_schema(folder)
+    schema, options = model_settings(folder, **sampling)
     masks = masks_from_options(schema, mask, masks_from, split, n, seed)
     captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
     chosen = Shard.parse(shard) if shard else Shard.from_environment()
@@ -175,8 +174,7 @@ def synth_slide_command(
     if mpp is not None:
         check_mpp(mpp)
     folder = _model_folder(model, from_masks=mask_slide is not None)
-    options = sampling_options(folder, **sampling)
-    schema = model_schema(folder)
+    schema, options = model_settings(folder, **sampling)
     if caption is not None and levels is not None:
         raise ConfigError("give one of --caption or --levels, not both")
     if caption is None and levels is None:
@@ -226,19 +224,15 @@ def _model_folder(model: Optional[Path], from_masks: bool = False) -> Path:
     return default_mask_bundle_path() if from_masks else default_bundle_path()
 
 
-def sampling_options(folder: Path, **given):
-    """The model folder's sampling options with those the user gave (not None) replacing them, checked."""
-    from ..models.bundle import read_bundle_config
-
-    return read_bundle_config(folder).sampling.overridden(**given)
-
-
-def model_schema(folder: Path):
-    """The class schema of a model folder, read (and its format version checked) before any weights load."""
+def model_settings(folder: Path, **given):
+    """A model folder's class schema and its sampling options with those the user gave (not None) replacing
+    them, checked: read from its ``histosynth.json`` once, before any weights load."""
     from ..models.bundle import CONFIG_FILE, read_bundle_config
     from ..schema import ClassSchema
 
-    return ClassSchema.from_dict(read_bundle_config(folder).class_schema, source=f"{folder / CONFIG_FILE}: schema")
+    config = read_bundle_config(folder)
+    schema = ClassSchema.from_dict(config.class_schema, source=f"{folder / CONFIG_FILE}: schema")
+    return schema, config.sampling.overridden(**given)
 
 
 def _captions(schema, caption: Optional[str], levels: Optional[str], captions_file: Optional[Path]) -> list[str]:
