@@ -134,3 +134,45 @@ def test_encoding_options_out_of_range_are_refused(blob_dataset, refused, tmp_pa
     assert refused(["cache", str(blob_dataset.root), "--cache-dir", str(tmp_path / "c"), option, value]) == \
         f"error: {message}"
     assert not (tmp_path / "c").exists()
+
+
+def test_a_ddp_run_on_an_incomplete_cache_is_refused_with_the_command_that_completes_it(blob_dataset, refused,
+                                                                                         tmp_path):
+    import shlex
+
+    from histosynth.models.text import load_text_encoder
+    from histosynth.train.cache import missing_from_cache
+
+    from .conftest import seeded_autoencoder
+
+    cache = tmp_path / "cache"
+    error = refused(["train", str(blob_dataset.root), "--out", str(tmp_path / "model"), "--preset", "tiny",
+                     "--condition", "text+mask", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                     "--cache-dir", str(cache), "--steps", "1"])
+    command = (f"histosynth cache {blob_dataset.root} --preset tiny --seed 0 --text-encoder minilm "
+               f"--cache-dir {cache} --label-maps")
+    assert error == ("error: the training cache lacks its latents, label maps and caption embeddings, which each "
+                     f"of the 2 processes of this run would encode in full; encode them once first with '{command}' "
+                     "(prefix 'torchrun --nproc-per-node N -m' for N GPUs), then start the run again")
+    assert not (cache / "latents").exists()  # nothing encoded
+    assert main(shlex.split(command)[1:]) == 0
+    assert missing_from_cache(blob_dataset, seeded_autoencoder(), load_text_encoder("minilm"), cache,
+                              label_classes=blob_dataset.schema.ids) == []
+
+
+def test_each_process_takes_every_nth_part_and_checks_torchrun_s_environment(blob_dataset, refused, monkeypatch,
+                                                                               tmp_path):
+    from histosynth.errors import ConfigError
+    from histosynth.train.ranks import Ranks, ranks_from_environment
+
+    assert [Ranks(rank, 3).share(list(range(8))) for rank in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert ranks_from_environment() == Ranks(0, 1, 0)  # no torchrun: one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="RANK 2 is not one of the WORLD_SIZE 2 processes; start them with torchrun"):
+        ranks_from_environment()
+    monkeypatch.setenv("RANK", "1")
+    assert ranks_from_environment() == Ranks(1, 2, 1)
+    assert refused(["cache", str(blob_dataset.root), "--cache-dir", str(tmp_path), "--devices", "2"]) == (
+        "error: --devices 2 starts processes of its own; under torchrun leave it out (torchrun's --nproc-per-node "
+        "says how many)")

@@ -153,9 +153,7 @@ def prepare_training_data(
     read the patches. With the ``ranks`` of several processes (each calls this), each encodes its
     share of the missing parts; rank 0 embeds the captions and the others read them from the cache.
     """
-    dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
-    rows = training_rows(dataset, split, need_captions=text)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
+    dataset, rows, cache_dir = _training_split(dataset, split, text, cache_dir)
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress,
                              latent_dtype, workers=workers, ranks=ranks)
     captions = _captions(rows, text)
@@ -169,21 +167,12 @@ def prepare_training_data(
     return data
 
 
-def missing_from_cache(
-    dataset: PatchDataset | str | Path,
-    autoencoder: Autoencoder,
-    text_encoder: TextEncoder,
-    cache_dir: Optional[Path] = None,
-    split: str = "train",
-    *,
-    text: bool = True,
-    label_classes: Optional[Sequence[int]] = None,
-) -> list[str]:
+def missing_from_cache(dataset: PatchDataset | str | Path, autoencoder: Autoencoder, text_encoder: TextEncoder,
+                       cache_dir: Optional[Path] = None, split: str = "train", *, text: bool = True,
+                       label_classes: Optional[Sequence[int]] = None) -> list[str]:
     """What :func:`prepare_training_data` (same arguments) would encode: none of ``latents``, ``label maps``
     and ``caption embeddings`` when the cache is complete. Nothing is encoded or written."""
-    dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
-    rows = training_rows(dataset, split, need_captions=text)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
+    dataset, rows, cache_dir = _training_split(dataset, split, text, cache_dir)
     parts = _parts(len(rows))
     missing = []
     if _missing_parts(*_latent_cache(cache_dir / "latents", autoencoder, split, None, rows), parts):
@@ -196,6 +185,13 @@ def missing_from_cache(
     if stored.missing([UNCONDITIONAL_CAPTION, *_captions(rows, text)]):
         missing.append("caption embeddings")
     return missing
+
+
+def _training_split(dataset: PatchDataset | str | Path, split: str, text: bool, cache_dir: Optional[Path]):
+    """The dataset, the rows of its split that training reads, and the folder of their cache."""
+    dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
+    rows = training_rows(dataset, split, need_captions=text)
+    return dataset, rows, Path(cache_dir) if cache_dir else default_cache_dir(dataset)
 
 
 def _captions(rows, text: bool) -> list[str]:

@@ -266,7 +266,7 @@ def training_data(options: TrainOptions, dataset: PatchDataset, autoencoder: Aut
         missing = missing_from_cache(dataset, autoencoder, text_encoder, options.cache_dir, **needs)
         if missing:
             raise DataError(
-                f"the training cache lacks its {' and '.join(missing)}, which each of the {processes} processes of "
+                f"the training cache lacks its {_listed(missing)}, which each of the {processes} processes of "
                 f"this run would encode in full; encode them once first with '{cache_command_line(options, needs)}' "
                 "(prefix 'torchrun --nproc-per-node N -m' for N GPUs), then start the run again")
     with on_device(device, autoencoder, text_encoder):
@@ -281,6 +281,10 @@ def training_processes(devices: DeviceOptions) -> tuple[int, torch.device]:
         probe = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, **devices.trainer_kwargs())
     return probe.world_size, probe.strategy.root_device
+
+
+def _listed(words: list[str]) -> str:
+    return " and ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def cache_command_line(options: TrainOptions, needs: dict[str, Any]) -> str:
