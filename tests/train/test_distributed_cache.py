@@ -154,7 +154,7 @@ def test_a_ddp_run_on_an_incomplete_cache_is_refused_with_the_command_that_compl
     assert error == ("error: the training cache lacks its latents, label maps and caption embeddings, which each "
                      f"of the 2 processes of this run would encode in full; encode them once first with '{command}' "
                      "(prefix 'torchrun --nproc-per-node N -m' for N GPUs), then start the run again")
-    assert not (cache / "latents").exists()  # nothing encoded
+    assert not (cache / "latents").exists() and not (tmp_path / "model.run").exists()  # nothing written
     assert main(shlex.split(command)[1:]) == 0
     assert missing_from_cache(blob_dataset, seeded_autoencoder(), load_text_encoder("minilm"), cache,
                               label_classes=blob_dataset.schema.ids) == []

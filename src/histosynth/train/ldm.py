@@ -40,7 +40,7 @@ from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.text import TextEncoder, load_text_encoder
 from ..presets import Preset
 from ..terminal import quiet_lightning
-from .cache import TrainingData, autoencoder_id, latent_range, missing_from_cache, prepare_training_data
+from .cache import autoencoder_id, latent_range, missing_from_cache, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
     DeviceOptions,
@@ -201,9 +201,13 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         settings.update(condition=conditioning.name, mask_dropout=conditioning.mask_dropout)
     if conditioning.controlnet:
         settings.update(mask_branch=conditioning.mask_branch)
+    needs = dict(text=conditioning.text, label_classes=mask_classes or None)
+    encoding_device = cache_encoding_device(options, dataset, autoencoder, text_encoder, needs)
     resume_from = run.start(settings, options.resume)
 
-    data = training_data(options, dataset, autoencoder, text_encoder, conditioning.text, mask_classes)
+    with on_device(encoding_device, autoencoder, text_encoder):
+        data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
+                                     show_progress=options.show_progress, **needs)
     run.bind_data_setting("latent_dtype", data.latents.dtype,
                           f"rebuild the cache with 'histosynth cache {options.dataset} --dtype {{before}}'")
     with torch.random.fork_rng():
@@ -252,16 +256,13 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                        trainer.is_global_zero)
 
 
-def training_data(options: TrainOptions, dataset: PatchDataset, autoencoder: Autoencoder, text_encoder: TextEncoder,
-                  text: bool, mask_classes: Sequence[int]) -> TrainingData:
-    """The run's latents, caption embeddings and label maps, from the cache.
-
-    A run of one process encodes what the cache lacks on the device it trains on (the first GPU it
-    uses), not on the CPU. A run of several processes (DDP) refuses a cache that lacks anything,
-    with the command that encodes it once: each of its processes would encode all of it.
-    """
+def cache_encoding_device(options: TrainOptions, dataset: PatchDataset, autoencoder: Autoencoder,
+                          text_encoder: TextEncoder, needs: dict[str, Any]) -> torch.device:
+    """Where the run encodes what its cache lacks (``needs``: what it reads, as prepare_training_data's
+    keywords): a run of one process encodes on the device it trains on (the first GPU it uses), not
+    on the CPU. A run of several processes (DDP) refuses a cache that lacks anything, with the
+    command that encodes it once: each of its processes would encode all of it."""
     processes, device = training_processes(options.devices)
-    needs = dict(text=text, label_classes=list(mask_classes) or None)
     if processes > 1:
         missing = missing_from_cache(dataset, autoencoder, text_encoder, options.cache_dir, **needs)
         if missing:
@@ -269,9 +270,7 @@ def training_data(options: TrainOptions, dataset: PatchDataset, autoencoder: Aut
                 f"the training cache lacks its {_listed(missing)}, which each of the {processes} processes of "
                 f"this run would encode in full; encode them once first with '{cache_command_line(options, needs)}' "
                 "(prefix 'torchrun --nproc-per-node N -m' for N GPUs), then start the run again")
-    with on_device(device, autoencoder, text_encoder):
-        return prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
-                                     show_progress=options.show_progress, **needs)
+    return device
 
 
 def training_processes(devices: DeviceOptions) -> tuple[int, torch.device]:
