@@ -84,8 +84,7 @@ def cache_command(
                                         "default), float16, or float32 (exact); another dtype than the cache's "
                                         "rebuilds it"),
     batch_size: int = typer.Option(4, "--batch-size", help="patches the autoencoder encodes at a time (x 4 flips)"),
-    workers: int = typer.Option(0, "--workers", help="data-loading processes that read and decode the PNGs "
-                                "while the autoencoder encodes"),
+    workers: int = WorkersOption,
     devices: int = typer.Option(1, "--devices", help="processes on this machine, each encoding its share of the "
                                 "parts on its own GPU (as torchrun --nproc-per-node N); leave it at 1 under torchrun"),
     seed: int = SeedOption,
