@@ -25,11 +25,11 @@ def small_parts(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(blob_dataset, tmp_path_factory):
-    """The cache one process writes (its PNGs read by two data-loader workers)."""
+    """The cache one process writes (its PNGs read by a data-loader worker)."""
     folder = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cache_module, "PART_SIZE", PART)
-        assert main(cache_args(blob_dataset.root, folder, "--workers", "2")) == 0
+        assert main(cache_args(blob_dataset.root, folder, "--workers", "1")) == 0
     return folder
 
 
@@ -136,11 +136,10 @@ def test_encoding_options_out_of_range_are_refused(blob_dataset, refused, tmp_pa
     assert not (tmp_path / "c").exists()
 
 
-def test_a_ddp_run_on_an_incomplete_cache_is_refused_with_the_command_that_completes_it(blob_dataset, refused,
+def test_a_ddp_run_on_an_incomplete_cache_is_refused_with_the_command_that_completes_it(blob_dataset, minilm, refused,
                                                                                          tmp_path):
     import shlex
 
-    from histosynth.models.text import load_text_encoder
     from histosynth.train.cache import missing_from_cache
 
     from .conftest import seeded_autoencoder
@@ -156,7 +155,7 @@ def test_a_ddp_run_on_an_incomplete_cache_is_refused_with_the_command_that_compl
                      "(prefix 'torchrun --nproc-per-node N -m' for N GPUs), then start the run again")
     assert not (cache / "latents").exists() and not (tmp_path / "model.run").exists()  # nothing written
     assert main(shlex.split(command)[1:]) == 0
-    assert missing_from_cache(blob_dataset, seeded_autoencoder(), load_text_encoder("minilm"), cache,
+    assert missing_from_cache(blob_dataset, seeded_autoencoder(), minilm, cache,
                               label_classes=blob_dataset.schema.ids) == []
 
 
