@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from ..errors import ConfigError
 from ..terminal import quiet_lightning
 from .common import DeviceOption, OptionBlock, WorkersOption, expand_blocks, seed_option, training_folders
 
@@ -82,29 +83,60 @@ def cache_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="how latents are stored: bfloat16 (a new cache's "
                                         "default), float16, or float32 (exact); another dtype than the cache's "
                                         "rebuilds it"),
+    batch_size: int = typer.Option(4, "--batch-size", help="patches the autoencoder encodes at a time (x 4 flips)"),
+    workers: int = WorkersOption,
+    devices: int = typer.Option(1, "--devices", help="processes on this machine, each encoding its share of the "
+                                "parts on its own GPU (as torchrun --nproc-per-node N); leave it at 1 under torchrun"),
     seed: int = SeedOption,
 ) -> None:
-    """Encode a dataset once: latents of each patch's four flips, each unique caption's embedding (and label maps)."""
+    """Encode a dataset once: latents of each patch's four flips, each unique caption's embedding (and label maps).
+
+    Under torchrun (or with --devices N) each process encodes its share of the missing parts."""
+    from .. import validation
+    from ..train.ranks import ranks_from_environment, spawn_ranks
+    from ..train.shards import latent_dtype_name
+
+    validation.positive_int(batch_size, "--batch-size")
+    validation.int_at_least(workers, "--workers", 0)
+    validation.positive_int(devices, "--devices")
+    dtype = None if dtype is None else latent_dtype_name(dtype)
+    job = (dataset, model, preset, autoencoder, text_encoder, cache_dir, split, label_maps, device, dtype, seed,
+           batch_size, workers)
+    if devices == 1:
+        encode_cache(*job)
+    elif ranks_from_environment().distributed:
+        raise ConfigError(f"--devices {devices} starts processes of its own; under torchrun leave it out "
+                          "(torchrun's --nproc-per-node says how many)")
+    else:
+        spawn_ranks(devices, encode_cache, *job)
+
+
+def encode_cache(dataset: Path, model: Optional[Path], preset: str, autoencoder: Optional[Path],
+                 text_encoder: Optional[str], cache_dir: Optional[Path], split: str, label_maps: bool, device: str,
+                 dtype: Optional[str], seed: int, batch_size: int, workers: int) -> None:
+    """`histosynth cache` in this process, its share of the job where several run it (rank 0 reports)."""
     import time
 
     from ..data.dataset import open_dataset
     from ..devices import pick_device
     from ..train.cache import autoencoder_id, prepare_training_data
-    from ..train.shards import latent_dtype_name
+    from ..train.ranks import process_group, ranks_from_environment
 
     started = time.perf_counter()
-    dtype = None if dtype is None else latent_dtype_name(dtype)
-    torch_device = pick_device(device)
     classes = open_dataset(dataset).schema.ids if label_maps else None
-    with _plain_output():
+    with process_group(ranks_from_environment()) as ranks, _plain_output():
+        torch_device = ranks.device(pick_device(device))
         ae, encoder = _cache_models(model, preset, autoencoder, text_encoder, seed, torch_device)
-        data = prepare_training_data(dataset, ae, encoder, cache_dir, split, label_classes=classes,
-                                     latent_dtype=dtype)
+        data = prepare_training_data(dataset, ae, encoder, cache_dir, split, batch_size, ranks.main,
+                                     label_classes=classes, latent_dtype=dtype, workers=workers, ranks=ranks)
+    if not ranks.main:
+        return
     maps = f", label maps of {len(classes)} classes" if classes else ""
+    processes = f" by {ranks.world_size} processes" if ranks.distributed else ""
     typer.echo(
         f"cached {len(data)} patches x 4 flips ({tuple(data.latents.shape[2:])} {data.latents.dtype} latents, "
         f"{autoencoder_id(ae)}){maps} and "
-        f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'} "
+        f"{len(data.embeddings)} unique captions ({encoder.id}) in {cache_dir or Path(dataset) / 'cache'}{processes} "
         f"[{time.perf_counter() - started:.1f} s]"
     )
 

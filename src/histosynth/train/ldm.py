@@ -19,16 +19,17 @@ text model.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
 from diffusers import UNet2DConditionModel
 
 from .. import validation
-from ..data.dataset import open_dataset
+from ..data.dataset import PatchDataset, open_dataset
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
 from ..models.bundle import CONFIG_FILE, load_autoencoder_folder, load_bundle, read_bundle_config, save_bundle
@@ -36,9 +37,10 @@ from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
-from ..models.text import load_text_encoder
+from ..models.text import TextEncoder, load_text_encoder
 from ..presets import Preset
-from .cache import autoencoder_id, latent_range, prepare_training_data
+from ..terminal import quiet_lightning
+from .cache import autoencoder_id, latent_range, missing_from_cache, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
     DeviceOptions,
@@ -199,11 +201,13 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         settings.update(condition=conditioning.name, mask_dropout=conditioning.mask_dropout)
     if conditioning.controlnet:
         settings.update(mask_branch=conditioning.mask_branch)
+    needs = dict(text=conditioning.text, label_classes=mask_classes or None)
+    encoding_device = cache_encoding_device(options, dataset, autoencoder, text_encoder, needs)
     resume_from = run.start(settings, options.resume)
 
-    data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
-                                 show_progress=options.show_progress, text=conditioning.text,
-                                 label_classes=mask_classes or None)
+    with on_device(encoding_device, autoencoder, text_encoder):
+        data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
+                                     show_progress=options.show_progress, **needs)
     run.bind_data_setting("latent_dtype", data.latents.dtype,
                           f"rebuild the cache with 'histosynth cache {options.dataset} --dtype {{before}}'")
     with torch.random.fork_rng():
@@ -250,6 +254,67 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                     text_encoder, dataset.schema, meta)
     return TrainResult(options.out, run.root, int(trainer.global_step), time.perf_counter() - started, final_loss,
                        trainer.is_global_zero)
+
+
+def cache_encoding_device(options: TrainOptions, dataset: PatchDataset, autoencoder: Autoencoder,
+                          text_encoder: TextEncoder, needs: dict[str, Any]) -> torch.device:
+    """Where the run encodes what its cache lacks (``needs``: what it reads, as prepare_training_data's
+    keywords): a run of one process encodes on the device it trains on (the first GPU it uses), not
+    on the CPU. A run of several processes (DDP) refuses a cache that lacks anything, with the
+    command that encodes it once: each of its processes would encode all of it."""
+    processes, device = training_processes(options.devices)
+    if processes > 1:
+        missing = missing_from_cache(dataset, autoencoder, text_encoder, options.cache_dir, **needs)
+        if missing:
+            raise DataError(
+                f"the training cache lacks its {_listed(missing)}, which each of the {processes} processes of "
+                f"this run would encode in full; encode them once first with '{cache_command_line(options, needs)}' "
+                "(prefix 'torchrun --nproc-per-node N -m' for N GPUs), then start the run again")
+    return device
+
+
+def training_processes(devices: DeviceOptions) -> tuple[int, torch.device]:
+    """How many processes a run with these device options trains in, and this process's device
+    (the first of a run that starts its processes itself), as Lightning chooses them."""
+    with quiet_lightning():  # (its banner is the real trainer's to print)
+        probe = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, **devices.trainer_kwargs())
+    return probe.world_size, probe.strategy.root_device
+
+
+def _listed(words: list[str]) -> str:
+    return " and ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def cache_command_line(options: TrainOptions, needs: dict[str, Any]) -> str:
+    """The `histosynth cache` command that encodes what training with ``options`` reads."""
+    import shlex
+
+    words = ["histosynth", "cache", str(options.dataset)]
+    autoencoder = options.autoencoder or options.init
+    if autoencoder is not None:
+        words += ["--autoencoder", str(autoencoder)]
+    else:
+        words += ["--preset", options.preset.name, "--seed", str(options.seed)]
+    words += ["--text-encoder", str(options.text_encoder or options.preset.text_encoder)]
+    if options.cache_dir is not None:
+        words += ["--cache-dir", str(options.cache_dir)]
+    if needs["label_classes"]:
+        words.append("--label-maps")
+    return shlex.join(words)
+
+
+@contextmanager
+def on_device(device: torch.device, *models: Autoencoder | TextEncoder) -> Iterator[None]:
+    """The models on ``device`` while the block runs, back where they were after."""
+    before = [next(m.parameters()).device if isinstance(m, torch.nn.Module) else m.device for m in models]
+    for model in models:
+        model.to(device)
+    try:
+        yield
+    finally:
+        for model, where in zip(models, before, strict=True):
+            model.to(where)
 
 
 def check_train_options(options: TrainOptions) -> None:
