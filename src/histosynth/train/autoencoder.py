@@ -48,9 +48,7 @@ from .runtime import (
     DeviceOptions,
     LossWatch,
     RunFolder,
-    bind_lr,
     build_trainer,
-    guard_checkpoint,
     lightning_precision,
     save_final_checkpoint,
 )
@@ -96,7 +94,7 @@ class AutoencoderModule(L.LightningModule):
         return losses.total
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        guard_checkpoint(self, self.losses, checkpoint, autoencoder=self.autoencoder.parameters())
+        self.losses.guard_checkpoint(self, checkpoint, autoencoder=self.autoencoder.parameters())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
@@ -165,7 +163,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
                             [FlipsPerEpoch(flipped)], options.show_progress, check_val_every_n_epoch=None,
                             val_check_interval=max(1, min(options.checkpoint_every, options.steps)))
     global_batch = run.bind_world(trainer, options.batch_size)
-    lr = bind_lr(run, trainer, options.lr, global_batch, REFERENCE_BATCH, options.scale_lr)
+    lr = run.bind_lr(trainer, options.lr, REFERENCE_BATCH, options.scale_lr)
     module = AutoencoderModule(autoencoder, lr, options.seed, run)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=validation, ckpt_path=resume_from)
     save_final_checkpoint(trainer, run, options.checkpoint_every)

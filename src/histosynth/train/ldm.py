@@ -45,9 +45,7 @@ from .runtime import (
     LinearWarmup,
     LossWatch,
     RunFolder,
-    bind_lr,
     build_trainer,
-    guard_checkpoint,
     lightning_precision,
     save_final_checkpoint,
 )
@@ -116,7 +114,7 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         averaged = {"ema": self.ema.shadow_params} if self.ema is not None else {}
-        guard_checkpoint(self, self.losses, checkpoint, unet=self.unet.parameters(), **averaged)
+        self.losses.guard_checkpoint(self, checkpoint, unet=self.unet.parameters(), **averaged)
         checkpoint["training_seconds"] = self.training_seconds()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -226,7 +224,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                             callbacks, options.show_progress, options.log_every, limit_val_batches=0,
                             use_distributed_sampler=False)  # the step sampler already gives each rank its slice
     global_batch = run.bind_world(trainer, batch_size)
-    effective_lr = bind_lr(run, trainer, lr, global_batch, training.batch_size, options.scale_lr)
+    effective_lr = run.bind_lr(trainer, lr, training.batch_size, options.scale_lr)
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
         unet = build_training_denoiser(preset, text_encoder.hidden_size, conditioning, mask_classes,

@@ -141,6 +141,19 @@ class RunFolder:
                     global_batch_size=global_batch)
         return global_batch
 
+    def bind_lr(self, trainer: L.Trainer, lr: float, reference_batch: int, scale: bool) -> float:
+        """The learning rate the run trains with (:func:`scaled_lr`, after :meth:`bind_world`), recorded as
+        ``effective_lr``; a resumed run must train with the same. A scaled one is printed (by the first process)."""
+        global_batch = self.settings["global_batch_size"]
+        effective = scaled_lr(lr, global_batch, reference_batch, scale)
+        self.bind_data_setting("effective_lr", effective, "resume with the same --lr, --batch-size and --scale-lr")
+        if scale and trainer.is_global_zero:
+            import sys
+
+            print(f"learning rate {effective:.4g} (--scale-lr: {lr:.4g} x global batch {global_batch} / "
+                  f"{reference_batch})", file=sys.stderr, flush=True)
+        return effective
+
     def record(self, **values: Any) -> None:
         """Add ``values`` to run.json."""
         self.settings = {**self.settings, **values}
@@ -223,20 +236,6 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int, scale: bool) -
     return lr * global_batch / reference_batch if scale else lr
 
 
-def bind_lr(run: RunFolder, trainer: L.Trainer, lr: float, global_batch: int, reference_batch: int,
-            scale: bool) -> float:
-    """The learning rate the run trains with (:func:`scaled_lr`), recorded in run.json as ``effective_lr``;
-    a resumed run must train with the same. A scaled one is printed (by the first process)."""
-    effective = scaled_lr(lr, global_batch, reference_batch, scale)
-    run.bind_data_setting("effective_lr", effective, "resume with the same --lr, --batch-size and --scale-lr")
-    if scale and trainer.is_global_zero:
-        import sys
-
-        print(f"learning rate {effective:.4g} (--scale-lr: {lr:.4g} x global batch {global_batch} / "
-              f"{reference_batch})", file=sys.stderr, flush=True)
-    return effective
-
-
 NO_STEP = 2**62  # "no non-finite loss" in LossWatch's step tensor
 
 
@@ -277,6 +276,15 @@ class LossWatch:
         if (step + 1) % self.every == 0:
             self.check(strategy, run)
 
+    def guard_checkpoint(self, module: L.LightningModule, checkpoint: dict[str, Any],
+                         **weights: Iterable[torch.Tensor]) -> None:
+        """What a module's ``on_save_checkpoint`` does first: stop on a loss found non-finite since the last
+        check and on processes that disagree (:func:`replicas_agree`), whose fingerprints go into the
+        checkpoint as ``replicas``."""
+        strategy = module.trainer.strategy
+        self.check(strategy, getattr(module, "run", None))
+        checkpoint["replicas"] = replicas_agree(strategy, module.global_step, **weights)
+
     def check(self, strategy: Any, run: Optional[RunFolder]) -> None:
         """Raise :class:`TrainingStopped` if any process saw a non-finite loss since the last check.
 
@@ -316,7 +324,8 @@ def replicas_agree(strategy: Any, step: int, **weights: Iterable[torch.Tensor]) 
     names = list(weights)
     local = torch.stack([fingerprint(weights[n]) for n in names]).to(strategy.root_device)
     every = _gather(local).cpu()
-    differ = [n for i, n in enumerate(names) if not (every[:, i] == every[0, i]).all()]
+    differ = [n for i, n in enumerate(names)
+              if not torch.allclose(every[:, i], every[0, i].expand_as(every[:, i]), rtol=0, atol=0, equal_nan=True)]
     if differ:
         raise TrainingStopped(
             f"at step {step} the {len(every)} processes hold different {' and '.join(differ)} weights; the "
@@ -334,12 +343,3 @@ def _gather(tensor: torch.Tensor) -> torch.Tensor:
     every = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(every, tensor)
     return torch.stack(every)
-
-
-def guard_checkpoint(module: L.LightningModule, watch: LossWatch, checkpoint: dict[str, Any],
-                     **weights: Iterable[torch.Tensor]) -> None:
-    """What a module's ``on_save_checkpoint`` does first: stop on a loss found non-finite since the last
-    check and on processes that disagree, and store every process's fingerprints as ``replicas``."""
-    strategy = module.trainer.strategy
-    watch.check(strategy, getattr(module, "run", None))
-    checkpoint["replicas"] = replicas_agree(strategy, module.global_step, **weights)
