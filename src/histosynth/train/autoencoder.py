@@ -99,9 +99,9 @@ class AutoencoderModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
         reconstruction = decode_latents(self.autoencoder, encode_latents(self.autoencoder, images))
-        size = images.shape[0]
-        self.log("val_psnr", psnr(images, reconstruction), batch_size=size, prog_bar=True)
-        self.log("val_ssim", ssim(images, reconstruction), batch_size=size)
+        size = images.shape[0]  # under DDP each process checks a share; sync_dist averages the shares
+        self.log("val_psnr", psnr(images, reconstruction), batch_size=size, prog_bar=True, sync_dist=True)
+        self.log("val_ssim", ssim(images, reconstruction), batch_size=size, sync_dist=True)
 
 
 @dataclass
