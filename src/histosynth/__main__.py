@@ -1,4 +1,5 @@
-"""``python -m histosynth``, as the ``histosynth`` command (and ``torchrun -m histosynth``)."""
+"""``python -m histosynth``: the command line, also as launchers start it (``torchrun -m histosynth``,
+Lightning's DDP re-running ``python -m histosynth`` once per device)."""
 
 from .cli import run
 

@@ -127,3 +127,23 @@ def test_ema_follows_the_weights_with_warm_up():
     ema.step(model.parameters())  # decay warms up: min(0.9, 2 / 11)
     d = 2 / 11
     assert torch.allclose(ema.shadow_params[0], torch.full((2, 2), d * 1.0 + (1 - d) * 3.0))
+
+
+def test_the_ema_updates_all_weights_at_once_as_it_would_one_by_one():
+    """``foreach`` (the training EMA) against diffusers' per-tensor update, a frozen weight included."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)
+    ema, one_by_one = make_ema(model, decay=0.99), EMAModel(model.parameters(), decay=0.99)
+    assert ema.foreach and not one_by_one.foreach
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.step(model.parameters())
+        one_by_one.step(model.parameters())
+    for a, b in zip(ema.shadow_params, one_by_one.shadow_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(ema.shadow_params[-1], model[1].bias)  # a frozen weight is copied, not averaged

@@ -115,7 +115,12 @@ def test_a_run_killed_with_sigkill_resumes_exactly(straight_run, tmp_path):
     assert resumed["lr_schedulers"] == straight["lr_schedulers"]
 
 
-def test_a_nan_loss_stops_at_its_step_and_names_the_batch(dataset_copy, tmp_path, capsys):
+@pytest.mark.parametrize("checkpoint_every, log_every, checked, kept_step", [
+    ("1", "1", "step 3", 3),  # checked every step
+    ("2", "10", "steps 2-3", 2),  # checked before the checkpoint of step 4, which is not written
+])
+def test_a_nan_loss_stops_at_its_step_and_names_the_batch(dataset_copy, tmp_path, capsys, checkpoint_every,
+                                                          log_every, checked, kept_step):
     cache = tmp_path / "cache"
     assert main(["cache", str(dataset_copy), "--preset", "tiny", "--cache-dir", str(cache), "--dtype", "float32"]) == 0
     poisoned = global_batch_items(16, 4, seed=0, step=3)[1]  # a patch first drawn at step 3
@@ -125,13 +130,15 @@ def test_a_nan_loss_stops_at_its_step_and_names_the_batch(dataset_copy, tmp_path
     np.save(part, latents)
     capsys.readouterr()
 
-    code = main(train_args(dataset_copy, tmp_path / "model", "--cache-dir", str(cache), "--checkpoint-every", "1"))
+    code = main(train_args(dataset_copy, tmp_path / "model", "--cache-dir", str(cache), "--checkpoint-every",
+                           checkpoint_every, "--log-every", log_every))
     error = capsys.readouterr().err
     assert code == 2
     assert "the loss became nan at step 3 (batch: " in error and f"s0_{poisoned:06d}" in error
-    assert "the last good checkpoint is" in error and not (tmp_path / "model").exists()
+    assert f"; found by the check of {checked}); training stopped and the last good checkpoint is" in error
+    assert not (tmp_path / "model").exists()
     kept = load_checkpoint(tmp_path / "model.run")
-    assert kept["global_step"] == 3
+    assert kept["global_step"] == kept_step
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
 
 

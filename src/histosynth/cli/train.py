@@ -21,15 +21,21 @@ SeedOption = seed_option("seed of every random choice (initialisation, batches, 
 TextEncoderOption = typer.Option(None, "--text-encoder", help="'minilm', a folder or a hub id (default: the preset's)")
 
 
-def training_run(checkpoints: str, folder: str) -> OptionBlock:
-    """The run options of `train` and `train-autoencoder` (precision, resuming, seed, checkpoints, run folder,
-    Lightning's devices) as keyword arguments of their options classes; the help says what a checkpoint step
-    does (``checkpoints``) and what the run folder holds (``folder``)."""
+def training_run(checkpoints: str, folder: str, reference_batch: str) -> OptionBlock:
+    """The run options of `train` and `train-autoencoder` (precision, resuming, learning-rate scaling, seed,
+    checkpoints, run folder, Lightning's devices) as keyword arguments of their options classes; the help says
+    what a checkpoint step does (``checkpoints``), what the run folder holds (``folder``) and which batch --lr
+    is meant for (``reference_batch``)."""
 
     def run(
         precision: Optional[str] = typer.Option(
             None, "--precision", help="32 (default) or bf16; fp16 is refused (it froze weights in the thesis' runs)"),
-        resume: bool = typer.Option(False, "--resume", help="continue the run in OUT.run from its last checkpoint"),
+        resume: bool = typer.Option(
+            False, "--resume", help="continue the run in OUT.run from its last checkpoint (with as many processes: "
+            "the same --devices x --num-nodes, which run.json records)"),
+        scale_lr: bool = typer.Option(
+            False, "--scale-lr", help=f"scale the learning rate linearly with the global batch (CompVis' rule): "
+            f"--lr x batch per device x devices x nodes / {reference_batch}; the rate used is in run.json"),
         seed: int = SeedOption,
         checkpoint_every: int = typer.Option(500, "--checkpoint-every", help=f"steps between {checkpoints}"),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help=f"{folder} (default OUT.run)"),
@@ -42,15 +48,15 @@ def training_run(checkpoints: str, folder: str) -> OptionBlock:
     ) -> dict[str, Any]:
         from ..train.runtime import DeviceOptions
 
-        return dict(precision=precision, resume=resume, seed=seed, checkpoint_every=checkpoint_every,
+        return dict(precision=precision, resume=resume, scale_lr=scale_lr, seed=seed, checkpoint_every=checkpoint_every,
                     run_dir=run_dir, devices=DeviceOptions(accelerator, devices, strategy, num_nodes),
                     num_workers=workers, command=_command_line())
 
     return OptionBlock(run)
 
 
-DiffusionRun = training_run("checkpoints", "checkpoints, logs and samples")
-AutoencoderRun = training_run("checkpoints and held-out checks", "checkpoints and logs")
+DiffusionRun = training_run("checkpoints", "checkpoints, logs and samples", "the preset's batch")
+AutoencoderRun = training_run("checkpoints and held-out checks", "checkpoints and logs", "8")
 
 
 ModelFolders = training_folders(

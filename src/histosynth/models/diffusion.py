@@ -113,9 +113,12 @@ def make_ema(model: torch.nn.Module, decay: float = 0.9999) -> "EMAModel":
     Its decay warms up as (1 + n) / (10 + n) after the first update (which copies the weights),
     capped at ``decay``, so short runs are not dominated by the initial weights.
     ``ema.step(model.parameters())`` after each optimiser step; ``ema.copy_to(model.parameters())``
-    before saving for inference.
+    before saving for inference. The update runs as a few ``torch._foreach`` kernels over all the
+    weights instead of a handful of kernels per tensor (``foreach``, diffusers >= 0.27); a resumed run
+    updates the same way, so its EMA stays bit-exact.
     """
     from diffusers.training_utils import EMAModel  # imports diffusers' pipelines: keep it off start-up
 
     config = getattr(model, "config", None)  # diffusers models: lets the EMA be saved as a model folder
-    return EMAModel(model.parameters(), decay=decay, model_cls=type(model) if config else None, model_config=config)
+    return EMAModel(model.parameters(), decay=decay, model_cls=type(model) if config else None, model_config=config,
+                    foreach=True)

@@ -44,9 +44,18 @@ from ..models.autoencoder import (
 )
 from ..models.bundle import load_autoencoder_folder
 from ..presets import Preset
-from .runtime import DeviceOptions, RunFolder, build_trainer, finite_or_stop, lightning_precision, save_final_checkpoint
+from .runtime import (
+    DeviceOptions,
+    LossWatch,
+    RunFolder,
+    build_trainer,
+    lightning_precision,
+    save_final_checkpoint,
+)
 
 HELD_OUT_SHARE = 0.1
+#: the batch that --lr is meant for (the default --batch-size): --scale-lr scales the rate from it
+REFERENCE_BATCH = 8
 
 
 class FlipsPerEpoch(L.Callback):
@@ -66,6 +75,7 @@ class AutoencoderModule(L.LightningModule):
         self.lr = lr
         self.seed = seed
         self.run = run
+        self.losses = LossWatch()
 
     def configure_optimizers(self):
         # CompVis trains its autoencoders with Adam(betas=(0.5, 0.9)).
@@ -75,18 +85,23 @@ class AutoencoderModule(L.LightningModule):
         images = batch["image"]
         generator = torch.Generator(device=images.device).manual_seed(self.seed * 1_000_003 + self.global_step)
         losses = autoencoder_losses(self.autoencoder, images, generator=generator)
-        finite_or_stop(self, losses.total, self.global_step, f"dataset items {batch['index'].tolist()}", self.run)
+        index = batch["index"]
+        self.losses.observe(losses.total, self.global_step, lambda: f"dataset items {index.tolist()}",
+                            self.trainer.strategy, self.run)
         size = images.shape[0]
         self.log("loss", losses.total, prog_bar=True, batch_size=size)
         self.log("reconstruction", losses.reconstruction, batch_size=size)
         return losses.total
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.losses.guard_checkpoint(self, checkpoint, autoencoder=self.autoencoder.parameters())
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
         reconstruction = decode_latents(self.autoencoder, encode_latents(self.autoencoder, images))
-        size = images.shape[0]
-        self.log("val_psnr", psnr(images, reconstruction), batch_size=size, prog_bar=True)
-        self.log("val_ssim", ssim(images, reconstruction), batch_size=size)
+        size = images.shape[0]  # under DDP each process checks a share; sync_dist averages the shares
+        self.log("val_psnr", psnr(images, reconstruction), batch_size=size, prog_bar=True, sync_dist=True)
+        self.log("val_ssim", ssim(images, reconstruction), batch_size=size, sync_dist=True)
 
 
 @dataclass
@@ -95,11 +110,12 @@ class AutoencoderTrainOptions:
     out: Path
     preset: Preset
     steps: int = 5_000
-    batch_size: int = 8
+    batch_size: int = REFERENCE_BATCH
     lr: float = 1e-4
     precision: Optional[str] = None
     init: Optional[Path] = None
     resume: bool = False
+    scale_lr: bool = False
     seed: int = 0
     checkpoint_every: int = 500
     run_dir: Optional[Path] = None
@@ -136,8 +152,9 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     settings = {"dataset": str(Path(options.dataset).resolve()), "preset": options.preset.to_dict(),
                 "init": str(options.init) if options.init else None, "seed": options.seed,
                 "batch_size": options.batch_size, "lr": options.lr, "precision": precision, "steps": options.steps}
+    if options.scale_lr:  # (runs without it keep the settings they always had, for --resume)
+        settings.update(scale_lr=True)
     resume_from = run.start(settings, options.resume)
-    module = AutoencoderModule(autoencoder, options.lr, options.seed, run)
     loader = DataLoader(train_items, batch_size=options.batch_size, shuffle=True, drop_last=False,
                         num_workers=options.num_workers, generator=torch.Generator().manual_seed(options.seed))
     validation = DataLoader(held_out, batch_size=options.batch_size, num_workers=options.num_workers)
@@ -145,6 +162,9 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             [FlipsPerEpoch(flipped)], options.show_progress, check_val_every_n_epoch=None,
                             val_check_interval=max(1, min(options.checkpoint_every, options.steps)))
+    global_batch = run.bind_world(trainer, options.batch_size)
+    lr = run.bind_lr(trainer, options.lr, REFERENCE_BATCH, options.scale_lr)
+    module = AutoencoderModule(autoencoder, lr, options.seed, run)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=validation, ckpt_path=resume_from)
     save_final_checkpoint(trainer, run, options.checkpoint_every)
     metrics = trainer.validate(module, validation, verbose=False)[0]
@@ -160,6 +180,8 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
             "psnr_db": round(result.psnr, 3), "ssim": round(result.ssim, 4), "held_out_patches": result.held_out,
             "steps": result.steps, "latent_scale": float(autoencoder.config.scaling_factor),
             "dataset": str(options.dataset), "init": settings["init"], "wall_time_s": round(result.wall_time_s, 1),
+            "lr": lr, "base_lr": options.lr, "scale_lr": options.scale_lr, "world_size": trainer.world_size,
+            "global_batch_size": global_batch,
             "command": options.command,
         })
     return result

@@ -45,9 +45,9 @@ from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule,
 from .runtime import (
     DeviceOptions,
     LinearWarmup,
+    LossWatch,
     RunFolder,
     build_trainer,
-    finite_or_stop,
     lightning_precision,
     save_final_checkpoint,
 )
@@ -58,7 +58,8 @@ class LatentDiffusionModule(L.LightningModule):
     """The denoiser, its optimiser and warm-up, the diffusion loss and the EMA of its weights."""
 
     def __init__(self, unet: UNet2DConditionModel | MaskControlledUNet, preset: Preset, lr: float, warmup_steps: int,
-                 seed: int = 0, run: Optional[RunFolder] = None, patch_ids: Optional[list[str]] = None):
+                 seed: int = 0, run: Optional[RunFolder] = None, patch_ids: Optional[list[str]] = None,
+                 check_every: int = 10):
         super().__init__()
         self.unet = unet
         self.scheduler = noise_scheduler(preset)
@@ -70,6 +71,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.patch_ids = patch_ids or []
         decay = preset.training.ema_decay
         self.ema = make_ema(unet, decay) if decay else None
+        self.losses = LossWatch(check_every)
         self._seconds_before = 0.0
         self._session_start = time.perf_counter()
 
@@ -85,14 +87,15 @@ class LatentDiffusionModule(L.LightningModule):
         condition = batch.condition
         loss = diffusion_loss(self.unet, batch.latents, condition.text, condition.text_mask, generator,
                               scheduler=self.scheduler, label_maps=condition.label_maps)
-        finite_or_stop(self, loss, batch.step, self._describe(batch), self.run)
+        items = batch.items  # (not the batch: its tensors would be kept until the check)
+        self.losses.observe(loss, batch.step, lambda: self._describe(items), self.trainer.strategy, self.run)
         size = batch.latents.shape[0]
         self.log("loss", loss, prog_bar=True, batch_size=size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
 
-    def _describe(self, batch: LatentBatch) -> str:
-        names = [self.patch_ids[i] for i in batch.items.tolist()] if self.patch_ids else batch.items.tolist()
+    def _describe(self, items: torch.Tensor) -> str:
+        names = [self.patch_ids[i] for i in items.tolist()] if self.patch_ids else items.tolist()
         return ", ".join(map(str, names[:8])) + (" ..." if len(names) > 8 else "")
 
     def on_fit_start(self) -> None:
@@ -112,6 +115,8 @@ class LatentDiffusionModule(L.LightningModule):
             self.ema.step(self.unet.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        averaged = {"ema": self.ema.shadow_params} if self.ema is not None else {}
+        self.losses.guard_checkpoint(self, checkpoint, unet=self.unet.parameters(), **averaged)
         checkpoint["training_seconds"] = self.training_seconds()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -143,6 +148,7 @@ class TrainOptions:
     warmup_steps: Optional[int] = None
     precision: Optional[str] = None
     resume: bool = False
+    scale_lr: bool = False
     init: Optional[Path] = None
     autoencoder: Optional[Path] = None
     text_encoder: Optional[str] = None
@@ -201,6 +207,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         settings.update(condition=conditioning.name, mask_dropout=conditioning.mask_dropout)
     if conditioning.controlnet:
         settings.update(mask_branch=conditioning.mask_branch)
+    if options.scale_lr:  # (likewise: runs without it keep their settings)
+        settings.update(scale_lr=True)
     needs = dict(text=conditioning.text, label_classes=mask_classes or None)
     encoding_device = cache_encoding_device(options, dataset, autoencoder, text_encoder, needs)
     resume_from = run.start(settings, options.resume)
@@ -210,11 +218,6 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                                      show_progress=options.show_progress, **needs)
     run.bind_data_setting("latent_dtype", data.latents.dtype,
                           f"rebuild the cache with 'histosynth cache {options.dataset} --dtype {{before}}'")
-    with torch.random.fork_rng():
-        torch.manual_seed(options.seed)
-        unet = build_training_denoiser(preset, text_encoder.hidden_size, conditioning, mask_classes,
-                                       options.init, load_init=not resume_from)
-    module = LatentDiffusionModule(unet, preset, lr, warmup, options.seed, run, data.patch_ids)
     dropout = ConditionDropout(text=conditioning.text_dropout, label_maps=conditioning.mask_dropout)
     datamodule = LatentDataModule(data, batch_size, options.steps, options.seed, dropout,
                                   (training.hflip, training.vflip), options.num_workers)
@@ -224,6 +227,14 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             callbacks, options.show_progress, options.log_every, limit_val_batches=0,
                             use_distributed_sampler=False)  # the step sampler already gives each rank its slice
+    global_batch = run.bind_world(trainer, batch_size)
+    effective_lr = run.bind_lr(trainer, lr, training.batch_size, options.scale_lr)
+    with torch.random.fork_rng():
+        torch.manual_seed(options.seed)
+        unet = build_training_denoiser(preset, text_encoder.hidden_size, conditioning, mask_classes,
+                                       options.init, load_init=not resume_from)
+    module = LatentDiffusionModule(unet, preset, effective_lr, warmup, options.seed, run, data.patch_ids,
+                                   options.log_every)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     save_final_checkpoint(trainer, run, options.checkpoint_every)
 
@@ -233,7 +244,9 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         provenance = {
             "data": {"dataset": str(options.dataset), "patches": len(data), "patch_size": dataset.patch_size,
                      "latent_dtype": data.latents.dtype},
-            **{k: settings[k] for k in ("batch_size", "lr", "warmup_steps", "seed", "precision", "init")},
+            **{k: settings[k] for k in ("batch_size", "warmup_steps", "seed", "precision", "init")},
+            "lr": effective_lr, "base_lr": lr, "scale_lr": options.scale_lr,
+            "world_size": trainer.world_size, "global_batch_size": global_batch,
             "condition": conditioning.name,
             "steps": int(trainer.global_step),
             "training_time_s": round(module.training_seconds(), 1),

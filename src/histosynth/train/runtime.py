@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
 import torch
@@ -101,6 +100,8 @@ class RunFolder:
                     f"--resume with other settings than the run in {self.root}: {', '.join(changed)} differ; "
                     "resume with the same options or start a new run"
                 )
+            # the settings bound later (latent dtype, world size) stay recorded until they are checked
+            settings = {**stored, **settings}
         elif has_checkpoint:
             raise JobError(
                 f"{self.root} holds a training run; pass --resume to continue it, or choose another output"
@@ -112,14 +113,50 @@ class RunFolder:
         return self.last_checkpoint if resume else None
 
     def bind_data_setting(self, key: str, value: Any, how_to_match: str) -> None:
-        """Record a setting known only once the data is open (the cache's latent dtype); a resumed run
-        must find what it trained on. ``how_to_match`` ends the refusal: what gives the same data again
-        (``{before}`` in it names what the run trained with)."""
+        """Record a setting known only once the data or the trainer is there (the cache's latent dtype,
+        the effective learning rate); a resumed run must find what it trained with. ``how_to_match``
+        ends the refusal: what gives the same again (``{before}`` in it names what the run had)."""
         before = self.resumed_settings.get(key)
         if before is not None and before != value:
             raise JobError(f"--resume with {key} {value}, but the run in {self.root} trained with {before}; "
                            f"{how_to_match.format(before=before)}, or start a new run")
-        self.settings = {**self.settings, key: value}
+        self.record(**{key: value})
+
+    def bind_world(self, trainer: L.Trainer, per_device_batch: int) -> int:
+        """Record the run's processes (world size = devices per node x nodes) and its global batch; return
+        that batch. A resumed run must have as many processes: step ``s``'s global batch is cut into one
+        slice per process and each process draws its own noise, so another count trains on other batches."""
+        world = trainer.world_size
+        before = self.resumed_settings.get("world_size")
+        if before is not None and before != world:
+            devices, nodes = self.resumed_settings["devices_per_node"], self.resumed_settings["num_nodes"]
+            raise JobError(
+                f"--resume with {world} process(es), but the run in {self.root} trained with {before} "
+                f"({devices} device(s) x {nodes} node(s), global batch {self.resumed_settings['global_batch_size']}); "
+                f"resume with --devices {devices} --num-nodes {nodes} (or torchrun with {before} processes in all), "
+                "or start a new run"
+            )
+        global_batch = per_device_batch * world
+        self.record(world_size=world, devices_per_node=trainer.num_devices, num_nodes=trainer.num_nodes,
+                    global_batch_size=global_batch)
+        return global_batch
+
+    def bind_lr(self, trainer: L.Trainer, lr: float, reference_batch: int, scale: bool) -> float:
+        """The learning rate the run trains with (:func:`scaled_lr`, after :meth:`bind_world`), recorded as
+        ``effective_lr``; a resumed run must train with the same. A scaled one is printed (by the first process)."""
+        global_batch = self.settings["global_batch_size"]
+        effective = scaled_lr(lr, global_batch, reference_batch, scale)
+        self.bind_data_setting("effective_lr", effective, "resume with the same --lr, --batch-size and --scale-lr")
+        if scale and trainer.is_global_zero:
+            import sys
+
+            print(f"learning rate {effective:.4g} (--scale-lr: {lr:.4g} x global batch {global_batch} / "
+                  f"{reference_batch})", file=sys.stderr, flush=True)
+        return effective
+
+    def record(self, **values: Any) -> None:
+        """Add ``values`` to run.json."""
+        self.settings = {**self.settings, **values}
         write_json_atomic(self.root / RUN_FILE, self.settings)
 
     def remove_partial_files(self) -> list[Path]:
@@ -188,20 +225,121 @@ class LinearWarmup:
         return self.start + (1.0 - self.start) * step / self.steps
 
 
-def finite_or_stop(module: L.LightningModule, loss: torch.Tensor, step: int, batch_description: str,
-                   run: Optional[RunFolder]) -> None:
-    """Stop training on a NaN / infinite loss, before the optimiser applies it.
+def scaled_lr(lr: float, global_batch: int, reference_batch: int, scale: bool) -> float:
+    """The learning rate a run trains with: ``lr`` itself, or with ``scale`` (--scale-lr) ``lr`` scaled
+    linearly with the global batch, ``lr x global_batch / reference_batch``.
 
-    Under DDP every process learns whether any of them saw one, so all stop together rather than
-    the others waiting forever for the stopped one's gradients.
+    This is CompVis' rule (latent-diffusion's main.py: lr = accumulate_grad_batches x GPUs x batch x
+    base_learning_rate, its base rate being per sample), with the base rate taken as ``lr`` for
+    ``reference_batch`` samples (the preset's batch on one device) rather than for one.
     """
-    value = float(loss.detach())
-    if module.trainer.strategy.reduce_boolean_decision(math.isfinite(value), all=True):
-        return
-    kept = f"the last good checkpoint is {run.last_checkpoint}" if run and run.last_checkpoint.is_file() else \
-        "no checkpoint was written yet"
-    what = f"the loss became {value}" if not math.isfinite(value) else "another process's loss became non-finite"
-    raise TrainingStopped(
-        f"{what} at step {step} (batch: {batch_description}); training stopped and {kept}. "
-        "Check those patches, or lower --lr / use --precision 32"
-    )
+    return lr * global_batch / reference_batch if scale else lr
+
+
+NO_STEP = 2**62  # "no non-finite loss" in LossWatch's step tensor
+
+
+class LossWatch:
+    """Stops training on a NaN / infinite loss without making the host wait for the device every step.
+
+    :meth:`record` keeps, on the loss's device, the first step whose loss was not finite and that loss;
+    :meth:`check` brings them to the host: every ``every`` steps (``--log-every``) and before each
+    checkpoint is written. A non-finite loss therefore reaches the optimiser, but never a checkpoint:
+    the check before the next checkpoint stops the run, and the last checkpoint written holds the
+    weights of before that step. Under DDP a check is one all-reduce (the earliest bad step of any
+    process), so every process stops at the same check, naming the same step and its own batch,
+    rather than the others waiting forever for the stopped one's gradients.
+    """
+
+    def __init__(self, every: int = 1):
+        self.every = max(1, every)
+        self._first: Optional[torch.Tensor] = None  # earliest non-finite step since the last check
+        self._value: Optional[torch.Tensor] = None  # its loss
+        self._batches: dict[int, Callable[[], str]] = {}  # the steps since the last check -> their batch, named
+
+    def record(self, loss: torch.Tensor, step: int, describe: Callable[[], str]) -> None:
+        """Note step ``step``'s loss (device-side, no synchronisation); ``describe`` names its batch if asked."""
+        loss = loss.detach().float()
+        if self._first is None:
+            self._first = torch.full((), NO_STEP, dtype=torch.int64, device=loss.device)
+            self._value = torch.zeros((), device=loss.device)
+        bad = ~torch.isfinite(loss)
+        first_bad = bad & (self._first == NO_STEP)
+        self._value = torch.where(first_bad, loss, self._value)
+        self._first = torch.where(first_bad, step, self._first)
+        self._batches[step] = describe
+
+    def observe(self, loss: torch.Tensor, step: int, describe: Callable[[], str], strategy: Any,
+                run: Optional[RunFolder]) -> None:
+        """:meth:`record` a training step's loss, and :meth:`check` every ``every`` steps."""
+        self.record(loss, step, describe)
+        if (step + 1) % self.every == 0:
+            self.check(strategy, run)
+
+    def guard_checkpoint(self, module: L.LightningModule, checkpoint: dict[str, Any],
+                         **weights: Iterable[torch.Tensor]) -> None:
+        """What a module's ``on_save_checkpoint`` does first: stop on a loss found non-finite since the last
+        check and on processes that disagree (:func:`replicas_agree`), whose fingerprints go into the
+        checkpoint as ``replicas``."""
+        strategy = module.trainer.strategy
+        self.check(strategy, getattr(module, "run", None))
+        checkpoint["replicas"] = replicas_agree(strategy, module.global_step, **weights)
+
+    def check(self, strategy: Any, run: Optional[RunFolder]) -> None:
+        """Raise :class:`TrainingStopped` if any process saw a non-finite loss since the last check.
+
+        Every process must call this at the same points (it is a collective under DDP)."""
+        mine = self._first if self._first is not None else torch.full((), NO_STEP, dtype=torch.int64,
+                                                                     device=strategy.root_device)
+        first = int(strategy.reduce(mine.clone(), reduce_op="min"))
+        steps = sorted(self._batches)
+        if first == NO_STEP:
+            self._first, self._value, self._batches = None, None, {}
+            return
+        batch = self._batches[first]() if first in self._batches else "not kept"
+        if int(mine) == first:
+            what = f"the loss became {float(self._value)} at step {first} (batch: {batch}"
+        else:
+            what = f"another process's loss became non-finite at step {first} (this process's batch: {batch}"
+        kept = f"the last good checkpoint is {run.last_checkpoint}" if run and run.last_checkpoint.is_file() else \
+            "no checkpoint was written yet"
+        checked = f"steps {steps[0]}-{steps[-1]}" if steps and steps[0] != steps[-1] else f"step {first}"
+        raise TrainingStopped(
+            f"{what}; found by the check of {checked}); training stopped and {kept}. "
+            "Check those patches, or lower --lr / use --precision 32"
+        )
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Two float64 numbers that tell sets of weights apart: the sum and the sum of magnitudes, in order."""
+    parts = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()]) for t in tensors]
+    return torch.stack(parts).sum(dim=0) if parts else torch.zeros(2, dtype=torch.float64)
+
+
+def replicas_agree(strategy: Any, step: int, **weights: Iterable[torch.Tensor]) -> dict[str, list[list[float]]]:
+    """Every process's :func:`fingerprint` of each of ``weights`` (a collective under DDP); stop if the
+    processes hold different weights, which a checkpoint written by the first alone would hide.
+
+    Returns ``{name: [fingerprint of process 0, of process 1, ...]}`` to store in the checkpoint."""
+    names = list(weights)
+    local = torch.stack([fingerprint(weights[n]) for n in names]).to(strategy.root_device)
+    every = _gather(local).cpu()
+    differ = [n for i, n in enumerate(names)
+              if not torch.allclose(every[:, i], every[0, i].expand_as(every[:, i]), rtol=0, atol=0, equal_nan=True)]
+    if differ:
+        raise TrainingStopped(
+            f"at step {step} the {len(every)} processes hold different {' and '.join(differ)} weights; the "
+            "checkpoint was not written. Resume from the last checkpoint with --resume"
+        )
+    return {n: every[:, i].tolist() for i, n in enumerate(names)}
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor``, stacked in rank order (one process: just its own)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor[None]
+    every = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, tensor)
+    return torch.stack(every)
