@@ -79,9 +79,9 @@ def cache_command(
     label_maps: bool = typer.Option(False, "--label-maps", help="also cache the masks' label maps (for training "
                                     "with --condition mask or text+mask)"),
     device: str = DeviceOption,
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="how latents are stored: bfloat16 (a new cache's "
-                                        "default), float16, or float32 (exact); another dtype than the cache's "
-                                        "rebuilds it"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="how latents and caption states are stored: "
+                                        "bfloat16 (a new cache's default), float16, or float32 (exact); another "
+                                        "dtype than the cache's rebuilds it"),
     seed: int = SeedOption,
 ) -> None:
     """Encode a dataset once: latents of each patch's four flips, each unique caption's embedding (and label maps)."""

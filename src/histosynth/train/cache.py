@@ -15,7 +15,7 @@ On disk, in the dataset's ``cache/`` folder (or one the user names)::
     latents/<autoencoder id>-<split>/index.json     what was encoded with what: dtype, row shape, count
     latents/<autoencoder id>-<split>/part-00000.npy     latents (n, 4, C, h, w) of 1024 patches
     labels/f<factor>-<classes>-<split>/part-00000.npy   label-map counts (n, K, h, w), uint8
-    text/<encoder id>.safetensors                   caption embeddings (models.text.EmbeddingCache)
+    text/<encoder id>/                              caption embeddings, appended to (models.caption_store)
 
 Latents are stored as bfloat16 unless the cache is built with another dtype (``histosynth cache
 --dtype float32`` keeps the autoencoder's float32 exactly; float16 is the third choice): half the
@@ -146,7 +146,8 @@ def prepare_training_data(
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress,
                              latent_dtype)
     captions = rows["caption"].tolist() if text else [UNCONDITIONAL_CAPTION] * len(rows)
-    embeddings = cached_caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress=show_progress)
+    embeddings = cached_caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress=show_progress,
+                                           dtype=latent_dtype)
     data = TrainingData(latents, embeddings.rows(captions), rows["patch_id"].tolist(), embeddings)
     if label_classes is not None:
         factor = downsampling_factor(autoencoder)
