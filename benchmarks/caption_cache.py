@@ -27,23 +27,24 @@ Measured on the 2-core CPU machine (torch 2.13 CPU, one thread, other jobs runni
 about 9), N = 10^6, 0.63 GB on disk in /tmp (about 3 minutes in all)::
 
     caption_cache_1M_bytes 0.629 GB
-    caption_cache_1M_add_s 88.5 s
+    caption_cache_1M_add_s 99.6 s
     caption_cache_1M_append_1024_ms 79.8 ms
-    caption_cache_1M_open_s 0.61 s
-    caption_cache_1M_rows_s 23.3 s
-    caption_cache_lookup_batch64_ms 5.12 ms
-    caption_cache_1M_peak_rss 464 MiB
-    caption_cache_1M_add_open_rss_growth 86 MiB
-    caption_cache_1M_rss_growth 234 MiB
+    caption_cache_1M_open_s 0.51 s
+    caption_cache_1M_rows_s 19.1 s
+    caption_cache_lookup_batch64_ms 4.41 ms
+    caption_cache_1M_peak_rss 552 MiB
+    caption_cache_1M_add_open_rss_growth 85 MiB
+    caption_cache_1M_rss_growth 322 MiB
     caption_index_1M_mib 15.3 MiB
     caption_dict_1M_mib 187.5 MiB
 
-An append of 1024 rows cost 52 ms at 10^5 rows and 80-97 ms at 10^6 (two runs), a third of it the
-four ``fsync`` calls; the rest of the growth is load. ``_rows_s`` is 23 us a caption: its digest, and
-one ``pread`` of the stored caption that confirms the match. The growth during ``rows`` is the
-benchmark's list of 10^6 caption strings (about 150 MB), not the store. Times vary with the load: an
-earlier run (before lookups went 65,536 captions at a time) gave 130 s to add, 18 s for the rows and
-2.8 ms a batch.
+An append of 1024 rows cost 52 ms at 10^5 rows and 80-97 ms at 10^6 (three runs), a third of it the
+four ``fsync`` calls; the rest of the difference is load. ``_rows_s`` is 19 us a caption: its digest,
+and one ``pread`` of the stored caption that confirms the match (a caption that repeats is looked up
+once: the rows of 10^6 patches with 20 distinct captions took 0.4 s). The growth during ``rows`` is
+the benchmark's list of 10^6 caption strings (about 150 MB) and the dict that finds repeats in it
+(about 90 MB, freed after), not the store. Times vary with the load: other runs gave 89-130 s to add,
+18-23 s for the rows and 2.8-5.1 ms a batch.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_captions_that_share_a_digest_are_still_told_apart(tmp_path, monkeypatch
                         .astype("uint64"))
     captions = ["alpha", "beta", "gamma"]
     store = filled_store(tmp_path, captions)
-    assert CaptionStore.open(tmp_path, ENCODER).rows(["gamma", "alpha", "beta"]).tolist() == [2, 0, 1]
+    assert CaptionStore.open(tmp_path, ENCODER).rows(["gamma", "alpha", "beta", "gamma"]).tolist() == [2, 0, 1, 2]
     assert store.missing(["beta", "delta"]) == ["delta"]
 
 

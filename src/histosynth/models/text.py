@@ -369,12 +369,14 @@ class EmbeddingCache(ABC):
         return len(new)
 
     def rows(self, captions: Sequence[str]) -> torch.Tensor:
-        """Row numbers of cached captions (for datasets that look captions up by index)."""
-        found = self._find(list(captions))
+        """Row numbers of cached captions (for datasets that look captions up by index); each distinct
+        caption is looked up once."""
+        position = {caption: i for i, caption in enumerate(dict.fromkeys(captions))}
+        found = self._find(list(position))
         if (found < 0).any():
-            missing = [c for c, row in zip(captions, found.tolist(), strict=True) if row < 0]
+            missing = [c for c, row in zip(position, found.tolist(), strict=True) if row < 0]
             raise ModelError(f"{len(missing)} caption(s) are not in the embedding cache, e.g. {missing[0]!r}")
-        return torch.from_numpy(found)
+        return torch.from_numpy(found[np.fromiter(map(position.__getitem__, captions), np.int64, len(captions))])
 
     def lookup(self, rows: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """States ``(B, L, D)`` float32, padded to the longest of the batch, and their mask ``(B, L)``."""
