@@ -155,3 +155,29 @@ def test_the_appending_process_holds_the_store_lock(tmp_path):
             with pytest.raises(BlockingIOError):
                 fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the append is done
+
+
+def _append_in_chunks(folder, captions: list[str]) -> None:
+    store = CaptionStore.open(folder, ENCODER)
+    for first in range(0, len(captions), 10):
+        store.append(captions[first : first + 10], synthetic_states(captions[first : first + 10]))
+
+
+def test_processes_appending_at_once_store_each_caption_once(tmp_path):
+    import multiprocessing
+
+    CaptionStore.open(tmp_path, ENCODER, "float32")
+    captions = [f"caption {i}" for i in range(300)]
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_in_chunks, args=(tmp_path, part))
+               for part in (captions[:200], captions[100:][::-1])]  # 100 captions in common
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    store = CaptionStore.open(tmp_path, ENCODER)
+    assert len(store) == 300 and sorted(store.captions) == sorted(captions)
+    states, mask = store.encode(captions)
+    for i, expected in enumerate(synthetic_states(captions)):
+        assert torch.equal(states[i, : len(expected)], expected) and mask[i].sum() == len(expected)
