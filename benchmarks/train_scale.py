@@ -85,7 +85,7 @@ def train_briefly(folder: Path, steps: int, batch_size: int) -> dict:
     """What ``train`` does with a cache, for a few steps (run in a process of its own)."""
     from histosynth.models.denoiser import build_denoiser
     from histosynth.models.diffusion import diffusion_loss, noise_scheduler
-    from histosynth.models.text import EmbeddingCache
+    from histosynth.models.text import MemoryEmbeddingCache
     from histosynth.presets import load_preset
     from histosynth.train.cache import TrainingData, latent_range, open_cache_folder
     from histosynth.train.data import ConditionDropout, StepBatches
@@ -93,7 +93,7 @@ def train_briefly(folder: Path, steps: int, batch_size: int) -> dict:
     torch.manual_seed(0)
     latents = open_cache_folder(folder)
     hidden = 384
-    embeddings = EmbeddingCache("random", ["", "a caption"], torch.randn(6, hidden), torch.tensor([0, 2, 6]))
+    embeddings = MemoryEmbeddingCache("random", ["", "a caption"], torch.randn(6, hidden), torch.tensor([0, 2, 6]))
     data = TrainingData(latents, torch.ones(len(latents), dtype=torch.long), [f"p{i:07d}" for i in range(len(latents))],
                         embeddings)
     latent_range(data.latents)

@@ -10,10 +10,10 @@ import torch
 
 from histosynth.captions import GENERATING_CAPTION
 from histosynth.errors import ModelError
+from histosynth.models.caption_store import CaptionStore, store_name
 from histosynth.models.text import (
     CaptionTooLongWarning,
     ClipTextEncoder,
-    EmbeddingCache,
     cached_caption_embeddings,
     load_text_encoder,
     resolve_text_encoder,
@@ -143,19 +143,25 @@ def test_cache_encodes_each_unique_caption_once_and_returns_the_encoder_states(m
 
     states, mask = cache.encode(CAPTIONS)
     expected_states, expected_mask = minilm.encode(CAPTIONS)
+    assert cache.dtype == "bfloat16" and states.dtype == torch.float32
     assert torch.equal(mask, expected_mask)
+    # stored as bfloat16 (by default): the states rounded to 8 significant bits
     torch.testing.assert_close(states * mask[..., None], expected_states * expected_mask[..., None],
-                               atol=1e-5, rtol=1e-5)
+                               atol=1e-5, rtol=2**-8)
 
 
-def test_cache_round_trips_through_safetensors_and_is_keyed_by_encoder(minilm, tmp_path):
-    cached_caption_embeddings(tmp_path, minilm, CAPTIONS, show_progress=False)
-    files = list(tmp_path.glob("*.safetensors"))
-    assert [f.name for f in files] == [EmbeddingCache.file_name(minilm.id)]
-    reloaded = EmbeddingCache.load(files[0], minilm.id)
-    assert reloaded.captions == ["", CAPTIONS[0], CAPTIONS[2]]
-    states, mask = reloaded.lookup(torch.tensor([1, 0]))
+def test_a_float32_store_reopened_gives_the_states_of_a_fresh_encode(minilm, tmp_path):
+    cached_caption_embeddings(tmp_path, minilm, CAPTIONS[:1], show_progress=False, dtype="float32")
+    cached_caption_embeddings(tmp_path, minilm, CAPTIONS, show_progress=False)  # appends the third
+    assert [f.name for f in tmp_path.iterdir() if f.is_dir()] == [store_name(minilm.id)]
+    reopened = CaptionStore.open(tmp_path, minilm.id)
+    assert reopened.dtype == "float32" and reopened.captions == ["", CAPTIONS[0], CAPTIONS[2]]
+    states, mask = reopened.lookup(torch.tensor([1, 0]))
     assert states.shape == (2, 37, 384) and mask.sum(1).tolist() == [37, 2]
-    assert len(EmbeddingCache.load(files[0], "bert:256:another-encoder")) == 0
+    expected, expected_mask = minilm.encode(CAPTIONS)
+    torch.testing.assert_close(reopened.encode(CAPTIONS)[0] * expected_mask[..., None],
+                               expected * expected_mask[..., None], atol=1e-5, rtol=1e-5)
     with pytest.raises(ModelError, match="1 caption.* not in the embedding cache"):
-        reloaded.rows(["never seen"])
+        reopened.rows(["never seen"])
+    with pytest.raises(ModelError, match="belongs to bert:256:another"):
+        CaptionStore.open(tmp_path, "bert:256:another").add(["x"], minilm, show_progress=False)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from histosynth.captions import GENERATING_CAPTION
-from histosynth.models.text import EmbeddingCache
+from histosynth.models.text import MemoryEmbeddingCache
 from histosynth.presets import Preset
 from histosynth.sample.generate import generate
 from histosynth.train.cache import TrainingData
@@ -17,7 +17,7 @@ from histosynth.train.samples import SampleGrids
 
 def test_a_grid_image_is_the_image_generate_makes(tiny_bundle, tmp_path):
     encoder = tiny_bundle.text_encoder
-    cache = EmbeddingCache(encoder.id)
+    cache = MemoryEmbeddingCache(encoder.id)
     cache.add([GENERATING_CAPTION, ""], encoder, show_progress=False)
     data = TrainingData(latents=torch.zeros(2, 4, 3, 16, 16), caption_rows=torch.tensor([0, 0]),
                         patch_ids=["a", "b"], embeddings=cache)

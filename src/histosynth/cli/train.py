@@ -86,9 +86,9 @@ def cache_command(
     label_maps: bool = typer.Option(False, "--label-maps", help="also cache the masks' label maps (for training "
                                     "with --condition mask or text+mask)"),
     device: str = DeviceOption,
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="how latents are stored: bfloat16 (a new cache's "
-                                        "default), float16, or float32 (exact); another dtype than the cache's "
-                                        "rebuilds it"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="how latents and caption states are stored: "
+                                        "bfloat16 (a new cache's default), float16, or float32 (exact); another "
+                                        "dtype than the cache's rebuilds it"),
     batch_size: int = typer.Option(4, "--batch-size", help="patches the autoencoder encodes at a time (x 4 flips)"),
     workers: int = WorkersOption,
     devices: int = typer.Option(1, "--devices", help="processes on this machine, each encoding its share of the "

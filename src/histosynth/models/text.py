@@ -18,8 +18,8 @@ The empty caption ``""`` (classifier-free guidance's unconditional input) encode
 
 An encoder is identified by :attr:`TextEncoder.id`, derived from its kind, token limit, weights and
 vocabulary, so cached embeddings are never reused across different weights. :class:`EmbeddingCache`
-maps (encoder id, caption) to states: templated captions repeat, so each unique caption of a dataset
-is encoded once, not once per training step.
+maps (encoder id, caption) to states: each unique caption of a dataset is encoded once, not once per
+training step, and a dataset's are kept on disk by :mod:`histosynth.models.caption_store`.
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import ModelError
-from ..io import atomic_path
 from ..terminal import progress_bar
 
 #: The name of the default encoder; a bundle that uses it stores only this reference.
@@ -290,35 +288,52 @@ def _token_limit(folder: Path, config: dict, kind: Kind, requested: int | None, 
 
 
 # --- the embedding cache ----------------------------------------------------------------------------
-class EmbeddingCache:
-    """Token states of one encoder for a set of captions, stored once per unique caption.
+class EmbeddingCache(ABC):
+    """Token states of one encoder for a set of captions, one row per unique caption.
 
-    The states of caption ``i`` are ``states[offsets[i]:offsets[i+1]]`` (its unmasked tokens); a
-    lookup pads a batch on the right and rebuilds the mask. Saved as one safetensors file whose
-    metadata holds the encoder id and the captions.
+    A row holds a caption's unmasked states; a lookup pads a batch on the right to its longest row,
+    rebuilds the mask and returns float32 whatever the storage dtype. Two kinds: :class:`MemoryEmbeddingCache`
+    (a small set, e.g. the captions of one generation job) and
+    :class:`~histosynth.models.caption_store.CaptionStore` (a dataset's captions, on disk, appended to).
     """
 
-    def __init__(self, encoder_id: str, captions: list[str] | None = None,
-                 states: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
+    #: how many captions :meth:`add` encodes before it stores them
+    rows_per_append: int = 1 << 30
+
+    def __init__(self, encoder_id: str):
         self.encoder_id = encoder_id
-        self.captions: list[str] = list(captions or [])
-        self.row_of = {caption: i for i, caption in enumerate(self.captions)}
-        self.states = states if states is not None else torch.zeros(0, 0)
-        self.offsets = offsets if offsets is not None else torch.zeros(1, dtype=torch.long)
 
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __contains__(self, caption: str) -> bool:
-        return caption in self.row_of
+    @abstractmethod
+    def __len__(self) -> int: ...
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.states.shape[1])
+    @abstractmethod
+    def captions(self) -> Sequence[str]:
+        """The caption of each row, in row order."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @abstractmethod
+    def _find(self, captions: Sequence[str]) -> np.ndarray:
+        """The row of each caption, -1 where it has none."""
+
+    @abstractmethod
+    def _read(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """The states of the rows, one after another (sum of n, D) in their stored dtype, and each row's n."""
+
+    @abstractmethod
+    def _append(self, captions: list[str], states: list[torch.Tensor]) -> None:
+        """Store new rows: ``captions`` (none stored yet, each once) and their states (n, D)."""
+
+    def __contains__(self, caption: str) -> bool:
+        return bool(self._find([caption])[0] >= 0)
 
     def missing(self, captions: Iterable[str]) -> list[str]:
         """The captions not cached yet, each once, in first-seen order."""
-        return [c for c in dict.fromkeys(captions) if c not in self.row_of]
+        unique = list(dict.fromkeys(captions))
+        return [caption for caption, row in zip(unique, self._find(unique).tolist(), strict=True) if row < 0]
 
     def add(self, captions: Iterable[str], encoder: TextEncoder, batch_size: int = 64,
             show_progress: bool = True) -> int:
@@ -328,82 +343,115 @@ class EmbeddingCache:
         todo = self.missing(captions)
         if not todo:
             return 0
-        new_states, lengths = [], []
         with progress_bar(show_progress, transient=True) as progress:
             task = progress.add_task("encoding captions", total=len(todo))
-            for start in range(0, len(todo), batch_size):
-                states, mask = encoder.encode(todo[start : start + batch_size])
-                for row, row_mask in zip(states.cpu(), mask.cpu(), strict=True):
-                    n = int(row_mask.sum())
-                    new_states.append(row[:n])
-                    lengths.append(n)
-                progress.advance(task, min(batch_size, len(todo) - start))
-        self._append(todo, torch.cat(new_states), lengths)
+            for first in range(0, len(todo), self.rows_per_append):
+                chunk = todo[first : first + self.rows_per_append]
+                rows: list[torch.Tensor] = []
+                for start in range(0, len(chunk), batch_size):
+                    rows += unpadded_states(*encoder.encode(chunk[start : start + batch_size]))
+                    progress.advance(task, min(batch_size, len(chunk) - start))
+                self._append(chunk, rows)
         return len(todo)
 
-    def _append(self, captions: list[str], states: torch.Tensor, lengths: list[int]) -> None:
-        base = self.offsets[-1]
-        more = base + torch.tensor(lengths, dtype=torch.long).cumsum(0)
-        self.states = states if len(self) == 0 else torch.cat([self.states, states])
-        self.offsets = torch.cat([self.offsets, more])
-        for caption in captions:
-            self.row_of[caption] = len(self.captions)
-            self.captions.append(caption)
+    def append(self, captions: Sequence[str], states: Sequence[torch.Tensor]) -> int:
+        """Store states encoded elsewhere: ``states[i]`` (n_i, D) of ``captions[i]``; captions already
+        stored (or repeated) are skipped. Returns how many rows were added."""
+        if len(captions) != len(states):
+            raise ValueError(f"{len(captions)} captions but {len(states)} states")
+        todo = set(self.missing(captions))
+        new: dict[str, torch.Tensor] = {}
+        for caption, row_states in zip(captions, states, strict=True):
+            if caption in todo:
+                new.setdefault(caption, row_states)
+        if new:
+            self._append(list(new), list(new.values()))
+        return len(new)
 
     def rows(self, captions: Sequence[str]) -> torch.Tensor:
-        """Row numbers of cached captions (for datasets that look captions up by index)."""
-        missing = self.missing(captions)
-        if missing:
+        """Row numbers of cached captions (for datasets that look captions up by index); each distinct
+        caption is looked up once."""
+        position = {caption: i for i, caption in enumerate(dict.fromkeys(captions))}
+        found = self._find(list(position))
+        if (found < 0).any():
+            missing = [c for c, row in zip(position, found.tolist(), strict=True) if row < 0]
             raise ModelError(f"{len(missing)} caption(s) are not in the embedding cache, e.g. {missing[0]!r}")
-        return torch.tensor([self.row_of[c] for c in captions], dtype=torch.long)
+        return torch.from_numpy(found[np.fromiter(map(position.__getitem__, captions), np.int64, len(captions))])
 
     def lookup(self, rows: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """States ``(B, L, D)`` padded to the longest of the batch and their mask ``(B, L)``."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        starts, ends = self.offsets[rows], self.offsets[rows + 1]
-        lengths = ends - starts
-        longest = int(lengths.max())
-        states = torch.zeros(len(rows), longest, self.hidden_size, dtype=self.states.dtype)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
-            states[i, :n] = self.states[start : start + n]
-            mask[i, :n] = 1
+        """States ``(B, L, D)`` float32, padded to the longest of the batch, and their mask ``(B, L)``."""
+        rows = np.asarray(torch.as_tensor(rows, dtype=torch.long).reshape(-1))
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} of {len(self)} cached captions")
+        found, lengths = self._read(rows)
+        lengths = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
+        longest = int(lengths.max()) if len(lengths) else 0
+        mask = (torch.arange(longest)[None] < lengths[:, None]).long()
+        states = torch.zeros(len(rows), longest, self.hidden_size)
+        states[mask.bool()] = found.float()
         return states, mask
 
     def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`TextEncoder.encode`, for captions already in the cache."""
         return self.lookup(self.rows(captions))
 
-    # --- files ------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        metadata = {"encoder_id": self.encoder_id, "captions": json.dumps(self.captions)}
-        with atomic_path(path) as tmp:
-            save_file({"states": self.states.contiguous(), "offsets": self.offsets}, str(tmp), metadata=metadata)
 
-    @classmethod
-    def load(cls, path: str | Path, encoder_id: str) -> "EmbeddingCache":
-        """The cache saved at ``path``, or an empty one if there is none for this encoder."""
-        path = Path(path)
-        if not path.is_file():
-            return cls(encoder_id)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("encoder_id") != encoder_id:
-                return cls(encoder_id)
-            return cls(encoder_id, json.loads(metadata["captions"]),
-                       handle.get_tensor("states"), handle.get_tensor("offsets"))
+def unpadded_states(states: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each caption's states (n, D) of an encoder batch, without the padding the mask marks (on the right)."""
+    return [row[: int(row_mask.sum())] for row, row_mask in zip(states.cpu(), mask.cpu(), strict=True)]
 
-    @staticmethod
-    def file_name(encoder_id: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_id) + ".safetensors"
+
+class MemoryEmbeddingCache(EmbeddingCache):
+    """An embedding cache in memory: the states of caption ``i`` are ``states[offsets[i]:offsets[i+1]]``."""
+
+    dtype = "float32"
+
+    def __init__(self, encoder_id: str, captions: list[str] | None = None,
+                 states: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
+        super().__init__(encoder_id)
+        self._captions: list[str] = list(captions or [])
+        self.row_of = {caption: i for i, caption in enumerate(self._captions)}
+        self.states = states if states is not None else torch.zeros(0, 0)
+        self.offsets = offsets if offsets is not None else torch.zeros(1, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    @property
+    def captions(self) -> list[str]:
+        return self._captions
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.states.shape[1])
+
+    def _find(self, captions: Sequence[str]) -> np.ndarray:
+        return np.array([self.row_of.get(c, -1) for c in captions], dtype=np.int64)
+
+    def _read(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        found = [self.states[self.offsets[r] : self.offsets[r + 1]] for r in rows.tolist()]
+        return (torch.cat(found) if found else self.states[:0]), np.array([len(f) for f in found], dtype=np.int64)
+
+    def _append(self, captions: list[str], states: list[torch.Tensor]) -> None:
+        more = self.offsets[-1] + torch.tensor([len(s) for s in states], dtype=torch.long).cumsum(0)
+        added = torch.cat(states).detach().cpu().float()
+        self.states = added if len(self) == 0 else torch.cat([self.states, added])
+        self.offsets = torch.cat([self.offsets, more])
+        for caption in captions:
+            self.row_of[caption] = len(self._captions)
+            self._captions.append(caption)
 
 
 def cached_caption_embeddings(cache_dir: str | Path, encoder: TextEncoder, captions: Iterable[str],
-                              show_progress: bool = True) -> EmbeddingCache:
-    """The embedding cache of ``captions`` (plus the unconditional ``""``) in ``cache_dir``, encoding only what
-    is missing."""
-    path = Path(cache_dir) / EmbeddingCache.file_name(encoder.id)
-    cache = EmbeddingCache.load(path, encoder.id)
-    if cache.add([UNCONDITIONAL_CAPTION, *captions], encoder, show_progress=show_progress):
-        cache.save(path)
-    return cache
+                              show_progress: bool = True, dtype: str | None = None) -> EmbeddingCache:
+    """The caption store of ``encoder`` in ``cache_dir`` (:class:`~histosynth.models.caption_store.CaptionStore`),
+    holding ``captions`` plus the unconditional ``""``: only the missing ones are encoded and appended.
+
+    ``dtype`` (bfloat16, float16, float32) rebuilds a store of another dtype; without it an existing store
+    keeps its dtype and a new one is bfloat16.
+    """
+    from .caption_store import CaptionStore
+
+    store = CaptionStore.open(cache_dir, encoder.id, dtype)
+    store.add([UNCONDITIONAL_CAPTION, *captions], encoder, show_progress=show_progress)
+    return store

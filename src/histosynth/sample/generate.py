@@ -48,7 +48,7 @@ from ..models.bundle import Bundle
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import check_mask_ids, label_map
 from ..models.sampling import SamplingOptions
-from ..models.text import EmbeddingCache, TextEncoder
+from ..models.text import MemoryEmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
 from .large import DEFAULT_WINDOW_BATCH, Size, WindowedUNet, as_size, decode_tile, latent_size, window_overlap
 from .sampler import Conditions, denoise
@@ -168,7 +168,7 @@ class CaptionEmbeddings:
 
     def __init__(self, encoder: TextEncoder, captions: Sequence[str], device: torch.device | str,
                  unconditional: str = UNCONDITIONAL_CAPTION):
-        cache = EmbeddingCache(encoder.id)
+        cache = MemoryEmbeddingCache(encoder.id)
         cache.add([unconditional, *captions], encoder, show_progress=False)
         self.unconditional_caption = unconditional
         self._row_of = cache.row_of

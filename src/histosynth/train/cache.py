@@ -15,7 +15,7 @@ On disk, in the dataset's ``cache/`` folder (or one the user names)::
     latents/<autoencoder id>-<split>/index.json     what was encoded with what: dtype, row shape, count
     latents/<autoencoder id>-<split>/part-00000.npy     latents (n, 4, C, h, w) of 1024 patches
     labels/f<factor>-<classes>-<split>/part-00000.npy   label-map counts (n, K, h, w), uint8
-    text/<encoder id>.safetensors                   caption embeddings (models.text.EmbeddingCache)
+    text/<encoder id>/                              caption embeddings, appended to (models.caption_store)
 
 Latents are stored as bfloat16 unless the cache is built with another dtype (``histosynth cache
 --dtype float32`` keeps the autoencoder's float32 exactly; float16 is the third choice): half the
@@ -49,6 +49,7 @@ from ..data.torchdata import to_model_range
 from ..errors import DataError
 from ..io import remove_partial_files, write_json_atomic
 from ..models.autoencoder import Autoencoder, downsampling_factor, encode_latents
+from ..models.caption_store import CaptionStore
 from ..models.label_maps import label_counts
 from ..models.latent_range import DEFAULT_QUANTILE, LatentRange, check_quantile
 from ..models.text import EmbeddingCache, TextEncoder, cached_caption_embeddings, weights_digest
@@ -157,7 +158,7 @@ def prepare_training_data(
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress,
                              latent_dtype, workers=workers, ranks=ranks)
     captions = _captions(rows, text)
-    embeddings = _caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress, ranks)
+    embeddings = _caption_embeddings(cache_dir / "text", text_encoder, captions, show_progress, ranks, latent_dtype)
     data = TrainingData(latents, embeddings.rows(captions), rows["patch_id"].tolist(), embeddings)
     if label_classes is not None:
         factor = downsampling_factor(autoencoder)
@@ -181,8 +182,8 @@ def missing_from_cache(dataset: PatchDataset | str | Path, autoencoder: Autoenco
         factor = downsampling_factor(autoencoder)
         if _missing_parts(*_label_cache(cache_dir / "labels", label_classes, factor, split, rows), parts):
             missing.append("label maps")
-    stored = EmbeddingCache.load(cache_dir / "text" / EmbeddingCache.file_name(text_encoder.id), text_encoder.id)
-    if stored.missing([UNCONDITIONAL_CAPTION, *_captions(rows, text)]):
+    stored = CaptionStore.existing(cache_dir / "text", text_encoder.id)
+    if stored is None or stored.missing([UNCONDITIONAL_CAPTION, *_captions(rows, text)]):
         missing.append("caption embeddings")
     return missing
 
@@ -200,13 +201,13 @@ def _captions(rows, text: bool) -> list[str]:
 
 
 def _caption_embeddings(folder: Path, encoder: TextEncoder, captions: list[str], show_progress: bool,
-                        ranks: Ranks) -> EmbeddingCache:
-    """The captions' embedding cache: rank 0 embeds what is missing, the other processes then read it."""
+                        ranks: Ranks, dtype: Optional[str]) -> EmbeddingCache:
+    """The captions' embedding store: rank 0 embeds what is missing, the other processes then read it."""
     if ranks.main:
-        embeddings = cached_caption_embeddings(folder, encoder, captions, show_progress=show_progress)
+        embeddings = cached_caption_embeddings(folder, encoder, captions, show_progress=show_progress, dtype=dtype)
     ranks.wait_for_all("for rank 0's caption embeddings")
     if not ranks.main:
-        embeddings = cached_caption_embeddings(folder, encoder, captions, show_progress=False)
+        embeddings = cached_caption_embeddings(folder, encoder, captions, show_progress=False, dtype=dtype)
     return embeddings
 
 

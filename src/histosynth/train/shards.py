@@ -46,19 +46,31 @@ def latent_dtype_name(name: str) -> str:
                         f"got {name!r}") from None
 
 
-def write_part(path: Path, values: torch.Tensor, dtype: str) -> None:
-    """Store ``values`` (rows, ...) as ``dtype`` in the ``.npy`` file ``path``, atomically."""
+def to_storage(values: torch.Tensor, dtype: str, what: str = "latents") -> np.ndarray:
+    """``values`` as the numpy array that stores them as ``dtype`` (bfloat16 as its raw 16 bits)."""
     torch_dtype, _ = STORAGE_DTYPES[dtype]
-    if dtype == "float16" and values.is_floating_point() and values.abs().max() > FLOAT16_MAX:
-        raise DataError(f"latents beyond {FLOAT16_MAX:g} do not fit float16; cache them as bfloat16 "
+    if dtype == "float16" and values.is_floating_point() and values.numel() and values.abs().max() > FLOAT16_MAX:
+        raise DataError(f"{what} beyond {FLOAT16_MAX:g} do not fit float16; cache them as bfloat16 "
                         "(the default) or float32 with --dtype")
     stored = values.detach().cpu().to(torch_dtype).contiguous()
-    array = stored.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else stored.numpy()
+    return stored.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else stored.numpy()
+
+
+def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The tensor of ``dtype`` that a stored array holds (the inverse of :func:`to_storage`)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def write_part(path: Path, values: torch.Tensor, dtype: str) -> None:
+    """Store ``values`` (rows, ...) as ``dtype`` in the ``.npy`` file ``path``, atomically."""
+    array = to_storage(values, dtype)
     with atomic_path(path) as tmp, open(tmp, "wb") as file:  # (np.save given a name would append ".npy")
         np.save(file, array, allow_pickle=False)
 
 
-def _read_at(file: BinaryIO, buffer: memoryview, offset: int) -> int:
+def read_at(file: BinaryIO, buffer: memoryview, offset: int) -> int:
     """Read into ``buffer`` from ``offset`` without moving the file position where the OS allows it."""
     if hasattr(os, "preadv"):
         return os.preadv(file.fileno(), [buffer], offset)
@@ -148,12 +160,10 @@ class ShardedRows:
         for i, item in enumerate(items.tolist()):
             file, start = self._part(item // self.part_size)
             offset = start + (item % self.part_size) * self.bytes_per_row + (0 if subs is None else int(subs[i]) * size)
-            if _read_at(file, memoryview(out[i]).cast("B"), offset) != size:
+            if read_at(file, memoryview(out[i]).cast("B"), offset) != size:
                 raise DataError(f"{self.parts[item // self.part_size]} ends early; delete its folder and run "
                                 "'histosynth cache' again")
-        if self.dtype == "bfloat16":
-            return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(out)
+        return from_storage(out, self.dtype)
 
     def __getitem__(self, index: int | slice | np.ndarray | torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Row ``index`` (an int), or the rows of a slice or of an array of positions."""
