@@ -191,6 +191,12 @@ class Slide:
         return self.schema.apply_remap(region, source=str(self.path))
 
     # --- lifetime ------------------------------------------------------------------------
+    def reopen(self) -> "Slide":
+        """The same slide through a handle of its own, for another thread: one handle reads one region at a time."""
+        reader = _checked(_OPENERS[self.backend](self.path))
+        return Slide(self.path, reader, self.backend, self.mpp, self.mpp_source, is_mask=self.is_mask,
+                     schema=self.schema)
+
     def close(self) -> None:
         self.reader.close()
 
@@ -331,10 +337,13 @@ def _as_rgb(region: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _flatten_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGB of an RGBA region over white: openslide marks pixels outside the scanned area transparent."""
+    """RGB of an RGBA region over white: openslide marks pixels outside the scanned area transparent.
+
+    An opaque region comes back as a view of its first three channels, not a copy.
+    """
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
+        return rgba[..., :3]
     rgb = rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
     return ((rgb + 127) // 255).astype(np.uint8)
 
