@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from histosynth.cli import main
-from histosynth.data.dataset import open_dataset
+from histosynth.data.dataset import PatchDatasetWriter, open_dataset
 from histosynth.data.pyramid import write_pyramid_tiff
 from histosynth.data.slides import open_mask_slide, open_slide
-from histosynth.data.tiling import Shard, SlideInput, TilingOptions, tile_slides
+from histosynth.data.tiling import Shard, SlideInput, TilingOptions, TilingStopped, tile_slide, tile_slides
 from histosynth.errors import ConfigError
+from histosynth.schema import RENAL
 
 OPTIONS = TilingOptions(mpp=0.5, size=64)
 NAMES = ("s1", "s2", "s3")
@@ -83,6 +86,18 @@ def test_a_killed_shard_redoes_its_slide_and_leaves_the_other_shards_alone(slide
     again = tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(2, 2))
     assert list(again.tiled) == ["s2"]
     assert {path: data for path, data in files(out).items() if path in others} == others
+    assert files(out) == files(one_process)
+
+
+def test_a_stopped_slide_is_left_unfinished_and_redone_by_the_next_run(slides, one_process, tmp_path):
+    out = tmp_path / "ds"
+    writer = PatchDatasetWriter(out, RENAL, OPTIONS.size, extra_info={"tiling": OPTIONS.as_info()})
+    stop = threading.Event()
+    stop.set()  # as an interrupt does while slides are tiled
+    with pytest.raises(TilingStopped, match="stopped before the slide was finished"):
+        tile_slide(writer, slides[0], RENAL, OPTIONS, "train", stop=stop)
+    assert not (out / "slides" / "s1.json").exists()
+    assert list(tile_slides(slides, out, options=OPTIONS, progress=False).tiled) == list(NAMES)
     assert files(out) == files(one_process)
 
 

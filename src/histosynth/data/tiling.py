@@ -118,6 +118,10 @@ class TilingOptions:
         return {"mpp": self.mpp, "size": self.size, "min_tissue": self.min_tissue}
 
 
+class TilingStopped(Exception):
+    """A slide left unfinished because the run was interrupted; a re-run redoes it."""
+
+
 @dataclass(frozen=True)
 class TilingResult:
     """Patches kept per slide tiled now, slides finished earlier, and the dataset once every slide is finished.
@@ -202,16 +206,18 @@ def _tile_at_once(writer: PatchDatasetWriter, items: list[SlideInput], schema: C
     Each slide reads and writes on its share of the CPUs. Threads beat processes here: reading and
     compressing run outside the GIL, and a process would first import the readers (see
     benchmarks/phantom_tiling.py). After a slide fails no further slide is started; those being
-    tiled are finished, and the error of the first failed slide in `items` is raised.
+    tiled are finished, and the error of the first failed slide in `items` is raised. An interrupt
+    (Ctrl-C) stops the slides being tiled at their next region, unfinished: a re-run redoes them.
     """
     threads = max(1, available_cpus() // workers)
+    stop = threading.Event()
 
     def tile(item: SlideInput) -> int:
         split = splits_for(item.name, splits, options)
-        return tile_slide(writer, item, schema, options, split, bar, threads)
+        return tile_slide(writer, item, schema, options, split, bar, threads, stop)
 
     counts: dict[str, int] = {}
-    failures: dict[str, BaseException] = {}
+    failures: dict[str, Exception] = {}
     queue = iter(items)
     with ThreadPoolExecutor(workers, thread_name_prefix="slide") as pool:
         running: dict[Future[int], SlideInput] = {}
@@ -221,18 +227,22 @@ def _tile_at_once(writer: PatchDatasetWriter, items: list[SlideInput], schema: C
             if item is not None and not failures:
                 running[pool.submit(tile, item)] = item
 
-        for _ in range(workers):
-            start_next()
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                item = running.pop(future)
-                try:
-                    counts[item.name] = future.result()
-                    slide_done()
-                except Exception as exc:  # raised below, once the slides being tiled are finished
-                    failures[item.name] = exc
+        try:
+            for _ in range(workers):
                 start_next()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = running.pop(future)
+                    try:
+                        counts[item.name] = future.result()
+                        slide_done()
+                    except Exception as exc:  # raised below, once the slides being tiled are finished
+                        failures[item.name] = exc
+                    start_next()
+        except BaseException:
+            stop.set()
+            raise
     for item in items:
         if item.name in failures:
             raise failures[item.name]
@@ -240,11 +250,13 @@ def _tile_at_once(writer: PatchDatasetWriter, items: list[SlideInput], schema: C
 
 
 def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema, options: TilingOptions,
-               split: str, bar: Progress | None = None, threads: int | None = None) -> int:
+               split: str, bar: Progress | None = None, threads: int | None = None,
+               stop: threading.Event | None = None) -> int:
     """Tile one slide through `writer`; returns the number of patches kept.
 
     `threads` threads (default: one per CPU) read regions, each through slide handles of its own,
-    while as many of the writer's compress and write the patches already read.
+    while as many of the writer's compress and write the patches already read. Once `stop` is set
+    the slide is left unfinished (:class:`TilingStopped`).
     """
     threads = threads or available_cpus()
     writer.remove_unfinished(item.name)
@@ -260,7 +272,7 @@ def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema
         candidates = [(x, y) for x, y in grid if labels.may_hold_tissue(x, y, box)]
         task = bar.add_task(item.name, total=len(candidates)) if bar else None
         readers = stack.enter_context(_ReadersPerThread(slide, labels))
-        patches = _kept_patches(readers, candidates, choice, box, options, threads,
+        patches = _kept_patches(readers, candidates, choice, box, options, threads, stop or threading.Event(),
                                 lambda: bar.advance(task) if bar is not None and task is not None else None)
         summary = {
             "source": str(item.slide), "reader": slide.backend, "dimensions": list(slide.dimensions),
@@ -432,7 +444,8 @@ def _box_side(choice: LevelChoice, size: int) -> float:
 
 
 def _kept_patches(readers: _ReadersPerThread, candidates: list[tuple[int, int]], choice: LevelChoice, box: float,
-                  options: TilingOptions, threads: int, advance: Callable[[], None]) -> Iterator[Patch]:
+                  options: TilingOptions, threads: int, stop: threading.Event,
+                  advance: Callable[[], None]) -> Iterator[Patch]:
     """The candidates whose tissue share reaches the threshold, read on `threads` threads, in grid order."""
 
     def examine(corner: tuple[int, int]) -> Patch | None:
@@ -447,6 +460,8 @@ def _kept_patches(readers: _ReadersPerThread, candidates: list[tuple[int, int]],
                      tissue_fraction=fraction)
 
     for patch in ordered_map(examine, candidates, threads, name="region-reader"):
+        if stop.is_set():
+            raise TilingStopped("tiling was stopped before the slide was finished")
         advance()
         if patch is not None:
             yield patch
