@@ -10,9 +10,10 @@ A patch dataset is a folder::
     slides/<slide>.json       ... and its summary, written last: a slide with a JSON is finished
 
 Writes are atomic and per slide, so a killed tiling run resumes with the slides it had not
-finished. The dataset's split (train/val/test) is assigned per slide, never per patch. Until a
-first slide is finished, dataset.json binds nothing: a run that failed or was killed before then
-does not stop a retry with other settings.
+finished, and processes writing different slides (shards of a tiling run) do not clobber each
+other: manifest.csv is merged from the slides' parts. The dataset's split (train/val/test) is
+assigned per slide, never per patch. Until a first slide is finished, dataset.json binds nothing:
+a run that failed or was killed before then does not stop a retry with other settings.
 
 A slide's name is a folder name and the start of its file names: it must be non-empty, must not
 start with '.', and must not hold a path separator or control character (:func:`check_slide_name`).

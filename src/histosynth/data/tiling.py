@@ -6,10 +6,13 @@ annotations) the tissue fraction is the share of the patch's pixels whose class 
 captions (not background); without, it comes from tissue detection on a thumbnail and the patch
 masks are all id 0 — enough to train an autoencoder, which needs no captions.
 
-Slides are written one at a time through :class:`PatchDatasetWriter`; a re-run skips the slides
-already finished and redoes the one a killed run left unfinished. Every input and option is checked
-before anything is written, and a run that fails before finishing a slide leaves nothing that
-stops a retry with corrected options.
+Slides are written through :class:`PatchDatasetWriter`, each into files of its own; a re-run skips
+the slides already finished and redoes those a killed run left unfinished. Every input and option
+is checked before anything is written, and a run that fails before finishing a slide leaves nothing
+that stops a retry with corrected options. Within a slide, threads read regions while others
+compress and write patches; several slides are tiled at once on threads (`workers`), and a
+:class:`Shard` tiles part of the slide list, so machines sharing a file system write one dataset.
+Whatever the workers and shards, the files are those one process writes.
 
 A slide is named in the dataset by its file name up to the first '.' (``a.ome.tif`` -> ``a``). A
 file name that starts with '.' (``.s1.tif``) is refused rather than guessed at: stripping the dots
