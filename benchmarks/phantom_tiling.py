@@ -62,6 +62,7 @@ through tiffslide) and ``0.43 x`` (load ~9, as above): on this shared machine th
 little. The CPU times bound it: on two free CPUs tiling can reach 2 x 5.37 / 11.11 = 0.97 of the
 raw reads (target >= 0.8); the tiling before these changes took 41 ms of CPU a patch (same slide,
 same hour), so at most 0.26.
+
 Pillow's default PNG is 7 % smaller than ``fast_png`` but 10x slower; Pillow's fastest level is
 as large and 3.5x slower.
 """

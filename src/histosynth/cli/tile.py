@@ -33,7 +33,7 @@ def tile(
     schema: Optional[str] = SchemaOption,
     progress: bool = ProgressOption,
     workers: Optional[int] = typer.Option(
-        None, "--workers", help="slides tiled at once (default 1: the reads and writes of one slide use every CPU)",
+        None, "--workers", help="slides tiled at once, on threads (default: one per CPU, at most one per slide)",
         show_default=False),
     shard: Optional[str] = typer.Option(
         None, "--shard", help="i/n: tile only part i of n of the slides (in name order), e.g. one per machine "
