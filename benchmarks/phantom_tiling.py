@@ -57,9 +57,10 @@ benchmarks/phantom_tiling.py --repeats 3``::
     tile_2_slides_workers2_patches_per_s 52.3 patches/s
     tile_2_slides_processes2_patches_per_s 18.7 patches/s
 
-Two earlier runs printed ``tile_vs_raw_read_ratio 0.91 x`` (load average ~11, masks still read
-through tiffslide) and ``0.43 x`` (load ~9, as above): on this shared machine the ratio says
-little. The CPU times bound it: on two free CPUs tiling can reach 2 x 5.37 / 11.11 = 0.97 of the
+Other runs printed ``tile_vs_raw_read_ratio 0.91 x`` (load average ~11, masks still read through
+tiffslide), ``0.43 x`` (load ~9) and ``0.44 x`` (load ~5; CPU 12.02 against 5.10 ms a patch;
+``workers2`` 65.3 against ``workers1`` 50.5 and ``processes2`` 19.0 patches/s): on this shared
+machine the ratio says little. The CPU times bound it: on two free CPUs tiling can reach 2 x 5.37 / 11.11 = 0.97 of the
 raw reads (target >= 0.8); the tiling before these changes took 41 ms of CPU a patch (same slide,
 same hour), so at most 0.26.
 
