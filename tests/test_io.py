@@ -53,3 +53,37 @@ def test_removing_partial_files_takes_only_those_of_the_one_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.json", "outside", *[p.name for p in kept]])
     assert (outside / "data").read_text() == "mine"
     assert remove_partial_files(tmp_path / "missing" / "x.json") == []
+
+
+@pytest.mark.parametrize("shape", [(37, 53, 3), (37, 53), (1, 1, 3), (1, 1)])
+def test_fast_png_is_lossless_for_pillow_and_libpng(shape):
+    import io
+
+    import imagecodecs
+    import numpy as np
+    from PIL import Image
+
+    from histosynth.io import fast_png
+
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    data = fast_png(pixels)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == ("RGB" if len(shape) == 3 else "L")
+        np.testing.assert_array_equal(np.array(image), pixels)
+    np.testing.assert_array_equal(imagecodecs.png_decode(data), pixels)
+
+
+def test_fast_png_takes_strided_views_and_refuses_what_png_cannot_hold():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from histosynth.io import fast_png
+
+    rgba = np.random.default_rng(1).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    for view in (rgba[..., :3], rgba[::2, ::3, 1]):  # RGB of an RGBA region; every other row, third column
+        np.testing.assert_array_equal(np.array(Image.open(io.BytesIO(fast_png(view)))), view)
+    for bad in (rgba, rgba[..., :3].astype(np.float32)):
+        with pytest.raises(ValueError, match=r"fast_png takes uint8 \(H, W\) or \(H, W, 3\) arrays"):
+            fast_png(bad)

@@ -59,8 +59,7 @@ def prevalences(mask: np.ndarray, schema: ClassSchema = RENAL) -> dict[int, floa
     mask = np.asarray(mask)
     if mask.size == 0:
         raise CaptionError("cannot caption an empty mask")
-    schema.check_mask(mask)
-    counts = np.bincount(mask.ravel().astype(np.int64), minlength=schema.num_classes)
+    counts = schema.class_counts(mask)
     return {i: float(counts[i]) / mask.size for i in schema.ids}
 
 
@@ -77,7 +76,11 @@ def level_of(prevalence: float, schema: ClassSchema = RENAL) -> Level:
 
 def prevalence_levels(mask: np.ndarray, schema: ClassSchema = RENAL) -> dict[str, Level]:
     """Level of every captioned class (by name), none for absent ones."""
-    shares = prevalences(mask, schema)
+    return levels_of_shares(prevalences(mask, schema), schema)
+
+
+def levels_of_shares(shares: Mapping[int, float], schema: ClassSchema = RENAL) -> dict[str, Level]:
+    """Level of every captioned class (by name) from its pixel share (as :func:`prevalences` gives them)."""
     return {schema.name_of(i): level_of(shares[i], schema) for i in schema.captioned_ids}
 
 
@@ -98,6 +101,11 @@ def caption_from_levels(levels: Mapping[str, Level | str], schema: ClassSchema =
 def caption_for_mask(mask: np.ndarray, schema: ClassSchema = RENAL) -> str:
     """The caption of a label mask under the schema's rules."""
     return caption_from_levels(prevalence_levels(mask, schema), schema)
+
+
+def caption_for_shares(shares: Mapping[int, float], schema: ClassSchema = RENAL) -> str:
+    """The caption of a label mask with these pixel shares (:func:`prevalences`), without counting them again."""
+    return caption_from_levels(levels_of_shares(shares, schema), schema)
 
 
 def parse_caption(caption: str, schema: ClassSchema = RENAL) -> dict[str, Level]:

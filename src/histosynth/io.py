@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import struct
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,20 +24,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(path)
     try:
         yield tmp_path
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-#: What ``atomic_path`` (``mkstemp``) and the staging folders (``mkdtemp``) put between the name and ".part".
+def _new_temporary(path: Path) -> Path:
+    """Create an empty ``.<name>.<8 random>.part<suffix>`` beside `path`, with the permissions of a plain open().
+
+    Unlike ``mkstemp`` (mode 0600, to be widened from the umask, which is process-wide state that
+    a thread cannot read without changing it), the file is created 0666 less the umask.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.part{path.suffix}"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+#: What ``atomic_path`` (8 hex digits) and the staging folders (``mkdtemp``) put between the name and ".part".
 _TEMPORARY_TOKEN = r"[a-z0-9_]{8}"
 _PARTIAL = re.compile(rf"\.(?P<target>.+)\.{_TEMPORARY_TOKEN}\.part(?P<suffix>(\.[^.]*)?)")
 
@@ -105,12 +120,6 @@ def _scratch_prefix(path: Path, kind: str) -> str:
     return f".{path.name}.{kind}-"
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -120,10 +129,52 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata."""
+def write_png_atomic(path: str | Path, array: np.ndarray, fast: bool = False) -> None:
+    """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata.
+
+    Pillow's default compression gives the smallest files; `fast` writes :func:`fast_png` instead.
+    """
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        if fast:
+            tmp.write_bytes(fast_png(array))
+        else:
+            Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+#: libdeflate level of :func:`fast_png`: 1 is ~3x faster than Pillow's fastest PNG for a 7 % larger file.
+FAST_PNG_LEVEL = 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_FILTER_UP = 2
+
+
+def fast_png(array: np.ndarray, level: int = FAST_PNG_LEVEL) -> bytes:
+    """A lossless PNG of a uint8 RGB image (H, W, 3) or grey / label image (H, W), made for speed.
+
+    Every row is stored with PNG's "Up" filter (its difference to the row above, one vectorised
+    subtraction) and the lot compressed by libdeflate; compression releases the GIL, so threads
+    encode in parallel. Patch images come out about 3x faster than Pillow at ``compress_level=1``
+    and 7 % larger than at Pillow's default (see benchmarks/phantom_tiling.py).
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"fast_png takes uint8 (H, W) or (H, W, 3) arrays, got {array.dtype} {array.shape}")
+    import imagecodecs
+
+    height, width = array.shape[:2]
+    filtered = np.empty((height, 1 + array[0].size), dtype=np.uint8)  # a filter byte, then the row
+    filtered[:, 0] = _PNG_FILTER_UP
+    pixels = filtered[:, 1:].view()
+    pixels.shape = array.shape  # a view still (raises rather than copy); `array` may be strided, e.g. RGB of RGBA
+    pixels[0] = array[0]
+    np.subtract(array[1:], array[:-1], out=pixels[1:])  # modulo 256, as PNG filters are
+    colour_type = 0 if array.ndim == 2 else 2  # grey or RGB, 8 bits, no interlace
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    data = imagecodecs.deflate_encode(filtered, level=level)  # a zlib stream, as IDAT holds
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def copy_file_atomic(source: str | Path, path: str | Path) -> None:

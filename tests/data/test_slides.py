@@ -133,6 +133,27 @@ def test_mask_slide_reads_class_ids_remapped_and_checked(tmp_path):
             mask.read_region(0, 0, 0, 400, 300)
 
 
+def test_mask_regions_read_from_the_tiles_equal_tiffslides_reads(tmp_path):
+    import tiffslide
+
+    labels = np.random.default_rng(3).integers(0, 8, (700, 900), dtype=np.uint8)  # edge tiles are partial
+    path = write_pyramid_tiff(tmp_path / "mask.tif", labels, mpp=0.5, is_mask=True, tile=256)
+    stripped = tmp_path / "stripped-mask.tif"
+    tifffile.imwrite(stripped, labels, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    rng = np.random.default_rng(4)
+    for source, tiled_levels in ((path, {0, 1, 2}), (stripped, set())):
+        with open_mask_slide(source) as mask, tiffslide.TiffSlide(source) as reference:
+            for level, (width, height) in enumerate(reference.level_dimensions):
+                downsample = reference.level_downsamples[level]
+                for _ in range(12):
+                    w, h = (int(v) for v in rng.integers(1, [width, height]))
+                    x = int((rng.integers(0, width - w + 1) + rng.random()) * downsample)  # corners between pixels
+                    y = int(rng.integers(0, height - h + 1) * downsample)
+                    expected = reference.read_region((x, y), level, (w, h), as_array=True)[..., 0]
+                    np.testing.assert_array_equal(mask.read_region(x, y, level, w, h), expected)
+            assert {level for level, tiles in mask._tiles.items() if tiles is not None} == tiled_levels
+
+
 def test_mask_slide_of_another_size_is_refused(tmp_path):
     slide_path = write_pyramid_tiff(tmp_path / "slide.tif", gradient(300, 400), mpp=0.5)
     mask_path = write_pyramid_tiff(tmp_path / "mask.tif", np.zeros((300, 200), np.uint8), mpp=0.5, is_mask=True)

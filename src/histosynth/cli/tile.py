@@ -32,10 +32,17 @@ def tile(
         None, "--split-file", help="CSV with columns slide,split (train/val/test); default: a hash of the name"),
     schema: Optional[str] = SchemaOption,
     progress: bool = ProgressOption,
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="slides tiled at once, on threads (default: one per CPU, at most one per slide)",
+        show_default=False),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="i/n: tile only part i of n of the slides (in name order), e.g. one per machine "
+                              "writing into one --out; give every shard the same slides"),
 ) -> None:
     """Cut slides into a patch dataset of image/mask PNG pairs with captions; re-runs skip finished slides."""
-    from ..data.tiling import SlideInput, TilingOptions, read_split_file, tile_slides
+    from ..data.tiling import Shard, SlideInput, TilingOptions, read_split_file, tile_slides
 
+    part = Shard.parse(shard) if shard is not None else Shard()
     masks_per_slide = _one_per_slide(masks, slides, "--masks")
     annotations_per_slide = _one_per_slide(annotations, slides, "--annotations")
     overrides = _one_per_slide(mpp_override, slides, "--mpp-override", allow_one=True)
@@ -45,13 +52,17 @@ def tile(
         inputs, out, schema_from_option(schema),
         TilingOptions(mpp=mpp, size=size, min_tissue=min_tissue),
         splits=read_split_file(split_file) if split_file else None,
-        progress=progress,
+        progress=progress, workers=workers, shard=part,
     )
     for name, count in result.tiled.items():
         typer.echo(f"{name}: {count} patches")
     if result.skipped:
         typer.echo(f"already finished, skipped: {', '.join(result.skipped)}")
-    typer.echo(f"{len(result.dataset)} patches in {out}")
+    if result.dataset is None:
+        typer.echo(f"shard {part} done; other shards have {len(result.waiting)} of {len(inputs)} slides to finish: "
+                   f"the shard that finishes last writes {out / 'manifest.csv'} (or re-run without --shard then)")
+    else:
+        typer.echo(f"{len(result.dataset)} patches in {out}")
 
 
 def _one_per_slide(values: Optional[list], slides: list[Path], option: str, allow_one: bool = False) -> list:

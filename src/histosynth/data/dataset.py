@@ -10,9 +10,10 @@ A patch dataset is a folder::
     slides/<slide>.json       ... and its summary, written last: a slide with a JSON is finished
 
 Writes are atomic and per slide, so a killed tiling run resumes with the slides it had not
-finished. The dataset's split (train/val/test) is assigned per slide, never per patch. Until a
-first slide is finished, dataset.json binds nothing: a run that failed or was killed before then
-does not stop a retry with other settings.
+finished, and processes writing different slides (shards of a tiling run) do not clobber each
+other: manifest.csv is merged from the slides' parts. The dataset's split (train/val/test) is
+assigned per slide, never per patch. Until a first slide is finished, dataset.json binds nothing:
+a run that failed or was killed before then does not stop a retry with other settings.
 
 A slide's name is a folder name and the start of its file names: it must be non-empty, must not
 start with '.', and must not hold a path separator or control character (:func:`check_slide_name`).
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ..captions import caption_for_mask, prevalences
+from ..captions import caption_for_mask, caption_for_shares, prevalences
 from ..errors import DataError
 from ..io import (
     atomic_path,
@@ -40,6 +41,7 @@ from ..io import (
     write_json_atomic,
     write_png_atomic,
 )
+from ..parallel import available_cpus, ordered_map
 from ..schema import RENAL, ClassSchema
 
 FORMAT = "histosynth.patches/1"
@@ -113,10 +115,13 @@ class PatchDatasetWriter:
     """Writes a patch dataset slide by slide; finished slides are skipped on a re-run."""
 
     def __init__(self, root: str | Path, schema: ClassSchema = RENAL, patch_size: int = 256,
-                 extra_info: dict[str, Any] | None = None):
+                 extra_info: dict[str, Any] | None = None, shared: bool = False):
         self.root = Path(root)
         self.schema = schema
         self.patch_size = patch_size
+        #: Other processes (shards on other machines) write slides into the same folder at once, so
+        #: the temporaries of dataset.json and manifest.csv beside ours may be theirs, and are kept.
+        self.shared = shared
         info_path = self.root / "dataset.json"
         if info_path.exists():
             existing = _read_info(self.root)
@@ -130,7 +135,8 @@ class PatchDatasetWriter:
                     raise DataError(f"{self.root} holds a dataset with another class schema; choose another --out")
                 return
         # Written again while no slide is finished: settings of a run that failed bind nothing.
-        remove_partial_files(info_path)
+        if not shared:
+            remove_partial_files(info_path)
         info = {"format": FORMAT, "patch_size": patch_size, "schema": schema.to_dict(), **(extra_info or {})}
         write_json_atomic(info_path, info)
 
@@ -175,12 +181,14 @@ class PatchDatasetWriter:
         return removed
 
     def write_slide(self, slide: str, patches: Iterable[Patch], split: str = "train",
-                    summary: dict[str, Any] | None = None) -> int:
-        """Write all patches of one slide, then its manifest part and summary; returns the count."""
+                    summary: dict[str, Any] | None = None, threads: int | None = None) -> int:
+        """Write all patches of one slide, then its manifest part and summary; returns the count.
+
+        The patches are compressed and written on `threads` threads (default: one per CPU) while the
+        next ones are taken from `patches` (read from the slide, say): PNG compression releases the GIL.
+        """
         check_slide_name(slide)
-        rows = []
-        for index, patch in enumerate(patches):
-            rows.append(self._write_patch(slide, index, patch, split))
+        rows = self._write_patches(slide, patches, split, threads or available_cpus())
         part = pd.DataFrame(rows, columns=self._columns())
         with atomic_path(self.root / "slides" / f"{slide}.csv") as tmp:
             part.to_csv(tmp, index=False)
@@ -196,9 +204,16 @@ class PatchDatasetWriter:
             if csv.exists():
                 parts.append(pd.read_csv(csv, keep_default_na=False))
         manifest = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=self._columns())
-        remove_partial_files(self.root / "manifest.csv")
+        if not self.shared:
+            remove_partial_files(self.root / "manifest.csv")
         write_manifest(self.root, manifest)
         return open_dataset(self.root)
+
+    def _write_patches(self, slide: str, patches: Iterable[Patch], split: str, threads: int) -> list[dict[str, Any]]:
+        """Write the patches on `threads` threads, a bounded number ahead of the reader; their rows in order."""
+        numbered = enumerate(patches)
+        return list(ordered_map(lambda item: self._write_patch(slide, *item, split), numbered, threads,
+                                name="patch-writer"))
 
     def _columns(self) -> list[str]:
         return MANIFEST_COLUMNS + [fraction_column(i) for i in self.schema.ids]
@@ -213,14 +228,14 @@ class PatchDatasetWriter:
         patch_id = f"{slide}_{index:06d}"
         image_rel = f"images/{slide}/{patch_id}.png"
         mask_rel = f"masks/{slide}/{patch_id}.png"
-        write_png_atomic(self.root / image_rel, patch.image.astype(np.uint8))
-        write_png_atomic(self.root / mask_rel, patch.mask.astype(np.uint8))
+        write_png_atomic(self.root / image_rel, np.asarray(patch.image, dtype=np.uint8), fast=True)
+        write_png_atomic(self.root / mask_rel, np.asarray(patch.mask, dtype=np.uint8), fast=True)
         shares = prevalences(patch.mask, self.schema)
         row = {
             "patch_id": patch_id, "slide": slide, "image": image_rel, "mask": mask_rel,
             "x": patch.x, "y": patch.y, "level": patch.level, "mpp": patch.mpp, "size": size,
             "tissue_fraction": round(float(patch.tissue_fraction), 6), "split": split,
-            "caption": caption_for_mask(patch.mask, self.schema),
+            "caption": caption_for_shares(shares, self.schema),
         }
         row.update({fraction_column(i): round(shares[i], 6) for i in self.schema.ids})
         return row

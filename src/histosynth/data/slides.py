@@ -102,6 +102,7 @@ class Slide:
         self.mpp_source = mpp_source
         self.is_mask = is_mask
         self.schema = schema
+        self._tiles: dict[int, _TiffTiles | None] = {}  # per level, for masks read through tiffslide
 
     # --- geometry ------------------------------------------------------------------------
     @property
@@ -135,6 +136,8 @@ class Slide:
         try:
             if self.backend == "openslide":
                 region = np.asarray(self.reader.read_region((int(x), int(y)), level, (int(width), int(height))))
+            elif (region := self._read_tiles(x, y, level, width, height)) is not None:
+                pass
             else:
                 region = self.reader.read_region((int(x), int(y)), level, (int(width), int(height)), as_array=True)
         except Exception as exc:  # readers raise their own types for damaged tiles
@@ -143,6 +146,18 @@ class Slide:
                 "the file is damaged or incomplete — re-export or re-copy it"
             ) from None
         return self._as_labels(region) if self.is_mask else _as_rgb(region, self.path)
+
+    def _read_tiles(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray | None:
+        """The region straight from a mask's TIFF tiles, or None where :class:`_TiffTiles` cannot read it."""
+        if not self.is_mask:
+            return None
+        if level not in self._tiles:
+            self._tiles[level] = _TiffTiles.of(self.reader, level)
+        tiles = self._tiles[level]
+        if tiles is None:
+            return None
+        downsample = self.reader.level_downsamples[level]  # tiffslide's rounding of level-0 corners
+        return tiles.read(int(x / downsample), int(y / downsample), int(width), int(height))
 
     def read_patch(self, x: int, y: int, size: int, choice: LevelChoice) -> np.ndarray:
         """A `size` x `size` patch at the choice's resolution with level-0 corner (x, y)."""
@@ -191,6 +206,12 @@ class Slide:
         return self.schema.apply_remap(region, source=str(self.path))
 
     # --- lifetime ------------------------------------------------------------------------
+    def reopen(self) -> "Slide":
+        """The same slide through a handle of its own, for another thread: one handle reads one region at a time."""
+        reader = _checked(_OPENERS[self.backend](self.path))
+        return Slide(self.path, reader, self.backend, self.mpp, self.mpp_source, is_mask=self.is_mask,
+                     schema=self.schema)
+
     def close(self) -> None:
         self.reader.close()
 
@@ -199,6 +220,58 @@ class Slide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _TiffTiles:
+    """Regions of one level of a tiled single-channel TIFF (a label mask), decoded straight from the file.
+
+    tiffslide reads through zarr, whose bookkeeping costs more per region than decoding the tile
+    (~2 ms against ~0.2 ms for a 256 px mask patch); tifffile decodes the tiles here instead.
+    """
+
+    def __init__(self, page: Any):
+        self.page = page
+        self.across = -(-page.imagewidth // page.tilewidth)
+
+    @classmethod
+    def of(cls, reader: Any, level: int) -> "_TiffTiles | None":
+        """The tiles of a tiffslide reader's `level`, or None unless it is one plain tiled 8/16-bit page."""
+        try:
+            if (reader.properties.get("tiffslide.series-axes") != "YX"
+                    or reader.zarr_group.attrs.get("tiffslide.series-composition") is not None):
+                return None
+            pages = reader.ts_tifffile.series[reader.properties["tiffslide.series-index"]].levels[level].pages
+            page = pages[0]
+        except Exception:  # a reader not backed by one TIFF file
+            return None
+        simple = (len(pages) == 1 and page.is_tiled and page.tiledepth == 1 and page.samplesperpixel == 1
+                  and page.bitspersample in (8, 16) and page.shape == (page.imagelength, page.imagewidth))
+        return cls(page) if simple else None
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray | None:
+        """The level's pixels in [y, y + height) x [x, x + width), or None when that leaves the level."""
+        page = self.page
+        if x < 0 or y < 0 or width < 1 or height < 1 or x + width > page.imagewidth or y + height > page.imagelength:
+            return None
+        tile_width, tile_height = page.tilewidth, page.tilelength
+        region = np.empty((height, width), dtype=page.dtype)
+        for row in range(y // tile_height, (y + height - 1) // tile_height + 1):
+            for col in range(x // tile_width, (x + width - 1) // tile_width + 1):
+                tile = self._tile(row * self.across + col).reshape(tile_height, tile_width)
+                top, left = row * tile_height, col * tile_width
+                y0, y1 = max(y, top), min(y + height, top + tile_height)
+                x0, x1 = max(x, left), min(x + width, left + tile_width)
+                region[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - top:y1 - top, x0 - left:x1 - left]
+        return region
+
+    def _tile(self, index: int) -> np.ndarray:
+        page = self.page
+        count = page.databytecounts[index]
+        if not count:  # a sparse tile: never written
+            return np.zeros((page.tilelength, page.tilewidth), dtype=page.dtype)
+        handle = page.parent.filehandle
+        handle.seek(page.dataoffsets[index])
+        return page.decode(handle.read(count), index, jpegtables=page.jpegtables)[0]
 
 
 def open_slide(path: str | Path, mpp_override: float | None = None) -> Slide:
@@ -331,10 +404,13 @@ def _as_rgb(region: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _flatten_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGB of an RGBA region over white: openslide marks pixels outside the scanned area transparent."""
+    """RGB of an RGBA region over white: openslide marks pixels outside the scanned area transparent.
+
+    An opaque region comes back as a view of its first three channels, not a copy.
+    """
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
+        return rgba[..., :3]
     rgb = rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
     return ((rgb + 127) // 255).astype(np.uint8)
 

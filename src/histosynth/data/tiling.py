@@ -6,10 +6,13 @@ annotations) the tissue fraction is the share of the patch's pixels whose class 
 captions (not background); without, it comes from tissue detection on a thumbnail and the patch
 masks are all id 0 — enough to train an autoencoder, which needs no captions.
 
-Slides are written one at a time through :class:`PatchDatasetWriter`; a re-run skips the slides
-already finished and redoes the one a killed run left unfinished. Every input and option is checked
-before anything is written, and a run that fails before finishing a slide leaves nothing that
-stops a retry with corrected options.
+Slides are written through :class:`PatchDatasetWriter`, each into files of its own; a re-run skips
+the slides already finished and redoes those a killed run left unfinished. Every input and option
+is checked before anything is written, and a run that fails before finishing a slide leaves nothing
+that stops a retry with corrected options. Within a slide, threads read regions while others
+compress and write patches; several slides are tiled at once on threads (`workers`), and a
+:class:`Shard` tiles part of the slide list, so machines sharing a file system write one dataset.
+Whatever the workers and shards, the files are those one process writes.
 
 A slide is named in the dataset by its file name up to the first '.' (``a.ome.tif`` -> ``a``). A
 file name that starts with '.' (``.s1.tif``) is refused rather than guessed at: stripping the dots
@@ -18,13 +21,16 @@ could silently merge it with a slide ``s1`` already in the dataset.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import pandas as pd
@@ -32,6 +38,7 @@ from rich.progress import Progress
 
 from .. import validation
 from ..errors import ConfigError, DataError
+from ..parallel import available_cpus, ordered_map
 from ..schema import RENAL, ClassSchema
 from ..terminal import progress_bar
 from .annotations import Annotation, rasterize, read_annotations
@@ -114,45 +121,147 @@ class TilingOptions:
         return {"mpp": self.mpp, "size": self.size, "min_tissue": self.min_tissue}
 
 
+class TilingStopped(Exception):
+    """A slide left unfinished because the run was interrupted; a re-run redoes it."""
+
+
 @dataclass(frozen=True)
 class TilingResult:
-    """The finished dataset, patches kept per slide tiled now, and slides finished earlier."""
+    """Patches kept per slide tiled now, slides finished earlier, and the dataset once every slide is finished.
 
-    dataset: PatchDataset
+    `dataset` is None while slides of other shards (`waiting`) are not finished: the shard that
+    finishes last writes manifest.csv.
+    """
+
+    dataset: PatchDataset | None
     tiled: dict[str, int]
     skipped: list[str]
+    waiting: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` (from 1) of a slide list: the slides whose place in name order is index - 1 modulo count.
+
+    Every shard must be given the same slides (in any order); each then tiles its own, and the
+    shards together tile each slide once.
+    """
+
+    index: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.index) and _is_int(self.count) and 1 <= self.index <= self.count):
+            raise ConfigError(f"--shard must be i/n with 1 <= i <= n (e.g. 1/4 .. 4/4), got {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """A shard from ``i/n`` (e.g. ``2/4``)."""
+        index, _, count = str(text).partition("/")
+        if not (index.strip().isdigit() and count.strip().isdigit()):
+            raise ConfigError(f"--shard must be i/n with 1 <= i <= n (e.g. 1/4 .. 4/4), got {text!r}")
+        return cls(int(index), int(count))
+
+    def pick(self, inputs: list[SlideInput]) -> list[SlideInput]:
+        """This shard's slides, in the order given."""
+        in_name_order = sorted(item.name for item in inputs)
+        mine = set(in_name_order[self.index - 1::self.count])
+        return [item for item in inputs if item.name in mine]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema = RENAL,
                 options: TilingOptions = TilingOptions(), splits: dict[str, str] | None = None,
-                progress: bool = True) -> TilingResult:
-    """Tile every slide into the patch dataset at `out`; returns the dataset and per-slide counts.
+                progress: bool = True, workers: int | None = None, shard: Shard = Shard()) -> TilingResult:
+    """Tile every slide (of this `shard`) into the patch dataset at `out`; returns per-slide counts and the dataset.
 
     `splits` maps slide names to train/val/test; without it a slide's split is drawn from a hash
-    of its name, so it never changes between runs.
+    of its name, so it never changes between runs. `workers` slides are tiled at once (default: one
+    per CPU), each by threads sharing the CPUs; the dataset is the same for any number. Every shard
+    checks the whole slide list before tiling its part; the one that finds every slide finished
+    writes manifest.csv.
     """
     _check_inputs(inputs, options, splits)
+    workers = available_cpus() if workers is None else validation.positive_int(workers, "--workers")
     if Path(out).exists() and not Path(out).is_dir():
         raise DataError(f"--out {out} is a file, not a dataset folder; choose a folder")
     _check_same_settings(Path(out), options)
-    writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()})
-    tiled: dict[str, int] = {}
-    skipped: list[str] = []
+    writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()},
+                                shared=shard.count > 1)
+    mine = shard.pick(inputs)
+    skipped = [item.name for item in mine if writer.slide_done(item.name)]
+    todo = [item for item in mine if not writer.slide_done(item.name)]
     with progress_bar(progress) as bar:
-        slides_task = bar.add_task("slides", total=len(inputs))
-        for item in inputs:
-            if writer.slide_done(item.name):
-                skipped.append(item.name)
-            else:
-                split = splits_for(item.name, splits, options)
-                tiled[item.name] = tile_slide(writer, item, schema, options, split, bar)
-            bar.advance(slides_task)
-    return TilingResult(writer.finalize(), tiled, skipped)
+        slides_task = bar.add_task("slides", total=len(mine), completed=len(skipped))
+        tiled = _tile_at_once(writer, todo, schema, options, splits, min(workers, max(1, len(todo))), bar,
+                              lambda: bar.advance(slides_task))
+    waiting = [item.name for item in inputs if not writer.slide_done(item.name)]
+    return TilingResult(None if waiting else writer.finalize(), tiled, skipped, waiting)
+
+
+def _tile_at_once(writer: PatchDatasetWriter, items: list[SlideInput], schema: ClassSchema,
+                  options: TilingOptions, splits: dict[str, str] | None, workers: int, bar: Progress,
+                  slide_done: Callable[[], None]) -> dict[str, int]:
+    """Tile `items` on `workers` threads; patches kept per slide, in the order of `items`.
+
+    Each slide reads and writes on its share of the CPUs. Threads beat processes here: reading and
+    compressing run outside the GIL, and a process would first import the readers (see
+    benchmarks/phantom_tiling.py). After a slide fails no further slide is started; those being
+    tiled are finished, and the error of the first failed slide in `items` is raised. An interrupt
+    (Ctrl-C) stops the slides being tiled at their next region, unfinished: a re-run redoes them.
+    """
+    threads = max(1, available_cpus() // workers)
+    stop = threading.Event()
+
+    def tile(item: SlideInput) -> int:
+        split = splits_for(item.name, splits, options)
+        return tile_slide(writer, item, schema, options, split, bar, threads, stop)
+
+    counts: dict[str, int] = {}
+    failures: dict[str, Exception] = {}
+    queue = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="slide") as pool:
+        running: dict[Future[int], SlideInput] = {}
+
+        def start_next() -> None:
+            item = next(queue, None)
+            if item is not None and not failures:
+                running[pool.submit(tile, item)] = item
+
+        try:
+            for _ in range(workers):
+                start_next()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = running.pop(future)
+                    try:
+                        counts[item.name] = future.result()
+                        slide_done()
+                    except Exception as exc:  # raised below, once the slides being tiled are finished
+                        failures[item.name] = exc
+                    start_next()
+        except BaseException:
+            stop.set()
+            raise
+    for item in items:
+        if item.name in failures:
+            raise failures[item.name]
+    return {item.name: counts[item.name] for item in items}
 
 
 def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema, options: TilingOptions,
-               split: str, bar: Progress | None = None) -> int:
-    """Tile one slide through `writer`; returns the number of patches kept."""
+               split: str, bar: Progress | None = None, threads: int | None = None,
+               stop: threading.Event | None = None) -> int:
+    """Tile one slide through `writer`; returns the number of patches kept.
+
+    `threads` threads (default: one per CPU) read regions, each through slide handles of its own,
+    while as many of the writer's compress and write the patches already read. Once `stop` is set
+    the slide is left unfinished (:class:`TilingStopped`).
+    """
+    threads = threads or available_cpus()
     writer.remove_unfinished(item.name)
     with ExitStack() as stack:
         slide = stack.enter_context(open_slide(item.slide, item.mpp_override))
@@ -165,7 +274,9 @@ def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema
         box = _box_side(choice, options.size)
         candidates = [(x, y) for x, y in grid if labels.may_hold_tissue(x, y, box)]
         task = bar.add_task(item.name, total=len(candidates)) if bar else None
-        patches = _kept_patches(slide, labels, candidates, choice, box, options, bar, task)
+        readers = stack.enter_context(_ReadersPerThread(slide, labels))
+        patches = _kept_patches(readers, candidates, choice, box, options, threads, stop or threading.Event(),
+                                lambda: bar.advance(task) if bar is not None and task is not None else None)
         summary = {
             "source": str(item.slide), "reader": slide.backend, "dimensions": list(slide.dimensions),
             "slide_mpp": slide_mpp, "mpp_source": slide.mpp_source, "level": choice.level,
@@ -173,7 +284,7 @@ def tile_slide(writer: PatchDatasetWriter, item: SlideInput, schema: ClassSchema
             "labels": labels.description, "grid_patches": len(grid), "candidates": len(candidates),
             **options.as_info(),
         }
-        count = writer.write_slide(item.name, patches, split=split, summary=summary)
+        count = writer.write_slide(item.name, patches, split=split, summary=summary, threads=threads)
         if bar is not None and task is not None:
             bar.remove_task(task)
         return count
@@ -242,6 +353,10 @@ class _Labels(Protocol):
 
     def tissue_fraction(self, x: int, y: int, box: float, mask: np.ndarray) -> float: ...
 
+    def reopened(self, keep: Callable[[Slide], Slide]) -> "_Labels":
+        """These labels for another thread: reading through handles of its own, each passed to `keep`."""
+        ...
+
 
 class _DetectedTissue:
     """No labels: tissue from detection, masks all id 0."""
@@ -256,6 +371,9 @@ class _DetectedTissue:
     def patch(self, x: int, y: int, size: int, box: float) -> np.ndarray:
         return np.zeros((size, size), dtype=np.uint8)
 
+    def reopened(self, keep: Callable[[Slide], Slide]) -> "_DetectedTissue":
+        return self  # the tissue map is in memory
+
     def tissue_fraction(self, x: int, y: int, box: float, mask: np.ndarray) -> float:
         return self.tissue.fraction(x, y, box, box)
 
@@ -265,9 +383,13 @@ class _LabelledTissue:
 
     def __init__(self, schema: ClassSchema):
         self.tissue_ids = np.array(schema.captioned_ids)
+        self.is_tissue = np.isin(np.arange(256), self.tissue_ids)  # looked up by id: masks are uint8
 
     def tissue_fraction(self, x: int, y: int, box: float, mask: np.ndarray) -> float:
-        return float(np.isin(mask, self.tissue_ids).mean())
+        return np.count_nonzero(self.is_tissue[mask]) / mask.size
+
+    def reopened(self, keep: Callable[[Slide], Slide]) -> "_LabelledTissue":
+        return self  # annotations are shared: rasterizing reads nothing
 
 
 class _MaskSlideLabels(_LabelledTissue):
@@ -285,6 +407,11 @@ class _MaskSlideLabels(_LabelledTissue):
 
     def patch(self, x: int, y: int, size: int, box: float) -> np.ndarray:
         return self.mask.read_patch(x, y, size, self.choice)
+
+    def reopened(self, keep: Callable[[Slide], Slide]) -> "_MaskSlideLabels":
+        labels = copy.copy(self)
+        labels.mask = keep(self.mask.reopen())
+        return labels
 
 
 class _AnnotationLabels(_LabelledTissue):
@@ -319,17 +446,62 @@ def _box_side(choice: LevelChoice, size: int) -> float:
     return choice.region_size(size) * choice.downsample
 
 
-def _kept_patches(slide: Slide, labels: _Labels, candidates: list[tuple[int, int]], choice: LevelChoice,
-                  box: float, options: TilingOptions, bar: Progress | None, task: int | None) -> Iterator[Patch]:
-    for x, y in candidates:
+def _kept_patches(readers: _ReadersPerThread, candidates: list[tuple[int, int]], choice: LevelChoice, box: float,
+                  options: TilingOptions, threads: int, stop: threading.Event,
+                  advance: Callable[[], None]) -> Iterator[Patch]:
+    """The candidates whose tissue share reaches the threshold, read on `threads` threads, in grid order."""
+
+    def examine(corner: tuple[int, int]) -> Patch | None:
+        x, y = corner
+        slide, labels = readers.get()
         mask = labels.patch(x, y, options.size, box)
         fraction = labels.tissue_fraction(x, y, box, mask)
-        if fraction >= options.min_tissue:
-            image = slide.read_patch(x, y, options.size, choice)
-            yield Patch(image=image, mask=mask, x=x, y=y, level=choice.level, mpp=round(choice.mpp, 6),
-                        tissue_fraction=fraction)
-        if bar is not None and task is not None:
-            bar.advance(task)
+        if fraction < options.min_tissue:
+            return None
+        image = slide.read_patch(x, y, options.size, choice)
+        return Patch(image=image, mask=mask, x=x, y=y, level=choice.level, mpp=round(choice.mpp, 6),
+                     tissue_fraction=fraction)
+
+    for patch in ordered_map(examine, candidates, threads, name="region-reader"):
+        if stop.is_set():
+            raise TilingStopped("tiling was stopped before the slide was finished")
+        advance()
+        if patch is not None:
+            yield patch
+
+
+class _ReadersPerThread:
+    """The slide and labels each reading thread reads through, with handles of its own.
+
+    One openslide handle reads one region at a time, so threads sharing it would wait for each
+    other; the handles opened here are closed on leaving the ``with`` block.
+    """
+
+    def __init__(self, slide: Slide, labels: _Labels):
+        self.slide, self.labels = slide, labels
+        self.local = threading.local()
+        self.opened: list[Slide] = []
+        self.lock = threading.Lock()
+
+    def get(self) -> tuple[Slide, _Labels]:
+        readers = getattr(self.local, "readers", None)
+        if readers is None:
+            slide = self._keep(self.slide.reopen())
+            labels = self.labels.reopened(self._keep)
+            readers = self.local.readers = (slide, labels)
+        return readers
+
+    def _keep(self, slide: Slide) -> Slide:
+        with self.lock:
+            self.opened.append(slide)
+        return slide
+
+    def __enter__(self) -> "_ReadersPerThread":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for slide in self.opened:
+            slide.close()
 
 
 def _check_inputs(inputs: list[SlideInput], options: TilingOptions, splits: dict[str, str] | None) -> None:
