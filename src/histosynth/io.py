@@ -17,8 +17,12 @@ from PIL import Image
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    ``durable``: also sync the file's bytes to the disk before the rename and the folder after it, so
+    that once this returns the file survives a power cut, not only a killed process.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
@@ -28,10 +32,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_current_umask())
+        if durable:
+            _sync(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            _sync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename into it is on the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: What ``atomic_path`` (``mkstemp``) and the staging folders (``mkdtemp``) put between the name and ".part".
@@ -120,9 +137,9 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata."""
-    with atomic_path(path) as tmp:
+def write_png_atomic(path: str | Path, array: np.ndarray, durable: bool = False) -> None:
+    """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata (``durable``: see :func:`atomic_path`)."""
+    with atomic_path(path, durable) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
 
 

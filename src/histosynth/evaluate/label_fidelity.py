@@ -64,7 +64,7 @@ def read_mask_job(folder: str | Path, n: Optional[int] = None, seed: int = 0) ->
     if not job.spec.masks:
         raise DataError(f"{folder} is a job generated from captions, not from masks; label fidelity needs images "
                         "generated with --mask or --masks-from")
-    finished = job.finished()
+    finished = job.finished(check_files=True)
     if not finished:
         raise DataError(f"{folder} holds no finished images yet; run its generate command (it resumes)")
     pairs = [GeneratedPair(Path(item["file"]).stem, job.folder / item["file"], job.folder / item["mask"])
