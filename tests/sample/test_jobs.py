@@ -254,7 +254,7 @@ def test_torchrun_makes_the_same_images_as_one_process(tiny_bundle_path, tmp_pat
     assert _pngs(sharded / "00000") == _pngs(single / "00000")
     assert (sharded / JOB_FILE).read_bytes() == (single / JOB_FILE).read_bytes()
     capsys.readouterr()
-    assert main(["jobs", "status", str(sharded)]) == 0
+    assert main(["--", "jobs", "status", str(sharded)]) == 0  # as torchrun passes it on with some Pythons
     assert capsys.readouterr().out.splitlines()[1:] == [
         "  shard 0/2: 3 of 3 finished, 0 missing", "  shard 1/2: 2 of 2 finished, 0 missing",
         f"complete: `histosynth jobs merge {sharded}` writes its manifest (manifest.jsonl)"]

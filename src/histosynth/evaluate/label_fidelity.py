@@ -89,12 +89,12 @@ def pair_by_name(images: str | Path, masks: str | Path, n: Optional[int] = None,
 
 def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
     from ..data.dataset import open_dataset
-    from ..data.images import list_images
+    from ..data.images import list_images_of_job_folder
 
     dataset = open_dataset(dataset_root)
     rows = dataset.rows()
     mask_of = dict(zip(rows["patch_id"], rows["mask"], strict=True))
-    paths = list_images([images])
+    paths = list_images_of_job_folder(images)
     missing = [p.name for p in paths if p.stem not in mask_of]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images in {images} are not named after a patch of "
