@@ -22,6 +22,7 @@ from histosynth.captions import GENERATING_CAPTION
 from histosynth.cli import main
 from histosynth.devices import process_gpu
 from histosynth.errors import ConfigError, JobError
+from histosynth.evaluate.images import read_generated
 from histosynth.sample.generate import SamplingOptions
 from histosynth.sample.jobs import JOB_FILE, Job, JobSpec, Layout, Shard, item_seed, new_job, run_job
 from histosynth.sample.writing import ImageWriter, RecordFile, read_records
@@ -118,6 +119,14 @@ def test_a_job_is_described_once_and_its_items_derived(finished_job, tiny_bundle
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == [
         "00000/00000.png", "00000/00001.png", "00000/00002.png"]
     assert [r["file"] for r in Job.read(folder).finished()] == ["00000/00000.png", "00000/00001.png", "00000/00002.png"]
+    # evaluation reads the job as it is, without a merged manifest
+    found, source = read_generated(folder)
+    assert [(g.path, g.caption) for g in found] == [(folder / "00000" / f"0000{i}.png", [GENERATING_CAPTION, ""][i % 2])
+                                                    for i in range(3)]
+    assert source == f"generation job {folder} (3 of 3 images finished)"
+    assert main(["jobs", "merge", str(folder)]) == 0
+    merged = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert merged == [Job.read(folder).items[i] for i in range(3)] and merged[1]["file"] == "00000/00001.png"
 
 
 def test_a_job_of_a_million_images_is_small_and_shards_by_arithmetic(tmp_path):
