@@ -21,21 +21,22 @@ Run (from the repository root)::
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/jobs.py [--threads 1] [--no-writing]
 
 Measured on the 2-core CPU machine (torch 2.13 CPU), ``--threads 1``, shared with five other
-engineers' tests (load average 6-12 during the run: every number is several times what a quiet
-machine gives, and the load changed between the two 64-image jobs by more than writing costs)::
+engineers' tests (load average 3-4 during the run; an earlier run at load 6-12 gave 0.24 s and
+1.8 s for the resumes and a writing ratio of 0.79, the load changing between the two jobs by more
+than writing costs)::
 
-    job_start_1M_s 0.04463 s
-    job_resume_1M_s 0.2442 s
-    job_resume_1M_b1_s 1.764 s
-    job_without_writing_s 261.6 s
-    job_with_writing_s 207.1 s
-    job_writing_ratio 0.7915 x
-    png_encode_ms_per_image 39.61 ms
+    job_start_1M_s 0.01944 s
+    job_resume_1M_s 0.07126 s
+    job_resume_1M_b1_s 0.4972 s
+    job_without_writing_s 149.7 s
+    job_with_writing_s 145.3 s
+    job_writing_ratio 0.9709 x
+    png_encode_ms_per_image 34.43 ms
 
-The 64 images took 4 s each to sample and decode on the loaded CPU against 40 ms to write (a
-synced PNG write, on one thread): writing is 1 % of the job even when paid in the loop, so on this
-machine the ratio measures the load, not the writers. On a GPU, where a 256 px image samples in
-tens of milliseconds, the threads are what keeps writing out of the loop.
+The 64 images took over 2 s each to sample and decode on the CPU against 35 ms to write (a synced
+PNG write, on one thread): writing is under 2 % of this job even when paid in the loop, so on this
+machine the ratio mostly measures the load. On a GPU, where a 256 px image samples in tens of
+milliseconds, the threads are what keeps writing out of the loop.
 """
 
 from __future__ import annotations
