@@ -1,5 +1,5 @@
-"""``python -m histosynth``: the command line, also as launchers start it (``torchrun -m histosynth``,
-Lightning's DDP re-running ``python -m histosynth`` once per device)."""
+"""``python -m histosynth``: the command line, also as launchers start it (``torchrun ... -m histosynth --
+generate``, Lightning's DDP re-running ``python -m histosynth`` once per device)."""
 
 from .cli import run
 

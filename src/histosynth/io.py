@@ -20,14 +20,22 @@ from PIL import Image
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    ``durable``: also sync the file's bytes to the disk before the rename and the folder after it, so
+    that once this returns the file survives a power cut, not only a killed process.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = _new_temporary(path)
     try:
         yield tmp_path
+        if durable:
+            _sync(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            _sync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -47,6 +55,15 @@ def _new_temporary(path: Path) -> Path:
             continue
         return candidate
     raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename into it is on the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: What ``atomic_path`` (8 hex digits) and the staging folders (``mkdtemp``) put between the name and ".part".
@@ -129,12 +146,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_png_atomic(path: str | Path, array: np.ndarray, fast: bool = False) -> None:
+def write_png_atomic(path: str | Path, array: np.ndarray, fast: bool = False, durable: bool = False) -> None:
     """Write a uint8 RGB image or a 2-D label mask as PNG, with no metadata.
 
     Pillow's default compression gives the smallest files; `fast` writes :func:`fast_png` instead.
+    ``durable``: see :func:`atomic_path`.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         if fast:
             tmp.write_bytes(fast_png(array))
         else:

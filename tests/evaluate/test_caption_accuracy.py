@@ -183,7 +183,7 @@ def test_evaluate_captions_generates_from_a_model_folder(tiny_bundle_path, multi
     out = tmp_path / "report"
     assert main(["evaluate", "captions", "--model", str(tiny_bundle_path), "--segmenter", str(multiclass_folder),
                  "--n", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
-    generated = sorted((out / "images").glob("*.png"))
+    generated = sorted((out / "images").rglob("*.png"))
     assert len(generated) == 2
     # the images are a generation job's, as `histosynth generate` makes them (same seeds, same manifest)
     job = Job.read(out / "images")

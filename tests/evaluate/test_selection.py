@@ -16,6 +16,7 @@ from histosynth.errors import ConfigError, DataError
 from histosynth.evaluate.label_fidelity import pixel_counts
 from histosynth.evaluate.selection import Candidates, agreement, read_candidates, select_best
 from histosynth.io import write_png_atomic
+from histosynth.sample.jobs import Job
 from histosynth.schema import RENAL
 from histosynth.segment.predict import predict_images
 from histosynth.segment.segmenter import Segmenter
@@ -91,19 +92,18 @@ def test_select_pairs_keeps_each_masks_best_read_candidate(candidate_jobs, multi
 
     segmenter = Segmenter.load(multiclass_folder)
     for row in table.itertuples():
-        mask = np.asarray(Image.open(jobs[0] / "masks" / row.name))
-        candidates = [np.asarray(Image.open(job / "images" / row.name).convert("RGB")) for job in jobs]
+        mask = np.asarray(Image.open(jobs[0] / "masks" / "00000" / row.name))
+        candidates = [np.asarray(Image.open(job / "images" / "00000" / row.name).convert("RGB")) for job in jobs]
         predictions = predict_images(segmenter, candidates, coverage="full", device="cpu")
         expected = [_share_read_right(mask, p) for p in predictions]
         np.testing.assert_allclose([row.agreement_0, row.agreement_1, row.agreement_2], expected, rtol=1e-9)
         best = int(np.argmax(expected))  # the first of equals
         assert row.kept_agreement == pytest.approx(max(expected))
-        assert row.kept_image == str(jobs[best] / "images" / row.name)
+        assert row.kept_image == str(jobs[best] / "images" / "00000" / row.name)
         kept = np.asarray(Image.open(out / "images" / row.name).convert("RGB"))
         np.testing.assert_array_equal(kept, candidates[best])
         np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / row.name)), mask)
-        manifest = json.loads((jobs[best] / "manifest.json").read_text())
-        assert row.kept_seed == manifest["items"][int(row.name[:5])]["seed"]
+        assert row.kept_seed == Job.read(jobs[best]).items[int(row.name[:5])]["seed"]
 
     record = json.loads((out / "selection.json").read_text())
     assert record["jobs"] == [str(job) for job in jobs]
@@ -139,6 +139,6 @@ def test_candidates_must_be_finished_jobs_of_the_same_masks_with_their_own_seeds
                  "--out", str(same_seed), "--device", "cpu"]) == 0
     with pytest.raises(ConfigError, match=r"the jobs share a seed \(\[0, 0\]\)"):
         read_candidates([jobs[0], same_seed])
-    (same_seed / "images" / "00001.png").unlink()
+    (same_seed / "images" / "00000" / "00001.png").unlink()
     with pytest.raises(DataError, match="lacks 1 of its 3 images; run its generate command again"):
         read_candidates([jobs[1], same_seed])

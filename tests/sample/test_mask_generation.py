@@ -19,7 +19,7 @@ from histosynth.io import write_png_atomic
 from histosynth.models.bundle import load_bundle
 from histosynth.models.label_maps import label_map
 from histosynth.sample.generate import SamplingOptions, generate
-from histosynth.sample.jobs import MANIFEST_FILE, Job, Shard, item_seed, new_job, run_job
+from histosynth.sample.jobs import JOB_FILE, Job, Shard, item_seed, new_job, run_job
 from histosynth.sample.masks import ConditioningMask
 from histosynth.sample.sampler import Conditions, guided_eps
 from histosynth.schema import RENAL
@@ -146,14 +146,14 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_a_job_from_masks_keeps_image_mask_pairs(mask_job, mask_bundle, source_masks):
     folder = mask_job.folder
-    assert sorted(_files(folder)) == [f"{d}/0000{i}.png" for d in ("images", "masks") for i in range(3)]
+    assert sorted(_files(folder)) == [f"{d}/00000/0000{i}.png" for d in ("images", "masks") for i in range(3)]
     for i in range(3):
-        stored = np.asarray(Image.open(folder / "masks" / f"0000{i}.png"))
+        stored = np.asarray(Image.open(folder / "masks" / "00000" / f"0000{i}.png"))
         np.testing.assert_array_equal(stored, np.asarray(Image.open(source_masks / f"layout-{i}.png")))
-        assert Image.open(folder / "images" / f"0000{i}.png").size == (64, 64)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    assert manifest["items"][1] == {
-        "index": 1, "file": "images/00001.png", "mask": "masks/00001.png",
+        assert Image.open(folder / "images" / "00000" / f"0000{i}.png").size == (64, 64)
+    manifest = json.loads((folder / JOB_FILE).read_text())
+    assert Job.read(folder).items[1] == {
+        "index": 1, "file": "images/00000/00001.png", "mask": "masks/00000/00001.png",
         "mask_source": str(source_masks / "layout-1.png"), "caption": "", "seed": item_seed(7, 1), "steps": 2,
         "guidance": 1.5, "scheduler": "ddim", "model_id": mask_bundle.id, "height": 64, "width": 64,
         "mask_guidance": 2.0,
@@ -164,14 +164,14 @@ def test_a_job_from_masks_keeps_image_mask_pairs(mask_job, mask_bundle, source_m
     masks = [np.asarray(Image.open(source_masks / f"layout-{i}.png")) for i in range(2)]
     direct = generate(mask_bundle, ["", ""], [item_seed(7, 0), item_seed(7, 1)], OPTIONS, masks=masks,
                       batch_size=2)
-    np.testing.assert_array_equal(direct.images[1], np.asarray(Image.open(folder / "images" / "00001.png")))
+    np.testing.assert_array_equal(direct.images[1], np.asarray(Image.open(folder / "images/00000/00001.png")))
 
 
 def test_a_job_from_masks_resumes_and_shards_to_the_same_bytes(mask_job, mask_bundle, source_masks, tmp_path):
     expected = _files(mask_job.folder)
-    (mask_job.folder / "images" / "00002.png").unlink()
+    (mask_job.folder / "images" / "00000" / "00002.png").unlink()
     again = new_job(mask_job.folder, mask_bundle, [""], None, 7, OPTIONS, masks=conditioning_masks(source_masks))
-    assert again.spec.batch_size == 2 and run_job(mask_bundle, again).written == 1
+    assert again.spec.batch_size == 2 and run_job(mask_bundle, again, check_files=True).written == 1
     assert _files(mask_job.folder) == expected
     sharded = tmp_path / "sharded"
     for index in (1, 0):
@@ -183,12 +183,13 @@ def test_a_job_from_masks_resumes_and_shards_to_the_same_bytes(mask_job, mask_bu
 
 def test_a_job_refuses_other_or_changed_masks(mask_job, mask_bundle, source_masks, tmp_path):
     others = conditioning_masks(source_masks)[::-1]
-    with pytest.raises(JobError, match=r"holds another job's manifest \(it differs in masks\)"):
+    with pytest.raises(JobError, match=r"holds another job \(its job.json differs in masks\)"):
         new_job(mask_job.folder, mask_bundle, [""], None, 7, OPTIONS, masks=others)
     folder = tmp_path / "job"
     new_job(folder, mask_bundle, [""], None, 7, OPTIONS, masks=conditioning_masks(source_masks))
-    write_png_atomic(folder / "masks" / "00001.png", blob_mask(64, 64, 99))
-    with pytest.raises(JobError, match=r"masks/00001.png is not the mask the job was made with \(.*layout-1.png\)"):
+    write_png_atomic(folder / "masks" / "00000" / "00001.png", blob_mask(64, 64, 99))
+    with pytest.raises(JobError, match=r"masks/00000/00001.png is not the mask the job was made with "
+                                       r"\(.*layout-1.png\)"):
         run_job(mask_bundle, Job.read(folder))
     with pytest.raises(ConfigError, match=r"one image is made per mask: 3 masks, but 5 images were asked for"):
         new_job(tmp_path / "other", mask_bundle, [""], 5, 7, OPTIONS, masks=conditioning_masks(source_masks))
@@ -212,13 +213,13 @@ def test_generate_from_a_dataset_split(mask_bundle_path, mask_dataset, tmp_path)
     args = ["generate", "--model", str(mask_bundle_path), "--masks-from", str(mask_dataset.root), "--split", "test",
             "--n", "2", "--seed", "4", "--steps", "1", "--mask-captions", "--out", str(out)]
     assert main(args) == 0
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    items = Job.read(out).items
     test_rows = mask_dataset.rows("test")
     chosen = sorted(np.random.default_rng(4).choice(3, size=2, replace=False))
-    assert [i["mask_source"] for i in manifest["items"]] == [
+    assert [i["mask_source"] for i in items] == [
         f"{mask_dataset.root}:{test_rows.iloc[k]['patch_id']}" for k in chosen]
-    assert [i["caption"] for i in manifest["items"]] == [test_rows.iloc[k]["caption"] for k in chosen]
-    for item, k in zip(manifest["items"], chosen, strict=True):
+    assert [i["caption"] for i in items] == [test_rows.iloc[k]["caption"] for k in chosen]
+    for item, k in zip(items, chosen, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(out / item["mask"])), mask_dataset.mask(test_rows.iloc[k]))
         assert (out / item["file"]).is_file()
 

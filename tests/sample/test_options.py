@@ -17,6 +17,7 @@ from histosynth.errors import ConfigError
 from histosynth.models.bundle import load_bundle, save_bundle
 from histosynth.models.sampling import SamplingOptions
 from histosynth.sample.generate import generate
+from histosynth.sample.jobs import item_seed
 from histosynth.schema import RENAL
 
 LEVELS = "Glomeruli=high,Tubuli=medium"
@@ -57,19 +58,19 @@ def custom_model(tiny_bundle, tmp_path_factory):
 def test_a_presets_sampling_section_is_what_generate_uses(custom_model, tmp_path):
     out = tmp_path / "job"
     assert main(["generate", "--model", str(custom_model), "--levels", LEVELS, "--n", "1", "--out", str(out)]) == 0
-    job = json.loads((out / "manifest.json").read_text())["job"]
+    job = json.loads((out / "job.json").read_text())["job"]
     assert (job["steps"], job["guidance"], job["scheduler"]) == (2, 3.0, "dpm++")
     # the same images as with those options given explicitly
     bundle = load_bundle(custom_model)
-    image = np.asarray(Image.open(out / "00000.png"))
-    seed = json.loads((out / "manifest.json").read_text())["items"][0]["seed"]
+    image = np.asarray(Image.open(out / "00000" / "00000.png"))
+    seed = item_seed(job["seed"], 0)
     explicit = generate(bundle, job["captions"], [seed], SamplingOptions(2, 3.0, "dpm++"))
     np.testing.assert_array_equal(image, explicit.images[0])
     # an option given on the command line replaces the model's, the others stay
     again = tmp_path / "again"
     assert main(["generate", "--model", str(custom_model), "--levels", LEVELS, "--n", "1", "--steps", "1",
                  "--out", str(again)]) == 0
-    job = json.loads((again / "manifest.json").read_text())["job"]
+    job = json.loads((again / "job.json").read_text())["job"]
     assert (job["steps"], job["guidance"], job["scheduler"]) == (1, 3.0, "dpm++")
 
 

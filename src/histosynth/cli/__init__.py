@@ -12,7 +12,7 @@ import sys
 import typer
 
 from ..errors import HistosynthError
-from . import caption, dataset, demo, evaluate, generate, model, phantom, segment, survey, tile, train
+from . import caption, dataset, demo, evaluate, generate, jobs, model, phantom, segment, survey, tile, train
 
 app = typer.Typer(
     name="histosynth",
@@ -34,6 +34,7 @@ survey.register(app)
 model.register(app)
 tile.register(app)
 generate.register(app)
+jobs.register(app)
 phantom.register(app)
 train.register(app)
 segment.register(app)
@@ -54,7 +55,14 @@ USAGE_ERROR = _usage_error_class()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (also used by tests)."""
+    """Run the CLI; returns the exit code (also used by tests).
+
+    A leading ``--`` is dropped: ``torchrun ... -m histosynth -- generate --n 4`` keeps torchrun from
+    reading ``--n`` as an abbreviation of its own options, and some Pythons' argparse passes the ``--`` on.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     try:
         result = app(args=argv, standalone_mode=False, prog_name="histosynth")
     except HistosynthError as exc:

@@ -69,10 +69,13 @@ def generate_command(
     split: Optional[str] = typer.Option(None, "--split", help="with --masks-from: only this split (default: all)"),
     mask_captions: bool = typer.Option(False, "--mask-captions", help="caption each image from its own mask "
                                        "(with masks, for a model that reads text and masks)"),
-    n: Optional[int] = typer.Option(None, "--n", help="number of images (default: one per caption; captions cycle); "
-                                    "with masks: that many of the masks, drawn with --seed (default: all)"),
+    n: Optional[int] = typer.Option(None, "--n", "--count", help="number of images (default: one per caption; "
+                                    "captions cycle); with masks: that many of the masks, drawn with --seed "
+                                    "(default: all); --count is the same option, for torchrun, which takes --n "
+                                    "for its own"),
     out: Path = typer.Option(
-        ..., "--out", help="output folder: PNGs and manifest.json (from masks: images/ and masks/)"),
+        ..., "--out", help="output folder: job.json, records/ and the PNGs, 1000 to a sub-folder (from masks: "
+        "under images/ and masks/)"),
     seed: int = SeedOption,
     sampling: dict = Sampling,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", show_default=False,
@@ -81,7 +84,10 @@ def generate_command(
     size: Optional[int] = typer.Option(None, "--size", help="image side in px (default: the model's patch size; "
                                        "from masks: the masks' size)"),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: make the batches with index = i mod n "
-                                        "(default: torchrun's RANK/WORLD_SIZE, else all)"),
+                                        "(default: torchrun's RANK/WORLD_SIZE, else all); on GPU i (mod the GPUs) "
+                                        "unless torchrun's LOCAL_RANK says otherwise"),
+    check_files: bool = typer.Option(False, "--check-files", help="also make again finished images whose file "
+                                     "is gone (lists every image folder: slow for millions of images)"),
     device: str = DeviceOption,
 ) -> None:
     """Generate images from a caption, class levels, a captions file and/or label masks; re-running resumes the job."""
@@ -95,14 +101,15 @@ def generate_command(
     masks = masks_from_options(schema, mask, masks_from, split, n, seed)
     captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
     chosen = Shard.parse(shard) if shard else Shard.from_environment()
-    bundle = _load(folder, pick_device(device))
+    bundle = _load(folder, pick_device(device, chosen.index))
     count = None if masks is not None else (len(captions) if n is None else n)
     job = new_job(out, bundle, captions, count, seed, options, size, batch_size, masks=masks)
-    todo = len(job.missing(chosen))
+    state = job.state(chosen, check_files)
     started = time.perf_counter()
     with progress_bar(rate=True, stderr=True) as progress:
-        task = progress.add_task(f"shard {chosen}" if chosen.count > 1 else "generating", total=todo, unit="images")
-        run = run_job(bundle, job, chosen, lambda k: progress.advance(task, k))
+        task = progress.add_task(f"shard {chosen}" if chosen.count > 1 else "generating", total=state.missing,
+                                 unit="images")
+        run = run_job(bundle, job, chosen, lambda k: progress.advance(task, k), state=state)
     seconds = time.perf_counter() - started
     rate = f", {run.written / seconds:.2f} images/s" if run.written else ""
     typer.echo(f"shard {chosen}: wrote {run.written} images in {seconds:.1f} s{rate} "

@@ -18,7 +18,7 @@ from rich.progress import track
 from ..errors import DataError
 from ..schema import RENAL, ClassSchema
 from .dataset import Patch, PatchDataset, PatchDatasetWriter, read_image
-from .images import is_image_file, list_images
+from .images import list_images_of_job_folder
 from .masks import read_mask
 
 #: How many unmatched names an error lists before it says "and N more".
@@ -37,13 +37,12 @@ def match_pairs(images: Path, masks: Path) -> list[ImageMaskPair]:
     if not Path(masks).is_dir():
         raise DataError(f"mask folder {masks} does not exist")
     by_stem: dict[str, list[Path]] = {}
-    for path in sorted(Path(masks).iterdir()):
-        if is_image_file(path):
-            by_stem.setdefault(path.stem, []).append(path)
+    for path in list_images_of_job_folder(masks):
+        by_stem.setdefault(path.stem, []).append(path)
     ambiguous = sorted(stem for stem, paths in by_stem.items() if len(paths) > 1)
     if ambiguous:
         raise DataError(f"{masks} holds several masks for {_names(ambiguous)}; keep one file per image stem")
-    image_paths = list_images([images])
+    image_paths = list_images_of_job_folder(images)
     missing = [p.name for p in image_paths if p.stem not in by_stem]
     if missing:
         raise DataError(f"{len(missing)} of {len(image_paths)} images have no mask of the same name in {masks}: "

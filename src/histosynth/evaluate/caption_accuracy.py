@@ -205,7 +205,7 @@ def generate_caption_job(model: str | Path, caption: str, n: int, seed: int, fol
     """Generate ``n`` images of one caption from a model folder as a generation job in ``folder``.
 
     The job is ``histosynth generate``'s (:mod:`histosynth.sample.jobs`): the same seeds and
-    manifest.json, resumed where a run stopped, shared out with ``shard``. ``options`` default to the
+    job.json, resumed where a run stopped, shared out with ``shard``. ``options`` default to the
     model's own. Returns the job's finished images with the caption they were asked for (all of them
     once every shard has run).
     """
@@ -223,7 +223,7 @@ def generate_caption_job(model: str | Path, caption: str, n: int, seed: int, fol
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("generating", total=len(job.missing(shard)))
         run_job(bundle, job, shard, progress=lambda k: bar.advance(task, k))
-    return [GeneratedImage(job.folder / item["file"], item["caption"]) for item in job.finished()]
+    return [GeneratedImage(job.folder / item["file"], item["caption"]) for item in job.finished(check_files=True)]
 
 
 # --- the report ---------------------------------------------------------------------------------

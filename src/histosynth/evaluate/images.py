@@ -87,15 +87,20 @@ class GeneratedImage:
 def read_generated(folder: str | Path, caption: str | None = None) -> tuple[list[GeneratedImage], str]:
     """The images of a generated folder with their requested captions, and where these came from.
 
-    The captions come from the folder's manifest: a generation job's manifest.json (its "items"),
-    or a CSV / JSON-lines / JSON table with a `caption` column and an image column (one of
-    image/file/path/filename). Listed images not (yet) in the folder — an unfinished job — are
-    left out and counted in the returned description. Without a manifest every image is taken to
-    show `caption`; with neither, it is an error. A given `caption` overrides the manifest's.
+    The captions come from the folder's generation job (its finished images), else its manifest: a
+    CSV / JSON-lines / JSON table with a `caption` column and an image column (one of
+    image/file/path/filename), or the "items" of a manifest.json. Listed images not (yet) in the
+    folder — an unfinished job — are left out and counted in the returned description. Without a
+    manifest every image is taken to show `caption`; with neither, it is an error. A given `caption`
+    overrides the manifest's.
     """
+    from ..sample.jobs import JOB_FILE
+
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder of generated images")
+    if (folder / JOB_FILE).is_file():
+        return _job_images(folder, caption)
     manifest = next((folder / name for name in MANIFEST_NAMES if (folder / name).is_file()), None)
     if manifest is None:
         if caption is None:
@@ -126,6 +131,20 @@ def read_generated(folder: str | Path, caption: str | None = None) -> tuple[list
     if missing:
         source += f"; {missing} listed images are missing (an unfinished job?) and left out"
     return items, source
+
+
+def _job_images(folder: Path, caption: str | None) -> tuple[list[GeneratedImage], str]:
+    """The finished images of the generation job in ``folder`` and the captions they were made from."""
+    from ..sample.jobs import Job
+
+    job = Job.read(folder)
+    finished = job.finished(check_files=True)
+    if not finished:
+        raise DataError(f"{folder} holds no finished images yet; run its generate command (it resumes)")
+    items = [GeneratedImage(folder / item["file"], caption if caption is not None else item["caption"])
+             for item in finished]
+    source = f"generation job {folder} ({len(finished)} of {job.spec.n} images finished)"
+    return items, source + (" (captions overridden by --caption)" if caption is not None else "")
 
 
 def _read_manifest(path: Path) -> pd.DataFrame:

@@ -64,7 +64,7 @@ def read_mask_job(folder: str | Path, n: Optional[int] = None, seed: int = 0) ->
     if not job.spec.masks:
         raise DataError(f"{folder} is a job generated from captions, not from masks; label fidelity needs images "
                         "generated with --mask or --masks-from")
-    finished = job.finished()
+    finished = job.finished(check_files=True)
     if not finished:
         raise DataError(f"{folder} holds no finished images yet; run its generate command (it resumes)")
     pairs = [GeneratedPair(Path(item["file"]).stem, job.folder / item["file"], job.folder / item["mask"])
@@ -89,12 +89,12 @@ def pair_by_name(images: str | Path, masks: str | Path, n: Optional[int] = None,
 
 def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
     from ..data.dataset import open_dataset
-    from ..data.images import list_images
+    from ..data.images import list_images_of_job_folder
 
     dataset = open_dataset(dataset_root)
     rows = dataset.rows()
     mask_of = dict(zip(rows["patch_id"], rows["mask"], strict=True))
-    paths = list_images([images])
+    paths = list_images_of_job_folder(images)
     missing = [p.name for p in paths if p.stem not in mask_of]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images in {images} are not named after a patch of "

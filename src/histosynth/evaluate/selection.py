@@ -73,7 +73,7 @@ def read_candidates(jobs: Sequence[str | Path]) -> list[Candidates]:
         if job.spec.masks != first.spec.masks:
             raise DataError(f"{job.folder} was made from other masks than {first.folder}; make every job from the "
                             "same masks (same --mask / --masks-from), each with its own --seed")
-        missing = len(job.items) - len(job.finished())
+        missing = len(job.items) - len(job.finished_indices(check_files=True))
         if missing:
             raise DataError(f"{job.folder} lacks {missing} of its {len(job.items)} images; run its generate "
                             "command again (it resumes)")
