@@ -99,7 +99,7 @@ def test_manifest_holds_one_record_per_image(finished_job, tiny_bundle):
     manifest = json.loads((finished_job.folder / MANIFEST_FILE).read_text())
     assert manifest["job"] == {
         "model_id": tiny_bundle.id, "n": 3, "seed": 7, "steps": 2, "guidance": 1.5, "scheduler": "ddim",
-        "height": 64, "width": 64, "batch_size": 2, "captions": [GENERATING_CAPTION, ""],
+        "precision": "fp32", "height": 64, "width": 64, "batch_size": 2, "captions": [GENERATING_CAPTION, ""],
     }
     assert manifest["items"][2] == {
         "index": 2, "file": "00002.png", "caption": GENERATING_CAPTION, "seed": item_seed(7, 2), "steps": 2,
