@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, VQModel
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..presets import AutoencoderConfig, Preset
-from .precision import decoder_precision, network_precision
+from .precision import channels_last_input, decoder_precision, network_precision
 
 Autoencoder = Union[VQModel, AutoencoderKL]
 
@@ -102,13 +102,13 @@ def decode_latents(ae: Autoencoder, latents: torch.Tensor, precision: Optional[s
     The decoder runs at ``precision`` (fp16 decodes in fp32: see :func:`~.precision.decoder_precision`;
     None: in the caller's context).
     """
-    h = latents / latent_scale(ae)
-    with network_precision(decoder_precision(precision), latents.device):
+    h, precision = latents / latent_scale(ae), decoder_precision(precision)
+    with network_precision(precision, latents.device):
         if is_vq(ae) and not ae.config.lookup_from_codebook:
-            decoded = ae.decode(quantize_latents(ae, h), force_not_quantize=True)
+            decoded = ae.decode(channels_last_input(quantize_latents(ae, h), precision), force_not_quantize=True)
         else:
-            decoded = ae.decode(h)
-    return decoded.sample.float()
+            decoded = ae.decode(channels_last_input(h, precision))
+    return decoded.sample.float().contiguous()
 
 
 #: latent pixels whose distances to every code are held at once (4096 x 8192 codes: 128 MiB of float32)

@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..models.latent_range import LatentRange, clamp_model_output
-from ..models.precision import network_precision
+from ..models.precision import channels_last_input, network_precision
 from ..models.sampling import SamplingOptions
 
 #: called after each step with (steps done, number of steps)
@@ -141,8 +141,9 @@ def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
         if wanted[0][3] is not None:
             unet_in = torch.cat([unet_in, torch.cat([label_maps for _, _, _, label_maps in wanted])], dim=1)
     with network_precision(precision, x.device):
-        out = unet(unet_in, t, encoder_hidden_states=contexts, encoder_attention_mask=masks).sample
-    return dict(zip([name for name, *_ in wanted], out.float().chunk(len(wanted)), strict=True))
+        out = unet(channels_last_input(unet_in, precision), t, encoder_hidden_states=contexts,
+                   encoder_attention_mask=masks).sample
+    return dict(zip([name for name, *_ in wanted], out.float().contiguous().chunk(len(wanted)), strict=True))
 
 
 @torch.no_grad()
