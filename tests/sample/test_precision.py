@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from histosynth.captions import GENERATING_CAPTION, UNCONDITIONAL_CAPTION
 from histosynth.cli import main
@@ -96,11 +97,11 @@ def test_compile_without_its_compiler_is_refused_before_loading(tiny_bundle_path
     assert not out.exists()
 
 
-@pytest.mark.slow  # inductor builds the tiny UNet's kernels in about 5 minutes on 2 busy cores
+@pytest.mark.slow  # inductor builds the tiny UNet's kernels in about 7 minutes on 2 busy cores
 def test_a_compiled_unet_makes_the_images_of_the_plain_one(tiny_bundle_path, tmp_path):
     for name, extra in (("plain", ()), ("compiled", ("--compile",))):
         assert main(_cli_args(tiny_bundle_path, tmp_path / name, "--device", "cpu", *extra)) == 0
-    plain, compiled = (np.asarray(__import__("PIL.Image").Image.open(tmp_path / name / "00000.png")).astype(int)
+    plain, compiled = (np.asarray(Image.open(tmp_path / name / "00000.png")).astype(int)
                        for name in ("plain", "compiled"))
     assert np.abs(plain - compiled).max() <= 1
 

@@ -10,8 +10,9 @@ VQ codebook look-up and the image blending.
 * default: bf16 on CUDA devices that support it, else fp32 (:func:`default_precision`);
 * fp16 keeps the decoder in fp32: a decoder's activations can exceed fp16's range (65504), as those of
   Stable Diffusion's VAE do, while bf16 has float32's range (:func:`decoder_precision`);
-* fp16 on the CPU is refused: CPU autocast supports fp16 poorly, bf16 is its 16-bit format;
-  other devices (MPS) sample in fp32.
+* fp16 on the CPU is refused: CPU autocast supports fp16 poorly, bf16 is its 16-bit format (fast only
+  on CPUs with bf16 instructions, AVX-512 BF16 or AMX; elsewhere emulated, many times slower than
+  fp32); other devices (MPS) sample in fp32.
 
 An image is a function of its seed, its options and the precision on one kind of device: the same
 precision gives the same bytes, another precision other bytes (a job records its precision).
