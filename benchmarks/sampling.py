@@ -1,4 +1,4 @@
-"""Sampling speed and memory: seconds per image, where the time goes, sampler overhead, seamless RSS.
+"""Sampling speed and memory: seconds per image, where the time goes, sampler overhead, seamless RSS, bf16.
 
 Prints ``name value unit`` lines (random weights: speed and memory only):
 
@@ -14,12 +14,18 @@ Prints ``name value unit`` lines (random weights: speed and memory only):
   synthetic slide of that size (tiny preset, one denoising step - the step count does not change
   memory - streamed to a pyramidal TIFF), each in its own process, measured from after loading (the
   loaded model counts; loading's own transient peak does not); ``seamless_rss_ratio``: target <= 1.5.
-  Linux only (reads /proc).
+  Linux only (reads /proc);
+* ``bf16_vs_fp32_psnr_db``: how far bf16 images are from the fp32 ones of the same seeds, on the shipped
+  text model (``src/histosynth/weights/ldm``, DDIM-50, guidance 1.5, ``--precision-images`` images of
+  one caption, default 1, on the device the benchmark runs on): PSNR of the uint8 images over all
+  pixels (``_min_db``: of the farthest image; ``_max_level_diff``: the largest difference of a pixel
+  value); ``bf16_vs_fp32_speed_ratio``: fp32 seconds / bf16 seconds for those images (> 1: bf16 is
+  faster).
 
 Run (from the repository root)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sampling.py [--presets tiny,small] [--batches 1,8]
-        [--threads 2] [--no-rss]
+        [--threads 2] [--no-rss] [--precision-images 8]
 
 Measured on the 2-core CPU machine (torch 2.13 CPU, fp32) while other jobs ran on it (load average
 4-8), with ``--threads 1``: under that load two OpenMP threads spin against each other (tiny DDIM-50
@@ -50,12 +56,24 @@ come from a second run, ``--threads 1 --presets ''``::
     seamless_4096_seconds 178.1 s
     seamless_rss_ratio 1.074 x
     seamless_rss_target_met 1 bool
+
+The bf16 lines, ``--threads 1 --presets '' --no-rss --precision-images 1`` (same machine, load average
+about 8; its CPU has no bf16 instructions, so bf16 convolutions and matrix products are emulated, many
+times slower than fp32: 8 images would take hours)::
+
+    bf16_vs_fp32_psnr_db 52.17 dB
+    bf16_vs_fp32_psnr_min_db 52.17 dB
+    bf16_vs_fp32_max_level_diff 11 levels
+    fp32_s_per_image 20.97 s/image
+    bf16_s_per_image 662.3 s/image
+    bf16_vs_fp32_speed_ratio 0.03166 x
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -78,6 +96,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--no-rss", action="store_true", help="skip the seamless peak-RSS processes")
+    parser.add_argument("--precision-images", type=int, default=1,
+                        help="images of the bf16-against-fp32 comparison on the shipped model (0: skip it)")
     parser.add_argument("--rss-child", nargs=2, metavar=("BUNDLE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,6 +133,9 @@ def main() -> None:
                 report(f"seamless_{size}_seconds", child["seconds"], "s")
             report("seamless_rss_ratio", peaks[4096] / peaks[1024], "x")
             report("seamless_rss_target_met", int(peaks[4096] <= 1.5 * peaks[1024]), "bool")
+    if args.precision_images > 0:
+        for name, (value, unit) in bf16_against_fp32(args.precision_images).items():
+            report(name, value, unit)
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -207,6 +230,46 @@ def sampler_overhead(bundle, batch: int = 8, steps: int = 10, repeats: int = 3) 
             total = time.perf_counter() - started
         overheads.append((total - unet.seconds) / unet.seconds)
     return min(overheads)
+
+
+def bf16_against_fp32(count: int) -> dict[str, tuple[float, str]]:
+    """PSNR between the bf16 and fp32 images of ``count`` seeds on the shipped model, and the speed ratio.
+
+    Each precision makes the images once to warm up (two steps) and once timed with the model's
+    options (DDIM-50, guidance 1.5), in one batch.
+    """
+    import numpy as np
+
+    from histosynth.defaults import default_bundle_path
+    from histosynth.models.bundle import load_bundle
+    from histosynth.sample.generate import generate
+
+    bundle = load_bundle(default_bundle_path())
+    captions, seeds = [CAPTION] * count, list(range(count))
+    images, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        options = bundle.sampling.overridden(precision=precision)
+        generate(bundle, captions[:1], seeds[:1], options.overridden(steps=2))  # warm-up
+        _synchronize()
+        started = time.perf_counter()
+        images[precision] = generate(bundle, captions, seeds, options, batch_size=count).images.astype(np.float64)
+        _synchronize()
+        seconds[precision] = time.perf_counter() - started
+    squared = (images["bf16"] - images["fp32"]) ** 2
+    per_image = squared.reshape(count, -1).mean(axis=1)
+    return {
+        "bf16_vs_fp32_psnr_db": (psnr_db(float(squared.mean())), "dB"),
+        "bf16_vs_fp32_psnr_min_db": (psnr_db(float(per_image.max())), "dB"),
+        "bf16_vs_fp32_max_level_diff": (float(np.sqrt(squared.max())), "levels"),
+        "fp32_s_per_image": (seconds["fp32"] / count, "s/image"),
+        "bf16_s_per_image": (seconds["bf16"] / count, "s/image"),
+        "bf16_vs_fp32_speed_ratio": (seconds["fp32"] / seconds["bf16"], "x"),
+    }
+
+
+def psnr_db(mean_squared_error: float, peak: float = 255.0) -> float:
+    """PSNR in dB of a mean squared error of images whose values reach ``peak`` (inf when they are equal)."""
+    return float("inf") if mean_squared_error == 0 else 10 * math.log10(peak ** 2 / mean_squared_error)
 
 
 def run_child(bundle: Path, size: int, threads: int) -> dict:

@@ -108,7 +108,8 @@ def _job_dict(model_id: str) -> dict:
 def test_a_job_is_described_once_and_its_items_derived(finished_job, tiny_bundle):
     folder = finished_job.folder
     assert json.loads((folder / JOB_FILE).read_text()) == {
-        "format": "histosynth.generation-job", "format_version": 2, "job": _job_dict(tiny_bundle.id),
+        "format": "histosynth.generation-job", "format_version": 2,
+        "job": {**_job_dict(tiny_bundle.id), "precision": "fp32"},
         "layout": {"images_per_folder": 1000}}
     assert Job.read(folder).items[2] == {
         "index": 2, "file": "00000/00002.png", "caption": GENERATING_CAPTION, "seed": item_seed(7, 2), "steps": 2,

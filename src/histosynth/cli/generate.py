@@ -27,6 +27,8 @@ ModelOption = typer.Option(None, "--model", help="model folder (default: the too
 CaptionOption = typer.Option(None, "--caption", help="caption in the schema's templates ('\\n' between sentences)")
 LevelsOption = typer.Option(None, "--levels", help="class levels, e.g. 'Glomeruli=high,Tubuli=medium'")
 SeedOption = seed_option("job seed; each image's seed is derived from it and its index")
+CompileOption = typer.Option(False, "--compile", help="torch.compile the UNet (needs a C++ compiler; the first "
+                             "batch waits for the compilation, and rounding may move a few pixel levels)")
 
 
 def given_sampling(
@@ -46,9 +48,15 @@ def given_sampling(
         None, "--eta", show_default=False,
         help="DDIM eta: 0 = deterministic, up to 1 = as much step noise as DDPM, drawn from each image's seed "
              "(default: the model's, 0)"),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", show_default=False,
+        help="fp32, bf16 or fp16: the format the UNet and decoder run in (the latents and scheduler stay fp32); "
+             "part of a job (default: bf16 on CUDA GPUs that support it, else fp32; fp16 is refused on the CPU)"),
 ) -> dict[str, Any]:
-    """The sampling options the user gave, for :func:`model_settings` (None: the model's own)."""
-    return dict(steps=steps, guidance=guidance, mask_guidance=mask_guidance, scheduler=scheduler, eta=eta)
+    """The sampling options the user gave, for :func:`model_settings` (None: the model's own; for the
+    precision: the device's default)."""
+    return dict(steps=steps, guidance=guidance, mask_guidance=mask_guidance, scheduler=scheduler, eta=eta,
+                precision=precision)
 
 
 #: The sampling options of `generate` and `synth-slide`. They default to the model folder's own (its preset's:
@@ -89,6 +97,7 @@ def generate_command(
     check_files: bool = typer.Option(False, "--check-files", help="also make again finished images whose file "
                                      "is gone (lists every image folder: slow for millions of images)"),
     device: str = DeviceOption,
+    compile: bool = CompileOption,
 ) -> None:
     """Generate images from a caption, class levels, a captions file and/or label masks; re-running resumes the job."""
     from ..devices import pick_device
@@ -101,7 +110,7 @@ def generate_command(
     masks = masks_from_options(schema, mask, masks_from, split, n, seed)
     captions = job_captions(schema, caption, levels, captions_file, masks, mask_captions)
     chosen = Shard.parse(shard) if shard else Shard.from_environment()
-    bundle = _load(folder, pick_device(device, chosen.index))
+    bundle, options = _load(folder, pick_device(device, chosen.index), options, compile)
     count = None if masks is not None else (len(captions) if n is None else n)
     job = new_job(out, bundle, captions, count, seed, options, size, batch_size, masks=masks)
     state = job.state(chosen, check_files)
@@ -170,6 +179,7 @@ def synth_slide_command(
     overlap: Optional[int] = typer.Option(
         None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
     device: str = DeviceOption,
+    compile: bool = CompileOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
 ) -> None:
     """Generate a synthetic slide of one caption (or following a label-mask slide), streamed to a pyramidal TIFF."""
@@ -194,7 +204,7 @@ def synth_slide_command(
         raise ConfigError("give --size (or --mask-slide to take the size from)")
     check_slide_mode(mode)
     slide_size = parse_slide_size(size) if size is not None else None
-    bundle = _load(folder, pick_device(device))
+    bundle, options = _load(folder, pick_device(device), options, compile)
     tasks: dict[str, int] = {}
     with progress_bar(rate=True, stderr=True) as progress:
         def advance(phase: str, done: int, total: int) -> None:
@@ -255,9 +265,19 @@ def _captions(schema, caption: Optional[str], levels: Optional[str], captions_fi
     return read_captions_file(captions_file, schema)
 
 
-def _load(folder: Path, device):
+def _load(folder: Path, target, options, compile: bool = False):
+    """The model folder's bundle on the ``target`` device, its UNet prepared for sampling (compiled with
+    ``compile``), and the sampling ``options`` with their precision settled for that device: an impossible
+    precision, or --compile without a compiler, is refused before the weights load."""
     from ..models.bundle import load_bundle
+    from ..models.precision import check_compiler
+    from ..sample.generate import prepare_for_sampling
 
-    with Console(stderr=True).status(f"loading {folder} on {device}"):
-        return load_bundle(folder, device)
+    options = options.on_device(target)
+    if compile:
+        check_compiler()
+    with Console(stderr=True).status(f"loading {folder} on {target}"):
+        bundle = load_bundle(folder, target)
+        prepare_for_sampling(bundle, compile)
+    return bundle, options
 

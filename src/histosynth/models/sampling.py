@@ -3,7 +3,9 @@
 A model folder keeps its own defaults (its ``sampling`` section, taken from the preset it was trained
 with); a command overrides only the options the user gave (:meth:`SamplingOptions.overridden`).
 Every value is checked when the object is made, so a bad option fails in one line before any work:
-steps a positive integer, guidance scales finite and non-negative, a known scheduler, eta in [0, 1].
+steps a positive integer, guidance scales finite and non-negative, a known scheduler, eta in [0, 1],
+a known precision (:mod:`histosynth.models.precision`; None: the device's default, settled by
+:meth:`SamplingOptions.on_device` once the device is known).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from ..errors import ConfigError
 from .conditioning import DEFAULT_MASK_GUIDANCE
+from .precision import check_precision_name, device_precision
 
 SamplerKind = Literal["ddim", "dpm++"]
 #: the schedulers :func:`histosynth.models.diffusion.sampling_scheduler` makes
@@ -27,6 +30,7 @@ class SamplingOptions:
     ``guidance`` weights the text (1 = none, 0 = unconditional), ``mask_guidance`` the label mask
     (used only with masks; see :func:`histosynth.sample.sampler.guided_eps`). ``eta`` > 0 makes DDIM
     stochastic, with each item's step noise drawn from its own seed (DPM-Solver++ has none).
+    ``precision`` is the format the networks run in (fp32, bf16, fp16; None: the device's default).
     """
 
     steps: int = 50
@@ -34,6 +38,7 @@ class SamplingOptions:
     scheduler: str = "ddim"
     mask_guidance: float = DEFAULT_MASK_GUIDANCE
     eta: float = 0.0
+    precision: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -52,6 +57,13 @@ class SamplingOptions:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SAMPLER_KINDS)}")
         if self.eta and self.scheduler != "ddim":
             raise ConfigError(f"eta applies to the ddim scheduler only; {self.scheduler} has no step noise")
+        if self.precision is not None:
+            check_precision_name(self.precision)
+
+    def on_device(self, device: Any) -> "SamplingOptions":
+        """These options with the precision settled for ``device``: its default if none was chosen, refused
+        where the device cannot sample in it."""
+        return replace(self, precision=device_precision(self.precision, device))
 
     def overridden(self, **given: Any) -> "SamplingOptions":
         """These options with those ``given`` that are not None replacing them (a command's options)."""
@@ -61,7 +73,11 @@ class SamplingOptions:
         return replace(self, **{k: v for k, v in given.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as a mapping; a precision left to the device is left out (a model folder keeps none)."""
+        data = asdict(self)
+        if self.precision is None:
+            del data["precision"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "SamplingOptions":

@@ -15,6 +15,10 @@ and the thread count: another batching can move a few pixel values in ten thousa
 :mod:`histosynth.sample.jobs` fixes the batches of a job, so that shards and resumed runs write
 exactly the bytes of one uninterrupted run.
 
+The networks run at the options' precision (:mod:`histosynth.models.precision`; default bf16 on CUDA
+GPUs that support it, fp32 elsewhere); the same precision on the same kind of device gives the same
+bytes, another precision other bytes (a bf16 image is a close relative of the fp32 one, not a copy).
+
 Images larger than the model's patches go through :mod:`histosynth.sample.large` (overlapping
 windows blended at every step, tiled decoding).
 
@@ -47,6 +51,7 @@ from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import check_mask_ids, label_map
+from ..models.precision import prepare_unet
 from ..models.sampling import SamplingOptions
 from ..models.text import MemoryEmbeddingCache, TextEncoder
 from ..presets import DiffusionConfig
@@ -65,7 +70,8 @@ StepsDone = Callable[[int, int], None]
 # --- records ---------------------------------------------------------------------------------------------
 def generation_record(caption: str, seed: int, options: SamplingOptions, model_id: str,
                       size: int | Size, *, masked: bool = False) -> dict[str, Any]:
-    """What it takes to regenerate one image: kept in manifests, never inside the image file.
+    """What it takes to regenerate one image: kept in manifests, never inside the image file (the precision
+    when not fp32, eta when not 0).
 
     An image generated from a mask (``masked``) also records the mask guidance; the mask itself is
     recorded by whoever keeps it (a job stores it beside the image).
@@ -85,6 +91,8 @@ def generation_record(caption: str, seed: int, options: SamplingOptions, model_i
         record["mask_guidance"] = options.mask_guidance
     if options.eta:
         record["eta"] = options.eta
+    if options.precision not in (None, "fp32"):
+        record["precision"] = options.precision
     return record
 
 
@@ -303,14 +311,15 @@ def check_caption_conditioning(bundle: Bundle, captions: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def decode_images(bundle: Bundle, latents: torch.Tensor) -> np.ndarray:
-    """uint8 (B, H, W, 3) images of latents; large latents decode in blended tiles."""
+def decode_images(bundle: Bundle, latents: torch.Tensor, precision: Optional[str] = None) -> np.ndarray:
+    """uint8 (B, H, W, 3) images of latents, decoded at ``precision``; large latents decode in blended tiles."""
     _, _, window = latent_geometry(bundle)
     tile = decode_tile(window)
     if max(latents.shape[-2:]) > tile:
-        images = decode_latents_tiled(bundle.autoencoder, latents, tile=tile, overlap=window_overlap(tile))
+        images = decode_latents_tiled(bundle.autoencoder, latents, tile=tile, overlap=window_overlap(tile),
+                                      precision=precision)
     else:
-        images = decode_latents(bundle.autoencoder, latents)
+        images = decode_latents(bundle.autoencoder, latents, precision)
     return to_uint8(images)
 
 
@@ -328,7 +337,7 @@ def generate_batches(
     masks: Optional[Sequence[np.ndarray]] = None,
 ) -> Iterator[Generated]:
     """:func:`generate`, one batch at a time (for writing images as they are made)."""
-    options = bundle.sampling if options is None else options
+    options = sampling_options(bundle, options)
     conditions, seeds = list(conditions), [int(s) for s in seeds]
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one of each per image")
@@ -362,7 +371,7 @@ def generate_batches(
         label_maps = None if batch_masks is None else batch_label_maps(bundle, batch_masks, batch, out_size)
         latents = sample_latents(bundle, captions, batch_seeds, options, embeddings, out_size, window_batch, overlap,
                                  label_maps=label_maps)
-        images = decode_images(bundle, latents)[:real]
+        images = decode_images(bundle, latents, options.precision)[:real]
         records = [generation_record(c, s, options, bundle.id, out_size, masked=masks is not None)
                    for c, s in zip(captions, batch_seeds, strict=True)]
         yield Generated(images, records[:real])
@@ -383,7 +392,8 @@ def generate(
     """One image per (condition, seed): uint8 (N, H, W, 3) images and one record each.
 
     ``conditions`` are captions (see :func:`histosynth.captions.canonical_caption`; pass them
-    canonical). ``options`` default to the model's own (:attr:`Bundle.sampling`). ``batch_size``
+    canonical). ``options`` default to the model's own (:attr:`Bundle.sampling`; a precision left
+    to the device is settled by :meth:`SamplingOptions.on_device`, and recorded when not fp32). ``batch_size``
     items share each UNet call (default: up to 8). ``device`` moves the bundle's networks first
     (default: where the bundle is). ``size`` (px, or (height, width)) defaults to the model's patch
     size, or the masks' size; larger images are denoised in blended windows. ``masks`` (one (H, W)
@@ -409,6 +419,16 @@ def check_seeds(seeds: Sequence[int], name: str = "--seed", high: int = validati
     user gives; an image's own seed, derived from a job's, may be as large as ``validation.MAX_IMAGE_SEED``."""
     for seed in seeds:
         validation.seed(seed, name, high=high)
+
+
+def sampling_options(bundle: Bundle, options: Optional[SamplingOptions] = None) -> SamplingOptions:
+    """``options`` (default: the model's own) with the precision settled for the bundle's device."""
+    return (bundle.sampling if options is None else options).on_device(bundle.device)
+
+
+def prepare_for_sampling(bundle: Bundle, compile: bool = False) -> None:
+    """Make the bundle's UNet faster for sampling, in place: see :func:`histosynth.models.precision.prepare_unet`."""
+    prepare_unet(bundle.unet, bundle.device, compile)
 
 
 def move_bundle(bundle: Bundle, device: torch.device) -> None:

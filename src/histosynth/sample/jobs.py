@@ -3,9 +3,9 @@ processes, resumable, of any size up to millions of images.
 
 Layout of the output folder::
 
-    job.json           the job (model id, captions, number of images, job seed, sampling options, size,
-                       batch size) and where its images go: a few hundred bytes, whatever the number
-                       of images (a job from masks also lists its masks)
+    job.json           the job (model id, captions, number of images, job seed, sampling options and
+                       precision, size, batch size) and where its images go: a few hundred bytes,
+                       whatever the number of images (a job from masks also lists its masks)
     records/shard-0-of-2.jsonl ...
                        what each shard finished: one line per batch, appended once its images are on
                        disk (see :mod:`.writing`)
@@ -80,6 +80,7 @@ from .generate import (
     generate_batches,
     generation_record,
     image_latent_size,
+    sampling_options,
 )
 from .large import Size, as_size
 from .masks import ConditioningMask, check_masks_fit
@@ -183,6 +184,7 @@ class JobSpec:
             "guidance": self.options.guidance,
             "scheduler": self.options.scheduler,
             **({"eta": self.options.eta} if self.options.eta else {}),
+            "precision": self.options.precision,
             "height": self.size[0],
             "width": self.size[1],
             "batch_size": self.batch_size,
@@ -195,7 +197,7 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        options = SamplingOptions.from_dict(data)
+        options = SamplingOptions.from_dict({"precision": "fp32", **data})  # jobs that record none ran in fp32
         masks = data.get("masks", [])
         return cls(data["model_id"], tuple(data["captions"]), data["n"], data["seed"], options,
                    (data["height"], data["width"]), data["batch_size"], tuple(m["digest"] for m in masks),
@@ -577,7 +579,7 @@ def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Opti
     and the masks are stored in the folder. ``options`` default to the model's own.
     ``batch_size`` defaults to the batch size of the job already in ``folder``, else 8.
     """
-    options = bundle.sampling if options is None else options
+    options = sampling_options(bundle, options)
     if masks is not None:
         mask_size = check_masks_fit(bundle, masks)
         if size is not None and as_size(size) != mask_size:

@@ -124,7 +124,7 @@ class WindowedUNet:
                 encoder_hidden_states=None if encoder_hidden_states is None else encoder_hidden_states[members],
                 encoder_attention_mask=None if encoder_attention_mask is None else encoder_attention_mask[members],
                 **kwargs,
-            ).sample
+            ).sample.float()  # blended in float32 whatever the precision the UNet ran in
             self.calls += 1
             if blended is None:
                 blended = eps.new_zeros(sample.shape[0], eps.shape[1], height, width)
@@ -155,12 +155,14 @@ def window_count(latent: Size, window: int, overlap: int) -> int:
 
 
 def decode_bands(ae: Autoencoder, latents: torch.Tensor, tile: int, overlap: Optional[int] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> Iterator[np.ndarray]:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 precision: Optional[str] = None) -> Iterator[np.ndarray]:
     """uint8 (rows, width, 3) bands of the decoded image of one latent (1, C, h, w), top to bottom.
 
     Strips of ``tile`` latent rows are decoded with ``decode_latents_tiled`` (which blends across
     columns) and blended across rows with the same ramps; rows are handed out as soon as no later
-    strip touches them. ``progress(strips done, strips)`` is called after each strip.
+    strip touches them. ``progress(strips done, strips)`` is called after each strip. The decoder runs
+    at ``precision`` (see :func:`histosynth.models.autoencoder.decode_latents`).
     """
     if latents.shape[0] != 1:
         raise ValueError("decode_bands decodes one latent at a time")
@@ -174,7 +176,8 @@ def decode_bands(ae: Autoencoder, latents: torch.Tensor, tile: int, overlap: Opt
     top = 0
     for index, start in enumerate(starts):
         with torch.no_grad():
-            strip = decode_latents_tiled(ae, latents[..., start:start + min(tile, height), :], tile, overlap)[0]
+            strip = decode_latents_tiled(ae, latents[..., start:start + min(tile, height), :], tile, overlap,
+                                         precision)[0]
         weight = blend_ramp(strip_rows, overlap * factor, start > 0, start + tile < height).to(strip)
         pending, pending_weight = _add_rows(pending, pending_weight, top, strip * weight[:, None], weight,
                                             start * factor)

@@ -18,6 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..models.latent_range import LatentRange, clamp_model_output
+from ..models.precision import channels_last_input, network_precision
 from ..models.sampling import SamplingOptions
 
 #: called after each step with (steps done, number of steps)
@@ -89,7 +90,7 @@ class Conditions:
 
 
 def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int, conditions: Conditions,
-               guidance: float, mask_guidance: float = 1.0) -> torch.Tensor:
+               guidance: float, mask_guidance: float = 1.0, precision: str = "fp32") -> torch.Tensor:
     """The classifier-free guided model output at one timestep.
 
     Text only: ``e(u) + g * (e(c) - e(u))`` with ``g = guidance``, ``c`` the caption's context and
@@ -101,7 +102,8 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
     ``m == 1`` is plain text guidance with the mask on both sides (two predictions); no
     unconditional context means the caption is the unconditional one (``c == u``), which leaves
     ``e(u, 0) + m * (e(u, M) - e(u, 0))`` (two predictions); otherwise three. Only the predictions
-    a formula needs are computed, in one UNet call on the stacked batch.
+    a formula needs are computed, in one UNet call on the stacked batch, which runs at ``precision``
+    (see :mod:`histosynth.models.precision`); the predictions and their combination are float32.
     """
     cond, cond_mask, label_maps = conditions.text, conditions.text_mask, conditions.label_maps
     uncond, uncond_mask = conditions.unconditional, conditions.unconditional_mask
@@ -114,7 +116,7 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
     if mask_guided:
         null_text, null_mask = (cond, cond_mask) if uncond is None else (uncond, uncond_mask)
         wanted.insert(0, ("null", null_text, null_mask, torch.zeros_like(label_maps)))
-    eps = _predict(unet, x, t, wanted)
+    eps = _predict(unet, x, t, wanted, precision)
     if uncond is None:
         if not mask_guided:
             return eps["cond"]
@@ -126,19 +128,22 @@ def guided_eps(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | in
 
 
 def _predict(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor | int,
-             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
-             ) -> dict[str, torch.Tensor]:
-    """The UNet's predictions for x under several conditions, from one call on the stacked batch."""
+             wanted: list[tuple[str, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]],
+             precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """The UNet's float32 predictions for x under several conditions, from one call on the stacked batch
+    (run at ``precision``)."""
     if len(wanted) == 1:
-        _, context, mask, label_maps = wanted[0]
+        _, contexts, masks, label_maps = wanted[0]
         unet_in = x if label_maps is None else torch.cat([x, label_maps], dim=1)
-        return {wanted[0][0]: unet(unet_in, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample}
-    contexts, masks = stack_contexts([(c, m) for _, c, m, _ in wanted], x.shape[0])
-    stacked = torch.cat([x] * len(wanted))
-    if wanted[0][3] is not None:
-        stacked = torch.cat([stacked, torch.cat([label_maps for _, _, _, label_maps in wanted])], dim=1)
-    out = unet(stacked, t, encoder_hidden_states=contexts, encoder_attention_mask=masks).sample
-    return dict(zip([name for name, *_ in wanted], out.chunk(len(wanted)), strict=True))
+    else:
+        contexts, masks = stack_contexts([(c, m) for _, c, m, _ in wanted], x.shape[0])
+        unet_in = torch.cat([x] * len(wanted))
+        if wanted[0][3] is not None:
+            unet_in = torch.cat([unet_in, torch.cat([label_maps for _, _, _, label_maps in wanted])], dim=1)
+    with network_precision(precision, x.device):
+        out = unet(channels_last_input(unet_in, precision), t, encoder_hidden_states=contexts,
+                   encoder_attention_mask=masks).sample
+    return dict(zip([name for name, *_ in wanted], out.float().contiguous().chunk(len(wanted)), strict=True))
 
 
 @torch.no_grad()
@@ -157,10 +162,13 @@ def denoise(
     """Run the reverse process from ``x_T`` and return the final latents (the scheduler is reset).
 
     ``options`` give the steps, the guidance scales and DDIM's eta (the scheduler itself is made by
-    the caller, of ``options.scheduler``). With ``latent_range`` each step's predicted clean latent
-    is clamped into it (see :mod:`histosynth.models.latent_range`). With eta > 0, item i's step
-    noise is drawn from ``generators[i]`` (CPU generators keep it the same on every device).
+    the caller, of ``options.scheduler``) and the precision of the UNet calls (None: the device's
+    default); the latents, the guidance and the scheduler's update stay float32. With ``latent_range``
+    each step's predicted clean latent is clamped into it (see :mod:`histosynth.models.latent_range`).
+    With eta > 0, item i's step noise is drawn from ``generators[i]`` (CPU generators keep it the same
+    on every device).
     """
+    precision = options.on_device(x_T.device).precision
     scheduler.set_timesteps(options.steps, device=x_T.device)
     step_noise: dict = {}
     if options.eta:
@@ -171,7 +179,7 @@ def denoise(
     timesteps = scheduler.timesteps
     for index, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(x, t)
-        eps = guided_eps(unet, model_in, t, conditions, options.guidance, options.mask_guidance)
+        eps = guided_eps(unet, model_in, t, conditions, options.guidance, options.mask_guidance, precision)
         if latent_range is not None:
             # x, not model_in: x = sqrt(a) x0 + sqrt(1-a) eps holds for the sample itself, and a scheduler may
             # rescale its model input

@@ -52,6 +52,7 @@ from .generate import (
     latent_geometry,
     require_mask_conditioning,
     sample_latents,
+    sampling_options,
 )
 from .jobs import item_seed
 from .large import DEFAULT_WINDOW_BATCH, SeamMeter, Size, as_size, decode_bands, decode_tile, window_overlap
@@ -110,7 +111,7 @@ def synth_slide(
     is written beside the slide (:func:`mask_path_for`). ``options`` default to the model's own.
     Every option is checked before any work.
     """
-    options = bundle.sampling if options is None else options
+    options = sampling_options(bundle, options)
     out = Path(out)
     record_path = out.with_suffix(".json")
     check_slide_mode(mode)
@@ -247,4 +248,5 @@ def seamless_bands(bundle: Bundle, caption: str, size: Size, seed: int, options:
                              window_batch, overlap, progress=steps, label_maps=label_maps)
     strips = None if progress is None else (lambda done, total: progress("decoding strips", done, total))
     _, _, window = latent_geometry(bundle)
-    yield from decode_bands(bundle.autoencoder, latents, tile=decode_tile(window), progress=strips)
+    yield from decode_bands(bundle.autoencoder, latents, tile=decode_tile(window), progress=strips,
+                            precision=options.precision)
