@@ -17,7 +17,7 @@ from histosynth.models.precision import decoder_precision, default_precision, ne
 from histosynth.models.sampling import SamplingOptions
 from histosynth.presets import AutoencoderConfig
 from histosynth.sample.generate import generate
-from histosynth.sample.jobs import MANIFEST_FILE, new_job
+from histosynth.sample.jobs import JOB_FILE, new_job
 
 CAPTIONS = [GENERATING_CAPTION, UNCONDITIONAL_CAPTION]
 LEVELS = "Glomeruli=high,Tubuli=medium"
@@ -77,13 +77,13 @@ def test_a_job_records_its_precision_and_refuses_to_resume_in_another(tiny_bundl
     folder = tmp_path / "job"
     job = new_job(folder, tiny_bundle, [GENERATING_CAPTION], 2, 7, SamplingOptions(steps=2))
     assert job.spec.options.precision == "fp32"  # the CPU's default, settled before it is recorded
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    assert manifest["job"]["precision"] == "fp32"
+    described = json.loads((folder / JOB_FILE).read_text())
+    assert described["job"]["precision"] == "fp32"
     with pytest.raises(JobError, match=r"differs in precision: fp32 there, bf16 here\); choose another output"):
         new_job(folder, tiny_bundle, [GENERATING_CAPTION], 2, 7, SamplingOptions(steps=2, precision="bf16"))
-    # a manifest written before jobs recorded a precision was made in fp32, and resumes so
-    del manifest["job"]["precision"]
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    # a job described before jobs recorded a precision was made in fp32, and resumes so
+    del described["job"]["precision"]
+    (folder / JOB_FILE).write_text(json.dumps(described))
     assert new_job(folder, tiny_bundle, [GENERATING_CAPTION], 2, 7, SamplingOptions(steps=2)).spec == job.spec
 
 
@@ -101,7 +101,7 @@ def test_compile_without_its_compiler_is_refused_before_loading(tiny_bundle_path
 def test_a_compiled_unet_makes_the_images_of_the_plain_one(tiny_bundle_path, tmp_path):
     for name, extra in (("plain", ()), ("compiled", ("--compile",))):
         assert main(_cli_args(tiny_bundle_path, tmp_path / name, "--device", "cpu", *extra)) == 0
-    plain, compiled = (np.asarray(Image.open(tmp_path / name / "00000.png")).astype(int)
+    plain, compiled = (np.asarray(Image.open(tmp_path / name / "00000" / "00000.png")).astype(int)
                        for name in ("plain", "compiled"))
     assert np.abs(plain - compiled).max() <= 1
 
