@@ -1,0 +1,105 @@
+"""`import histosynth`: the Python functions give what the commands give, and refuse bad input with the
+project's errors; README's Python example runs as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import histosynth
+from histosynth.captions import GENERATING_CAPTION
+from histosynth.cli import main
+from histosynth.errors import CaptionError, ConfigError, DataError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return histosynth.load_model(device="cpu")
+
+
+def renal_mask() -> np.ndarray:
+    mask = np.zeros((16, 16), np.uint8)
+    mask.flat[:77] = 3  # Tubuli, 30 %
+    mask.flat[77:205] = 4  # Glomeruli, 50 %
+    return mask
+
+
+def test_generate_makes_the_images_of_the_generate_command(model, tmp_path):
+    caption = model.caption_for_levels({"Glomeruli": "high"})
+    images = model.generate(caption, n=2, seed=3, steps=2, size=128)
+    assert main(["generate", "--levels", "Glomeruli=high", "--n", "2", "--seed", "3", "--steps", "2",
+                 "--size", "128", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    written = [np.asarray(Image.open(tmp_path / "00000" / f"0000{i}.png")) for i in range(2)]
+    assert [(image.mode, image.size) for image in images] == [("RGB", (128, 128))] * 2
+    np.testing.assert_array_equal(np.asarray(images[0]), written[0])
+    np.testing.assert_array_equal(np.asarray(images[1]), written[1])
+    assert not np.array_equal(written[0], written[1])  # each image has its own seed
+
+
+def test_caption_for_mask_is_what_the_caption_command_prints(tmp_path, capsys):
+    path = tmp_path / "m.png"
+    Image.fromarray(renal_mask()).save(path)
+    assert main(["caption", str(path)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == GENERATING_CAPTION
+    assert histosynth.caption_for_mask(renal_mask()) == printed
+    assert histosynth.caption_for_mask(renal_mask().astype(np.int64)) == printed
+    assert histosynth.caption_for_mask(Image.open(path)) == printed
+    assert histosynth.caption_for_mask(path) == printed
+
+
+def test_parse_caption_round_trips():
+    levels = histosynth.parse_caption(GENERATING_CAPTION)
+    assert levels["Glomeruli"] == "high" and levels["Tubuli"] == "medium" and levels["Arteries"] == "none"
+    assert histosynth.caption_for_levels(levels) == GENERATING_CAPTION
+    assert histosynth.parse_caption(histosynth.caption_for_levels("Tubuli=low")) == {
+        **{name: "none" for name in levels}, "Tubuli": "low"}
+
+
+def test_bad_input_is_refused_with_the_projects_errors(model):
+    with pytest.raises(CaptionError, match="Podocytes"):
+        model.generate(levels="Podocytes=high", steps=2)
+    with pytest.raises(ConfigError, match="caption or levels"):
+        model.generate(steps=2)
+    with pytest.raises(ConfigError, match="not both"):
+        model.generate(GENERATING_CAPTION, levels="Glomeruli=high")
+    with pytest.raises(DataError, match="whole class ids.*float64"):
+        histosynth.caption_for_mask(renal_mask().astype(float))
+    with pytest.raises(DataError, match="2-D"):
+        histosynth.caption_for_mask(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match="single-channel.*RGB"):
+        histosynth.caption_for_mask(Image.new("RGB", (4, 4)))
+    with pytest.raises(DataError, match="id"):
+        histosynth.caption_for_mask(np.full((4, 4), 200, np.uint8))
+
+
+def test_the_public_names_are_the_api_and_load_lazily():
+    assert set(histosynth.__all__) <= set(dir(histosynth))
+    assert all(callable(getattr(histosynth, name)) for name in histosynth.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'sample_latents'"):
+        histosynth.sample_latents  # noqa: B018
+    fresh = subprocess.run([sys.executable, "-c", "import sys, histosynth; print(sorted(m for m in "
+                            "('torch', 'histosynth.api', 'diffusers') if m in sys.modules))"],
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "[]"
+
+
+def test_the_readme_example_runs(capsys):
+    text = README.read_text()
+    section = text[text.index("## Python"):]
+    (code,) = re.findall(r"```python\n(.*?)```", section[:section.index("\n## ", 1)], re.S)
+    code = code.replace("load_model()", 'load_model(device="cpu")')  # the suite runs on the CPU
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert np.asarray(namespace["images"][1]).shape == (128, 128, 3) and namespace["pixels"].dtype == np.uint8
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "This image showcases various types of tissue structures found in renal tissue."
+    assert "'Glomeruli': 'high'" in printed[-1]
