@@ -44,6 +44,22 @@ def test_generate_makes_the_images_of_the_generate_command(model, tmp_path):
     assert not np.array_equal(written[0], written[1])  # each image has its own seed
 
 
+def test_generate_from_masks_makes_the_images_of_the_generate_command(tmp_path):
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, :64] = 3  # Tubuli on the left, Glomeruli on the right
+    mask[:, 64:] = 4
+    other = np.rot90(mask).copy()
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, array in zip(paths, (mask, other), strict=True):
+        Image.fromarray(array).save(path)
+    images = histosynth.load_model(device="cpu", masks=True).generate(mask=[paths[0], other], n=1, seed=2, steps=2)
+    assert main(["generate", "--mask", str(tmp_path), "--n", "1", "--seed", "2", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out" / "images").rglob("*.png")
+    assert len(images) == 1 and images[0].size == (128, 128)
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(Image.open(written)))
+
+
 def test_caption_for_mask_is_what_the_caption_command_prints(tmp_path, capsys):
     path = tmp_path / "m.png"
     Image.fromarray(renal_mask()).save(path)

@@ -95,20 +95,23 @@ def as_mask(mask: MaskLike, schema: ClassSchema, source: str = "mask") -> np.nda
 
 
 # --- generation -----------------------------------------------------------------------------------------
-def load_model(path: Union[str, Path, None] = None, device: str = "auto") -> "Model":
+def load_model(path: Union[str, Path, None] = None, device: str = "auto", *, masks: bool = False) -> "Model":
     """A latent diffusion model folder, loaded for generation (``histosynth generate --model``).
 
-    ``path`` None loads the model shipped with histosynth: the text-conditioned one (for the text+mask
-    one pass ``histosynth.defaults.default_mask_bundle_path()``). ``device`` is ``auto`` (a GPU if there
-    is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. A folder that is not a model is a
+    ``path`` None loads a model shipped with histosynth: the text-conditioned one, or with ``masks`` the
+    text+mask one (as ``histosynth generate --mask`` does). ``device`` is ``auto`` (a GPU if there is one,
+    else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. A folder that is not a model is a
     :class:`~histosynth.errors.ModelError`.
     """
-    from .defaults import default_bundle_path
+    from .defaults import default_bundle_path, default_mask_bundle_path
     from .devices import pick_device
     from .models.bundle import load_bundle
     from .sample.generate import prepare_for_sampling
 
-    folder = Path(path) if path is not None else default_bundle_path()
+    if path is not None:
+        folder = Path(path)
+    else:
+        folder = default_mask_bundle_path() if masks else default_bundle_path()
     bundle = load_bundle(folder, pick_device(device))
     prepare_for_sampling(bundle)
     return Model(bundle)
@@ -286,13 +289,3 @@ def evaluate_captions(
     segment = segmenter_function(loaded, coverage, device, batch_size)
     return evaluate_caption_accuracy(arrays, [c.replace("\\n", "\n") for c in wanted], segment, chosen)
 
-
-__all__ = [
-    "Model",
-    "caption_for_levels",
-    "caption_for_mask",
-    "evaluate_captions",
-    "load_model",
-    "parse_caption",
-    "tile",
-]
