@@ -18,8 +18,6 @@ model is loaded) only when first used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -32,11 +30,12 @@ __all__ = [
     "tile",
 ]
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (a tenth of the import)
 if TYPE_CHECKING:
     from .api import Model, caption_for_levels, caption_for_mask, evaluate_captions, load_model, parse_caption, tile
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """The public names of :mod:`histosynth.api`, imported on first use."""
     if name in __all__:
         from . import api
