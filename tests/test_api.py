@@ -34,20 +34,20 @@ def renal_mask() -> np.ndarray:
 
 def test_generate_makes_the_images_of_the_generate_command(model, tmp_path):
     caption = model.caption_for_levels({"Glomeruli": "high"})
-    images = model.generate(caption, n=2, seed=3, steps=2, size=128)
+    images = model.generate(caption, n=2, seed=3, steps=2, size=64)
     assert main(["generate", "--levels", "Glomeruli=high", "--n", "2", "--seed", "3", "--steps", "2",
-                 "--size", "128", "--device", "cpu", "--out", str(tmp_path)]) == 0
+                 "--size", "64", "--device", "cpu", "--out", str(tmp_path)]) == 0
     written = [np.asarray(Image.open(tmp_path / "00000" / f"0000{i}.png")) for i in range(2)]
-    assert [(image.mode, image.size) for image in images] == [("RGB", (128, 128))] * 2
+    assert [(image.mode, image.size) for image in images] == [("RGB", (64, 64))] * 2
     np.testing.assert_array_equal(np.asarray(images[0]), written[0])
     np.testing.assert_array_equal(np.asarray(images[1]), written[1])
     assert not np.array_equal(written[0], written[1])  # each image has its own seed
 
 
 def test_generate_from_masks_makes_the_images_of_the_generate_command(tmp_path):
-    mask = np.zeros((128, 128), np.uint8)
-    mask[:, :64] = 3  # Tubuli on the left, Glomeruli on the right
-    mask[:, 64:] = 4
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 3  # Tubuli on the left, Glomeruli on the right
+    mask[:, 32:] = 4
     other = np.rot90(mask).copy()
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path, array in zip(paths, (mask, other), strict=True):
@@ -56,7 +56,7 @@ def test_generate_from_masks_makes_the_images_of_the_generate_command(tmp_path):
     assert main(["generate", "--mask", str(tmp_path), "--n", "1", "--seed", "2", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "out")]) == 0
     (written,) = (tmp_path / "out" / "images").rglob("*.png")
-    assert len(images) == 1 and images[0].size == (128, 128)
+    assert len(images) == 1 and images[0].size == (64, 64)
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(Image.open(written)))
 
 
@@ -119,3 +119,35 @@ def test_the_readme_example_runs(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "This image showcases various types of tissue structures found in renal tissue."
     assert "'Glomeruli': 'high'" in printed[-1]
+
+
+def test_tile_makes_the_dataset_of_the_tile_command(tmp_path):
+    from histosynth.data.phantom.export import write_phantom_slide
+
+    files = write_phantom_slide(tmp_path / "slides", seed=1, width=512, progress=False)
+    result = histosynth.tile(files.image, tmp_path / "api", masks=[files.mask], size=64)
+    assert main(["tile", str(files.image), "--masks", str(files.mask), "--size", "64", "--out",
+                 str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert result.tiled == {"phantom-1": len(result.dataset)} and len(result.dataset) > 0
+    assert (tmp_path / "api" / "manifest.csv").read_text() == (tmp_path / "cli" / "manifest.csv").read_text()
+    with pytest.raises(DataError, match="2 masks for 1 slides"):
+        histosynth.tile(files.image, tmp_path / "other", masks=[files.mask, files.mask])
+
+
+def test_evaluate_captions_compares_the_found_levels_with_the_caption():
+    from histosynth.data.phantom.generate import phantom_patch
+
+    image, mask = phantom_patch(seed=123_456, size=256)
+    caption = histosynth.caption_for_mask(mask)
+    result = histosynth.evaluate_captions([Image.fromarray(image), image], caption, device="cpu")
+    assert len(result) == 2
+    assert [verdict.requested for verdict in result.verdicts] == [histosynth.parse_caption(caption)] * 2
+    first, second = result.per_image().drop(columns="image").to_dict("records")
+    assert first == second  # a PIL image and its array are one image
+    assert (first["Tubuli found"], first["Dilated Tubuli found"], first["Arteries found"]) == ("medium", "low", "none")
+    assert first["Glomeruli requested"] == "none" and first["Glomeruli found"] == "low"  # a few stray pixels
+    assert result.exact_match_share() == 0.0
+    with pytest.raises(DataError, match=r"image 0: expected an RGB image, uint8 \(H, W, 3\), got float64"):
+        histosynth.evaluate_captions([image / 255.0], caption)
+    with pytest.raises(ConfigError, match="2 images but 3 captions"):
+        histosynth.evaluate_captions([image, image], [caption] * 3)
