@@ -125,12 +125,12 @@ def test_tile_makes_the_dataset_of_the_tile_command(tmp_path):
     from histosynth.data.phantom.export import write_phantom_slide
 
     files = write_phantom_slide(tmp_path / "slides", seed=1, width=512, progress=False)
-    result = histosynth.tile(files.image, tmp_path / "api", masks=[files.mask], size=64)
+    result = histosynth.tile(files.image, tmp_path / "api", masks=str(files.mask), size=64)
     assert main(["tile", str(files.image), "--masks", str(files.mask), "--size", "64", "--out",
                  str(tmp_path / "cli"), "--no-progress"]) == 0
     assert result.tiled == {"phantom-1": len(result.dataset)} and len(result.dataset) > 0
     assert (tmp_path / "api" / "manifest.csv").read_text() == (tmp_path / "cli" / "manifest.csv").read_text()
-    with pytest.raises(DataError, match="2 masks for 1 slides"):
+    with pytest.raises(DataError, match="masks was given 2 times for 1 slides"):
         histosynth.tile(files.image, tmp_path / "other", masks=[files.mask, files.mask])
 
 

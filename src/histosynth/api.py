@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: A label mask: a 2-D integer array (H, W) of class ids, a single-channel PIL image, or a mask file's path.
 MaskLike = Union[np.ndarray, Image.Image, str, Path]
+#: One file's path, or several.
+Paths = Union[str, Path, Sequence[Union[str, Path]]]
 #: A class schema: a ClassSchema, a name ('renal') or a schema YAML path; None is the renal schema.
 SchemaLike = Union[ClassSchema, str, Path, None]
 
@@ -117,11 +119,14 @@ def load_model(path: Union[str, Path, None] = None, device: str = "auto", *, mas
     return Model(bundle)
 
 
-@dataclass
+@dataclass(repr=False)
 class Model:
     """A loaded latent diffusion model (see :func:`load_model`); ``bundle`` is the underlying model folder."""
 
     bundle: "Bundle"
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.bundle.path)!r}, device={str(self.bundle.device)!r})"
 
     @property
     def schema(self) -> ClassSchema:
@@ -212,13 +217,13 @@ class Model:
 
 # --- data -----------------------------------------------------------------------------------------------
 def tile(
-    slides: Union[str, Path, Sequence[Union[str, Path]]],
+    slides: Paths,
     out: Union[str, Path],
-    masks: Optional[Sequence[Union[str, Path]]] = None,
+    masks: Optional[Paths] = None,
     mpp: float = 0.5,
     size: int = 256,
     *,
-    annotations: Optional[Sequence[Union[str, Path]]] = None,
+    annotations: Optional[Paths] = None,
     min_tissue: float = 0.5,
     schema: SchemaLike = None,
     progress: bool = False,
@@ -226,28 +231,27 @@ def tile(
 ) -> "TilingResult":
     """Cut whole slide images into a patch dataset at ``out`` (``histosynth tile``); re-runs skip finished slides.
 
-    ``masks`` (label-mask slides) or ``annotations`` (QuPath GeoJSON / ASAP XML) give each slide's labels,
-    one per slide in order. Patches are ``size`` x ``size`` px at ``mpp`` µm/px; those with a tissue
-    share below ``min_tissue`` (0 .. 1) are dropped. Returns the per-slide patch counts and the dataset
+    ``slides`` is one slide file's path or a list of them (SVS, TIFF, NDPI, MRXS, ...); ``masks`` (label-mask
+    slides) or ``annotations`` (QuPath GeoJSON / ASAP XML) give each slide's labels, one per slide in order.
+    Patches are ``size`` x ``size`` px at ``mpp`` µm/px; those with a tissue share below ``min_tissue``
+    (0 .. 1) are dropped. Returns the per-slide patch counts and the dataset
     (``result.dataset``, a :class:`~histosynth.data.dataset.PatchDataset`).
     """
-    from .data.tiling import SlideInput, TilingOptions, tile_slides
+    from .data.tiling import SlideInput, TilingOptions, one_per_slide, tile_slides
 
-    paths = [Path(slides)] if isinstance(slides, (str, Path)) else [Path(s) for s in slides]
-    masks_of = _one_per_slide(masks, paths, "masks")
-    annotations_of = _one_per_slide(annotations, paths, "annotations")
-    inputs = [SlideInput(slide, mask=m, annotations=a) for slide, m, a in zip(paths, masks_of, annotations_of,
-                                                                               strict=True)]
+    paths = _paths(slides)
+    masks_of = one_per_slide(_paths(masks), paths, "masks")
+    annotations_of = one_per_slide(_paths(annotations), paths, "annotations")
+    inputs = [SlideInput(slide, mask=m, annotations=a)
+              for slide, m, a in zip(paths, masks_of, annotations_of, strict=True)]
     return tile_slides(inputs, out, load_schema(schema), TilingOptions(mpp=mpp, size=size, min_tissue=min_tissue),
                        progress=progress, workers=workers)
 
 
-def _one_per_slide(values: Optional[Sequence[Any]], slides: list[Path], what: str) -> list[Optional[Path]]:
-    if values is None:
-        return [None] * len(slides)
-    if len(values) != len(slides):
-        raise DataError(f"{len(values)} {what} for {len(slides)} slides; give one per slide, in order")
-    return [Path(v) for v in values]
+def _paths(given: Optional[Paths]) -> list[Path]:
+    if given is None:
+        return []
+    return [Path(given)] if isinstance(given, (str, Path)) else [Path(p) for p in given]
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
