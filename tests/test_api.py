@@ -52,12 +52,17 @@ def test_generate_from_masks_makes_the_images_of_the_generate_command(tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path, array in zip(paths, (mask, other), strict=True):
         Image.fromarray(array).save(path)
-    images = histosynth.load_model(device="cpu", masks=True).generate(mask=[paths[0], other], n=1, seed=2, steps=2)
+    model = histosynth.load_model(device="cpu", masks=True)
+    images = model.generate(mask=[paths[0], other], n=1, seed=2, steps=2)
     assert main(["generate", "--mask", str(tmp_path), "--n", "1", "--seed", "2", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "out")]) == 0
     (written,) = (tmp_path / "out" / "images").rglob("*.png")
     assert len(images) == 1 and images[0].size == (64, 64)
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(Image.open(written)))
+    with pytest.raises(DataError, match=r"mask 0: a label mask holds whole class ids from 0, got float32"):
+        model.generate(mask=mask.astype(np.float32), steps=2)
+    with pytest.raises(DataError, match="holds no mask files"):
+        model.generate(mask=tmp_path / "out" / "records", steps=2)
 
 
 def test_caption_for_mask_is_what_the_caption_command_prints(tmp_path, capsys):

@@ -174,8 +174,9 @@ class Model:
 
         Give one of ``caption`` (the schema's sentences, newline or space separated) or ``levels``
         (``"Glomeruli=high"`` or a mapping); with ``mask`` both may be left out (the unconditional
-        caption). ``mask`` (a mask-conditioned model) is one label mask (see :func:`caption_for_mask`)
-        or a list of them: one image per mask, ``n`` of them drawn with ``seed`` (default: all).
+        caption). ``mask`` (a mask-conditioned model) is one label mask (see :func:`caption_for_mask`), a
+        folder of mask files, or a list of them: one image per mask, ``n`` of them drawn with ``seed``
+        (default: all).
         Without masks ``n`` defaults to 1. ``seed`` is 0 .. 2**32 - 1. ``steps``, ``guidance``
         (classifier-free scale of the text; 1 = none), ``mask_guidance``, ``scheduler`` (``ddim`` or
         ``dpm++``), ``eta`` (0 .. 1) and ``precision`` (``fp32``, ``bf16``, ``fp16``) default to the
@@ -183,17 +184,13 @@ class Model:
         """
         from .sample.generate import check_seeds
         from .sample.jobs import DEFAULT_BATCH_SIZE, Job, Layout, job_spec, sample_job_batches
-        from .sample.masks import ConditioningMask, choose_masks
+        from .sample.masks import choose_masks
 
         check_seeds([seed])
         bundle = self.bundle
         options = bundle.sampling.overridden(steps=steps, guidance=guidance, mask_guidance=mask_guidance,
                                              scheduler=scheduler, eta=eta, precision=precision)
-        masks = None
-        if mask is not None:
-            given = mask if isinstance(mask, (list, tuple)) else [mask]
-            masks = choose_masks([ConditioningMask(f"mask {i}", as_mask(m, self.schema, f"mask {i}"))
-                                  for i, m in enumerate(given)], n, seed)
+        masks = None if mask is None else choose_masks(self._masks(mask), n, seed)
         captions = [self._caption(caption, levels, required=masks is None)]
         count = None if masks is not None else (1 if n is None else n)
         spec = job_spec(bundle, captions, count, seed, options, size,
@@ -202,6 +199,18 @@ class Model:
         arrays = None if masks is None else [m.mask for m in masks]
         return [Image.fromarray(image) for _, made in sample_job_batches(bundle, job, range(job.batch_count), arrays)
                 for image in made.images]
+
+    def _masks(self, given: Union[MaskLike, Sequence[MaskLike]]) -> list:
+        """Conditioning masks: a mask file or folder of them is read as ``--mask`` reads it."""
+        from .sample.masks import ConditioningMask, read_masks
+
+        masks = []
+        for index, mask in enumerate(given if isinstance(given, (list, tuple)) else [given]):
+            if isinstance(mask, (str, Path)):
+                masks += read_masks(mask, self.schema)
+            else:
+                masks.append(ConditioningMask(f"mask {index}", as_mask(mask, self.schema, f"mask {index}")))
+        return masks
 
     def _caption(self, caption: Optional[str], levels: Union[str, Mapping[str, str], None], required: bool) -> str:
         if caption is not None and levels is not None:
