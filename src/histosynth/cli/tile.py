@@ -7,7 +7,6 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import DataError
 from .common import ProgressOption, SchemaOption, schema_from_option
 
 
@@ -40,12 +39,12 @@ def tile(
                               "writing into one --out; give every shard the same slides"),
 ) -> None:
     """Cut slides into a patch dataset of image/mask PNG pairs with captions; re-runs skip finished slides."""
-    from ..data.tiling import Shard, SlideInput, TilingOptions, read_split_file, tile_slides
+    from ..data.tiling import Shard, SlideInput, TilingOptions, one_per_slide, read_split_file, tile_slides
 
     part = Shard.parse(shard) if shard is not None else Shard()
-    masks_per_slide = _one_per_slide(masks, slides, "--masks")
-    annotations_per_slide = _one_per_slide(annotations, slides, "--annotations")
-    overrides = _one_per_slide(mpp_override, slides, "--mpp-override", allow_one=True)
+    masks_per_slide = one_per_slide(masks, slides, "--masks")
+    annotations_per_slide = one_per_slide(annotations, slides, "--annotations")
+    overrides = one_per_slide(mpp_override, slides, "--mpp-override", allow_one=True)
     inputs = [SlideInput(slide, mask=m, annotations=a, mpp_override=o)
               for slide, m, a, o in zip(slides, masks_per_slide, annotations_per_slide, overrides, strict=True)]
     result = tile_slides(
@@ -64,12 +63,3 @@ def tile(
     else:
         typer.echo(f"{len(result.dataset)} patches in {out}")
 
-
-def _one_per_slide(values: Optional[list], slides: list[Path], option: str, allow_one: bool = False) -> list:
-    if not values:
-        return [None] * len(slides)
-    if allow_one and len(values) == 1:
-        return values * len(slides)
-    if len(values) != len(slides):
-        raise DataError(f"{option} was given {len(values)} times for {len(slides)} slides; give it once per slide")
-    return list(values)

@@ -172,6 +172,18 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def one_per_slide(values: list | None, slides: list, option: str, allow_one: bool = False) -> list:
+    """``values`` given once per slide, in order (``allow_one``: or once for all); None for each slide if none
+    were given. Another count is a DataError naming ``option``."""
+    if not values:
+        return [None] * len(slides)
+    if allow_one and len(values) == 1:
+        return list(values) * len(slides)
+    if len(values) != len(slides):
+        raise DataError(f"{option} was given {len(values)} times for {len(slides)} slides; give it once per slide")
+    return list(values)
+
+
 def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema = RENAL,
                 options: TilingOptions = TilingOptions(), splits: dict[str, str] | None = None,
                 progress: bool = True, workers: int | None = None, shard: Shard = Shard()) -> TilingResult:

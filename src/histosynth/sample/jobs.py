@@ -73,6 +73,7 @@ from ..models.bundle import Bundle
 from .generate import (
     DEFAULT_BATCH_SIZE,
     CaptionEmbeddings,
+    Generated,
     ImagesDone,
     SamplingOptions,
     check_caption_conditioning,
@@ -552,22 +553,37 @@ def _sampled_batches(bundle: Bundle, job: Job, state: ShardState) -> Iterator[tu
     uninterrupted run. Before the first write into a folder, the temporaries a killed run of the shard
     left there are removed.
     """
-    spec = job.spec
-    embeddings = CaptionEmbeddings.for_bundle(bundle, spec.captions)
     cleaned: set[Path] = set()
-    for batch in state.todo.tolist():
-        items = [job.item(i) for i in job.batch_items(batch)]
-        (made,) = generate_batches(
-            bundle, [item["caption"] for item in items], [item["seed"] for item in items], spec.options,
-            batch_size=spec.batch_size, size=spec.size, embeddings=embeddings,
-            masks=job.read_masks(items) if spec.masks else None,
-        )
+    batches = state.todo.tolist()
+    for batch, (items, made) in zip(batches, sample_job_batches(bundle, job, batches), strict=True):
         files = [(item["index"], job.folder / item["file"], image)
                  for item, image in zip(items, made.images, strict=True) if not state.finished[item["index"]]]
         for folder in {path.parent for _, path, _ in files} - cleaned:
             job.remove_partial_files(folder, state.shard)
             cleaned.add(folder)
         yield batch, files
+
+
+def sample_job_batches(
+    bundle: Bundle, job: Job, batches: Sequence[int], masks: Optional[Sequence[np.ndarray]] = None,
+) -> Iterator[tuple[list[dict[str, Any]], Generated]]:
+    """(item records, their images) of each of the job's ``batches``, in order, each batch sampled whole.
+
+    A job from masks reads them from its folder (checked against its digests), unless ``masks`` (one per
+    item of the job, in item order) are given: a job kept in memory (see :func:`job_spec`).
+    """
+    spec = job.spec
+    embeddings = CaptionEmbeddings.for_bundle(bundle, spec.captions)
+    for batch in batches:
+        items = [job.item(i) for i in job.batch_items(batch)]
+        batch_masks = None
+        if spec.masks:
+            batch_masks = job.read_masks(items) if masks is None else [masks[item["index"]] for item in items]
+        (made,) = generate_batches(
+            bundle, [item["caption"] for item in items], [item["seed"] for item in items], spec.options,
+            batch_size=spec.batch_size, size=spec.size, embeddings=embeddings, masks=batch_masks,
+        )
+        yield items, made
 
 
 def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Optional[int], seed: int,
@@ -579,6 +595,19 @@ def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Opti
     and the masks are stored in the folder. ``options`` default to the model's own.
     ``batch_size`` defaults to the batch size of the job already in ``folder``, else 8.
     """
+    if batch_size is None:
+        batch_size = _existing_batch_size(Path(folder)) or DEFAULT_BATCH_SIZE
+    spec = job_spec(bundle, captions, n, seed, options, size, batch_size, masks)
+    job = Job.create_or_resume(folder, spec)
+    job.write_masks(masks or [])
+    return job
+
+
+def job_spec(bundle: Bundle, captions: Sequence[str], n: Optional[int], seed: int,
+             options: Optional[SamplingOptions] = None, size: Optional[int | Size] = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, masks: Optional[Sequence[ConditioningMask]] = None) -> JobSpec:
+    """The job of :func:`new_job`, checked against ``bundle`` (and refused if it cannot fit in memory), without
+    touching any folder."""
     options = sampling_options(bundle, options)
     if masks is not None:
         mask_size = check_masks_fit(bundle, masks)
@@ -591,15 +620,11 @@ def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Opti
     check_caption_conditioning(bundle, captions)
     size = as_size(bundle.image_size if size is None else size)
     image_latent_size(bundle, size)  # an impossible size is refused before the folder is touched
-    if batch_size is None:
-        batch_size = _existing_batch_size(Path(folder)) or DEFAULT_BATCH_SIZE
     masks = list(masks or [])
     spec = JobSpec(bundle.id, tuple(captions), n if n is not None else len(captions), seed, options, size,
                    batch_size, tuple(m.digest for m in masks), tuple(m.source for m in masks))
     check_fits_in_memory(bundle, size, spec.batch_size)
-    job = Job.create_or_resume(folder, spec)
-    job.write_masks(masks)
-    return job
+    return spec
 
 
 def is_job_folder(folder: str | Path) -> bool:
