@@ -3,7 +3,10 @@ diffusers `save_pretrained` folder, used as it is by `cache --autoencoder` and `
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import logging.handlers
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from diffusers import AutoencoderKL
 from histosynth.cli import main
 from histosynth.models.autoencoder import encode_latents, latent_scale, load_checked_autoencoder
 from histosynth.presets import load_preset
+from histosynth.terminal import MODEL_LOADING_CHATTER, plain_output
 from histosynth.train.cache import autoencoder_id
 from histosynth.train.ldm import resolve_autoencoder
 
@@ -76,3 +80,22 @@ def test_folders_that_cannot_serve_are_refused_in_one_line(diffusers_kl, blob_da
     assert refused([*command, str(no_weights)]).startswith(
         f"error: {no_weights}: the autoencoder cannot be loaded: ")
     assert not (tmp_path / "cache").exists()
+
+
+def test_model_loading_under_plain_output_gives_no_advice_to_install_accelerate(diffusers_kl):
+    """`cache`, `train`, `train-autoencoder` and `import-compvis` run under plain_output."""
+    if importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("diffusers gives the advice only where accelerate is missing")
+    folder, _ = diffusers_kl
+    logger = logging.getLogger(MODEL_LOADING_CHATTER)
+    records = logging.handlers.BufferingHandler(capacity=100)
+    logger.addHandler(records)
+    try:
+        AutoencoderKL.from_pretrained(folder)
+        assert any("pip install accelerate" in r.getMessage() for r in records.buffer)
+        records.flush()
+        with plain_output():
+            AutoencoderKL.from_pretrained(folder)
+        assert records.buffer == []
+    finally:
+        logger.removeHandler(records)
