@@ -380,6 +380,10 @@ def test_bad_first_stage_inputs_are_refused_in_one_line(compvis_dir, compvis_vq_
         "error: the checkpoint has no weights for 60 autoencoder tensors (first: diffusers 'encoder.conv_in.weight');"
         " is --config the right YAML?")
 
+    assert refused(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"), "--config", str(config), "--out",
+                    str(tmp_path / "b")]).endswith("is a LatentDiffusion checkpoint, not a first-stage one; import it "
+                                                   "with its LatentDiffusion YAML (the model folder it gives serves "
+                                                   "as --autoencoder too)")
     assert refused([*command, "--out", str(tmp_path / "c"), "--ema"]).endswith(
         "describes a first-stage autoencoder; --text-encoder and --ema/--no-ema belong to LatentDiffusion checkpoints")
     assert refused([*command, "--out", str(tmp_path / "d"), "--latent-scale", "0"]).startswith("error: --latent-scale")

@@ -475,6 +475,11 @@ def import_compvis_autoencoder(
         raise ModelError(f"{config_yaml}: a LatentDiffusion config, not a first-stage (VQModel / AutoencoderKL) one")
     kind = first_stage_kind(model)
     state, extras = _float_state(checkpoint, trust_pickle)
+    if any(k.startswith((FIRST_STAGE_PREFIX, UNET_PREFIX)) for k in state):
+        raise ModelError(
+            f"{checkpoint} is a LatentDiffusion checkpoint, not a first-stage one; import it with its LatentDiffusion "
+            "YAML (the model folder it gives serves as --autoencoder too)"
+        )
     names = _storage_names(state)
     config = autoencoder_config_from_compvis(model, latent_scale)
     ae, used = _convert_autoencoder(state, config, kind, names, "")
