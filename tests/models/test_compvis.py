@@ -380,6 +380,11 @@ def test_bad_first_stage_inputs_are_refused_in_one_line(compvis_dir, compvis_vq_
         "error: the checkpoint has no weights for 60 autoencoder tensors (first: diffusers 'encoder.conv_in.weight');"
         " is --config the right YAML?")
 
+    remapped, _ = first_stage_checkpoint(tmp_path / "remapped", state | {"quantize.used": torch.arange(8)},
+                                         first_stage, first_stage["target"])
+    assert refused(["import-compvis", str(remapped), "--config", str(config), "--out", str(tmp_path / "b")]) == (
+        "error: 1 checkpoint weights were not used by the networks the config describes (first: 'quantize.used'); "
+        "is --config the YAML this checkpoint was trained with?")
     assert refused(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"), "--config", str(config), "--out",
                     str(tmp_path / "b")]).endswith("is a LatentDiffusion checkpoint, not a first-stage one; import it "
                                                    "with its LatentDiffusion YAML (the model folder it gives serves "

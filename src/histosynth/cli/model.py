@@ -60,7 +60,7 @@ def latent_range_command(
 def import_compvis_command(
     checkpoint: Path = typer.Argument(..., help="CompVis checkpoint (.ckpt or .safetensors)"),
     config: Path = typer.Option(..., "--config", help="the CompVis YAML the checkpoint was trained with"),
-    out: Path = typer.Option(..., "--out", help="model folder to write"),
+    out: Path = typer.Option(..., "--out", help="model folder to write (an autoencoder folder for a first stage)"),
     text_encoder: Optional[str] = typer.Option(
         None, "--text-encoder",
         help="text encoder the model was trained with (folder or hub id); default: the YAML's cond stage version",
