@@ -121,6 +121,47 @@ def compvis_ckpt(compvis_dir, tmp_path_factory) -> Path:
     return path
 
 
+#: stand-ins for a first-stage checkpoint's training loss (LPIPS, discriminator), which an import drops
+FAKE_LOSS_KEYS = {"loss.logvar": (), "loss.perceptual_loss.lin0.model.1.weight": (1, 64, 1, 1),
+                  "loss.discriminator.main.0.weight": (64, 3, 4, 4)}
+
+
+def write_first_stage_checkpoint(folder: Path, state: dict[str, torch.Tensor], first_stage: dict,
+                                 target: str) -> tuple[Path, Path]:
+    """A standalone CompVis first-stage checkpoint (``model.ckpt`` + ``config.yaml``, as the model zoo ships
+    them) of ``state`` (CompVis names, no prefix) with fake ``loss.`` weights added."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt, config = folder / "model.ckpt", folder / "config.yaml"
+    loss = {key: torch.full(shape, 0.5) for key, shape in FAKE_LOSS_KEYS.items()}
+    torch.save({"state_dict": state | loss, "global_step": 42}, ckpt)
+    params = dict(first_stage["params"], lossconfig={
+        "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "params": {"disc_start": 1}})
+    config.write_text(yaml.safe_dump({"model": {"base_learning_rate": 4.5e-6, "target": target, "params": params}}))
+    return ckpt, config
+
+
+@pytest.fixture(scope="session")
+def first_stage_checkpoint():
+    """:func:`write_first_stage_checkpoint`, for tests that make their own."""
+    return write_first_stage_checkpoint
+
+
+@pytest.fixture(scope="session")
+def compvis_vq_first_stage(compvis_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The fixture's VQ first stage cut out into a standalone ``ldm.models.autoencoder.VQModel`` checkpoint."""
+    import yaml
+    from safetensors.torch import load_file
+
+    prefix = "first_stage_model."
+    state = {k[len(prefix):]: v for k, v in load_file(str(compvis_dir / "tiny_ldm.safetensors")).items()
+             if k.startswith(prefix)}
+    first_stage = yaml.safe_load((compvis_dir / "tiny_ldm.yaml").read_text())["model"]["params"]["first_stage_config"]
+    return write_first_stage_checkpoint(tmp_path_factory.mktemp("vq-f4"), state, first_stage,
+                                        "ldm.models.autoencoder.VQModel")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny networks run fastest on one thread, and one thread is immune to a busy machine."""

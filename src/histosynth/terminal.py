@@ -1,4 +1,5 @@
-"""What long-running work shows in the user's terminal: one progress bar, and Lightning without its chatter."""
+"""What long-running work shows in the user's terminal: one progress bar, one line per warning, and
+Lightning and diffusers without their chatter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
 
 #: Lightning's loggers of start-up banners (accelerator found, seed set, CUDA_VISIBLE_DEVICES, tips).
 LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
+#: diffusers' logger that advises installing accelerate whenever a model is loaded or built without it
+MODEL_LOADING_CHATTER = "diffusers.models.modeling_utils"
 
 
 def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool = False, rate: bool = False,
@@ -84,3 +87,19 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+@contextmanager
+def plain_output() -> Iterator[None]:
+    """Warnings as one line each, diffusers' model loading without its advice to install accelerate, and
+    Lightning's progress bar and warnings without its tips and chatter (see :func:`quiet_lightning`)."""
+    loading = logging.getLogger(MODEL_LOADING_CHATTER)
+    level, format_warning = loading.level, warnings.formatwarning
+    loading.setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        with quiet_lightning():
+            yield
+    finally:
+        loading.setLevel(level)
+        warnings.formatwarning = format_warning

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import UNet2DConditionModel, VQModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 from safetensors.torch import load_file
 
 from histosynth.cli import main
 from histosynth.errors import ModelError
-from histosynth.models.autoencoder import decode_latents, encode_latents
-from histosynth.models.compvis import ema_key, import_compvis
+from histosynth.models.autoencoder import decode_latents, encode_latents, load_checked_autoencoder
+from histosynth.models.compvis import ema_key, import_compvis, import_compvis_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,7 +146,7 @@ def test_missing_checkpoint_and_non_compvis_yaml_are_clear_errors(compvis_dir, t
         import_compvis(tmp_path / "none.ckpt", compvis_dir / "tiny_ldm.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {}\n")
-    with pytest.raises(ModelError, match="not a CompVis LatentDiffusion config"):
+    with pytest.raises(ModelError, match="not a CompVis LatentDiffusion or first-stage config"):
         import_compvis(compvis_dir / "tiny_ldm.safetensors", bad)
 
 
@@ -288,3 +288,111 @@ def test_a_text_encoder_of_the_wrong_width_is_refused(compvis_dir, tmp_path, cap
     assert code == 2 and not out.exists()
     assert ("text encoder 'minilm' gives 384 features per token but the checkpoint's denoiser reads 64"
             in capsys.readouterr().err)
+
+
+# --- standalone first-stage checkpoints (the model zoo's vq-f4/model.ckpt + config.yaml) -----------
+
+
+def test_a_standalone_vq_first_stage_reproduces_compvis_outputs(compvis_vq_first_stage, expected):
+    """The fixture's first stage cut out of the LDM gives the original code's encode / quantise / decode."""
+    ckpt, config = compvis_vq_first_stage
+    vq, info = import_compvis_autoencoder(ckpt, config)
+    with torch.no_grad():
+        latent = encode_latents(vq, expected["vq_image"])
+        quantized, _, (_, _, indices) = vq.quantize(expected["vq_latent"])
+        decoded = decode_latents(vq, expected["vq_latent"])
+    assert max_error(latent, expected["vq_latent"]) < 1e-4
+    assert max_error(quantized, expected["vq_quantized"]) < 1e-5
+    assert torch.equal(indices.view(expected["vq_indices"].shape), expected["vq_indices"])
+    assert max_error(decoded, expected["vq_decoded"]) < 1e-4
+    assert (info.kind, info.downsampling, info.latent_channels, info.latent_scale, info.global_step) == (
+        "vq", 4, 3, 1.0, 42)
+    assert info.skipped == {"loss.*": 3}
+    assert info.summary() == ("imported a VQ-f4 autoencoder (3 latent channels, step 42), latent scale 1.0; "
+                              "skipped 3 loss.* (the training loss: LPIPS, discriminator)")
+
+
+def test_a_standalone_kl_first_stage_round_trips_strictly(tmp_path, first_stage_checkpoint):
+    """A KL-f4 with a channel change (nin_shortcut convs) written out in CompVis names imports to the same
+    network, with the latent scale given."""
+    torch.manual_seed(0)
+    original = AutoencoderKL(
+        block_out_channels=[32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, latent_channels=4, sample_size=64,
+        scaling_factor=0.25,
+    ).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state = {k[len("first_stage_model."):]: v for k, v in compvis_vq_state(original).items()}
+    first_stage = {"params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+        "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+    ckpt, config = first_stage_checkpoint(tmp_path, state, first_stage, "ldm.models.autoencoder.AutoencoderKL")
+
+    imported, info = import_compvis_autoencoder(ckpt, config, latent_scale=0.25)
+
+    reference = original.state_dict()
+    assert imported.state_dict().keys() == reference.keys()
+    assert all(torch.equal(imported.state_dict()[k], reference[k]) for k in reference)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(encode_latents(imported, image), encode_latents(original, image))
+        assert torch.equal(imported(image).sample, original(image).sample)
+    assert (info.kind, info.downsampling, info.latent_channels, info.skipped) == ("kl", 4, 4, {"loss.*": 3})
+
+
+def test_import_command_writes_an_autoencoder_folder_for_a_first_stage_checkpoint(compvis_vq_first_stage, tmp_path,
+                                                                                   expected, capsys):
+    ckpt, config = compvis_vq_first_stage
+    out = tmp_path / "vq-f4"
+    assert main(["import-compvis", str(ckpt), "--config", str(config), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                     "import.json"]
+    notes = json.loads((out / "import.json").read_text())
+    assert (notes["global_step"], notes["latent_scale"], notes["skipped_keys"]) == (42, 1.0, {"loss.*": 3})
+    assert f"wrote autoencoder folder {out}" in capsys.readouterr().out
+    with torch.no_grad():
+        decoded = decode_latents(load_checked_autoencoder(out), expected["vq_latent"])
+    assert max_error(decoded, expected["vq_decoded"]) < 1e-4
+
+
+def _without(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def test_bad_first_stage_inputs_are_refused_in_one_line(compvis_dir, compvis_vq_first_stage, tmp_path, refused,
+                                                        first_stage_checkpoint):
+    ckpt, config = compvis_vq_first_stage
+    command = ["import-compvis", str(ckpt), "--config", str(config)]
+    other = tmp_path / "ddpm.yaml"
+    other.write_text(yaml.safe_dump({"model": {"target": "ldm.models.diffusion.ddpm.DDPM", "params": {}}}))
+    assert refused(["import-compvis", str(ckpt), "--config", str(other), "--out", str(tmp_path / "a")]) == (
+        f"error: {other}: not a CompVis LatentDiffusion or first-stage config (model.target "
+        "'ldm.models.diffusion.ddpm.DDPM'); histosynth imports a LatentDiffusion (model.params.unet_config and "
+        "first_stage_config) or a VQModel / AutoencoderKL")
+
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    first_stage = yaml.safe_load(config.read_text())["model"]
+    no_encoder, _ = first_stage_checkpoint(tmp_path / "no-encoder", _without(state, "encoder."), first_stage,
+                                           first_stage["target"])
+    assert refused(["import-compvis", str(no_encoder), "--config", str(config), "--out", str(tmp_path / "b")]) == (
+        "error: the checkpoint has no weights for 60 autoencoder tensors (first: diffusers 'encoder.conv_in.weight');"
+        " is --config the right YAML?")
+
+    remapped, _ = first_stage_checkpoint(tmp_path / "remapped", state | {"quantize.used": torch.arange(8)},
+                                         first_stage, first_stage["target"])
+    assert refused(["import-compvis", str(remapped), "--config", str(config), "--out", str(tmp_path / "b")]) == (
+        "error: 1 checkpoint weights were not used by the networks the config describes (first: 'quantize.used'); "
+        "is --config the YAML this checkpoint was trained with?")
+    assert refused(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"), "--config", str(config), "--out",
+                    str(tmp_path / "b")]).endswith("is a LatentDiffusion checkpoint, not a first-stage one; import it "
+                                                   "with its LatentDiffusion YAML (the model folder it gives serves "
+                                                   "as --autoencoder too)")
+    assert refused([*command, "--out", str(tmp_path / "c"), "--ema"]).endswith(
+        "describes a first-stage autoencoder; --text-encoder and --ema/--no-ema belong to LatentDiffusion checkpoints")
+    assert refused([*command, "--out", str(tmp_path / "d"), "--latent-scale", "0"]).startswith("error: --latent-scale")
+    assert refused(["import-compvis", str(compvis_dir / "tiny_ldm.safetensors"), "--config",
+                    str(compvis_dir / "tiny_ldm.yaml"), "--out", str(tmp_path / "e"), "--latent-scale", "0.5"]
+                   ).endswith("--latent-scale is for first-stage checkpoints")
+    assert not any((tmp_path / name).exists() for name in "abcde")

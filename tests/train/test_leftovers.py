@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from histosynth.errors import JobError
-from histosynth.models.autoencoder import build_autoencoder
+from histosynth.models.autoencoder import build_autoencoder, write_autoencoder_folder
 from histosynth.models.bundle import load_autoencoder_folder
 from histosynth.presets import Preset, load_preset
-from histosynth.train.autoencoder import _write_autoencoder_folder
 from histosynth.train.runtime import CHECKPOINT_DIR, AtomicCheckpointIO, RunFolder
 
 
@@ -40,6 +39,6 @@ def test_saving_a_model_folder_removes_the_staging_folder_of_a_killed_save(tmp_p
     kept = [tmp_path / ".ae2.k3j9x_2a.part", tmp_path / "ae.part", tmp_path / ".ae.notes"]
     for path in kept:
         path.write_bytes(b"mine")
-    _write_autoencoder_folder(tmp_path / "ae", autoencoder, {"psnr_db": 0.0})
+    write_autoencoder_folder(tmp_path / "ae", autoencoder, {"metrics.json": {"psnr_db": 0.0}})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ae", *[p.name for p in kept]])
     load_autoencoder_folder(tmp_path / "ae")

@@ -1,5 +1,6 @@
 """Model-folder commands: `histosynth import-compvis` takes over a CompVis / PathLDM / generationLDM
-checkpoint; `histosynth latent-range` sets the range of training latents that sampling clamps into."""
+checkpoint (a LatentDiffusion becomes a model folder, a first-stage VQModel / AutoencoderKL an autoencoder
+folder); `histosynth latent-range` sets the range of training latents that sampling clamps into."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 
 from ..errors import ConfigError, ModelError
 from ..models.latent_range import DEFAULT_QUANTILE, check_quantile
+from ..terminal import plain_output
 from .common import SchemaOption, schema_from_option
 
 #: written instead of a model folder's description when no text encoder is at hand
@@ -58,7 +60,7 @@ def latent_range_command(
 def import_compvis_command(
     checkpoint: Path = typer.Argument(..., help="CompVis checkpoint (.ckpt or .safetensors)"),
     config: Path = typer.Option(..., "--config", help="the CompVis YAML the checkpoint was trained with"),
-    out: Path = typer.Option(..., "--out", help="model folder to write"),
+    out: Path = typer.Option(..., "--out", help="model folder to write (an autoencoder folder for a first stage)"),
     text_encoder: Optional[str] = typer.Option(
         None, "--text-encoder",
         help="text encoder the model was trained with (folder or hub id); default: the YAML's cond stage version",
@@ -69,14 +71,53 @@ def import_compvis_command(
     trust_checkpoint: bool = typer.Option(
         False, "--trust-checkpoint", help="allow full unpickling of a .ckpt (only for files you trust)"
     ),
+    latent_scale: Optional[float] = typer.Option(
+        None, "--latent-scale", help="first-stage checkpoints: the scale_factor of the LatentDiffusion that is to "
+        "use the autoencoder (default 1.0, CompVis' default and PathLDM's VQ-f4)"
+    ),
     schema: Optional[str] = SchemaOption,
 ) -> None:
-    """Convert a CompVis LatentDiffusion checkpoint into a histosynth model folder."""
-    from ..models.compvis import import_compvis
+    """Convert a CompVis checkpoint: a LatentDiffusion into a histosynth model folder, a first-stage
+    autoencoder (VQModel / AutoencoderKL, e.g. the model zoo's vq-f4) into an autoencoder folder."""
+    from ..models.compvis import is_first_stage, read_compvis_model
 
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; choose a new --out folder")
-    unet, autoencoder, info = import_compvis(checkpoint, config, use_ema=ema, trust_pickle=trust_checkpoint)
+    with plain_output():
+        if is_first_stage(read_compvis_model(config)):
+            if text_encoder is not None or ema is not None:
+                raise ConfigError(f"{config} describes a first-stage autoencoder; --text-encoder and --ema/--no-ema "
+                                  "belong to LatentDiffusion checkpoints")
+            _import_first_stage(checkpoint, config, out, 1.0 if latent_scale is None else latent_scale,
+                                trust_checkpoint)
+            return
+        if latent_scale is not None:
+            raise ConfigError(f"{config} describes a LatentDiffusion, whose checkpoint holds its latent scale "
+                              "(scale_factor); --latent-scale is for first-stage checkpoints")
+        _import_latent_diffusion(checkpoint, config, out, text_encoder, ema, trust_checkpoint, schema)
+
+
+def _import_first_stage(checkpoint: Path, config: Path, out: Path, latent_scale: float, trust: bool) -> None:
+    """A first-stage checkpoint -> an autoencoder folder (``train --autoencoder``, ``cache --autoencoder``)."""
+    from .. import validation
+    from ..models.autoencoder import write_autoencoder_folder
+    from ..models.compvis import import_compvis_autoencoder
+
+    validation.positive_float(latent_scale, "--latent-scale")
+    autoencoder, info = import_compvis_autoencoder(checkpoint, config, latent_scale, trust)
+    typer.echo(info.summary())
+    write_autoencoder_folder(out, autoencoder, {"import.json": info.provenance()})
+    hint = ("; a KL autoencoder's latents are rarely of unit spread: give the LDM's scale_factor with --latent-scale"
+            if info.kind == "kl" and latent_scale == 1.0 else "")
+    typer.echo(f"wrote autoencoder folder {out} (use it with train --autoencoder, cache --autoencoder){hint}")
+
+
+def _import_latent_diffusion(checkpoint: Path, config: Path, out: Path, text_encoder: Optional[str],
+                             ema: Optional[bool], trust: bool, schema: Optional[str]) -> None:
+    """A LatentDiffusion checkpoint -> a model folder, or its networks only when no text encoder is at hand."""
+    from ..models.compvis import import_compvis
+
+    unet, autoencoder, info = import_compvis(checkpoint, config, use_ema=ema, trust_pickle=trust)
     typer.echo(info.summary())
     encoder_spec = text_encoder or _cond_stage_version(info.text_encoder)
     max_tokens = ((info.text_encoder or {}).get("params") or {}).get("max_length")  # PathLDM: 154

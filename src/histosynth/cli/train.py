@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
 
 from ..errors import ConfigError
-from ..terminal import quiet_lightning
+from ..terminal import plain_output
 from .common import DeviceOption, OptionBlock, WorkersOption, expand_blocks, seed_option, training_folders
 
 PresetOption = typer.Option("tiny", "--preset", help="model preset: tiny, small, pathldm, or a preset YAML file")
@@ -130,7 +127,7 @@ def encode_cache(dataset: Path, model: Optional[Path], preset: str, autoencoder:
 
     started = time.perf_counter()
     classes = open_dataset(dataset).schema.ids if label_maps else None
-    with process_group(ranks_from_environment()) as ranks, _plain_output():
+    with process_group(ranks_from_environment()) as ranks, plain_output():
         torch_device = ranks.device(pick_device(device))
         ae, encoder = _cache_models(model, preset, autoencoder, text_encoder, seed, torch_device)
         data = prepare_training_data(dataset, ae, encoder, cache_dir, split, batch_size, ranks.main,
@@ -202,7 +199,7 @@ def train_command(
         sample_every=sample_every, condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
         cache_dir=cache_dir, log_every=log_every, **run,
     )
-    with _plain_output():
+    with plain_output():
         result = train_ldm(options)
     if not result.main_process:
         return
@@ -226,7 +223,7 @@ def train_autoencoder_command(
 
     options = AutoencoderTrainOptions(**folders, preset=load_preset(preset), steps=steps, batch_size=batch_size,
                                       lr=lr, **run)
-    with _plain_output():
+    with plain_output():
         result = train_autoencoder(options)
     if result.main_process:
         typer.echo(f"held-out reconstruction ({result.held_out} patches): PSNR {result.psnr:.2f} dB, "
@@ -235,18 +232,3 @@ def train_autoencoder_command(
 
 def _command_line() -> str:
     return "histosynth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-@contextmanager
-def _plain_output() -> Iterator[None]:
-    """Warnings as one line each; Lightning's progress bar and warnings, without its tips and chatter."""
-    loading = logging.getLogger("diffusers.models.modeling_utils")  # advice to install accelerate
-    level, format_warning = loading.level, warnings.formatwarning
-    loading.setLevel(logging.ERROR)
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-    try:
-        with quiet_lightning():
-            yield
-    finally:
-        loading.setLevel(level)
-        warnings.formatwarning = format_warning

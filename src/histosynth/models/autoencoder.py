@@ -16,20 +16,32 @@ Images larger than a tile go through ``encode_latents_tiled`` / ``decode_latents
 tiles, each coded on its own and blended with linear ramps where they overlap, so peak memory is set
 by the tile size rather than the image size.
 
+An autoencoder folder is what diffusers' ``save_pretrained`` writes (``config.json`` and the weights), with
+notes beside them (``metrics.json`` of ``histosynth train-autoencoder``, ``import.json`` of ``histosynth
+import-compvis``); a plain diffusers folder without notes is one too, its latent scale being its config's
+``scaling_factor``.
+
 Training support for the autoencoder lives here too (losses that need no downloads: L1 plus an SSIM
 term, the VQ commitment or KL term) together with the PSNR / SSIM metrics used to report it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, VQModel
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ..errors import ModelError
+from ..io import remove_partial_files
 from ..presets import AutoencoderConfig, Preset
 from .precision import channels_last_input, decoder_precision, network_precision
 
@@ -79,6 +91,54 @@ def latent_scale(ae: Autoencoder) -> float:
 
 def downsampling_factor(ae: Autoencoder) -> int:
     return 2 ** (len(ae.config.block_out_channels) - 1)
+
+
+# --- folders ---------------------------------------------------------------------------------------
+
+#: diffusers config entries of a latent convention other than ``latents * scaling_factor`` (SD3, Flux, SDXL
+#: variants): latents made without them would not be the ones the autoencoder's owners trained on
+FOREIGN_LATENT_SETTINGS = ("shift_factor", "latents_mean", "latents_std")
+
+
+def write_autoencoder_folder(out: str | Path, autoencoder: Autoencoder, notes: dict[str, dict[str, Any]]) -> None:
+    """Save ``autoencoder`` as diffusers does, with each of ``notes`` (file name -> content) as JSON beside it.
+
+    The folder appears whole or not at all: it is written under a temporary name and renamed; ``out``
+    must not exist or be empty.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)  # the staging folder of a save that was killed
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    try:
+        autoencoder.save_pretrained(staging)
+        for name, content in notes.items():
+            (staging / name).write_text(json.dumps(content, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty: checked by the callers before any work
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_checked_autoencoder(path: str | Path) -> Autoencoder:
+    """The autoencoder of an autoencoder folder (histosynth's or a plain diffusers ``VQModel`` /
+    ``AutoencoderKL`` one) or of a model folder, refused in one line when it cannot be loaded or scales its
+    latents otherwise than by ``scaling_factor`` alone."""
+    from .bundle import load_autoencoder_folder
+
+    try:
+        autoencoder = load_autoencoder_folder(path)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ModelError(f"{path}: the autoencoder cannot be loaded: {first_line}") from None
+    foreign = {name: autoencoder.config.get(name) for name in FOREIGN_LATENT_SETTINGS
+               if autoencoder.config.get(name) is not None}
+    if foreign:
+        settings = ", ".join(f"{name} {value}" for name, value in foreign.items())
+        raise ModelError(f"{path}: the autoencoder's config sets {settings}; histosynth scales latents by "
+                         "scaling_factor alone, so it would make other latents than the ones its owners used")
+    return autoencoder
 
 
 def encode_latents(

@@ -1,6 +1,7 @@
-"""Import of CompVis / PathLDM / generationLDM ``LatentDiffusion`` checkpoints into diffusers models.
+"""Import of CompVis / PathLDM / generationLDM ``LatentDiffusion`` checkpoints, and of CompVis first-stage
+autoencoder checkpoints (the model zoo's ``vq-f4``, ``kl-f8``, ...), into diffusers models.
 
-A CompVis checkpoint holds the denoiser under ``model.diffusion_model.``, the first-stage
+A CompVis LatentDiffusion checkpoint holds the denoiser under ``model.diffusion_model.``, the first-stage
 autoencoder under ``first_stage_model.``, the text encoder (PLIP/CLIP in PathLDM) under
 ``cond_stage_model.``, an EMA copy of the denoiser under ``model_ema.`` (flattened names, no dots)
 and the diffusion schedule as buffers. Its YAML says how the networks are shaped.
@@ -9,6 +10,11 @@ The key renaming is diffusers' own (``diffusers.loaders.single_file_utils``); th
 diffusers configs from the YAML with the settings that reproduce CompVis numerically, picks the EMA
 weights when asked, checks every tensor against the config (naming the checkpoint key that does not
 fit) and reports what it skipped.
+
+A standalone first-stage checkpoint (YAML ``model.target`` ``ldm.models.autoencoder.VQModel`` or
+``AutoencoderKL``) holds the same autoencoder without the ``first_stage_model.`` prefix, plus its
+training loss under ``loss.`` (LPIPS and the patch discriminator), which an autoencoder folder does not
+keep.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
-#: first-stage training extras (LPIPS, discriminator) that an LDM never uses
-FIRST_STAGE_IGNORED = (FIRST_STAGE_PREFIX + "loss.",)
+#: first-stage training extras (LPIPS, discriminator) that an autoencoder never uses
+LOSS_PREFIX = "loss."
+FIRST_STAGE_IGNORED = (FIRST_STAGE_PREFIX + LOSS_PREFIX,)
+#: the first-stage classes of CompVis' ``ldm.models.autoencoder`` (VQModelInterface contains VQModel)
+FIRST_STAGE_TARGETS = ("VQModel", "AutoencoderKL")
 SCHEDULE_BUFFERS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -94,16 +103,36 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict[
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, extras
 
 
-def read_compvis_config(path: str | Path) -> dict[str, Any]:
-    """The ``model.params`` section of a CompVis YAML."""
+def read_compvis_model(path: str | Path) -> dict[str, Any]:
+    """The ``model`` section of a CompVis YAML (``target`` and ``params``) of a LatentDiffusion or a first stage."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"config {path} does not exist; pass the YAML the checkpoint was trained with")
     try:
-        data = yaml.safe_load(path.read_text())
-        params = data["model"]["params"]
-        params["unet_config"]["params"], params["first_stage_config"]["params"]
+        model = yaml.safe_load(path.read_text())["model"]
+        params = model["params"]
     except (yaml.YAMLError, KeyError, TypeError):
+        params = model = None
+    if not isinstance(params, dict) or not (is_first_stage(model) or "first_stage_config" in params):
+        target = model.get("target") if isinstance(model, dict) else None
+        raise ModelError(
+            f"{path}: not a CompVis LatentDiffusion or first-stage config (model.target {target!r}); histosynth "
+            "imports a LatentDiffusion (model.params.unet_config and first_stage_config) or a VQModel / AutoencoderKL"
+        )
+    return model
+
+
+def is_first_stage(model: dict[str, Any]) -> bool:
+    """Whether a YAML's ``model`` section is a first-stage autoencoder (VQModel, VQModelInterface, AutoencoderKL)."""
+    return any(name in str(model.get("target", "")) for name in FIRST_STAGE_TARGETS)
+
+
+def read_compvis_config(path: str | Path) -> dict[str, Any]:
+    """The ``model.params`` section of a CompVis LatentDiffusion YAML."""
+    params = read_compvis_model(path)["params"]
+    try:
+        params["unet_config"]["params"], params["first_stage_config"]["params"]
+    except (KeyError, TypeError):
         raise ModelError(
             f"{path}: not a CompVis LatentDiffusion config (needs model.params.unet_config.params and "
             "model.params.first_stage_config.params)"
@@ -158,6 +187,7 @@ def unet_config_from_compvis(unet: dict[str, Any]) -> dict[str, Any]:
 
 
 def first_stage_kind(first_stage: dict[str, Any]) -> str:
+    """``"vq"`` or ``"kl"`` for a first-stage config (``target`` and ``params``)."""
     target = first_stage.get("target", "")
     if "VQModel" in target:
         return "vq"
@@ -282,8 +312,9 @@ def _load_checked(
             )
     missing = [k for k in expected if k not in converted]
     if missing:
+        where = f" under {prefix!r}" if prefix else ""
         raise ModelError(
-            f"the checkpoint has no weights under {prefix!r} for {len(missing)} {part} tensors "
+            f"the checkpoint has no weights{where} for {len(missing)} {part} tensors "
             f"(first: diffusers {missing[0]!r}); is --config the right YAML?"
         )
     model.load_state_dict(converted, strict=True)
@@ -298,30 +329,50 @@ def _convert_unet(state: dict[str, torch.Tensor], config: dict[str, Any],
 
 
 def _convert_autoencoder(
-    state: dict[str, torch.Tensor], config: dict[str, Any], kind: str, names: dict[int, str]
+    state: dict[str, torch.Tensor], config: dict[str, Any], kind: str, names: dict[int, str], prefix: str
 ) -> tuple[VQModel | AutoencoderKL, set[str]]:
-    first_stage = {k: v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    """The autoencoder whose CompVis weights are the ``prefix``-ed keys of ``state`` (its ``loss.`` left out)."""
+    first_stage = {k: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + LOSS_PREFIX)}
     converted = convert_ldm_vae_checkpoint(first_stage, config)
     if kind == "vq":
-        codebook = FIRST_STAGE_PREFIX + "quantize.embedding.weight"
+        codebook = prefix + "quantize.embedding.weight"
         if codebook not in first_stage:
             raise ModelError(f"the checkpoint has no VQ codebook {codebook!r}")
         converted["quantize.embedding.weight"] = first_stage[codebook]
         model = VQModel(**config)
     else:
         model = AutoencoderKL(**config)
-    return model, _load_checked(model, converted, names, "autoencoder", FIRST_STAGE_PREFIX)
+    return model, _load_checked(model, converted, names, "autoencoder", prefix)
 
 
-def _count_skipped(keys: set[str]) -> dict[str, int]:
+def _count_skipped(keys: set[str], prefixes: tuple[str, ...]) -> dict[str, int]:
     """Skipped checkpoint keys counted by kind: ``{"cond_stage_model.*": 196, "schedule buffers": 12}``."""
     counts: dict[str, int] = {}
     for key in sorted(keys):
-        prefix = next((p for p in (TEXT_PREFIX, EMA_PREFIX, UNET_PREFIX, *FIRST_STAGE_IGNORED) if key.startswith(p)),
-                      None)
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
         label = f"{prefix}*" if prefix else ("schedule buffers" if key in SCHEDULE_BUFFERS else key)
         counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+def _check_all_used(leftover: set[str], sources: tuple[str, ...], ignored: tuple[str, ...]) -> None:
+    """Weights under ``sources`` that no network took mean the YAML describes other networks."""
+    stray = sorted(k for k in leftover if k.startswith(sources) and not k.startswith(ignored)
+                   and k not in EMA_BOOKKEEPING)
+    if stray:
+        raise ModelError(
+            f"{len(stray)} checkpoint weights were not used by the networks the config describes "
+            f"(first: {stray[0]!r}); is --config the YAML this checkpoint was trained with?"
+        )
+
+
+def _float_state(checkpoint: str | Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    raw, extras = read_checkpoint(checkpoint, trust_pickle)
+    return {k: v.float() if v.is_floating_point() else v for k, v in raw.items()}, extras
+
+
+def _global_step(extras: dict[str, Any]) -> Optional[int]:
+    return int(extras["global_step"]) if "global_step" in extras else None
 
 
 def import_compvis(
@@ -336,8 +387,7 @@ def import_compvis(
     EMA weights when the checkpoint has them. Weights come out as float32.
     """
     params = read_compvis_config(config_yaml)
-    raw, extras = read_checkpoint(checkpoint, trust_pickle)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()}
+    state, extras = _float_state(checkpoint, trust_pickle)
     names = _storage_names(state)  # before any EMA swap, so EMA tensors keep their own names
     has_ema = any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in state)
     if use_ema and not has_ema:
@@ -352,20 +402,11 @@ def import_compvis(
     unet_config = unet_config_from_compvis(params["unet_config"]["params"])
     unet, used_unet = _convert_unet(_denoiser_weights(state, take_ema), unet_config, names)
     kind = first_stage_kind(first_stage)
-    ae, used_ae = _convert_autoencoder(state, autoencoder_config_from_compvis(first_stage, scale), kind, names)
+    ae, used_ae = _convert_autoencoder(state, autoencoder_config_from_compvis(first_stage, scale), kind, names,
+                                       FIRST_STAGE_PREFIX)
 
     leftover = set(state) - used_unet - used_ae
-    denoiser_source = EMA_PREFIX if take_ema else UNET_PREFIX
-    stray = sorted(
-        k for k in leftover
-        if k.startswith((denoiser_source, FIRST_STAGE_PREFIX))
-        and not k.startswith(FIRST_STAGE_IGNORED) and k not in EMA_BOOKKEEPING
-    )
-    if stray:
-        raise ModelError(
-            f"{len(stray)} checkpoint weights were not used by the networks the config describes "
-            f"(first: {stray[0]!r}); is --config the YAML this checkpoint was trained with?"
-        )
+    _check_all_used(leftover, (EMA_PREFIX if take_ema else UNET_PREFIX, FIRST_STAGE_PREFIX), FIRST_STAGE_IGNORED)
     cond_stage = params.get("cond_stage_config") or {}
     if cond_stage.get("target", "").endswith("Identity"):  # context tensors were fed in directly
         cond_stage = {}
@@ -379,7 +420,79 @@ def import_compvis(
         image_size=unet_config["sample_size"] * (2 ** (len(first_stage["params"]["ddconfig"]["ch_mult"]) - 1)),
         text_encoder=({"target": cond_stage.get("target"), "params": cond_stage.get("params", {})}
                       if cond_stage else None),
-        global_step=int(extras["global_step"]) if "global_step" in extras else None,
-        skipped=_count_skipped(leftover),
+        global_step=_global_step(extras),
+        skipped=_count_skipped(leftover, (TEXT_PREFIX, EMA_PREFIX, UNET_PREFIX, *FIRST_STAGE_IGNORED)),
     )
     return unet.eval(), ae.eval(), info
+
+
+@dataclass
+class AutoencoderImportInfo:
+    """What a first-stage import found and skipped; written beside the autoencoder folder's weights."""
+
+    checkpoint: str
+    config: str
+    kind: str
+    latent_scale: float
+    downsampling: int
+    latent_channels: int
+    global_step: Optional[int]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {label}" + (" (the training loss: LPIPS, discriminator)"
+                                                if label == LOSS_PREFIX + "*" else "")
+                            for label, n in self.skipped.items()) or "nothing"
+        return (
+            f"imported a {self.kind.upper()}-f{self.downsampling} autoencoder ({self.latent_channels} latent channels,"
+            f" step {self.global_step}), latent scale {self.latent_scale}; skipped {skipped}"
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "imported_from": str(Path(self.checkpoint).resolve()),
+            "compvis_config": str(Path(self.config).resolve()),
+            "global_step": self.global_step,
+            "latent_scale": self.latent_scale,
+            "skipped_keys": self.skipped,
+        }
+
+
+def import_compvis_autoencoder(
+    checkpoint: str | Path,
+    config_yaml: str | Path,
+    latent_scale: float = 1.0,
+    trust_pickle: bool = False,
+) -> tuple[VQModel | AutoencoderKL, AutoencoderImportInfo]:
+    """A CompVis first-stage checkpoint (VQModel / AutoencoderKL) + its YAML -> (diffusers autoencoder, info).
+
+    The checkpoint carries no latent scale: ``latent_scale`` is the ``scale_factor`` of the LatentDiffusion
+    that is to use it (CompVis' default and PathLDM's VQ-f4: 1.0). Its ``loss.`` weights (LPIPS, the
+    discriminator) and any EMA copy (``model_ema.``) are skipped. Weights come out as float32.
+    """
+    model = read_compvis_model(config_yaml)
+    if not is_first_stage(model):
+        raise ModelError(f"{config_yaml}: a LatentDiffusion config, not a first-stage (VQModel / AutoencoderKL) one")
+    kind = first_stage_kind(model)
+    state, extras = _float_state(checkpoint, trust_pickle)
+    if any(k.startswith((FIRST_STAGE_PREFIX, UNET_PREFIX)) for k in state):
+        raise ModelError(
+            f"{checkpoint} is a LatentDiffusion checkpoint, not a first-stage one; import it with its LatentDiffusion "
+            "YAML (the model folder it gives serves as --autoencoder too)"
+        )
+    names = _storage_names(state)
+    config = autoencoder_config_from_compvis(model, latent_scale)
+    ae, used = _convert_autoencoder(state, config, kind, names, "")
+    leftover = set(state) - used
+    _check_all_used(leftover, ("",), (LOSS_PREFIX, EMA_PREFIX))
+    info = AutoencoderImportInfo(
+        checkpoint=str(checkpoint),
+        config=str(config_yaml),
+        kind=kind,
+        latent_scale=latent_scale,
+        downsampling=2 ** (len(config["block_out_channels"]) - 1),
+        latent_channels=config["latent_channels"],
+        global_step=_global_step(extras),
+        skipped=_count_skipped(leftover, (LOSS_PREFIX, EMA_PREFIX)),
+    )
+    return ae.eval(), info

@@ -12,10 +12,6 @@ The result is a diffusers autoencoder folder (usable as ``histosynth train --aut
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +26,6 @@ from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
 from ..data.torchdata import PatchTorchDataset
 from ..errors import DataError, JobError
-from ..io import remove_partial_files
 from ..models.autoencoder import (
     Autoencoder,
     autoencoder_losses,
@@ -39,10 +34,11 @@ from ..models.autoencoder import (
     encode_latents,
     estimate_latent_scale,
     is_vq,
+    load_checked_autoencoder,
     psnr,
     ssim,
+    write_autoencoder_folder,
 )
-from ..models.bundle import load_autoencoder_folder
 from ..presets import Preset
 from .runtime import (
     DeviceOptions,
@@ -145,7 +141,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     train_items, held_out = split_for_autoencoder(dataset, options.seed)
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
-        autoencoder = load_autoencoder_folder(options.init) if options.init else build_autoencoder(options.preset)
+        autoencoder = load_checked_autoencoder(options.init) if options.init else build_autoencoder(options.preset)
     autoencoder.train().requires_grad_(True)
 
     run = RunFolder(options.run_dir or options.out.with_name(options.out.name + ".run"))
@@ -176,14 +172,14 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
                                     len(held_out), int(trainer.global_step), time.perf_counter() - started,
                                     trainer.is_global_zero)
     if trainer.is_global_zero:
-        _write_autoencoder_folder(options.out, autoencoder, {
+        write_autoencoder_folder(options.out, autoencoder, {"metrics.json": {
             "psnr_db": round(result.psnr, 3), "ssim": round(result.ssim, 4), "held_out_patches": result.held_out,
             "steps": result.steps, "latent_scale": float(autoencoder.config.scaling_factor),
             "dataset": str(options.dataset), "init": settings["init"], "wall_time_s": round(result.wall_time_s, 1),
             "lr": lr, "base_lr": options.lr, "scale_lr": options.scale_lr, "world_size": trainer.world_size,
             "global_batch_size": global_batch,
             "command": options.command,
-        })
+        }})
     return result
 
 
@@ -223,17 +219,3 @@ def _latent_scale(autoencoder: Autoencoder, dataset: PatchDataset, count: int = 
     items = PatchTorchDataset(dataset, split="train", flips=False)
     images = torch.stack([items[i]["image"] for i in range(min(count, len(items)))])
     return estimate_latent_scale(autoencoder, images)
-
-
-def _write_autoencoder_folder(out: Path, autoencoder: Autoencoder, metrics: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(out)  # the staging folder of a save that was killed
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
-        autoencoder.save_pretrained(staging)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -31,8 +31,8 @@ from diffusers import UNet2DConditionModel
 from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
 from ..errors import ConfigError, DataError, ModelError
-from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor
-from ..models.bundle import CONFIG_FILE, load_autoencoder_folder, load_bundle, read_bundle_config, save_bundle
+from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor, load_checked_autoencoder
+from ..models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
 from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
@@ -369,7 +369,7 @@ def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> 
     """
     validation.seed(seed)
     if path is not None:
-        autoencoder = load_autoencoder_folder(path)
+        autoencoder = load_checked_autoencoder(path)
     else:
         import warnings
 
