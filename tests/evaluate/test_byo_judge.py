@@ -214,3 +214,17 @@ def test_a_torch_export_program_gives_the_folder_segmenters_report(job_folder, m
     images = [np.asarray(Image.open(p)) for p in sorted(job_folder.rglob("*.png"))]
     np.testing.assert_array_equal(TorchSegmenter.load(path).predict(images)[0],
                                   predict_images(Segmenter.load(multiclass_folder), images, device="cpu")[0])
+
+
+def test_a_patch_dataset_is_segmented_and_judged_by_its_predicted_masks(toy, multiclass_folder, tmp_path):
+    dataset = toy.write_toy_dataset(tmp_path / "ds", {"a": "train", "b": "test"}, per_slide=2, size=96)
+    predicted = tmp_path / "predicted"
+    assert main(["segment", "predict", str(dataset.root), "--segmenter", str(multiclass_folder),
+                 "--out", str(predicted), *RUN]) == 0
+    assert sorted(p.relative_to(predicted).as_posix() for p in predicted.rglob("*.png")) == [
+        "a/a_000000.png", "a/a_000001.png", "b/b_000000.png", "b/b_000001.png"]  # its per-slide folders
+    common = ["evaluate", "captions", "--images", str(dataset.root), "--coverage", "full", "--no-progress"]
+    assert main([*common, "--segmenter", str(multiclass_folder), "--device", "cpu", "--out", str(tmp_path / "f")]) == 0
+    assert main([*common, "--predicted-masks", str(predicted), "--out", str(tmp_path / "byo")]) == 0
+    assert_same_tables(tmp_path / "byo", tmp_path / "f")
+    assert len(pd.read_csv(tmp_path / "byo" / "per_image.csv")) == 4
