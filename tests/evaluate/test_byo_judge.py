@@ -103,24 +103,6 @@ def test_predicted_masks_give_the_segmenters_own_caption_report(job_folder, pred
                                   check_dtype=False)
 
 
-def test_predicted_masks_give_the_segmenters_own_label_fidelity(toy, multiclass_folder, tmp_path):
-    rng = np.random.default_rng(3)
-    for index in range(3):
-        image, mask = toy.toy_sample(96, rng)
-        write_png_atomic(tmp_path / "images" / f"p{index}.png", image)
-        write_png_atomic(tmp_path / "masks" / f"p{index}.png", mask)
-    predicted = tmp_path / "predicted"
-    assert main(["segment", "predict", str(tmp_path / "images"), "--segmenter", str(multiclass_folder),
-                 "--out", str(predicted), *RUN]) == 0
-    pairs = ["--images", str(tmp_path / "images"), "--mask", str(tmp_path / "masks"), "--no-progress"]
-    assert main(["evaluate", "masks", *pairs, "--segmenter", str(multiclass_folder), "--out",
-                 str(tmp_path / "folder"), "--device", "cpu"]) == 0
-    assert main(["evaluate", "masks", *pairs, "--predicted-masks", str(predicted), "--out", str(tmp_path / "byo")]) == 0
-    for name in ("per_class", "per_image"):
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "byo" / f"{name}.csv"),
-                                      pd.read_csv(tmp_path / "folder" / f"{name}.csv"))
-
-
 def test_a_torchscript_export_gives_the_folder_segmenters_report(job_folder, multiclass_folder, scripted,
                                                                  folder_report, predicted, tmp_path):
     out = tmp_path / "scripted"
@@ -216,7 +198,7 @@ def test_a_torch_export_program_gives_the_folder_segmenters_report(job_folder, m
                                   predict_images(Segmenter.load(multiclass_folder), images, device="cpu")[0])
 
 
-def test_a_patch_dataset_is_segmented_and_judged_by_its_predicted_masks(toy, multiclass_folder, tmp_path):
+def test_a_patch_dataset_is_judged_by_predicted_masks_as_by_the_segmenter(toy, multiclass_folder, tmp_path):
     dataset = toy.write_toy_dataset(tmp_path / "ds", {"a": "train", "b": "test"}, per_slide=2, size=96)
     predicted = tmp_path / "predicted"
     assert main(["segment", "predict", str(dataset.root), "--segmenter", str(multiclass_folder),
@@ -228,3 +210,13 @@ def test_a_patch_dataset_is_segmented_and_judged_by_its_predicted_masks(toy, mul
     assert main([*common, "--predicted-masks", str(predicted), "--out", str(tmp_path / "byo")]) == 0
     assert_same_tables(tmp_path / "byo", tmp_path / "f")
     assert len(pd.read_csv(tmp_path / "byo" / "per_image.csv")) == 4
+
+    # label fidelity of the dataset's patches against their own masks
+    common = ["evaluate", "masks", "--images", str(dataset.root), "--masks-from", str(dataset.root), "--no-progress"]
+    assert main([*common, "--segmenter", str(multiclass_folder), "--device", "cpu", "--out", str(tmp_path / "mf")]) == 0
+    assert main([*common, "--predicted-masks", str(predicted), "--out", str(tmp_path / "mbyo")]) == 0
+    for name in ("per_class", "per_image"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "mbyo" / f"{name}.csv"),
+                                      pd.read_csv(tmp_path / "mf" / f"{name}.csv"))
+    assert pd.read_csv(tmp_path / "mf" / "per_image.csv")["image"].tolist() == [
+        "a_000000", "a_000001", "b_000000", "b_000001"]
