@@ -178,6 +178,10 @@ def test_refusals(job_folder, predicted, scripted, multiclass_folder, tmp_path, 
         bad.write_text(json.dumps(wrong))
         assert says in captions("--segmenter", str(bare), "--segmenter-config", str(bad))
     assert "neither a segmenter folder nor an exported network" in captions("--segmenter", str(bad))
+    weights = tmp_path / "weights.pt"
+    torch.save(Segmenter.load(multiclass_folder).net.state_dict(), weights)
+    assert captions("--segmenter", str(weights), "--segmenter-config", str(scripted) + ".json").endswith(
+        "; save the network itself (not its weights) with torch.jit.save or torch.export.save")
 
 
 @pytest.mark.slow

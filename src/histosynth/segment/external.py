@@ -22,6 +22,7 @@ by any of three:
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
@@ -212,10 +213,11 @@ def _load_network(path: Path) -> Callable[[torch.Tensor], Any]:
         if exported:
             return torch.export.load(str(path)).module()
         return torch.jit.load(str(path), map_location="cpu").eval()
-    except (RuntimeError, ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (RuntimeError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
         raise ModelError(f"{path} cannot be loaded as a {'torch.export' if exported else 'TorchScript'} network "
-                         f"({reason}); save it with torch.jit.save or torch.export.save") from None
+                         f"({reason}); save the network itself (not its weights) with torch.jit.save or "
+                         "torch.export.save") from None
 
 
 def _on_device(net: Callable[[torch.Tensor], Any], device: torch.device) -> Callable[[torch.Tensor], Any]:
