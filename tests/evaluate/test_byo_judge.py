@@ -31,16 +31,7 @@ RUN = ["--device", "cpu", "--no-progress"]
 @pytest.fixture(scope="module")
 def job_folder(toy, tmp_path_factory):
     """Generated images as generation jobs lay them out (00000/00000.png), with their requested captions."""
-    folder = tmp_path_factory.mktemp("job")
-    rng = np.random.default_rng(7)
-    records = []
-    for index in range(6):
-        image, _ = toy.toy_sample(96, rng, healthy=3 if index % 2 else 1)
-        name = f"{index:05d}/{index:05d}.png"
-        write_png_atomic(folder / name, image)
-        records.append({"image": name, "caption": GENERATING_CAPTION})
-    pd.DataFrame(records).to_csv(folder / "manifest.csv", index=False)
-    return folder
+    return toy.write_generated_folder(tmp_path_factory.mktemp("job"), nested=True)
 
 
 @pytest.fixture(scope="module")
