@@ -106,15 +106,7 @@ def test_binary_segmenter_cannot_recaption():
 # --- the command -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def generated_folder(toy, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("generated")
-    rng = np.random.default_rng(5)
-    records = []
-    for index in range(6):
-        image, _ = toy.toy_sample(96, rng, healthy=3 if index % 2 else 0)
-        write_png_atomic(folder / f"{index:05d}.png", image)
-        records.append({"image": f"{index:05d}.png", "caption": GENERATING_CAPTION, "seed": index})
-    pd.DataFrame(records).to_csv(folder / "manifest.csv", index=False)
-    return folder
+    return toy.write_generated_folder(tmp_path_factory.mktemp("generated"))
 
 
 @pytest.mark.parametrize("coverage, side", [("thesis", 84), ("full", 96)])

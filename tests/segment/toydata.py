@@ -56,6 +56,25 @@ def write_toy_dataset(root: Path, slides: dict[str, str], per_slide: int = 6, si
     return writer.finalize()
 
 
+def write_generated_folder(folder: Path, n: int = 6, seed: int = 5, nested: bool = False) -> Path:
+    """Toy images as generated ones, with a manifest of the caption each was asked for (the thesis' generating
+    caption); ``nested`` lays them out as generation jobs do (00000/00000.png)."""
+    import pandas as pd
+
+    from histosynth.captions import GENERATING_CAPTION
+    from histosynth.io import write_png_atomic
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for index in range(n):
+        image, _ = toy_sample(96, rng, healthy=3 if index % 2 else 0)
+        name = f"{index:05d}/{index:05d}.png" if nested else f"{index:05d}.png"
+        write_png_atomic(folder / name, image)
+        records.append({"image": name, "caption": GENERATING_CAPTION, "seed": index})
+    pd.DataFrame(records).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
 # --- shared between test folders: kept in the session's base temporary folder -------------------
 #: A quick training: enough for the plumbing (files, logs, reports), not for good masks.
 QUICK_OPTIONS = dict(base_channels=4, batch_size=4, max_epochs=2, patience=2, learning_rate=5e-3,

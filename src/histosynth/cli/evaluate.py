@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import typer
 
@@ -27,62 +27,107 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..evaluate.caption_accuracy import SegmentFn
-    from ..segment.segmenter import Segmenter
+    from ..schema import ClassSchema
+    from ..segment.external import AnySegmenter
 
 
 @dataclass(frozen=True)
 class Segmenting:
-    """How a command segments images: the multi-class segmenter folder, coverage, batch size, device and
-    progress bars of `evaluate captions`, `evaluate masks` and `select-pairs`."""
+    """How a command segments images: the multi-class segmenter (a folder, or an exported network with its JSON)
+    or the masks another model predicted, coverage, batch size, device and progress bars of `evaluate captions`,
+    `evaluate masks` and `select-pairs`."""
 
-    segmenter: Path
+    segmenter: Optional[Path]
     coverage: str
     batch_size: int
     device: str
     progress: bool
+    config: Optional[Path] = None
+    predicted_masks: Optional[Path] = None
 
     def check(self) -> None:
-        """A ConfigError for a coverage or batch size the segmenter cannot use (before anything is read)."""
+        """A ConfigError for a coverage or batch size the segmenter cannot use, or for no judge or two
+        (before anything is read)."""
         check_coverage(self.coverage)
         validation.positive_int(self.batch_size, "--batch-size")
+        if (self.segmenter is None) == (self.predicted_masks is None):
+            raise ConfigError("give the judge of the images: --segmenter MODEL (a segmenter folder or an exported "
+                              "network) or --predicted-masks DIR (your model's label PNGs), one of them")
+        if self.config is not None and self.segmenter is None:
+            raise ConfigError("--segmenter-config goes with --segmenter FILE (an exported network)")
 
-    def load(self) -> Segmenter:
-        from ..segment.segmenter import Segmenter
+    def load(self, schema: Optional[ClassSchema] = None) -> AnySegmenter:
+        """The segmenter, or the predicted masks (holding ids of ``schema``, default: renal)."""
+        from ..schema import load_schema
+        from ..segment.external import PredictedMasks, load_segmenter
 
-        return Segmenter.load(self.segmenter)
+        if self.predicted_masks is not None:
+            masks = PredictedMasks(self.predicted_masks, load_schema(schema))
+            masks.check()
+            return masks
+        return load_segmenter(self.segmenter, self.config)
 
-    def function(self, segmenter: Segmenter, progress: Optional[bool] = None) -> SegmentFn:
-        """The loaded segmenter as a function of a batch of images (progress bars: ``progress``, else --progress)."""
+    def function(self, segmenter: AnySegmenter, progress: Optional[bool] = None,
+                 images: Sequence[Path] = (), root: Optional[Path] = None) -> SegmentFn:
+        """The loaded segmenter as a function of a batch of images (progress bars: ``progress``, else --progress).
+
+        Predicted masks are those of ``images`` (found by their paths below ``root``), in this order.
+        """
         from ..evaluate.caption_accuracy import segmenter_function
+        from ..segment.external import PredictedMasks
 
+        if isinstance(segmenter, PredictedMasks):
+            return segmenter.function(images, root, self.coverage)
         return segmenter_function(segmenter, self.coverage, self.device, self.batch_size,
                                   self.progress if progress is None else progress)
 
-    def describe(self, segmenter: Segmenter) -> str:
-        """The segmenter and its folder, for a report."""
+    def describe(self, segmenter: AnySegmenter) -> str:
+        """The segmenter and its folder or file, for a report."""
+        if self.predicted_masks is not None:
+            return segmenter.describe()
         return f"{segmenter.describe()} ({self.segmenter})"
 
 
-def segmenting(coverage: str, segmenter: str = "multi-class segmenter folder") -> OptionBlock:
-    """The options of :class:`Segmenting`; the commands differ in the default --coverage and in what they say the
-    segmenter does (``segmenter``)."""
+#: --segmenter's help: what it accepts.
+SEGMENTER_FORMS = ("a segmenter folder, or a TorchScript (.pt) / torch.export (.pt2) file with its JSON "
+                   "(<file>.json or --segmenter-config)")
+
+
+def segmenting(coverage: str, segmenter: str = "the multi-class segmenter", predicted: bool = True) -> OptionBlock:
+    """The options of :class:`Segmenting`; the commands differ in the default --coverage, in what they say the
+    segmenter does (``segmenter``) and in whether masks predicted elsewhere may judge instead (``predicted``)."""
 
     def options(
-        segmenter: Path = typer.Option(..., "--segmenter", help=segmenter),
+        segmenter: Optional[Path] = typer.Option(None, "--segmenter", help=f"{segmenter}: {SEGMENTER_FORMS}"),
+        segmenter_config: Optional[Path] = typer.Option(
+            None, "--segmenter-config", help="JSON of an exported --segmenter network: class_ids, normalisation, "
+                                             "padding, input_size (default: <file>.json beside it)"),
         coverage: str = coverage_option(coverage),
         batch_size: int = typer.Option(8, "--batch-size", help="images per batch"),
         device: str = DeviceOption,
         progress: bool = ProgressOption,
     ) -> Segmenting:
-        return Segmenting(segmenter, coverage, batch_size, device, progress)
+        return Segmenting(segmenter, coverage, batch_size, device, progress, config=segmenter_config)
 
-    return OptionBlock(options)
+    block = OptionBlock(options)
+    if not predicted:
+        return block
+
+    def options_or_masks(
+        segmenting: Segmenting = block,
+        predicted_masks: Optional[Path] = typer.Option(
+            None, "--predicted-masks", help="instead of --segmenter: label PNGs (class ids) your own model predicted, "
+                                            "one per image with its path or file stem"),
+    ) -> Segmenting:
+        return replace(segmenting, predicted_masks=predicted_masks)
+
+    return OptionBlock(options_or_masks)
 
 
 CaptionSegmenting = segmenting("thesis")
 MaskSegmenting = segmenting("full")
-SelectionSegmenting = segmenting("full", segmenter="multi-class segmenter that chooses (judge the result with "
-                                                   "another one)")
+SelectionSegmenting = segmenting("full", segmenter="the multi-class segmenter that chooses (judge the result with "
+                                                   "another one)", predicted=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -126,10 +171,9 @@ def captions(
     _images_or_model(images, model, "DIR (generated images)")
     segmenting.check()
     _check_n_and_seed(n, seed)
-    seg = segmenting.load()
+    seg = segmenting.load(schema_from_option(schema) if schema else None)
     class_schema = seg.schema if schema is None else schema_from_option(schema)
     seg.check_schema(class_schema, f"schema {schema}" if schema else "the evaluation")
-    segment = segmenting.function(seg)
     if model is not None:
         from ..sample.jobs import Shard
 
@@ -145,6 +189,7 @@ def captions(
     else:
         found, source = read_generated(images, caption.replace("\\n", "\n") if caption else None)
         items = choose(found, n, seed, str(images))
+    segment = segmenting.function(seg, images=[i.path for i in items], root=out / "images" if model else images)
     result = evaluate_caption_accuracy([read_rgb(i.path) for i in items], [i.caption for i in items], segment,
                                        class_schema, names=[i.path.name for i in items])
     path = write_caption_accuracy_report(result, out, coverage=segmenting.coverage, caption_source=source,
@@ -180,6 +225,8 @@ def masks(
                                        "(default: the empty caption, the mask alone)"),
     min_share: float = typer.Option(0.01, "--min-share", help="classes below this share of the mask pixels are left "
                                     "out of the mean Dice"),
+    schema: Optional[str] = typer.Option(None, "--schema", help="with --predicted-masks: the class schema of their "
+                                         "ids, 'renal' (default) or a YAML file", show_default=False),
 ) -> None:
     """Label fidelity: segment images generated from masks and score them (Dice per class) against their masks."""
     from ..evaluate.label_fidelity import (
@@ -211,23 +258,25 @@ def masks(
         if value is not None:
             validation.finite_float(value, name, low=0)
     validation.share(min_share, "--min-share")
-    seg = segmenting.load()
-    segment = segmenting.function(seg)
+    seg = segmenting.load(schema_from_option(schema) if schema else None)
     job = images
     if model is not None:
         from .generate import job_captions, masks_from_options, model_settings
 
-        schema, options = model_settings(model, steps=steps, guidance=guidance, mask_guidance=mask_guidance)
-        seg.check_schema(schema, f"model {model}")
-        chosen = masks_from_options(schema, mask, masks_from, split, n, seed)
-        captions = job_captions(schema, None, None, None, chosen, mask_captions)
+        model_schema, options = model_settings(model, steps=steps, guidance=guidance, mask_guidance=mask_guidance)
+        seg.check_schema(model_schema, f"model {model}")
+        chosen = masks_from_options(model_schema, mask, masks_from, split, n, seed)
+        captions = job_captions(model_schema, None, None, None, chosen, mask_captions)
         job = generate_mask_job(model, chosen, out / "job", options, seed, captions, device=segmenting.device,
                                 batch_size=segmenting.batch_size, progress=segmenting.progress)
         n = None  # the job holds exactly the chosen masks
     if model is None and given_masks is not None:
         pairs, source = pair_by_name(images, given_masks, n, seed)
+        root = images
     else:
         pairs, source = read_mask_job(job, n, seed)
+        root = job
+    segment = segmenting.function(seg, images=[p.image for p in pairs], root=root)
     result, pictures, masks_read, predictions = evaluate_mask_job(pairs, segment, seg.schema, min_share)
     examples = list(zip(masks_read, pictures, predictions, strict=True))
     path = write_label_fidelity_report(result, out, examples, source=source, segmenter=segmenting.describe(seg),

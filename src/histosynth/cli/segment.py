@@ -66,7 +66,10 @@ def _label_name(segmenter: Segmenter, label: int) -> str:
 def predict(
     images: list[Path] = typer.Argument(..., help="images, folders of images (searched with their sub-folders) "
                                         "or patch datasets"),
-    segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder"),
+    segmenter: Path = typer.Option(..., "--segmenter", help="segmenter folder, or a TorchScript (.pt) / torch.export "
+                                   "(.pt2) file with its JSON (<file>.json or --segmenter-config)"),
+    segmenter_config: Optional[Path] = typer.Option(None, "--segmenter-config", help="JSON of an exported "
+                                                    "--segmenter network (default: <file>.json beside it)"),
     out: Path = typer.Option(..., "--out", help="folder for the label PNGs"),
     class_name: Optional[str] = typer.Option(None, "--class", help="write a 0/1 mask of this class only"),
     coverage: str = coverage_option("full"),
@@ -79,17 +82,21 @@ def predict(
     """Segment images of any size; writes one label PNG (schema ids, or 0/1) per image, in sub-folders
     mirroring those of the images."""
     from ..io import write_png_atomic
+    from ..segment.external import TorchSegmenter, load_segmenter
     from ..segment.predict import check_prediction_options, class_mask, images_to_segment, predict_images, read_rgb
-    from ..segment.segmenter import Segmenter
 
     check_prediction_options(coverage, tile, batch_size)
     found = images_to_segment(images, exclude=out)
     paths = [image for image, _ in found]
-    model = Segmenter.load(segmenter)
+    model = load_segmenter(segmenter, segmenter_config)
     if class_name is not None:
         model.schema.id_of(class_name)
-    labels_iter = predict_images(model, (read_rgb(p) for p in paths), coverage=coverage, tile=tile,
-                                 batch_size=batch_size, device=device, progress=progress, total=len(paths))
+    pictures = (read_rgb(p) for p in paths)
+    if isinstance(model, TorchSegmenter):  # whole images in one window each: --tile does not apply
+        labels_iter = model.predict(pictures, coverage, batch_size=batch_size, device=device, progress=progress)
+    else:
+        labels_iter = predict_images(model, pictures, coverage=coverage, tile=tile, batch_size=batch_size,
+                                     device=device, progress=progress, total=len(paths))
     for (_, target), labels in zip(found, labels_iter, strict=True):
         if class_name is not None:
             labels = class_mask(model, labels, class_name)

@@ -24,6 +24,7 @@ import pandas as pd
 from ..captions import Level, caption_from_levels, level_of, parse_caption, prevalences
 from ..errors import CaptionError, ConfigError, ModelError
 from ..schema import ClassSchema
+from ..segment.external import TorchSegmenter
 from ..segment.predict import Coverage, predict_images
 from ..segment.segmenter import Segmenter
 from .images import GeneratedImage
@@ -178,15 +179,21 @@ def judge(masks: Sequence[np.ndarray], captions: Sequence[str], schema: ClassSch
     return CaptionAccuracy(schema=schema, verdicts=verdicts, group=group)
 
 
-def segmenter_function(segmenter: Segmenter, coverage: Coverage = "thesis", device: str = "auto",
+def segmenter_function(segmenter: Segmenter | TorchSegmenter, coverage: Coverage = "thesis", device: str = "auto",
                        batch_size: int = 8, progress: bool = False) -> SegmentFn:
-    """A multi-class segmenter as a SegmentFn (binary ones cannot re-caption an image)."""
+    """A multi-class segmenter as a SegmentFn (binary ones cannot re-caption an image).
+
+    An exported network (:class:`~histosynth.segment.external.TorchSegmenter`) segments whole images; with the
+    thesis' coverage the centre the thesis segmented is kept.
+    """
     if segmenter.binary:
         raise ModelError(
             f"caption accuracy needs a multi-class segmenter; this is a {segmenter.describe()}"
         )
 
     def segment(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if isinstance(segmenter, TorchSegmenter):
+            return segmenter.predict(images, coverage, batch_size=batch_size, device=device, progress=progress)
         return predict_images(segmenter, images, coverage=coverage, batch_size=batch_size,
                               device=device, progress=progress, total=len(images))
 

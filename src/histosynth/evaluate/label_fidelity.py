@@ -36,7 +36,7 @@ from ..sample.masks import ConditioningMask
 from ..schema import ClassSchema
 from ..segment.predict import read_rgb
 from .caption_accuracy import SegmentFn
-from .images import choose
+from .images import choose, image_paths, is_patch_dataset
 from .report import Report
 
 #: classes with less than this share of all mask pixels are left out of the headline mean
@@ -75,8 +75,8 @@ def read_mask_job(folder: str | Path, n: Optional[int] = None, seed: int = 0) ->
 
 def pair_by_name(images: str | Path, masks: str | Path, n: Optional[int] = None,
                  seed: int = 0) -> tuple[list[GeneratedPair], str]:
-    """The images of a folder with the masks of the same name: the files of a mask folder with the
-    same stem, or the patches of a patch dataset whose id is the image's stem."""
+    """The images of a folder (or of a patch dataset) with the masks of the same name: the files of a mask
+    folder with the same stem, or the patches of a patch dataset whose id is the image's stem."""
     from ..data.pairing import match_pairs
 
     images, masks = Path(images), Path(masks)
@@ -94,7 +94,7 @@ def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
     dataset = open_dataset(dataset_root)
     rows = dataset.rows()
     mask_of = dict(zip(rows["patch_id"], rows["mask"], strict=True))
-    paths = list_images_of_job_folder(images)
+    paths = image_paths(images) if is_patch_dataset(images) else list_images_of_job_folder(images)
     missing = [p.name for p in paths if p.stem not in mask_of]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images in {images} are not named after a patch of "

@@ -23,7 +23,7 @@ from .. import validation
 from ..data.dataset import read_image
 from ..devices import pick_device
 from ..errors import ConfigError, DataError, ModelError
-from .geometry import AxisPlan, full_cover_plan, thesis_plan
+from .geometry import DEPTH, AxisPlan, full_cover_plan, thesis_plan
 from .segmenter import Segmenter
 
 Coverage = Literal["full", "thesis"]
@@ -93,6 +93,12 @@ def _overlap(plan: AxisPlan, k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     first = plan.first_pixel(k)
     lo, hi = max(first, plan.keep_from), min(first + plan.output, plan.keep_to)
     return (lo - plan.keep_from, hi - plan.keep_from), (lo - first, hi - first)
+
+
+def thesis_centre(labels: np.ndarray, depth: int = DEPTH) -> np.ndarray:
+    """The centre of a whole-image prediction that the thesis' coverage segments (244 px of 256)."""
+    rows, cols = (thesis_plan(size, depth) for size in labels.shape[:2])
+    return labels[rows.keep_from:rows.keep_to, cols.keep_from:cols.keep_to]
 
 
 def check_rgb(image: np.ndarray, source: str = "image") -> np.ndarray:

@@ -112,13 +112,7 @@ class Segmenter:
 
     def check_schema(self, schema: ClassSchema, what: str) -> None:
         """Refuse a segmenter whose classes differ from those of `what` (a model or a dataset)."""
-        mine = {c.id: c.name for c in self.schema.classes}
-        theirs = {c.id: c.name for c in schema.classes}
-        if mine != theirs:
-            raise ModelError(
-                f"the segmenter's classes {mine} differ from those of {what} {theirs}; "
-                "use a segmenter trained on the same class schema"
-            )
+        check_same_classes(self.schema, schema, what)
 
     # --- folder ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -167,6 +161,17 @@ class Segmenter:
             raise ModelError(f"{weights} does not fit the architecture in {CONFIG_FILE}: {exc}") from None
         segmenter.net.eval()
         return segmenter
+
+
+def check_same_classes(segmenter: ClassSchema, schema: ClassSchema, what: str) -> None:
+    """Refuse a segmenter's schema whose classes differ from those of `what` (a model or a dataset)."""
+    mine = {c.id: c.name for c in segmenter.classes}
+    theirs = {c.id: c.name for c in schema.classes}
+    if mine != theirs:
+        raise ModelError(
+            f"the segmenter's classes {mine} differ from those of {what} {theirs}; "
+            "use a segmenter trained on the same class schema"
+        )
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
