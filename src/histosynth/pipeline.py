@@ -6,7 +6,8 @@ that names this pipeline and its components, so diffusers loads it offline::
     from histosynth.pipeline import HistosynthPipeline
 
     pipe = HistosynthPipeline.from_pretrained("path/to/model")      # or .to("cuda")
-    images = pipe("There is a lot of Glomeruli visible in the image.", num_inference_steps=50, guidance_scale=1.5, seed=0).images
+    caption = "There is a lot of Glomeruli visible in the image."
+    images = pipe(caption, num_inference_steps=50, guidance_scale=1.5, seed=0).images
 
 Importing this module also makes the class known to diffusers, so that after it
 ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads the same pipeline (diffusers looks the
@@ -161,7 +162,8 @@ class HistosynthPipeline(DiffusionPipeline):
             raise ConfigError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt must be a whole number of at least 1, got {num_images_per_prompt!r}")
+            raise ConfigError("num_images_per_prompt must be a whole number of at least 1, "
+                              f"got {num_images_per_prompt!r}")
         bundle = self.bundle()
         prepare_for_sampling(bundle)
         options = bundle.sampling.overridden(steps=num_inference_steps, guidance=guidance_scale, scheduler=scheduler,

@@ -48,6 +48,8 @@ def model_card(config: "ModelConfig") -> str:
 def trained_on_phantom(provenance: Mapping[str, Any]) -> bool:
     """Whether the provenance's training data were phantom patches (by its dataset names)."""
     data = provenance.get("data") or {}
+    if not isinstance(data, Mapping):
+        return "phantom" in str(data).lower()
     names = [data.get("dataset"), data.get("source"), *(data.get("merged_from") or [])]
     return any("phantom" in str(name).lower() for name in names if name)
 
@@ -86,6 +88,7 @@ def _usage(config: "ModelConfig") -> str:
         "from histosynth.pipeline import HistosynthPipeline",
         "",
         'pipe = HistosynthPipeline.from_pretrained("THIS_FOLDER")',
+        'caption = "There is a lot of Glomeruli visible in the image."',
         f"images = pipe(caption, num_inference_steps={config.sampling.steps}, "
         f"guidance_scale={config.sampling.guidance:g}, seed=0).images",
         "```",
@@ -100,13 +103,7 @@ def _training(provenance: Mapping[str, Any]) -> str:
     data = provenance.get("data") or {}
     lines = ["## Training", ""]
     if data:
-        splits = data.get("splits")
-        lines.append(f"- data: `{data.get('dataset', '?')}`, {data.get('patches', '?')} patches"
-                     + (f" of {data['patch_size']} px" if data.get("patch_size") else "")
-                     + (f" (splits: {_pairs(splits)})" if isinstance(splits, Mapping) else "")
-                     + (f", merged from {', '.join(f'`{d}`' for d in data['merged_from'])}"
-                        if data.get("merged_from") else "")
-                     + (f"; made by {data['made_by']}" if data.get("made_by") else ""))
+        lines.append(f"- data: {_data(data)}")
     if provenance.get("steps") is not None:
         lines.append(f"- training steps: {provenance['steps']}"
                      + (f", batch size {provenance['batch_size']}" if provenance.get("batch_size") else "")
@@ -127,22 +124,18 @@ def _training(provenance: Mapping[str, Any]) -> str:
     lines += _commands("Commands", provenance.get("command"))
     autoencoder = provenance.get("autoencoder")
     if isinstance(autoencoder, Mapping):
-        ae_data = autoencoder.get("data") or {}
-        lines += ["", "The autoencoder: " + ", ".join(filter(None, [
-            f"{autoencoder['steps']} steps" if autoencoder.get("steps") else None,
-            f"on `{ae_data.get('dataset', autoencoder.get('dataset', '?'))}`"
-            + (f" ({ae_data['patches']} patches" + (f", merged from {', '.join(f'`{d}`' for d in ae_data['merged_from'])}"
-                                                   if ae_data.get("merged_from") else "") + ")"
-               if ae_data.get("patches") else ""),
-            f"{_duration(autoencoder['wall_time_s'])}" if autoencoder.get("wall_time_s") else None,
-        ])) + "."]
+        details = [f"{autoencoder['steps']} steps" if autoencoder.get("steps") else None,
+                   f"on {_data(autoencoder.get('data') or {'dataset': autoencoder.get('dataset', '?')})}",
+                   _duration(autoencoder["wall_time_s"]) if autoencoder.get("wall_time_s") else None]
+        lines += ["", "The autoencoder: " + ", ".join(filter(None, details)) + "."]
         lines += _commands("Its commands", autoencoder.get("command"))
     return "\n".join(lines)
 
 
 def _metrics(provenance: Mapping[str, Any]) -> str:
     rows = []
-    metrics = provenance.get("metrics") or {}
+    metrics = provenance.get("metrics")
+    metrics = metrics if isinstance(metrics, Mapping) else {}
     training = "the training commands above (training log)"
     for key, value in metrics.items():
         if key == "sample_timing" or isinstance(value, (Mapping, list)):
@@ -159,8 +152,7 @@ def _metrics(provenance: Mapping[str, Any]) -> str:
         if isinstance(held_out, Mapping):
             for source, scores in held_out.items():
                 if isinstance(scores, Mapping):
-                    how = (f"reconstructions of {scores.get('patches', '?')} held-out `{source}` patches "
-                           f"({((autoencoder.get('data') or {}).get('made_by') or 'after training')})")
+                    how = f"reconstructions of {scores.get('patches', '?')} held-out `{source}` patches after training"
                     rows += [(f"{what} ({source})", scores[key], how)
                              for key, what in (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM")) if key in scores]
     if not rows:
@@ -195,6 +187,20 @@ def _use_and_limits(config: "ModelConfig", provenance: Mapping[str, Any]) -> str
 
 
 # --- formatting ------------------------------------------------------------------------------------------
+def _data(data: Mapping[str, Any]) -> str:
+    """A dataset of a provenance record in words: name, patches, splits, sources, who made it."""
+    if not isinstance(data, Mapping):
+        return f"`{data}`"
+    splits = data.get("splits")
+    sources = data.get("merged_from")
+    return (f"`{data.get('dataset', '?')}`"
+            + (f", {data['patches']} patches" if data.get("patches") else "")
+            + (f" of {data['patch_size']} px" if data.get("patch_size") else "")
+            + (f" (splits: {_pairs(splits)})" if isinstance(splits, Mapping) else "")
+            + (f", merged from {', '.join(f'`{d}`' for d in sources)}" if sources else "")
+            + (f"; made by {data['made_by']}" if data.get("made_by") else ""))
+
+
 def _commands(title: str, commands: Any) -> list[str]:
     if not commands:
         return []
