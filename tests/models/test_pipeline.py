@@ -144,3 +144,29 @@ def test_a_folder_without_model_index_is_refused_in_one_line(tiny_bundle_path, t
         HistosynthPipeline.from_pretrained(old)
     with pytest.raises(ModelError, match="is not a histosynth model folder"):
         HistosynthPipeline.from_pretrained(tmp_path)
+
+
+def test_a_controlnet_model_loads_its_branch_and_samples_as_generate(tiny_bundle, tmp_path):
+    import copy
+
+    from histosynth.models.bundle import load_bundle, save_bundle
+    from histosynth.models.conditioning import Conditioning
+    from histosynth.models.control import MaskControlledUNet, add_mask_branch
+    from histosynth.sample.generate import generate
+    from histosynth.schema import RENAL
+
+    torch.manual_seed(0)
+    unet = add_mask_branch(copy.deepcopy(tiny_bundle.unet), len(RENAL.ids))
+    conditioning = Conditioning.parse("text+mask", 0.1, 0.2, mask_branch="controlnet").to_config(RENAL.ids)
+    folder = save_bundle(tmp_path / "controlled", unet, tiny_bundle.autoencoder, tiny_bundle.scheduler_config,
+                         tiny_bundle.text_encoder, RENAL, {"image_size": tiny_bundle.image_size,
+                                                           "conditioning": conditioning})
+    assert json.loads((folder / MODEL_INDEX_FILE).read_text())["controlnet"] == ["diffusers", "ControlNetModel"]
+
+    pipe = HistosynthPipeline.from_pretrained(folder)
+    output = pipe("", num_inference_steps=1, seed=2, batch_size=1, output_type="np")
+
+    bundle = load_bundle(folder)
+    assert isinstance(pipe.bundle().unet, MaskControlledUNet)
+    (expected,) = generate(bundle, [""], [item_seed(2, 0)], bundle.sampling.overridden(steps=1), batch_size=1).images
+    np.testing.assert_array_equal(np.rint(output.images[0] * 255).astype(np.uint8), expected)
