@@ -54,6 +54,7 @@ from .models.bundle import (
     bundle_of_parts,
     load_bundle_text_encoder,
     read_bundle_config,
+    save_bundle,
 )
 from .models.control import MaskControlledUNet
 from .models.text import TextEncoder
@@ -122,6 +123,21 @@ class HistosynthPipeline(DiffusionPipeline):
         if not is_accelerate_available():  # what diffusers falls back to, without its warning
             options.setdefault("low_cpu_mem_usage", False)
         return super().from_pretrained(str(pretrained_model_name_or_path), **options)
+
+    def save_pretrained(self, save_directory: str | Path, **options: Any) -> None:
+        """Write the pipeline as a model folder (:func:`~histosynth.models.bundle.save_bundle`, atomically):
+        its networks, the description of the folder it was loaded from, model_index.json and the card.
+        Diffusers' saving options (variants, sharding, pushing to the hub) are refused."""
+        if options:
+            raise ConfigError(f"save_pretrained writes a histosynth model folder and takes no options; got "
+                              f"{', '.join(sorted(options))}")
+        bundle = self.bundle()
+        config = bundle.config
+        meta = {"image_size": config.image_size, "preset": config.preset, "unet_weights": config.unet_weights,
+                "conditioning": config.conditioning.model_dump(), "latent_range": config.latent.range,
+                "provenance": config.provenance}
+        save_bundle(save_directory, bundle.unet, bundle.autoencoder, bundle.scheduler_config, bundle.text_encoder,
+                    bundle.schema, meta)
 
     def bundle(self) -> Bundle:
         """The pipeline's networks with the description of the folder it was loaded from, on its device."""

@@ -170,3 +170,14 @@ def test_a_controlnet_model_loads_its_branch_and_samples_as_generate(tiny_bundle
     assert isinstance(pipe.bundle().unet, MaskControlledUNet)
     (expected,) = generate(bundle, [""], [item_seed(2, 0)], bundle.sampling.overridden(steps=1), batch_size=1).images
     np.testing.assert_array_equal(np.rint(output.images[0] * 255).astype(np.uint8), expected)
+
+
+def test_save_pretrained_writes_the_model_folder_it_was_loaded_from(tiny_pipe, tiny_bundle_path, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "copy")
+
+    saved = tmp_path / "copy"
+    assert read_bundle_config(saved).to_json() == read_bundle_config(tiny_bundle_path).to_json()
+    assert (saved / MODEL_INDEX_FILE).read_text() == (tiny_bundle_path / MODEL_INDEX_FILE).read_text()
+    assert (saved / "README.md").read_text() == (tiny_bundle_path / "README.md").read_text()
+    with pytest.raises(ConfigError, match="takes no options; got push_to_hub"):
+        tiny_pipe.save_pretrained(tmp_path / "hub", push_to_hub=True)
