@@ -22,7 +22,9 @@ ControlNet mask branch, ``controlnet``. Sampling is histosynth's own
 (:func:`histosynth.sample.generate.generate_batches`: caption rules, CompVis DDIM, guidance, the
 latent-range clamp), so an image is the one ``histosynth generate`` writes: ``pipe(caption, seed=S,
 num_images_per_prompt=n)`` gives the bytes of ``histosynth generate --caption CAPTION --seed S --n n``
-(item i's seed derived from S and i, batches of ``batch_size`` = the command's ``--batch-size``, 8).
+(item i's seed derived from S and i, batches of ``batch_size`` = the command's ``--batch-size``, 8) on
+the same kind of device and thread count. The pipeline takes no label masks: a mask-conditioned
+model samples as ``generate`` does without ``--mask``.
 Several prompts are the job of a captions file with those prompts (cycled); the images come back
 prompt by prompt, as diffusers orders them.
 """

@@ -94,6 +94,9 @@ def _usage(config: "ModelConfig") -> str:
         "```",
         "",
         "The pipeline's images are those of `histosynth generate` with the same caption, seed and options.",
+        *(["", "From label masks (PNGs of schema class ids): `histosynth generate --model THIS_FOLDER --mask MASKS "
+            "--seed 0 --out images/`; the pipeline takes no masks and samples as `generate` does without `--mask`."]
+          if config.conditioning.mask_channels else []),
     ])
 
 
