@@ -22,11 +22,11 @@ ControlNet mask branch, ``controlnet``. Sampling is histosynth's own
 (:func:`histosynth.sample.generate.generate_batches`: caption rules, CompVis DDIM, guidance, the
 latent-range clamp), so an image is the one ``histosynth generate`` writes: ``pipe(caption, seed=S,
 num_images_per_prompt=n)`` gives the bytes of ``histosynth generate --caption CAPTION --seed S --n n``
-(item i's seed derived from S and i, batches of ``batch_size`` = the command's ``--batch-size``, 8) on
-the same kind of device and thread count. The pipeline takes no label masks: a mask-conditioned
-model samples as ``generate`` does without ``--mask``.
+on the same kind of device and thread count: item i's seed is derived from S and i, ``batch_size`` is
+the command's ``--batch-size`` (8), and a batch holds at most the images asked for, as a job's.
 Several prompts are the job of a captions file with those prompts (cycled); the images come back
-prompt by prompt, as diffusers orders them.
+prompt by prompt, as diffusers orders them. The pipeline takes no label masks: a mask-conditioned
+model samples as ``generate`` does without ``--mask``.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class HistosynthPipeline(DiffusionPipeline):
         count = len(captions) * num_images_per_prompt
         images, records = [], []
         for part in generate_batches(bundle, [captions[i % len(captions)] for i in range(count)],
-                                     [item_seed(job_seed, i) for i in range(count)], options, batch_size,
+                                     [item_seed(job_seed, i) for i in range(count)], options, min(batch_size, count),
                                      embeddings=CaptionEmbeddings.for_bundle(bundle, captions)):
             images.append(part.images)
             records += part.records

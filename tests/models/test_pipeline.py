@@ -43,12 +43,12 @@ def tiny_pipe(tiny_bundle_path) -> HistosynthPipeline:
 def test_the_embedded_model_samples_the_images_of_generate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = _shipped("ldm")
-    assert main(["generate", "--caption", CAPTION, "--seed", "11", "--steps", "2", "--n", "1", "--batch-size", "1",
+    assert main(["generate", "--caption", CAPTION, "--seed", "11", "--steps", "2", "--n", "1",
                  "--out", str(tmp_path / "cli")]) == 0
     (expected,) = _job_images(tmp_path / "cli")
 
     pipe = HistosynthPipeline.from_pretrained(folder)
-    output = pipe(CAPTION, num_inference_steps=2, seed=11, batch_size=1)
+    output = pipe(CAPTION, num_inference_steps=2, seed=11)  # both with the default batch size
 
     (image,) = output.images
     assert image.size == (256, 256)
