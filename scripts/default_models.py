@@ -374,7 +374,10 @@ def ship_segmenter(source: Path, target: Path) -> None:
 
 
 def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
-    """The LDM bundle MODELS/<name>, its provenance completed with the autoencoder's and a sampling time."""
+    """The LDM bundle MODELS/<name>, its provenance completed with the autoencoder's and a sampling time (and its
+    model card with them)."""
+    from histosynth.models.bundle import read_bundle_config, write_model_config, write_model_index
+
     source = MODELS / name
     ae_metrics = json.loads((autoencoder / "metrics.json").read_text())
     ae_metrics["held_out"] = json.loads((autoencoder / "evaluation.json").read_text())
@@ -397,6 +400,8 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
         f"{torch_threads()}, on the training machine while other jobs shared its CPU"
     provenance["autoencoder"] = ae_metrics
     write_json(target / "histosynth.json", config)
+    write_model_config(target, read_bundle_config(target))  # the model card, from the completed provenance
+    write_model_index(target)
 
 
 def copy_folder(source: Path, target: Path, keep: Optional[list[str]], skip: tuple[str, ...] = ()) -> None:

@@ -15,6 +15,9 @@ Layout::
     scheduler/          diffusers scheduler config of the training noise schedule
     text_encoder/       a copy of the text encoder (model + tokenizer), unless histosynth.json
                         names the default "minilm", which ships with the toolkit's dependencies
+    model_index.json    what diffusers needs to load the folder as a :class:`histosynth.pipeline.HistosynthPipeline`
+                        (the pipeline class and each component's library and class; see :func:`model_index`)
+    README.md           the model card, written from histosynth.json (see :mod:`histosynth.models.card`)
 
 A bundle is written to a temporary folder beside its destination and renamed into place, so a killed
 run never leaves a half bundle. Format version 1 (before the sampling defaults) is still read: its
@@ -42,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import HistosynthError, ModelError
-from ..io import remove_partial_files, write_json_atomic
+from ..io import atomic_path, remove_partial_files, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
@@ -55,6 +58,11 @@ FORMAT = "histosynth.bundle"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "histosynth.json"
+MODEL_INDEX_FILE = "model_index.json"
+MODEL_CARD_FILE = "README.md"
+#: how model_index.json names the pipeline and the text encoder component (see histosynth.pipeline)
+PIPELINE_CLASS = "HistosynthPipeline"
+TEXT_ENCODER_COMPONENT = ("histosynth.pipeline", "HistosynthTextEncoder")
 PARTS = ("unet", "autoencoder", "scheduler")
 TEXT_ENCODER_DIR = "text_encoder"
 #: images enter the autoencoder as float32 in [-1, 1]: pixel / 127.5 - 1
@@ -245,26 +253,36 @@ class Bundle:
 
     @property
     def text_encoder_source(self) -> TextEncoderSource:
-        ref = self.config.text_encoder
-        spec = ref.ref if ref.ref == DEFAULT_TEXT_ENCODER else str(self.path / ref.ref)
-        try:
-            return resolve_text_encoder(spec, max_tokens=ref.max_tokens)
-        except ModelError as exc:
-            raise ModelError(f"{self.path}: part 'text_encoder': {exc}") from None
+        return text_encoder_source(self.path, self.config)
 
     @property
     def text_encoder(self) -> TextEncoder:
         """The frozen text encoder, checked to be the one the model was trained with."""
         if self._text_encoder is None:
-            encoder = self.text_encoder_source.load(self.device)
-            expected = self.config.text_encoder.id
-            if encoder.id != expected:
-                raise ModelError(
-                    f"{self.path}: part 'text_encoder' does not match: the model was trained with "
-                    f"{expected} but {encoder.source.spec!r} is {encoder.id}"
-                )
-            self._text_encoder = encoder
+            self._text_encoder = load_bundle_text_encoder(self.path, self.config, self.device)
         return self._text_encoder
+
+
+def text_encoder_source(path: Path, config: ModelConfig) -> TextEncoderSource:
+    """Where the text encoder of the model folder at ``path`` is: the default's package or its text_encoder/."""
+    ref = config.text_encoder
+    spec = ref.ref if ref.ref == DEFAULT_TEXT_ENCODER else str(Path(path) / ref.ref)
+    try:
+        return resolve_text_encoder(spec, max_tokens=ref.max_tokens)
+    except ModelError as exc:
+        raise ModelError(f"{path}: part 'text_encoder': {exc}") from None
+
+
+def load_bundle_text_encoder(path: Path, config: ModelConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """The text encoder of the model folder at ``path``, checked to be the one the model was trained with."""
+    encoder = text_encoder_source(path, config).load(device)
+    expected = config.text_encoder.id
+    if encoder.id != expected:
+        raise ModelError(
+            f"{path}: part 'text_encoder' does not match: the model was trained with "
+            f"{expected} but {encoder.source.spec!r} is {encoder.id}"
+        )
+    return encoder
 
 
 # --- saving -------------------------------------------------------------------------------------
@@ -301,6 +319,7 @@ def save_bundle(
             text_encoder.save_to(staging / TEXT_ENCODER_DIR)
             text_ref = TEXT_ENCODER_DIR
         write_model_config(staging, _bundle_config(staging, unet, autoencoder, text_encoder, text_ref, schema, meta))
+        write_model_index(staging)
     return path
 
 
@@ -434,8 +453,35 @@ def set_latent_range(path: str | Path, latent_range: Optional[LatentRange]) -> s
 
 
 def write_model_config(folder: str | Path, config: ModelConfig) -> None:
-    """Write ``histosynth.json`` into a model folder (atomically)."""
+    """Write ``histosynth.json`` and the model card made from it into a model folder (atomically)."""
+    from .card import model_card
+
     write_json_atomic(Path(folder) / CONFIG_FILE, config.to_json())
+    with atomic_path(Path(folder) / MODEL_CARD_FILE) as temporary:
+        temporary.write_text(model_card(config))
+
+
+def model_index(folder: str | Path) -> dict[str, Any]:
+    """The ``model_index.json`` of the model folder at ``folder``: the pipeline class and, for each component,
+    its library and class as diffusers loads it (the networks' classes read from their own configs).
+
+    The text encoder is histosynth's component (:class:`histosynth.pipeline.HistosynthTextEncoder`), which
+    loads the encoder histosynth.json names: the default from its package, a copy from text_encoder/.
+    """
+    import diffusers
+
+    folder = Path(folder)
+    index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
+    for part in PARTS + (CONTROLNET_DIR,):
+        config = folder / part / _part_config_name(part)
+        index[part] = ["diffusers", json.loads(config.read_text())["_class_name"]] if config.is_file() else [None, None]
+    index[TEXT_ENCODER_DIR] = list(TEXT_ENCODER_COMPONENT)
+    return index
+
+
+def write_model_index(folder: str | Path) -> None:
+    """Write :func:`model_index` into the model folder at ``folder`` (atomically)."""
+    write_json_atomic(Path(folder) / MODEL_INDEX_FILE, model_index(folder))
 
 
 def _move_into_place(staging: Path, path: Path) -> None:
@@ -493,8 +539,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             raise ModelError(f"{path}: part '{part}' is missing ({part}/{_part_config_name(part)} not found)")
     if config.text_encoder.ref != DEFAULT_TEXT_ENCODER and not (path / TEXT_ENCODER_DIR).is_dir():
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
-    schema = ClassSchema.from_dict(config.class_schema, source=f"{path / CONFIG_FILE}: schema")
-    _check_conditioning(config.conditioning, schema, f"{path / CONFIG_FILE}: conditioning")
+    schema = _checked_schema(path, config)
     unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False),
                       path)
     if controlled:
@@ -502,7 +547,6 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)
     scheduler = _load_part("scheduler", lambda: DDPMScheduler.from_pretrained(path / "scheduler"), path)
     _check_parts_fit(path, config, unet, autoencoder)
-    device = torch.device(device)
     return Bundle(
         path=path,
         config=config,
@@ -510,8 +554,28 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         autoencoder=autoencoder.to(device).eval(),
         scheduler_config=dict(scheduler.config),
         schema=schema,
-        device=device,
+        device=torch.device(device),
     )
+
+
+def bundle_of_parts(path: str | Path, unet: UNet2DConditionModel | MaskControlledUNet, autoencoder: Autoencoder,
+                    scheduler_config: dict[str, Any], device: str | torch.device,
+                    text_encoder: Optional[TextEncoder] = None) -> Bundle:
+    """A bundle of networks loaded elsewhere (e.g. by diffusers) with the description of the model folder at
+    ``path``, checked as :func:`load_bundle` checks the parts it loads."""
+    path = Path(path)
+    config = read_bundle_config(path)
+    schema = _checked_schema(path, config)
+    _check_parts_fit(path, config, unet, autoencoder)
+    return Bundle(path=path, config=config, unet=unet.eval(), autoencoder=autoencoder.eval(),
+                  scheduler_config=dict(scheduler_config), schema=schema, device=torch.device(device),
+                  _text_encoder=text_encoder)
+
+
+def _checked_schema(path: Path, config: ModelConfig) -> ClassSchema:
+    schema = ClassSchema.from_dict(config.class_schema, source=f"{path / CONFIG_FILE}: schema")
+    _check_conditioning(config.conditioning, schema, f"{path / CONFIG_FILE}: conditioning")
+    return schema
 
 
 def load_autoencoder_folder(folder: str | Path) -> Autoencoder:
