@@ -57,11 +57,25 @@ benchmarks/phantom_tiling.py --repeats 3``::
     tile_2_slides_workers2_patches_per_s 52.3 patches/s
     tile_2_slides_processes2_patches_per_s 18.7 patches/s
 
-Other runs printed ``tile_vs_raw_read_ratio 0.91 x`` (load average ~11, masks still read through
-tiffslide), ``0.43 x`` (load ~9) and ``0.44 x`` (load ~5; CPU 12.02 against 5.10 ms a patch;
-``workers2`` 65.3 against ``workers1`` 50.5 and ``processes2`` 19.0 patches/s): on this shared
-machine the ratio says little. The CPU times bound it: on two free CPUs tiling can reach 2 x 5.37 / 11.11 = 0.97 of the
-raw reads (target >= 0.8); the tiling before these changes took 41 ms of CPU a patch (same slide,
+With nothing else of the project running (load average ~1.5; the machine's host was still slower
+than in the first measurement: a phantom patch took 59 ms), ``OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+.venv/bin/python benchmarks/phantom_tiling.py --repeats 3``, twice in a row::
+
+    patch_png_pillow_default_ms 26.79 ms
+    patch_png_pillow_level1_ms 8.53 ms
+    patch_png_fast_ms 2.17 ms
+    raw_read_patches_per_s 196.3 patches/s      194.7 patches/s
+    tile_patches_per_s 156.8 patches/s          141.2 patches/s
+    tile_vs_raw_read_ratio 0.80 x               0.73 x
+    raw_read_cpu_ms_per_patch 5.09 ms           5.13 ms
+    tile_cpu_ms_per_patch 11.46 ms              12.71 ms
+
+Earlier runs while other jobs loaded the machine printed ``tile_vs_raw_read_ratio 0.91 x``
+(load average ~11, masks still read through tiffslide), ``0.43 x`` (load ~9) and ``0.44 x``
+(load ~5; CPU 12.02 against 5.10 ms a patch; ``workers2`` 65.3 against ``workers1`` 50.5 and
+``processes2`` 19.0 patches/s): on a shared machine the ratio is noisy. The CPU times bound it: on
+two free CPUs tiling can reach about 2 x 5.1 / 11.5 = 0.89 of the raw reads (target >= 0.8); the
+tiling before these changes took 41 ms of CPU a patch (same slide,
 same hour), so at most 0.26.
 
 Pillow's default PNG is 7 % smaller than ``fast_png`` but 10x slower; Pillow's fastest level is
