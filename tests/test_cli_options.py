@@ -146,3 +146,17 @@ def test_every_coverage_option_says_the_same():
     helps = {param.help for _, command in _commands(get_command(app)) for param in command.params
              if param.name == "coverage"}
     assert len(helps) == 1
+
+
+def test_quiet_before_any_command_draws_no_progress_bar(tmp_path, capsys):
+    from histosynth.cli import main
+
+    printed = {}
+    for name, quiet in (("bars", []), ("quiet", ["--quiet"])):
+        assert main([*quiet, "phantom", "patches", "--out", str(tmp_path / name), "--n", "3", "--size", "64"]) == 0
+        printed[name] = capsys.readouterr()
+    assert "phantom patches" in printed["bars"].out and "3/3" in printed["bars"].out
+    result = f"3 patches in {tmp_path / 'quiet'} (train 1, val 1, test 1)\n"
+    assert (printed["quiet"].out, printed["quiet"].err) == (result, "")
+    assert main(["phantom", "patches", "--out", str(tmp_path / "again"), "--n", "3", "--size", "64"]) == 0
+    assert "3/3" in capsys.readouterr().out  # --quiet holds for its own command only

@@ -16,6 +16,18 @@ LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch
 #: diffusers' logger that advises installing accelerate whenever a model is loaded or built without it
 MODEL_LOADING_CHATTER = "diffusers.models.modeling_utils"
 
+_progress_bars = {"shown": True}
+
+
+def show_progress_bars(shown: bool) -> None:
+    """Whether this process draws progress bars at all (``histosynth --quiet`` turns them off: results,
+    warnings and errors are still printed)."""
+    _progress_bars["shown"] = bool(shown)
+
+
+def progress_bars_shown() -> bool:
+    return _progress_bars["shown"]
+
 
 def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool = False, rate: bool = False,
                  stderr: bool = False) -> "Progress":
@@ -25,7 +37,7 @@ def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool
     the time taken instead of the time left; ``rate`` (long jobs) shows the units per second of a task
     whose ``unit`` field names them (``1.42 images/s``), the time taken and the time left ("ETA").
     ``stderr`` draws on standard error, leaving standard output to a command's results. A disabled bar
-    prints nothing, so callers need no branch.
+    (or any bar after ``show_progress_bars(False)``) prints nothing, so callers need no branch.
     """
     from rich.console import Console
     from rich.progress import (
@@ -67,7 +79,7 @@ def progress_bar(enabled: bool = True, *, transient: bool = False, elapsed: bool
     else:
         clocks = [TimeElapsedColumn() if elapsed else TimeRemainingColumn()]
     return ShownFromFirstTask(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *clocks,
-                              disable=not enabled, transient=transient,
+                              disable=not (enabled and progress_bars_shown()), transient=transient,
                               console=Console(stderr=True) if stderr else None)
 
 

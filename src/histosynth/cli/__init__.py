@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ..errors import HistosynthError
+from ..terminal import show_progress_bars
 from . import caption, dataset, demo, evaluate, generate, jobs, model, phantom, segment, survey, tile, train
 
 app = typer.Typer(
@@ -24,8 +25,10 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars in any command (results, "
+                                     "warnings and errors are still printed); give it before the command")) -> None:
     """Synthetic renal histology on command: captions, phantom data, tiling, models, evaluation."""
+    show_progress_bars(not quiet)
 
 
 caption.register(app)

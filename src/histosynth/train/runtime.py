@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..errors import HistosynthError, JobError
 from ..io import atomic_path, partial_target, remove_partial_files, write_json_atomic
 from ..presets import Preset
+from ..terminal import progress_bars_shown
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -181,6 +182,7 @@ def build_trainer(run: RunFolder, max_steps: int, precision: str, devices: Devic
                   log_every: int = 10, **extra: Any) -> L.Trainer:
     checkpoints = ModelCheckpoint(dirpath=run.root / CHECKPOINT_DIR, save_top_k=0, save_last=True,
                                   every_n_train_steps=max(1, checkpoint_every), save_on_train_epoch_end=False)
+    show_progress = show_progress and progress_bars_shown()
     progress: list[Callback] = [_progress_bar()] if show_progress else []
     return L.Trainer(
         max_steps=max_steps,
