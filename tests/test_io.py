@@ -8,6 +8,7 @@ from histosynth.io import (
     atomic_path,
     partial_target,
     remove_partial_files,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -32,6 +33,23 @@ def test_the_temporaries_of_atomic_path_are_recognised(tmp_path):
         assert partial_target(tmp.name) == "record.json"
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bytes_written_atomically_make_their_folders_and_leave_nothing_when_the_write_fails(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "images" / "s1" / "p.png"
+    write_bytes_atomic(target, b"png bytes")
+    assert target.read_bytes() == b"png bytes" and os.listdir(target.parent) == ["p.png"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # as a plain open() makes it
+    write_bytes_atomic(target, b"again", durable=True)
+    assert target.read_bytes() == b"again"
+    with pytest.raises(TypeError):
+        write_bytes_atomic(target, "not bytes")  # fails inside the write: the old file stays, no temporary
+    assert target.read_bytes() == b"again" and os.listdir(target.parent) == ["p.png"]
 
 
 def test_removing_partial_files_takes_only_those_of_the_one_output(tmp_path):

@@ -27,8 +27,8 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     that once this returns the file survives a power cut, not only a killed process.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_temporary(path)
+    fd, tmp_path = _open_temporary(path)
+    os.close(fd)
     try:
         yield tmp_path
         if durable:
@@ -41,8 +41,28 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _new_temporary(path: Path) -> Path:
-    """Create an empty ``.<name>.<8 random>.part<suffix>`` beside `path`, with the permissions of a plain open().
+def write_bytes_atomic(path: str | Path, data: bytes, durable: bool = False) -> None:
+    """:func:`atomic_path` for bytes in hand, with fewer system calls: written through the descriptor that
+    created the temporary file (many small files, e.g. a dataset's patches, pay for every call)."""
+    path = Path(path)
+    fd, tmp_path = _open_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    if durable:
+        _sync(path.parent)
+
+
+def _open_temporary(path: Path) -> tuple[int, Path]:
+    """Create ``.<name>.<8 random>.part<suffix>`` beside `path` (and its folder where missing), open for writing,
+    with the permissions of a plain open().
 
     Unlike ``mkstemp`` (mode 0600, to be widened from the umask, which is process-wide state that
     a thread cannot read without changing it), the file is created 0666 less the umask.
@@ -50,10 +70,11 @@ def _new_temporary(path: Path) -> Path:
     for _ in range(100):
         candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.part{path.suffix}"
         try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
         except FileExistsError:
             continue
-        return candidate
+        except FileNotFoundError:  # the folder first (tried only then: one call fewer for every file)
+            path.parent.mkdir(parents=True, exist_ok=True)
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
@@ -152,11 +173,11 @@ def write_png_atomic(path: str | Path, array: np.ndarray, fast: bool = False, du
     Pillow's default compression gives the smallest files; `fast` writes :func:`fast_png` instead.
     ``durable``: see :func:`atomic_path`.
     """
+    if fast:
+        write_bytes_atomic(path, fast_png(array), durable)
+        return
     with atomic_path(path, durable) as tmp:
-        if fast:
-            tmp.write_bytes(fast_png(array))
-        else:
-            Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
 
 
 #: libdeflate level of :func:`fast_png`: 1 is ~3x faster than Pillow's fastest PNG for a 7 % larger file.
