@@ -135,7 +135,7 @@ class ClassSchema(BaseModel):
             raise DataError(f"{source}: a label mask must be 2-D (H, W), got shape {raw.shape}")
         if raw.dtype == bool:  # a 1-bit image
             raw = raw.astype(np.uint8)
-        if raw.dtype.kind not in "ui" or (raw.size and raw.min() < 0):
+        if raw.dtype.kind not in "ui" or (raw.dtype.kind == "i" and raw.size and raw.min() < 0):
             raise DataError(f"{source}: a label mask holds whole class ids from 0, got {raw.dtype} values; "
                             "save it as an 8- or 16-bit greyscale PNG of ids")
         if self.remap and raw.size:
