@@ -20,8 +20,8 @@ Run (from the repository root)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/jobs.py [--threads 1] [--no-writing]
 
-Measured on the 2-core CPU machine (torch 2.13 CPU), ``--threads 1``, shared with five other
-engineers' tests (load average 3-4 during the run; an earlier run at load 6-12 gave 0.24 s and
+Measured on the 2-core CPU machine (torch 2.13 CPU), ``--threads 1``, shared with other
+test runs (load average 3-4 during the run; an earlier run at load 6-12 gave 0.24 s and
 1.8 s for the resumes and a writing ratio of 0.79, the load changing between the two jobs by more
 than writing costs)::
 

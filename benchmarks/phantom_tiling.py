@@ -34,7 +34,7 @@ benchmarks/phantom_tiling.py --size 8192``, before tiling wrote fast PNGs on thr
     tile_patches_per_s 52.0 patches/s
 
 With fast PNGs on threads, per-thread slide handles and mask tiles decoded by tifffile, on the same
-2-core machine while it was busy (load average 6-9 from other engineers' jobs: a phantom patch took
+2-core machine while it was busy (load average 6-9 from other jobs: a phantom patch took
 152 ms instead of 19.6, so every rate is several times too low and the ratio is noisy; the CPU times
 are the steadier numbers), ``OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python
 benchmarks/phantom_tiling.py --repeats 3``::
