@@ -13,7 +13,7 @@ import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -127,6 +127,30 @@ def remove_partial_files(path: str | Path) -> list[Path]:
             leftover.unlink(missing_ok=True)
         removed.append(leftover)
     return removed
+
+
+@contextmanager
+def staged_folder(path: str | Path, into_place: Optional[Callable[[Path, Path], None]] = None) -> Iterator[Path]:
+    """A staging folder beside `path` (``.<name>.<random>.part``, so that a killed run's is recognised and
+    removed here) that is renamed onto `path` when the block finishes, and removed if it fails.
+
+    ``into_place(staging, path)`` does the renaming; by default onto a missing or empty folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(path)  # the staging folder of a save that was killed
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        yield staging
+        (into_place or _replace_empty_folder)(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_empty_folder(staging: Path, path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    os.replace(staging, path)
 
 
 @contextmanager

@@ -28,9 +28,6 @@ term, the VQ commitment or KL term) together with the PSNR / SSIM metrics used t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,7 +38,7 @@ from diffusers import AutoencoderKL, VQModel
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..errors import ModelError
-from ..io import remove_partial_files
+from ..io import staged_folder
 from ..presets import AutoencoderConfig, Preset
 from .precision import channels_last_input, decoder_precision, network_precision
 
@@ -106,19 +103,10 @@ def write_autoencoder_folder(out: str | Path, autoencoder: Autoencoder, notes: d
     The folder appears whole or not at all: it is written under a temporary name and renamed; ``out``
     must not exist or be empty.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(out)  # the staging folder of a save that was killed
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         autoencoder.save_pretrained(staging)
         for name, content in notes.items():
             (staging / name).write_text(json.dumps(content, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty: checked by the callers before any work
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_checked_autoencoder(path: str | Path) -> Autoencoder:

@@ -33,11 +33,9 @@ import math
 import os
 import platform
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
@@ -45,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import HistosynthError, ModelError
-from ..io import atomic_path, remove_partial_files, write_json_atomic
+from ..io import atomic_path, staged_folder, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
@@ -347,22 +345,16 @@ def _save_networks(folder: Path, unet: UNet2DConditionModel | MaskControlledUNet
     DDPMScheduler.from_config(dict(scheduler_config)).save_pretrained(folder / "scheduler")
 
 
-@contextmanager
-def _staged(path: Path, into_empty: bool = False) -> Iterator[Path]:
-    """A staging folder beside ``path`` that is renamed onto it when the block finishes (removed if it fails).
+def _staged(path: Path, into_empty: bool = False):
+    """:func:`~histosynth.io.staged_folder` onto a model folder (an older one there is replaced);
+    ``into_empty``: an empty folder at ``path`` (made for the model) is replaced too."""
 
-    ``into_empty``: an empty folder at ``path`` (made for the model) is replaced too.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(path)  # the staging folder of a save that was killed
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
-    try:
-        yield staging
-        if into_empty and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        _move_into_place(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def into_place(staging: Path, target: Path) -> None:
+        if into_empty and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        _move_into_place(staging, target)
+
+    return staged_folder(path, into_place)
 
 
 def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoencoder,
