@@ -248,9 +248,7 @@ def dataset_latent_range(dataset: PatchDataset | str | Path, autoencoder: Autoen
                          show_progress: bool = True) -> LatentRange:
     """The per-channel range of a dataset split's latents (from the training cache, encoding what is missing)."""
     check_quantile(quantile)
-    dataset = dataset if isinstance(dataset, PatchDataset) else open_dataset(dataset)
-    rows = training_rows(dataset, split, need_captions=False)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(dataset)
+    dataset, rows, cache_dir = _training_split(dataset, split, False, cache_dir)
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, show_progress=show_progress)
     return latent_range(latents, quantile)
 
