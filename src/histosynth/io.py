@@ -223,11 +223,14 @@ def fast_png(array: np.ndarray, level: int = FAST_PNG_LEVEL) -> bytes:
         raise ValueError(f"fast_png takes uint8 (H, W) or (H, W, 3) arrays, got {array.dtype} {array.shape}")
     import imagecodecs
 
+    # A strided array (e.g. the RGB view of an RGBA region) is copied first: the row differences below
+    # then read memory in order, which saves more than the copy costs (4.6 against 3.4 ms a 256 px patch).
+    array = np.ascontiguousarray(array)
     height, width = array.shape[:2]
     filtered = np.empty((height, 1 + array[0].size), dtype=np.uint8)  # a filter byte, then the row
     filtered[:, 0] = _PNG_FILTER_UP
     pixels = filtered[:, 1:].view()
-    pixels.shape = array.shape  # a view still (raises rather than copy); `array` may be strided, e.g. RGB of RGBA
+    pixels.shape = array.shape  # a view still (raises rather than copy)
     pixels[0] = array[0]
     np.subtract(array[1:], array[:-1], out=pixels[1:])  # modulo 256, as PNG filters are
     colour_type = 0 if array.ndim == 2 else 2  # grey or RGB, 8 bits, no interlace
