@@ -90,6 +90,8 @@ def test_bad_input_is_refused_with_the_projects_errors(model):
         model.generate(levels="Podocytes=high", steps=2)
     with pytest.raises(ConfigError, match="caption or levels"):
         model.generate(steps=2)
+    with pytest.raises(ConfigError, match=r"^seed must be"):
+        model.generate(GENERATING_CAPTION, seed=-1, steps=2)
     with pytest.raises(ConfigError, match="not both"):
         model.generate(GENERATING_CAPTION, levels="Glomeruli=high")
     with pytest.raises(DataError, match="whole class ids.*float64"):

@@ -186,7 +186,7 @@ class Model:
         from .sample.jobs import DEFAULT_BATCH_SIZE, Job, Layout, job_spec, sample_job_batches
         from .sample.masks import choose_masks
 
-        check_seeds([seed])
+        check_seeds([seed], "seed")
         bundle = self.bundle
         options = bundle.sampling.overridden(steps=steps, guidance=guidance, mask_guidance=mask_guidance,
                                              scheduler=scheduler, eta=eta, precision=precision)
