@@ -198,9 +198,9 @@ def test_another_jobs_folder_is_refused_untouched(finished_job, tiny_bundle, tmp
     description = (folder / JOB_FILE).read_bytes()
     images = _pngs(folder / "00000")
     with pytest.raises(JobError, match=rf"^{folder} holds another job \(its job.json differs in seed: 7 there, "
-                                       rf"8 here\); choose another output folder, or delete "):
+                                       rf"8 here \(--seed 7 continues it\)\); choose another output folder, or "):
         new_job(folder, tiny_bundle, [GENERATING_CAPTION, ""], 3, 8, OPTIONS)
-    with pytest.raises(JobError, match=r"differs in batch_size: 2 there, 3 here"):
+    with pytest.raises(JobError, match=r"differs in batch_size: 2 there, 3 here \(--batch-size 2 continues it\)"):
         new_job(folder, tiny_bundle, [GENERATING_CAPTION, ""], 3, 7, OPTIONS, batch_size=3)
     assert (folder / JOB_FILE).read_bytes() == description and _pngs(folder / "00000") == images
     stray = tmp_path / "stray"

@@ -79,7 +79,8 @@ def test_a_job_records_its_precision_and_refuses_to_resume_in_another(tiny_bundl
     assert job.spec.options.precision == "fp32"  # the CPU's default, settled before it is recorded
     described = json.loads((folder / JOB_FILE).read_text())
     assert described["job"]["precision"] == "fp32"
-    with pytest.raises(JobError, match=r"differs in precision: fp32 there, bf16 here\); choose another output"):
+    with pytest.raises(JobError, match=r"differs in precision: fp32 there, bf16 here "
+                                       r"\(--precision fp32 continues it\)\); choose another output"):
         new_job(folder, tiny_bundle, [GENERATING_CAPTION], 2, 7, SamplingOptions(steps=2, precision="bf16"))
     # a job described before jobs recorded a precision was made in fp32, and resumes so
     del described["job"]["precision"]

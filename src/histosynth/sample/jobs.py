@@ -493,13 +493,23 @@ def _file_names(folder: Path) -> set[str]:
     return {entry.name for entry in os.scandir(folder)} if folder.is_dir() else set()
 
 
+#: The ``generate`` option that sets each setting of a job's description (``--size`` sets both sides).
+_OPTION_OF_SETTING = {"seed": "--seed", "steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler",
+                      "eta": "--eta", "precision": "--precision", "batch_size": "--batch-size",
+                      "mask_guidance": "--mask-guidance", "n": "--n"}
+
+
 def _differences(old: JobSpec, new: JobSpec) -> str:
+    """What differs, each setting with the option that continues the job in the folder (``--precision fp32``):
+    a job started on one device and continued on another differs in its precision unless it is named."""
     before, after = old.to_dict(), new.to_dict()
     changed = []
     for key in dict.fromkeys([*before, *after]):
         if before.get(key) != after.get(key):
+            option = _OPTION_OF_SETTING.get(key)
+            hint = f" ({option} {before[key]} continues it)" if option and key in before else ""
             changed.append(key if key in ("captions", "masks") else
-                           f"{key}: {before.get(key)} there, {after.get(key)} here")
+                           f"{key}: {before.get(key)} there, {after.get(key)} here{hint}")
     return "; ".join(changed)
 
 
