@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
 from ..errors import DataError
@@ -382,7 +383,7 @@ def accuracy_figure(analysis: SurveyAnalysis) -> Figure:
     people = analysis.participants
     pooled = analysis.summary["reader_study"]
     labels = [*people["participant"], "pooled"]
-    fig = Figure(figsize=(5.5, 1.3 + 0.24 * len(labels)), dpi=110)
+    fig = Figure(figsize=(4.6, 1.3 + 0.24 * len(labels)), dpi=110)
     ax = fig.add_subplot()
     _chance_line(ax, vertical=True)
     rows = np.arange(len(labels))[::-1]
@@ -437,9 +438,8 @@ def called_real_figure(analysis: SurveyAnalysis) -> Figure:
     ax.set_ylim(0, 1)
     ax.set_xlabel("question")
     ax.set_ylabel("share of readers calling it real")
-    for truth, colour in TRUTH_COLOURS.items():
-        ax.bar([], [], color=colour, label=truth)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(handles=[Patch(color=colour, label=truth) for truth, colour in TRUTH_COLOURS.items()],
+              fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
 
@@ -448,7 +448,7 @@ def roc_figure(analysis: SurveyAnalysis) -> Figure:
     """Every reader's ROC curve for telling synthetic from real by their ratings."""
     from sklearn.metrics import roc_curve
 
-    fig = Figure(figsize=(4.4, 4.2), dpi=110)
+    fig = Figure(figsize=(3.9, 3.8), dpi=110)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="#888", linewidth=0.8, linestyle=":")
     scored = analysis.answers.dropna(subset=["score"])
