@@ -20,6 +20,7 @@ from histosynth.survey.analyze import (
     analyze_survey,
     answers_grid,
     fooling_images,
+    load_source,
 )
 from histosynth.survey.app import create_app
 from histosynth.survey.responses import (
@@ -184,8 +185,8 @@ def test_analysing_the_survey_folder_equals_analysing_its_export(make_survey, ad
     (tmp_path / "export.csv").write_text(client.get("/admin/export.csv", headers=bearer).text)
     (tmp_path / "answers.csv").write_text(client.get("/admin/answers.csv", headers=bearer).text)
     from_folder, report = analyze_survey(survey_dir)
-    from_csv, _ = analyze_survey(tmp_path / "export.csv")
-    from_tidy, _ = analyze_survey(tmp_path / "answers.csv")
+    from_csv = analyze_responses(load_source(tmp_path / "export.csv")[0])
+    from_tidy = analyze_responses(load_source(tmp_path / "answers.csv")[0])
     assert report == survey_dir / "report" / "report.html"
     # one row per answer keeps everything, positions in each reader's own order included ...
     assert from_folder.participants.equals(from_tidy.participants)

@@ -59,12 +59,17 @@ def test_a_fixed_order_survey_shows_everyone_the_seeded_order(make_survey, admin
     assert [(p.order, p.answers) for p in store_of(survey_dir).participants()] == [(None, {1: "real"})] * 2
 
 
-def test_confidence_is_asked_with_every_answer(make_survey, admin_secret, participant):
-    survey_dir = make_survey(rating="confidence")
+def first_question(survey_dir, admin_secret, participant):
+    """A client, a participant started in it, and their first question page."""
     client = TestClient(create_app(survey_dir, admin_secret), follow_redirects=False)
     person = participant(client)
     person.start(5)
-    page = client.get(f"{person.base}/q/1").text
+    return client, person, client.get(f"{person.base}/q/1").text
+
+
+def test_confidence_is_asked_with_every_answer(make_survey, admin_secret, participant):
+    survey_dir = make_survey(rating="confidence")
+    client, person, page = first_question(survey_dir, admin_secret, participant)
     assert page.count('name="rating"') == 5 and "How sure are you?" in page and 'data-key="5"' in page
     missing = client.post(f"{person.base}/q/1", data={"answer": "real", "csrf": person.csrf})
     assert missing.status_code == 400 and "how sure you are" in missing.text
@@ -79,10 +84,7 @@ def test_confidence_is_asked_with_every_answer(make_survey, admin_secret, partic
 
 def test_the_scale_from_real_to_synthetic_gives_answers_and_unsure(make_survey, admin_secret, participant):
     survey_dir = make_survey(rating="scale")
-    client = TestClient(create_app(survey_dir, admin_secret), follow_redirects=False)
-    person = participant(client)
-    person.start(1)
-    page = client.get(f"{person.base}/q/1").text
+    client, person, page = first_question(survey_dir, admin_secret, participant)
     assert "Definitely real" in page and "Definitely synthetic" in page and 'name="answer"' not in page
     assert client.post(f"{person.base}/q/1", data={"answer": "real", "csrf": person.csrf}).status_code == 400
     for position, rating in enumerate([1, 3, 5, 4, 2, 3], start=1):

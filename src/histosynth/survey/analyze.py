@@ -37,6 +37,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -313,6 +314,12 @@ def answers_grid(responses: Responses) -> tuple[np.ndarray, list[ParticipantAnsw
     return grid, people
 
 
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    """A figure of the report (inches at 110 dpi) and its one plot."""
+    fig = Figure(figsize=(width, height), dpi=110)
+    return fig, fig.add_subplot()
+
+
 def answers_grid_figure(analysis: SurveyAnalysis) -> Figure:
     """The thesis' Appendix B figure: questions in rows, participants in columns (by experience),
     green for a correct answer, red for a wrong one; the first column shows the truth."""
@@ -320,8 +327,7 @@ def answers_grid_figure(analysis: SurveyAnalysis) -> Figure:
     grid, people = answers_grid(responses)
     width = 1.6 + 0.32 * (len(people) + 1)
     height = 1.4 + 0.22 * responses.n_questions
-    fig = Figure(figsize=(max(width, 3.5), height), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _figure(max(width, 3.5), height)
     ax.imshow(grid, cmap=ListedColormap(GRID_COLOURS), vmin=0, vmax=2, aspect="auto",
               extent=(0.5, len(people) + 0.5, responses.n_questions + 0.5, 0.5), interpolation="nearest")
     for row, truth in enumerate(responses.truth, start=1):
@@ -346,8 +352,7 @@ def answers_grid_figure(analysis: SurveyAnalysis) -> Figure:
 def kappa_experience_figure(analysis: SurveyAnalysis) -> Figure:
     """Kappa of every participant against their experience, with the group means of the thesis."""
     people = analysis.participants
-    fig = Figure(figsize=(5.5, 4), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _figure(5.5, 4)
     ax.axhline(0, color="#888", linewidth=0.8, linestyle=":")
     for level in range(1, 6):
         kappas = people.loc[people["experience"] == level, "kappa"].dropna().to_numpy()
@@ -383,8 +388,7 @@ def accuracy_figure(analysis: SurveyAnalysis) -> Figure:
     people = analysis.participants
     pooled = analysis.summary["reader_study"]
     labels = [*people["participant"], "pooled"]
-    fig = Figure(figsize=(4.6, 1.3 + 0.24 * len(labels)), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _figure(4.6, 1.3 + 0.24 * len(labels))
     _chance_line(ax, vertical=True)
     rows = np.arange(len(labels))[::-1]
     for row, (_, person) in zip(rows, people.iterrows(), strict=False):
@@ -406,8 +410,7 @@ def accuracy_figure(analysis: SurveyAnalysis) -> Figure:
 def position_figure(analysis: SurveyAnalysis) -> Figure:
     """Accuracy by question position (blocks of positions), with the trend test in the title."""
     table = analysis.positions
-    fig = Figure(figsize=(5.5, 3.6), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _figure(5.5, 3.6)
     _chance_line(ax)
     x = np.arange(len(table))
     shown = table["answers"] > 0
@@ -429,8 +432,7 @@ def position_figure(analysis: SurveyAnalysis) -> Figure:
 def called_real_figure(analysis: SurveyAnalysis) -> Figure:
     """Every image's share of readers calling it real, sorted, coloured by its truth."""
     questions = analysis.questions.sort_values(["share_called_real", "question"], ascending=[False, True])
-    fig = Figure(figsize=(max(4.5, 1.2 + 0.16 * len(questions)), 3.6), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _figure(max(4.5, 1.2 + 0.16 * len(questions)), 3.6)
     _chance_line(ax)
     x = np.arange(len(questions))
     ax.bar(x, questions["share_called_real"].fillna(0), color=[TRUTH_COLOURS[t] for t in questions["truth"]])
@@ -448,8 +450,7 @@ def roc_figure(analysis: SurveyAnalysis) -> Figure:
     """Every reader's ROC curve for telling synthetic from real by their ratings."""
     from sklearn.metrics import roc_curve
 
-    fig = Figure(figsize=(3.9, 3.8), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _figure(3.9, 3.8)
     ax.plot([0, 1], [0, 1], color="#888", linewidth=0.8, linestyle=":")
     scored = analysis.answers.dropna(subset=["score"])
     for _, group in scored.groupby("reader", sort=False):
