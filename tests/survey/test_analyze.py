@@ -171,6 +171,11 @@ def test_report_has_tables_plots_and_escaped_comments(tmp_path):
     assert html.count("data:image/png;base64,") == 5  # the plots; a CSV has no images to show
     assert "Synthetic image most often called real: question 4, 1 of 5 correct" in html
     assert "<th>mean kappa</th><td>+0.07</td>" in html  # (1 + 1/3 + 0 - 1 + 0) / 5
+    markdown = (out / "report.md").read_text()
+    assert "> **E** (experience 3): &lt;script&gt;alert(1)&lt;/script&gt;" in markdown
+    # 6 + 4 + 3 + 0 + 3 right of 30 answers; the gallery has no pictures without the survey folder
+    assert "| pooled accuracy, answers as independent | 53.3 % (36.1–69.8), p 0.856 |" in markdown
+    assert "- question 4: called real by 4 of 5 (80.0 %)" in markdown and "gallery/" not in markdown
 
 
 def test_analysing_the_survey_folder_equals_analysing_its_export(make_survey, admin_secret, participant, tmp_path):

@@ -151,6 +151,7 @@ def test_admin_pages_need_the_secret(client, survey_dir, admin_secret, participa
     page = client.get("/admin")
     assert page.status_code == 200 and "Admin secret" in page.text and "answers stored" not in page.text
     assert client.get("/admin/export.csv").status_code == 401
+    assert client.get("/admin/answers.csv").status_code == 401
     login_token = participant.form_token(page.text)
     wrong = client.post("/admin/login", data={"secret": "not the secret at all", "csrf": login_token})
     assert wrong.status_code == 403 and "not right" in wrong.text
