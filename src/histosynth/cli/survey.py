@@ -1,4 +1,5 @@
-"""`histosynth survey`: build a real-vs-synthetic survey, serve it to participants, analyse it."""
+"""`histosynth survey`: build a real-vs-synthetic survey, serve it to participants, analyse it as a
+reader study, plan its size, export its answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from .common import seed_option
 
-survey_app = typer.Typer(help="The realism survey: build it, serve it, analyse the answers.",
+survey_app = typer.Typer(help="The realism survey: plan, build and serve it, analyse and export the answers.",
                          no_args_is_help=True)
 
 
