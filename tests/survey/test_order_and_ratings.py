@@ -119,7 +119,7 @@ def test_the_cli_builds_rated_surveys_and_exports_the_tidy_csv(image_folders, tm
     capsys.readouterr()
     assert main(["survey", "export", str(out), "--csv", str(tmp_path / "answers.csv")]) == 0
     assert capsys.readouterr().out.strip() == f"wrote 3 answers of 1 readers to {tmp_path / 'answers.csv'}"
-    rows = list(csv.DictReader((tmp_path / "answers.csv").open()))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "answers.csv").read_text())))
     assert tuple(rows[0]) == ANSWER_COLUMNS
     truth = read_answer_key(out)
     assert [(r["question"], r["truth"], r["answer"], r["confidence"], r["position"]) for r in rows] == [

@@ -107,9 +107,6 @@ class Participant:
         order = self.order
         return position if order is None else order[position - 1]
 
-    def answered_positions(self, n_questions: int) -> set[int]:
-        return {position for position in range(1, n_questions + 1) if self.question_at(position) in self.answers}
-
     @property
     def finished(self) -> bool:
         return self.finished_at is not None
