@@ -111,19 +111,19 @@ def analyze(
 ) -> None:
     """Reader-study statistics (accuracy with intervals and tests, kappas, ROC AUC, experience, order) and
     the thesis' analysis, with plots, an HTML and a Markdown report."""
-    from ..survey.analyze import _p_value, _percent, analyze_survey
+    from ..survey.analyze import analyze_survey, format_p_value, format_percent
 
     analysis, report = analyze_survey(source, out)
     summary, study = analysis.summary, analysis.summary["reader_study"]
     table = Table("measure", "value", title=f"{summary['participants']} participants, {summary['questions']} questions")
     table.add_row("pooled accuracy (95 % CI), p vs 50 %",
-                  f"{_percent(study['accuracy'], study['accuracy_low'], study['accuracy_high'])}, "
-                  f"p {_p_value(study['p_value'])}")
-    table.add_row("  clustered by reader (ICC "
-                  f"{'–' if study['icc'] is None else format(study['icc'], '.3f')})",
-                  f"{_percent(study['accuracy'], study['accuracy_low_clustered'], study['accuracy_high_clustered'])}, "
-                  f"p {_p_value(study['p_value_clustered'])}")
-    table.add_row("sensitivity / specificity", f"{_percent(study['sensitivity'])} / {_percent(study['specificity'])}")
+                  f"{format_percent(study['accuracy'], study['accuracy_low'], study['accuracy_high'])}, "
+                  f"p {format_p_value(study['p_value'])}")
+    clustered = format_percent(study["accuracy"], study["accuracy_low_clustered"], study["accuracy_high_clustered"])
+    table.add_row(f"  clustered by reader (ICC {'–' if study['icc'] is None else format(study['icc'], '.3f')})",
+                  f"{clustered}, p {format_p_value(study['p_value_clustered'])}")
+    table.add_row("sensitivity / specificity",
+                  f"{format_percent(study['sensitivity'])} / {format_percent(study['specificity'])}")
     table.add_row("Fleiss' kappa between readers", "–" if study["fleiss_kappa"] is None
                   else f"{study['fleiss_kappa']:+.3f} ({study['fleiss_readers']} readers)")
     if study["auc_readers"]:

@@ -605,12 +605,12 @@ def _render(analysis: SurveyAnalysis, template: str, plots: dict[str, str], gall
         positions=analysis.positions.to_dict("records"),
         comments=[(p.label, p.experience, p.comment) for p in analysis.responses.participants if p.comment],
         plots=plots, highlights=highlights, gallery=gallery, rating=rating,
-        rating_words=RATING_WORDS.get(rating or "", {}), fmt=_format, pct=_percent, pval=_p_value,
+        rating_words=RATING_WORDS.get(rating or "", {}), fmt=_format, pct=format_percent, pval=format_p_value,
         cell=_markdown_cell,
     )
 
 
-def _percent(value: float | None, low: float | None = None, high: float | None = None) -> str:
+def format_percent(value: float | None, low: float | None = None, high: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     text = f"{100 * value:.1f} %"
@@ -619,7 +619,7 @@ def _percent(value: float | None, low: float | None = None, high: float | None =
     return text
 
 
-def _p_value(value: float | None) -> str:
+def format_p_value(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return "< 0.001" if value < 0.001 else f"{value:.3f}"

@@ -85,7 +85,8 @@ def fleiss_kappa(counts: np.ndarray) -> float:
 
 def reader_auc(positive: np.ndarray, scores: np.ndarray, level: float = LEVEL) -> tuple[float, float, float]:
     """ROC AUC of `scores` for telling `positive` cases (True) from the rest, with the Hanley & McNeil
-    (1982) normal interval clipped to [0, 1]; NaNs when either class is missing."""
+    (1982) normal interval clipped to [0, 1]; NaNs when either class is missing. (That interval has
+    no width at an AUC of exactly 0 or 1: read it as "few cases" there.)"""
     positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
