@@ -206,6 +206,20 @@ def form_token(html: str) -> str:
     return match.group(1)
 
 
+def answers_by_position(person) -> dict[int, str]:
+    """A stored participant's answers keyed by where each question came in their own order."""
+    if person.order is None:
+        return dict(person.answers)
+    return {position: person.answers[question] for position, question in enumerate(person.order, start=1)
+            if question in person.answers}
+
+
+@pytest.fixture
+def by_position():
+    """`by_position(stored_participant)`: their answers keyed by position in their own order."""
+    return answers_by_position
+
+
 @pytest.fixture
 def participant():
     """`participant(http_client)` makes a SurveyParticipant."""

@@ -19,6 +19,8 @@ from histosynth.survey.analyze import (
     analyze_responses,
     analyze_survey,
     answers_grid,
+    fooling_images,
+    load_source,
 )
 from histosynth.survey.app import create_app
 from histosynth.survey.responses import (
@@ -156,8 +158,9 @@ def test_report_has_tables_plots_and_escaped_comments(tmp_path):
     out = tmp_path / "answers-report"
     assert report == out / "report.html"
     assert sorted(p.name for p in out.iterdir()) == [
-        "answers-grid.png", "kappa-vs-experience.png", "participants.csv", "questions.csv", "report.html",
-        "summary.json"]
+        "accuracy-by-position.png", "accuracy-per-reader.png", "answers-grid.png", "answers.csv",
+        "called-real-per-image.png", "experience.csv", "kappa-vs-experience.png", "participants.csv",
+        "positions.csv", "questions.csv", "report.html", "report.md", "summary.json"]
     assert json.loads((out / "summary.json").read_text())["participants"] == 5
     # figure sizes follow the survey: 5 participants + truth column, 6 questions at 110 dpi
     for plot, size in [("answers-grid.png", (387, 299)), ("kappa-vs-experience.png", (605, 440))]:
@@ -165,9 +168,14 @@ def test_report_has_tables_plots_and_escaped_comments(tmp_path):
             assert (img.format, img.size) == ("PNG", size)
     html = report.read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
-    assert html.count("data:image/png;base64,") == 2  # the plots; a CSV has no images to show
+    assert html.count("data:image/png;base64,") == 5  # the plots; a CSV has no images to show
     assert "Synthetic image most often called real: question 4, 1 of 5 correct" in html
     assert "<th>mean kappa</th><td>+0.07</td>" in html  # (1 + 1/3 + 0 - 1 + 0) / 5
+    markdown = (out / "report.md").read_text()
+    assert "> **E** (experience 3): &lt;script&gt;alert(1)&lt;/script&gt;" in markdown
+    # 6 + 4 + 3 + 0 + 3 right of 30 answers; the gallery has no pictures without the survey folder
+    assert "| pooled accuracy, answers as independent | 53.3 % (36.1–69.8), p 0.856 |" in markdown
+    assert "- question 4: called real by 4 of 5 (80.0 %)" in markdown and "gallery/" not in markdown
 
 
 def test_analysing_the_survey_folder_equals_analysing_its_export(make_survey, admin_secret, participant, tmp_path):
@@ -178,11 +186,26 @@ def test_analysing_the_survey_folder_equals_analysing_its_export(make_survey, ad
         person.start(experience)
         for number, answer in enumerate(answers, start=1):
             person.answer(number, answer)
-    export = client.get("/admin/export.csv", headers={"Authorization": f"Bearer {admin_secret}"}).text
-    (tmp_path / "export.csv").write_text(export)
+    bearer = {"Authorization": f"Bearer {admin_secret}"}
+    (tmp_path / "export.csv").write_text(client.get("/admin/export.csv", headers=bearer).text)
+    (tmp_path / "answers.csv").write_text(client.get("/admin/answers.csv", headers=bearer).text)
     from_folder, report = analyze_survey(survey_dir)
-    from_csv, _ = analyze_survey(tmp_path / "export.csv")
+    from_csv = analyze_responses(load_source(tmp_path / "export.csv")[0])
+    from_tidy = analyze_responses(load_source(tmp_path / "answers.csv")[0])
     assert report == survey_dir / "report" / "report.html"
+    # one row per answer keeps everything, positions in each reader's own order included ...
+    assert from_folder.participants.equals(from_tidy.participants)
+    assert from_folder.summary == from_tidy.summary and from_folder.positions.equals(from_tidy.positions)
+    # ... the thesis' layout keeps the answers but not the order they were seen in
     assert from_folder.participants.equals(from_csv.participants)
-    assert from_folder.summary == from_csv.summary
-    assert report.read_text().count("data:image/png;base64,") == 2 + 4  # plots + the four highlighted images
+    position_free = {**from_folder.summary["reader_study"], "position_trend": None}
+    assert {**from_csv.summary["reader_study"], "position_trend": None} == position_free
+    # plots + the four highlighted images + the gallery of synthetic images (which ones depends on the
+    # orders the participants drew), each also written beside report.md
+    gallery = fooling_images(from_folder)
+    assert 1 <= len(gallery) <= 2
+    assert report.read_text().count("data:image/png;base64,") == 5 + 4 + len(gallery)
+    markdown = (report.parent / "report.md").read_text()
+    for number in gallery:
+        assert f"![question {number}](gallery/question-{number}.png)" in markdown
+        assert (report.parent / "gallery" / f"question-{number}.png").is_file()

@@ -48,7 +48,7 @@ def start_form_token(client, participant) -> str:
     return participant.form_token(client.get(f"/i/{code}").text)
 
 
-def test_a_participant_answers_resumes_and_finishes(client, survey_dir, participant):
+def test_a_participant_answers_resumes_and_finishes(by_position, client, survey_dir, participant):
     p = participant(client)
     assert p.start(experience=4).status_code == 303
     assert client.get(p.base).headers["location"] == f"{p.base}/q/1"
@@ -57,7 +57,7 @@ def test_a_participant_answers_resumes_and_finishes(client, survey_dir, particip
     for number, answer in [(1, "real"), (2, "synthetic")]:
         response = p.answer(number, answer)
         assert (response.status_code, response.headers["location"]) == (303, p.base)
-    assert stored(survey_dir, p.token).answers == {1: "real", 2: "synthetic"}, "each answer is stored when given"
+    assert by_position(stored(survey_dir, p.token)) == {1: "real", 2: "synthetic"}, "each answer is stored when given"
     # a closed tab: the same link leads to the first question not yet answered
     assert client.get(p.base).headers["location"] == f"{p.base}/q/3"
     for number in range(3, 7):
@@ -73,32 +73,33 @@ def test_a_participant_answers_resumes_and_finishes(client, survey_dir, particip
     assert client.get(p.base).headers["location"] == f"{p.base}/done"
 
 
-def test_answering_again_replaces_the_answer_and_is_audited(client, survey_dir, participant):
+def test_answering_again_replaces_the_answer_and_is_audited(by_position, client, survey_dir, participant):
     p = participant(client)
     p.start(2)
     p.answer(1, "real")
     p.answer(2, "real")
     p.answer(1, "synthetic")
-    assert stored(survey_dir, p.token).answers == {1: "synthetic", 2: "real"}
+    assert by_position(stored(survey_dir, p.token)) == {1: "synthetic", 2: "real"}
     changes = SurveyStore(open_survey(survey_dir).responses_path).answer_changes()
-    assert [(c["question"], c["previous"], c["answer"]) for c in changes] == [(1, "real", "synthetic")]
+    first_shown = stored(survey_dir, p.token).question_at(1)
+    assert [(c["question"], c["previous"], c["answer"]) for c in changes] == [(first_shown, "real", "synthetic")]
     page = client.get(f"{p.base}/q/1").text
     assert re.search(r'value="synthetic"[^>]*class="answer chosen"[^>]*aria-pressed="true"', page)
 
 
-def test_no_skipping_ahead_and_no_changes_after_submitting(client, survey_dir, participant):
+def test_no_skipping_ahead_and_no_changes_after_submitting(by_position, client, survey_dir, participant):
     p = participant(client)
     p.start(3)
     assert client.get(f"{p.base}/q/3").headers["location"] == f"{p.base}/q/1"
     assert p.answer(3, "real").status_code == 303
-    assert stored(survey_dir, p.token).answers == {}
+    assert by_position(stored(survey_dir, p.token)) == {}
     assert client.get(f"{p.base}/comment").headers["location"] == f"{p.base}/q/1"
     for number in range(1, 7):
         p.answer(number, "synthetic")
     p.finish()
     refused = p.answer(1, "real")
     assert refused.status_code == 409 and "already submitted" in refused.text
-    assert stored(survey_dir, p.token).answers[1] == "synthetic"
+    assert by_position(stored(survey_dir, p.token))[1] == "synthetic"
     assert client.get(f"{p.base}/q/1").headers["location"] == f"{p.base}/done"
 
 
@@ -122,7 +123,7 @@ def test_unknown_links_and_bad_input_are_rejected(client, participant):
     assert p.finish("x" * 4000).status_code == 303
 
 
-def test_form_posts_need_their_signed_token_and_the_same_origin(client, survey_dir, participant):
+def test_form_posts_need_their_signed_token_and_the_same_origin(by_position, client, survey_dir, participant):
     p = participant(client)
     p.start(5)
     other = participant(client)
@@ -137,10 +138,10 @@ def test_form_posts_need_their_signed_token_and_the_same_origin(client, survey_d
                     {"Referer": "https://evil.example/page"}):
         refused = client.post(f"{p.base}/q/1", data={"answer": "real", "csrf": p.csrf}, headers=headers)
         assert refused.status_code == 403 and "another site" in refused.text
-    assert stored(survey_dir, p.token).answers == {}
+    assert by_position(stored(survey_dir, p.token)) == {}
     same_site = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
     assert client.post(f"{p.base}/q/1", data={"answer": "real", "csrf": p.csrf}, headers=same_site).status_code == 303
-    assert stored(survey_dir, p.token).answers == {1: "real"}
+    assert by_position(stored(survey_dir, p.token)) == {1: "real"}
 
 
 def test_admin_pages_need_the_secret(client, survey_dir, admin_secret, participant):
@@ -150,6 +151,7 @@ def test_admin_pages_need_the_secret(client, survey_dir, admin_secret, participa
     page = client.get("/admin")
     assert page.status_code == 200 and "Admin secret" in page.text and "answers stored" not in page.text
     assert client.get("/admin/export.csv").status_code == 401
+    assert client.get("/admin/answers.csv").status_code == 401
     login_token = participant.form_token(page.text)
     wrong = client.post("/admin/login", data={"secret": "not the secret at all", "csrf": login_token})
     assert wrong.status_code == 403 and "not right" in wrong.text
@@ -181,6 +183,8 @@ def test_export_is_the_documented_csv_with_the_truth_row(client, survey_dir, adm
     second.start(1)
     second.answer(1, "synthetic")
     idle.start(3)  # answered nothing: not exported
+    second_row = [""] * 6  # answers in the survey's question order, wherever a participant saw them
+    second_row[stored(survey_dir, second.token).question_at(1) - 1] = "synthetic"
     export = client.get("/admin/export.csv", headers={"Authorization": f"Bearer {admin_secret}"})
     assert export.headers["content-type"] == "text/csv; charset=utf-8"
     assert export.headers["content-disposition"] == 'attachment; filename="survey-responses.csv"'
@@ -188,7 +192,7 @@ def test_export_is_the_documented_csv_with_the_truth_row(client, survey_dir, adm
         "participant,experience,q1,q2,q3,q4,q5,q6,comment\n"
         f"truth,,{','.join(truth)},\n"
         'P1,4,real,real,real,real,real,real,"said ""fine"", then left"\n'
-        "P2,1,synthetic,,,,,,\n"
+        f"P2,1,{','.join(second_row)},\n"
     )
 
 
@@ -198,12 +202,14 @@ def test_question_pages_look_alike_for_real_and_synthetic_images(client, survey_
     survey = open_survey(survey_dir)
     p = participant(client)
     p.start(3)
+    person = stored(survey_dir, p.token)
     pages = []
-    for question in survey.questions:
-        page = client.get(f"{p.base}/q/{question.number}")
-        assert page.headers == client.get(f"{p.base}/q/{question.number}").headers
+    for position in range(1, 7):
+        question = survey.questions[person.question_at(position) - 1]
+        page = client.get(f"{p.base}/q/{position}")
+        assert page.headers == client.get(f"{p.base}/q/{position}").headers
         pages.append((page.text.replace(question.image_id, "IMAGE"), dict(page.headers)))
-        p.answer(question.number, "real")
+        p.answer(position, "real")
     # Beyond the question number (and the first page lacking a "previous" link), nothing differs.
     normalised = {re.sub(r"\d+", "#", text) for text, _ in pages[1:]}
     assert len(normalised) == 1

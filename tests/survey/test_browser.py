@@ -1,5 +1,6 @@
-"""End to end in headless Chromium: one participant clicks, one uses the keyboard, the admin exports,
-and the analysis of the export gives the kappas the answers were planned to give.
+"""End to end in headless Chromium: one participant clicks, one uses the keyboard (answers and
+confidence), each in their own question order; the admin exports both layouts, and the analysis of the
+exports gives the kappas and ROC AUCs the answers were planned to give; the report opens in the browser.
 
 Set HISTOSYNTH_SURVEY_SCREENSHOTS=docs/images to refresh the screenshots shown in the README.
 """
@@ -11,10 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from histosynth.survey.analyze import analyze_survey
 from histosynth.survey.app import create_app
-from histosynth.survey.build import build_survey, open_survey, read_answer_key
+from histosynth.survey.build import RATING_WORDS, build_survey, open_survey, read_answer_key
 from histosynth.survey.store import SurveyStore
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,15 +39,39 @@ def planned_answers(truth: list[str]) -> tuple[list[str], list[str]]:
     return list(truth), keyboard
 
 
+def planned_confidence(truth: list[str], answers: list[str], right: int, wrong: int) -> list[int]:
+    """Confidence `right` on right answers and `wrong` on wrong ones. The keyboard participant's
+    (4 right, 2 wrong) signed scores: synthetic images +4, +4, -2; real ones -4, -4, +2; 8 of the 9
+    pairs ordered right: ROC AUC 8/9. The clicking participant, always right and certain: AUC 1."""
+    return [right if t == a else wrong for t, a in zip(truth, answers, strict=True)]
+
+
+def shown_order(survey_dir: Path, position: int) -> tuple[int, ...]:
+    """The question order of the participant who started `position`-th (1-based)."""
+    person = SurveyStore(open_survey(survey_dir).responses_path).participants()[position - 1]
+    return person.order
+
+
+def small_png(path: Path) -> None:
+    """Rewrite a screenshot as a palette PNG (a fraction of the size, for the README)."""
+    with Image.open(path) as shot:
+        small = shot.convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
 @pytest.mark.timeout(180)
 def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, live_server):
     playwright_api = pytest.importorskip("playwright.sync_api")
     sync_playwright, expect = playwright_api.sync_playwright, playwright_api.expect
     survey_dir = tmp_path / "survey"
-    build_survey(*screen_size_folders, survey_dir, n_real=3, n_synthetic=3, seed=2, participants=2, progress=False)
+    build_survey(*screen_size_folders, survey_dir, n_real=3, n_synthetic=3, seed=2, participants=2, progress=False,
+                 rating="confidence")
     truth = read_answer_key(survey_dir)
     invites = [invite.code for invite in SurveyStore(open_survey(survey_dir).responses_path).invites()]
     by_click, by_keyboard = planned_answers(truth)
+    sure_click = planned_confidence(truth, by_click, right=5, wrong=1)
+    sure_keyboard = planned_confidence(truth, by_keyboard, right=4, wrong=2)
+    words = RATING_WORDS["confidence"]
     shots = Path(os.environ.get("HISTOSYNTH_SURVEY_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
 
@@ -66,14 +92,18 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
             clicking.get_by_role("radio", name="4", exact=True).check()
             with clicking.expect_navigation():
                 clicking.get_by_role("button", name="Start the survey").click()
-            for number, answer in enumerate(by_click, start=1):
+            order = shown_order(survey_dir, 1)
+            for number, question in enumerate(order, start=1):
                 assert clicking.locator(".progress-text").inner_text() == f"Question {number} of 6"
                 image = clicking.locator("img.survey-image")
                 assert clicking.evaluate("img => img.complete && img.naturalWidth", image.element_handle()) == 256
+                answer, confidence = by_click[question - 1], sure_click[question - 1]
+                clicking.locator("label.choice-option", has_text=answer.capitalize()).click()
+                clicking.locator("label.scale-option", has_text=words[confidence]).click()
                 if number == 2:
                     clicking.screenshot(path=shots / "survey-question.png", full_page=True)
                 with clicking.expect_navigation():
-                    clicking.locator(f'button[value="{answer}"]').click()
+                    clicking.get_by_role("button", name="Next").click()
             clicking.get_by_label(re.compile("How did you decide")).fill("Looked at the nuclei.")
             with clicking.expect_navigation():
                 clicking.get_by_role("button", name="Submit the survey").click()
@@ -86,10 +116,14 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
             typing.keyboard.press("ArrowRight")  # focus starts on level 1; the arrow picks level 2
             with typing.expect_navigation():
                 typing.keyboard.press("Enter")
-            for number, answer in enumerate(by_keyboard, start=1):
+            order = shown_order(survey_dir, 2)
+            for number, question in enumerate(order, start=1):
                 assert typing.locator(".progress-text").inner_text() == f"Question {number} of 6"
+                typing.keyboard.press("r" if by_keyboard[question - 1] == "real" else "s")
+                typing.keyboard.press(str(sure_keyboard[question - 1]))
+                expect(typing.locator(f'input[name="rating"][value="{sure_keyboard[question - 1]}"]')).to_be_checked()
                 with typing.expect_navigation():
-                    typing.keyboard.press("r" if answer == "real" else "s")
+                    typing.keyboard.press("Enter")
             expect(typing.get_by_label(re.compile("How did you decide"))).to_be_focused()
             typing.keyboard.type("Too smooth = synthetic")
             typing.keyboard.press("Tab")
@@ -110,6 +144,19 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
             with admin.expect_download() as download:
                 admin.get_by_role("link", name="Download responses (CSV)").click()
             download.value.save_as(tmp_path / "export.csv")
+            with admin.expect_download() as download:
+                admin.get_by_role("link", name="One row per answer (CSV)").click()
+            download.value.save_as(tmp_path / "answers.csv")
+
+            _, report = analyze_survey(survey_dir)
+            reading = new_page(width=1100)
+            reading.goto(report.as_uri())
+            top = reading.get_by_role("heading", name="Reader study").bounding_box()
+            bottom = reading.locator("table").nth(2).bounding_box()  # summary, readers' table, by experience
+            reading.screenshot(path=shots / "survey-report.png", full_page=True,
+                               clip={"x": 0, "y": top["y"] - 10, "width": 1100,
+                                     "height": bottom["y"] + bottom["height"] - top["y"] + 20})
+            small_png(shots / "survey-report.png")
             assert problems == [], f"the browser reported errors: {problems}"
         finally:
             browser.close()
@@ -121,3 +168,9 @@ def test_survey_in_a_real_browser(screen_size_folders, tmp_path, admin_secret, l
     assert people["correct"].tolist() == [6, 4]
     assert people["kappa"].tolist() == pytest.approx([1.0, 1 / 3])
     assert [p.comment for p in analysis.responses.participants] == ["Looked at the nuclei.", "Too smooth = synthetic"]
+    tidy, _ = analyze_survey(tmp_path / "answers.csv")
+    assert tidy.participants["kappa"].tolist() == pytest.approx([1.0, 1 / 3])
+    assert tidy.participants["auc"].tolist() == pytest.approx([1.0, 8 / 9])
+    assert tidy.answers["confidence"].tolist() == [
+        sure[question - 1] for sure, person in ((sure_click, 1), (sure_keyboard, 2))
+        for question in shown_order(survey_dir, person)]

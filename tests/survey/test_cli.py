@@ -31,6 +31,9 @@ def test_build_then_analyze_a_csv(image_folders, tmp_path, capsys):
     assert main(["survey", "analyze", str(tmp_path / "answers.csv"), "--out", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"mean kappa \(min, max\)\s*│\s*\+0\.500 \(\+0\.000, \+1\.000\)", printed)
+    # 3 of 4 answers right; readers A and B agree on 1 of 2 images
+    assert re.search(r"pooled accuracy \(95 % CI\), p vs 50 %\s*│\s*75\.0 % \(30\.1–95\.4\), p 0\.625", printed)
+    assert re.search(r"Fleiss' kappa between readers\s*│\s*-0\.333 \(2 readers\)", printed)
     assert f"report: {tmp_path / 'rep' / 'report.html'}" in printed
     assert (tmp_path / "rep" / "report.html").is_file()
 

@@ -1,10 +1,14 @@
 """The real-vs-synthetic realism survey of the thesis' human-perception study (§4.2.2, §5.2).
 
-- :mod:`.build`: pick and re-encode real and synthetic images into a leak-proof survey folder.
+- :mod:`.build`: pick and re-encode real and synthetic images into a leak-proof survey folder (each
+  participant's own question order, optional 1-5 ratings).
 - :mod:`.app`: the web app participants answer in (FastAPI, server-rendered pages, SQLite via
   :mod:`.store`, form protection in :mod:`.security`).
-- :mod:`.responses`: the responses and their CSV layout (one row per participant).
-- :mod:`.analyze`: Cohen's kappa and the thesis' other numbers, plots and an HTML report.
+- :mod:`.responses`: the responses and their CSV layouts (one row per participant; one per answer).
+- :mod:`.stats`: reader-study statistics (Wilson intervals, binomial tests, Fleiss' kappa, ROC AUC,
+  design effect, trend test) and study planning.
+- :mod:`.analyze`: the reader-study numbers, Cohen's kappa and the thesis' other numbers, plots and
+  HTML and Markdown reports.
 
 The web app and the analysis pull in FastAPI and matplotlib; import them from their modules.
 """

@@ -1,19 +1,22 @@
 """The survey web app: server-rendered pages for participants and a secret-protected admin page.
 
 Participant pages: ``/i/<invite>`` (experience rating, start; ``/`` in open mode) ->
-``/p/<token>/q/<n>`` (one image, Real or Synthetic) -> ``/p/<token>/comment`` (optional "how did you
-decide?") -> ``/p/<token>/done``. The token in the address is the participant's resume link: every
-answer is stored when given, and ``/p/<token>`` leads to the first unanswered question; opening a used
-invitation leads there too. Images are served from memory by opaque id, all of one length, through
-one code path with one set of headers; the answer key never leaves the admin pages.
+``/p/<token>/q/<n>`` (the n-th image in this participant's order: Real or Synthetic, and the survey's
+1-5 rating if it asks for one) -> ``/p/<token>/comment`` (optional "how did you decide?") ->
+``/p/<token>/done``. The token in the address is the participant's resume link: every answer is stored
+when given, and ``/p/<token>`` leads to the first unanswered question; opening a used invitation leads
+there too. Each participant's question order is drawn when they start (see
+:func:`~histosynth.survey.build.participant_order`). Images are served from memory by opaque id, all of
+one length, through one code path with one set of headers; the answer key never leaves the admin pages.
 
 By default only invitations admit participants (each one participant, once). Open mode lets anyone
 with the address start, at most ``start_limit`` times per ``start_window_s`` seconds per client
 address.
 
 Admin pages: ``/admin`` (live counts, invitation links, minting more), ``/admin/invites.txt`` (the
-unused invitation links) and ``/admin/export.csv`` (the responses in the layout of
-:mod:`histosynth.survey.responses`, with the truth row).
+unused invitation links), ``/admin/export.csv`` (the responses in the thesis' layout of
+:mod:`histosynth.survey.responses`, with the truth row) and ``/admin/answers.csv`` (one row per
+answer, with ratings, positions and times).
 """
 
 from __future__ import annotations
@@ -31,8 +34,24 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DataError
-from .build import Question, Survey, equal_sizes, open_survey, read_answer_key
-from .responses import EXPERIENCE_ENDS, EXPERIENCE_LEVELS, responses_to_csv, stored_responses
+from .build import (
+    RATING_WORDS,
+    RATINGS,
+    Question,
+    Survey,
+    equal_sizes,
+    open_survey,
+    participant_order,
+    read_answer_key,
+    scale_answer,
+)
+from .responses import (
+    EXPERIENCE_ENDS,
+    EXPERIENCE_LEVELS,
+    answers_to_csv,
+    responses_to_csv,
+    stored_responses,
+)
 from .security import (
     ADMIN_COOKIE,
     FormSigner,
@@ -234,20 +253,23 @@ def start(request: Request, ctx: Context, experience: Annotated[int, Form(ge=1, 
         if found is None:
             limit_starts(request, ctx)  # guessing codes is as limited as starting without one
             raise HTTPException(404, "This invitation link is unknown. Please check that you copied all of it.")
-        participant = None if found.used else ctx.store.redeem_invite(invite, experience)
+        participant = None if found.used else ctx.store.redeem_invite(invite, experience,
+                                                                       participant_order(ctx.survey))
         if participant is None:
             raise HTTPException(409, "This invitation has already been used; open its link again to "
                                      "continue where you left off.")
     elif ctx.open_enrolment:
         limit_starts(request, ctx)
-        participant = ctx.store.create_participant(experience)
+        participant = ctx.store.create_participant(experience, participant_order(ctx.survey))
     else:
         raise HTTPException(403, "This survey is by invitation only; please open the link you were sent.")
     return RedirectResponse(f"/p/{participant.token}", status_code=303)
 
 
 def first_open_question(ctx: SurveyContext, participant: Participant) -> int | None:
-    return next((n for n in range(1, ctx.n_questions + 1) if n not in participant.answers), None)
+    """The first position (in the participant's order) not yet answered."""
+    return next((n for n in range(1, ctx.n_questions + 1) if participant.question_at(n) not in participant.answers),
+                None)
 
 
 def next_step(ctx: SurveyContext, participant: Participant) -> str:
@@ -270,30 +292,54 @@ def resume(participant: ParticipantDep, ctx: Context) -> Response:
     return RedirectResponse(next_step(ctx, participant), status_code=303)
 
 
+def shown_question(ctx: SurveyContext, participant: Participant, position: int) -> Question:
+    """The question at `position` of the participant's order (404 past the end)."""
+    ctx.question(position)
+    return ctx.question(participant.question_at(position))
+
+
 @router.get("/p/{token}/q/{number}")
 def question_page(request: Request, participant: ParticipantDep, ctx: Context, number: int) -> Response:
-    question = ctx.question(number)
+    question = shown_question(ctx, participant, number)
     if not may_answer(ctx, participant, number):
         return RedirectResponse(next_step(ctx, participant), status_code=303)
     return TEMPLATES.TemplateResponse(request, "question.html", {
         "title": ctx.survey.title, "number": number, "total": ctx.n_questions,
         "answered": len(participant.answers), "image_url": f"/images/{question.image_id}",
-        "image_size": ctx.survey.image_size, "current": participant.answers.get(number),
+        "image_size": ctx.survey.image_size, "current": participant.answers.get(question.number),
+        "current_rating": participant.ratings.get(question.number), "rating_mode": ctx.survey.rating,
+        "rating_words": RATING_WORDS.get(ctx.survey.rating or "", {}),
         "action": f"/p/{participant.token}/q/{number}",
         "previous": f"/p/{participant.token}/q/{number - 1}" if number > 1 else None,
         "resume": f"/p/{participant.token}", "csrf": ctx.signer.token(participant_scope(participant)),
     })
 
 
+def given_answer(ctx: SurveyContext, answer: str | None, rating: int | None) -> tuple[str | None, int | None]:
+    """The (answer, rating) a question form gives, as the survey's rating mode asks for them."""
+    mode = ctx.survey.rating
+    if mode == "scale":
+        if rating is None:
+            raise HTTPException(400, "Please choose a point on the scale from definitely real to definitely synthetic.")
+        return scale_answer(rating), rating
+    if answer is None:
+        raise HTTPException(400, "Please choose Real or Synthetic.")
+    if mode == "confidence" and rating is None:
+        raise HTTPException(400, "Please say how sure you are, from 1 (guessing) to 5 (certain).")
+    return answer, rating if mode == "confidence" else None
+
+
 @posts.post("/p/{token}/q/{number}")
-def answer_question(participant: ParticipantDep, ctx: Context, number: int,
-                    answer: Annotated[Literal["real", "synthetic"], Form()], csrf: Csrf) -> Response:
-    ctx.question(number)
+def answer_question(participant: ParticipantDep, ctx: Context, number: int, csrf: Csrf,
+                    answer: Annotated[Literal["real", "synthetic"] | None, Form()] = None,
+                    rating: Annotated[int | None, Form(ge=min(RATINGS), le=max(RATINGS))] = None) -> Response:
+    question = shown_question(ctx, participant, number)
     check_form(ctx, participant_scope(participant), csrf)
     if participant.finished:
         raise HTTPException(409, "You have already submitted the survey; answers can no longer change.")
+    answer, rating = given_answer(ctx, answer, rating)
     if may_answer(ctx, participant, number):
-        ctx.store.record_answer(participant.id, number, answer)
+        ctx.store.record_answer(participant.id, question.number, answer, rating)
     return RedirectResponse(f"/p/{participant.token}", status_code=303)
 
 
@@ -414,6 +460,15 @@ def export_csv(request: Request, ctx: Context) -> Response:
         raise HTTPException(401, "Sign in on the admin page first.")
     return Response(responses_to_csv(stored_responses(ctx.truth, ctx.store)), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": 'attachment; filename="survey-responses.csv"'})
+
+
+@router.get("/admin/answers.csv")
+def export_answers_csv(request: Request, ctx: Context) -> Response:
+    if not is_admin(request, ctx):
+        raise HTTPException(401, "Sign in on the admin page first.")
+    responses = stored_responses(ctx.truth, ctx.store, ctx.survey)
+    return Response(answers_to_csv(responses), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="survey-answers.csv"'})
 
 
 router.include_router(posts)

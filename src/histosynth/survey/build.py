@@ -3,7 +3,8 @@
 A survey folder holds::
 
     survey.json        what participants may see: title, image size and format, the questions in
-                       their (shuffled) order, each with an opaque image id
+                       their (shuffled) order, each with an opaque image id, whether every
+                       participant gets their own order, and which 1-5 rating each answer asks for
     answer_key.json    the truth and the source file of every question — read by the server and by
                        `analyze`, never sent to a participant
     images/<id>.png    every image re-encoded the same way (or <id>.jpg with --format jpeg)
@@ -15,6 +16,14 @@ centred square, resized to one size and written by one encoder with one setting,
 random bytes to the size of the survey's largest file, so that no file's length says how well its
 content compressed. The seed decides only which images are picked and their order; ids come from the
 system's secure random source, so replaying the seed does not map ids to the answer key.
+
+By default every participant is shown the questions in their own order, drawn from the secure random
+source when they start (:func:`participant_order`) and stored with their answers, so that learning,
+fatigue and image-to-image contrast effects average out over readers; a fixed-order survey shows
+everyone the seeded order, as the thesis' form did. A survey may ask, with each answer, for a 1-5
+rating: how confident the reader is, or where the image lies between "definitely real" and
+"definitely synthetic" (its midpoint, "unsure", is no real/synthetic answer). Ratings give every
+reader an ROC curve rather than one hit rate.
 """
 
 from __future__ import annotations
@@ -50,6 +59,16 @@ SYNTHETIC = "synthetic"
 LABELS = (REAL, SYNTHETIC)
 
 ImageFormat = Literal["png", "jpeg"]
+OrderMode = Literal["per-participant", "fixed"]
+RatingMode = Literal["confidence", "scale"]
+RATINGS = range(1, 6)
+# The words of each rating scale (shown on the question page and in the report).
+RATING_WORDS = {
+    "confidence": {1: "Guessing", 2: "Unsure", 3: "Fairly sure", 4: "Sure", 5: "Certain"},
+    "scale": {1: "Definitely real", 2: "Probably real", 3: "Unsure", 4: "Probably synthetic",
+              5: "Definitely synthetic"},
+}
+SCALE_MIDPOINT = 3
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 FILE_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
 
@@ -79,6 +98,8 @@ class Survey:
     image_size: int
     image_format: ImageFormat
     questions: tuple[Question, ...]
+    order: OrderMode = "fixed"
+    rating: RatingMode | None = None
 
     @property
     def media_type(self) -> str:
@@ -90,6 +111,22 @@ class Survey:
     @property
     def responses_path(self) -> Path:
         return self.root / RESPONSES_FILE
+
+
+def participant_order(survey: Survey) -> list[int] | None:
+    """A new participant's question order from the secure random source (None: the survey's order)."""
+    if survey.order == "fixed":
+        return None
+    numbers = [q.number for q in survey.questions]
+    secrets.SystemRandom().shuffle(numbers)
+    return numbers
+
+
+def scale_answer(rating: int) -> str | None:
+    """The answer a real-to-synthetic scale rating gives: 1-2 real, 4-5 synthetic, 3 none ("unsure")."""
+    if rating == SCALE_MIDPOINT:
+        return None
+    return REAL if rating < SCALE_MIDPOINT else SYNTHETIC
 
 
 @dataclass(frozen=True)
@@ -111,17 +148,21 @@ def build_survey(
     title: str = "Real or synthetic?",
     participants: int = 0,
     progress: bool = True,
+    fixed_order: bool = False,
+    rating: RatingMode | None = None,
 ) -> tuple[Survey, list[str]]:
     """Pick, re-encode and shuffle the images into a new survey folder `out`.
 
     `real` and `synthetic` are folders of images (searched recursively) or patch datasets. `seed`
     decides which images are picked and their order (None: a random seed, recorded in the answer key;
     whoever knows the seed can rebuild the key, so keep it as private as the key). `participants`
-    invitations are minted into the responses database (see :mod:`.store`). Returns the survey and a
+    invitations are minted into the responses database (see :mod:`.store`). `fixed_order`: everyone
+    sees the seeded order (default: each participant their own). `rating`: ask with each answer for a
+    1-5 "confidence" or a "scale" from definitely real to definitely synthetic. Returns the survey and a
     list of warnings about differences between the groups that re-encoding cannot hide (different
     source sizes or formats). The folder appears only once complete.
     """
-    _check_options(n_real, n_synthetic, seed, size, image_format, jpeg_quality, title, participants)
+    _check_options(n_real, n_synthetic, seed, size, image_format, jpeg_quality, title, participants, rating)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JobError(f"{out} already exists; choose another --out or delete it")
@@ -153,6 +194,7 @@ def build_survey(
         public = {
             "format": FORMAT, "title": title, "image_size": size, "image_format": image_format,
             "questions": [{"number": row["number"], "id": row["id"]} for row in key_rows],
+            "order": "fixed" if fixed_order else "per-participant", "rating": rating,
         }
         key = {"format": FORMAT, "seed": seed, "jpeg_quality": jpeg_quality if image_format == "jpeg" else None,
                "questions": key_rows}
@@ -172,7 +214,7 @@ def build_survey(
 
 
 def _check_options(n_real: int, n_synthetic: int, seed: int | None, size: int, image_format: str,
-                   jpeg_quality: int, title: str, participants: int) -> None:
+                   jpeg_quality: int, title: str, participants: int, rating: str | None) -> None:
     if n_real < 1 or n_synthetic < 1:
         raise ConfigError("--n-real and --n-synthetic must each be at least 1")
     if seed is not None and not 0 <= seed <= MAX_SEED:
@@ -187,6 +229,8 @@ def _check_options(n_real: int, n_synthetic: int, seed: int | None, size: int, i
         raise ConfigError(f"--jpeg-quality {jpeg_quality} is out of range; give 1 to 95")
     if not title.strip() or len(title) > 200:
         raise ConfigError("--title must be 1 to 200 characters")
+    if rating is not None and rating not in RATING_WORDS:
+        raise ConfigError(f"--rating {rating!r} is unknown; use 'none', 'confidence' or 'scale'")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -322,12 +366,16 @@ def open_survey(root: str | Path) -> Survey:
     data = _read_json(root, SURVEY_FILE)
     try:
         questions = tuple(Question(int(q["number"]), str(q["id"])) for q in data["questions"])
+        # A survey built before per-participant orders and ratings showed one order and asked no rating.
         survey = Survey(root=root, title=str(data["title"]), image_size=int(data["image_size"]),
-                        image_format=data["image_format"], questions=questions)
+                        image_format=data["image_format"], questions=questions,
+                        order=data.get("order", "fixed"), rating=data.get("rating"))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{root / SURVEY_FILE} is malformed ({exc!r}); rebuild the survey") from None
-    if [q.number for q in questions] != list(range(1, len(questions) + 1)) or survey.image_format not in MEDIA_TYPES:
-        raise DataError(f"{root / SURVEY_FILE} is malformed (question numbers or image format); rebuild the survey")
+    if ([q.number for q in questions] != list(range(1, len(questions) + 1)) or survey.image_format not in MEDIA_TYPES
+            or survey.order not in ("fixed", "per-participant") or survey.rating not in (None, *RATING_WORDS)):
+        raise DataError(f"{root / SURVEY_FILE} is malformed (question numbers, image format, order or rating); "
+                        "rebuild the survey")
     return survey
 
 
