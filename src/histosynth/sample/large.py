@@ -15,7 +15,8 @@ result equals ``decode_latents_tiled`` of the whole latent.
 
 Memory: the UNet and decoder work on one window batch / one tile strip at a time; what grows with the
 image is the latent itself (3 float32 channels at 1/16 of the pixels: 0.75 byte per output pixel
-per copy, and sampling keeps a few copies) and one decoded strip.
+per copy, and sampling keeps a few copies) and one decoded strip. A slide's latent is kept off the
+device by :mod:`histosynth.sample.seamless`, on the same :class:`WindowGrid`.
 
 :class:`SeamMeter` measures seams: how far the gradient energy across the lines of a patch grid
 differs from the gradient energy everywhere else (1.0 = the grid lines are like any other line).
