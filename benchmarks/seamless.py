@@ -22,10 +22,19 @@ Run (from the repository root)::
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/seamless.py [--sizes 4096,16384] [--threads 1]
         [--store disk] [--window-batch 8] [--device auto]
 
-Measured on the 2-core CPU machine (torch CPU, fp32, no GPU) while other jobs ran on it, with the
-defaults (``--threads 1``)::
+Measured on the 2-core CPU machine (torch CPU, fp32, no GPU; load average 14-17 from other jobs),
+``--sizes 2048,8192`` (16x the area, as 16384 against 4096; the default sizes would have taken
+hours on that machine under that load: the 8192 px slide alone took 12 minutes, mostly decoding)::
 
-    (to be filled in by the run below)
+    seamless_2048_peak_rss 739.5 MiB
+    seamless_2048_seconds 26.58 s
+    seamless_8192_peak_rss 974.2 MiB
+    seamless_8192_seconds 726.9 s
+    seamless_host_memory_ratio 1.317 x
+    seamless_host_memory_target_met 1 bool
+
+What grows is not the latent (on disk) but the decoder's strip of 256 px rows and the pyramid's lower
+levels below 256 MiB, both with the slide's width. No GPU was at hand: the device lines are unmeasured.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CAPTION = "The image shows a high amount of Glomeruli."
+sys.path.insert(0, str(Path(__file__).parent))
+from sampling import CAPTION, _status_mib  # noqa: E402
 
 
 def main() -> None:
@@ -141,13 +151,6 @@ def slide_memory(model: Path, size: int, args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - started
     device_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return {"peak_rss_mib": _status_mib("VmHWM"), "seconds": seconds, "device_peak_mib": device_peak}
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 if __name__ == "__main__":
