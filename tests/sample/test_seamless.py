@@ -41,8 +41,7 @@ def test_the_slide_is_the_same_bytes_whichever_store_keeps_its_latent(tiny_bundl
 
     slides = {}
     for store in ("device", "host", "disk"):
-        (tmp_path / store).mkdir()
-        out = tmp_path / store / "slide.tif"
+        out = tmp_path / store / "slide.tif"  # in a folder made on the way
         synth_slide(tiny_bundle, GENERATING_CAPTION, (128, 192), out, options=TWO_STEPS, window_batch=4,
                     latent_store=store, progress=look(store))
         slides[store] = out.read_bytes()
@@ -119,17 +118,17 @@ def test_auto_keeps_the_latent_in_host_memory_up_to_2_gib_then_on_disk():
 
 
 def test_a_slide_that_does_not_fit_its_store_is_refused_before_any_work(tiny_bundle_path, tmp_path, refused):
-    args = ["synth-slide", "--model", str(tiny_bundle_path), "--out", str(tmp_path / "slide.tif"), "--steps", "1",
-            "--levels", "Glomeruli=high"]
-    assert refused([*args, "--size", "256", "--latent-store", "ram"]) == (
+    args = ["synth-slide", "--model", str(tiny_bundle_path), "--steps", "1", "--levels", "Glomeruli=high", "--out"]
+    assert refused([*args, str(tmp_path / "slide.tif"), "--size", "256", "--latent-store", "ram"]) == (
         "error: unknown latent store 'ram'; use one of auto, device, host, disk")
-    message = refused([*args, "--size", "4000000", "--latent-store", "host"])
+    message = refused([*args, str(tmp_path / "slide.tif"), "--size", "4000000", "--latent-store", "host"])
     assert message.startswith("error: a seamless slide of 4000000x4000000 px keeps 33527.6 GiB of latents in "
                               "the memory of cpu but ")
     assert message.endswith(" GiB are free; keep it on disk (--latent-store disk)")
-    message = refused([*args, "--size", "4000000", "--latent-store", "disk"])
+    out = tmp_path / "new" / "slide.tif"
+    message = refused([*args, str(out), "--size", "4000000", "--latent-store", "disk"])
     assert message.startswith(f"error: a seamless slide of 4000000x4000000 px keeps 33527.6 GiB of latents on "
-                              f"the disk of {tmp_path} but ")
+                              f"the disk of {out.parent} but ")
     assert list(tmp_path.iterdir()) == []
 
 

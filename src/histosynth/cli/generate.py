@@ -211,7 +211,7 @@ def synth_slide_command(
     if size is None and mask_slide is None:
         raise ConfigError("give --size (or --mask-slide to take the size from)")
     check_slide_mode(mode)
-    choose_store(latent_store, 0)
+    choose_store(latent_store, 0)  # an unknown store is refused before the weights load
     slide_size = parse_slide_size(size) if size is not None else None
     with process_group(ranks_from_environment()) as ranks:
         bundle, options = _load(folder, ranks.device(pick_device(device)), options, compile)

@@ -139,7 +139,8 @@ def choose_store(kind: str, need: int) -> str:
 def check_store_fits(kind: str, need: int, size: Size, device: torch.device, folder: Path) -> None:
     """Refuse a slide whose store would not fit where it is kept (nothing is refused where that is unknown)."""
     if kind == "disk":
-        free, where = shutil.disk_usage(folder).free, f"on the disk of {folder}"
+        existing = next(path for path in (folder, *folder.parents) if path.exists())  # the folder may be made later
+        free, where = shutil.disk_usage(existing).free, f"on the disk of {folder}"
         advice = "free disk space there or write the slide to another disk"
     else:
         place = torch.device(device) if kind == "device" else torch.device("cpu")

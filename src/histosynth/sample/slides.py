@@ -170,7 +170,7 @@ def synth_slide(
     for name, value in (("batch size", batch_size), ("window batch", window_batch)):
         if value < 1:
             raise ConfigError(f"the {name} must be at least 1, got {value}")
-    store = seamless_store(bundle, size, options, latent_store, out) if mode == "seamless" else None
+    store_kind = seamless_store(bundle, size, options, latent_store, out) if mode == "seamless" else None
     if ranks.main:  # the slide's and mask's temporaries go as they are written again
         remove_partial_files(record_path)
         remove_scratch_folders(out, SCRATCH_KIND)
@@ -182,7 +182,8 @@ def synth_slide(
         bands = stitched_bands(bundle, caption, size, seed, options, embeddings, batch_size, progress)
         write_pyramid_tiff(out, TileSource.from_bands(size[0], size[1], _measured(bands, meter)), mpp)
     else:
-        with slide_store(store, bundle.device, out) as kept:
+        out.parent.mkdir(parents=True, exist_ok=True)  # the disk store's scratch folder goes beside the slide
+        with slide_store(store_kind, bundle.device, out) as kept:
             denoise_slide(bundle, kept, caption, size, seed, options, embeddings, window_batch, overlap, progress,
                           mask_slide, ranks)
             if not ranks.main:
