@@ -52,8 +52,13 @@ def mask_slide_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def paired(mask_bundle_path, mask_slide_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("slide") / "synthetic.tif"
-    assert main(["synth-slide", "--model", str(mask_bundle_path), "--mask-slide", str(mask_slide_path),
-                 "--out", str(out), "--steps", "2", "--seed", "3", "--mask-guidance", "2"]) == 0
+    args = ["synth-slide", "--model", str(mask_bundle_path), "--mask-slide", str(mask_slide_path), "--steps", "2",
+            "--seed", "3", "--mask-guidance", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    # the label map kept on disk beside the latent, read from the mask slide a band at a time: the same slide
+    on_disk = out.with_name("on-disk.tif")
+    assert main([*args, "--out", str(on_disk), "--latent-store", "disk"]) == 0
+    assert on_disk.read_bytes() == out.read_bytes()
     return out
 
 

@@ -93,4 +93,4 @@ def test_the_size_error_names_the_largest_size_that_fits(tiny_bundle, monkeypatc
                        ) as caught:
         generate(tiny_bundle, [GENERATING_CAPTION], [1], SamplingOptions(steps=1), size=65536)
     largest = int(caught.value.args[0].rsplit("about ", 1)[1].split()[0])
-    assert largest % 4 == 0 and largest ** 2 * module._bytes_per_pixel(tiny_bundle, True) <= 2 ** 30
+    assert largest % 4 == 0 and largest ** 2 * module._bytes_per_pixel(tiny_bundle) <= 2 ** 30

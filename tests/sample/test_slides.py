@@ -109,12 +109,14 @@ def test_a_seamless_4096_px_slide_opens_with_its_pyramid(tiny_bundle, tmp_path):
 def test_a_rerun_removes_what_a_killed_synth_slide_left_and_nothing_else(tiny_bundle, tmp_path):
     out = tmp_path / "slide.tif"
     leftovers = [tmp_path / ".slide.tif.abcdefgh.part.tif", tmp_path / ".slide.tif.pyramid-k3j9x_2a",
-                 tmp_path / ".slide.json.abcdefgh.part.json"]
-    kept = [tmp_path / ".other.tif.abcdefgh.part.tif", tmp_path / ".pyramid-abcdefgh", tmp_path / "slide.txt"]
+                 tmp_path / ".slide.json.abcdefgh.part.json", tmp_path / ".slide.tif.latent-0a1b2c3d"]
+    kept = [tmp_path / ".other.tif.abcdefgh.part.tif", tmp_path / ".pyramid-abcdefgh", tmp_path / "slide.txt",
+            tmp_path / ".other.tif.latent-0a1b2c3d"]
     for path in [*leftovers, *kept]:
         path.write_bytes(b"half")
-    leftovers[1].unlink()
-    leftovers[1].mkdir()
-    (leftovers[1] / "level1.npy").write_bytes(b"half")
+    for folder, name in ((leftovers[1], "level1.npy"), (leftovers[3], "x.bin")):  # scratch folders of a killed run
+        folder.unlink()
+        folder.mkdir()
+        (folder / name).write_bytes(b"half")
     synth_slide(tiny_bundle, GENERATING_CAPTION, 64, out, "stitched", options=ONE_STEP)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["slide.tif", "slide.json", *[p.name for p in kept]])

@@ -175,17 +175,25 @@ def synth_slide_command(
     seed: int = SeedOption,
     sampling: dict = Sampling,
     batch_size: int = typer.Option(8, "--batch-size", help="patches per UNet call (stitched mode)"),
-    window_batch: int = typer.Option(8, "--window-batch", help="latent windows per UNet call (seamless mode)"),
+    window_batch: int = typer.Option(8, "--window-batch", help="latent windows per UNet call, each with its "
+                                      "guidance predictions (seamless mode): what sets the device's memory"),
     overlap: Optional[int] = typer.Option(
         None, "--overlap", help="latent px shared by windows (default: a quarter window)"),
+    latent_store: str = typer.Option("auto", "--latent-store", help="where a seamless slide's latent is kept: "
+                                     "device, host (memory), disk (a scratch file beside --out), or auto: host "
+                                     "up to 2 GiB (about 30000 px square), disk beyond; the slide is the same"),
     device: str = DeviceOption,
     compile: bool = CompileOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
 ) -> None:
-    """Generate a synthetic slide of one caption (or following a label-mask slide), streamed to a pyramidal TIFF."""
+    """Generate a synthetic slide of one caption (or following a label-mask slide), streamed to a pyramidal TIFF.
+
+    Under torchrun the processes share each step's windows of a seamless slide; rank 0 writes it."""
     from ..devices import pick_device
     from ..sample.generate import check_seeds
+    from ..sample.seamless import choose_store
     from ..sample.slides import check_mpp, check_slide_mode, synth_slide
+    from ..train.ranks import process_group, ranks_from_environment
 
     check_seeds([seed])
     if mpp is not None:
@@ -203,19 +211,23 @@ def synth_slide_command(
     if size is None and mask_slide is None:
         raise ConfigError("give --size (or --mask-slide to take the size from)")
     check_slide_mode(mode)
+    choose_store(latent_store, 0)  # an unknown store is refused before the weights load
     slide_size = parse_slide_size(size) if size is not None else None
-    bundle, options = _load(folder, pick_device(device), options, compile)
-    tasks: dict[str, int] = {}
-    with progress_bar(rate=True, stderr=True) as progress:
-        def advance(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(phase, total=total, unit=phase.split()[-1])
-            progress.update(tasks[phase], completed=done)
+    with process_group(ranks_from_environment()) as ranks:
+        bundle, options = _load(folder, ranks.device(pick_device(device)), options, compile)
+        tasks: dict[str, int] = {}
+        with progress_bar(ranks.main, rate=True, stderr=True) as progress:
+            def advance(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = progress.add_task(phase, total=total, unit=phase.split()[-1])
+                progress.update(tasks[phase], completed=done)
 
-        report = synth_slide(bundle, text, slide_size, out, mode, mpp, seed, options, batch_size=batch_size,
-                             window_batch=window_batch, overlap=overlap, overwrite=overwrite, progress=advance,
-                             mask_slide=mask_slide)
-    typer.echo(report.summary())
+            report = synth_slide(bundle, text, slide_size, out, mode, mpp, seed, options, batch_size=batch_size,
+                                 window_batch=window_batch, overlap=overlap, overwrite=overwrite, progress=advance,
+                                 mask_slide=mask_slide, latent_store=latent_store, ranks=ranks)
+    if report is not None:
+        processes = f" by {ranks.world_size} processes" if ranks.distributed else ""
+        typer.echo(report.summary() + processes)
 
 
 def parse_slide_size(text: str) -> tuple[int, int]:

@@ -262,10 +262,18 @@ def _tiled(
 
 
 def decode_latents_tiled(ae: Autoencoder, latents: torch.Tensor, tile: int = 64, overlap: int = 16,
-                         precision: Optional[str] = None) -> torch.Tensor:
-    """``decode_latents`` on overlapping ``tile`` x ``tile`` latent tiles, blended over ``overlap`` latent pixels."""
+                         precision: Optional[str] = None,
+                         compute_device: Optional[torch.device] = None) -> torch.Tensor:
+    """``decode_latents`` on overlapping ``tile`` x ``tile`` latent tiles, blended over ``overlap`` latent pixels.
+
+    With ``compute_device`` each tile is decoded there and blended on the latents' device (which then
+    holds the decoded image, and the compute device one tile).
+    """
     factor = downsampling_factor(ae)
-    return _tiled(lambda z: decode_latents(ae, z, precision), latents, tile, overlap, factor)
+    if compute_device is None:
+        return _tiled(lambda z: decode_latents(ae, z, precision), latents, tile, overlap, factor)
+    return _tiled(lambda z: decode_latents(ae, z.to(compute_device), precision).to(latents.device), latents, tile,
+                  overlap, factor)
 
 
 def encode_latents_tiled(ae: Autoencoder, images: torch.Tensor, tile: int = 256, overlap: int = 64) -> torch.Tensor:

@@ -126,17 +126,18 @@ WHOLE_IMAGE_BYTES_PER_PIXEL = 15
 LATENT_VALUE_BYTES = 4 * 8
 
 
-def check_fits_in_memory(bundle: Bundle, size: Size, items: int = 1, whole_image: bool = True) -> None:
+def check_fits_in_memory(bundle: Bundle, size: Size, items: int = 1) -> None:
     """Refuse an image size whose sampling would need more memory than the device has free.
 
     The estimate counts what grows with the image: the latents and label maps of ``items`` images
-    (several copies during sampling) and, unless decoded in streamed bands (``whole_image`` False), the
-    decoded images. Where the free memory is unknown nothing is refused.
+    (several copies during sampling) and the decoded images. Where the free memory is unknown nothing
+    is refused. (A seamless slide's latent is kept off the device: see
+    :func:`histosynth.sample.seamless.check_store_fits`.)
     """
     free = free_memory(bundle.device)
     if free is None:
         return
-    per_pixel = _bytes_per_pixel(bundle, whole_image) * items
+    per_pixel = _bytes_per_pixel(bundle) * items
     need = per_pixel * size[0] * size[1]
     if need <= free:
         return
@@ -147,9 +148,9 @@ def check_fits_in_memory(bundle: Bundle, size: Size, items: int = 1, whole_image
                       f"about {largest} px" + (" (fewer per batch fit larger ones)" if items > 1 else ""))
 
 
-def _bytes_per_pixel(bundle: Bundle, whole_image: bool) -> float:
+def _bytes_per_pixel(bundle: Bundle) -> float:
     values = (bundle.latent_channels + bundle.mask_channels) / bundle.latent_factor ** 2
-    return values * LATENT_VALUE_BYTES + (WHOLE_IMAGE_BYTES_PER_PIXEL if whole_image else 0)
+    return values * LATENT_VALUE_BYTES + WHOLE_IMAGE_BYTES_PER_PIXEL
 
 
 def free_memory(device: torch.device) -> Optional[int]:

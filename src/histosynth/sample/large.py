@@ -15,7 +15,8 @@ result equals ``decode_latents_tiled`` of the whole latent.
 
 Memory: the UNet and decoder work on one window batch / one tile strip at a time; what grows with the
 image is the latent itself (3 float32 channels at 1/16 of the pixels: 0.75 byte per output pixel
-per copy, and sampling keeps a few copies) and one decoded strip.
+per copy, and sampling keeps a few copies) and one decoded strip. A slide's latent is kept off the
+device by :mod:`histosynth.sample.seamless`, on the same :class:`WindowGrid`.
 
 :class:`SeamMeter` measures seams: how far the gradient energy across the lines of a patch grid
 differs from the gradient energy everywhere else (1.0 = the grid lines are like any other line).
@@ -81,6 +82,60 @@ def latent_size(size: int | Size, factor: int, window: int, unet_factor: int) ->
     return sides[0], sides[1]
 
 
+@dataclass(frozen=True)
+class WindowGrid:
+    """The overlapping ``window`` x ``window`` crops that cover a (height, width) latent, and their blend weights.
+
+    Windows start at :func:`~histosynth.models.autoencoder.tile_starts` along each axis (row-major
+    order); a window's weight is the product of a row and a column ramp, linear over ``overlap``
+    pixels at the sides it shares with a neighbour, so the sum of all weights is separable too
+    (:meth:`weight_sums`).
+    """
+
+    height: int
+    width: int
+    window: int
+    overlap: int
+
+    @property
+    def window_size(self) -> Size:
+        """(rows, columns) of every window: the window, or the latent's side where that is shorter."""
+        return min(self.window, self.height), min(self.window, self.width)
+
+    @property
+    def tops(self) -> list[int]:
+        return tile_starts(self.height, self.window, self.overlap)
+
+    @property
+    def lefts(self) -> list[int]:
+        return tile_starts(self.width, self.window, self.overlap)
+
+    def windows(self) -> list[tuple[int, int]]:
+        """(top, left) of every window, row by row."""
+        return [(top, left) for top in self.tops for left in self.lefts]
+
+    def _ramp(self, start: int, length: int, side: int) -> torch.Tensor:
+        return blend_ramp(length, self.overlap, start > 0, start + length < side)
+
+    def weights(self, corners: list[tuple[int, int]]) -> torch.Tensor:
+        """(n, 1, rows, columns) float32 blend weights of the windows at ``corners``."""
+        win_h, win_w = self.window_size
+        rows = torch.stack([self._ramp(top, win_h, self.height) for top, _ in corners])
+        cols = torch.stack([self._ramp(left, win_w, self.width) for _, left in corners])
+        return (rows[:, :, None] * cols[:, None, :])[:, None]
+
+    def weight_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(height,) and (width,) float32: the sum of all window weights at (y, x) is ``rows[y] * cols[x]``."""
+        win_h, win_w = self.window_size
+        return self._ramp_sum(self.tops, win_h, self.height), self._ramp_sum(self.lefts, win_w, self.width)
+
+    def _ramp_sum(self, starts: list[int], length: int, side: int) -> torch.Tensor:
+        total = torch.zeros(side)
+        for start in starts:
+            total[start:start + length] += self._ramp(start, length, side)
+        return total
+
+
 @dataclass
 class WindowedUNet:
     """Calls a UNet on overlapping ``window`` x ``window`` crops of a larger latent and blends them.
@@ -89,7 +144,8 @@ class WindowedUNet:
     -> .sample``) so that the sampler's loop, guidance and scheduler are used unchanged. Every window
     of every batch element is one crop; ``window_batch`` crops go through the UNet per call. A label
     map concatenated to the latent (mask conditioning) is cropped with it, so each window reads the
-    part of the map under it.
+    part of the map under it. (A slide's single latent, which may not fit on the device, is denoised
+    by :mod:`histosynth.sample.seamless` instead, on the same :class:`WindowGrid`.)
     """
 
     unet: torch.nn.Module
@@ -107,11 +163,9 @@ class WindowedUNet:
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  encoder_attention_mask: Optional[torch.Tensor] = None, **kwargs) -> UNet2DConditionOutput:
         height, width = sample.shape[-2:]
-        rows, cols = tile_starts(height, self.window, self.overlap), tile_starts(width, self.window, self.overlap)
-        win_h, win_w = min(self.window, height), min(self.window, width)
-        row_weights = {top: blend_ramp(win_h, self.overlap, top > 0, top + win_h < height) for top in rows}
-        col_weights = {left: blend_ramp(win_w, self.overlap, left > 0, left + win_w < width) for left in cols}
-        crops = [(top, left, n) for top in rows for left in cols for n in range(sample.shape[0])]
+        grid = WindowGrid(height, width, self.window, self.overlap)
+        win_h, win_w = grid.window_size
+        crops = [(top, left, n) for top, left in grid.windows() for n in range(sample.shape[0])]
         blended: Optional[torch.Tensor] = None  # shaped like the output: without the input's label-map channels
         timesteps = torch.as_tensor(timestep, device=sample.device)
         for start in range(0, len(crops), self.window_batch):
@@ -128,20 +182,11 @@ class WindowedUNet:
             self.calls += 1
             if blended is None:
                 blended = eps.new_zeros(sample.shape[0], eps.shape[1], height, width)
-            for (top, left, n), piece in zip(chunk, eps, strict=True):
-                weight = (row_weights[top][:, None] * col_weights[left][None, :]).to(piece)
-                blended[n, :, top:top + win_h, left:left + win_w] += piece * weight
-        # The window weights are products of row and column ramps on a grid, so their sum is too.
-        row_sum = _weight_sum(height, rows, row_weights).to(blended)
-        col_sum = _weight_sum(width, cols, col_weights).to(blended)
+            weighted = eps * grid.weights([(top, left) for top, left, _ in chunk]).to(eps)
+            for (top, left, n), piece in zip(chunk, weighted, strict=True):
+                blended[n, :, top:top + win_h, left:left + win_w] += piece
+        row_sum, col_sum = (total.to(blended) for total in grid.weight_sums())
         return UNet2DConditionOutput(sample=blended / row_sum[:, None] / col_sum[None, :])
-
-
-def _weight_sum(length: int, starts: list[int], weights: dict[int, torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros(length)
-    for start in starts:
-        total[start:start + len(weights[start])] += weights[start]
-    return total
 
 
 def decode_tile(window: int) -> int:
@@ -159,16 +204,33 @@ def decode_bands(ae: Autoencoder, latents: torch.Tensor, tile: int, overlap: Opt
                  precision: Optional[str] = None) -> Iterator[np.ndarray]:
     """uint8 (rows, width, 3) bands of the decoded image of one latent (1, C, h, w), top to bottom.
 
-    Strips of ``tile`` latent rows are decoded with ``decode_latents_tiled`` (which blends across
-    columns) and blended across rows with the same ramps; rows are handed out as soon as no later
-    strip touches them. ``progress(strips done, strips)`` is called after each strip. The decoder runs
-    at ``precision`` (see :func:`histosynth.models.autoencoder.decode_latents`).
+    See :func:`decode_row_bands`, which reads the latent a strip of rows at a time.
     """
     if latents.shape[0] != 1:
         raise ValueError("decode_bands decodes one latent at a time")
+    yield from decode_row_bands(ae, lambda top, bottom: latents[..., top:bottom, :], latents.shape[-2], tile,
+                                overlap, progress, precision)
+
+
+#: (first latent row, end row) -> the latent's rows (1, C, rows, w), wherever the latent is kept
+LatentRows = Callable[[int, int], torch.Tensor]
+
+
+def decode_row_bands(ae: Autoencoder, latent_rows: LatentRows, height: int, tile: int, overlap: Optional[int] = None,
+                     progress: Optional[Callable[[int, int], None]] = None,
+                     precision: Optional[str] = None) -> Iterator[np.ndarray]:
+    """uint8 (rows, width, 3) bands of the decoded image of a latent of ``height`` rows, top to bottom.
+
+    Strips of ``tile`` latent rows (read with ``latent_rows``) are decoded with
+    ``decode_latents_tiled`` (which blends across columns; each tile is decoded on the autoencoder's
+    device and blended where the strip is) and blended across rows with the same ramps; rows are
+    handed out as soon as no later strip touches them. ``progress(strips done, strips)`` is called
+    after each strip. The decoder runs at ``precision`` (see
+    :func:`histosynth.models.autoencoder.decode_latents`).
+    """
     factor = downsampling_factor(ae)
     overlap = window_overlap(tile, overlap)
-    height = latents.shape[-2]
+    device = next(ae.parameters()).device
     starts = tile_starts(height, tile, overlap)
     strip_rows = min(tile, height) * factor
     pending: Optional[torch.Tensor] = None  # weighted sum of decoded rows from `top` on
@@ -176,8 +238,8 @@ def decode_bands(ae: Autoencoder, latents: torch.Tensor, tile: int, overlap: Opt
     top = 0
     for index, start in enumerate(starts):
         with torch.no_grad():
-            strip = decode_latents_tiled(ae, latents[..., start:start + min(tile, height), :], tile, overlap,
-                                         precision)[0]
+            strip = decode_latents_tiled(ae, latent_rows(start, start + min(tile, height)), tile, overlap,
+                                         precision, compute_device=device)[0]
         weight = blend_ramp(strip_rows, overlap * factor, start > 0, start + tile < height).to(strip)
         pending, pending_weight = _add_rows(pending, pending_weight, top, strip * weight[:, None], weight,
                                             start * factor)
