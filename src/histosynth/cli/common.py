@@ -122,25 +122,50 @@ def segmenter_training(
         None, "--input-size", help="training window in px (a valid size); default: largest that fits a patch"),
     batch_size: int = typer.Option(8, "--batch-size"),
     epochs: int = typer.Option(100, "--epochs", help="at most this many epochs (EarlyStopping usually stops sooner)"),
-    patience: int = typer.Option(10, "--patience", help="EarlyStopping: epochs without a lower validation loss"),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="EarlyStopping: epochs without a better validation score (segment train: 10, "
+                                 "experiment mix: 15)"),
+    monitor: Optional[str] = typer.Option(
+        None, "--monitor", help="what EarlyStopping and the kept weights follow: val_loss or val_dice "
+                                "(segment train: val_loss, experiment mix: val_dice)"),
+    val_every: int = typer.Option(1, "--val-every", help="validate every this many epochs (patience counts "
+                                                         "validations)"),
     lr: float = typer.Option(1e-3, "--lr"),
+    warmup_epochs: Optional[float] = typer.Option(
+        None, "--warmup-epochs", help="linear learning-rate warm-up (segment train: 0, experiment mix: 2)"),
+    schedule: Optional[str] = typer.Option(
+        None, "--schedule", help="learning rate after the warm-up: constant or cosine (decays to 0 at --epochs; "
+                                 "segment train: constant, experiment mix: cosine)"),
     dice_weight: float = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE"),
-    class_weights: str = typer.Option(
-        "none", "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none"),
+    class_weights: Optional[str] = typer.Option(
+        None, "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none "
+                                      "(segment train: none, experiment mix: balanced)"),
     device: str = DeviceOption,
     workers: int = WorkersOption,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``SegmentTrainConfig.from_options`` (see :func:`segment_train_config`)."""
+    """Keyword arguments of ``SegmentTrainConfig.from_options`` (see :func:`segment_train_config`); the options
+    left at None take the command's own default."""
     return dict(class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-                max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight,
-                class_weights=class_weights, device=device, num_workers=workers)
+                max_epochs=epochs, patience=patience, monitor=monitor, val_every=val_every, learning_rate=lr,
+                warmup_epochs=warmup_epochs, schedule=schedule, dice_weight=dice_weight, class_weights=class_weights,
+                device=device, num_workers=workers)
 
 
 SegmenterTraining = OptionBlock(segmenter_training)
 
+#: The options of :data:`SegmenterTraining` whose default depends on the command.
+COMMAND_DEFAULTED = ("patience", "monitor", "warmup_epochs", "schedule", "class_weights")
 
-def segment_train_config(training: dict[str, Any], **more: Any):
-    """The :data:`SegmenterTraining` options (and ``more`` fields) as one checked training config."""
+
+def segment_train_config(training: dict[str, Any], defaults: Optional[dict[str, Any]] = None, **more: Any):
+    """The :data:`SegmenterTraining` options (and ``more`` fields) as one checked training config; the
+    command-defaulted options not given take `defaults`, else the config's own defaults."""
     from ..segment.training import SegmentTrainConfig
 
-    return SegmentTrainConfig.from_options(**training, **more)
+    options = dict(training)
+    for key in COMMAND_DEFAULTED:
+        if options.get(key) is None:
+            options.pop(key, None)
+            if defaults and key in defaults:
+                options[key] = defaults[key]
+    return SegmentTrainConfig.from_options(**options, **more)
