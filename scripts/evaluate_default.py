@@ -64,8 +64,8 @@ GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"
 #: The thesis' training loop in `experiment mix` (constant rate, unweighted loss, stopping on the loss, final
 #: weights), as the numbers of this script were measured with; scripts/evaluate_downstream.py uses the
 #: experiment's own loop, built for small data.
-THESIS_LOOP = ["--monitor", "val_loss", "--warmup-epochs", "0", "--schedule", "constant", "--class-weights", "none",
-               "--weights", "final"]
+THESIS_LOOP = ["--monitor", "val_loss", "--warmup-epochs", "0", "--schedule", "constant", "--foreground-crops", "0",
+               "--class-weights", "none", "--weights", "final"]
 #: The generation seed of the images made from phantom layouts (stage masks); stage pairs adds the next ones.
 LAYOUTS_SEED = 2
 

@@ -128,6 +128,7 @@ def test_collapse_count_and_differences_of_a_constructed_result():
     paired = result.paired_table()
     assert paired["experiment"].tolist() == ["100_100"] and paired["pairs"].tolist() == [4]
     assert paired.loc[0, "mean"] == pytest.approx(0.0325)
+    assert paired.loc[0, "collapsed_pairs"] == 2  # seed 0 (100_0) and seed 1 (100_100)
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +208,7 @@ def test_mix_command_multiclass_with_seeds(toy_dataset, synthetic_dataset, val_d
     assert " ± " in report and "thesis" not in report.split("## Dice of")[1].split("\n\n")[1]
     assert "## Dice per class" in report and (out / "dice_per_class.csv").is_file()
     assert json.loads((out / "mix.json").read_text())["paired"] == []  # no 100_0 to compare with
+    assert "## Paired differences" not in report and not (out / "differences.png").exists()
     recorded = json.loads((out / "experiment.json").read_text())["config"]["train"]
     assert {k: recorded[k] for k in TRAINING_DEFAULTS} == TRAINING_DEFAULTS  # not those of segment train
 

@@ -136,6 +136,29 @@ def test_training_pairs_line_up_with_their_labels(tmp_path):
             np.testing.assert_array_equal(centre, LUT[item["labels"].numpy()])
 
 
+def test_foreground_crops_put_the_rare_class_in_the_window(tmp_path):
+    writer = PatchDatasetWriter(tmp_path / "ds", schema=RENAL, patch_size=96)
+    mask = np.full((96, 96), 6, np.uint8)
+    mask[88:92, 4:8] = 4  # 16 pixels of Glomeruli near a corner
+    writer.write_slide("s", [Patch(LUT[mask], mask)] * 4, split="train")
+    dataset = writer.finalize()
+    rows = PatchRows(dataset, dataset.rows())
+    binary = Segmenter.for_class(RENAL, "Glomeruli", base_channels=2)
+
+    def windows_with_glomeruli(foreground: float, segmenter: Segmenter, label: int) -> int:
+        pairs = SegmentationPairs(rows, segmenter, input_size=204, seed=1, foreground=foreground)
+        hits = 0
+        for epoch in range(10):
+            pairs.set_epoch(epoch)
+            hits += sum(int((pairs[i]["labels"] == label).any()) for i in range(len(pairs)))
+        return hits
+
+    assert windows_with_glomeruli(1.0, binary, 1) == 40  # every one of 10 epochs x 4 windows of 20 px
+    assert windows_with_glomeruli(0.0, binary, 1) <= 4  # a uniform window holds it 1 time in 100
+    multiclass = Segmenter.for_class(RENAL, None, base_channels=2)
+    assert windows_with_glomeruli(1.0, multiclass, 4) == 40  # the patch's one rare label
+
+
 def test_evaluation_pairs_cover_the_whole_patch(tmp_path):
     dataset = _coloured_dataset(tmp_path)
     segmenter = Segmenter.for_class(RENAL, "Glomeruli", base_channels=2)

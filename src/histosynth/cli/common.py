@@ -136,6 +136,9 @@ def segmenter_training(
     schedule: Optional[str] = typer.Option(
         None, "--schedule", help="learning rate after the warm-up: constant or cosine (decays to 0 at --epochs; "
                                  "segment train: constant, experiment mix: cosine)"),
+    foreground_crops: Optional[float] = typer.Option(
+        None, "--foreground-crops", help="share of training windows placed on a pixel of a rare class (binary: the "
+                                         "class) (segment train: 0, experiment mix: 0.33)"),
     dice_weight: float = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE"),
     class_weights: Optional[str] = typer.Option(
         None, "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none "
@@ -147,14 +150,14 @@ def segmenter_training(
     left at None take the command's own default."""
     return dict(class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
                 max_epochs=epochs, patience=patience, monitor=monitor, val_every=val_every, learning_rate=lr,
-                warmup_epochs=warmup_epochs, schedule=schedule, dice_weight=dice_weight, class_weights=class_weights,
-                device=device, num_workers=workers)
+                warmup_epochs=warmup_epochs, schedule=schedule, foreground_crops=foreground_crops,
+                dice_weight=dice_weight, class_weights=class_weights, device=device, num_workers=workers)
 
 
 SegmenterTraining = OptionBlock(segmenter_training)
 
 #: The options of :data:`SegmenterTraining` whose default depends on the command.
-COMMAND_DEFAULTED = ("patience", "monitor", "warmup_epochs", "schedule", "class_weights")
+COMMAND_DEFAULTED = ("patience", "monitor", "warmup_epochs", "schedule", "foreground_crops", "class_weights")
 
 
 def segment_train_config(training: dict[str, Any], defaults: Optional[dict[str, Any]] = None, **more: Any):

@@ -91,7 +91,7 @@ COLLAPSE_DICE = 0.1
 #: The training set-up of the experiment where `experiment mix` differs from `segment train`: built for a
 #: few dozen patches, where a constant rate, unweighted loss and stopping on the loss left most runs at Dice 0.
 TRAINING_DEFAULTS: dict[str, Any] = dict(monitor="val_dice", warmup_epochs=2.0, schedule="cosine",
-                                         class_weights="balanced", patience=15)
+                                         foreground_crops=0.33, class_weights="balanced", patience=15)
 
 
 @dataclass(frozen=True)
@@ -334,9 +334,14 @@ class MixResult:
         for arm in (a for a in self.arms if a.baseline is not None):
             paired = paired_difference(self.differences(arm).to_list())
             rows.append({"experiment": arm.name, "baseline": arm.baseline, **asdict(paired),
-                         "verdict": paired.verdict()})
-        columns = ["experiment", "baseline", *PairedDifference.__dataclass_fields__, "verdict"]
+                         "verdict": paired.verdict(), "collapsed_pairs": self.collapsed_pairs(arm)})
+        columns = ["experiment", "baseline", *PairedDifference.__dataclass_fields__, "verdict", "collapsed_pairs"]
         return pd.DataFrame(rows, columns=columns)
+
+    def collapsed_pairs(self, arm: Arm) -> int:
+        """Seeds whose run of the arm or of its baseline collapsed: their difference compares a broken model."""
+        collapsed = {(r["split"], r["seed"]) for r in self.runs if is_collapsed(r)}
+        return sum((arm.name, s) in collapsed or (arm.baseline, s) in collapsed for s in self.differences(arm).index)
 
     def collapse(self) -> dict[str, Any]:
         collapsed = [r for r in self.runs if is_collapsed(r)]
@@ -454,15 +459,8 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
     ])
     table = result.final_table()
     paired = result.paired_table()
-    report.heading("Paired differences of Dice" + (" against 100_0" if six_splits else " against real only"))
-    report.text(
-        "Per seed, the arm's Dice minus its baseline's (same seed: same initial weights, same real patches). "
-        f"Mean over seeds with a percentile-bootstrap {paired_confidence(paired)} interval (10000 resamplings "
-        "of the seeds), the two-sided p-values of a paired t-test and of a Wilcoxon signed-rank test (exact; with "
-        "5 seeds its smallest possible p is 0.0625). An arm helps or hurts only where its interval excludes 0.")
-    report.table("paired", _shown_paired(paired), "paired differences of Dice", csv_frame=paired)
-    report.figure("differences", _differences_figure(result, paired), "Per-seed Dice differences against the "
-                  "baseline (dots), their mean and bootstrap interval (bars)")
+    if len(paired):
+        _paired_section(report, result, paired, six_splits)
     title = "Dice of the judged weights" + (" (thesis Table 5.2)" if six_splits else "")
     report.heading(title)
     report.table("table_5_2" if six_splits else "arms", _shown_table(result, table, binary and six_splits),
@@ -490,6 +488,20 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
     return report.write()
 
 
+def _paired_section(report: Report, result: MixResult, paired: pd.DataFrame, six_splits: bool) -> None:
+    report.heading("Paired differences of Dice" + (" against 100_0" if six_splits else " against real only"))
+    report.text(
+        "Per seed, the arm's Dice minus its baseline's (same seed: same initial weights, same real patches). "
+        f"Mean over seeds with a percentile-bootstrap {paired_confidence(paired)} interval (10000 resamplings "
+        "of the seeds), the two-sided p-values of a paired t-test and of a Wilcoxon signed-rank test (exact; with "
+        "5 seeds its smallest possible p is 0.0625). An arm helps or hurts only where its interval excludes 0; with "
+        "a few seeds the bootstrap interval excludes 0 whenever every difference has the same sign, so read it with "
+        "the tests, and a pair with a collapsed run compares a broken model.")
+    report.table("paired", _shown_paired(paired), "paired differences of Dice", csv_frame=paired)
+    report.figure("differences", _differences_figure(result, paired), "Per-seed Dice differences against the "
+                  "baseline (dots), their mean and bootstrap interval (bars)")
+
+
 def _judged_weights(config: MixConfig) -> str:
     if config.weights == "final":
         return "final weights (as the thesis)"
@@ -513,6 +525,7 @@ def _shown_paired(paired: pd.DataFrame) -> pd.DataFrame:
     shown["paired t p"] = paired["t_p"]
     shown["Wilcoxon p"] = paired["wilcoxon_p"]
     shown["the arm's Dice is"] = paired["verdict"]
+    shown["pairs with a collapsed run"] = paired["collapsed_pairs"]
     return shown
 
 
@@ -567,6 +580,7 @@ def _differences_figure(result: MixResult, paired: pd.DataFrame) -> plt.Figure:
             ax.errorbar([x + 0.25], [row.mean], yerr=[[row.mean - row.ci_low], [row.ci_high - row.mean]],
                         fmt="D", color="black", capsize=4, markersize=5)
     ax.axhline(0, color="grey", linewidth=1)
+    ax.set_xlim(-0.6, len(paired) - 0.4)
     ax.set_xticks(range(len(paired)), [f"{e}\n−{b}" for e, b in zip(paired["experiment"], paired["baseline"],
                                                                      strict=True)], fontsize=7)
     ax.set_ylabel("Dice difference (per seed)")

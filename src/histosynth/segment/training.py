@@ -56,6 +56,8 @@ class SegmentTrainConfig(BaseModel):
         "val_loss", description="what EarlyStopping and the best weights follow: lowest loss or highest Dice")
     learning_rate: float = Field(1e-3, gt=0)
     warmup_epochs: float = Field(0.0, ge=0, description="learning rate ramped up linearly over this many epochs")
+    foreground_crops: float = Field(0.0, ge=0, le=1, description="share of training windows placed on a pixel "
+                                                                 "of a rare class (binary: the class)")
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after the warm-up: constant, or cosine decay to 0 at max_epochs")
     dice_weight: float = Field(1.0, ge=0, description="weight of the soft-Dice term beside CE/BCE")
@@ -321,7 +323,8 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
     segmenter = _initial_segmenter(config, schema)
     initial = weights_fingerprint(segmenter)
     train_set = ConcatDataset([
-        SegmentationPairs(part, segmenter, config.input_size, augment=True, seed=config.seed)
+        SegmentationPairs(part, segmenter, config.input_size, augment=True, seed=config.seed,
+                          foreground=config.foreground_crops)
         for part in train if len(part)
     ])
     val_set = SegmentationPairs(val, segmenter, augment=False)
