@@ -114,6 +114,11 @@ def training_folders(out_help: str, init_help: str, dataset_help: str = "patch d
 
 
 # --- the segmenter-training block of `segment train` and `experiment mix` (one loop, one set of knobs) ---------
+def _per_command(flag: str, help: str, segment_train: Any, experiment_mix: Any) -> Any:
+    """An option whose default depends on the command: None here, filled in by :func:`segment_train_config`."""
+    return typer.Option(None, flag, help=f"{help} (segment train: {segment_train}, experiment mix: {experiment_mix})")
+
+
 def segmenter_training(
     class_name: Optional[str] = typer.Option(
         None, "--class", help="binary segmentation of this class (e.g. Glomeruli); default: multi-class"),
@@ -122,27 +127,23 @@ def segmenter_training(
         None, "--input-size", help="training window in px (a valid size); default: largest that fits a patch"),
     batch_size: int = typer.Option(8, "--batch-size"),
     epochs: int = typer.Option(100, "--epochs", help="at most this many epochs (EarlyStopping usually stops sooner)"),
-    patience: Optional[int] = typer.Option(
-        None, "--patience", help="EarlyStopping: epochs without a better validation score (segment train: 10, "
-                                 "experiment mix: 15)"),
-    monitor: Optional[str] = typer.Option(
-        None, "--monitor", help="what EarlyStopping and the kept weights follow: val_loss or val_dice "
-                                "(segment train: val_loss, experiment mix: val_dice)"),
+    patience: Optional[int] = _per_command("--patience", "EarlyStopping: validations without a better score", 10, 15),
+    monitor: Optional[str] = _per_command(
+        "--monitor", "what EarlyStopping and the kept weights follow: val_loss or val_dice", "val_loss", "val_dice"),
     val_every: int = typer.Option(1, "--val-every", help="validate every this many epochs (patience counts "
                                                          "validations)"),
     lr: float = typer.Option(1e-3, "--lr"),
-    warmup_epochs: Optional[float] = typer.Option(
-        None, "--warmup-epochs", help="linear learning-rate warm-up (segment train: 0, experiment mix: 2)"),
-    schedule: Optional[str] = typer.Option(
-        None, "--schedule", help="learning rate after the warm-up: constant or cosine (decays to 0 at --epochs; "
-                                 "segment train: constant, experiment mix: cosine)"),
-    foreground_crops: Optional[float] = typer.Option(
-        None, "--foreground-crops", help="share of training windows placed on a pixel of a rare class (binary: the "
-                                         "class) (segment train: 0, experiment mix: 0.33)"),
+    warmup_epochs: Optional[float] = _per_command("--warmup-epochs", "linear learning-rate warm-up", 0, 2),
+    schedule: Optional[str] = _per_command(
+        "--schedule", "learning rate after the warm-up: constant or cosine (decays to 0 at --epochs)", "constant",
+        "cosine"),
+    foreground_crops: Optional[float] = _per_command(
+        "--foreground-crops", "share of training windows placed on a pixel of a rare class (binary: the class)",
+        0, 0.33),
     dice_weight: float = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE"),
-    class_weights: Optional[str] = typer.Option(
-        None, "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none "
-                                      "(segment train: none, experiment mix: balanced)"),
+    class_weights: Optional[str] = _per_command(
+        "--class-weights", "balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none", "none",
+        "balanced"),
     device: str = DeviceOption,
     workers: int = WorkersOption,
 ) -> dict[str, Any]:
