@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Fewer page faults in the big convolution buffers of the autoencoder (see benchmarks/).
 export GLIBC_TUNABLES := glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:glibc.malloc.top_pad=1073741824
 
-.PHONY: demo test test-slow setup browser default-models evaluate-default clean
+.PHONY: demo test test-slow setup browser default-models evaluate-default evaluate-downstream clean
 
 demo: $(STAMP)
 	$(BIN)/histosynth demo --out demo
@@ -31,6 +31,12 @@ default-models: $(STAMP)
 evaluate-default: $(STAMP)
 	$(BIN)/python scripts/default_models.py --stage data
 	$(BIN)/python scripts/evaluate_default.py
+
+# Does synthetic data help a segmenter? `experiment mix` on the phantom with the shipped models: the core
+# comparison, the mask model's pairs, multi-class and the scarcity curve (many hours on 2 CPU cores; see README).
+evaluate-downstream: $(STAMP)
+	$(BIN)/python scripts/default_models.py --stage data
+	$(BIN)/python scripts/evaluate_downstream.py
 
 # torch first, pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml

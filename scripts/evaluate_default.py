@@ -61,6 +61,11 @@ from histosynth.evaluate.report import markdown_table
 
 #: The thesis' generating caption ("Tubuli medium, a lot of Glomeruli") as class levels.
 GENERATING_LEVELS = "Tubuli=medium,Glomeruli=high"
+#: The thesis' training loop in `experiment mix` (constant rate, unweighted loss, stopping on the loss, final
+#: weights), as the numbers of this script were measured with; scripts/evaluate_downstream.py uses the
+#: experiment's own loop, built for small data.
+THESIS_LOOP = ["--monitor", "val_loss", "--warmup-epochs", "0", "--schedule", "constant", "--foreground-crops", "0",
+               "--class-weights", "none", "--weights", "final"]
 #: The generation seed of the images made from phantom layouts (stage masks); stage pairs adds the next ones.
 LAYOUTS_SEED = 2
 
@@ -123,12 +128,17 @@ def shipped_mask_model() -> str:
     return str(default_mask_bundle_path())
 
 
-# --- running several shards of one generation job at once -------------------------------------------
+# --- running several shards of one job at once -------------------------------------------------------
 def generate_sharded(name: str, args: list[str], processes: int) -> None:
     """One `histosynth generate` job made by `processes` processes (one shard each), logged."""
+    run_sharded(name, ["generate", *args], processes)
+
+
+def run_sharded(name: str, args: list[str], processes: int) -> None:
+    """One histosynth command that takes --shard (generate, experiment mix) run by `processes` processes, logged."""
     LOGS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    commands = [histosynth("generate", *args, "--shard", f"{i}/{processes}") for i in range(processes)]
+    commands = [histosynth(*args, "--shard", f"{i}/{processes}") for i in range(processes)]
     logs = [(LOGS / f"{name}.shard{i}.log").open("a") for i in range(processes)]
     say(f"[{name}] {' '.join(commands[0][1:])} ... in {processes} processes")
     running = [subprocess.Popen(c, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
@@ -142,8 +152,8 @@ def generate_sharded(name: str, args: list[str], processes: int) -> None:
             log.write(f"\n$ {' '.join(command)}\n")
         log.write(f"{DONE_MARK} exit codes {codes} after {seconds:.0f} s\n")
     if any(codes):
-        raise SystemExit(f"[{name}] a generation shard failed ({codes}); see {LOGS}/{name}.shard*.log")
-    say(f"[{name}] generated in {seconds:.0f} s")
+        raise SystemExit(f"[{name}] a shard failed ({codes}); see {LOGS}/{name}.shard*.log")
+    say(f"[{name}] done in {seconds:.0f} s")
 
 
 # --- stages ----------------------------------------------------------------------------------------
@@ -232,7 +242,7 @@ def pair_and_mix(paths: Paths, images: Path, masks: Path, synthetic: Path, repor
             "experiment", "mix", "--real", relative(paths.heldout), "--synthetic",
             relative(synthetic), "--out", relative(report), "--class", "Glomeruli", "--seeds", str(sizes.mix_seeds),
             "--n", str(sizes.mix_patches), "--base-channels", "8", "--input-size", str(sizes.mix_input_size),
-            "--batch-size", "4", "--epochs", str(sizes.mix_epochs), "--patience", "3", "--device", "cpu",
+            "--batch-size", "4", "--epochs", str(sizes.mix_epochs), "--patience", "3", *THESIS_LOOP, "--device", "cpu",
             "--no-progress"))
 
 
@@ -408,10 +418,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes = replace(QUICK if args.quick else Sizes(), processes=args.processes)
     paths = Paths(RUNS / ("evaluate-quick" if args.quick else "evaluate"))
     paths.root.mkdir(parents=True, exist_ok=True)
-    for name in (STAGES if args.stage == "all" else [args.stage]):
-        say(f"== stage {name}")
-        STAGES[name](paths, sizes)
+    run_stages(STAGES, args.stage, paths, sizes)
     return 0
+
+
+def run_stages(stages: dict, chosen: str, paths, sizes) -> None:
+    """Every stage in order ('all') or the one chosen, each given the script's folders and sizes."""
+    for name in (stages if chosen == "all" else [chosen]):
+        say(f"== stage {name}")
+        stages[name](paths, sizes)
 
 
 if __name__ == "__main__":

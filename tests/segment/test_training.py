@@ -22,12 +22,15 @@ from histosynth.segment.segmenter import Segmenter
 from histosynth.segment.training import (
     SegmentTrainConfig,
     balanced_class_weights,
+    best_epoch,
     dice_by_class,
     label_pixel_counts,
+    learning_rate_factor,
     mean_dice,
     segmentation_loss,
     stat_scores,
     train_segmenter,
+    weights_fingerprint,
 )
 
 LUT = np.zeros((256, 3), dtype=np.uint8)
@@ -133,6 +136,29 @@ def test_training_pairs_line_up_with_their_labels(tmp_path):
             np.testing.assert_array_equal(centre, LUT[item["labels"].numpy()])
 
 
+def test_foreground_crops_put_the_rare_class_in_the_window(tmp_path):
+    writer = PatchDatasetWriter(tmp_path / "ds", schema=RENAL, patch_size=96)
+    mask = np.full((96, 96), 6, np.uint8)
+    mask[88:92, 4:8] = 4  # 16 pixels of Glomeruli near a corner
+    writer.write_slide("s", [Patch(LUT[mask], mask)] * 4, split="train")
+    dataset = writer.finalize()
+    rows = PatchRows(dataset, dataset.rows())
+    binary = Segmenter.for_class(RENAL, "Glomeruli", base_channels=2)
+
+    def windows_with_glomeruli(foreground: float, segmenter: Segmenter, label: int) -> int:
+        pairs = SegmentationPairs(rows, segmenter, input_size=204, seed=1, foreground=foreground)
+        hits = 0
+        for epoch in range(10):
+            pairs.set_epoch(epoch)
+            hits += sum(int((pairs[i]["labels"] == label).any()) for i in range(len(pairs)))
+        return hits
+
+    assert windows_with_glomeruli(1.0, binary, 1) == 40  # every one of 10 epochs x 4 windows of 20 px
+    assert windows_with_glomeruli(0.0, binary, 1) <= 4  # a uniform window holds it 1 time in 100
+    multiclass = Segmenter.for_class(RENAL, None, base_channels=2)
+    assert windows_with_glomeruli(1.0, multiclass, 4) == 40  # the patch's one rare label
+
+
 def test_evaluation_pairs_cover_the_whole_patch(tmp_path):
     dataset = _coloured_dataset(tmp_path)
     segmenter = Segmenter.for_class(RENAL, "Glomeruli", base_channels=2)
@@ -161,6 +187,38 @@ def test_same_seed_same_run(toy_dataset, tmp_path):
     pd.testing.assert_frame_equal(pd.DataFrame(runs[0].history), pd.DataFrame(runs[1].history))
     for key, value in runs[0].segmenter.net.state_dict().items():
         torch.testing.assert_close(runs[1].segmenter.net.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule():
+    cosine = learning_rate_factor(4, 12, "cosine")
+    np.testing.assert_allclose([cosine(s) for s in (0, 1, 3, 4, 6, 8, 12, 20)],
+                               [0.25, 0.5, 1.0, 1.0, 0.853553, 0.5, 0.0, 0.0], atol=1e-6)
+    constant = learning_rate_factor(2, 12, "constant")
+    assert [constant(s) for s in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
+    assert learning_rate_factor(0, 10, "cosine")(0) == 1.0  # no warm-up
+
+
+def test_best_epoch_follows_the_monitored_score():
+    history = [{"epoch": 1, "val_loss": 0.9, "val_dice": math.nan}, {"epoch": 2, "val_loss": 0.5, "val_dice": 0.4},
+               {"epoch": 3, "val_loss": 0.4, "val_dice": 0.7}, {"epoch": 4, "val_loss": 0.3, "val_dice": 0.7}]
+    assert best_epoch(history, "val_loss")["epoch"] == 4
+    assert best_epoch(history, "val_dice")["epoch"] == 3  # the first of ties, NaN never
+
+
+def test_dice_monitored_training_keeps_the_best_dice_epoch(toy_dataset, tmp_path):
+    config = SegmentTrainConfig(base_channels=2, input_size=204, batch_size=4, max_epochs=3, device="cpu", seed=7,
+                                monitor="val_dice", warmup_epochs=1, schedule="cosine", class_name="Glomeruli")
+    train = [PatchRows(toy_dataset, toy_dataset.rows("train").head(4))]
+    val = PatchRows(toy_dataset, toy_dataset.rows("val").head(2))
+    run = train_segmenter(train, val, config, RENAL, log_dir=tmp_path, keep_best=True)
+    assert run.kept == "highest validation Dice" and run.present == [1] and len(run.history) == 3
+    assert run.kept_epoch == best_epoch(run.history, "val_dice")
+    initial = {}
+    for seed in (7, 8):  # the weights a run starts from are those its seed draws
+        torch.manual_seed(seed)
+        initial[seed] = weights_fingerprint(Segmenter.for_class(RENAL, "Glomeruli", base_channels=2))
+    assert run.initial_weights == initial[7] != initial[8]
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))  # the kept weights were loaded, then removed
 
 
 def test_training_can_start_from_a_trained_segmenter(multiclass_folder, toy_dataset, tmp_path):

@@ -114,6 +114,11 @@ def training_folders(out_help: str, init_help: str, dataset_help: str = "patch d
 
 
 # --- the segmenter-training block of `segment train` and `experiment mix` (one loop, one set of knobs) ---------
+def _per_command(flag: str, help: str, segment_train: Any, experiment_mix: Any) -> Any:
+    """An option whose default depends on the command: None here, filled in by :func:`segment_train_config`."""
+    return typer.Option(None, flag, help=f"{help} (segment train: {segment_train}, experiment mix: {experiment_mix})")
+
+
 def segmenter_training(
     class_name: Optional[str] = typer.Option(
         None, "--class", help="binary segmentation of this class (e.g. Glomeruli); default: multi-class"),
@@ -122,25 +127,49 @@ def segmenter_training(
         None, "--input-size", help="training window in px (a valid size); default: largest that fits a patch"),
     batch_size: int = typer.Option(8, "--batch-size"),
     epochs: int = typer.Option(100, "--epochs", help="at most this many epochs (EarlyStopping usually stops sooner)"),
-    patience: int = typer.Option(10, "--patience", help="EarlyStopping: epochs without a lower validation loss"),
+    patience: Optional[int] = _per_command("--patience", "EarlyStopping: validations without a better score", 10, 15),
+    monitor: Optional[str] = _per_command(
+        "--monitor", "what EarlyStopping and the kept weights follow: val_loss or val_dice", "val_loss", "val_dice"),
+    val_every: int = typer.Option(1, "--val-every", help="validate every this many epochs (patience counts "
+                                                         "validations)"),
     lr: float = typer.Option(1e-3, "--lr"),
+    warmup_epochs: Optional[float] = _per_command("--warmup-epochs", "linear learning-rate warm-up", 0, 2),
+    schedule: Optional[str] = _per_command(
+        "--schedule", "learning rate after the warm-up: constant or cosine (decays to 0 at --epochs)", "constant",
+        "cosine"),
+    foreground_crops: Optional[float] = _per_command(
+        "--foreground-crops", "share of training windows placed on a pixel of a rare class (binary: the class)",
+        0, 0.33),
     dice_weight: float = typer.Option(1.0, "--dice-weight", help="weight of the soft-Dice term beside CE/BCE"),
-    class_weights: str = typer.Option(
-        "none", "--class-weights", help="balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none"),
+    class_weights: Optional[str] = _per_command(
+        "--class-weights", "balanced: weigh CE/BCE up for rare classes (sqrt of median/share); none", "none",
+        "balanced"),
     device: str = DeviceOption,
     workers: int = WorkersOption,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``SegmentTrainConfig.from_options`` (see :func:`segment_train_config`)."""
+    """Keyword arguments of ``SegmentTrainConfig.from_options`` (see :func:`segment_train_config`); the options
+    left at None take the command's own default."""
     return dict(class_name=class_name, base_channels=base_channels, input_size=input_size, batch_size=batch_size,
-                max_epochs=epochs, patience=patience, learning_rate=lr, dice_weight=dice_weight,
-                class_weights=class_weights, device=device, num_workers=workers)
+                max_epochs=epochs, patience=patience, monitor=monitor, val_every=val_every, learning_rate=lr,
+                warmup_epochs=warmup_epochs, schedule=schedule, foreground_crops=foreground_crops,
+                dice_weight=dice_weight, class_weights=class_weights, device=device, num_workers=workers)
 
 
 SegmenterTraining = OptionBlock(segmenter_training)
 
+#: The options of :data:`SegmenterTraining` whose default depends on the command.
+COMMAND_DEFAULTED = ("patience", "monitor", "warmup_epochs", "schedule", "foreground_crops", "class_weights")
 
-def segment_train_config(training: dict[str, Any], **more: Any):
-    """The :data:`SegmenterTraining` options (and ``more`` fields) as one checked training config."""
+
+def segment_train_config(training: dict[str, Any], defaults: Optional[dict[str, Any]] = None, **more: Any):
+    """The :data:`SegmenterTraining` options (and ``more`` fields) as one checked training config; the
+    command-defaulted options not given take `defaults`, else the config's own defaults."""
     from ..segment.training import SegmentTrainConfig
 
-    return SegmentTrainConfig.from_options(**training, **more)
+    options = dict(training)
+    for key in COMMAND_DEFAULTED:
+        if options.get(key) is None:
+            options.pop(key, None)
+            if defaults and key in defaults:
+                options[key] = defaults[key]
+    return SegmentTrainConfig.from_options(**options, **more)

@@ -355,24 +355,54 @@ def mix(
     synthetic: Path = typer.Option(..., "--synthetic", help="synthetic patch dataset (all rows)"),
     out: Path = typer.Option(..., "--out", help="experiment folder (runs, logs, report)"),
     val: Optional[Path] = typer.Option(
-        None, "--val", help="real validation dataset (all rows); default: --real's 'val' rows"),
-    seeds: str = typer.Option("3", "--seeds", help="number of seeds (3 = seeds 0,1,2) or a list (0,5,7)"),
+        None, "--val", help="real validation dataset (all rows; best larger than any training set); "
+                            "default: --real's 'val' rows"),
+    seeds: str = typer.Option("5", "--seeds", help="number of seeds (5 = seeds 0-4) or a list (0,5,7)"),
+    design: str = typer.Option(
+        "splits", "--design", help="splits: the thesis' six real/synthetic splits of N patches; curve: the scarcity "
+                                   "curve (--real-counts x --synthetic-multiples, and synthetic alone)"),
     splits: Optional[str] = typer.Option(None, "--splits", help="subset of 100_0,75_25,50_50,25_75,0_100,100_100"),
     n: Optional[int] = typer.Option(None, "--n", help="patches per split (default: min of real and synthetic)"),
+    real_counts: str = typer.Option("12,24,48,96", "--real-counts", help="curve: real patch counts"),
+    synthetic_multiples: str = typer.Option(
+        "0,1,4", "--synthetic-multiples", help="curve: synthetic patches added per real patch"),
+    synthetic_only: bool = typer.Option(
+        True, "--synthetic-only/--no-synthetic-only", help="curve: also train on R synthetic patches alone"),
+    weights: str = typer.Option(
+        "best", "--weights", help="judge the best weights (by --monitor) or the final ones (as the thesis)"),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="i/n: train runs i, i+n, ... only (several processes share the folder); run again "
+                              "without it once all are done, for the report"),
     training: dict = SegmenterTraining,
     progress: bool = ProgressOption,
 ) -> None:
-    """The six-split real/synthetic experiment (thesis Table 5.2), mean ± sd over seeds."""
+    """Real and synthetic training data: the six-split experiment (thesis Table 5.2) or the scarcity curve,
+    each arm against real-only paired by seed (mean difference, bootstrap interval, paired tests)."""
     from ..data.dataset import open_dataset
-    from ..evaluate.mix import MixSources, mix_config, run_mix_experiment, write_mix_report
+    from ..evaluate.mix import TRAINING_DEFAULTS, MixSources, mix_config, run_mix_experiment, write_mix_report
+    from ..sample.jobs import Shard
 
-    config = mix_config(splits, seeds, n, segment_train_config(training))
+    config = mix_config(splits, seeds, n, segment_train_config(training, TRAINING_DEFAULTS), design=design,
+                        real_counts=real_counts, synthetic_multiples=synthetic_multiples,
+                        synthetic_only=synthetic_only, weights=weights)
     sources = MixSources.from_datasets(open_dataset(real), open_dataset(synthetic),
                                        open_dataset(val) if val is not None else None)
-    result = run_mix_experiment(sources, config, out, progress=progress)
+    result = run_mix_experiment(sources, config, out, progress=progress,
+                                shard=Shard.parse(shard) if shard else Shard())
+    if result.missing:
+        typer.echo(f"{len(result.runs)} runs on disk, {result.missing} left to other shards; once they are done, "
+                   "run the command again without --shard to write the report")
+        return
     path = write_mix_report(result, out)
     for _, row in result.final_table().iterrows():
-        typer.echo(f"{row['experiment']:>8}: final val loss {row['val loss mean']:.4f}, Dice {row['Dice mean']:.4f}")
+        typer.echo(f"{row['experiment']:>9}: Dice {row['Dice mean']:.4f} (val loss {row['val loss mean']:.4f}), "
+                   f"collapsed {row['collapsed']} of {row['seeds']}")
+    for _, row in result.paired_table().iterrows():
+        typer.echo(f"{row['experiment']:>9} - {row['baseline']}: {row['mean']:+.4f} "
+                   f"(95 % CI {row['ci_low']:+.4f} to {row['ci_high']:+.4f}; paired t p {row['t_p']:.3g}, "
+                   f"Wilcoxon p {row['wilcoxon_p']:.3g})")
+    collapse = result.collapse()
+    typer.echo(f"collapsed runs: {collapse['collapsed']} of {collapse['runs']}")
     typer.echo(f"wrote {path}")
 
 

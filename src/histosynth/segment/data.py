@@ -47,12 +47,13 @@ class SegmentationPairs(Dataset):
     label space (schema ids, or 0/1 for a binary segmenter)."""
 
     def __init__(self, source: PatchRows, segmenter: Segmenter, input_size: int | None = None,
-                 augment: bool = True, seed: int = 0):
+                 augment: bool = True, seed: int = 0, foreground: float = 0.0):
         self.source = source
         self.segmenter = segmenter
         self.depth = segmenter.architecture.depth
         self.augment = augment
         self.seed = seed
+        self.foreground = foreground
         self.epoch = 0
         segmenter.check_schema(source.dataset.schema, f"dataset {source.dataset.root}")
         patch = source.dataset.patch_size
@@ -95,12 +96,31 @@ class SegmentationPairs(Dataset):
         if flip_v:
             image, labels = image[::-1], labels[::-1]
         size = self.label_size
-        top = int(rng.integers(0, labels.shape[0] - size + 1))
-        left = int(rng.integers(0, labels.shape[1] - size + 1))
+        top, left = self._window_corner(labels, size, rng)
         context = context_pixels(self.depth)
         padded = np.pad(image, [(context, context), (context, context), (0, 0)], mode="reflect")
         window = padded[top:top + self.input_size, left:left + self.input_size]
         return window, labels[top:top + size, left:left + size]
+
+    def _window_corner(self, labels: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+        """A random label window; with probability `foreground` one that holds a random pixel of a rare
+        label of the patch (the class of a binary segmenter, else any label but the patch's commonest),
+        as nnU-Net oversamples foreground: in small windows of few patches a rare class is otherwise
+        almost never seen."""
+        if self.foreground and rng.random() < self.foreground:
+            pixels = np.flatnonzero(labels == self._rare_label(labels, rng))
+            if len(pixels):
+                y, x = np.unravel_index(pixels[rng.integers(len(pixels))], labels.shape)
+                return (int(rng.integers(max(0, y - size + 1), min(y, labels.shape[0] - size) + 1)),
+                        int(rng.integers(max(0, x - size + 1), min(x, labels.shape[1] - size) + 1)))
+        return int(rng.integers(0, labels.shape[0] - size + 1)), int(rng.integers(0, labels.shape[1] - size + 1))
+
+    def _rare_label(self, labels: np.ndarray, rng: np.random.Generator) -> int:
+        if self.segmenter.binary:
+            return 1
+        present, counts = np.unique(labels, return_counts=True)
+        rare = present[counts < counts.max()]
+        return int(rng.choice(rare)) if len(rare) else -1
 
     def _whole_pair(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = (full_cover_plan(n, cover_input_size(n, self.depth), self.depth) for n in labels.shape)

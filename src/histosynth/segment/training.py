@@ -1,5 +1,6 @@
 """Training a segmenter with Lightning: cross-entropy (or BCE) + soft Dice, EarlyStopping on the
-validation loss, fixed seeds, CSV logs, and per-class Dice on whole validation patches.
+validation loss (or Dice), an optional warm-up and cosine schedule of the learning rate, fixed seeds,
+CSV logs, and per-class Dice on whole validation patches.
 
 Dice here is the pooled Dice of each class over a whole evaluation set (2 TP / (2 TP + FP + FN),
 counted with torchmetrics); the reported mean is over the classes present in the set's labels.
@@ -7,12 +8,13 @@ counted with torchmetrics); the reported mean is over the classes present in the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -47,8 +49,17 @@ class SegmentTrainConfig(BaseModel):
     input_size: int | None = Field(None, ge=1, description="training window; default: largest that fits a patch")
     batch_size: int = Field(8, ge=1)
     max_epochs: int = Field(100, ge=1)
-    patience: int = Field(10, ge=1, description="EarlyStopping: epochs without a lower validation loss")
+    patience: int = Field(10, ge=1, description="EarlyStopping: validations without a better validation score")
+    val_every: int = Field(1, ge=1, description="validate every this many epochs (validation can cost more than "
+                                                "training when the validation set is the larger one)")
+    monitor: Literal["val_loss", "val_dice"] = Field(
+        "val_loss", description="what EarlyStopping and the best weights follow: lowest loss or highest Dice")
     learning_rate: float = Field(1e-3, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0, description="learning rate ramped up linearly over this many epochs")
+    foreground_crops: float = Field(0.0, ge=0, le=1, description="share of training windows placed on a pixel "
+                                                                 "of a rare class (binary: the class)")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after the warm-up: constant, or cosine decay to 0 at max_epochs")
     dice_weight: float = Field(1.0, ge=0, description="weight of the soft-Dice term beside CE/BCE")
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weigh CE/BCE by sqrt(median share / class share) of the training labels")
@@ -153,11 +164,15 @@ class SegmentationTask(L.LightningModule):
     """Trains `segmenter.net`; records one history row per validation epoch."""
 
     def __init__(self, segmenter: Segmenter, learning_rate: float = 1e-3, dice_weight: float = 1.0,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, warmup_epochs: float = 0.0,
+                 schedule: str = "constant"):
         super().__init__()
         self.segmenter = segmenter
         self.net = segmenter.net
         self.learning_rate = learning_rate
+        self.warmup_epochs = warmup_epochs
+        self.schedule = schedule
+        self.present: list[int] = []
         self.dice_weight = dice_weight
         # a buffer, so that it moves to the training device with the module
         self.register_buffer("class_weights", class_weights, persistent=False)
@@ -196,6 +211,7 @@ class SegmentationTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         stats = self.val_stats.compute()
+        self.present = [label for label in dice_by_class(self.segmenter, stats) if stats[label, 4] > 0]
         val_loss = _mean(self._sums["val"])
         record = {"epoch": self.current_epoch + 1, "train_loss": _mean(self._sums["train"]),
                   "val_loss": val_loss, "val_dice": mean_dice(self.segmenter, stats)}
@@ -203,8 +219,26 @@ class SegmentationTask(L.LightningModule):
         self.log_dict({k: v for k, v in record.items() if k.startswith("val_")})
         self.history.append(record)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), lr=self.learning_rate)
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.learning_rate)
+        steps = int(self.trainer.estimated_stepping_batches)
+        warmup = round(self.warmup_epochs * steps / max(self.trainer.max_epochs, 1))
+        factor = learning_rate_factor(warmup, steps, self.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def learning_rate_factor(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
+    """The learning rate's multiplier at optimiser step s (0-based): (s + 1) / warmup_steps during
+    the warm-up, then 1 (constant) or a cosine from 1 down to 0 at `total_steps` (cosine)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
 
 
 def _mean(total: list) -> float:
@@ -235,9 +269,29 @@ class TrainingRun:
     def final(self) -> dict[str, float]:
         return self.history[-1]
 
+    monitor: str = "val_loss"
+    present: list[int] = field(default_factory=list)
+    initial_weights: str = ""
+
     @property
     def best(self) -> dict[str, float]:
-        return min(self.history, key=lambda r: r["val_loss"])
+        """The epoch with the best monitored score (lowest loss, highest Dice; the first of ties)."""
+        return best_epoch(self.history, self.monitor)
+
+    @property
+    def kept_epoch(self) -> dict[str, float]:
+        """The history row of the weights the segmenter holds."""
+        return self.final if self.kept == "final" else self.best
+
+
+def best_epoch(history: Sequence[dict[str, float]], monitor: str) -> dict[str, float]:
+    """The row of `history` with the lowest val_loss or highest val_dice (NaN scores last)."""
+    def badness(row: dict[str, float]) -> float:
+        value = row[monitor]
+        if math.isnan(value):
+            return math.inf
+        return value if monitor == "val_loss" else -value
+    return min(history, key=badness)
 
 
 def _accelerator(device: str) -> tuple[str, Any]:
@@ -256,9 +310,10 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
     """Train a new segmenter on the rows of one or more datasets, validating on `val`.
 
     Weights are initialised and batches drawn from `config.seed`, so two runs with the same seed
-    differ only in their training data. With `keep_best` the weights of the epoch with the lowest
-    validation loss are kept (they need `log_dir` for the checkpoint); otherwise the final ones,
-    as the thesis' experiment reports.
+    differ only in their training data. With `keep_best` the weights of the epoch with the best
+    monitored score (`config.monitor`: lowest validation loss or highest validation Dice) are kept
+    (they need `log_dir` for the checkpoint); otherwise the final ones, as the thesis' experiment
+    reports.
     """
     if not any(len(part) for part in train):
         raise DataError("no training patches: the training rows are empty")
@@ -266,17 +321,21 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
         raise DataError("no validation patches: the validation rows are empty")
     L.seed_everything(config.seed, workers=True, verbose=False)
     segmenter = _initial_segmenter(config, schema)
+    initial = weights_fingerprint(segmenter)
     train_set = ConcatDataset([
-        SegmentationPairs(part, segmenter, config.input_size, augment=True, seed=config.seed)
+        SegmentationPairs(part, segmenter, config.input_size, augment=True, seed=config.seed,
+                          foreground=config.foreground_crops)
         for part in train if len(part)
     ])
     val_set = SegmentationPairs(val, segmenter, augment=False)
     loaders = _loaders(train_set, val_set, config)
     balanced = config.class_weights == "balanced"
     weights = balanced_class_weights(label_pixel_counts(segmenter, train)) if balanced else None
-    task = SegmentationTask(segmenter, config.learning_rate, config.dice_weight, weights)
-    early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
-    checkpoint = _best_checkpoint(log_dir) if keep_best else None
+    task = SegmentationTask(segmenter, config.learning_rate, config.dice_weight, weights, config.warmup_epochs,
+                            config.schedule)
+    mode = "min" if config.monitor == "val_loss" else "max"
+    early = EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience, check_finite=False)
+    checkpoint = _best_checkpoint(log_dir, config.monitor, mode) if keep_best else None
     callbacks = [c for c in (early, checkpoint, RichProgressBar() if progress else None) if c is not None]
     start = time.perf_counter()
     with quiet_lightning(), warnings.catch_warnings():
@@ -288,10 +347,20 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
         Path(checkpoint.best_model_path).unlink()  # the weights live on in the segmenter folder
-        kept = "lowest validation loss"
+        kept = "lowest validation loss" if config.monitor == "val_loss" else "highest validation Dice"
     segmenter.net.cpu().eval()
     return TrainingRun(segmenter=segmenter, history=task.history, seconds=seconds,
-                       stopped_early=early.stopped_epoch > 0, kept=kept)
+                       stopped_early=early.stopped_epoch > 0, kept=kept, monitor=config.monitor,
+                       present=task.present, initial_weights=initial)
+
+
+def weights_fingerprint(segmenter: Segmenter) -> str:
+    """A short digest of a network's weights: equal for runs that start from the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(segmenter.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _initial_segmenter(config: SegmentTrainConfig, schema: ClassSchema) -> Segmenter:
@@ -313,10 +382,10 @@ def _initial_segmenter(config: SegmentTrainConfig, schema: ClassSchema) -> Segme
     return start
 
 
-def _best_checkpoint(log_dir: str | Path | None) -> ModelCheckpoint:
+def _best_checkpoint(log_dir: str | Path | None, monitor: str, mode: str) -> ModelCheckpoint:
     if log_dir is None:
         raise ConfigError("keeping the best weights needs a log folder for the checkpoint")
-    return ModelCheckpoint(dirpath=Path(log_dir) / "checkpoints", monitor="val_loss", mode="min",
+    return ModelCheckpoint(dirpath=Path(log_dir) / "checkpoints", monitor=monitor, mode=mode,
                            save_top_k=1, save_weights_only=True)
 
 
@@ -325,6 +394,7 @@ def _trainer(config: SegmentTrainConfig, log_dir: str | Path | None, callbacks: 
     accelerator, devices = _accelerator(config.device)
     return L.Trainer(
         accelerator=accelerator, devices=devices, max_epochs=config.max_epochs,
+        check_val_every_n_epoch=config.val_every,
         logger=CSVLogger(str(log_dir), name="", version="") if log_dir is not None else False,
         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
