@@ -23,12 +23,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
@@ -50,8 +50,7 @@ from ..models.autoencoder import (
 )
 from ..models.discriminator import AdversarialLoss, build_discriminator
 from ..presets import AutoencoderTrainingConfig, Preset
-from .data import StepDataLoader as ResumableLoader
-from .data import epoch_order
+from .data import EpochOrders, StepDataLoader, StepSampler
 from .runtime import (
     DeviceOptions,
     LossWatch,
@@ -66,40 +65,35 @@ HELD_OUT_SHARE = 0.1
 REFERENCE_BATCH = 8
 
 
-class EpochShuffle(Sampler[int]):
-    """Epoch ``e`` visits the items in ``epoch_order(n, seed, e)``: an order that a resumed run draws again
-    (a loader's own generator would start over). An iteration that starts after some of the epoch's steps
-    were taken (a run resumed mid-epoch, in one process) skips the items those steps drew; under DDP
-    Lightning deals each epoch's order out to the processes, and a resume is exact at an epoch's end."""
+class StepImages(Dataset):
+    """Item ``s``: this process's batch of training step ``s`` (images, each with its flips, and dataset
+    positions), its slice of the step's global batch cut from seeded epoch orders as the LDM's batches are
+    (:class:`~.data.EpochOrders`). A batch follows from the step alone, so a resumed run, at any step and
+    with any number of processes it had before, trains on the batches it would have had."""
 
-    def __init__(self, n_items: int, seed: int, batch_size: int, current_step: Callable[[], int] = lambda: 0,
-                 world_size: int = 1):
-        self.n_items, self.seed, self.batch_size = n_items, seed, batch_size
-        self.current_step, self.world_size = current_step, world_size
-        self.epoch = 0
+    def __init__(self, items: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.flipped: PatchTorchDataset = items.dataset if isinstance(items, Subset) else items
+        self.rank, self.world_size = rank, world_size
+        self.orders = EpochOrders(len(items), seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __getstate__(self) -> dict:  # a data-loader worker draws its own epoch orders
+        return {**self.__dict__, "orders": EpochOrders(len(self.items), self.seed)}
 
-    def __iter__(self):
-        steps_per_epoch = -(-self.n_items // self.batch_size)
-        done = max(0, self.current_step() - self.epoch * steps_per_epoch) if self.world_size == 1 else 0
-        return iter(epoch_order(self.n_items, self.seed, self.epoch)[done * self.batch_size:].tolist())
+    def __len__(self) -> int:  # steps are unbounded; the trainer stops at max_steps
+        return 2**62
 
-    def __len__(self) -> int:
-        return self.n_items
-
-
-class NewEpoch(L.Callback):
-    """New flips and a new order for every epoch (drawn from (seed, epoch, index) and (seed, epoch))."""
-
-    def __init__(self, dataset: PatchTorchDataset, order: EpochShuffle):
-        self.dataset = dataset
-        self.order = order
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.dataset.set_epoch(trainer.current_epoch)
-        self.order.set_epoch(trainer.current_epoch)
+    def __getitem__(self, step: int) -> dict:
+        global_batch = self.batch_size * self.world_size
+        positions = self.orders.global_batch(global_batch, step)
+        epochs = (step * global_batch + np.arange(global_batch)) // len(self.items)  # each item's pass over the data
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        drawn = []
+        for position, epoch in zip(positions[mine].tolist(), epochs[mine].tolist(), strict=True):
+            self.flipped.set_epoch(epoch)  # flips drawn from (seed, epoch, index)
+            drawn.append(self.items[position])
+        return {"image": torch.stack([item["image"] for item in drawn]),
+                "index": torch.tensor([item["index"] for item in drawn])}
 
 
 class AutoencoderModule(L.LightningModule):
@@ -225,14 +219,13 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     if options.perceptual:
         settings.update(perceptual=str(Path(options.perceptual).resolve()))
     resume_from = run.start(settings, options.resume)
-    order = EpochShuffle(len(train_items), options.seed, options.batch_size)
-    flipped = train_items.dataset if isinstance(train_items, Subset) else train_items
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
-                            [NewEpoch(flipped, order)], options.show_progress, check_val_every_n_epoch=None,
-                            val_check_interval=max(1, min(options.checkpoint_every, options.steps)))
-    order.current_step, order.world_size = (lambda: trainer.global_step), trainer.world_size
-    loader = ResumableLoader(train_items, batch_size=options.batch_size, sampler=order, drop_last=False,
-                             num_workers=options.num_workers)
+                            [], options.show_progress, check_val_every_n_epoch=None,
+                            val_check_interval=max(1, min(options.checkpoint_every, options.steps)),
+                            use_distributed_sampler=False)  # each process takes its slice of a step's batch
+    batches = StepImages(train_items, options.batch_size, options.seed, trainer.global_rank, trainer.world_size)
+    loader = StepDataLoader(batches, batch_size=None, num_workers=options.num_workers, persistent_workers=False,
+                            sampler=StepSampler(lambda: trainer.global_step, options.steps))
     validation = DataLoader(held_out, batch_size=options.batch_size, num_workers=options.num_workers)
     global_batch = run.bind_world(trainer, options.batch_size)
     lr = run.bind_lr(trainer, options.lr, REFERENCE_BATCH, options.scale_lr)
