@@ -5,6 +5,7 @@ reconstructions against originals on held-out real H&E and phantom patches, and 
     python scripts/compare_autoencoders.py --steps 80 --variants current,gan   # the README's table
     python scripts/compare_autoencoders.py --steps 80 --only gan               # train one variant (e.g. in
                                                                                # parallel with another)
+    python scripts/compare_autoencoders.py --costs    # each preset's parameters and GFLOP per patch and step
 
 Variants (each trained with the same seed, batch, learning rate, precision and data):
 
@@ -104,6 +105,37 @@ def evaluate(variant: str, steps: int) -> dict:
     return row
 
 
+def training_costs(patch: int = 128) -> pd.DataFrame:
+    """Per preset: parameters of the autoencoder and its discriminator, and the floating-point operations of one
+    training step per ``patch`` px patch (counted by torch's FlopCounterMode: the autoencoder's forward and
+    backward, and with the discriminator on its three forward passes and their backward)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from histosynth.models.autoencoder import autoencoder_losses, build_autoencoder
+    from histosynth.models.discriminator import build_discriminator
+    from histosynth.presets import builtin_presets, load_preset
+
+    rows = []
+    for name in builtin_presets():
+        preset = load_preset(name)
+        autoencoder, discriminator = build_autoencoder(preset), build_discriminator(preset.autoencoder_training)
+        images = torch.rand(1, 3, patch, patch) * 2 - 1
+        with FlopCounterMode(display=False) as reconstruction:
+            losses = autoencoder_losses(autoencoder, images)
+            losses.total.backward()
+        with FlopCounterMode(display=False) as adversarial:
+            fake = losses.images.detach().requires_grad_(True)
+            (discriminator(fake).mean() + discriminator(images).mean() + discriminator(fake.detach()).mean()).backward()
+        rows.append({"preset": name, "autoencoder (M params)": round(sum(p.numel() for p in autoencoder.parameters())
+                                                                     / 1e6, 2),
+                     "discriminator (M params)": round(sum(p.numel() for p in discriminator.parameters()) / 1e6, 2),
+                     f"GFLOP / {patch} px patch / step": round(reconstruction.get_total_flops() / 1e9, 1),
+                     "with the discriminator on": round((reconstruction.get_total_flops()
+                                                         + adversarial.get_total_flops()) / 1e9, 1)})
+    return pd.DataFrame(rows)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=80, help="training steps of each variant")
@@ -112,7 +144,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--precision", default="32", help="32 (bf16 was ~10x slower on a CPU without bf16 units)")
+    parser.add_argument("--costs", action="store_true", help="print each preset's training cost per patch and stop")
     args = parser.parse_args(argv)
+    if args.costs:
+        print(markdown_table(training_costs()))
+        return 0
     os.environ.update(environment())
     autoencoder_data(Sizes())
     write_wide_preset()
