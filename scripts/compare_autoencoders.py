@@ -76,7 +76,7 @@ def train(variant: str, steps: int, batch: int, lr: float, precision: str) -> No
     run_logged(f"compare-autoencoder-{variant}", histosynth(
         "train-autoencoder", relative(DATA / "autoencoder"), "--out", relative(out), "--preset", "tiny",
         "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--precision", precision,
-        "--checkpoint-every", str(max(1, steps // 4)), "--seed", "0", "--accelerator", "cpu", *EXTRA[variant]))
+        "--checkpoint-every", str(steps), "--seed", "0", "--accelerator", "cpu", *EXTRA[variant]))
 
 
 def evaluate(variant: str, steps: int) -> dict:
