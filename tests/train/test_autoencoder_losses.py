@@ -68,7 +68,7 @@ def test_the_discriminator_is_switched_on_at_disc_start():
     images = torch.rand(2, 3, 32, 32) * 2 - 1
 
     before, _ = adversarial_step(loss, decoder, images, step=2)
-    assert not before.on and float(before.total) == 0.0 and float(before.weight) == 0.0
+    assert not before.on and float(before.total.detach()) == 0.0 and float(before.weight) == 0.0
     # every discriminator parameter has a gradient, all zero (as CompVis' disc_factor 0 gives; DDP needs them)
     assert all(p.grad is not None and not p.grad.any() for p in discriminator.parameters())
     decoder.zero_grad()
