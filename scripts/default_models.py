@@ -159,6 +159,11 @@ def stage_data(sizes: Sizes) -> None:
     phantom_dataset(DATA / "seg-sclerotic", sizes.segmenter_sclerotic_patches, "sclerotic-rich", seed=4)
     if not finished(DATA / "segmenter-rare"):
         merge_datasets(DATA / "segmenter-rare", [(DATA / "segmenter", None), (DATA / "seg-sclerotic", None)])
+    autoencoder_data(sizes)
+
+
+def autoencoder_data(sizes: Sizes) -> None:
+    """The autoencoder's set: real H&E patches and small phantom patches, merged (each keeps its val split)."""
     # The autoencoder is fully convolutional: it learns from small patches (4x cheaper per patch
     # than 256 px ones) and then encodes 256 px patches just as well.
     phantom_dataset(DATA / "ae-phantom", sizes.autoencoder_phantom_patches, "default", seed=3,
@@ -257,29 +262,14 @@ def stage_autoencoder(sizes: Sizes) -> None:
 
 
 def evaluate_autoencoder(folder: Path) -> dict:
-    """PSNR / SSIM of the held-out ('val') patches, separately for phantom and for real tissue."""
-    import torch
-
-    from histosynth.data.dataset import open_dataset
-    from histosynth.data.torchdata import to_model_range
-    from histosynth.models.autoencoder import decode_latents, encode_latents, psnr, ssim
+    """PSNR / SSIM and the two-sample AUC of reconstructions against originals, on the held-out ('val')
+    patches, separately for phantom and for real tissue."""
+    from histosynth.evaluate.reconstruction import held_out_images, reconstruction_quality
     from histosynth.models.bundle import load_autoencoder_folder
 
     autoencoder = load_autoencoder_folder(folder).eval()
-    result = {}
-    for name, dataset in (("real", open_dataset(DATA / "real")), ("phantom", open_dataset(DATA / "phantom"))):
-        rows = dataset.rows("val").head(64)
-        scores = []
-        with torch.no_grad():
-            for start in range(0, len(rows), 8):
-                images = torch.stack([to_model_range(dataset.image(row))
-                                      for _, row in rows.iloc[start:start + 8].iterrows()])
-                recon = decode_latents(autoencoder, encode_latents(autoencoder, images))
-                scores += [(float(psnr(x[None], y[None])), float(ssim(x[None], y[None])))
-                           for x, y in zip(images, recon, strict=True)]
-        values = np.asarray(scores)
-        result[name] = {"patches": len(scores), "psnr_db": round(float(values[:, 0].mean()), 2),
-                        "ssim": round(float(values[:, 1].mean()), 4)}
+    result = {name: reconstruction_quality(autoencoder, held_out_images(dataset)).to_dict()
+              for name, dataset in (("real", DATA / "real"), ("phantom", DATA / "phantom"))}
     say(f"[autoencoder] held-out reconstruction: {result}")
     return result
 

@@ -215,19 +215,33 @@ def train_autoencoder_command(
     steps: int = typer.Option(5_000, "--steps", help="training steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="batch per device"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate"),
+    disc_start: Optional[int] = typer.Option(
+        None, "--disc-start", help="step at which the PatchGAN discriminator is switched on (default: the preset's)"),
+    disc_weight: Optional[float] = typer.Option(
+        None, "--disc-weight", help="scale of the adaptive GAN weight; 0 = no discriminator (default: the preset's)"),
+    perceptual: Optional[Path] = typer.Option(
+        None, "--perceptual", help="feature network for a perceptual loss: a .pt2 / TorchScript file or a timm or "
+        "diffusers autoencoder folder on disk (images in [-1, 1] -> features); none is downloaded"),
+    perceptual_weight: Optional[float] = typer.Option(
+        None, "--perceptual-weight", help="weight of the perceptual distance (default: the preset's)"),
     run: dict = AutoencoderRun,
 ) -> None:
-    """Train or fine-tune the f4 autoencoder; report reconstruction PSNR / SSIM on held-out patches."""
+    """Train or fine-tune the f4 autoencoder (CompVis' first-stage losses: reconstruction, KL / VQ, a PatchGAN
+    from --disc-start on); report reconstruction PSNR / SSIM and the two-sample AUC on held-out patches."""
     from ..presets import load_preset
-    from ..train.autoencoder import AutoencoderTrainOptions, train_autoencoder
+    from ..train.autoencoder import AutoencoderTrainOptions, train_autoencoder, with_loss_options
 
-    options = AutoencoderTrainOptions(**folders, preset=load_preset(preset), steps=steps, batch_size=batch_size,
-                                      lr=lr, **run)
+    chosen = with_loss_options(load_preset(preset), disc_start=disc_start, disc_weight=disc_weight,
+                               perceptual_weight=perceptual_weight)
+    options = AutoencoderTrainOptions(**folders, preset=chosen, steps=steps, batch_size=batch_size, lr=lr,
+                                      perceptual=perceptual, **run)
     with plain_output():
         result = train_autoencoder(options)
     if result.main_process:
+        auc = "n/a" if result.two_sample_auc is None else f"{result.two_sample_auc:.3f}"
         typer.echo(f"held-out reconstruction ({result.held_out} patches): PSNR {result.psnr:.2f} dB, "
-                   f"SSIM {result.ssim:.4f} after {result.steps} steps; autoencoder folder {result.folder}")
+                   f"SSIM {result.ssim:.4f}, two-sample AUC {auc} after {result.steps} steps; "
+                   f"autoencoder folder {result.folder}")
 
 
 def _command_line() -> str:

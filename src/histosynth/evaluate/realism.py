@@ -13,7 +13,6 @@ are the two sets in a feature space (FID, KID), and are synthetic patches copies
 from __future__ import annotations
 
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 from .. import validation
 from ..devices import pick_device
 from ..errors import ConfigError, DataError
+from ..models.saved_modules import load_saved_module
 from .images import check_one_size
 from .report import Report
 
@@ -97,15 +97,7 @@ def load_feature_extractor(spec: nn.Module | str | Path | None) -> nn.Module:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"feature extractor {path} does not exist. {NO_EXTRACTOR}")
-    try:
-        if path.suffix == ".pt2":
-            return torch.export.load(str(path)).module()
-        return torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ConfigError(
-            f"{path} cannot be loaded as a feature extractor ({str(exc).splitlines()[0]}); save yours with "
-            "torch.export.save(torch.export.export(model, example), 'extractor.pt2') or as TorchScript"
-        ) from None
+    return load_saved_module(path, "a feature extractor", "extractor.pt2")
 
 
 def extractor_features(extractor: nn.Module, images: Sequence[np.ndarray], batch_size: int = 16,

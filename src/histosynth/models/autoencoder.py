@@ -22,7 +22,8 @@ import-compvis``); a plain diffusers folder without notes is one too, its latent
 ``scaling_factor``.
 
 Training support for the autoencoder lives here too (losses that need no downloads: L1 plus an SSIM
-term, the VQ commitment or KL term) together with the PSNR / SSIM metrics used to report it.
+term, the VQ commitment or KL term, a perceptual term when the user gives a feature network) together
+with the PSNR / SSIM metrics used to report it; the adversarial part is :mod:`.discriminator`.
 """
 
 from __future__ import annotations
@@ -297,9 +298,16 @@ def psnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return peak_signal_noise_ratio(x_hat.clamp(-1, 1), x, data_range=DATA_RANGE)
 
 
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, ssim_weight: float = 1.0) -> torch.Tensor:
-    """L1 plus ``ssim_weight`` x (1 - SSIM): sharp, structure-aware, and needs no pretrained network."""
-    return F.l1_loss(x_hat, x) + ssim_weight * (1.0 - ssim(x, x_hat))
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, ssim_weight: float = 1.0,
+                        perceptual: Optional[torch.nn.Module] = None, perceptual_weight: float = 1.0) -> torch.Tensor:
+    """L1 plus ``ssim_weight`` x (1 - SSIM): sharp, structure-aware, and needs no pretrained network; with a
+    ``perceptual`` feature network, plus ``perceptual_weight`` x its distance (:mod:`.perceptual`)."""
+    loss = F.l1_loss(x_hat, x) + ssim_weight * (1.0 - ssim(x, x_hat))
+    if perceptual is not None:
+        from .perceptual import perceptual_distance
+
+        loss = loss + perceptual_weight * perceptual_distance(perceptual, x, x_hat)
+    return loss
 
 
 @dataclass
@@ -316,8 +324,11 @@ def autoencoder_losses(
     kl_weight: float = 1e-6,
     ssim_weight: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    perceptual: Optional[torch.nn.Module] = None,
+    perceptual_weight: float = 1.0,
 ) -> AutoencoderLosses:
-    """One training step's losses: reconstruction plus the VQ codebook/commitment or the KL term.
+    """One training step's losses: reconstruction (:func:`reconstruction_loss`) plus the VQ codebook/commitment
+    or the KL term.
 
     The KL term is summed over latent elements and divided by the number of image elements, so
     ``kl_weight`` means what it means in CompVis (which sums both terms per image).
@@ -331,8 +342,13 @@ def autoencoder_losses(
         x_hat = ae.decode(posterior.sample(generator=generator)).sample
         regularisation = posterior.kl().mean() / images[0].numel()
         weight = kl_weight
-    reconstruction = reconstruction_loss(images, x_hat, ssim_weight)
+    reconstruction = reconstruction_loss(images, x_hat, ssim_weight, perceptual, perceptual_weight)
     return AutoencoderLosses(reconstruction + weight * regularisation, reconstruction, regularisation, x_hat)
+
+
+def decoder_last_layer(ae: Autoencoder) -> torch.Tensor:
+    """The weight of the decoder's output convolution: where the adaptive GAN weight compares gradients."""
+    return ae.decoder.conv_out.weight
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ _TRAINING_METRICS = {
 _AUTOENCODER_METRICS = {
     "psnr_db": "reconstruction PSNR (dB) on the autoencoder's held-out patches",
     "ssim": "reconstruction SSIM on the autoencoder's held-out patches",
+    "two_sample_auc": "two-sample AUC of the reconstructions against the autoencoder's held-out patches",
 }
 PHANTOM_LIMIT = ("Trained on a procedural phantom, not on tissue: the images imitate the phantom's "
                  "H&E-like drawing of renal structures (`histosynth phantom`), not real kidney biopsies.")
@@ -150,14 +151,16 @@ def _metrics(provenance: Mapping[str, Any]) -> str:
     if isinstance(autoencoder, Mapping):
         measured = "the autoencoder's training command (held-out split" + (
             f", {autoencoder['held_out_patches']} patches)" if autoencoder.get("held_out_patches") else ")")
-        rows += [(what, autoencoder[key], measured) for key, what in _AUTOENCODER_METRICS.items() if key in autoencoder]
+        rows += [(what, autoencoder[key], measured) for key, what in _AUTOENCODER_METRICS.items()
+                 if autoencoder.get(key) is not None]
         held_out = autoencoder.get("held_out")
         if isinstance(held_out, Mapping):
             for source, scores in held_out.items():
                 if isinstance(scores, Mapping):
                     how = f"reconstructions of {scores.get('patches', '?')} held-out `{source}` patches after training"
                     rows += [(f"{what} ({source})", scores[key], how)
-                             for key, what in (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM")) if key in scores]
+                             for key, what in (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"),
+                                               ("two_sample_auc", "two-sample AUC")) if key in scores]
     if not rows:
         return "## Metrics\n\nNone recorded."
     table = ["## Metrics", "", "| metric | value | measured by |", "|---|---|---|"]

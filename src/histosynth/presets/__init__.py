@@ -25,6 +25,7 @@ from ..validation import one_line
 
 __all__ = [
     "AutoencoderConfig",
+    "AutoencoderTrainingConfig",
     "DiffusionConfig",
     "Preset",
     "SamplingConfig",
@@ -69,6 +70,28 @@ class AutoencoderConfig(_Section):
     def downsampling_factor(self) -> int:
         """Image pixels per latent pixel along each axis (4 for an f4 autoencoder)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+class AutoencoderTrainingConfig(_Section):
+    """How ``train-autoencoder`` weighs its losses (CompVis' ``LPIPSWithDiscriminator``; its KL-f4 first stage
+    used kl_weight 1e-6, disc_weight 0.5, disc_start 50001 and a 3-layer PatchGAN of 64 channels).
+
+    The reconstruction loss is L1 + ssim_weight x (1 - SSIM) (+ perceptual_weight x the perceptual distance
+    when a feature network is given); from step ``disc_start`` on a PatchGAN discriminator joins with a hinge
+    loss, its generator term weighted adaptively (see :mod:`histosynth.models.discriminator`).
+    """
+
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (KL autoencoders)")
+    ssim_weight: float = Field(1.0, ge=0, description="weight of the (1 - SSIM) term beside L1")
+    perceptual_weight: float = Field(1.0, ge=0, description="weight of the perceptual distance (with --perceptual)")
+    disc_weight: float = Field(0.5, ge=0, description="scale of the adaptive GAN weight; 0 = no discriminator")
+    disc_start: int = Field(50_001, ge=0, description="training step at which the discriminator is switched on")
+    disc_layers: int = Field(3, ge=1, le=6, description="stride-2 convolutions of the PatchGAN discriminator")
+    disc_channels: int = Field(64, ge=1, description="channels of the discriminator's first convolution")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.disc_weight > 0
 
 
 class UNetConfig(_Section):
@@ -176,6 +199,7 @@ class Preset(_Section):
     image_size: int = Field(256, ge=8, description="training patch size in pixels")
     text_encoder: str = Field("minilm", min_length=1, description="text encoder name or path")
     autoencoder: AutoencoderConfig
+    autoencoder_training: AutoencoderTrainingConfig = AutoencoderTrainingConfig()
     unet: UNetConfig
     diffusion: DiffusionConfig = DiffusionConfig()
     training: TrainingConfig = TrainingConfig()

@@ -1,10 +1,18 @@
 """Training or fine-tuning the f4 autoencoder on a patch dataset (the thesis' future work §6.4).
 
-Losses that need no downloaded network: L1 + (1 - SSIM), plus the VQ commitment or the KL term
-(``models.autoencoder.autoencoder_losses``). Reconstruction PSNR and SSIM are measured on held-out
-patches: the dataset's ``val`` split, or else a seeded tenth of its training patches kept out of
-training. A KL autoencoder gets its latent scale set from its latents' spread, so diffusion sees
-roughly unit-variance latents; a VQ one keeps its configured scale (1.0 for PathLDM's VQ-f4).
+The losses are CompVis' first-stage losses with what needs no download in place of LPIPS: L1 +
+(1 - SSIM), plus the VQ commitment or the KL term (``models.autoencoder.autoencoder_losses``); a
+perceptual distance when the user gives a feature network (``--perceptual``, :mod:`..models.perceptual`);
+and from the preset's ``disc_start`` step on a PatchGAN discriminator with a hinge loss and an adaptive
+weight (:mod:`..models.discriminator`). The weights are the preset's ``autoencoder_training`` section.
+Reconstruction PSNR and SSIM are measured on held-out patches: the dataset's ``val`` split, or else a
+seeded tenth of its training patches kept out of training; at the end the two-sample AUC of the
+held-out reconstructions against their originals too (:mod:`..evaluate.reconstruction`). A KL
+autoencoder gets its latent scale set from its latents' spread, so diffusion sees roughly
+unit-variance latents; a VQ one keeps its configured scale (1.0 for PathLDM's VQ-f4).
+
+Checkpoints hold the discriminator and the one Adam optimiser of both networks, so ``--resume``
+continues the adversarial training exactly; the perceptual network is frozen and stays out of them.
 
 The result is a diffusers autoencoder folder (usable as ``histosynth train --autoencoder DIR``) with
 ``metrics.json`` beside the weights.
@@ -15,12 +23,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
@@ -31,6 +39,7 @@ from ..models.autoencoder import (
     autoencoder_losses,
     build_autoencoder,
     decode_latents,
+    decoder_last_layer,
     encode_latents,
     estimate_latent_scale,
     is_vq,
@@ -39,7 +48,9 @@ from ..models.autoencoder import (
     ssim,
     write_autoencoder_folder,
 )
-from ..presets import Preset
+from ..models.discriminator import AdversarialLoss, build_discriminator
+from ..presets import AutoencoderTrainingConfig, Preset
+from .data import EpochOrders, StepDataLoader, StepSampler
 from .runtime import (
     DeviceOptions,
     LossWatch,
@@ -54,43 +65,93 @@ HELD_OUT_SHARE = 0.1
 REFERENCE_BATCH = 8
 
 
-class FlipsPerEpoch(L.Callback):
-    """New flips for every epoch (the dataset draws them from (seed, epoch, index))."""
+class StepImages(Dataset):
+    """Item ``s``: this process's batch of training step ``s`` (images, each with its flips, and dataset
+    positions), its slice of the step's global batch cut from seeded epoch orders as the LDM's batches are
+    (:class:`~.data.EpochOrders`). A batch follows from the step alone, so a resumed run, at any step and
+    with any number of processes it had before, trains on the batches it would have had."""
 
-    def __init__(self, dataset: PatchTorchDataset):
-        self.dataset = dataset
+    def __init__(self, items: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.flipped: PatchTorchDataset = items.dataset if isinstance(items, Subset) else items
+        self.rank, self.world_size = rank, world_size
+        self.orders = EpochOrders(len(items), seed)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.dataset.set_epoch(trainer.current_epoch)
+    def __getstate__(self) -> dict:  # a data-loader worker draws its own epoch orders
+        return {**self.__dict__, "orders": EpochOrders(len(self.items), self.seed)}
+
+    def __len__(self) -> int:  # steps are unbounded; the trainer stops at max_steps
+        return 2**62
+
+    def __getitem__(self, step: int) -> dict:
+        global_batch = self.batch_size * self.world_size
+        positions = self.orders.global_batch(global_batch, step)
+        epochs = (step * global_batch + np.arange(global_batch)) // len(self.items)  # each item's pass over the data
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        drawn = []
+        for position, epoch in zip(positions[mine].tolist(), epochs[mine].tolist(), strict=True):
+            self.flipped.set_epoch(epoch)  # flips drawn from (seed, epoch, index)
+            drawn.append(self.items[position])
+        return {"image": torch.stack([item["image"] for item in drawn]),
+                "index": torch.tensor([item["index"] for item in drawn])}
 
 
 class AutoencoderModule(L.LightningModule):
-    def __init__(self, autoencoder: Autoencoder, lr: float, seed: int = 0, run: Optional[RunFolder] = None):
+    """One Adam (CompVis' betas (0.5, 0.9)) over the autoencoder and, when the losses have one, the
+    discriminator; ``perceptual`` is a frozen feature network kept out of the state dict."""
+
+    def __init__(self, autoencoder: Autoencoder, lr: float, seed: int = 0, run: Optional[RunFolder] = None,
+                 losses: Optional[AutoencoderTrainingConfig] = None, discriminator: Optional[torch.nn.Module] = None,
+                 perceptual: Optional[torch.nn.Module] = None):
         super().__init__()
         self.autoencoder = autoencoder
         self.lr = lr
         self.seed = seed
         self.run = run
+        self.weights = losses or AutoencoderTrainingConfig(disc_weight=0)
+        self.adversarial = (AdversarialLoss(discriminator, self.weights.disc_weight, self.weights.disc_start)
+                            if discriminator is not None else None)
+        self._perceptual = (perceptual,) if perceptual is not None else ()  # a tuple: no submodule, no state
         self.losses = LossWatch()
 
+    @property
+    def perceptual(self) -> Optional[torch.nn.Module]:
+        return self._perceptual[0] if self._perceptual else None
+
+    def on_fit_start(self) -> None:
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+
     def configure_optimizers(self):
-        # CompVis trains its autoencoders with Adam(betas=(0.5, 0.9)).
-        return torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        groups = [{"params": list(self.autoencoder.parameters())}]
+        if self.adversarial is not None:
+            groups.append({"params": list(self.adversarial.discriminator.parameters())})
+        return torch.optim.Adam(groups, lr=self.lr, betas=(0.5, 0.9))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
-        generator = torch.Generator(device=images.device).manual_seed(self.seed * 1_000_003 + self.global_step)
-        losses = autoencoder_losses(self.autoencoder, images, generator=generator)
+        images, size, step = batch["image"], batch["image"].shape[0], self.global_step
+        generator = torch.Generator(device=images.device).manual_seed(self.seed * 1_000_003 + step)
+        weights = self.weights
+        losses = autoencoder_losses(self.autoencoder, images, weights.kl_weight, weights.ssim_weight, generator,
+                                    self.perceptual, weights.perceptual_weight)
+        total = losses.total
+        if self.adversarial is not None:
+            terms = self.adversarial(images, losses.images, losses.reconstruction,
+                                     decoder_last_layer(self.autoencoder), step)
+            total = total + terms.total
+            self.log_dict({"gan_generator": terms.generator, "gan_weight": terms.weight,
+                           "discriminator": terms.discriminator}, batch_size=size)
         index = batch["index"]
-        self.losses.observe(losses.total, self.global_step, lambda: f"dataset items {index.tolist()}",
-                            self.trainer.strategy, self.run)
-        size = images.shape[0]
-        self.log("loss", losses.total, prog_bar=True, batch_size=size)
+        self.losses.observe(total, step, lambda: f"dataset items {index.tolist()}", self.trainer.strategy, self.run)
+        self.log("loss", total, prog_bar=True, batch_size=size)
         self.log("reconstruction", losses.reconstruction, batch_size=size)
-        return losses.total
+        return total
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.losses.guard_checkpoint(self, checkpoint, autoencoder=self.autoencoder.parameters())
+        networks = {"autoencoder": self.autoencoder.parameters()}
+        if self.adversarial is not None:
+            networks["discriminator"] = self.adversarial.discriminator.parameters()
+        self.losses.guard_checkpoint(self, checkpoint, **networks)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
@@ -110,6 +171,7 @@ class AutoencoderTrainOptions:
     lr: float = 1e-4
     precision: Optional[str] = None
     init: Optional[Path] = None
+    perceptual: Optional[Path] = None
     resume: bool = False
     scale_lr: bool = False
     seed: int = 0
@@ -129,6 +191,7 @@ class AutoencoderTrainResult:
     held_out: int
     steps: int
     wall_time_s: float
+    two_sample_auc: Optional[float] = None
     main_process: bool = True  # False in the other processes of a DDP run
 
 
@@ -139,9 +202,12 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     precision = lightning_precision(options.preset, options.precision)
     dataset = open_dataset(options.dataset)
     train_items, held_out = split_for_autoencoder(dataset, options.seed)
+    losses = options.preset.autoencoder_training
+    perceptual = _perceptual_network(options.perceptual)
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
         autoencoder = load_checked_autoencoder(options.init) if options.init else build_autoencoder(options.preset)
+        discriminator = build_discriminator(losses) if losses.adversarial else None
     autoencoder.train().requires_grad_(True)
 
     run = RunFolder(options.run_dir or options.out.with_name(options.out.name + ".run"))
@@ -150,18 +216,23 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
                 "batch_size": options.batch_size, "lr": options.lr, "precision": precision, "steps": options.steps}
     if options.scale_lr:  # (runs without it keep the settings they always had, for --resume)
         settings.update(scale_lr=True)
+    if options.perceptual:
+        settings.update(perceptual=str(Path(options.perceptual).resolve()))
     resume_from = run.start(settings, options.resume)
-    loader = DataLoader(train_items, batch_size=options.batch_size, shuffle=True, drop_last=False,
-                        num_workers=options.num_workers, generator=torch.Generator().manual_seed(options.seed))
-    validation = DataLoader(held_out, batch_size=options.batch_size, num_workers=options.num_workers)
-    flipped = train_items.dataset if isinstance(train_items, Subset) else train_items
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
-                            [FlipsPerEpoch(flipped)], options.show_progress, check_val_every_n_epoch=None,
-                            val_check_interval=max(1, min(options.checkpoint_every, options.steps)))
+                            [], options.show_progress, check_val_every_n_epoch=None,
+                            val_check_interval=max(1, min(options.checkpoint_every, options.steps)),
+                            use_distributed_sampler=False)  # each process takes its slice of a step's batch
+    batches = StepImages(train_items, options.batch_size, options.seed, trainer.global_rank, trainer.world_size)
+    loader = StepDataLoader(batches, batch_size=None, num_workers=options.num_workers, persistent_workers=False,
+                            sampler=StepSampler(lambda: trainer.global_step, options.steps))
+    validation = DataLoader(held_out, batch_size=options.batch_size, num_workers=options.num_workers)
     global_batch = run.bind_world(trainer, options.batch_size)
     lr = run.bind_lr(trainer, options.lr, REFERENCE_BATCH, options.scale_lr)
-    module = AutoencoderModule(autoencoder, lr, options.seed, run)
+    module = AutoencoderModule(autoencoder, lr, options.seed, run, losses, discriminator, perceptual)
+    fit_started = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=validation, ckpt_path=resume_from)
+    fit_seconds = time.perf_counter() - fit_started  # this command's training (and periodic checks) alone
     save_final_checkpoint(trainer, run, options.checkpoint_every)
     metrics = trainer.validate(module, validation, verbose=False)[0]
 
@@ -172,8 +243,12 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
                                     len(held_out), int(trainer.global_step), time.perf_counter() - started,
                                     trainer.is_global_zero)
     if trainer.is_global_zero:
+        result.two_sample_auc = _held_out_auc(autoencoder, held_out, options.seed)
         write_autoencoder_folder(options.out, autoencoder, {"metrics.json": {
             "psnr_db": round(result.psnr, 3), "ssim": round(result.ssim, 4), "held_out_patches": result.held_out,
+            "two_sample_auc": None if result.two_sample_auc is None else round(result.two_sample_auc, 3),
+            "losses": losses.model_dump(), "perceptual": settings.get("perceptual"),
+            "fit_time_s": round(fit_seconds, 1),
             "steps": result.steps, "latent_scale": float(autoencoder.config.scaling_factor),
             "dataset": str(options.dataset), "init": settings["init"], "wall_time_s": round(result.wall_time_s, 1),
             "lr": lr, "base_lr": options.lr, "scale_lr": options.scale_lr, "world_size": trainer.world_size,
@@ -197,6 +272,18 @@ def check_autoencoder_options(options: AutoencoderTrainOptions) -> None:
     validation.positive_int(options.devices.num_nodes, "--num-nodes")
 
 
+def with_loss_options(preset: Preset, **overrides: Any) -> Preset:
+    """``preset`` with the given fields of its ``autoencoder_training`` section replaced (None: kept); a bad
+    value is refused in one line naming its option (``disc_start`` is ``--disc-start``)."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if not given:
+        return preset
+    data = preset.to_dict()
+    data["autoencoder_training"].update(given)
+    options = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in given.items())
+    return Preset.from_dict(data, source=options)
+
+
 def split_for_autoencoder(dataset: PatchDataset,
                           seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(training items with flips, held-out items without): the val split, or a seeded tenth of train."""
@@ -211,6 +298,22 @@ def split_for_autoencoder(dataset: PatchDataset,
     n_held = max(1, round(HELD_OUT_SHARE * len(train)))
     held, kept = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
     return Subset(train, kept), Subset(PatchTorchDataset(dataset, split="train", flips=False), held)
+
+
+def _perceptual_network(path: Optional[Path]) -> Optional[torch.nn.Module]:
+    if path is None:
+        return None
+    from ..models.perceptual import load_perceptual_network
+
+    return load_perceptual_network(path)
+
+
+def _held_out_auc(autoencoder: Autoencoder, held_out: torch.utils.data.Dataset, seed: int) -> Optional[float]:
+    """The two-sample AUC of the held-out patches' reconstructions against them (None below 2 patches)."""
+    from ..evaluate.reconstruction import reconstruction_quality
+
+    images = torch.stack([held_out[i]["image"] for i in range(len(held_out))])
+    return reconstruction_quality(autoencoder, images, seed=seed).two_sample_auc
 
 
 @torch.no_grad()
