@@ -186,8 +186,8 @@ def train_command(
         None, "--prediction-type", help="what the network predicts: epsilon (the noise, CompVis') or v_prediction "
         "(the velocity); default: the preset's; kept in the model, sampling follows it"),
     min_snr_gamma: Optional[float] = typer.Option(
-        None, "--min-snr-gamma", help="weight the loss by min(SNR, gamma) (Min-SNR-gamma, Hang et al. 2023; "
-        "e.g. 5); default: the preset's (none: the plain MSE)"),
+        None, "--min-snr-gamma", help="Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5: the low-noise "
+        "timesteps, whose SNR is above gamma, weigh less; default: the preset's (none: the plain MSE)"),
     sample_every: int = typer.Option(
         0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
     log_every: int = typer.Option(10, "--log-every", help="steps between rows of the CSV log (OUT.run/logs)"),
