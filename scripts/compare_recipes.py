@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which training recipe converges fastest per step? The recipe's options side by side at one step budget.
 
-    python scripts/compare_recipes.py                         # every recipe, 300 steps each, in runs/recipes/
+    python scripts/compare_recipes.py                         # every recipe, 150 steps each, in runs/recipes/
     python scripts/compare_recipes.py --recipes baseline,v-pred   # some of them (e.g. two processes side by side)
 
 Every recipe trains the tiny preset's text+mask LDM from scratch, on the same phantom patches (``histosynth
@@ -62,10 +62,11 @@ class Sizes:
 
     train_patches: int = 240
     heldout_patches: int = 64
-    steps: int = 300
+    steps: int = 150
+    warmup_steps: int = 25
     batch_size: int = 8
-    caption_images: int = 16
-    mask_images: int = 24
+    caption_images: int = 12
+    mask_images: int = 16
     sampling_steps: int = 25
 
 
@@ -103,7 +104,8 @@ def train(recipe: str, sizes: Sizes) -> None:
     run_logged(f"recipes-{recipe}", histosynth(
         "train", relative(DATA / "train"), "--out", relative(out), "--preset", "tiny",
         "--autoencoder", shipped("autoencoder"), "--condition", "text+mask", "--steps", str(sizes.steps),
-        "--batch-size", str(sizes.batch_size), "--precision", "bf16", "--checkpoint-every", "50",
+        "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps), "--precision", "bf16",
+        "--checkpoint-every", "25",
         "--log-every", "10", "--accelerator", "cpu", "--seed", "0", *RECIPES[recipe],
         *resumed(out.with_name(out.name + ".run"))))
 
@@ -153,12 +155,11 @@ def summary_row(recipe: str, sizes: Sizes) -> dict:
 def summary(rows: list[dict], sizes: Sizes, command: str) -> list[str]:
     return ["# Training recipes compared", "",
             f"`{command}`: the tiny preset's text+mask LDM from scratch, {sizes.steps} steps of batch "
-            f"{sizes.batch_size} on {sizes.train_patches} phantom patches (latents of the shipped autoencoder), "
-            f"seed 0; DDIM {sizes.sampling_steps} steps, guidance 1.5; caption accuracy on {sizes.caption_images} "
-            "images of the generating caption, label fidelity "
-            f"and the two-sample AUC on {sizes.mask_images} images of held-out phantom masks against "
-            f"{sizes.heldout_patches} held-out real phantom patches. Training seconds depend on the machine's other "
-            "load.", "",
+            f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on {sizes.train_patches} phantom patches "
+            f"(latents of the shipped autoencoder), seed 0; DDIM {sizes.sampling_steps} steps, guidance 1.5; caption "
+            f"accuracy on {sizes.caption_images} images of the generating caption, label fidelity and the two-sample "
+            f"AUC on {sizes.mask_images} images of held-out phantom masks against {sizes.heldout_patches} held-out "
+            "real phantom patches. Training seconds depend on the machine's other load.", "",
             markdown_table(pd.DataFrame(rows)), ""]
 
 

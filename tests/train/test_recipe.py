@@ -130,6 +130,20 @@ def test_a_v_prediction_min_snr_model_trains_keeps_its_recipe_and_samples(recipe
         assert len(images) == 1 and np.asarray(Image.open(images[0])).shape == (32, 32, 3)
 
 
+def test_a_min_snr_noise_prediction_model_trains_and_samples(recipe_run, blob_dataset, tmp_path):
+    model = tmp_path / "model"
+    assert main(["train", str(blob_dataset.root), "--out", str(model), "--cache-dir", str(recipe_run / "cache"),
+                 *FAST, "--min-snr-gamma", "5"]) == 0
+    config = read_bundle_config(model)
+    assert (config.preset["diffusion"]["prediction_type"], config.preset["training"]["min_snr_gamma"]) == \
+        ("epsilon", 5.0)
+    assert "Trained to predict the noise, with min-SNR-5 loss weights." in (model / "README.md").read_text()
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(model), "--levels", "Glomeruli=high", "--n", "1", "--steps", "3",
+                 "--out", str(out), "--seed", "0"]) == 0
+    assert len(sorted(out.rglob("*.png"))) == 1
+
+
 def test_fine_tuning_keeps_the_prediction_type(recipe_run, blob_dataset, tmp_path, refused):
     args = ["train", str(blob_dataset.root), "--out", str(tmp_path / "tuned"), "--init", str(recipe_run / "model"),
             "--cache-dir", str(recipe_run / "cache"), *FAST]
