@@ -66,8 +66,12 @@ class Sizes:
     warmup_steps: int = 25
     batch_size: int = 8
     caption_images: int = 12
-    mask_images: int = 16
-    sampling_steps: int = 25
+    mask_images: int = 12
+    sampling_steps: int = 20
+
+
+#: a smoke run of the whole comparison (every command, a few images; its numbers mean nothing)
+QUICK = Sizes(steps=2, warmup_steps=0, caption_images=4, mask_images=6, sampling_steps=4)
 
 
 def shipped(name: str) -> str:
@@ -104,7 +108,7 @@ def train(recipe: str, sizes: Sizes) -> None:
     run_logged(f"recipes-{recipe}", histosynth(
         "train", relative(DATA / "train"), "--out", relative(out), "--preset", "tiny",
         "--autoencoder", shipped("autoencoder"), "--condition", "text+mask", "--steps", str(sizes.steps),
-        "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps), "--precision", "bf16",
+        "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps),
         "--checkpoint-every", "25",
         "--log-every", "10", "--accelerator", "cpu", "--seed", "0", *RECIPES[recipe],
         *resumed(out.with_name(out.name + ".run"))))
@@ -167,13 +171,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=Sizes.steps, help="training steps of every recipe")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, a few images")
     args = parser.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown or args.steps < 1:
         parser.error(f"unknown recipes {unknown}" if unknown else "--steps must be at least 1")
     os.environ.update(environment())
-    sizes = Sizes(steps=args.steps)
+    sizes = QUICK if args.quick else Sizes(steps=args.steps)
     started = time.perf_counter()
     stage_data(sizes)
     for recipe in recipes:
@@ -181,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         train(recipe, sizes)
         evaluate(recipe, sizes)
     rows = [summary_row(recipe, sizes) for recipe in recipes]
-    command = "python scripts/compare_recipes.py" + (f" --steps {args.steps}" if args.steps != Sizes.steps else "")
+    command = "python scripts/compare_recipes.py" + (" --quick" if args.quick else
+                                                     f" --steps {args.steps}" if args.steps != Sizes.steps else "")
     lines = summary(rows, sizes, command)
     name = f"summary-{sizes.steps}" + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
     (ROOT / f"{name}.md").write_text("\n".join(lines))
