@@ -410,11 +410,15 @@ def check_controlnet_init(init: Optional[Path]) -> None:
 
 
 def check_init_prediction(init: Path, preset: Preset) -> None:
-    """A fine-tuned model keeps what its network predicts: the --init model's prediction type must be the run's."""
-    from diffusers import DDPMScheduler
+    """A fine-tuned model keeps what its network predicts: the --init model's prediction type must be the run's
+    (a folder without its scheduler part is refused when it is loaded, with the part named)."""
+    import json
 
     read_bundle_config(init)  # a clear error if --init is not a model folder
-    trained = DDPMScheduler.load_config(Path(init) / "scheduler").get("prediction_type", "epsilon")
+    scheduler = Path(init) / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        return
+    trained = json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
     wanted = preset.diffusion.prediction_type
     if trained != wanted:
         raise ConfigError(f"--init {init} predicts {trained} but this run would train it to predict {wanted}; "
