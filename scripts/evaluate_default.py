@@ -333,7 +333,7 @@ def caption_shares(report: Path) -> dict[str, float]:
     levels = pd.read_csv(report / "table_5_1.csv").set_index("level")
     return {"images": len(per_image), "mention": 100 * float((per_image["combined found"] != "none").mean()),
             "glomeruli_high": float(levels.loc["High", "Glomeruli %"]),
-            "tubuli_medium": float(levels.loc["Medium", "Tubuli %"])}
+            "tubuli_medium": 100 * float((per_image["Tubuli found"] == "medium").mean())}
 
 
 def caption_summary(report: Path) -> list[str]:
