@@ -131,7 +131,7 @@ def evaluate(recipe: str, sizes: Sizes) -> None:
                                    "--segmenter", shipped("segmenter"), "--out", relative(masks), "--no-progress"))
     if not (realism / "two_sample.csv").is_file():
         run_logged(log, histosynth("evaluate", "realism", "--real", relative(DATA / "heldout"), "--synthetic",
-                                   relative(masks / "job" / "images"), "--train", relative(DATA / "train"),
+                                   relative(masks / "job"), "--train", relative(DATA / "train"),
                                    "--out", relative(realism), "--seed", "0"))
 
 
