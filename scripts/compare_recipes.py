@@ -131,8 +131,17 @@ def evaluate(recipe: str, sizes: Sizes) -> None:
                                    "--segmenter", shipped("segmenter"), "--out", relative(masks), "--no-progress"))
     if not (realism / "two_sample.csv").is_file():
         run_logged(log, histosynth("evaluate", "realism", "--real", relative(DATA / "heldout"), "--synthetic",
-                                   relative(masks / "job"), "--train", relative(DATA / "train"),
+                                   relative(job_images(masks / "job")), "--train", relative(DATA / "train"),
                                    "--out", relative(realism), "--seed", "0"))
+
+
+def job_images(job: Path) -> Path:
+    """The folder of a generation job's images (`evaluate realism` reads one folder; a job of the few images
+    here fills the first of its numbered folders)."""
+    folders = sorted(p for p in (job / "images").iterdir() if p.is_dir())
+    if len(folders) != 1:
+        raise SystemExit(f"{relative(job)}: expected one folder of images, found {len(folders)}")
+    return folders[0]
 
 
 def summary_row(recipe: str, sizes: Sizes) -> dict:
