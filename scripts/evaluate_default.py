@@ -336,13 +336,22 @@ def stage_summary(paths: Paths, sizes: Sizes) -> None:
     print("\n".join(lines))
 
 
-def caption_summary(report: Path) -> list[str]:
+def caption_shares(report: Path) -> dict[str, float]:
+    """The numbers of a caption-accuracy report of the generating caption: its images, the % that mention
+    glomeruli, the % found at 'Glomeruli high' and the % found at 'Tubuli medium'."""
     per_image = pd.read_csv(report / "per_image.csv", keep_default_na=False)
     levels = pd.read_csv(report / "table_5_1.csv").set_index("level")
-    mention = 100 * float((per_image["combined found"] != "none").mean())
-    high = float(levels.loc["High", "Glomeruli %"])
+    return {"images": len(per_image), "mention": 100 * float((per_image["combined found"] != "none").mean()),
+            "glomeruli_high": float(levels.loc["High", "Glomeruli %"]),
+            "tubuli_medium": 100 * float((per_image["Tubuli found"] == "medium").mean())}
+
+
+def caption_summary(report: Path) -> list[str]:
+    shares = caption_shares(report)
+    levels = pd.read_csv(report / "table_5_1.csv").set_index("level")
+    mention, high = shares["mention"], shares["glomeruli_high"]
     return ["## Caption accuracy (generating caption)", "",
-            f"- images: {len(per_image)}",
+            f"- images: {shares['images']}",
             f"- images that mention glomeruli: **{mention:.1f} %** (thesis 91.3 %; target >= 95 %)",
             f"- 'Glomeruli high' found: **{high:.1f} %** of images (thesis 0.5 %: {high / 0.5:.0f}x)", "",
             markdown_table(levels.reset_index()), ""]

@@ -182,6 +182,12 @@ def train_command(
     autoencoder: Optional[Path] = typer.Option(None, "--autoencoder", help="autoencoder folder or model folder "
                                                "(default with --init: that model's)"),
     text_encoder: Optional[str] = TextEncoderOption,
+    prediction_type: Optional[str] = typer.Option(
+        None, "--prediction-type", help="what the network predicts: epsilon (the noise, CompVis') or v_prediction "
+        "(the velocity); default: the preset's; kept in the model, sampling follows it"),
+    min_snr_gamma: Optional[float] = typer.Option(
+        None, "--min-snr-gamma", help="Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5: the low-noise "
+        "timesteps, whose SNR is above gamma, weigh less; default: the preset's (none: the plain MSE)"),
     sample_every: int = typer.Option(
         0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
     log_every: int = typer.Option(10, "--log-every", help="steps between rows of the CSV log (OUT.run/logs)"),
@@ -197,7 +203,8 @@ def train_command(
         **folders, preset=load_preset(preset), steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, autoencoder=autoencoder, text_encoder=text_encoder,
         sample_every=sample_every, condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
-        cache_dir=cache_dir, log_every=log_every, **run,
+        cache_dir=cache_dir, log_every=log_every, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma,
+        **run,
     )
     with plain_output():
         result = train_ldm(options)

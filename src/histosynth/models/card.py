@@ -67,7 +67,7 @@ def _summary(config: "ModelConfig") -> str:
         "",
         f"A latent diffusion model for renal histopathology patches of {config.image_size} px that reads {reads} "
         f"(preset `{preset}`, {config.unet_weights.upper()} weights, text encoder `{config.text_encoder.ref}`). "
-        f"Class schema `{config.class_schema.get('name', '?')}`: {classes}.",
+        f"Class schema `{config.class_schema.get('name', '?')}`: {classes}." + _recipe(config.preset or {}),
         "",
         f"Sampling defaults: {config.sampling.scheduler} with {config.sampling.steps} steps, guidance "
         f"{config.sampling.guidance:g}" + (f", mask guidance {config.sampling.mask_guidance:g}"
@@ -75,6 +75,17 @@ def _summary(config: "ModelConfig") -> str:
         + ("; each step's clean-latent prediction is clamped into the training latents' range"
            if config.latent.range is not None else "") + ".",
     ])
+
+
+def _recipe(preset: Mapping[str, Any]) -> str:
+    """The training recipe's options where they differ from CompVis' (noise prediction, unweighted MSE)."""
+    prediction = preset.get("diffusion", {}).get("prediction_type", "epsilon")
+    gamma = preset.get("training", {}).get("min_snr_gamma")
+    if prediction != "v_prediction" and not gamma:
+        return ""
+    target = "the velocity (v-prediction)" if prediction == "v_prediction" else "the noise"
+    weights = f", with min-SNR-{gamma:g} loss weights" if gamma else ""
+    return f" Trained to predict {target}{weights}."
 
 
 def _usage(config: "ModelConfig") -> str:

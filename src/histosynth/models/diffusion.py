@@ -79,9 +79,13 @@ def diffusion_loss(
     label_maps: Optional[torch.Tensor] = None,
     timesteps: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
+    min_snr_gamma: Optional[float] = None,
 ) -> torch.Tensor:
     """The denoising MSE of one batch at uniformly drawn timesteps.
 
+    The target is the noise or the velocity, as the scheduler's ``prediction_type`` says. With
+    ``min_snr_gamma`` each item's error is weighted by :func:`min_snr_weights` (Min-SNR-gamma, Hang et
+    al. 2023); without it, all items weigh the same (CompVis' loss).
     ``label_maps`` (B, K, h, w) of a mask-conditioned model are concatenated to the noisy latent.
     ``timesteps`` / ``noise`` can be given to make a step reproducible; otherwise they are drawn from
     ``generator``.
@@ -104,7 +108,30 @@ def diffusion_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return F.mse_loss(prediction.float(), target.float())
+    if min_snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_item = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    weights = min_snr_weights(scheduler, timesteps, min_snr_gamma).to(per_item)
+    return (weights * per_item).mean()
+
+
+def signal_to_noise(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) of the forward process at each timestep (float64)."""
+    alpha_bar = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps]
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"): the x0-space weight min(SNR, gamma) expressed for the network's target, i.e. divided by
+    SNR for a noise prediction and by SNR + 1 for a velocity prediction. Low-noise timesteps, whose easy
+    errors otherwise dominate the gradient, are weighted down; where SNR <= gamma a noise prediction's
+    weight is 1."""
+    snr = signal_to_noise(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return (clipped / (snr + 1.0)).float()
+    return (clipped / snr).float()
 
 
 def make_ema(model: torch.nn.Module, decay: float = 0.9999) -> "EMAModel":

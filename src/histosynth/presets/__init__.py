@@ -153,6 +153,8 @@ class TrainingConfig(_Section):
     precision: Literal["32", "bf16-mixed"] = "32"
     hflip: bool = True
     vflip: bool = True
+    min_snr_gamma: Optional[float] = Field(
+        None, gt=0, description="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; null = the plain MSE")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -221,7 +223,23 @@ class Preset(_Section):
         return self.image_size // self.autoencoder.downsampling_factor
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The preset as plain data; a recipe option left unset is left out, so that the presets of runs and
+        models made before the option existed read the same."""
+        data = self.model_dump(mode="json")
+        if data["training"]["min_snr_gamma"] is None:
+            del data["training"]["min_snr_gamma"]
+        return data
+
+    def with_recipe(self, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None) -> "Preset":
+        """This preset with the training recipe's options that are given (not None) replaced, checked as a
+        preset file's are: what the network predicts (``epsilon`` or ``v_prediction``) and the min-SNR-gamma
+        loss weighting."""
+        data = self.to_dict()
+        if prediction_type is not None:
+            data["diffusion"]["prediction_type"] = prediction_type
+        if min_snr_gamma is not None:
+            data["training"]["min_snr_gamma"] = min_snr_gamma
+        return Preset.from_dict(data, source="the training recipe")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "preset") -> "Preset":

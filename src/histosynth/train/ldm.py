@@ -1,9 +1,12 @@
 """Training the latent diffusion model (thesis §4.1.5) with Lightning, from cached latents.
 
-AdamW with a linear learning-rate warm-up (factor 1e-6 -> 1), epsilon-prediction MSE at uniform
-timesteps, captions dropped to "" with the preset's probability, an EMA of the weights. Every random
-draw of a step (batch, flips, dropped captions, noise, timesteps) is seeded by (seed, step), so a run
-killed at any point and resumed from its last checkpoint continues exactly as if it had not stopped.
+AdamW with a linear learning-rate warm-up (factor 1e-6 -> 1), the MSE of the predicted noise at uniform
+timesteps (the recipe's options: a velocity target, ``--prediction-type v_prediction``, and min-SNR-gamma
+weights, ``--min-snr-gamma``; both kept in the model's preset, the prediction type also in its
+scheduler, which is how sampling follows it), captions dropped to "" with the preset's probability, an
+EMA of the weights. Every random draw of a step (batch, flips, dropped captions, noise, timesteps) is
+seeded by (seed, step), so a run killed at any point and resumed from its last checkpoint continues
+exactly as if it had not stopped.
 The finished model is written as a bundle (``models.bundle``) with the EMA weights.
 
 The model reads text (cross-attention), a label mask (a label map of class shares at latent
@@ -37,6 +40,7 @@ from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
+from ..models.latent_range import PREDICTION_TYPES
 from ..models.text import TextEncoder, load_text_encoder
 from ..presets import Preset
 from ..terminal import quiet_lightning
@@ -66,6 +70,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.lr = lr
         self.warmup_steps = warmup_steps
         self.weight_decay = preset.training.weight_decay
+        self.min_snr_gamma = preset.training.min_snr_gamma
         self.seed = seed
         self.run = run
         self.patch_ids = patch_ids or []
@@ -86,7 +91,8 @@ class LatentDiffusionModule(L.LightningModule):
         generator = torch.Generator(device=batch.latents.device).manual_seed(int(noise_seed))
         condition = batch.condition
         loss = diffusion_loss(self.unet, batch.latents, condition.text, condition.text_mask, generator,
-                              scheduler=self.scheduler, label_maps=condition.label_maps)
+                              scheduler=self.scheduler, label_maps=condition.label_maps,
+                              min_snr_gamma=self.min_snr_gamma)
         items = batch.items  # (not the batch: its tensors would be kept until the check)
         self.losses.observe(loss, batch.step, lambda: self._describe(items), self.trainer.strategy, self.run)
         size = batch.latents.shape[0]
@@ -158,6 +164,8 @@ class TrainOptions:
     condition: str = "text"
     mask_dropout: float = 0.2
     mask_branch: str = "concat"
+    prediction_type: Optional[str] = None
+    min_snr_gamma: Optional[float] = None
     run_dir: Optional[Path] = None
     cache_dir: Optional[Path] = None
     devices: DeviceOptions = field(default_factory=DeviceOptions)
@@ -182,7 +190,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     started = time.perf_counter()
     check_train_options(options)
     check_model_output(options.out)
-    preset = options.preset
+    preset = options.preset.with_recipe(options.prediction_type, options.min_snr_gamma)
     training = preset.training
     precision = lightning_precision(preset, options.precision)
     batch_size = options.batch_size or training.batch_size
@@ -192,6 +200,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                                       options.mask_branch)
     if conditioning.controlnet:
         check_controlnet_init(options.init)
+    if options.init is not None:
+        check_init_prediction(options.init, preset)
     dataset = open_dataset(options.dataset)
     mask_classes = dataset.schema.ids if conditioning.mask else []
     autoencoder = resolve_autoencoder(preset, options.autoencoder or _init_autoencoder(options.init), options.seed)
@@ -344,6 +354,11 @@ def check_train_options(options: TrainOptions) -> None:
     validation.int_at_least(options.sample_every, "--sample-every", 0)
     validation.positive_int(options.log_every, "--log-every")
     validation.share(options.mask_dropout, "--mask-dropout")
+    if options.prediction_type is not None and options.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
+                          f"got {options.prediction_type!r}")
+    if options.min_snr_gamma is not None:
+        validation.positive_float(options.min_snr_gamma, "--min-snr-gamma")
     validation.int_at_least(options.num_workers, "--workers", 0)
     validation.positive_int(options.devices.num_nodes, "--num-nodes")
 
@@ -392,6 +407,22 @@ def check_controlnet_init(init: Optional[Path]) -> None:
     if read_bundle_config(init).conditioning.mask_channels:
         raise ModelError(f"--init {init} already reads masks; the ControlNet branch steers a text-only model: "
                          "give the text model (or use --mask-branch concat to fine-tune this one)")
+
+
+def check_init_prediction(init: Path, preset: Preset) -> None:
+    """A fine-tuned model keeps what its network predicts: the --init model's prediction type must be the run's
+    (a folder without its scheduler part is refused when it is loaded, with the part named)."""
+    import json
+
+    read_bundle_config(init)  # a clear error if --init is not a model folder
+    scheduler = Path(init) / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        return
+    trained = json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
+    wanted = preset.diffusion.prediction_type
+    if trained != wanted:
+        raise ConfigError(f"--init {init} predicts {trained} but this run would train it to predict {wanted}; "
+                          f"give --prediction-type {trained} (or start without --init)")
 
 
 def build_training_denoiser(preset: Preset, context_dim: int, conditioning: Conditioning, mask_classes: Sequence[int],

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Which training recipe converges fastest per step? The recipe's options side by side at one step budget.
+
+    python scripts/compare_recipes.py                         # every recipe, 150 steps each, in runs/recipes/
+    python scripts/compare_recipes.py --recipes baseline,v-pred   # some of them (e.g. two processes side by side)
+
+Every recipe trains the tiny preset's text+mask LDM from scratch, on the same phantom patches (``histosynth
+phantom patches``) encoded once by the shipped autoencoder, with the same steps, batch, learning rate, seed
+and mask dropout; only the objective differs:
+
+- ``baseline``        CompVis' recipe: noise prediction, plain MSE (today's default)
+- ``min-snr``         noise prediction, min-SNR-5 loss weights (Hang et al. 2023)
+- ``v-pred``          velocity prediction (Salimans & Ho 2022), plain MSE
+- ``v-pred+min-snr``  velocity prediction, min-SNR-5 loss weights
+
+Each model is then measured as ``scripts/evaluate_default.py`` measures the shipped ones, on phantom
+patches of other pseudo-slides (another phantom seed) than it trained on, with the shipped segmenter:
+
+- caption accuracy: images of the thesis' generating caption ("Tubuli medium, a lot of Glomeruli"),
+  segmented and re-captioned (``histosynth evaluate captions``)
+- label fidelity: images of held-out masks with their masks' captions, mean Dice of the segmenter's
+  reading against the mask (``histosynth evaluate masks``)
+- realism: those same images against the held-out real patches, classifier two-sample ROC AUC
+  (``histosynth evaluate realism``; 0.5 = indistinguishable)
+
+Folders: ``runs/recipes/{data,models,reports}``; logs ``runs/logs/recipes-<recipe>.log``; the table
+``runs/recipes/summary-<steps>.md``. Every step is skipped when its output exists (an interrupted
+training resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from default_models import RUNS, environment, histosynth, phantom_dataset, relative, resumed, run_logged, say
+from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes
+
+from histosynth.evaluate.report import markdown_table
+
+#: the options of `histosynth train` that make each recipe
+RECIPES = {
+    "baseline": [],
+    "min-snr": ["--min-snr-gamma", "5"],
+    "v-pred": ["--prediction-type", "v_prediction"],
+    "v-pred+min-snr": ["--prediction-type", "v_prediction", "--min-snr-gamma", "5"],
+}
+ROOT = RUNS / "recipes"
+DATA = ROOT / "data"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The data, the step budget and the evaluation's image counts (the defaults are the README's)."""
+
+    train_patches: int = 240
+    heldout_patches: int = 64
+    steps: int = 150
+    warmup_steps: int = 25
+    batch_size: int = 8
+    caption_images: int = 12
+    mask_images: int = 12
+    sampling_steps: int = 20
+
+
+#: a smoke run of the whole comparison (every command, a few images; its numbers mean nothing)
+QUICK = Sizes(steps=2, warmup_steps=0, caption_images=4, mask_images=6, sampling_steps=4)
+
+
+def shipped(name: str) -> str:
+    from histosynth import defaults
+
+    return str({"autoencoder": defaults.default_bundle_path, "segmenter": defaults.default_segmenter_path}[name]())
+
+
+def stage_data(sizes: Sizes) -> None:
+    """Training patches and held-out patches (other pseudo-slides, another seed), and the training cache
+    (encoded here once, so that recipes trained side by side do not each encode it)."""
+    phantom_dataset(DATA / "train", sizes.train_patches, "default", seed=10)
+    phantom_dataset(DATA / "heldout", sizes.heldout_patches, "default", seed=11)
+    done = DATA / "train" / "cache.done"
+    if not done.is_file():
+        run_logged("recipes-data", histosynth("cache", relative(DATA / "train"), "--preset", "tiny", "--autoencoder",
+                                              shipped("autoencoder"), "--device", "cpu", "--seed", "0",
+                                              "--label-maps"))
+        done.touch()
+
+
+def model_folder(recipe: str, sizes: Sizes) -> Path:
+    return ROOT / "models" / f"{recipe}-{sizes.steps}"
+
+
+def report_folder(recipe: str, sizes: Sizes, what: str) -> Path:
+    return ROOT / "reports" / f"{recipe}-{sizes.steps}" / what
+
+
+def train(recipe: str, sizes: Sizes) -> None:
+    out = model_folder(recipe, sizes)
+    if (out / "histosynth.json").is_file():
+        return
+    run_logged(f"recipes-{recipe}", histosynth(
+        "train", relative(DATA / "train"), "--out", relative(out), "--preset", "tiny",
+        "--autoencoder", shipped("autoencoder"), "--condition", "text+mask", "--steps", str(sizes.steps),
+        "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps),
+        "--checkpoint-every", "25",
+        "--log-every", "10", "--accelerator", "cpu", "--seed", "0", *RECIPES[recipe],
+        *resumed(out.with_name(out.name + ".run"))))
+
+
+def evaluate(recipe: str, sizes: Sizes) -> None:
+    """Caption accuracy, label fidelity and realism of one recipe's model (each skipped when its report exists)."""
+    model, log = relative(model_folder(recipe, sizes)), f"recipes-{recipe}"
+    captions, masks, realism = (report_folder(recipe, sizes, w) for w in ("captions", "label-fidelity", "realism"))
+    steps = ["--steps", str(sizes.sampling_steps)]
+    if not (captions / "per_image.csv").is_file():
+        images = captions.with_name("generating-caption")
+        run_logged(log, histosynth("generate", "--model", model, "--levels", GENERATING_LEVELS, "--n",
+                                   str(sizes.caption_images), "--seed", "0", *steps, "--out", relative(images)))
+        run_logged(log, histosynth("evaluate", "captions", "--images", relative(images), "--segmenter",
+                                   shipped("segmenter"), "--out", relative(captions), "--no-progress"))
+    if not (masks / "per_class.csv").is_file():
+        run_logged(log, histosynth("evaluate", "masks", "--model", model, "--masks-from", relative(DATA / "heldout"),
+                                   "--n", str(sizes.mask_images), "--mask-captions", "--seed", "0", *steps,
+                                   "--segmenter", shipped("segmenter"), "--out", relative(masks), "--no-progress"))
+    if not (realism / "two_sample.csv").is_file():
+        run_logged(log, histosynth("evaluate", "realism", "--real", relative(DATA / "heldout"), "--synthetic",
+                                   relative(job_images(masks / "job")), "--train", relative(DATA / "train"),
+                                   "--out", relative(realism), "--seed", "0"))
+
+
+def job_images(job: Path) -> Path:
+    """The folder of a generation job's images (`evaluate realism` reads one folder; a job of the few images
+    here fills the first of its numbered folders)."""
+    folders = sorted(p for p in (job / "images").iterdir() if p.is_dir())
+    if len(folders) != 1:
+        raise SystemExit(f"{relative(job)}: expected one folder of images, found {len(folders)}")
+    return folders[0]
+
+
+def summary_row(recipe: str, sizes: Sizes) -> dict:
+    from histosynth.models.bundle import read_bundle_config
+
+    provenance = read_bundle_config(model_folder(recipe, sizes)).provenance
+    shares = caption_shares(report_folder(recipe, sizes, "captions"))
+    two_sample = pd.read_csv(report_folder(recipe, sizes, "realism") / "two_sample.csv").iloc[0]
+    interval = next(column for column in two_sample.index if column.endswith("CI"))
+    return {
+        "recipe": recipe,
+        "options": " ".join(RECIPES[recipe]) or "(none)",
+        "glomeruli mentioned %": round(shares["mention"], 1),
+        "Glomeruli high %": round(shares["glomeruli_high"], 1),
+        "Tubuli medium %": round(shares["tubuli_medium"], 1),
+        "label fidelity (mean Dice)": round(float(counted_classes(report_folder(recipe, sizes, "label-fidelity"))
+                                                  ["Dice"].mean()), 3),
+        "two-sample AUC": round(float(two_sample["ROC AUC"]), 3),
+        f"AUC {interval}": two_sample[interval],
+        "training s": provenance.get("training_time_s"),
+    }
+
+
+def summary(rows: list[dict], sizes: Sizes, command: str) -> list[str]:
+    return ["# Training recipes compared", "",
+            f"`{command}`: the tiny preset's text+mask LDM from scratch, {sizes.steps} steps of batch "
+            f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on {sizes.train_patches} phantom patches "
+            f"(latents of the shipped autoencoder), seed 0; DDIM {sizes.sampling_steps} steps, guidance 1.5; caption "
+            f"accuracy on {sizes.caption_images} images of the generating caption, label fidelity and the two-sample "
+            f"AUC on {sizes.mask_images} images of held-out phantom masks against {sizes.heldout_patches} held-out "
+            "real phantom patches. Training seconds depend on the machine's other load.", "",
+            markdown_table(pd.DataFrame(rows)), ""]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--steps", type=int, default=Sizes.steps, help="training steps of every recipe")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, a few images")
+    args = parser.parse_args(argv)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown or args.steps < 1:
+        parser.error(f"unknown recipes {unknown}" if unknown else "--steps must be at least 1")
+    os.environ.update(environment())
+    sizes = QUICK if args.quick else Sizes(steps=args.steps)
+    started = time.perf_counter()
+    stage_data(sizes)
+    for recipe in recipes:
+        say(f"== {recipe}")
+        train(recipe, sizes)
+        evaluate(recipe, sizes)
+    rows = [summary_row(recipe, sizes) for recipe in recipes]
+    command = "python scripts/compare_recipes.py" + (" --quick" if args.quick else
+                                                     f" --steps {args.steps}" if args.steps != Sizes.steps else "")
+    lines = summary(rows, sizes, command)
+    name = f"summary-{sizes.steps}" + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
+    (ROOT / f"{name}.md").write_text("\n".join(lines))
+    (ROOT / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
+    print("\n".join(lines))
+    say(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
