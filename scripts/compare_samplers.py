@@ -3,6 +3,7 @@
 
     python scripts/compare_samplers.py                                  # 100 items, DDIM-50, DPM++-20, spread
     python scripts/compare_samplers.py --n 20 --samplers ddim50,dpm20,ddim50@1,dpm10,dpm30
+    python scripts/compare_samplers.py --n 100 --measure-only           # the items finished so far
 
 Every sampler makes the same items, each from the same noise (a generation job per model and sampler,
 with the same job seed, so item i has the same seed in every job):
@@ -24,9 +25,14 @@ apart 95 % of the time (1.96 * sqrt(2) * the bootstrap standard deviation of the
 seed 1, other noise for the same captions and masks: a measured difference of two such runs.
 
 Output goes to ``runs/compare-samplers/n<N>/`` (the jobs, ``comparison.md``, ``comparison.csv``,
-``per_class_dice.csv``, ``table_5_1.csv``, ``timings.json``). The generation jobs resume where they
-stopped; a run with more items (``--n``) makes new jobs. Seconds per item are those of this machine at
-the time (generation only, one process).
+``per_class_dice.csv``, ``table_5_1.csv``, ``timings.json``). The jobs are made a batch (8 items) at a
+time, each batch by every sampler before the next, so a run stopped early holds the same items from
+every sampler; ``--measure-only`` measures the items that all jobs have finished (while a run goes on
+in another process, or after one was stopped). The jobs resume where they stopped; a run with another
+``--n`` makes new jobs (item i is the same in all of them). The time per item of each job is measured
+as the CPU and wall seconds of this process (loading the models for each batch included); with
+``OMP_NUM_THREADS=1`` the CPU seconds are what an item costs, the wall seconds follow the machine's
+other load.
 """
 
 from __future__ import annotations
