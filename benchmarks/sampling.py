@@ -1,6 +1,22 @@
-"""Sampling speed and memory: seconds per image, where the time goes, sampler overhead, seamless RSS, bf16.
+"""Sampling speed and memory: images/s, where the time goes, sampler overhead, seamless RSS, bf16.
 
 Prints ``name value unit`` lines (random weights: speed and memory only):
+
+* ``throughput_{preset}_{size}px_ddim50_{precision}_b{B}[_compiled]_images_per_s``: images per second of
+  ``generate`` with DDIM-50 and guidance 1.5, decoding included, per preset and image size (``--throughput``;
+  default ``tiny:256,pathldm:32`` on the CPU, where one 256 px pathldm image takes many minutes, and
+  ``tiny:256,pathldm:256`` on a GPU), precision (fp32 on the CPU; fp32 and bf16 on a GPU) and batch size
+  (1 and 4 on the CPU; 1, 8, 32 and 64 on a GPU), the model prepared as ``histosynth generate`` prepares it
+  (channels-last on CUDA); ``_compiled``: with ``--compile`` (``torch.compile`` of the UNet, at the largest
+  batch size only, each shape compiling anew; on a GPU always, on the CPU with ``--compile``, where
+  compiling takes minutes); ``..._outside_share``: the share of
+  that time outside the UNet and the decoder (text encoding, noise, guidance, scheduler, copies, uint8
+  conversion), with ``throughput_outside_share_max`` and ``throughput_outside_target_met`` (< 5 %);
+  on the CPU ``..._cpu_s_per_image``, the process's CPU seconds per image (on a shared machine the wall
+  time follows the other load, the CPU time much less); on a GPU ``..._peak_mem``
+  (``torch.cuda.max_memory_allocated``). The pathldm lines use MiniLM as text encoder (PLIP's weights are
+  not stored here): a context of 384 features and fewer tokens instead of 512 x 154, which only
+  changes the cross-attention, a small part of the UNet's cost;
 
 * ``sample_{preset}_{ddim50|dpm20}_b{B}_s_per_image``: one 256 px image with DDIM-50 or
   DPM-Solver++-20, guidance 1.5 (one UNet call on the doubled batch per step), decoding included,
@@ -25,7 +41,36 @@ Prints ``name value unit`` lines (random weights: speed and memory only):
 Run (from the repository root)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sampling.py [--presets tiny,small] [--batches 1,8]
-        [--threads 2] [--no-rss] [--precision-images 8]
+        [--threads 2] [--no-rss] [--precision-images 8] [--throughput tiny:256,pathldm:32]
+        [--throughput-batches 1,4] [--throughput-precisions fp32] [--compile]
+
+On a GPU, one command gives every line on it (the bundles load on ``cuda``; the throughput lines of
+pathldm at 256 px in fp32 and bf16, batches 1 to 64, and compiled at 64; bf16 against fp32 on 8 images)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sampling.py --no-rss --precision-images 8
+
+No GPU has been available to run it yet.
+
+The throughput lines on the CPU, ``OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python
+benchmarks/sampling.py --threads 1 --presets '' --no-rss --precision-images 0`` (the 2-core machine at a
+load average of 12-17 from other jobs: this process had about an eighth of a core, so images/s are
+about 8x below what one quiet core gives, and even the CPU seconds of tiny are 2.3x the 6.3 s/image
+below, measured at a lower load; no compiled lines: compiling takes 5-7 minutes on this CPU)::
+
+    throughput_tiny_256px_ddim50_fp32_b1_images_per_s 0.007494 images/s
+    throughput_tiny_256px_ddim50_fp32_b1_cpu_s_per_image 15.54 s/image
+    throughput_tiny_256px_ddim50_fp32_b1_outside_share 0.6893 %
+    throughput_tiny_256px_ddim50_fp32_b4_images_per_s 0.008225 images/s
+    throughput_tiny_256px_ddim50_fp32_b4_cpu_s_per_image 14.33 s/image
+    throughput_tiny_256px_ddim50_fp32_b4_outside_share 0.2959 %
+    throughput_pathldm_32px_ddim50_fp32_b1_images_per_s 0.002378 images/s
+    throughput_pathldm_32px_ddim50_fp32_b1_cpu_s_per_image 48.81 s/image
+    throughput_pathldm_32px_ddim50_fp32_b1_outside_share 0.1959 %
+    throughput_pathldm_32px_ddim50_fp32_b4_images_per_s 0.0068 images/s
+    throughput_pathldm_32px_ddim50_fp32_b4_cpu_s_per_image 24.51 s/image
+    throughput_pathldm_32px_ddim50_fp32_b4_outside_share 0.1801 %
+    throughput_outside_share_max 0.6893 %
+    throughput_outside_target_met 1 bool
 
 Measured on the 2-core CPU machine (torch 2.13 CPU, fp32) while other jobs ran on it (load average
 4-8), with ``--threads 1``: under that load two OpenMP threads spin against each other (tiny DDIM-50
@@ -79,6 +124,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -88,6 +134,16 @@ CAPTION = (
     "There is a lot of Glomeruli visible in the image."
 )
 CASES = (("ddim50", "ddim", 50), ("dpm20", "dpm++", 20))
+ON_GPU = torch.cuda.is_available()
+#: the throughput lines' presets and image sizes: on the CPU a small pathldm image (a 256 px one takes minutes
+#: there), on a GPU the thesis' 256 px
+THROUGHPUT = "tiny:256,pathldm:256" if ON_GPU else "tiny:256,pathldm:32"
+THROUGHPUT_BATCHES = "1,8,32,64" if ON_GPU else "1,4"
+#: the precisions of the throughput lines: fp32 and bf16 on a GPU; fp32 on the CPU (bf16 there is emulated
+#: on most CPUs: bf16_vs_fp32_speed_ratio measures it)
+THROUGHPUT_PRECISIONS = "fp32,bf16" if ON_GPU else "fp32"
+#: target of the share of a generation's time outside the UNet and the decoder
+OUTSIDE_TARGET = 0.05
 
 
 def main() -> None:
@@ -98,18 +154,30 @@ def main() -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the seamless peak-RSS processes")
     parser.add_argument("--precision-images", type=int, default=1,
                         help="images of the bf16-against-fp32 comparison on the shipped model (0: skip it)")
+    parser.add_argument("--throughput", default=THROUGHPUT,
+                        help="PRESET:SIZE,... of the images/s lines ('' for none; pathldm uses MiniLM for PLIP)")
+    parser.add_argument("--throughput-batches", default=THROUGHPUT_BATCHES, help="their batch sizes")
+    parser.add_argument("--throughput-precisions", default=THROUGHPUT_PRECISIONS, help="their precisions")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compiled lines on the CPU (always on a GPU; compiling takes minutes on a CPU)")
     parser.add_argument("--rss-child", nargs=2, metavar=("BUNDLE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.rss_child:
         print(json.dumps(seamless_slide_rss(Path(args.rss_child[0]), int(args.rss_child[1]))))
         return
+    from histosynth.devices import pick_device
     from histosynth.models.bundle import load_bundle
 
+    device = pick_device("auto")
+    if ON_GPU:
+        report("device", 0, torch.cuda.get_device_name(0).replace(" ", "_"))
     with tempfile.TemporaryDirectory() as tmp:
+        throughput(Path(tmp), device, args.throughput, split_ints(args.throughput_batches),
+                   args.throughput_precisions.split(","), (False, True) if ON_GPU or args.compile else (False,))
         for preset in filter(None, args.presets.split(",")):
-            bundle = load_bundle(make_bundle(Path(tmp) / preset, preset))
-            for batch in (int(b) for b in args.batches.split(",")):
+            bundle = load_bundle(make_bundle(Path(tmp) / preset, preset), device)
+            for batch in split_ints(args.batches):
                 for name, scheduler, steps in CASES:
                     timing = time_generation(bundle, scheduler, steps, batch)
                     prefix = f"sample_{preset}_{name}_b{batch}"
@@ -134,7 +202,7 @@ def main() -> None:
             report("seamless_rss_ratio", peaks[4096] / peaks[1024], "x")
             report("seamless_rss_target_met", int(peaks[4096] <= 1.5 * peaks[1024]), "bool")
     if args.precision_images > 0:
-        for name, (value, unit) in bf16_against_fp32(args.precision_images).items():
+        for name, (value, unit) in bf16_against_fp32(args.precision_images, device).items():
             report(name, value, unit)
 
 
@@ -142,8 +210,69 @@ def report(name: str, value: float, unit: str) -> None:
     print(f"{name} {value:.4g} {unit}", flush=True)
 
 
-def make_bundle(path: Path, preset_name: str) -> Path:
-    """A model folder of the preset's networks with random weights and the default text encoder."""
+def split_ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def throughput(tmp: Path, device: torch.device, spec: str, batches: list[int], precisions: list[str],
+               compile_modes: tuple[bool, ...]) -> None:
+    """images/s of DDIM-50 with guidance 1.5, decoding included, per preset and size, precision, batch size and
+    with or without torch.compile; uncompiled, the share of the time outside the UNet and the decoder.
+
+    The model is prepared as ``histosynth generate`` prepares it (channels-last on CUDA). Compiled lines warm up
+    with all 50 steps (each step's timestep may compile anew), the others with two.
+    """
+    from histosynth.errors import ConfigError
+    from histosynth.models.bundle import load_bundle
+    from histosynth.sample.generate import prepare_for_sampling
+
+    outside = []
+    for case in filter(None, spec.split(",")):
+        preset, size = case.split(":")
+        bundle = load_bundle(make_bundle(tmp / f"{preset}-minilm", preset, text_encoder="minilm"), device)
+        prepare_for_sampling(bundle)
+        for compiled in compile_modes:
+            if compiled:
+                try:
+                    prepare_for_sampling(bundle, compile=True)
+                except ConfigError as exc:  # no C++ compiler
+                    print(f"# no compiled lines: {exc}", flush=True)
+                    break
+            for precision in precisions:
+                for batch in batches[-1:] if compiled else batches:  # each shape compiles anew: the largest only
+                    name = f"throughput_{preset}_{size}px_ddim50_{precision}_b{batch}" + ("_compiled" * compiled)
+                    share = throughput_line(bundle, name, precision, batch, int(size), compiled)
+                    outside += [] if share is None else [share]
+    if outside:
+        report("throughput_outside_share_max", 100 * max(outside), "%")
+        report("throughput_outside_target_met", int(max(outside) < OUTSIDE_TARGET), "bool")
+
+
+def throughput_line(bundle, name: str, precision: str, batch: int, size: int, compiled: bool) -> Optional[float]:
+    """Report the images/s of one throughput case (and more, see the module docstring); returns the share of
+    its time outside the UNet and the decoder where it was measured (not compiled, no OOM)."""
+    try:
+        timing = time_generation(bundle, "ddim", 50, batch, precision, size, clocks=not compiled,
+                                 warmup_steps=50 if compiled else 2)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        report(name, 0, "oom")
+        return None
+    report(f"{name}_images_per_s", 1 / timing["s_per_image"], "images/s")
+    if ON_GPU:
+        report(f"{name}_peak_mem", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
+        torch.cuda.reset_peak_memory_stats()
+    else:  # a shared CPU's wall time follows its other load, the CPU time much less
+        report(f"{name}_cpu_s_per_image", timing["cpu_s_per_image"], "s/image")
+    if compiled:
+        return None
+    share = 1 - timing["unet_share"] - timing["decode_share"]
+    report(f"{name}_outside_share", 100 * share, "%")
+    return share
+
+
+def make_bundle(path: Path, preset_name: str, text_encoder: Optional[str] = None) -> Path:
+    """A model folder of the preset's networks with random weights and its text encoder (or ``text_encoder``)."""
     from histosynth.models.autoencoder import build_autoencoder
     from histosynth.models.bundle import save_bundle
     from histosynth.models.denoiser import build_denoiser
@@ -153,7 +282,7 @@ def make_bundle(path: Path, preset_name: str) -> Path:
     from histosynth.schema import RENAL
 
     preset = load_preset(preset_name)
-    text = load_text_encoder(preset.text_encoder)
+    text = load_text_encoder(text_encoder or preset.text_encoder)
     torch.manual_seed(0)
     unet = build_denoiser(preset, context_dim=text.hidden_size)
     return save_bundle(path, unet, build_autoencoder(preset), dict(noise_scheduler(preset).config), text,
@@ -192,16 +321,30 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_generation(bundle, scheduler: str, steps: int, batch: int) -> dict[str, float]:
+def time_generation(bundle, scheduler: str, steps: int, batch: int, precision: Optional[str] = None,
+                    size: Optional[int] = None, clocks: bool = True, warmup_steps: int = 2) -> dict[str, float]:
+    """Seconds per image of one batch of ``batch`` images (after a warm-up batch of ``warmup_steps``), wall and
+    CPU time of this process, and with ``clocks`` the shares of the wall time inside the UNet and inside the
+    decoder."""
+    from contextlib import ExitStack
+
     from histosynth.sample.generate import SamplingOptions, generate
 
     captions, seeds = [CAPTION] * batch, list(range(batch))
-    generate(bundle, captions, seeds, SamplingOptions(steps=2, scheduler=scheduler), batch_size=batch)  # warm-up
-    with ModuleClock(bundle.unet) as unet, ModuleClock(bundle.autoencoder.decoder) as decoder:
-        started = time.perf_counter()
-        generate(bundle, captions, seeds, SamplingOptions(steps=steps, scheduler=scheduler), batch_size=batch)
+    options = SamplingOptions(steps=steps, scheduler=scheduler, precision=precision)
+    generate(bundle, captions, seeds, options.overridden(steps=warmup_steps), batch_size=batch, size=size)
+    with ExitStack() as stack:
+        unet, decoder = ((stack.enter_context(ModuleClock(bundle.unet)),
+                          stack.enter_context(ModuleClock(bundle.autoencoder.decoder))) if clocks else (None, None))
+        _synchronize()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        generate(bundle, captions, seeds, options, batch_size=batch, size=size)
+        _synchronize()
         total = time.perf_counter() - started
-    return {"s_per_image": total / batch, "unet_share": unet.seconds / total, "decode_share": decoder.seconds / total}
+    timing = {"s_per_image": total / batch, "cpu_s_per_image": (time.process_time() - cpu_started) / batch}
+    if clocks:
+        timing.update(unet_share=unet.seconds / total, decode_share=decoder.seconds / total)
+    return timing
 
 
 @torch.no_grad()
@@ -232,7 +375,7 @@ def sampler_overhead(bundle, batch: int = 8, steps: int = 10, repeats: int = 3) 
     return min(overheads)
 
 
-def bf16_against_fp32(count: int) -> dict[str, tuple[float, str]]:
+def bf16_against_fp32(count: int, device: torch.device) -> dict[str, tuple[float, str]]:
     """PSNR between the bf16 and fp32 images of ``count`` seeds on the shipped model, and the speed ratio.
 
     Each precision makes the images once to warm up (two steps) and once timed with the model's
@@ -244,7 +387,7 @@ def bf16_against_fp32(count: int) -> dict[str, tuple[float, str]]:
     from histosynth.models.bundle import load_bundle
     from histosynth.sample.generate import generate
 
-    bundle = load_bundle(default_bundle_path())
+    bundle = load_bundle(default_bundle_path(), device)
     captions, seeds = [CAPTION] * count, list(range(count))
     images, seconds = {}, {}
     for precision in ("fp32", "bf16"):

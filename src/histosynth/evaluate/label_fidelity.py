@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -38,6 +38,9 @@ from ..segment.predict import read_rgb
 from .caption_accuracy import SegmentFn
 from .images import choose, image_paths, is_patch_dataset
 from .report import Report
+
+if TYPE_CHECKING:
+    from ..sample.jobs import Shard
 
 #: classes with less than this share of all mask pixels are left out of the headline mean
 DEFAULT_MIN_SHARE = 0.01
@@ -105,22 +108,24 @@ def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
 def generate_mask_job(model: str | Path, masks: Sequence[ConditioningMask], folder: str | Path,
                       options: SamplingOptions, seed: int = 0, captions: Sequence[str] = (UNCONDITIONAL_CAPTION,),
                       device: str = "auto",
-                      batch_size: Optional[int] = None, progress: bool = False) -> Path:
+                      batch_size: Optional[int] = None, progress: bool = False, shard: Optional[Shard] = None) -> Path:
     """Generate one image per mask with a model into the job folder ``folder`` (resuming a job there).
 
-    ``captions`` cycle over the images (default: the unconditional caption, the mask alone).
+    ``captions`` cycle over the images (default: the unconditional caption, the mask alone); ``shard``
+    makes only its batches (default: all).
     """
     from rich.progress import Progress
 
     from ..devices import pick_device
     from ..models.bundle import load_bundle
-    from ..sample.jobs import new_job, run_job
+    from ..sample.jobs import Shard, new_job, run_job
 
     bundle = load_bundle(model, pick_device(device))
     job = new_job(folder, bundle, list(captions), None, seed, options, batch_size=batch_size, masks=masks)
+    shard = shard or Shard()
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("generating", total=len(job.missing()))
-        run_job(bundle, job, progress=lambda k: bar.advance(task, k))
+        task = bar.add_task("generating", total=len(job.missing(shard)))
+        run_job(bundle, job, shard, progress=lambda k: bar.advance(task, k))
     return Path(folder)
 
 
