@@ -33,6 +33,16 @@ hours on that machine under that load: the 8192 px slide alone took 12 minutes, 
     seamless_host_memory_ratio 1.317 x
     seamless_host_memory_target_met 1 bool
 
+On the same machine with little else running, the default sizes, ``OMP_NUM_THREADS=1
+HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/seamless.py``::
+
+    seamless_4096_peak_rss 818.2 MiB
+    seamless_4096_seconds 34.1 s
+    seamless_16384_peak_rss 1302 MiB
+    seamless_16384_seconds 556.2 s
+    seamless_host_memory_ratio 1.592 x
+    seamless_host_memory_target_met 1 bool
+
 What grows is not the latent (on disk) but the decoder's strip of 256 px rows and the pyramid's lower
 levels below 256 MiB, both with the slide's width. No GPU was at hand: the device lines are unmeasured.
 """
