@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
+
+from .errors import ConfigError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -46,3 +49,40 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], threa
         finally:
             for future in pending:
                 future.cancel()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` (from 0, as torchrun's RANK) of a job split across processes or machines:
+    the items (generation batches, experiment runs, slides in name order) whose place is ``index`` modulo
+    ``count``. Every command that takes ``--shard i/n`` means this."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(f"shard {self.index}/{self.count} does not exist; use i/n with 0 <= i < n")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """A shard from ``"i/n"``."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard expects i/n such as 0/4, got {text!r}") from None
+        return cls(index, count)
+
+    @classmethod
+    def from_environment(cls, environ: Optional[dict[str, str]] = None) -> "Shard":
+        """torchrun's RANK / WORLD_SIZE when set, else the whole job."""
+        environ = os.environ if environ is None else environ
+        if "RANK" in environ and "WORLD_SIZE" in environ:
+            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]))
+        return cls()
+
+    def takes(self, batch_index: int) -> bool:
+        return batch_index % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"

@@ -11,8 +11,9 @@ from histosynth.cli import main
 from histosynth.data.dataset import PatchDatasetWriter, open_dataset
 from histosynth.data.pyramid import write_pyramid_tiff
 from histosynth.data.slides import open_mask_slide, open_slide
-from histosynth.data.tiling import Shard, SlideInput, TilingOptions, TilingStopped, tile_slide, tile_slides
+from histosynth.data.tiling import SlideInput, TilingOptions, TilingStopped, slides_of_shard, tile_slide, tile_slides
 from histosynth.errors import ConfigError
+from histosynth.parallel import Shard
 from histosynth.schema import RENAL
 
 OPTIONS = TilingOptions(mpp=0.5, size=64)
@@ -66,11 +67,11 @@ def test_two_workers_write_the_dataset_of_one_process(slides, one_process, tmp_p
 
 def test_two_shards_write_the_dataset_of_one_process(slides, one_process, tmp_path):
     out = tmp_path / "ds"
-    first = tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(1, 2))
-    # Shard 1 of 2 takes the first and third slide in name order; the second is shard 2's.
+    first = tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(0, 2))
+    # Shard 0 of 2 takes the first and third slide in name order; the second is shard 1's.
     assert list(first.tiled) == ["s1", "s3"] and first.waiting == ["s2"] and first.dataset is None
     assert not (out / "manifest.csv").exists()
-    second = tile_slides(slides[::-1], out, options=OPTIONS, progress=False, workers=2, shard=Shard(2, 2))
+    second = tile_slides(slides[::-1], out, options=OPTIONS, progress=False, workers=2, shard=Shard(1, 2))
     assert list(second.tiled) == ["s2"] and second.waiting == [] and second.skipped == []
     assert files(out) == files(one_process)
     assert second.dataset.manifest.equals(open_dataset(one_process).manifest)
@@ -78,12 +79,12 @@ def test_two_shards_write_the_dataset_of_one_process(slides, one_process, tmp_pa
 
 def test_a_killed_shard_redoes_its_slide_and_leaves_the_other_shards_alone(slides, one_process, tmp_path):
     out = tmp_path / "ds"
+    tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(0, 2))
     tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(1, 2))
-    tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(2, 2))
-    (out / "slides" / "s2.json").unlink()  # shard 2 killed before s2 was finished
+    (out / "slides" / "s2.json").unlink()  # shard 1 killed before s2 was finished
     (out / "images" / "s2" / "s2_000999.png").write_bytes(b"half")
     others = {path: data for path, data in files(out).items() if "s2" not in path and path != "manifest.csv"}
-    again = tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(2, 2))
+    again = tile_slides(slides, out, options=OPTIONS, progress=False, shard=Shard(1, 2))
     assert list(again.tiled) == ["s2"]
     assert {path: data for path, data in files(out).items() if path in others} == others
     assert files(out) == files(one_process)
@@ -113,10 +114,11 @@ def test_patches_are_the_slide_regions_pixel_for_pixel(slides, one_process):
                 np.testing.assert_array_equal(dataset.mask(row), mask.read_region(x, y, 1, 64, 64))
 
 
-@pytest.mark.parametrize("value", ["0/2", "3/2", "x", "1/0", "2"])
+@pytest.mark.parametrize("value", ["2/2", "3/2", "x", "1/0", "2", "-1/2"])
 def test_bad_shards_are_refused_in_one_line(slides, tmp_path, refused, value):
     error = refused(["tile", str(slides[0].slide), "--out", str(tmp_path / "ds"), "--shard", value])
-    assert error.startswith("error: --shard must be i/n with 1 <= i <= n (e.g. 1/4 .. 4/4), got ")
+    assert error.startswith(("error: shard ", "error: --shard expects i/n such as 0/4, got "))
+    assert error.endswith(("does not exist; use i/n with 0 <= i < n", "'"))
     assert not (tmp_path / "ds").exists()
 
 
@@ -128,20 +130,20 @@ def test_zero_workers_are_refused_in_one_line(slides, tmp_path, refused):
 
 def test_shards_split_any_slide_list_in_name_order():
     inputs = [SlideInput(f"/data/{name}.svs") for name in ("e", "a", "d", "b", "c")]
-    picked = [[item.name for item in Shard(i, 2).pick(inputs)] for i in (1, 2)]
+    picked = [[item.name for item in slides_of_shard(Shard(i, 2), inputs)] for i in (0, 1)]
     assert picked == [["e", "a", "c"], ["d", "b"]]  # a, c, e and b, d, in the order given
     assert Shard.parse(" 2/3") == Shard(2, 3) and str(Shard(2, 3)) == "2/3"
-    with pytest.raises(ConfigError, match="--shard must be i/n"):
-        Shard(2, 1)
+    with pytest.raises(ConfigError, match="shard 1/1 does not exist"):
+        Shard(1, 1)
 
 
 def test_the_cli_says_which_shard_writes_the_manifest(slides, tmp_path, capsys):
     out = tmp_path / "ds"
     args = ["tile", *[str(item.slide) for item in slides], *[a for item in slides for a in ("--masks", str(item.mask))],
             "--mpp", "0.5", "--size", "64", "--out", str(out), "--no-progress"]
-    assert main([*args, "--shard", "2/2"]) == 0
+    assert main([*args, "--shard", "1/2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("s2: ") and lines[1].startswith("shard 2/2 done; other shards have 2 of 3 slides")
-    assert main([*args, "--shard", "1/2", "--workers", "2"]) == 0
+    assert lines[0].startswith("s2: ") and lines[1].startswith("shard 1/2 done; other shards have 2 of 3 slides")
+    assert main([*args, "--shard", "0/2", "--workers", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"{len(open_dataset(out))} patches in {out}"

@@ -35,11 +35,12 @@ def tile(
         None, "--workers", help="slides tiled at once, on threads (default: one per CPU, at most one per slide)",
         show_default=False),
     shard: Optional[str] = typer.Option(
-        None, "--shard", help="i/n: tile only part i of n of the slides (in name order), e.g. one per machine "
-                              "writing into one --out; give every shard the same slides"),
+        None, "--shard", help="i/n (0 <= i < n, as for generate): tile only part i of n of the slides (in name "
+                              "order), e.g. one per machine writing into one --out; give every shard the same slides"),
 ) -> None:
     """Cut slides into a patch dataset of image/mask PNG pairs with captions; re-runs skip finished slides."""
-    from ..data.tiling import Shard, SlideInput, TilingOptions, one_per_slide, read_split_file, tile_slides
+    from ..data.tiling import SlideInput, TilingOptions, one_per_slide, read_split_file, tile_slides
+    from ..parallel import Shard
 
     part = Shard.parse(shard) if shard is not None else Shard()
     masks_per_slide = one_per_slide(masks, slides, "--masks")

@@ -38,7 +38,7 @@ from rich.progress import Progress
 
 from .. import validation
 from ..errors import ConfigError, DataError
-from ..parallel import available_cpus, ordered_map
+from ..parallel import Shard, available_cpus, ordered_map
 from ..schema import RENAL, ClassSchema
 from ..terminal import progress_bar
 from .annotations import Annotation, rasterize, read_annotations
@@ -139,37 +139,12 @@ class TilingResult:
     waiting: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Part `index` of `count` (from 1) of a slide list: the slides whose place in name order is index - 1 modulo count.
-
-    Every shard must be given the same slides (in any order); each then tiles its own, and the
-    shards together tile each slide once.
-    """
-
-    index: int = 1
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if not (_is_int(self.index) and _is_int(self.count) and 1 <= self.index <= self.count):
-            raise ConfigError(f"--shard must be i/n with 1 <= i <= n (e.g. 1/4 .. 4/4), got {self.index}/{self.count}")
-
-    @classmethod
-    def parse(cls, text: str) -> "Shard":
-        """A shard from ``i/n`` (e.g. ``2/4``)."""
-        index, _, count = str(text).partition("/")
-        if not (index.strip().isdigit() and count.strip().isdigit()):
-            raise ConfigError(f"--shard must be i/n with 1 <= i <= n (e.g. 1/4 .. 4/4), got {text!r}")
-        return cls(int(index), int(count))
-
-    def pick(self, inputs: list[SlideInput]) -> list[SlideInput]:
-        """This shard's slides, in the order given."""
-        in_name_order = sorted(item.name for item in inputs)
-        mine = set(in_name_order[self.index - 1::self.count])
-        return [item for item in inputs if item.name in mine]
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
+def slides_of_shard(shard: Shard, inputs: list[SlideInput]) -> list[SlideInput]:
+    """The slides `shard` tiles, in the order given: those whose place in name order it takes. Every shard
+    must be given the same slides (in any order); the shards together then tile each slide once."""
+    in_name_order = sorted(item.name for item in inputs)
+    mine = {name for place, name in enumerate(in_name_order) if shard.takes(place)}
+    return [item for item in inputs if item.name in mine]
 
 
 def one_per_slide(values: list | None, slides: list, option: str, allow_one: bool = False) -> list:
@@ -202,7 +177,7 @@ def tile_slides(inputs: list[SlideInput], out: str | Path, schema: ClassSchema =
     _check_same_settings(Path(out), options)
     writer = PatchDatasetWriter(out, schema, options.size, extra_info={"tiling": options.as_info()},
                                 shared=shard.count > 1)
-    mine = shard.pick(inputs)
+    mine = slides_of_shard(shard, inputs)
     skipped = [item.name for item in mine if writer.slide_done(item.name)]
     todo = [item for item in mine if not writer.slide_done(item.name)]
     with progress_bar(progress) as bar:

@@ -70,6 +70,7 @@ from ..data.dataset import read_image
 from ..errors import ConfigError, JobError
 from ..io import atomic_path, partial_target, write_json_atomic, write_png_atomic
 from ..models.bundle import Bundle
+from ..parallel import Shard  # noqa: F401  (the shard of a job; imported from here by the commands)
 from .generate import (
     DEFAULT_BATCH_SIZE,
     CaptionEmbeddings,
@@ -110,41 +111,6 @@ def item_seed(job_seed: int, index: int) -> int:
     """
     high, low = np.random.SeedSequence([int(job_seed), int(index)]).generate_state(2, dtype=np.uint32)
     return (int(high) << 31) | (int(low) >> 1)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Which batches this process makes: those whose index is ``index`` modulo ``count``."""
-
-    index: int = 0
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ConfigError(f"shard {self.index}/{self.count} does not exist; use i/n with 0 <= i < n")
-
-    @classmethod
-    def parse(cls, text: str) -> "Shard":
-        """A shard from ``"i/n"``."""
-        try:
-            index, count = (int(part) for part in text.split("/"))
-        except ValueError:
-            raise ConfigError(f"--shard expects i/n such as 0/4, got {text!r}") from None
-        return cls(index, count)
-
-    @classmethod
-    def from_environment(cls, environ: Optional[dict[str, str]] = None) -> "Shard":
-        """torchrun's RANK / WORLD_SIZE when set, else the whole job."""
-        environ = os.environ if environ is None else environ
-        if "RANK" in environ and "WORLD_SIZE" in environ:
-            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]))
-        return cls()
-
-    def takes(self, batch_index: int) -> bool:
-        return batch_index % self.count == self.index
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 @dataclass(frozen=True)
