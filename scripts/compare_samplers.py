@@ -4,6 +4,7 @@
     python scripts/compare_samplers.py                                  # 100 items, DDIM-50, DPM++-20, spread
     python scripts/compare_samplers.py --n 20 --samplers ddim50,dpm20,ddim50@1,dpm10,dpm30
     python scripts/compare_samplers.py --n 100 --measure-only           # the items finished so far
+    python scripts/compare_samplers.py --shard 0/2 & python scripts/compare_samplers.py --shard 1/2   # 2 processes
 
 Every sampler makes the same items, each from the same noise (a generation job per model and sampler,
 with the same job seed, so item i has the same seed in every job):
@@ -25,7 +26,7 @@ apart 95 % of the time (1.96 * sqrt(2) * the bootstrap standard deviation of the
 seed 1, other noise for the same captions and masks: a measured difference of two such runs.
 
 Output goes to ``runs/compare-samplers/n<N>/`` (the jobs, ``comparison.md``, ``comparison.csv``,
-``per_class_dice.csv``, ``table_5_1.csv``, ``timings.json``). The jobs are made a batch (8 items) at a
+``per_class_dice.csv``, ``table_5_1.csv``, ``timings*.json``). The jobs are made a batch (8 items) at a
 time, each batch by every sampler before the next, so a run stopped early holds the same items from
 every sampler; ``--measure-only`` measures the items that all jobs have finished (while a run goes on
 in another process, or after one was stopped). The jobs resume where they stopped; a run with another
@@ -53,6 +54,7 @@ import pandas as pd
 from histosynth.errors import ConfigError
 from histosynth.evaluate.caption_accuracy import CaptionAccuracy
 from histosynth.evaluate.label_fidelity import LabelFidelity
+from histosynth.parallel import Shard
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "compare-samplers"
@@ -112,17 +114,24 @@ class Models:
 
 
 class Timings:
-    """Wall and CPU seconds and the items generated per job, kept in a JSON file across resumed runs.
+    """Wall and CPU seconds and the items generated per job, kept in JSON files across resumed runs.
 
-    On a machine shared with other work the wall time grows with their load; the CPU time of this
-    process (one thread: ``OMP_NUM_THREADS=1``) is what the items cost.
+    Each process of ``--shard i/n`` keeps its own file (``timings.json``, or ``timings-i-of-n.json``);
+    the seconds per item are those of all files together. On a machine shared with other work the wall
+    time grows with their load; the CPU time of the process (one thread: ``OMP_NUM_THREADS=1``) is what
+    the items cost.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, folder: Path, part: Shard = Shard()):
+        self.folder = folder
+        self.path = folder / ("timings.json" if part.count == 1 else f"timings-{part.index}-of-{part.count}.json")
+        self.data: dict[str, dict[str, float]] = self._read(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict[str, float]]:
         import json
 
-        self.path = path
-        self.data: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def add(self, job: str, seconds: float, cpu_seconds: float, items: int) -> None:
         from histosynth.io import write_json_atomic
@@ -134,8 +143,10 @@ class Timings:
             write_json_atomic(self.path, self.data)
 
     def per_item(self, job: str, clock: str = "cpu_seconds") -> float:
-        entry = self.data.get(job)
-        return entry[clock] / entry["items"] if entry else float("nan")
+        """Seconds per item of a job over the files of every process."""
+        entries = [data[job] for path in sorted(self.folder.glob("timings*.json")) if job in (data := self._read(path))]
+        items = sum(entry["items"] for entry in entries)
+        return sum(entry[clock] for entry in entries) / items if items else float("nan")
 
 
 def finished_files(folder: Path) -> set[str]:
@@ -145,13 +156,24 @@ def finished_files(folder: Path) -> set[str]:
     return {item["file"] for item in Job.read(folder).finished(check_files=True)} if is_job_folder(folder) else set()
 
 
-def timed_job(folder: Path, timings: Timings, make: Callable[[], object]) -> None:
-    """Run ``make`` (a batch of a generation job into ``folder``) and note its time per new item."""
-    before = len(finished_files(folder))
+def finished_in_shard(folder: Path, shard: Shard) -> int:
+    """How many items of ``shard`` the job in ``folder`` has finished (0 where no job is yet): the items that
+    other processes finish meanwhile do not count."""
+    from histosynth.sample.jobs import Job, is_job_folder
+
+    if not is_job_folder(folder):
+        return 0
+    job = Job.read(folder)
+    return sum(shard.takes(int(index) // job.spec.batch_size) for index in job.finished_indices(check_files=True))
+
+
+def timed_job(folder: Path, shard: Shard, timings: Timings, make: Callable[[], object]) -> None:
+    """Run ``make`` (the batch ``shard`` of a generation job into ``folder``) and note its time per new item."""
+    before = finished_in_shard(folder, shard)
     started, cpu_started = time.perf_counter(), time.process_time()
     make()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    timings.add(folder.name, seconds, cpu_seconds, len(finished_files(folder)) - before)
+    timings.add(folder.name, seconds, cpu_seconds, finished_in_shard(folder, shard) - before)
 
 
 def sampling_options(model: Path, sampler: Sampler):
@@ -176,10 +198,10 @@ def generate_batch(models: Models, sampler: Sampler, n: int, masks: Sequence, ca
     from histosynth.evaluate.caption_accuracy import generate_caption_job
     from histosynth.evaluate.label_fidelity import generate_mask_job
 
-    timed_job(text_job(out, sampler), timings, lambda: generate_caption_job(
+    timed_job(text_job(out, sampler), shard, timings, lambda: generate_caption_job(
         models.text, GENERATING_CAPTION, n, sampler.seed, text_job(out, sampler),
         sampling_options(models.text, sampler), device, shard=shard))
-    timed_job(mask_job(out, sampler), timings, lambda: generate_mask_job(
+    timed_job(mask_job(out, sampler), shard, timings, lambda: generate_mask_job(
         models.mask, masks, mask_job(out, sampler), sampling_options(models.mask, sampler), sampler.seed, captions,
         device, shard=shard))
 
@@ -299,25 +321,26 @@ def outside_spread(table: pd.DataFrame) -> dict[str, list[str]]:
 
 # --- running it ----------------------------------------------------------------------------------------
 def run_comparison(models: Models, samplers: Sequence[Sampler], n: int, out: Path, device: str = "auto",
-                   resamples: int = BOOTSTRAP, generate: bool = True
+                   resamples: int = BOOTSTRAP, generate: bool = True, part: Optional[Shard] = None
                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Timings]:
     """Generate the items with every sampler and measure them: the comparison table (see :func:`compare`),
     Dice per class and Table 5.1 per sampler, and the seconds per item of each job.
 
     The jobs are made batch by batch, each batch by every sampler before the next, so that a run stopped
     early holds the same items from every sampler; without ``generate`` the items that every job has
-    finished so far are measured (e.g. while a run goes on in another process).
+    finished so far are measured (e.g. while a run goes on in another process). With ``part`` (i/n) this
+    process makes only the batches whose number is i modulo n: n processes share the generation.
     """
     from histosynth.captions import caption_for_mask
     from histosynth.devices import pick_device
     from histosynth.evaluate.caption_accuracy import segmenter_function
     from histosynth.models.bundle import read_bundle_config
     from histosynth.sample.generate import DEFAULT_BATCH_SIZE
-    from histosynth.sample.jobs import Shard
     from histosynth.segment.external import load_segmenter
 
     out.mkdir(parents=True, exist_ok=True)
-    timings = Timings(out / "timings.json")
+    part = part or Shard()
+    timings = Timings(out, part)
     device = str(pick_device(device))
     segmenter = load_segmenter(models.segmenter)
     schema = segmenter.schema
@@ -325,7 +348,7 @@ def run_comparison(models: Models, samplers: Sequence[Sampler], n: int, out: Pat
         masks = phantom_layouts(out / "layouts", n, read_bundle_config(models.mask).image_size, schema)
         captions = [caption_for_mask(m.mask, schema) for m in masks]
         batches = math.ceil(n / DEFAULT_BATCH_SIZE)
-        for batch in range(batches):
+        for batch in filter(part.takes, range(batches)):
             for sampler in samplers:
                 generate_batch(models, sampler, n, masks, captions, out, Shard(batch, batches), timings, device)
     # as the evaluate commands: the thesis' coverage for captions, full for masks
@@ -399,16 +422,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--resamples", type=int, default=BOOTSTRAP, help="bootstrap resamples")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare-samplers/n<N>)")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="make only the batches whose number is I modulo N (0 <= I < N), so N processes "
+                             "share the generation; then measure with --measure-only")
     parser.add_argument("--measure-only", action="store_true",
                         help="generate nothing: measure the items every sampler's jobs have finished so far")
     args = parser.parse_args(argv)
     try:
         samplers = parse_samplers(args.samplers)
+        part = Shard.parse(args.shard)
         if args.n < 2:
             raise ConfigError(f"--n must be at least 2 (the spread needs items to resample), got {args.n}")
         out = args.out or OUT / f"n{args.n}"
         table, per_class, levels, _ = run_comparison(Models.shipped(), samplers, args.n, out, args.device,
-                                                     args.resamples, generate=not args.measure_only)
+                                                     args.resamples, generate=not args.measure_only,
+                                                     part=part)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import pytest
 from histosynth.errors import ConfigError
 from histosynth.evaluate.caption_accuracy import evaluate_caption_accuracy, segmenter_function
 from histosynth.evaluate.label_fidelity import LabelFidelity, evaluate_mask_job, read_mask_job
+from histosynth.parallel import Shard
 from histosynth.sample.jobs import Job
 from histosynth.schema import RENAL
 from histosynth.segment.predict import read_rgb
@@ -71,6 +72,22 @@ def test_the_difference_is_judged_against_the_spread_of_the_reference():
         "swapped": [], "worse": ["text+mask mean Dice"]}
 
 
+def test_processes_sharing_the_batches_keep_their_own_timings_and_are_summed(tmp_path):
+    first, second = script.Timings(tmp_path, Shard(0, 2)), script.Timings(tmp_path, Shard(1, 2))
+    first.add("text-ddim50", 10.0, 8.0, 8)
+    second.add("text-ddim50", 30.0, 12.0, 2)
+    second.add("text-ddim50", 5.0, 5.0, 0)  # nothing made: nothing noted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timings-0-of-2.json", "timings-1-of-2.json"]
+    assert json.loads((tmp_path / "timings-1-of-2.json").read_text()) == {
+        "text-ddim50": {"seconds": 30.0, "cpu_seconds": 12.0, "items": 2}}
+    whole = script.Timings(tmp_path)
+    assert whole.path.name == "timings.json"
+    assert whole.per_item("text-ddim50") == pytest.approx(20.0 / 10)
+    assert whole.per_item("text-ddim50", "seconds") == pytest.approx(40.0 / 10)
+    assert np.isnan(whole.per_item("mask-ddim50"))
+    assert script.Timings(tmp_path, Shard(1, 2)).data == second.data  # a resumed process adds to its own file
+
+
 def test_every_sampler_makes_the_same_items_and_is_measured_as_the_evaluations_do(
         tiny_bundle_path, multiclass_folder, tmp_path):
     models = script.Models(tiny_bundle_path, maskmodels.make_mask_bundle(tmp_path / "mask"), multiclass_folder)
@@ -103,6 +120,9 @@ def test_every_sampler_makes_the_same_items_and_is_measured_as_the_evaluations_d
     assert len(table) == 3 * (len(script.CAPTION_METRICS) + len(script.FIDELITY_METRICS))
     assert set(per_class["sampler"]) == set(levels["sampler"]) == {"ddim2", "dpm2", "ddim2@1"}
     assert timings.per_item("mask-dpm2") > 0
+    # items are counted per shard of batches (one batch of 8 here: shard 0 of 2 holds it, shard 1 nothing)
+    assert [script.finished_in_shard(out / "text-dpm2", s) for s in (Shard(), Shard(0, 2), Shard(1, 2))] == [2, 2, 0]
+    assert script.finished_in_shard(out / "no-job", Shard()) == 0
 
     text = script.write_outputs(out, "python scripts/compare_samplers.py --n 2", table, per_class, levels)
     assert (out / "comparison.md").read_text() == text

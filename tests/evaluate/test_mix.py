@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -22,13 +23,16 @@ from histosynth.evaluate.mix import (
     is_collapsed,
     mix_config,
     paired_difference,
+    patches_holding,
     run_mix_experiment,
+    scarce_class_warning,
     scarcity_arms,
     six_split_arms,
     split_rows,
     write_mix_report,
 )
 from histosynth.schema import ClassInfo, ClassSchema
+from histosynth.segment.data import PatchRows
 from histosynth.segment.training import SegmentTrainConfig, best_epoch
 
 TINY = dict(base_channels=2, input_size=204, batch_size=4, max_epochs=1, patience=1, device="cpu")
@@ -177,6 +181,10 @@ def test_binary_experiment_runs_splits_paired_by_seed_and_resumes(toy_dataset, s
     assert f"collapsed runs (judged Dice < 0.1 on a class present in the validation labels): **{collapsed} of 8**" \
         in report
     assert "## Paired differences of Dice against 100_0" in report and (tmp_path / "differences.png").is_file()
+    shares = sources.presence("Glomeruli")
+    assert summary["patches_holding"] == shares
+    assert "patches whose mask holds Glomeruli: " + ", ".join(
+        f"{source} {100 * shares[source]['Glomeruli']:.0f} %" for source in ("real", "synthetic", "val")) in report
     assert pd.read_csv(tmp_path / "paired.csv")["pairs"].tolist() == [2] * 3
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "final.png").is_file()
     assert len(pd.read_csv(tmp_path / "history.csv")) == 8
@@ -230,6 +238,26 @@ def test_mix_command_scarcity_curve(toy_dataset, synthetic_dataset, val_dataset,
     paired = pd.read_csv(out / "paired.csv")
     assert paired["baseline"].tolist() == ["r2_s0", "r2_s0", "r4_s0", "r4_s0"]
     assert (out / "scarcity.png").is_file() and not (out / "table_5_2.csv").exists()
+
+
+def test_patches_holding_the_class_are_counted_and_a_scarce_class_is_named(toy_dataset, synthetic_dataset,
+                                                                          val_dataset):
+    sources = MixSources.from_datasets(toy_dataset, synthetic_dataset, val_dataset)
+    glomeruli = toy_dataset.schema.id_of("Glomeruli")
+    presence = sources.presence("Glomeruli")
+    for name, part in sources.parts():  # the manifest's shares agree with the masks themselves
+        held = [bool((part.dataset.mask(row) == glomeruli).any()) for _, row in part.rows.iterrows()]
+        assert presence[name] == {"Glomeruli": pytest.approx(np.mean(held))}
+    rows = pd.DataFrame({f"frac_{glomeruli}": [0.0, 0.2, 0.0, 0.5, 0.0]})
+    assert patches_holding(PatchRows(toy_dataset, rows), glomeruli) == pytest.approx(0.4)
+    assert math.isnan(patches_holding(PatchRows(toy_dataset, rows), glomeruli + 1))  # no such column: unknown
+    assert list(sources.presence(None)["val"]) == [toy_dataset.schema.name_of(i)
+                                                   for i in toy_dataset.schema.captioned_ids]
+    warning = scarce_class_warning({"real": {"Glomeruli": 0.05}}, "Glomeruli")
+    assert warning.startswith("only 5 % of the real training patches hold Glomeruli")
+    assert "--mix generating" in warning
+    for share, class_name in ((0.25, "Glomeruli"), (math.nan, "Glomeruli"), (0.05, None)):
+        assert scarce_class_warning({"real": {"Glomeruli": share}}, class_name) is None
 
 
 def test_datasets_of_different_schemas_are_refused(toy_dataset, tmp_path):

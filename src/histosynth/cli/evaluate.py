@@ -379,7 +379,14 @@ def mix(
     """Real and synthetic training data: the six-split experiment (thesis Table 5.2) or the scarcity curve,
     each arm against real-only paired by seed (mean difference, bootstrap interval, paired tests)."""
     from ..data.dataset import open_dataset
-    from ..evaluate.mix import TRAINING_DEFAULTS, MixSources, mix_config, run_mix_experiment, write_mix_report
+    from ..evaluate.mix import (
+        TRAINING_DEFAULTS,
+        MixSources,
+        mix_config,
+        run_mix_experiment,
+        scarce_class_warning,
+        write_mix_report,
+    )
     from ..sample.jobs import Shard
 
     config = mix_config(splits, seeds, n, segment_train_config(training, TRAINING_DEFAULTS), design=design,
@@ -387,6 +394,9 @@ def mix(
                         synthetic_only=synthetic_only, weights=weights)
     sources = MixSources.from_datasets(open_dataset(real), open_dataset(synthetic),
                                        open_dataset(val) if val is not None else None)
+    warning = scarce_class_warning(sources.presence(config.train.class_name), config.train.class_name)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     result = run_mix_experiment(sources, config, out, progress=progress,
                                 shard=Shard.parse(shard) if shard else Shard())
     if result.missing:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -43,7 +43,7 @@ from rich.console import Console
 from scipy import stats
 
 from .. import validation
-from ..data.dataset import PatchDataset
+from ..data.dataset import PatchDataset, fraction_column
 from ..errors import ConfigError, DataError, JobError, describe_validation_error
 from ..io import atomic_path, write_json_atomic
 from ..sample.jobs import Shard
@@ -224,7 +224,42 @@ class MixSources:
 
     def describe(self) -> dict[str, Any]:
         return {name: {"dataset": str(p.dataset.root), "patches": len(p), "patch_size": p.dataset.patch_size}
-                for name, p in (("real", self.real), ("synthetic", self.synthetic), ("val", self.val))}
+                for name, p in self.parts()}
+
+    def parts(self) -> tuple[tuple[str, PatchRows], ...]:
+        return ("real", self.real), ("synthetic", self.synthetic), ("val", self.val)
+
+    def presence(self, class_name: str | None) -> dict[str, dict[str, float]]:
+        """Per source, the share of its patches whose mask holds each class segmented (the binary class, or
+        every captioned class): a class that few real patches hold is seen too seldom by small arms."""
+        schema = self.real.dataset.schema
+        ids = [schema.id_of(class_name)] if class_name is not None else schema.captioned_ids
+        return {name: {schema.name_of(i): patches_holding(part, i) for i in ids} for name, part in self.parts()}
+
+
+#: A binary class that fewer real training patches hold than this share leaves small arms with a handful of
+#: examples: runs tend to collapse (predict nothing), and the comparison says little.
+SCARCE_SHARE = 0.25
+
+
+def patches_holding(rows: PatchRows, class_id: int) -> float:
+    """The share of the rows' patches whose mask holds the class (the manifest's fraction column; NaN when the
+    manifest has none)."""
+    column = fraction_column(class_id)
+    if column not in rows.rows or not len(rows):
+        return math.nan
+    return float((rows.rows[column] > 0).mean())
+
+
+def scarce_class_warning(presence: dict[str, dict[str, float]], class_name: str | None) -> str | None:
+    """A warning when the binary class is held by fewer than SCARCE_SHARE of the real training patches."""
+    share = presence["real"].get(class_name, math.nan) if class_name is not None else math.nan
+    if not share < SCARCE_SHARE:
+        return None
+    return (f"only {100 * share:.0f} % of the real training patches hold {class_name}, so an arm of a few dozen "
+            "patches sees a handful of them and its runs tend to collapse (Dice near 0); train on patches that "
+            f"hold {class_name} (as the thesis' real training set of annotated glomeruli), e.g. tiles of "
+            "annotated regions or `phantom patches --mix generating`")
 
 
 # --- paired statistics -----------------------------------------------------------------------------
@@ -297,6 +332,8 @@ class MixResult:
     n: int
     config: MixConfig
     missing: int = 0  # runs left to other shards and not on disk yet
+    #: per source (real, synthetic, val): the share of its patches holding each class segmented
+    presence: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def arms(self) -> list[Arm]:
@@ -387,7 +424,8 @@ def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
             write_json_atomic(path, record)
             runs.append(record)
     runs += [json.loads(p.read_text()) for p in _late_runs(out, jobs, runs)]
-    return MixResult(runs=runs, n=n, config=config, missing=len(jobs) - len(runs))
+    return MixResult(runs=runs, n=n, config=config, missing=len(jobs) - len(runs),
+                     presence=sources.presence(config.train.class_name))
 
 
 def _late_runs(out: Path, jobs: list[tuple[int, Arm]], runs: list[dict[str, Any]]) -> list[Path]:
@@ -456,7 +494,11 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
         "patches",
         f"collapsed runs (judged Dice < {COLLAPSE_DICE} on a class present in the validation labels): "
         f"**{collapse['collapsed']} of {collapse['runs']}** ({_percent(collapse['share'])})",
+        "patches whose mask holds " + _presence_text(result.presence),
     ])
+    warning = scarce_class_warning(result.presence, train.class_name)
+    if warning:
+        report.text(f"**Warning:** {warning}.")
     table = result.final_table()
     paired = result.paired_table()
     if len(paired):
@@ -508,6 +550,14 @@ def _judged_weights(config: MixConfig) -> str:
     return "weights of the best validation " + ("Dice" if config.train.monitor == "val_dice" else "loss")
 
 
+def _presence_text(presence: dict[str, dict[str, float]]) -> str:
+    """'Glomeruli: real 5 %, synthetic 98 %, val 12 %' per class."""
+    classes = list(next(iter(presence.values()), {}))
+    return "; ".join(f"{name}: " + ", ".join(f"{source} {_percent(by_class[name])}"
+                                             for source, by_class in presence.items())
+                     for name in classes) or "—"
+
+
 def _percent(share: float) -> str:
     return "—" if math.isnan(share) else f"{100 * share:.0f} %"
 
@@ -550,6 +600,7 @@ def _summary(result: MixResult, table: pd.DataFrame, paired: pd.DataFrame, colla
         "table": _records(table),
         "paired": [record | {"differences": differences[record["experiment"]]} for record in _records(paired)],
         "collapse": collapse,
+        "patches_holding": result.presence,
     }
 
 
