@@ -226,6 +226,22 @@ def test_a_writer_error_surfaces_in_the_caller_and_its_batch_is_not_recorded(tmp
     assert not list(tmp_path.rglob(".*.part.png"))  # nothing half-written is left behind either
 
 
+def test_a_batch_is_recorded_as_soon_as_its_images_are_on_disk(tmp_path):
+    """Not when the next batch is handed over: a process killed while it samples that one loses nothing written."""
+    image = np.full((8, 8, 3), 90, np.uint8)
+    path = tmp_path / "record.jsonl"
+    done = []
+    with RecordFile(path) as record, ImageWriter(record, threads=2, pending=2, done=done.append) as writer:
+        writer.submit(0, [(0, tmp_path / "0.png", image), (1, tmp_path / "1.png", image)])
+        deadline = time.monotonic() + 60
+        while not path.read_text() and time.monotonic() < deadline:  # the caller goes on sampling
+            time.sleep(0.01)
+        assert path.read_text() == '{"batch":0}\n' and done == [2] and writer.written == 2
+        assert (tmp_path / "0.png").is_file() and (tmp_path / "1.png").is_file()
+        writer.submit(1, [(3, tmp_path / "3.png", image)], whole=False)
+    assert path.read_text() == '{"batch":0}\n{"batch":1,"items":[3]}\n' and done == [2, 1]
+
+
 def test_a_record_drops_a_cut_line_and_refuses_a_corrupt_one(tmp_path):
     path = tmp_path / "shard-0-of-1.jsonl"
     path.write_text('{"batch":0}\n{"batch":2,"items":[17]}\n{"batch":1,"ite')

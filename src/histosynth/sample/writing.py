@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -164,9 +165,12 @@ class _Batch:
 class ImageWriter:
     """Writes batches of images on ``threads`` threads and records each batch once all of it is on disk.
 
-    Use it as a context manager: leaving the block normally waits for every write (raising the
-    first error); leaving it with an exception records the batches already written and abandons
-    the rest. ``done(k)`` is called with the number of images of each batch recorded.
+    A batch is recorded by the writer thread that finishes its last image (batches in the order they
+    were handed over), so a process killed while it samples the next batch has already recorded every
+    batch that is on disk. Use it as a context manager: leaving the block normally waits for every
+    write (raising the first error); leaving it with an exception records the batches already written
+    and abandons the rest. ``done(k)`` is called (from a writer thread) with the number of images of
+    each batch recorded.
     """
 
     def __init__(self, record: RecordFile, threads: int = DEFAULT_WRITERS, pending: int = DEFAULT_PENDING,
@@ -178,36 +182,67 @@ class ImageWriter:
         self.written = 0
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="png-writer")
         self._waiting: deque[_Batch] = deque()
+        self._lock = threading.RLock()
 
     def submit(self, batch: int, files: Sequence[tuple[int, Path, np.ndarray]], whole: bool = True) -> None:
         """Hand over a batch's images as (item index, path, uint8 image) - all of it (``whole``) or some of its
         items; waits while ``pending`` batches are being written."""
-        self._record_written()
-        while len(self._waiting) >= self.pending:
-            self._record(self._waiting.popleft())
-        writes = [self._pool.submit(write_png_atomic, path, image, True) for _, path, image in files]
-        self._waiting.append(_Batch(batch, [index for index, _, _ in files], [path for _, path, _ in files], writes,
-                                    whole))
+        self._raise_failed()
+        while self._pending_count() >= self.pending:
+            self._wait_for_first()
+        entry = _Batch(batch, [index for index, _, _ in files], [path for _, path, _ in files], [], whole)
+        with self._lock:
+            self._waiting.append(entry)
+            entry.writes = [self._pool.submit(write_png_atomic, path, image, True) for _, path, image in files]
+        for write in entry.writes:
+            write.add_done_callback(self._record_written)
+        if not entry.writes:
+            self._record_written()
 
     def close(self) -> None:
         """Wait for every write and record it; the first error is raised."""
         try:
-            while self._waiting:
-                self._record(self._waiting.popleft())
+            while self._pending_count():
+                self._wait_for_first()
         finally:
             self._abandon()
 
-    def _record_written(self) -> None:
-        while self._waiting and all(write.done() for write in self._waiting[0].writes):
-            self._record(self._waiting.popleft())
+    def _pending_count(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def _wait_for_first(self) -> None:
+        """Wait until the oldest batch is written and recorded; raise its error."""
+        with self._lock:
+            first = self._waiting[0] if self._waiting else None
+        if first is not None:
+            wait(first.writes)
+            self._record_written()
+            self._raise_failed()
+
+    def _record_written(self, _: Optional[Future] = None) -> None:
+        """Record the oldest batches whose images are all written without error (a writer's callback)."""
+        with self._lock:
+            while self._waiting and all(w.done() and not w.cancelled() and w.exception() is None
+                                        for w in self._waiting[0].writes):
+                self._record(self._waiting.popleft())
+
+    def _raise_failed(self) -> None:
+        """Raise the error of the oldest batch if one of its writes failed."""
+        with self._lock:
+            first = self._waiting[0] if self._waiting else None
+            failed = first is not None and any(w.done() and not w.cancelled() and w.exception() is not None
+                                               for w in first.writes)
+        if failed:
+            for path, write in zip(first.paths, first.writes, strict=True):
+                exc = write.exception() if write.done() and not write.cancelled() else None
+                if isinstance(exc, OSError):
+                    raise JobError(f"could not write {path} ({exc.strerror or exc}); free the disk or fix the "
+                                   "folder, then run the job again (it resumes)") from exc
+                if exc is not None:
+                    raise exc
 
     def _record(self, batch: _Batch) -> None:
-        for path, write in zip(batch.paths, batch.writes, strict=True):
-            try:
-                write.result()
-            except OSError as exc:
-                raise JobError(f"could not write {path} ({exc.strerror or exc}); free the disk or fix the folder, "
-                               "then run the job again (it resumes)") from exc
         if batch.items:
             self.record.append(batch.number, None if batch.whole else batch.items)
         self.written += len(batch.items)
@@ -216,16 +251,14 @@ class ImageWriter:
 
     def _abandon(self) -> None:
         """Record what is written without error, in order, and drop the rest."""
-        for batch in self._waiting:
-            for write in batch.writes:
-                write.cancel()
+        with self._lock:
+            for batch in self._waiting:
+                for write in batch.writes:
+                    write.cancel()
         self._pool.shutdown(wait=True)
-        while self._waiting:
-            batch = self._waiting.popleft()
-            if any(w.cancelled() or w.exception() is not None for w in batch.writes):
-                break
-            self._record(batch)
-        self._waiting.clear()
+        self._record_written()
+        with self._lock:
+            self._waiting.clear()
 
     def __enter__(self) -> "ImageWriter":
         return self
