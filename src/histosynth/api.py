@@ -96,6 +96,20 @@ def as_mask(mask: MaskLike, schema: ClassSchema, source: str = "mask") -> np.nda
     return schema.apply_remap(mask, source=source)
 
 
+def conditioning_masks(given: Union[MaskLike, Sequence[MaskLike]], schema: ClassSchema) -> list:
+    """Conditioning masks (:class:`~histosynth.sample.masks.ConditioningMask`) from one mask or a list: an
+    array or PIL image is one mask; a path is a mask file or a folder of them, read as ``--mask`` reads it."""
+    from .sample.masks import ConditioningMask, read_masks
+
+    masks = []
+    for index, mask in enumerate(given if isinstance(given, (list, tuple)) else [given]):
+        if isinstance(mask, (str, Path)):
+            masks += read_masks(mask, schema)
+        else:
+            masks.append(ConditioningMask(f"mask {index}", as_mask(mask, schema, f"mask {index}")))
+    return masks
+
+
 # --- generation -----------------------------------------------------------------------------------------
 def load_model(path: Union[str, Path, None] = None, device: str = "auto", *, masks: bool = False) -> "Model":
     """A latent diffusion model folder, loaded for generation (``histosynth generate --model``).
@@ -183,34 +197,19 @@ class Model:
         model's own (``precision``: the device's).
         """
         from .sample.generate import check_seeds
-        from .sample.jobs import DEFAULT_BATCH_SIZE, Job, Layout, job_spec, sample_job_batches
+        from .sample.jobs import DEFAULT_BATCH_SIZE, job_in_memory
         from .sample.masks import choose_masks
 
         check_seeds([seed], "seed")
         bundle = self.bundle
         options = bundle.sampling.overridden(steps=steps, guidance=guidance, mask_guidance=mask_guidance,
                                              scheduler=scheduler, eta=eta, precision=precision)
-        masks = None if mask is None else choose_masks(self._masks(mask), n, seed)
+        masks = None if mask is None else choose_masks(conditioning_masks(mask, self.schema), n, seed)
         captions = [self._caption(caption, levels, required=masks is None)]
         count = None if masks is not None else (1 if n is None else n)
-        spec = job_spec(bundle, captions, count, seed, options, size,
-                        DEFAULT_BATCH_SIZE if batch_size is None else batch_size, masks)
-        job = Job(Path(), spec, Layout(spec.n))  # kept in memory: nothing is written
-        arrays = None if masks is None else [m.mask for m in masks]
-        return [Image.fromarray(image) for _, made in sample_job_batches(bundle, job, range(job.batch_count), arrays)
-                for image in made.images]
-
-    def _masks(self, given: Union[MaskLike, Sequence[MaskLike]]) -> list:
-        """Conditioning masks: a mask file or folder of them is read as ``--mask`` reads it."""
-        from .sample.masks import ConditioningMask, read_masks
-
-        masks = []
-        for index, mask in enumerate(given if isinstance(given, (list, tuple)) else [given]):
-            if isinstance(mask, (str, Path)):
-                masks += read_masks(mask, self.schema)
-            else:
-                masks.append(ConditioningMask(f"mask {index}", as_mask(mask, self.schema, f"mask {index}")))
-        return masks
+        batches = job_in_memory(bundle, captions, count, seed, options, size,
+                                DEFAULT_BATCH_SIZE if batch_size is None else batch_size, masks)
+        return [Image.fromarray(image) for _, made in batches for image in made.images]
 
     def _caption(self, caption: Optional[str], levels: Union[str, Mapping[str, str], None], required: bool) -> str:
         if caption is not None and levels is not None:

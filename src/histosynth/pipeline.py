@@ -25,8 +25,11 @@ num_images_per_prompt=n)`` gives the bytes of ``histosynth generate --caption CA
 on the same kind of device and thread count: item i's seed is derived from S and i, ``batch_size`` is
 the command's ``--batch-size`` (8), and a batch holds at most the images asked for, as a job's.
 Several prompts are the job of a captions file with those prompts (cycled); the images come back
-prompt by prompt, as diffusers orders them. The pipeline takes no label masks: a mask-conditioned
-model samples as ``generate`` does without ``--mask``.
+prompt by prompt, as diffusers orders them. A mask-conditioned model also takes label masks,
+``pipe(caption, mask=masks, seed=S)``: one image per mask, in the masks' order and of their size, the
+bytes of ``histosynth generate --mask MASKS --caption CAPTION --seed S`` (several prompts cycle over the
+masks, as ``--mask-captions`` gives each mask its own); without ``mask`` it samples as ``generate`` does
+without ``--mask``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from diffusers import ControlNetModel, DDPMScheduler, DiffusionPipeline, ModelMi
 from diffusers.utils import BaseOutput, is_accelerate_available
 from PIL import Image
 
+from .api import conditioning_masks
 from .captions import UNCONDITIONAL_CAPTION, canonical_caption
 from .errors import ConfigError, ModelError
 from .models.bundle import (
@@ -60,8 +64,8 @@ from .models.bundle import (
 )
 from .models.control import MaskControlledUNet
 from .models.text import TextEncoder
-from .sample.generate import DEFAULT_BATCH_SIZE, CaptionEmbeddings, check_seeds, generate_batches, prepare_for_sampling
-from .sample.jobs import item_seed
+from .sample.generate import DEFAULT_BATCH_SIZE, check_seeds, prepare_for_sampling
+from .sample.jobs import job_in_memory
 
 #: the seed of ``histosynth generate`` when none is given
 DEFAULT_SEED = 0
@@ -161,6 +165,8 @@ class HistosynthPipeline(DiffusionPipeline):
         generator: Optional[torch.Generator] = None,
         seed: Optional[int] = None,
         *,
+        mask: Any = None,
+        mask_guidance_scale: Optional[float] = None,
         scheduler: Optional[str] = None,
         eta: Optional[float] = None,
         precision: Optional[str] = None,
@@ -170,8 +176,11 @@ class HistosynthPipeline(DiffusionPipeline):
     ):
         """Images of ``prompt`` (a caption in the schema's templates, or a list; "" is unconditional).
 
-        ``num_inference_steps``, ``guidance_scale``, ``scheduler`` (ddim or dpm++), ``eta`` and ``precision``
-        default to the model's own sampling options. ``seed`` (or a ``generator``'s seed, its
+        ``mask`` (a mask-conditioned model): a label mask (array or PIL image of class ids, or a mask
+        file), a folder of mask files, or a list of them; one image per mask (``num_images_per_prompt``
+        stays 1), with ``mask_guidance_scale``. ``num_inference_steps``, ``guidance_scale``,
+        ``mask_guidance_scale``, ``scheduler`` (ddim or dpm++), ``eta`` and ``precision`` default to the
+        model's own sampling options. ``seed`` (or a ``generator``'s seed, its
         ``initial_seed()``; default 0) is the job seed of ``histosynth generate --seed``. ``output_type``:
         ``pil`` or ``np`` (float32 in [0, 1]). Returns a :class:`HistosynthPipelineOutput`, or a tuple
         (images, records) when ``return_dict`` is False.
@@ -185,20 +194,24 @@ class HistosynthPipeline(DiffusionPipeline):
         bundle = self.bundle()
         prepare_for_sampling(bundle)
         options = bundle.sampling.overridden(steps=num_inference_steps, guidance=guidance_scale, scheduler=scheduler,
-                                             eta=eta, precision=precision)
+                                             eta=eta, precision=precision, mask_guidance=mask_guidance_scale)
         captions = [canonical_caption(p, bundle.schema) for p in ([prompt] if isinstance(prompt, str) else prompt)]
         if not captions:
             raise ConfigError("give at least one prompt")
+        masks = None if mask is None else conditioning_masks(mask, bundle.schema)
+        if masks is not None and num_images_per_prompt != 1:
+            raise ConfigError("with mask, one image is made per mask: leave num_images_per_prompt at 1 and give "
+                              "each mask as often as images of it are wanted")
         job_seed = _job_seed(seed, generator)
-        count = len(captions) * num_images_per_prompt
+        count = len(masks) if masks is not None else len(captions) * num_images_per_prompt
         images, records = [], []
-        for part in generate_batches(bundle, [captions[i % len(captions)] for i in range(count)],
-                                     [item_seed(job_seed, i) for i in range(count)], options, min(batch_size, count),
-                                     embeddings=CaptionEmbeddings.for_bundle(bundle, captions)):
+        for _, part in job_in_memory(bundle, captions, None if masks is not None else count, job_seed, options,
+                                     batch_size=batch_size, masks=masks):
             images.append(part.images)
             records += part.records
         # the job's order is caption i % k for item i; diffusers returns each prompt's images together
-        order = [r * len(captions) + j for j in range(len(captions)) for r in range(num_images_per_prompt)]
+        order = list(range(count)) if masks is not None else [
+            r * len(captions) + j for j in range(len(captions)) for r in range(num_images_per_prompt)]
         made = np.concatenate(images)[order]
         records = [records[i] for i in order]
         output = [Image.fromarray(image) for image in made] if output_type == "pil" else made.astype(np.float32) / 255

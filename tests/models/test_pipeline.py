@@ -171,6 +171,27 @@ def test_a_controlnet_model_loads_its_branch_and_samples_as_generate(tiny_bundle
     (expected,) = generate(bundle, [""], [item_seed(2, 0)], bundle.sampling.overridden(steps=1), batch_size=1).images
     np.testing.assert_array_equal(np.rint(output.images[0] * 255).astype(np.uint8), expected)
 
+    # from label masks: the images of `generate --mask`, one per mask in the masks' order
+    size = tiny_bundle.image_size
+    masks = [np.zeros((size, size), np.uint8) for _ in range(3)]
+    masks[0][:, : size // 2], masks[1][: size // 2], masks[2][:] = 3, 4, 6
+    (tmp_path / "masks").mkdir()
+    for index, mask in enumerate(masks):
+        Image.fromarray(mask).save(tmp_path / "masks" / f"m{index}.png")
+    assert main(["generate", "--model", str(folder), "--mask", str(tmp_path / "masks"), "--caption", CAPTION,
+                 "--seed", "5", "--steps", "1", "--mask-guidance", "1.5", "--batch-size", "2",
+                 "--out", str(tmp_path / "cli")]) == 0
+    expected = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "cli" / "images").rglob("*.png"))]
+    assert len(expected) == 3
+    given = [masks[0], Image.fromarray(masks[1]), tmp_path / "masks" / "m2.png"]  # array, PIL image, file
+    for mask in (given, tmp_path / "masks"):
+        output = pipe(CAPTION, mask=mask, mask_guidance_scale=1.5, num_inference_steps=1, seed=5, batch_size=2)
+        assert [r["seed"] for r in output.records] == [item_seed(5, i) for i in range(3)]
+        for image, reference in zip(output.images, expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(image), reference)
+    with pytest.raises(ConfigError, match="one image is made per mask: leave num_images_per_prompt at 1"):
+        pipe(CAPTION, mask=masks, num_images_per_prompt=2)
+
 
 def test_save_pretrained_writes_the_model_folder_it_was_loaded_from(tiny_pipe, tiny_bundle_path, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "copy")

@@ -562,6 +562,17 @@ def sample_job_batches(
         yield items, made
 
 
+def job_in_memory(bundle: Bundle, captions: Sequence[str], n: Optional[int], seed: int,
+                  options: Optional[SamplingOptions] = None, size: Optional[int | Size] = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, masks: Optional[Sequence[ConditioningMask]] = None
+                  ) -> Iterator[tuple[list[dict[str, Any]], Generated]]:
+    """(item records, their images) of each batch of the job :func:`new_job` would describe, kept in memory:
+    the images ``histosynth generate`` writes with the same settings, and nothing is written."""
+    spec = job_spec(bundle, captions, n, seed, options, size, batch_size, masks)
+    job = Job(Path(), spec, Layout(spec.n))
+    return sample_job_batches(bundle, job, range(job.batch_count), None if masks is None else [m.mask for m in masks])
+
+
 def new_job(folder: str | Path, bundle: Bundle, captions: Sequence[str], n: Optional[int], seed: int,
             options: Optional[SamplingOptions] = None, size: Optional[int | Size] = None,
             batch_size: Optional[int] = None, masks: Optional[Sequence[ConditioningMask]] = None) -> Job:
