@@ -134,6 +134,13 @@ def test_collapse_count_and_differences_of_a_constructed_result():
     assert paired.loc[0, "mean"] == pytest.approx(0.0325)
     assert paired.loc[0, "collapsed_pairs"] == 2  # seed 0 (100_0) and seed 1 (100_100)
 
+    # where the class fills half the validation pixels, marking every pixel scores 2/3: no better is a collapse
+    constant = MixResult(runs=runs, n=4, config=config, everywhere={1: 2 / 3})
+    assert [constant.collapsed(r) for r in runs] == [True, True, False, True, True, False, False, False]
+    assert is_collapsed(_run("100_0", 0, 2 / 3 + 0.009, [1]), {1: 2 / 3})
+    assert not is_collapsed(_run("100_0", 0, 2 / 3 + 0.011, [1]), {1: 2 / 3})
+    assert constant.collapse()["everywhere_dice"] == {"1": 2 / 3} and constant.collapse()["collapsed"] == 4
+
 
 @pytest.fixture(scope="module")
 def synthetic_dataset(toy, tmp_path_factory):
@@ -176,10 +183,11 @@ def test_binary_experiment_runs_splits_paired_by_seed_and_resumes(toy_dataset, s
         assert paired["differences"] == pytest.approx({"0": differences[0], "1": differences[1]})
         assert paired["mean"] == pytest.approx(np.mean(differences))
         assert min(differences) - 1e-12 <= paired["ci_low"] <= paired["ci_high"] <= max(differences) + 1e-12
-    collapsed = sum(is_collapsed(r) for r in result.runs)
+    everywhere = sources.everywhere_dice("Glomeruli")[1]
+    collapsed = sum(is_collapsed(r, {1: everywhere}) for r in result.runs)
     assert summary["collapse"]["runs"] == 8 and summary["collapse"]["collapsed"] == collapsed
-    assert f"collapsed runs (judged Dice < 0.1 on a class present in the validation labels): **{collapsed} of 8**" \
-        in report
+    assert ("collapsed runs (judged Dice < 0.1 on a class present in the validation labels, or at most 0.01 above "
+            f"the Dice of predicting it on every pixel: {everywhere:.3f}): **{collapsed} of 8**") in report
     assert "## Paired differences of Dice against 100_0" in report and (tmp_path / "differences.png").is_file()
     shares = sources.presence("Glomeruli")
     assert summary["patches_holding"] == shares
@@ -253,6 +261,11 @@ def test_patches_holding_the_class_are_counted_and_a_scarce_class_is_named(toy_d
     assert math.isnan(patches_holding(PatchRows(toy_dataset, rows), glomeruli + 1))  # no such column: unknown
     assert list(sources.presence(None)["val"]) == [toy_dataset.schema.name_of(i)
                                                    for i in toy_dataset.schema.captioned_ids]
+    # marking every validation pixel Glomeruli: the pooled Dice from the masks themselves
+    masks = np.stack([val_dataset.mask(row) == glomeruli for _, row in val_dataset.rows().iterrows()])
+    expected = 2 * masks.sum() / (masks.sum() + masks.size)
+    assert sources.everywhere_dice("Glomeruli") == {1: pytest.approx(expected, rel=1e-4)}
+    assert sources.everywhere_dice(None) == {}
     warning = scarce_class_warning({"real": {"Glomeruli": 0.05}}, "Glomeruli")
     assert warning.startswith("only 5 % of the real training patches hold Glomeruli")
     assert "--mix generating" in warning

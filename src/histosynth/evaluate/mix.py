@@ -85,8 +85,12 @@ THESIS_TABLE_5_2: dict[str, tuple[float, float]] = {
     "25_75": (0.068, 0.965), "0_100": (0.137, 0.927), "100_100": (0.055, 0.971),
 }
 
-#: A run collapsed when its kept weights score a validation Dice below this on a class that is present.
+#: A run collapsed when its kept weights score a validation Dice below this on a class that is present (it
+#: predicts almost none of it) ...
 COLLAPSE_DICE = 0.1
+#: ... or no more than this above the Dice of predicting the class on every pixel (a constant prediction,
+#: which scores 2p / (1 + p) for a class on a share p of the pixels: 0.65 where glomeruli fill half a patch).
+CONSTANT_MARGIN = 0.01
 
 #: The training set-up of the experiment where `experiment mix` differs from `segment train`: built for a
 #: few dozen patches, where a constant rate, unweighted loss and stopping on the loss left most runs at Dice 0.
@@ -229,6 +233,16 @@ class MixSources:
     def parts(self) -> tuple[tuple[str, PatchRows], ...]:
         return ("real", self.real), ("synthetic", self.synthetic), ("val", self.val)
 
+    def everywhere_dice(self, class_name: str | None) -> dict[int, float]:
+        """For a binary class (label 1), the validation Dice of predicting it on every pixel: 2p / (1 + p) for
+        the share p of the validation pixels it holds (the manifest's fractions; the patches are of one
+        size). Empty for multi-class, where a constant prediction scores near 0 on every other class."""
+        column = fraction_column(self.val.dataset.schema.id_of(class_name)) if class_name is not None else None
+        if column is None or column not in self.val.rows or not len(self.val):
+            return {}
+        share = float(self.val.rows[column].mean())
+        return {1: 2 * share / (1 + share)}
+
     def presence(self, class_name: str | None) -> dict[str, dict[str, float]]:
         """Per source, the share of its patches whose mask holds each class segmented (the binary class, or
         every captioned class): a class that few real patches hold is seen too seldom by small arms."""
@@ -313,10 +327,15 @@ def _wilcoxon_p(values: np.ndarray) -> float:
         return float(stats.wilcoxon(values).pvalue)
 
 
-def is_collapsed(run: dict[str, Any], threshold: float = COLLAPSE_DICE) -> bool:
-    """Whether a run's judged weights score Dice below `threshold` on a class present in the validation labels."""
+def is_collapsed(run: dict[str, Any], everywhere: dict[int, float] | None = None,
+                 threshold: float = COLLAPSE_DICE) -> bool:
+    """Whether a run's judged weights score Dice below `threshold` on a class present in the validation labels,
+    or no more than CONSTANT_MARGIN above the Dice of predicting it everywhere (`everywhere`, per label)."""
     judged = judged_epoch(run)
-    return any(judged[f"val_dice_{label}"] < threshold for label in run["present"])
+    everywhere = everywhere or {}
+    return any(judged[f"val_dice_{label}"] < threshold
+               or judged[f"val_dice_{label}"] <= everywhere.get(int(label), -math.inf) + CONSTANT_MARGIN
+               for label in run["present"])
 
 
 def judged_epoch(run: dict[str, Any]) -> dict[str, float]:
@@ -334,6 +353,11 @@ class MixResult:
     missing: int = 0  # runs left to other shards and not on disk yet
     #: per source (real, synthetic, val): the share of its patches holding each class segmented
     presence: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: per label: the validation Dice of predicting it on every pixel (see is_collapsed)
+    everywhere: dict[int, float] = field(default_factory=dict)
+
+    def collapsed(self, run: dict[str, Any]) -> bool:
+        return is_collapsed(run, self.everywhere)
 
     @property
     def arms(self) -> list[Arm]:
@@ -354,7 +378,7 @@ class MixResult:
                 "val loss sd": _sd([j["val_loss"] for j in judged]),
                 "Dice mean": np.mean([j["val_dice"] for j in judged]),
                 "Dice sd": _sd([j["val_dice"] for j in judged]),
-                "seeds": len(runs), "collapsed": sum(is_collapsed(r) for r in runs),
+                "seeds": len(runs), "collapsed": sum(self.collapsed(r) for r in runs),
             })
         return pd.DataFrame(rows)
 
@@ -377,12 +401,14 @@ class MixResult:
 
     def collapsed_pairs(self, arm: Arm) -> int:
         """Seeds whose run of the arm or of its baseline collapsed: their difference compares a broken model."""
-        collapsed = {(r["split"], r["seed"]) for r in self.runs if is_collapsed(r)}
+        collapsed = {(r["split"], r["seed"]) for r in self.runs if self.collapsed(r)}
         return sum((arm.name, s) in collapsed or (arm.baseline, s) in collapsed for s in self.differences(arm).index)
 
     def collapse(self) -> dict[str, Any]:
-        collapsed = [r for r in self.runs if is_collapsed(r)]
-        return {"threshold": COLLAPSE_DICE, "runs": len(self.runs), "collapsed": len(collapsed),
+        collapsed = [r for r in self.runs if self.collapsed(r)]
+        return {"threshold": COLLAPSE_DICE, "constant_margin": CONSTANT_MARGIN,
+                "everywhere_dice": {str(label): dice for label, dice in self.everywhere.items()},
+                "runs": len(self.runs), "collapsed": len(collapsed),
                 "share": len(collapsed) / len(self.runs) if self.runs else math.nan,
                 "collapsed_runs": [f"{r['split']} seed {r['seed']}" for r in collapsed]}
 
@@ -425,7 +451,8 @@ def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
             runs.append(record)
     runs += [json.loads(p.read_text()) for p in _late_runs(out, jobs, runs)]
     return MixResult(runs=runs, n=n, config=config, missing=len(jobs) - len(runs),
-                     presence=sources.presence(config.train.class_name))
+                     presence=sources.presence(config.train.class_name),
+                     everywhere=sources.everywhere_dice(config.train.class_name))
 
 
 def _late_runs(out: Path, jobs: list[tuple[int, Arm]], runs: list[dict[str, Any]]) -> list[Path]:
@@ -492,7 +519,8 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
         f"most {train.max_epochs} epochs); judged by the {_judged_weights(config)}",
         f"Dice = pooled Dice of {'the class' if binary else 'each class present, averaged'} over whole validation "
         "patches",
-        f"collapsed runs (judged Dice < {COLLAPSE_DICE} on a class present in the validation labels): "
+        f"collapsed runs (judged Dice < {COLLAPSE_DICE} on a class present in the validation labels, or at most "
+        f"{CONSTANT_MARGIN} above the Dice of predicting it on every pixel: {_everywhere_text(result)}): "
         f"**{collapse['collapsed']} of {collapse['runs']}** ({_percent(collapse['share'])})",
         "patches whose mask holds " + _presence_text(result.presence),
     ])
@@ -519,7 +547,7 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
         report.heading("Dice per class")
         report.table("dice_per_class", _per_class(result), "Dice per class of the judged weights, mean over seeds")
     runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("history", "final", "kept", "present")}
-                         | {"collapsed": is_collapsed(r)} | judged_epoch(r) for r in result.runs])
+                         | {"collapsed": result.collapsed(r)} | judged_epoch(r) for r in result.runs])
     report.table("runs", runs, "every run (the judged epoch's scores)")
     history = result.history()
     with atomic_path(out / "history.csv") as tmp:
@@ -548,6 +576,11 @@ def _judged_weights(config: MixConfig) -> str:
     if config.weights == "final":
         return "final weights (as the thesis)"
     return "weights of the best validation " + ("Dice" if config.train.monitor == "val_dice" else "loss")
+
+
+def _everywhere_text(result: MixResult) -> str:
+    """'0.651' for a binary class; multi-class runs are judged by the first rule alone."""
+    return f"{result.everywhere[1]:.3f}" if 1 in result.everywhere else "not used for multi-class"
 
 
 def _presence_text(presence: dict[str, dict[str, float]]) -> str:
