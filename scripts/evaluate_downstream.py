@@ -118,9 +118,10 @@ class Folders:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def generation_options(sizes: Sizes) -> list[str]:
+def generation_options(sizes: Sizes, from_masks: bool = False) -> list[str]:
+    """Steps, scheduler and (without masks: images from masks have the masks' size) the image size."""
     options = ["--steps", str(sizes.steps)] if sizes.steps else []
-    options += ["--size", str(sizes.synthetic_size)] if sizes.synthetic_size else []
+    options += ["--size", str(sizes.synthetic_size)] if sizes.synthetic_size and not from_masks else []
     return options + (["--scheduler", sizes.scheduler] if sizes.scheduler else [])
 
 
@@ -189,13 +190,14 @@ def stage_masks(folders: Folders, sizes: Sizes) -> None:
     if not (folders.layouts / "masks.csv").is_file():
         run_logged("downstream-masks", histosynth(
             "phantom", "masks", "--out", relative(folders.layouts), "--n", str(sizes.core_real), "--mix", "generating",
-            "--seed", "5", "--no-progress"))
+            "--seed", "5", *(["--size", str(sizes.synthetic_size)] if sizes.synthetic_size else []), "--no-progress"))
     jobs = []
     for seed in range(sizes.pair_candidates):
         jobs.append(folders.from_layouts if seed == 0 else folders.layout_candidates / f"seed{seed}")
         run_sharded("downstream-masks", ["generate", "--model", shipped_mask_model(), "--mask",
                                          relative(folders.layouts), "--mask-captions", "--out", relative(jobs[-1]),
-                                         "--seed", str(seed), *generation_options(sizes)], sizes.processes)
+                                         "--seed", str(seed), *generation_options(sizes, from_masks=True)],
+                    sizes.processes)
     pair(folders.from_layouts / "images", folders.from_layouts / "masks", folders.masks, "downstream-masks")
     select_pairs(jobs, folders.kept_layouts)
     pair(folders.kept_layouts / "images", folders.kept_layouts / "masks", folders.masks_kept, "downstream-masks")
