@@ -157,6 +157,9 @@ def test_a_controlnet_model_loads_its_branch_and_samples_as_generate(tiny_bundle
 
     torch.manual_seed(0)
     unet = add_mask_branch(copy.deepcopy(tiny_bundle.unet), len(RENAL.ids))
+    with torch.no_grad():  # a new branch's zero convolutions would hide the masks: give it weights
+        for parameter in unet.controlnet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
     conditioning = Conditioning.parse("text+mask", 0.1, 0.2, mask_branch="controlnet").to_config(RENAL.ids)
     folder = save_bundle(tmp_path / "controlled", unet, tiny_bundle.autoencoder, tiny_bundle.scheduler_config,
                          tiny_bundle.text_encoder, RENAL, {"image_size": tiny_bundle.image_size,
@@ -189,6 +192,8 @@ def test_a_controlnet_model_loads_its_branch_and_samples_as_generate(tiny_bundle
         assert [r["seed"] for r in output.records] == [item_seed(5, i) for i in range(3)]
         for image, reference in zip(output.images, expected, strict=True):
             np.testing.assert_array_equal(np.asarray(image), reference)
+    unmasked = pipe(CAPTION, num_images_per_prompt=3, num_inference_steps=1, seed=5, batch_size=2).images
+    assert all(not np.array_equal(np.asarray(a), b) for a, b in zip(unmasked, expected, strict=True))  # masks count
     with pytest.raises(ConfigError, match="one image is made per mask: leave num_images_per_prompt at 1"):
         pipe(CAPTION, mask=masks, num_images_per_prompt=2)
 
