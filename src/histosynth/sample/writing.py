@@ -162,6 +162,11 @@ class _Batch:
     whole: bool
 
 
+def _error(write: Future) -> Optional[BaseException]:
+    """The error of a finished write (None while it runs, once cancelled, or when it succeeded)."""
+    return write.exception() if write.done() and not write.cancelled() else None
+
+
 class ImageWriter:
     """Writes batches of images on ``threads`` threads and records each batch once all of it is on disk.
 
@@ -223,24 +228,21 @@ class ImageWriter:
     def _record_written(self, _: Optional[Future] = None) -> None:
         """Record the oldest batches whose images are all written without error (a writer's callback)."""
         with self._lock:
-            while self._waiting and all(w.done() and not w.cancelled() and w.exception() is None
-                                        for w in self._waiting[0].writes):
+            while self._waiting and all(write.done() and not write.cancelled() and _error(write) is None
+                                        for write in self._waiting[0].writes):
                 self._record(self._waiting.popleft())
 
     def _raise_failed(self) -> None:
         """Raise the error of the oldest batch if one of its writes failed."""
         with self._lock:
             first = self._waiting[0] if self._waiting else None
-            failed = first is not None and any(w.done() and not w.cancelled() and w.exception() is not None
-                                               for w in first.writes)
-        if failed:
-            for path, write in zip(first.paths, first.writes, strict=True):
-                exc = write.exception() if write.done() and not write.cancelled() else None
-                if isinstance(exc, OSError):
-                    raise JobError(f"could not write {path} ({exc.strerror or exc}); free the disk or fix the "
-                                   "folder, then run the job again (it resumes)") from exc
-                if exc is not None:
-                    raise exc
+        for path, write in zip(first.paths, first.writes, strict=True) if first is not None else ():
+            exc = _error(write)
+            if isinstance(exc, OSError):
+                raise JobError(f"could not write {path} ({exc.strerror or exc}); free the disk or fix the "
+                               "folder, then run the job again (it resumes)") from exc
+            if exc is not None:
+                raise exc
 
     def _record(self, batch: _Batch) -> None:
         if batch.items:
