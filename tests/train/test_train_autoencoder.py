@@ -68,3 +68,35 @@ def test_an_out_path_that_is_a_file_is_refused(blob_dataset, tmp_path, capsys):
     out.write_text("mine")
     assert main(["train-autoencoder", str(blob_dataset.root), "--out", str(out), "--steps", "1"]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err and out.read_text() == "mine"
+
+
+def test_a_decoder_fine_tune_keeps_the_latents_and_their_scale(blob_dataset, tmp_path):
+    from histosynth.models.autoencoder import write_autoencoder_folder
+
+    from .conftest import seeded_autoencoder
+
+    start = seeded_autoencoder(3)
+    start.register_to_config(scaling_factor=0.37)
+    write_autoencoder_folder(tmp_path / "start", start, {})
+    out = tmp_path / "tuned"
+    args = ["train-autoencoder", str(blob_dataset.root), "--init", str(tmp_path / "start"), "--decoder-only",
+            "--out", str(out), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "3"]
+    assert main(args) == 0
+    tuned = load_autoencoder_folder(out).eval()
+    assert tuned.config.scaling_factor == 0.37
+    assert json.loads((out / "metrics.json").read_text())["trained"] == "decoder"
+    before, after = start.state_dict(), tuned.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+    assert any(name.startswith("post_quant_conv.") for name in changed)
+    images = torch.stack([to_model_range(blob_dataset.image(row)) for _, row in blob_dataset.manifest.iterrows()])
+    with torch.no_grad():
+        assert torch.equal(encode_latents(start, images), encode_latents(tuned, images))
+
+
+def test_a_decoder_fine_tune_needs_an_autoencoder_to_start_from(blob_dataset, tmp_path, capsys):
+    out = tmp_path / "ae"
+    assert main(["train-autoencoder", str(blob_dataset.root), "--decoder-only", "--out", str(out), "--steps", "1"]) == 2
+    message = "--decoder-only fine-tunes the decoder of an existing autoencoder; give it with --init"
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

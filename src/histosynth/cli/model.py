@@ -1,6 +1,7 @@
 """Model-folder commands: `histosynth import-compvis` takes over a CompVis / PathLDM / generationLDM
 checkpoint (a LatentDiffusion becomes a model folder, a first-stage VQModel / AutoencoderKL an autoencoder
-folder); `histosynth latent-range` sets the range of training latents that sampling clamps into."""
+folder); `histosynth latent-range` sets the range of training latents that sampling clamps into;
+`histosynth replace-decoder` gives a model a decoder fine-tuned for its latents."""
 
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ PARTIAL_FORMAT = "histosynth.compvis-import"
 def register(app: typer.Typer) -> None:
     app.command("import-compvis")(import_compvis_command)
     app.command("latent-range")(latent_range_command)
+    app.command("replace-decoder")(replace_decoder_command)
+
+
+def replace_decoder_command(
+    model: Path = typer.Argument(..., help="model folder"),
+    autoencoder: Path = typer.Option(
+        ..., "--autoencoder", help="autoencoder folder whose decoder to take: one fine-tuned with "
+        "'histosynth train-autoencoder --init MODEL --decoder-only'"),
+    out: Path = typer.Option(..., "--out", help="model folder to write (MODEL with the new decoder)"),
+) -> None:
+    """Copy a model with another decoder for the same latents: the denoiser is untouched, the images it
+    decodes are the new decoder's. Refused when the autoencoder encodes other latents than the model's."""
+    from ..models.bundle import replace_decoder
+
+    config = replace_decoder(model, autoencoder, out)
+    typer.echo(f"wrote model folder {out}: {model} with the decoder of {autoencoder} (decoder "
+               f"{config.latent.decoder}; model id {config.id})")
 
 
 def latent_range_command(

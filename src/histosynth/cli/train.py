@@ -231,6 +231,9 @@ def train_autoencoder_command(
         "diffusers autoencoder folder on disk (images in [-1, 1] -> features); none is downloaded"),
     perceptual_weight: Optional[float] = typer.Option(
         None, "--perceptual-weight", help="weight of the perceptual distance (default: the preset's)"),
+    decoder_only: bool = typer.Option(
+        False, "--decoder-only", help="with --init: train its decoder only; the latents and latent scale stay "
+        "the same, so models trained on them take the new decoder as they are (histosynth replace-decoder)"),
     run: dict = AutoencoderRun,
 ) -> None:
     """Train or fine-tune the f4 autoencoder (CompVis' first-stage losses: reconstruction, KL / VQ, a PatchGAN
@@ -241,7 +244,7 @@ def train_autoencoder_command(
     chosen = with_loss_options(load_preset(preset), disc_start=disc_start, disc_weight=disc_weight,
                                perceptual_weight=perceptual_weight)
     options = AutoencoderTrainOptions(**folders, preset=chosen, steps=steps, batch_size=batch_size, lr=lr,
-                                      perceptual=perceptual, **run)
+                                      perceptual=perceptual, decoder_only=decoder_only, **run)
     with plain_output():
         result = train_autoencoder(options)
     if result.main_process:

@@ -346,6 +346,50 @@ def autoencoder_losses(
     return AutoencoderLosses(reconstruction + weight * regularisation, reconstruction, regularisation, x_hat)
 
 
+#: the modules after the latent (a VQ autoencoder quantises before them): what a decoder fine-tune trains
+DECODER_MODULES = ("post_quant_conv", "decoder")
+
+
+def is_decoder_weight(name: str) -> bool:
+    """Whether the state-dict entry ``name`` belongs to :data:`DECODER_MODULES`."""
+    return name.split(".", 1)[0] in DECODER_MODULES
+
+
+def freeze_all_but_decoder(ae: Autoencoder) -> None:
+    """Only :data:`DECODER_MODULES` keep gradients: the latents ``ae`` encodes stay the same."""
+    ae.requires_grad_(False)
+    for name in DECODER_MODULES:
+        getattr(ae, name).requires_grad_(True)
+
+
+def latents_differ(ae: Autoencoder, other: Autoencoder) -> Optional[str]:
+    """Why ``other`` does not encode the latents ``ae`` encodes (None when it does, bit for bit): another kind,
+    latent shape or scale, or other weights before the latent (encoder, quant_conv, a VQ codebook)."""
+    if type(ae) is not type(other):
+        return f"it is a {type(other).__name__}, not a {type(ae).__name__}"
+    for setting in ("latent_channels", "scaling_factor"):
+        if ae.config.get(setting) != other.config.get(setting):
+            return f"its {setting} is {other.config.get(setting)}, not {ae.config.get(setting)}"
+    mine, theirs = ae.state_dict(), other.state_dict()
+    for name in sorted(name for name in mine.keys() | theirs.keys() if not is_decoder_weight(name)):
+        if name not in mine or name not in theirs or mine[name].shape != theirs[name].shape \
+                or not torch.equal(mine[name], theirs[name]):
+            return f"its weights before the latent differ (first: {name!r})"
+    return None
+
+
+def decoder_digest(ae: Autoencoder) -> str:
+    """A short digest of the decoder's weights (:data:`DECODER_MODULES`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(ae.state_dict().items()):
+        if is_decoder_weight(name):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def decoder_last_layer(ae: Autoencoder) -> torch.Tensor:
     """The weight of the decoder's output convolution: where the adaptive GAN weight compares gradients."""
     return ae.decoder.conv_out.weight

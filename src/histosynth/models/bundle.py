@@ -84,6 +84,8 @@ class LatentSection(_Section):
     downsampling: int = Field(ge=1)
     quantize_before_decode: bool = False
     range: Optional[LatentRange] = None
+    #: digest of a decoder that replaced the trained one (``histosynth replace-decoder``); part of the id
+    decoder: Optional[str] = None
 
     @field_validator("scale")
     @classmethod
@@ -188,8 +190,9 @@ class ModelConfig(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The description as written to ``histosynth.json`` (a model without a latent range has no ``range``)."""
         data = self.model_dump(mode="json", by_alias=True)
-        if data["latent"]["range"] is None:
-            del data["latent"]["range"]
+        for optional in ("range", "decoder"):
+            if data["latent"][optional] is None:
+                del data["latent"][optional]
         return data
 
 
@@ -413,9 +416,9 @@ def _check_conditioning(conditioning: ConditioningSection, schema: ClassSchema, 
         )
 
 
-def _bundle_id(folder: Path, latent_range: Optional[LatentRange]) -> str:
-    """Digest of the denoiser's weights and, when it has one, the latent range sampling clamps into:
-    everything besides the sampling options that decides a generated image."""
+def _bundle_id(folder: Path, latent_range: Optional[LatentRange], decoder: Optional[str] = None) -> str:
+    """Digest of the denoiser's weights and, when it has them, the latent range sampling clamps into and
+    the digest of a replaced decoder: everything besides the sampling options that decides a generated image."""
     digest = hashlib.sha256()
     for part in (folder / "unet", folder / CONTROLNET_DIR):
         for weights in sorted(part.glob("*.safetensors")):
@@ -424,6 +427,8 @@ def _bundle_id(folder: Path, latent_range: Optional[LatentRange]) -> str:
                     digest.update(block)
     if latent_range is not None:
         digest.update(json.dumps(latent_range.to_dict(), sort_keys=True).encode())
+    if decoder is not None:
+        digest.update(f"decoder {decoder}".encode())
     return digest.hexdigest()[:12]
 
 
@@ -439,9 +444,49 @@ def set_latent_range(path: str | Path, latent_range: Optional[LatentRange]) -> s
         raise ModelError(f"{path}: the latent range has {latent_range.channels} channels but the autoencoder's "
                          f"latents have {config.latent.channels}")
     updated = config.model_copy(update={"latent": config.latent.model_copy(update={"range": latent_range}),
-                                        "id": _bundle_id(path, latent_range)})
+                                        "id": _bundle_id(path, latent_range, config.latent.decoder)})
     write_model_config(path, updated)
     return updated.id
+
+
+def replace_decoder(model: str | Path, autoencoder: str | Path, out: str | Path) -> ModelConfig:
+    """Write a copy of the model folder ``model`` to ``out`` that decodes with the decoder of ``autoencoder``
+    (an autoencoder or model folder) and returns its description.
+
+    Only a decoder for the same latents fits: ``autoencoder`` must encode exactly as ``model``'s own
+    autoencoder does (what ``train-autoencoder --init MODEL --decoder-only`` keeps), else the copy is refused.
+    The denoiser is untouched; the copy's id changes (generation jobs of the two never mix) and its
+    provenance records the decoder (``autoencoder``'s ``metrics.json`` when it has one).
+    """
+    from .autoencoder import decoder_digest, latents_differ, load_checked_autoencoder
+
+    model, autoencoder, out = Path(model), Path(autoencoder), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    config = read_bundle_config(model)
+    decoder = load_checked_autoencoder(autoencoder)
+    problem = latents_differ(load_autoencoder_folder(model), decoder)
+    if problem:
+        raise ModelError(f"{autoencoder} does not encode the latents {model} was trained on ({problem}); only a "
+                         f"decoder fine-tuned with 'histosynth train-autoencoder --init {model} --decoder-only' "
+                         "can replace its decoder")
+    digest = decoder_digest(decoder)
+    folder = autoencoder / "autoencoder" if (autoencoder / CONFIG_FILE).is_file() else autoencoder
+    metrics_file = folder / "metrics.json"
+    record = {"from": str(autoencoder.resolve()), "digest": digest,
+              **(json.loads(metrics_file.read_text()) if metrics_file.is_file() else {})}
+    with staged_folder(out) as staging:
+        shutil.copytree(model, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+        for weights in (staging / "autoencoder").glob("diffusion_pytorch_model*"):
+            weights.unlink()  # (its provenance.json stays: the encoder is the one it describes)
+        decoder.save_pretrained(staging / "autoencoder")
+        updated = config.model_copy(update={
+            "latent": config.latent.model_copy(update={"decoder": digest}),
+            "id": _bundle_id(staging, config.latent.range, digest),
+            "provenance": {**config.provenance, "decoder": record}})
+        write_model_config(staging, updated)
+        write_model_index(staging)
+    return updated
 
 
 def write_model_config(folder: str | Path, config: ModelConfig) -> None:

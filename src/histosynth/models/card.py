@@ -139,12 +139,22 @@ def _training(provenance: Mapping[str, Any]) -> str:
     lines += _commands("Commands", provenance.get("command"))
     autoencoder = provenance.get("autoencoder")
     if isinstance(autoencoder, Mapping):
-        details = [f"{autoencoder['steps']} steps" if autoencoder.get("steps") else None,
-                   f"on {_data(autoencoder.get('data') or {'dataset': autoencoder.get('dataset', '?')})}",
-                   _duration(autoencoder["wall_time_s"]) if autoencoder.get("wall_time_s") else None]
-        lines += ["", "The autoencoder: " + ", ".join(filter(None, details)) + "."]
+        lines += ["", f"The autoencoder: {_how_trained(autoencoder)}."]
         lines += _commands("Its commands", autoencoder.get("command"))
+    decoder = provenance.get("decoder")
+    if isinstance(decoder, Mapping):
+        lines += ["", "The decoder was replaced by one fine-tuned alone on the same latents (decoder "
+                  f"{decoder.get('digest', '?')}): {_how_trained(decoder)}."]
+        lines += _commands("Its commands", decoder.get("command"))
     return "\n".join(lines)
+
+
+def _how_trained(record: Mapping[str, Any]) -> str:
+    """Steps, data and wall time of the autoencoder's (or a replaced decoder's) training record."""
+    details = [f"{record['steps']} steps" if record.get("steps") else None,
+               f"on {_data(record.get('data') or {'dataset': record.get('dataset', '?')})}",
+               _duration(record["wall_time_s"]) if record.get("wall_time_s") else None]
+    return ", ".join(filter(None, details))
 
 
 def _metrics(provenance: Mapping[str, Any]) -> str:
@@ -158,25 +168,33 @@ def _metrics(provenance: Mapping[str, Any]) -> str:
         what = _TRAINING_METRICS.get(key, key)
         how = metrics.get("sample_timing", "sampling after training") if key.startswith("sample_") else training
         rows.append((what, value, how))
-    autoencoder = provenance.get("autoencoder")
-    if isinstance(autoencoder, Mapping):
-        measured = "the autoencoder's training command (held-out split" + (
-            f", {autoencoder['held_out_patches']} patches)" if autoencoder.get("held_out_patches") else ")")
-        rows += [(what, autoencoder[key], measured) for key, what in _AUTOENCODER_METRICS.items()
-                 if autoencoder.get(key) is not None]
-        held_out = autoencoder.get("held_out")
-        if isinstance(held_out, Mapping):
-            for source, scores in held_out.items():
-                if isinstance(scores, Mapping):
-                    how = f"reconstructions of {scores.get('patches', '?')} held-out `{source}` patches after training"
-                    rows += [(f"{what} ({source})", scores[key], how)
-                             for key, what in (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"),
-                                               ("two_sample_auc", "two-sample AUC")) if key in scores]
+    for part, training_command in (("autoencoder", "the autoencoder's training command"),
+                                   ("decoder", "the decoder's fine-tune")):
+        if isinstance(provenance.get(part), Mapping):
+            rows += _reconstruction_rows(provenance[part], part, training_command)
     if not rows:
         return "## Metrics\n\nNone recorded."
     table = ["## Metrics", "", "| metric | value | measured by |", "|---|---|---|"]
     table += [f"| {what} | {_number(value)} | {how} |" for what, value, how in rows]
     return "\n".join(table)
+
+
+def _reconstruction_rows(record: Mapping[str, Any], part: str, training_command: str) -> list[tuple]:
+    """The reconstruction metrics of the autoencoder's (or a replaced decoder's) record: those its training
+    command measured and those of its ``held_out`` evaluation per source."""
+    label = "" if part == "autoencoder" else f" ({part})"
+    measured = f"{training_command} (held-out split" + (
+        f", {record['held_out_patches']} patches)" if record.get("held_out_patches") else ")")
+    rows = [(what + label, record[key], measured) for key, what in _AUTOENCODER_METRICS.items()
+            if record.get(key) is not None]
+    held_out = record.get("held_out")
+    for source, scores in (held_out.items() if isinstance(held_out, Mapping) else ()):
+        if isinstance(scores, Mapping):
+            how = f"reconstructions of {scores.get('patches', '?')} held-out `{source}` patches after training"
+            rows += [(f"{what} ({source}){label}", scores[key], how)
+                     for key, what in (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"),
+                                       ("two_sample_auc", "two-sample AUC")) if key in scores]
+    return rows
 
 
 def _use_and_limits(config: "ModelConfig", provenance: Mapping[str, Any]) -> str:

@@ -14,6 +14,11 @@ unit-variance latents; a VQ one keeps its configured scale (1.0 for PathLDM's VQ
 Checkpoints hold the discriminator and the one Adam optimiser of both networks, so ``--resume``
 continues the adversarial training exactly; the perceptual network is frozen and stays out of them.
 
+``decoder_only`` fine-tunes the decoder of an existing autoencoder and freezes everything that makes
+its latents (encoder, ``quant_conv``, a VQ codebook) and its latent scale: the latents stay what they
+were, bit for bit, so every model trained on them can decode with the new decoder unchanged
+(``histosynth replace-decoder``), as Stability's ft-MSE / ft-EMA decoders were made for Stable Diffusion.
+
 The result is a diffusers autoencoder folder (usable as ``histosynth train --autoencoder DIR``) with
 ``metrics.json`` beside the weights.
 """
@@ -33,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
 from ..data.torchdata import PatchTorchDataset
-from ..errors import DataError, JobError
+from ..errors import ConfigError, DataError, JobError
 from ..models.autoencoder import (
     Autoencoder,
     autoencoder_losses,
@@ -42,6 +47,7 @@ from ..models.autoencoder import (
     decoder_last_layer,
     encode_latents,
     estimate_latent_scale,
+    freeze_all_but_decoder,
     is_vq,
     load_checked_autoencoder,
     psnr,
@@ -123,7 +129,7 @@ class AutoencoderModule(L.LightningModule):
             self.perceptual.to(self.device)
 
     def configure_optimizers(self):
-        groups = [{"params": list(self.autoencoder.parameters())}]
+        groups = [{"params": [p for p in self.autoencoder.parameters() if p.requires_grad]}]
         if self.adversarial is not None:
             groups.append({"params": list(self.adversarial.discriminator.parameters())})
         return torch.optim.Adam(groups, lr=self.lr, betas=(0.5, 0.9))
@@ -171,6 +177,7 @@ class AutoencoderTrainOptions:
     lr: float = 1e-4
     precision: Optional[str] = None
     init: Optional[Path] = None
+    decoder_only: bool = False
     perceptual: Optional[Path] = None
     resume: bool = False
     scale_lr: bool = False
@@ -209,6 +216,8 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
         autoencoder = load_checked_autoencoder(options.init) if options.init else build_autoencoder(options.preset)
         discriminator = build_discriminator(losses) if losses.adversarial else None
     autoencoder.train().requires_grad_(True)
+    if options.decoder_only:
+        freeze_all_but_decoder(autoencoder)
 
     run = RunFolder(options.run_dir or options.out.with_name(options.out.name + ".run"))
     settings = {"dataset": str(Path(options.dataset).resolve()), "preset": options.preset.to_dict(),
@@ -218,6 +227,8 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
         settings.update(scale_lr=True)
     if options.perceptual:
         settings.update(perceptual=str(Path(options.perceptual).resolve()))
+    if options.decoder_only:
+        settings.update(decoder_only=True)
     resume_from = run.start(settings, options.resume)
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             [], options.show_progress, check_val_every_n_epoch=None,
@@ -237,7 +248,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     metrics = trainer.validate(module, validation, verbose=False)[0]
 
     autoencoder = module.autoencoder.to("cpu").eval()
-    if not is_vq(autoencoder):
+    if not is_vq(autoencoder) and not options.decoder_only:  # a decoder fine-tune keeps the init's latents
         autoencoder.register_to_config(scaling_factor=_latent_scale(autoencoder, dataset))
     result = AutoencoderTrainResult(options.out, float(metrics["val_psnr"]), float(metrics["val_ssim"]),
                                     len(held_out), int(trainer.global_step), time.perf_counter() - started,
@@ -250,7 +261,8 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
             "losses": losses.model_dump(), "perceptual": settings.get("perceptual"),
             "fit_time_s": round(fit_seconds, 1),
             "steps": result.steps, "latent_scale": float(autoencoder.config.scaling_factor),
-            "dataset": str(options.dataset), "init": settings["init"], "wall_time_s": round(result.wall_time_s, 1),
+            "dataset": str(options.dataset), "init": settings["init"],
+            "trained": "decoder" if options.decoder_only else "all", "wall_time_s": round(result.wall_time_s, 1),
             "lr": lr, "base_lr": options.lr, "scale_lr": options.scale_lr, "world_size": trainer.world_size,
             "global_batch_size": global_batch,
             "command": options.command,
@@ -270,6 +282,9 @@ def check_autoencoder_options(options: AutoencoderTrainOptions) -> None:
     validation.positive_int(options.checkpoint_every, "--checkpoint-every")
     validation.int_at_least(options.num_workers, "--workers", 0)
     validation.positive_int(options.devices.num_nodes, "--num-nodes")
+    if options.decoder_only and options.init is None:
+        raise ConfigError("--decoder-only fine-tunes the decoder of an existing autoencoder; give it with --init "
+                          "(an autoencoder folder or a model folder)")
 
 
 def with_loss_options(preset: Preset, **overrides: Any) -> Preset:
