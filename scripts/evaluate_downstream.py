@@ -30,6 +30,7 @@ carry two or three and every real-only run collapsed.)
                and, per layout, the best of 3 seeds kept by `select-pairs`: the core comparison with each
 5. curve       the scarcity curve: 12 / 24 / 48 / 96 real patches, each alone and with 1x and 4x of
                the caption set added, and each count of synthetic patches alone
+   curve-steps the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
 6. multiclass  the core comparison as a multi-class segmentation
 7. summary     runs/downstream/summary.md: every experiment's paired differences and collapsed runs
 """
@@ -209,10 +210,19 @@ def stage_multiclass(folders: Folders, sizes: Sizes) -> None:
     experiment(folders, sizes, "core-caption-multiclass", folders.caption, core_design(sizes), binary=False)
 
 
+def curve_design(sizes: Sizes) -> list[str]:
+    return ["--design", "curve", "--real-counts", ",".join(map(str, sizes.real_counts)),
+            "--synthetic-multiples", ",".join(map(str, sizes.multiples))]
+
+
 def stage_curve(folders: Folders, sizes: Sizes) -> None:
-    design = ["--design", "curve", "--real-counts", ",".join(map(str, sizes.real_counts)),
-              "--synthetic-multiples", ",".join(map(str, sizes.multiples))]
-    experiment(folders, sizes, "curve-caption", folders.caption, design)
+    experiment(folders, sizes, "curve-caption", folders.caption, curve_design(sizes))
+
+
+def stage_curve_steps(folders: Folders, sizes: Sizes) -> None:
+    """The curve again with every arm trained as many optimiser steps as the largest (--equal-steps): at equal
+    epochs a 12-patch run makes an eighth of the steps of a 96-patch one."""
+    experiment(folders, sizes, "curve-caption-steps", folders.caption, [*curve_design(sizes), "--equal-steps"])
 
 
 #: The experiments of the summary: report folder and what its synthetic set is.
@@ -223,6 +233,7 @@ EXPERIMENTS = {
     "core-masks-kept": "binary Glomeruli; synthetic = per layout the best of the seeds' images (select-pairs)",
     "core-caption-multiclass": "multi-class; synthetic = generating-caption images, masks from the shipped segmenter",
     "curve-caption": "binary Glomeruli, scarcity curve; synthetic = generating-caption images",
+    "curve-caption-steps": "the scarcity curve with every arm trained the optimiser steps of the largest",
 }
 
 
@@ -258,7 +269,8 @@ def experiment_summary(report: Path, what: str) -> list[str]:
 
 
 STAGES = {"data": stage_data, "caption": stage_caption, "thesis-loop": stage_thesis_loop, "core": stage_core,
-          "masks": stage_masks, "curve": stage_curve, "multiclass": stage_multiclass, "summary": stage_summary}
+          "masks": stage_masks, "curve": stage_curve, "curve-steps": stage_curve_steps, "multiclass": stage_multiclass,
+          "summary": stage_summary}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -20,6 +20,7 @@ from histosynth.evaluate.mix import (
     MixConfig,
     MixResult,
     MixSources,
+    arm_training,
     is_collapsed,
     mix_config,
     paired_difference,
@@ -271,6 +272,32 @@ def test_patches_holding_the_class_are_counted_and_a_scarce_class_is_named(toy_d
     assert "--mix generating" in warning
     for share, class_name in ((0.25, "Glomeruli"), (math.nan, "Glomeruli"), (0.05, None)):
         assert scarce_class_warning({"real": {"Glomeruli": share}}, class_name) is None
+
+
+def test_equal_steps_give_smaller_arms_more_epochs_on_the_same_schedule():
+    train = SegmentTrainConfig(batch_size=4, max_epochs=6, warmup_epochs=2.0, val_every=3, patience=5)
+    config = MixConfig(train=train, equal_steps=True)
+    assert arm_training(config, Arm("r96_s0", 96, 0), 96) == train  # the largest arm keeps its epochs
+    small = arm_training(config, Arm("r12_s0", 12, 0), 96)  # 3 batches an epoch against 24: 8x the epochs
+    assert (small.max_epochs, small.warmup_epochs, small.val_every, small.patience) == (48, 16.0, 24, 5)
+    odd = arm_training(config, Arm("r10_s0", 10, 0), 48)  # 3 batches (the last of 2) against 12
+    assert (odd.max_epochs, odd.warmup_epochs, odd.val_every) == (24, 8.0, 12)
+    assert arm_training(MixConfig(train=train), Arm("r12_s0", 12, 0), 96) == train  # equal epochs: unchanged
+
+
+def test_mix_command_with_equal_steps(toy_dataset, synthetic_dataset, val_dataset, tmp_path, capsys):
+    out = tmp_path / "curve"
+    assert main(["experiment", "mix", "--real", str(toy_dataset.root), "--synthetic", str(synthetic_dataset.root),
+                 "--val", str(val_dataset.root), "--out", str(out), "--design", "curve", "--real-counts", "2,4",
+                 "--synthetic-multiples", "0,1", "--no-synthetic-only", "--seeds", "1", "--class", "Glomeruli",
+                 "--base-channels", "2", "--input-size", "204", "--batch-size", "4", "--epochs", "1",
+                 "--equal-steps", "--device", "cpu", "--no-progress"]) == 0
+    runs = {r["split"]: r for r in (json.loads(p.read_text()) for p in (out / "runs").glob("*.json"))}
+    # 2, 4 and 4 patches are one batch of 4, the 8 patches of r4_s4 two: the smaller arms train 2 epochs
+    assert {name: (r["patches"], r["max_epochs"], r["planned_steps"]) for name, r in runs.items()} == {
+        "r2_s0": (2, 2, 2), "r2_s2": (4, 2, 2), "r4_s0": (4, 2, 2), "r4_s4": (8, 1, 2)}
+    assert all(len(r["history"]) == 1 for r in runs.values())  # validated once, after the last step
+    assert "every arm trains as many optimiser steps, about 2: 2 patches 2 epochs" in (out / "report.md").read_text()
 
 
 def test_datasets_of_different_schemas_are_refused(toy_dataset, tmp_path):

@@ -370,6 +370,9 @@ def mix(
         True, "--synthetic-only/--no-synthetic-only", help="curve: also train on R synthetic patches alone"),
     weights: str = typer.Option(
         "best", "--weights", help="judge the best weights (by --monitor) or the final ones (as the thesis)"),
+    equal_steps: bool = typer.Option(
+        False, "--equal-steps/--equal-epochs", help="every arm trains the optimiser steps of the largest arm's "
+        "--epochs (smaller arms more epochs; warm-up and validation interval scaled alike), or the same epochs"),
     shard: Optional[str] = typer.Option(
         None, "--shard", help="i/n: train runs i, i+n, ... only (several processes share the folder); run again "
                               "without it once all are done, for the report"),
@@ -391,7 +394,7 @@ def mix(
 
     config = mix_config(splits, seeds, n, segment_train_config(training, TRAINING_DEFAULTS), design=design,
                         real_counts=real_counts, synthetic_multiples=synthetic_multiples,
-                        synthetic_only=synthetic_only, weights=weights)
+                        synthetic_only=synthetic_only, weights=weights, equal_steps=equal_steps)
     sources = MixSources.from_datasets(open_dataset(real), open_dataset(synthetic),
                                        open_dataset(val) if val is not None else None)
     warning = scarce_class_warning(sources.presence(config.train.class_name), config.train.class_name)

@@ -151,6 +151,8 @@ class MixConfig(BaseModel):
     synthetic_only: bool = Field(True, description="curve: also R synthetic patches alone per real count R")
     weights: Literal["best", "final"] = Field(
         "best", description="the weights judged: best validation score (train.monitor) or the final ones (thesis)")
+    equal_steps: bool = Field(False, description="every arm trains the optimiser steps of the largest arm's "
+                                                 "epochs (its epochs, warm-up and validation interval scaled)")
     train: SegmentTrainConfig = SegmentTrainConfig(**TRAINING_DEFAULTS)
 
     @field_validator("splits")
@@ -438,6 +440,7 @@ def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
         split_rows(arm, sources.real.rows, sources.synthetic.rows, config.seeds[0])
     _claim_folder(out, {"config": config.model_dump(mode="json"), "n": n, "sources": sources.describe()})
     jobs = [(seed, arm) for seed in config.seeds for arm in arms]
+    largest = max(arm.patches for arm in arms)
     console = Console(quiet=not progress)
     runs = []
     for number, (seed, arm) in enumerate(jobs):
@@ -446,7 +449,8 @@ def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
             runs.append(json.loads(path.read_text()))
         elif shard.takes(number):
             console.print(f"run {number + 1}/{len(jobs)}: {arm.name}, seed {seed}")
-            record = _run_arm(sources, arm, seed, config, out / "logs" / path.stem, progress)
+            train = arm_training(config, arm, largest).model_copy(update={"seed": seed})
+            record = _run_arm(sources, arm, train, config.weights, out / "logs" / path.stem, progress)
             write_json_atomic(path, record)
             runs.append(record)
     runs += [json.loads(p.read_text()) for p in _late_runs(out, jobs, runs)]
@@ -462,17 +466,44 @@ def _late_runs(out: Path, jobs: list[tuple[int, Arm]], runs: list[dict[str, Any]
     return [path for path in paths if path.exists()]
 
 
-def _run_arm(sources: MixSources, arm: Arm, seed: int, config: MixConfig, log_dir: Path,
+def arm_training(config: MixConfig, arm: Arm, largest: int) -> SegmentTrainConfig:
+    """The training loop of one arm: the experiment's, or with ``config.equal_steps`` the same schedule
+    counted in optimiser steps. Then an arm of fewer patches trains for more epochs, as many as give the
+    steps of ``largest`` patches' ``max_epochs``, with its warm-up and validation interval (so also its
+    patience, counted in validations) scaled alike."""
+    train = config.train
+    if not config.equal_steps:
+        return train
+    factor = math.ceil(largest / train.batch_size) / math.ceil(arm.patches / train.batch_size)
+    return train.model_copy(update={"max_epochs": max(1, round(train.max_epochs * factor)),
+                                    "warmup_epochs": train.warmup_epochs * factor,
+                                    "val_every": max(1, round(train.val_every * factor))})
+
+
+def _equal_steps_text(config: MixConfig, result: "MixResult") -> str:
+    """With equal steps: the steps every arm trains and what its epochs become."""
+    if not config.equal_steps or not result.runs:
+        return ""
+    largest = max(r["patches"] for r in result.runs)
+    epochs = sorted({(r["patches"], r.get("max_epochs")) for r in result.runs})
+    return (f" of the largest arm ({largest} patches); every arm trains as many optimiser steps, about "
+            f"{max(r.get('planned_steps') or 0 for r in result.runs)}: "
+            + ", ".join(f"{patches} patches {max_epochs} epochs" for patches, max_epochs in epochs))
+
+
+def _run_arm(sources: MixSources, arm: Arm, train: SegmentTrainConfig, weights: str, log_dir: Path,
              progress: bool) -> dict[str, Any]:
-    """One training run of the experiment, judged by the weights `config.weights` names."""
-    real, synthetic = split_rows(arm, sources.real.rows, sources.synthetic.rows, seed)
+    """One training run of the experiment (``train`` holds its seed), judged by the weights ``weights`` names."""
+    real, synthetic = split_rows(arm, sources.real.rows, sources.synthetic.rows, train.seed)
     run = train_segmenter(
         [PatchRows(sources.real.dataset, real), PatchRows(sources.synthetic.dataset, synthetic)],
-        sources.val, config.train.model_copy(update={"seed": seed}), sources.real.dataset.schema,
-        log_dir=log_dir, keep_best=config.weights == "best", progress=progress,
+        sources.val, train, sources.real.dataset.schema,
+        log_dir=log_dir, keep_best=weights == "best", progress=progress,
     )
-    return {"split": arm.name, "seed": seed, "real": len(real), "synthetic": len(synthetic),
-            "patches": len(real) + len(synthetic), "epochs": int(run.final["epoch"]),  # the last one validated
+    return {"split": arm.name, "seed": train.seed, "real": len(real), "synthetic": len(synthetic),
+            "patches": len(real) + len(synthetic), "max_epochs": train.max_epochs,
+            "planned_steps": train.max_epochs * math.ceil((len(real) + len(synthetic)) / train.batch_size),
+            "epochs": int(run.final["epoch"]),  # the last one validated
             "stopped_early": run.stopped_early, "seconds": round(run.seconds, 2), "weights": run.kept,
             "present": run.present, "initial_weights": run.initial_weights,
             "real_patches": _fingerprint(real["patch_id"]) if len(real) else None,
@@ -516,7 +547,8 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
         f"training: learning rate {train.learning_rate} with a {train.warmup_epochs:g}-epoch warm-up, then "
         f"{train.schedule}; {'BCE' if binary else 'cross-entropy'} (class weights: {train.class_weights}) + "
         f"{train.dice_weight} x soft-Dice loss; EarlyStopping on {train.monitor} (patience {train.patience}, at "
-        f"most {train.max_epochs} epochs); judged by the {_judged_weights(config)}",
+        f"most {train.max_epochs} epochs{_equal_steps_text(config, result)}); judged by the "
+        f"{_judged_weights(config)}",
         f"Dice = pooled Dice of {'the class' if binary else 'each class present, averaged'} over whole validation "
         "patches",
         f"collapsed runs (judged Dice < {COLLAPSE_DICE} on a class present in the validation labels, or at most "
