@@ -8,10 +8,11 @@
 
 It uses the models shipped in ``src/histosynth/weights/`` and makes its own real data. Stages, each
 skipped when its output exists; outputs go to ``runs/downstream/``, every command's output to
-``runs/logs/downstream-<stage>.log``. Every experiment is binary Glomeruli unless said otherwise, with
-the same seeds, the same fixed real validation set and the experiment's own training loop (warm-up and
-cosine rate, balanced class weights, the weights of the best validation Dice); each compares its arms
-with real only, paired by seed.
+``runs/logs/downstream-<stage>.log``; ``--width N`` trains the segmenters N channels wide (reports in
+``reports-widthN/``, the data and synthetic sets shared). Every experiment is binary Glomeruli unless
+said otherwise, with the same seeds, the same fixed real validation set and the experiment's own
+training loop (warm-up and cosine rate, balanced class weights, the weights of the best validation
+Dice); each compares its arms with real only, paired by seed.
 
 The real patches are those of the tissue the synthetic set is asked for, as in the thesis, whose real
 training set was annotated glomerulus regions matched to the synthetic one: fresh phantom patches of
@@ -26,13 +27,14 @@ carry two or three and every real-only run collapsed.)
 3. thesis-loop the real-only arm of stage core trained with the thesis' loop (constant rate, unweighted
                loss, stopping on the loss, final weights): how often that loop collapses
    core        48 real patches alone, with 48 of the caption set added (1x), and 48 synthetic alone
+   core-steps  the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
 4. masks       phantom layouts turned into images by the shipped text+mask model (masks = the layouts)
                and, per layout, the best of 3 seeds kept by `select-pairs`: the core comparison with each
 5. curve       the scarcity curve: 12 / 24 / 48 / 96 real patches, each alone and with 1x and 4x of
                the caption set added, and each count of synthetic patches alone
    curve-steps the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
 6. multiclass  the core comparison as a multi-class segmentation
-7. summary     runs/downstream/summary.md: every experiment's paired differences and collapsed runs
+7. summary     runs/downstream/reports/summary.md: every experiment's paired differences and collapsed runs
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ QUICK = Sizes(seeds=2, core_real=4, real_counts=(2, 4), multiples=(0, 1), real_p
 class Folders:
     """Where each stage writes, under one root folder."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, reports: str = "reports"):
         self.root = root
+        self.reports = root / reports
         self.real = root / "train-real"
         self.val = root / "val-real"
         self.caption_images = root / "generated-caption"
@@ -115,7 +118,7 @@ class Folders:
         self.masks_kept = root / "synthetic-masks-kept"
 
     def report(self, name: str) -> Path:
-        return self.root / "reports" / name
+        return self.reports / name
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -187,6 +190,12 @@ def stage_core(folders: Folders, sizes: Sizes) -> None:
     experiment(folders, sizes, "core-caption", folders.caption, core_design(sizes))
 
 
+def stage_core_steps(folders: Folders, sizes: Sizes) -> None:
+    """The core comparison at equal optimiser steps (``--equal-steps``): real only trains twice the epochs of
+    real + 1x synthetic, the same compute."""
+    experiment(folders, sizes, "core-caption-steps", folders.caption, [*core_design(sizes), "--equal-steps"])
+
+
 def stage_masks(folders: Folders, sizes: Sizes) -> None:
     if not (folders.layouts / "masks.csv").is_file():
         run_logged("downstream-masks", histosynth(
@@ -229,6 +238,7 @@ def stage_curve_steps(folders: Folders, sizes: Sizes) -> None:
 EXPERIMENTS = {
     "core-thesis-loop": "binary Glomeruli, real only, trained with the thesis' loop",
     "core-caption": "binary Glomeruli; synthetic = generating-caption images, masks from the shipped segmenter",
+    "core-caption-steps": "the core comparison with every arm trained the optimiser steps of the largest",
     "core-masks": "binary Glomeruli; synthetic = images generated from phantom layouts, masks = the layouts",
     "core-masks-kept": "binary Glomeruli; synthetic = per layout the best of the seeds' images (select-pairs)",
     "core-caption-multiclass": "multi-class; synthetic = generating-caption images, masks from the shipped segmenter",
@@ -241,13 +251,14 @@ def stage_summary(folders: Folders, sizes: Sizes) -> None:
     from histosynth.io import write_text_atomic
 
     lines = ["# Does synthetic data help a segmenter? (the phantom, the shipped models)", "",
-             "Made by `python scripts/evaluate_downstream.py`; the reports under `reports/` hold every table and "
-             "plot. Differences are Dice(arm) - Dice(real only) per seed; an arm helps or hurts only where its "
-             "95 % interval excludes 0.", ""]
+             "Made by `python scripts/evaluate_downstream.py`; the reports beside this file hold every table and "
+             "plot. Differences are Dice(arm) - Dice(real only) per seed; an arm helps or hurts only where its 95 % "
+             "interval excludes 0.", ""]
     for name, what in EXPERIMENTS.items():
         lines += experiment_summary(folders.report(name), what)
-    write_text_atomic(folders.root / "summary.md", "\n".join(lines) + "\n")
-    say(f"[summary] wrote {relative(folders.root / 'summary.md')}")
+    summary = folders.reports / "summary.md"
+    write_text_atomic(summary, "\n".join(lines) + "\n")
+    say(f"[summary] wrote {relative(summary)}")
     print("\n".join(lines))
 
 
@@ -269,6 +280,7 @@ def experiment_summary(report: Path, what: str) -> list[str]:
 
 
 STAGES = {"data": stage_data, "caption": stage_caption, "thesis-loop": stage_thesis_loop, "core": stage_core,
+          "core-steps": stage_core_steps,
           "masks": stage_masks, "curve": stage_curve, "curve-steps": stage_curve_steps, "multiclass": stage_multiclass,
           "summary": stage_summary}
 
@@ -280,11 +292,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--small", action="store_true", help="sized for a busy 2-core CPU (see SMALL), in "
                                                              "runs/downstream-small")
     parser.add_argument("--processes", type=int, default=Sizes.processes, help="processes per generation / experiment")
+    parser.add_argument("--width", type=int, help="the segmenters' base width instead of the preset's; the same data "
+                                                  "and synthetic sets, reports in reports-width<N>/")
     args = parser.parse_args(argv)
     os.environ.update(environment())
     preset = "quick" if args.quick else "small" if args.small else None
     sizes = replace({"quick": QUICK, "small": SMALL}.get(preset, Sizes()), processes=args.processes)
-    folders = Folders(RUNS / ("downstream" + (f"-{preset}" if preset else "")))
+    if args.width:
+        sizes = replace(sizes, base_channels=args.width)
+    folders = Folders(RUNS / ("downstream" + (f"-{preset}" if preset else "")),
+                      f"reports-width{args.width}" if args.width else "reports")
     folders.root.mkdir(parents=True, exist_ok=True)
     run_stages(STAGES, args.stage, folders, sizes)
     return 0
