@@ -160,3 +160,21 @@ def test_autoencoder_losses_train_both_kinds(which, tiny_ae, small_vq):
     finally:
         ae.zero_grad(set_to_none=True)
         ae.eval()
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq", "kl without post_quant_conv"])
+def test_a_decoder_fine_tune_trains_the_weights_after_the_latent_only(kind):
+    from diffusers import AutoencoderKL, VQModel
+
+    from histosynth.models.autoencoder import freeze_all_but_decoder, is_decoder_weight
+
+    small = dict(block_out_channels=(8,), norm_num_groups=4)
+    ae = {"kl": lambda: AutoencoderKL(latent_channels=2, **small),
+          "vq": lambda: VQModel(latent_channels=2, num_vq_embeddings=16, **small),
+          "kl without post_quant_conv": lambda: AutoencoderKL(latent_channels=2, use_post_quant_conv=False,
+                                                              **small)}[kind]()
+    freeze_all_but_decoder(ae)
+    trained = {name for name, p in ae.named_parameters() if p.requires_grad}
+    assert trained == {name for name, _ in ae.named_parameters() if is_decoder_weight(name)}
+    assert any(name.startswith("decoder.") for name in trained)
+    assert not any(name.startswith(("encoder.", "quant_conv.", "quantize.")) for name in trained)

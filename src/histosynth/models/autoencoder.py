@@ -359,7 +359,9 @@ def freeze_all_but_decoder(ae: Autoencoder) -> None:
     """Only :data:`DECODER_MODULES` keep gradients: the latents ``ae`` encodes stay the same."""
     ae.requires_grad_(False)
     for name in DECODER_MODULES:
-        getattr(ae, name).requires_grad_(True)
+        module = getattr(ae, name, None)  # (an AutoencoderKL built without post_quant_conv has None)
+        if module is not None:
+            module.requires_grad_(True)
 
 
 def latents_differ(ae: Autoencoder, other: Autoencoder) -> Optional[str]:
