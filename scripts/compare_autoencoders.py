@@ -183,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = f"python scripts/compare_autoencoders.py --steps {args.steps} --variants {','.join(variants)}"
     lines = [f"`{command}` (batch {args.batch_size}, lr {args.lr}, precision {args.precision}; held-out: "
              f"{', '.join(f'{name} {relative(path)} val' for name, path in HELD_OUT.items())})", "",
-             markdown_table(rows.fillna("—")), ""]
+             markdown_table(rows.astype(object).fillna("—")), ""]
     (OUT / f"table-{args.steps}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

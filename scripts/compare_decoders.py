@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
-from default_models import RUNS, environment, finished, histosynth, relative, run_logged, say
+from default_models import ROOT, RUNS, environment, finished, histosynth, relative, run_logged, say
 
 from histosynth.evaluate.report import markdown_table
 
@@ -98,7 +98,10 @@ def decoded(decoder, latents: torch.Tensor) -> list[np.ndarray]:
 
 def measure(label: str, decoder, latents: dict[str, torch.Tensor], images: list[np.ndarray],
             masks: list[np.ndarray]) -> dict:
-    """One decoder's row (see the module docstring)."""
+    """One decoder's row (see the module docstring), kept in OUT/row-<label>-<n>.json for the next call."""
+    cached = OUT / f"row-{label.split(' ')[0]}-{len(images)}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     from histosynth.data.torchdata import to_model_range
     from histosynth.defaults import default_segmenter_path
     from histosynth.evaluate.caption_accuracy import segmenter_function
@@ -123,6 +126,7 @@ def measure(label: str, decoder, latents: dict[str, torch.Tensor], images: list[
            "reconstruction PSNR (dB)": round(quality.psnr_db, 2), "reconstruction SSIM": round(quality.ssim, 3),
            "reconstruction AUC": round(quality.two_sample_auc, 3)}
     say(f"[compare-decoders] {row}")
+    cached.write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -135,6 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--latents-only", action="store_true", help="sample and cache the latents, measure nothing")
     args = parser.parse_args(argv)
     os.environ.update(environment())
+    os.chdir(ROOT)  # --decoders are relative to the repository, as the commands above write them
     torch.manual_seed(0)
     held_out_patches(args.n)
     images, masks, captions = held_out_items(args.n)
