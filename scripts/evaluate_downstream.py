@@ -33,7 +33,7 @@ carry two or three and every real-only run collapsed.)
 5. curve       the scarcity curve: 12 / 24 / 48 / 96 real patches, each alone and with 1x and 4x of
                the caption set added, and each count of synthetic patches alone
    curve-steps the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
-6. multiclass  the core comparison as a multi-class segmentation
+6. multiclass  the core comparison as a multi-class segmentation, at equal steps
 7. summary     runs/downstream/reports/summary.md: every experiment's paired differences and collapsed runs
 """
 
@@ -216,7 +216,10 @@ def stage_masks(folders: Folders, sizes: Sizes) -> None:
 
 
 def stage_multiclass(folders: Folders, sizes: Sizes) -> None:
-    experiment(folders, sizes, "core-caption-multiclass", folders.caption, core_design(sizes), binary=False)
+    """The core comparison as a multi-class segmentation, at equal optimiser steps (the fair comparison:
+    at equal epochs 100_100 trains twice the steps of 100_0)."""
+    experiment(folders, sizes, "core-caption-multiclass", folders.caption, [*core_design(sizes), "--equal-steps"],
+               binary=False)
 
 
 def curve_design(sizes: Sizes) -> list[str]:
@@ -241,7 +244,8 @@ EXPERIMENTS = {
     "core-caption-steps": "the core comparison with every arm trained the optimiser steps of the largest",
     "core-masks": "binary Glomeruli; synthetic = images generated from phantom layouts, masks = the layouts",
     "core-masks-kept": "binary Glomeruli; synthetic = per layout the best of the seeds' images (select-pairs)",
-    "core-caption-multiclass": "multi-class; synthetic = generating-caption images, masks from the shipped segmenter",
+    "core-caption-multiclass": "multi-class, equal steps; synthetic = generating-caption images, masks from the "
+                               "shipped segmenter",
     "curve-caption": "binary Glomeruli, scarcity curve; synthetic = generating-caption images",
     "curve-caption-steps": "the scarcity curve with every arm trained the optimiser steps of the largest",
 }
