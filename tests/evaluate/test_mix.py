@@ -300,6 +300,20 @@ def test_mix_command_with_equal_steps(toy_dataset, synthetic_dataset, val_datase
     assert "every arm trains as many optimiser steps, about 2: 2 patches 2 epochs" in (out / "report.md").read_text()
 
 
+def test_an_experiment_started_before_a_config_field_existed_resumes(tmp_path):
+    from histosynth.evaluate.mix import _claim_folder
+
+    description = {"config": MixConfig(train=SegmentTrainConfig(**TINY_MIX)).model_dump(mode="json"), "n": 4}
+    older = json.loads(json.dumps(description))
+    del older["config"]["equal_steps"]  # written before --equal-steps existed
+    (tmp_path / "experiment.json").write_text(json.dumps(older))
+    _claim_folder(tmp_path, description)  # the same experiment: resumed
+    changed = {**description, "config": MixConfig(train=SegmentTrainConfig(**TINY_MIX), equal_steps=True)
+               .model_dump(mode="json")}
+    with pytest.raises(JobError, match="holds another experiment"):
+        _claim_folder(tmp_path, changed)
+
+
 def test_datasets_of_different_schemas_are_refused(toy_dataset, tmp_path):
     schema = ClassSchema(name="two", classes=(ClassInfo(id=0, name="background", color=(0, 0, 0)),
                                               ClassInfo(id=1, name="Glomeruli", color=(0, 255, 0))))

@@ -519,10 +519,22 @@ def _claim_folder(out: Path, description: dict[str, Any]) -> None:
     """Write experiment.json, or check that the folder holds this same experiment (to resume it)."""
     path = out / "experiment.json"
     if path.exists():
-        if json.loads(path.read_text()) != json.loads(json.dumps(description)):
+        if _with_config_defaults(json.loads(path.read_text())) != json.loads(json.dumps(description)):
             raise JobError(f"{out} holds another experiment (see {path}); choose another --out")
         return
     write_json_atomic(path, description)
+
+
+def _with_config_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored experiment description with the config fields added since it was written at their defaults
+    (an experiment started by an older version resumes as the same experiment)."""
+    config = stored.get("config")
+    if not isinstance(config, dict):
+        return stored
+    try:
+        return {**stored, "config": MixConfig.model_validate(config).model_dump(mode="json")}
+    except ValidationError:
+        return stored
 
 
 # --- the report ---------------------------------------------------------------------------------
