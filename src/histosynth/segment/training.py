@@ -8,7 +8,6 @@ counted with torchmetrics); the reported mean is over the classes present in the
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import warnings
@@ -356,11 +355,9 @@ def train_segmenter(train: Sequence[PatchRows], val: PatchRows, config: SegmentT
 
 def weights_fingerprint(segmenter: Segmenter) -> str:
     """A short digest of a network's weights: equal for runs that start from the same weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(segmenter.net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    from ..models.text import weights_digest
+
+    return weights_digest(segmenter.net)
 
 
 def _initial_segmenter(config: SegmentTrainConfig, schema: ClassSchema) -> Segmenter:
