@@ -99,3 +99,14 @@ def test_a_decoder_fine_tuned_from_the_model_replaces_its_decoder(tiny_bundle_pa
     record = read_bundle_config(tmp_path / "model").provenance["decoder"]
     assert record["trained"] == "decoder" and record["steps"] == 2
     assert json.loads((tuned / "metrics.json").read_text())["psnr_db"] == record["psnr_db"]
+
+
+def test_an_output_inside_the_model_folder_is_refused(tiny_bundle_path, tmp_path, capsys):
+    import shutil
+
+    model = shutil.copytree(tiny_bundle_path, tmp_path / "model")
+    changed_autoencoder(model, tmp_path / "ae", "decoder.")
+    before = sorted(p.name for p in model.iterdir())
+    assert replace_decoder(model, tmp_path / "ae", model / "copy") == 2
+    assert "is inside the model folder" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before

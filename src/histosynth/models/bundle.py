@@ -463,6 +463,8 @@ def replace_decoder(model: str | Path, autoencoder: str | Path, out: str | Path)
     model, autoencoder, out = Path(model), Path(autoencoder), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    if out.resolve().is_relative_to(model.resolve()):
+        raise ModelError(f"{out} is inside the model folder {model}; choose an --out folder beside it")
     config = read_bundle_config(model)
     decoder = load_checked_autoencoder(autoencoder)
     problem = latents_differ(load_autoencoder_folder(model), decoder)
@@ -471,8 +473,7 @@ def replace_decoder(model: str | Path, autoencoder: str | Path, out: str | Path)
                          f"decoder fine-tuned with 'histosynth train-autoencoder --init {model} --decoder-only' "
                          "can replace its decoder")
     digest = decoder_digest(decoder)
-    folder = autoencoder / "autoencoder" if (autoencoder / CONFIG_FILE).is_file() else autoencoder
-    metrics_file = folder / "metrics.json"
+    metrics_file = autoencoder_dir(autoencoder) / "metrics.json"
     record = {"from": str(autoencoder.resolve()), "digest": digest,
               **(json.loads(metrics_file.read_text()) if metrics_file.is_file() else {})}
     with staged_folder(out) as staging:
@@ -615,13 +616,17 @@ def _checked_schema(path: Path, config: ModelConfig) -> ClassSchema:
     return schema
 
 
+def autoencoder_dir(folder: str | Path) -> Path:
+    """The folder of the autoencoder's files: ``folder`` itself, or the autoencoder/ part of a model folder."""
+    folder = Path(folder)
+    return folder / "autoencoder" if (folder / CONFIG_FILE).is_file() else folder
+
+
 def load_autoencoder_folder(folder: str | Path) -> Autoencoder:
     """A diffusers ``VQModel`` / ``AutoencoderKL`` folder, or the autoencoder/ part of a bundle."""
     import json
 
-    folder = Path(folder)
-    if (folder / CONFIG_FILE).is_file():
-        folder = folder / "autoencoder"
+    folder = autoencoder_dir(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{folder} is neither a model folder nor an autoencoder folder (no config.json)")
