@@ -100,3 +100,23 @@ def test_a_decoder_fine_tune_needs_an_autoencoder_to_start_from(blob_dataset, tm
     message = "--decoder-only fine-tunes the decoder of an existing autoencoder; give it with --init"
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_decoder_fine_tune_is_not_resumed_as_a_whole_autoencoder_run(blob_dataset, tmp_path, capsys):
+    from histosynth.models.autoencoder import write_autoencoder_folder
+
+    from .conftest import seeded_autoencoder
+
+    write_autoencoder_folder(tmp_path / "start", seeded_autoencoder(3), {})
+
+    def train(out: str, *extra: str) -> int:
+        return main(["train-autoencoder", str(blob_dataset.root), "--init", str(tmp_path / "start"), "--out",
+                     str(tmp_path / out), "--run-dir", str(tmp_path / "run"), "--batch-size", "2",
+                     "--checkpoint-every", "1", *extra])
+
+    assert train("tuned", "--steps", "2", "--decoder-only") == 0
+    capsys.readouterr()
+    assert train("whole", "--steps", "3", "--resume") == 2  # the option left out: refused
+    assert "--resume with other settings than the run in" in capsys.readouterr().err
+    assert not (tmp_path / "whole").exists()
+    assert train("tuned-more", "--steps", "3", "--resume", "--decoder-only") == 0  # with it: resumed

@@ -229,7 +229,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
         settings.update(perceptual=str(Path(options.perceptual).resolve()))
     if options.decoder_only:
         settings.update(decoder_only=True)
-    resume_from = run.start(settings, options.resume)
+    resume_from = run.start(settings, options.resume, only_when_set=("scale_lr", "perceptual", "decoder_only"))
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             [], options.show_progress, check_val_every_n_epoch=None,
                             val_check_interval=max(1, min(options.checkpoint_every, options.steps)),

@@ -221,7 +221,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
         settings.update(scale_lr=True)
     needs = dict(text=conditioning.text, label_classes=mask_classes or None)
     encoding_device = cache_encoding_device(options, dataset, autoencoder, text_encoder, needs)
-    resume_from = run.start(settings, options.resume)
+    resume_from = run.start(settings, options.resume,
+                            only_when_set=("condition", "mask_dropout", "mask_branch", "scale_lr"))
 
     with on_device(encoding_device, autoencoder, text_encoder):
         data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,

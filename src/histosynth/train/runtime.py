@@ -6,7 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -87,8 +87,12 @@ class RunFolder:
     def last_checkpoint(self) -> Path:
         return self.root / CHECKPOINT_DIR / LAST_CHECKPOINT
 
-    def start(self, settings: dict[str, Any], resume: bool) -> Optional[Path]:
-        """Check the folder against ``resume``; return the checkpoint to resume from (or None)."""
+    def start(self, settings: dict[str, Any], resume: bool, only_when_set: Sequence[str] = ()) -> Optional[Path]:
+        """Check the folder against ``resume``; return the checkpoint to resume from (or None).
+
+        ``only_when_set`` names settings recorded only when an option sets them (so that runs made without
+        them keep the settings they always had): a resume without one that the run recorded differs too.
+        """
         has_checkpoint = self.last_checkpoint.is_file()
         if resume:
             if not has_checkpoint:
@@ -96,6 +100,7 @@ class RunFolder:
             stored = json.loads((self.root / RUN_FILE).read_text())
             self.resumed_settings = stored
             changed = [k for k in settings if k not in ("steps",) and stored.get(k) != settings[k]]
+            changed += [k for k in only_when_set if k in stored and k not in settings]
             if changed:
                 raise JobError(
                     f"--resume with other settings than the run in {self.root}: {', '.join(changed)} differ; "
