@@ -64,10 +64,11 @@ def held_out_items(n: int) -> tuple[list[np.ndarray], list[np.ndarray], list[str
 
 def sampled_latents(name: str, captions: list[str], masks: Optional[list[np.ndarray]], steps: int) -> torch.Tensor:
     """The final latents of one item per caption (and mask), cached in OUT/latents-<name>.pt."""
-    from histosynth.models.bundle import load_bundle
+    from histosynth.models.bundle import load_bundle, read_bundle_config
     from histosynth.sample.generate import CaptionEmbeddings, batch_label_maps, sample_latents, sampling_options
 
-    cached = OUT / f"latents-{name.replace('+', '-')}-{len(captions)}-dpm{steps}.pt"
+    model_id = read_bundle_config(MODELS[name]).id  # (another shipped model samples its own latents)
+    cached = OUT / f"latents-{name.replace('+', '-')}-{model_id}-{len(captions)}-dpm{steps}.pt"
     if cached.is_file():
         return torch.load(cached)
     bundle = load_bundle(MODELS[name])
@@ -97,23 +98,21 @@ def decoded(decoder, latents: torch.Tensor) -> list[np.ndarray]:
 
 
 def measure(label: str, decoder, latents: dict[str, torch.Tensor], images: list[np.ndarray],
-            masks: list[np.ndarray]) -> dict:
-    """One decoder's row (see the module docstring), kept in OUT/row-<label>-<n>.json for the next call."""
-    cached = OUT / f"row-{label.split(' ')[0]}-{len(images)}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
+            masks: list[np.ndarray], segment) -> dict:
+    """One decoder's row (see the module docstring), kept in OUT/row-<decoder digest>-<n>.json for the next
+    call; ``segment`` is the shipped segmenter as a function of images."""
     from histosynth.data.torchdata import to_model_range
-    from histosynth.defaults import default_segmenter_path
-    from histosynth.evaluate.caption_accuracy import segmenter_function
     from histosynth.evaluate.label_fidelity import evaluate_label_fidelity
     from histosynth.evaluate.realism import classifier_two_sample_test, colour_texture_features
     from histosynth.evaluate.reconstruction import reconstruction_quality
+    from histosynth.models.autoencoder import decoder_digest
     from histosynth.schema import load_schema
-    from histosynth.segment.external import load_segmenter
 
+    cached = OUT / f"row-{decoder_digest(decoder)}-{len(images)}.json"
+    if cached.is_file():
+        return {**json.loads(cached.read_text()), "decoder": label}
     generated = decoded(decoder, latents["text"])
     realism = classifier_two_sample_test(colour_texture_features(images), colour_texture_features(generated))
-    segment = segmenter_function(load_segmenter(default_segmenter_path()), coverage="full")
     fidelity, _ = evaluate_label_fidelity(decoded(decoder, latents["text+mask"]), masks, segment,
                                           load_schema(None), [str(i) for i in range(len(masks))])
     per_class = fidelity.per_class().set_index("class")
@@ -140,24 +139,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     os.environ.update(environment())
     os.chdir(ROOT)  # --decoders are relative to the repository, as the commands above write them
-    torch.manual_seed(0)
     held_out_patches(args.n)
     images, masks, captions = held_out_items(args.n)
     latents = {"text": sampled_latents("text", captions, None, args.steps),
                "text+mask": sampled_latents("text+mask", captions, masks, args.steps)}
     if args.latents_only:
         return 0
+    from histosynth.defaults import default_segmenter_path
+    from histosynth.evaluate.caption_accuracy import segmenter_function
     from histosynth.models.autoencoder import latents_differ, load_checked_autoencoder
+    from histosynth.segment.external import load_segmenter
 
+    segment = segmenter_function(load_segmenter(default_segmenter_path()), coverage="full")
     shipped = load_checked_autoencoder(MODELS["text"]).eval()
-    rows = [measure("shipped", shipped, latents, images, masks)]
+    rows = [measure("shipped", shipped, latents, images, masks, segment)]
     for folder in filter(None, args.decoders.split(",")):
         decoder = load_checked_autoencoder(folder).eval()
         problem = latents_differ(shipped, decoder)
         if problem:
             raise SystemExit(f"{folder} does not encode the shipped latents ({problem}); fine-tune with --decoder-only")
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
-        rows.append(measure(f"{Path(folder).name} (+{metrics['steps']} steps)", decoder, latents, images, masks))
+        rows.append(measure(f"{Path(folder).name} (+{metrics['steps']} steps)", decoder, latents, images, masks,
+                            segment))
     command = f"python scripts/compare_decoders.py --decoders {args.decoders} --n {args.n} --steps {args.steps}"
     lines = [f"`{command}` ({args.n} held-out phantom patches, {relative(HELD_OUT)}; DPM-Solver++ {args.steps} steps)",
              "", markdown_table(pd.DataFrame(rows)), ""]
