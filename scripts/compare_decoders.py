@@ -6,7 +6,7 @@ and easier to read, with the denoiser untouched?
     python scripts/compare_decoders.py --decoders runs/compare-autoencoders/decoder-600,\
         runs/compare-autoencoders/decoder-gan-600     # (one argument, no space)
 
-The latents are sampled once per model and cached (``runs/compare-decoders/latents-<model>.pt``): the
+The latents are sampled once per model and cached (``runs/compare-decoders/latents-<model>-<id>-*.pt``): the
 shipped text model from the captions of N held-out phantom patches (``phantom patches --mix default
 --seed 5``, 256 px, tissue no model trained on), the shipped text+mask model from their masks (with
 their captions). Each decoder (the shipped one first) then decodes both sets, and is measured by
