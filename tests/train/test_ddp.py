@@ -60,9 +60,9 @@ def test_scale_lr_trains_with_the_rate_of_the_global_batch_and_a_run_records_its
     check_replicas(checkpoint, processes=1)
 
     resumed = train_args(blob_dataset.root, out, cache, 2, "--resume")
-    assert refused(resumed) == (
-        f"error: --resume with effective_lr 0.001, but the run in {tmp_path / 'model.run'} trained with 0.0005; "
-        "resume with the same --lr, --batch-size and --scale-lr, or start a new run")
+    assert refused(resumed) == (  # --scale-lr left out: the run recorded it
+        f"error: --resume with other settings than the run in {tmp_path / 'model.run'}: scale_lr differ; "
+        "resume with the same options or start a new run")
     # a run.json as a 2-process run leaves it (the slow tests below refuse a real one)
     recorded = json.loads((tmp_path / "model.run" / "run.json").read_text())
     recorded.update(world_size=2, devices_per_node=2, global_batch_size=8)
