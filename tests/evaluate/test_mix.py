@@ -223,7 +223,9 @@ def test_mix_command_multiclass_with_seeds(toy_dataset, synthetic_dataset, val_d
     assert table.loc[0, "Dice sd"] == pytest.approx(expected_sd)
     report = (out / "report.md").read_text()
     assert " ± " in report and "thesis" not in report.split("## Dice of")[1].split("\n\n")[1]
-    assert "## Dice per class" in report and (out / "dice_per_class.csv").is_file()
+    assert "## Dice per class" in report
+    per_class = pd.read_csv(out / "dice_per_class.csv")  # named by the schema, in its order
+    assert list(per_class.columns) == ["experiment", *(c.name for c in toy_dataset.schema.classes)]
     assert json.loads((out / "mix.json").read_text())["paired"] == []  # no 100_0 to compare with
     assert "## Paired differences" not in report and not (out / "differences.png").exists()
     recorded = json.loads((out / "experiment.json").read_text())["config"]["train"]

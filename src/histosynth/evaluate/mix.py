@@ -357,9 +357,15 @@ class MixResult:
     presence: dict[str, dict[str, float]] = field(default_factory=dict)
     #: per label: the validation Dice of predicting it on every pixel (see is_collapsed)
     everywhere: dict[int, float] = field(default_factory=dict)
+    #: the schema's class names by id (a multi-class run's labels are class ids)
+    class_names: dict[int, str] = field(default_factory=dict)
 
     def collapsed(self, run: dict[str, Any]) -> bool:
         return is_collapsed(run, self.everywhere)
+
+    def class_name(self, label: int) -> str:
+        """The schema's name of a multi-class label (its class id); "class 3" where the schema is not known."""
+        return self.class_names.get(label, f"class {label}")
 
     @property
     def arms(self) -> list[Arm]:
@@ -456,7 +462,8 @@ def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
     runs += [json.loads(p.read_text()) for p in _late_runs(out, jobs, runs)]
     return MixResult(runs=runs, n=n, config=config, missing=len(jobs) - len(runs),
                      presence=sources.presence(config.train.class_name),
-                     everywhere=sources.everywhere_dice(config.train.class_name))
+                     everywhere=sources.everywhere_dice(config.train.class_name),
+                     class_names={c.id: c.name for c in sources.real.dataset.schema.classes})
 
 
 def _late_runs(out: Path, jobs: list[tuple[int, Arm]], runs: list[dict[str, Any]]) -> list[Path]:
@@ -692,7 +699,8 @@ def _per_class(result: MixResult) -> pd.DataFrame:
         judged = [judged_epoch(r) for r in result.runs_of(split)]
         keys = [k for k in judged[0] if k.startswith("val_dice_")]
         rows.append({"experiment": split,
-                     **{f"class {k.rsplit('_', 1)[1]}": pd.Series([j[k] for j in judged], dtype=float).mean()
+                     **{result.class_name(int(k.rsplit("_", 1)[1])): pd.Series([j[k] for j in judged],
+                                                                                dtype=float).mean()
                         for k in keys}})
     return pd.DataFrame(rows)
 
