@@ -30,6 +30,7 @@ carry two or three and every real-only run collapsed.)
    core-steps  the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
 4. masks       phantom layouts turned into images by the shipped text+mask model (masks = the layouts)
                and, per layout, the best of 3 seeds kept by `select-pairs`: the core comparison with each
+   masks-steps the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
 5. curve       the scarcity curve: 12 / 24 / 48 / 96 real patches, each alone and with 1x and 4x of
                the caption set added, and each count of synthetic patches alone
    curve-steps the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
@@ -196,7 +197,9 @@ def stage_core_steps(folders: Folders, sizes: Sizes) -> None:
     experiment(folders, sizes, "core-caption-steps", folders.caption, [*core_design(sizes), "--equal-steps"])
 
 
-def stage_masks(folders: Folders, sizes: Sizes) -> None:
+def make_mask_pairs(folders: Folders, sizes: Sizes) -> None:
+    """Images the text+mask model draws from phantom layouts, paired with the layouts: one seed per layout, and
+    per layout the best of ``sizes.pair_candidates`` seeds (``select-pairs``). Finished jobs are kept."""
     if not (folders.layouts / "masks.csv").is_file():
         run_logged("downstream-masks", histosynth(
             "phantom", "masks", "--out", relative(folders.layouts), "--n", str(sizes.core_real), "--mix", "generating",
@@ -211,8 +214,19 @@ def stage_masks(folders: Folders, sizes: Sizes) -> None:
     pair(folders.from_layouts / "images", folders.from_layouts / "masks", folders.masks, "downstream-masks")
     select_pairs(jobs, folders.kept_layouts)
     pair(folders.kept_layouts / "images", folders.kept_layouts / "masks", folders.masks_kept, "downstream-masks")
+
+
+def stage_masks(folders: Folders, sizes: Sizes) -> None:
+    make_mask_pairs(folders, sizes)
     experiment(folders, sizes, "core-masks", folders.masks, core_design(sizes))
     experiment(folders, sizes, "core-masks-kept", folders.masks_kept, core_design(sizes))
+
+
+def stage_masks_steps(folders: Folders, sizes: Sizes) -> None:
+    """The mask pairs' core comparison at equal optimiser steps (``--equal-steps``)."""
+    make_mask_pairs(folders, sizes)
+    experiment(folders, sizes, "core-masks-steps", folders.masks, [*core_design(sizes), "--equal-steps"])
+    experiment(folders, sizes, "core-masks-kept-steps", folders.masks_kept, [*core_design(sizes), "--equal-steps"])
 
 
 def stage_multiclass(folders: Folders, sizes: Sizes) -> None:
@@ -244,6 +258,9 @@ EXPERIMENTS = {
     "core-caption-steps": "the core comparison with every arm trained the optimiser steps of the largest",
     "core-masks": "binary Glomeruli; synthetic = images generated from phantom layouts, masks = the layouts",
     "core-masks-kept": "binary Glomeruli; synthetic = per layout the best of the seeds' images (select-pairs)",
+    "core-masks-steps": "the mask pairs' core comparison with every arm trained the optimiser steps of the largest",
+    "core-masks-kept-steps": "the kept mask pairs' core comparison with every arm trained the optimiser steps of "
+                             "the largest",
     "core-caption-multiclass": "multi-class, equal steps; synthetic = generating-caption images, masks from the "
                                "shipped segmenter",
     "curve-caption": "binary Glomeruli, scarcity curve; synthetic = generating-caption images",
@@ -284,8 +301,8 @@ def experiment_summary(report: Path, what: str) -> list[str]:
 
 
 STAGES = {"data": stage_data, "caption": stage_caption, "thesis-loop": stage_thesis_loop, "core": stage_core,
-          "core-steps": stage_core_steps,
-          "masks": stage_masks, "curve": stage_curve, "curve-steps": stage_curve_steps, "multiclass": stage_multiclass,
+          "core-steps": stage_core_steps, "masks": stage_masks, "masks-steps": stage_masks_steps,
+          "curve": stage_curve, "curve-steps": stage_curve_steps, "multiclass": stage_multiclass,
           "summary": stage_summary}
 
 
