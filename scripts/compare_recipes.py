@@ -12,6 +12,8 @@ and mask dropout; only the objective differs:
 - ``min-snr``         noise prediction, min-SNR-5 loss weights (Hang et al. 2023)
 - ``v-pred``          velocity prediction (Salimans & Ho 2022), plain MSE
 - ``v-pred+min-snr``  velocity prediction, min-SNR-5 loss weights
+- ``flow``            flow matching on the straight path (rectified flow; Liu et al. 2022, Lipman et al.
+                      2023), the objective of Stable Diffusion 3, SiT and the newest histopathology generators
 
 Each model is then measured as ``scripts/evaluate_default.py`` measures the shipped ones, on phantom
 patches of other pseudo-slides (another phantom seed) than it trained on, with the shipped segmenter:
@@ -51,6 +53,7 @@ RECIPES = {
     "min-snr": ["--min-snr-gamma", "5"],
     "v-pred": ["--prediction-type", "v_prediction"],
     "v-pred+min-snr": ["--prediction-type", "v_prediction", "--min-snr-gamma", "5"],
+    "flow": ["--prediction-type", "flow_prediction"],
 }
 ROOT = RUNS / "recipes"
 DATA = ROOT / "data"

@@ -81,7 +81,7 @@ def test_unknown_class_name_lists_the_known_ones():
 
 @pytest.mark.parametrize("remap, message", [
     # once accepted: numpy's negative indexing then mapped raw id 255 onto class 1
-    ("{-1: 1}", r"field '\(top level\)': remap sources \[-1\] cannot occur in a mask: raw ids are 0-65535"),
+    ("{-1: 1}", r"schema.yaml: remap sources \[-1\] cannot occur in a mask: raw ids are 0-65535"),
     ("{70000: 1}", r"remap sources \[70000\] cannot occur in a mask"),
     ("{3: -1}", r"remap targets \[-1\] are not ids of any class"),
 ])

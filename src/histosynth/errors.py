@@ -40,10 +40,11 @@ class JobError(HistosynthError):
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """A pydantic error on one line, naming each bad field: ``field 'unet.lr': message; ...``."""
+    """A pydantic error on one line, naming each bad field: ``field 'unet.lr': message; ...`` (an error of the
+    fields together, such as two that do not fit each other, is its message alone)."""
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}")
+        field = ".".join(str(p) for p in err["loc"])
+        parts.append(f"field '{field}': {message}" if field else message)
     return "; ".join(parts)

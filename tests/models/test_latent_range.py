@@ -43,26 +43,28 @@ def test_the_range_round_trips_and_bad_ones_are_refused():
         LatentRange.of_latents(torch.zeros(1, 1, 2, 2), quantile=0.5)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow_prediction"])
 def test_the_output_implies_the_clamped_clean_latent(prediction_type):
     generator = torch.Generator().manual_seed(0)
-    alpha = torch.tensor(0.6)
+    if prediction_type == "flow_prediction":  # x = (1 - sigma) x0 + sigma eps
+        signal, noise_level = torch.tensor(0.3), torch.tensor(0.7)
+    else:  # x = sqrt(a) x0 + sqrt(1 - a) eps
+        signal, noise_level = torch.tensor(0.6).sqrt(), torch.tensor(0.4).sqrt()
     x0 = torch.randn(2, 3, 4, 4, generator=generator) * 3
     eps = torch.randn(2, 3, 4, 4, generator=generator)
-    x = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
-    output = eps if prediction_type == "epsilon" else alpha.sqrt() * eps - (1 - alpha).sqrt() * x0
+    x = signal * x0 + noise_level * eps
+    output = {"epsilon": eps, "v_prediction": signal * eps - noise_level * x0,
+              "flow_prediction": eps - x0}[prediction_type]
     latent_range = LatentRange((-1.0, -2.0, -0.5), (1.0, 0.0, 4.0))
-    clamped = clamp_model_output(output, x, alpha, latent_range, prediction_type)
-    if prediction_type == "epsilon":
-        implied = (x - (1 - alpha).sqrt() * clamped) / alpha.sqrt()
-    else:
-        implied = alpha.sqrt() * x - (1 - alpha).sqrt() * clamped
+    clamped = clamp_model_output(output, x, signal, noise_level, latent_range, prediction_type)
+    implied = {"epsilon": (x - noise_level * clamped) / signal, "v_prediction": signal * x - noise_level * clamped,
+               "flow_prediction": x - noise_level * clamped}[prediction_type]
     torch.testing.assert_close(implied, latent_range.clamp(x0), atol=1e-5, rtol=1e-5)
     wide = LatentRange((-100.0,) * 3, (100.0,) * 3)  # nothing to clamp: the output is left as it was
-    torch.testing.assert_close(clamp_model_output(output, x, alpha, wide, prediction_type), output,
+    torch.testing.assert_close(clamp_model_output(output, x, signal, noise_level, wide, prediction_type), output,
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="prediction type"):
-        clamp_model_output(output, x, alpha, wide, "sample")
+        clamp_model_output(output, x, signal, noise_level, wide, "sample")
 
 
 class ConstantNoise(torch.nn.Module):

@@ -1,4 +1,5 @@
-"""The training recipe's options: min-SNR-gamma loss weights and v-prediction, trained, stored and sampled."""
+"""The training recipe's options: min-SNR-gamma loss weights, v-prediction and flow matching, trained, stored and
+sampled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from histosynth.cli import main
+from histosynth.errors import ConfigError
 from histosynth.models.bundle import load_bundle, read_bundle_config
 from histosynth.models.diffusion import diffusion_loss, min_snr_weights, noise_scheduler, sampling_scheduler
 from histosynth.models.latent_range import LatentRange
@@ -103,6 +105,74 @@ def test_sampling_reaches_the_clean_latent_of_an_exact_network(prediction_type, 
         torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
 
 
+class Recording(torch.nn.Module):
+    """Predicts zeros and keeps what it was given."""
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None):
+        from types import SimpleNamespace
+
+        self.sample, self.timestep = sample, timestep
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+
+def test_the_flow_loss_is_the_error_of_the_straight_paths_velocity():
+    scheduler = noise_scheduler(DiffusionConfig(prediction_type="flow_prediction"))
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 2, 4, 4, generator=generator), torch.randn(3, 2, 4, 4, generator=generator)
+    t = torch.tensor([0.0, 250.0, 999.5])
+    net = Recording()
+    loss = diffusion_loss(net, latents, torch.zeros(3, 1, 8), scheduler=scheduler, timesteps=t, noise=noise)
+    sigma = torch.tensor([0.0, 0.25, 0.9995]).view(3, 1, 1, 1)
+    torch.testing.assert_close(net.sample, (1 - sigma) * latents + sigma * noise)
+    torch.testing.assert_close(net.sample[0], latents[0])  # level 0: the clean latent
+    assert torch.equal(net.timestep, t)
+    torch.testing.assert_close(loss, (noise - latents).square().mean())
+    diffusion_loss(net, latents, torch.zeros(3, 1, 8), generator=generator, scheduler=scheduler)
+    drawn = net.timestep  # continuous levels, told as sigma x 1000
+    assert drawn.dtype == torch.float32 and ((drawn >= 0) & (drawn < 1000)).all() and (drawn != drawn.round()).all()
+    with pytest.raises(ConfigError, match="min-SNR-gamma weights are defined for a diffusion schedule"):
+        diffusion_loss(net, latents, torch.zeros(3, 1, 8), scheduler=scheduler, timesteps=t, min_snr_gamma=5.0)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm++"])
+def test_a_flow_sampler_reaches_the_clean_latent_of_an_exact_network(kind):
+    """On the straight path from x0 to the noise the exact velocity is (x - x0) / sigma, and both samplers (Euler
+    and DPM-Solver++ on flow sigmas) end on x0 itself; with the latent-range clamp, on x0 clamped into the range."""
+    x0 = torch.tensor([0.8, -0.5, 0.2]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    scheduler = sampling_scheduler(DiffusionConfig(prediction_type="flow_prediction"), kind)
+    assert (kind, scheduler.config.solver_order) in (("ddim", 1), ("dpm++", 2))
+    calls = []
+
+    class Exact(torch.nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None):
+            from types import SimpleNamespace
+
+            (index,) = (scheduler.timesteps == timestep).nonzero()[0]
+            sigma = scheduler.sigmas[index]
+            calls.append(float(sigma))
+            target = x0.repeat(sample.shape[0] // x0.shape[0], 1, 1, 1)
+            return SimpleNamespace(sample=(sample - target) / sigma)
+
+    conditions = Conditions(torch.zeros(2, 1, 8), unconditional=torch.ones(1, 1, 8))
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    options = SamplingOptions(steps=10, scheduler=kind)
+    narrow = LatentRange((-0.3,) * 3, (0.3,) * 3)
+    for latent_range, expected in ((None, x0), (LatentRange((-1.0,) * 3, (1.0,) * 3), x0),
+                                   (narrow, narrow.clamp(x0.contiguous()))):
+        calls.clear()
+        out = denoise(Exact(), scheduler, x_T, conditions, options, latent_range=latent_range)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        assert calls[0] == pytest.approx(0.999) and len(calls) == 10  # from 1 - 1/T, one call per step
+
+
+def test_a_flow_model_refuses_ddim_step_noise():
+    scheduler = sampling_scheduler(DiffusionConfig(prediction_type="flow_prediction"), "ddim")
+    conditions = Conditions(torch.zeros(1, 1, 8), unconditional=torch.ones(1, 1, 8))
+    with pytest.raises(ConfigError, match="eta 0.5 adds DDIM's noise to each step, which a flow_prediction model's"):
+        denoise(ZeroNet(), scheduler, torch.zeros(1, 3, 4, 4), conditions, SamplingOptions(steps=2, eta=0.5),
+                generators=[torch.Generator()])
+
+
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory, blob_dataset):
     root = tmp_path_factory.mktemp("recipe")
@@ -144,6 +214,28 @@ def test_a_min_snr_noise_prediction_model_trains_and_samples(recipe_run, blob_da
     assert len(sorted(out.rglob("*.png"))) == 1
 
 
+def test_a_flow_matching_model_trains_keeps_its_recipe_and_samples_patches_and_slides(recipe_run, blob_dataset,
+                                                                                        tmp_path):
+    model = tmp_path / "model"
+    assert main(["train", str(blob_dataset.root), "--out", str(model), "--cache-dir", str(recipe_run / "cache"),
+                 *FAST, "--prediction-type", "flow_prediction"]) == 0
+    assert read_bundle_config(model).preset["diffusion"]["prediction_type"] == "flow_prediction"
+    assert load_bundle(model).scheduler_config["prediction_type"] == "flow_prediction"
+    assert "Trained to predict the velocity eps - x0 of a straight flow (flow matching)." in \
+        (model / "README.md").read_text()
+    for kind in ("ddim", "dpm++"):
+        out = tmp_path / kind
+        assert main(["generate", "--model", str(model), "--levels", "Glomeruli=high", "--n", "1", "--steps", "3",
+                     "--scheduler", kind, "--out", str(out), "--seed", "0"]) == 0
+        (image,) = sorted(out.rglob("*.png"))
+        pixels = np.asarray(Image.open(image))
+        assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+    slide = tmp_path / "slide.tif"
+    assert main(["synth-slide", "--model", str(model), "--levels", "Glomeruli=high", "--size", "64", "--steps", "2",
+                 "--scheduler", "dpm++", "--out", str(slide)]) == 0
+    assert slide.stat().st_size > 1000
+
+
 def test_fine_tuning_keeps_the_prediction_type(recipe_run, blob_dataset, tmp_path, refused):
     args = ["train", str(blob_dataset.root), "--out", str(tmp_path / "tuned"), "--init", str(recipe_run / "model"),
             "--cache-dir", str(recipe_run / "cache"), *FAST]
@@ -152,14 +244,17 @@ def test_fine_tuning_keeps_the_prediction_type(recipe_run, blob_dataset, tmp_pat
     assert not (tmp_path / "tuned").exists()
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--prediction-type", "x0", "--prediction-type must be one of epsilon, v_prediction, got 'x0'"),
-    ("--min-snr-gamma", "0", "--min-snr-gamma must be above 0, got 0.0"),
-    ("--min-snr-gamma", "nan", "--min-snr-gamma must be a finite number, got nan"),
+@pytest.mark.parametrize("options, message", [
+    (["--prediction-type", "x0"], "--prediction-type must be one of epsilon, v_prediction, flow_prediction, got 'x0'"),
+    (["--min-snr-gamma", "0"], "--min-snr-gamma must be above 0, got 0.0"),
+    (["--min-snr-gamma", "nan"], "--min-snr-gamma must be a finite number, got nan"),
+    (["--prediction-type", "flow_prediction", "--min-snr-gamma", "5"],
+     "the training recipe: min_snr_gamma weighs the noise or velocity target of a diffusion schedule; a "
+     "flow_prediction model trains without it (leave min_snr_gamma unset)"),
 ])
-def test_bad_recipe_options_are_refused_before_anything_is_written(blob_dataset, tmp_path, refused, option, value,
+def test_bad_recipe_options_are_refused_before_anything_is_written(blob_dataset, tmp_path, refused, options,
                                                                    message):
-    args = ["train", str(blob_dataset.root), "--out", str(tmp_path / "model"), *FAST, option, value]
+    args = ["train", str(blob_dataset.root), "--out", str(tmp_path / "model"), *FAST, *options]
     assert refused(args) == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
 

@@ -183,8 +183,9 @@ def train_command(
                                                "(default with --init: that model's)"),
     text_encoder: Optional[str] = TextEncoderOption,
     prediction_type: Optional[str] = typer.Option(
-        None, "--prediction-type", help="what the network predicts: epsilon (the noise, CompVis') or v_prediction "
-        "(the velocity); default: the preset's; kept in the model, sampling follows it"),
+        None, "--prediction-type", help="what the network predicts: epsilon (the noise, CompVis'), v_prediction "
+        "(the velocity) or flow_prediction (flow matching: the velocity eps - x0 of a straight path); default: the "
+        "preset's; kept in the model, sampling follows it"),
     min_snr_gamma: Optional[float] = typer.Option(
         None, "--min-snr-gamma", help="Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5: the low-noise "
         "timesteps, whose SNR is above gamma, weigh less; default: the preset's (none: the plain MSE)"),

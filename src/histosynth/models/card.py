@@ -81,9 +81,11 @@ def _recipe(preset: Mapping[str, Any]) -> str:
     """The training recipe's options where they differ from CompVis' (noise prediction, unweighted MSE)."""
     prediction = preset.get("diffusion", {}).get("prediction_type", "epsilon")
     gamma = preset.get("training", {}).get("min_snr_gamma")
-    if prediction != "v_prediction" and not gamma:
+    if prediction == "epsilon" and not gamma:
         return ""
-    target = "the velocity (v-prediction)" if prediction == "v_prediction" else "the noise"
+    targets = {"v_prediction": "the velocity (v-prediction)",
+               "flow_prediction": "the velocity eps - x0 of a straight flow (flow matching)"}
+    target = targets.get(prediction, "the noise")
     weights = f", with min-SNR-{gamma:g} loss weights" if gamma else ""
     return f" Trained to predict {target}{weights}."
 

@@ -5,6 +5,11 @@ sqrt(0.0195), 1000) ** 2, which diffusers calls ``scaled_linear``. The DDIM sett
 CompVis' ``DDIMSampler`` exactly (checked on the CompVis reference fixture): "leading" timestep
 spacing with ``steps_offset=1`` (t = 1, 21, ..., 981 for 50 steps), ``set_alpha_to_one=False`` (the
 last step lands on alphas_cumprod[0], not 1) and no clipping of the predicted x0.
+
+A ``flow_prediction`` model is trained by flow matching on the straight path (rectified flow; Liu et al.
+2022, Lipman et al. 2023, as Stable Diffusion 3 and SiT train): x_s = (1 - s) x0 + s eps at a level s drawn
+uniformly from [0, 1], told to the network as the timestep s x T, and the network predicts the velocity
+eps - x0. It samples with diffusers' DPM-Solver++ on flow sigmas from 1 - 1/T to 0 (:func:`flow_scheduler`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ def _schedule(cfg: DiffusionConfig) -> dict:
     }
 
 
+#: the prediction type of a flow-matching model (diffusers' name)
+FLOW_PREDICTION = "flow_prediction"
+
+
+def is_flow(scheduler) -> bool:
+    """Whether a scheduler (or its config) belongs to a flow-matching model."""
+    config = getattr(scheduler, "config", scheduler)
+    return config.get("prediction_type") == FLOW_PREDICTION
+
+
 def noise_scheduler(cfg: DiffusionConfig | Preset | None = None) -> DDPMScheduler:
     """The training-time forward process (``add_noise``) with the CompVis settings."""
     return DDPMScheduler(
@@ -51,7 +66,10 @@ def noise_scheduler(cfg: DiffusionConfig | Preset | None = None) -> DDPMSchedule
 
 def sampling_scheduler(cfg: DiffusionConfig | Preset | None = None, kind: str = "ddim"):
     """A sampling scheduler: ``ddim`` (CompVis DDIM, eta 0) or ``dpm++`` (DPM-Solver++ 2M, multistep)."""
-    schedule = _schedule(_diffusion_section(cfg))
+    section = _diffusion_section(cfg)
+    if section.prediction_type == FLOW_PREDICTION:
+        return flow_scheduler(section, kind)
+    schedule = _schedule(section)
     if kind == "ddim":
         return DDIMScheduler(
             **schedule,
@@ -66,6 +84,35 @@ def sampling_scheduler(cfg: DiffusionConfig | Preset | None = None, kind: str = 
         # first order on the last steps) are what it was tuned with.
         return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
     raise ConfigError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLER_KINDS)}")
+
+
+def flow_scheduler(cfg: DiffusionConfig, kind: str = "ddim") -> DPMSolverMultistepScheduler:
+    """A flow-matching model's sampler: DPM-Solver++ on evenly spaced flow sigmas, first order for ``ddim``
+    (the Euler step of the flow's ODE, which on the straight path is DDIM's update) and second order for
+    ``dpm++``. Both end on sigma 0, the clean latent."""
+    if kind not in SAMPLER_KINDS:
+        raise ConfigError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLER_KINDS)}")
+    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=FLOW_PREDICTION,
+                                       use_flow_sigmas=True, algorithm_type="dpmsolver++",
+                                       solver_order=1 if kind == "ddim" else 2)
+
+
+def check_eta(scheduler, eta: float) -> None:
+    """Refuse DDIM's step noise (eta > 0) on a flow model, whose sampler is deterministic."""
+    if eta and is_flow(scheduler):
+        raise ConfigError(f"eta {eta} adds DDIM's noise to each step, which a flow_prediction model's sampler "
+                          "does not take; sample it with eta 0")
+
+
+def signal_and_noise(scheduler, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights (a, b) of x_t = a x0 + b eps at a sampling scheduler's timestep ``t``: sqrt(alpha_bar_t) and
+    sqrt(1 - alpha_bar_t) on a diffusion schedule, 1 - sigma and sigma on a flow's (its sigma at this step)."""
+    if is_flow(scheduler):
+        index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(t)
+        sigma = scheduler.sigmas[index].float()
+        return 1.0 - sigma, sigma
+    alpha_bar = scheduler.alphas_cumprod[int(t)].float()
+    return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
 
 
 def diffusion_loss(
@@ -83,7 +130,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """The denoising MSE of one batch at uniformly drawn timesteps.
 
-    The target is the noise or the velocity, as the scheduler's ``prediction_type`` says. With
+    The target is the noise, the velocity or (``flow_prediction``) the flow's velocity eps - x0, as the
+    scheduler's ``prediction_type`` says; a flow's timesteps are continuous in [0, T). With
     ``min_snr_gamma`` each item's error is weighted by :func:`min_snr_weights` (Min-SNR-gamma, Hang et
     al. 2023); without it, all items weigh the same (CompVis' loss).
     ``label_maps`` (B, K, h, w) of a mask-conditioned model are concatenated to the noisy latent.
@@ -91,28 +139,43 @@ def diffusion_loss(
     ``generator``.
     """
     scheduler = scheduler or noise_scheduler()
-    batch = latents.shape[0]
     if timesteps is None:
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=latents.device
-        )
+        timesteps = _draw_timesteps(scheduler, latents, generator)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy, target = _noisy_and_target(scheduler, latents, noise, timesteps)
     if label_maps is not None:
         noisy = torch.cat([noisy, label_maps.to(noisy)], dim=1)
     prediction = unet(
         noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=attention_mask
     ).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
     if min_snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())
     per_item = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
     weights = min_snr_weights(scheduler, timesteps, min_snr_gamma).to(per_item)
     return (weights * per_item).mean()
+
+
+def _draw_timesteps(scheduler: DDPMScheduler, latents: torch.Tensor,
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One timestep per item: an integer in [0, T) of a diffusion schedule, a real number in [0, T) of a flow."""
+    steps, batch = scheduler.config.num_train_timesteps, latents.shape[0]
+    if is_flow(scheduler):
+        return torch.rand((batch,), generator=generator, device=latents.device) * steps
+    return torch.randint(0, steps, (batch,), generator=generator, device=latents.device)
+
+
+def _noisy_and_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noised latents at ``timesteps`` and what the network is to predict from them."""
+    if is_flow(scheduler):
+        sigma = (timesteps.float() / scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.dim() - 1))
+        sigma = sigma.to(latents)
+        return (1.0 - sigma) * latents + sigma * noise, noise - latents
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, timesteps)
+    return noisy, noise
 
 
 def signal_to_noise(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -127,6 +190,9 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     SNR for a noise prediction and by SNR + 1 for a velocity prediction. Low-noise timesteps, whose easy
     errors otherwise dominate the gradient, are weighted down; where SNR <= gamma a noise prediction's
     weight is 1."""
+    if is_flow(scheduler):
+        raise ConfigError("min-SNR-gamma weights are defined for a diffusion schedule; a flow_prediction model "
+                          "trains without them")
     snr = signal_to_noise(scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that the command lin
 
 #: share of the training latents left outside the range on each side, per channel
 DEFAULT_QUANTILE = 0.01
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction")
 #: values per channel that a range is measured on at most (a 1 % quantile is exact enough from these)
 MAX_VALUES_PER_CHANNEL = 1 << 24
 
@@ -86,27 +86,35 @@ def check_quantile(quantile: float) -> None:
         raise ConfigError(f"the latent range's quantile must be in [0, 0.5), got {quantile}")
 
 
-def clamp_model_output(output: torch.Tensor, x: torch.Tensor, alpha_cumprod: torch.Tensor | float,
-                       latent_range: LatentRange, prediction_type: str = "epsilon") -> torch.Tensor:
+def clamp_model_output(output: torch.Tensor, x: torch.Tensor, signal: torch.Tensor | float,
+                       noise_level: torch.Tensor | float, latent_range: LatentRange,
+                       prediction_type: str = "epsilon") -> torch.Tensor:
     """The model output (noise or velocity) whose predicted clean latent is clamped into the range.
 
-    With ``x = sqrt(a) x0 + sqrt(1 - a) eps`` at the step's cumulative alpha ``a``: the clean latent
-    the output implies is clamped, and the output of the same kind is computed back from ``x`` and
-    the clamped latent, so any scheduler's step can use it unchanged.
+    With ``x = signal x0 + noise_level eps`` at the step (sqrt(alpha_bar) and sqrt(1 - alpha_bar) on a
+    diffusion schedule, 1 - sigma and sigma on a flow's; see
+    :func:`histosynth.models.diffusion.signal_and_noise`): the clean latent the output implies is clamped,
+    and the output of the same kind is computed back from ``x`` and the clamped latent, so any scheduler's
+    step can use it unchanged. The velocity is ``signal eps - noise_level x0`` (v-prediction) or ``eps - x0``
+    (a flow's).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"clamping latents needs a prediction type of {', '.join(PREDICTION_TYPES)}, "
                           f"got {prediction_type!r}")
     import torch
 
-    alpha = torch.as_tensor(alpha_cumprod, dtype=torch.float32, device=x.device)
-    signal, noise_level = alpha.sqrt(), (1.0 - alpha).sqrt()
+    signal = torch.as_tensor(signal, dtype=torch.float32, device=x.device)
+    noise_level = torch.as_tensor(noise_level, dtype=torch.float32, device=x.device)
     x, output_float = x.float(), output.float()
     if prediction_type == "epsilon":
         x0 = (x - noise_level * output_float) / signal
-    else:
+    elif prediction_type == "v_prediction":  # signal^2 + noise_level^2 = 1
         x0 = signal * x - noise_level * output_float
+    else:  # a flow: signal + noise_level = 1
+        x0 = x - noise_level * output_float
     x0 = latent_range.clamp(x0)
     eps = (x - signal * x0) / noise_level
-    clamped = eps if prediction_type == "epsilon" else signal * eps - noise_level * x0
-    return clamped.to(output.dtype)
+    if prediction_type == "epsilon":
+        return eps.to(output.dtype)
+    velocity = signal * eps - noise_level * x0 if prediction_type == "v_prediction" else eps - x0
+    return velocity.to(output.dtype)

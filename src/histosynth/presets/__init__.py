@@ -134,7 +134,9 @@ class DiffusionConfig(_Section):
     beta_end: float = Field(0.0195, gt=0, lt=1)
     # diffusers "scaled_linear" is CompVis "linear"; diffusers "linear" is linear in beta itself.
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # flow_prediction: rectified flow / flow matching, x_t = (1 - s) x0 + s eps, the target eps - x0; the beta
+    # schedule is then unused
+    prediction_type: Literal["epsilon", "v_prediction", "flow_prediction"] = "epsilon"
 
     @model_validator(mode="after")
     def _ordered(self) -> "DiffusionConfig":
@@ -218,6 +220,13 @@ class Preset(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _min_snr_needs_a_diffusion_objective(self) -> "Preset":
+        if self.training.min_snr_gamma is not None and self.diffusion.prediction_type == "flow_prediction":
+            raise ValueError("min_snr_gamma weighs the noise or velocity target of a diffusion schedule; a "
+                             "flow_prediction model trains without it (leave min_snr_gamma unset)")
+        return self
+
     @property
     def latent_size(self) -> int:
         return self.image_size // self.autoencoder.downsampling_factor
@@ -232,8 +241,8 @@ class Preset(_Section):
 
     def with_recipe(self, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None) -> "Preset":
         """This preset with the training recipe's options that are given (not None) replaced, checked as a
-        preset file's are: what the network predicts (``epsilon`` or ``v_prediction``) and the min-SNR-gamma
-        loss weighting."""
+        preset file's are: what the network predicts (``epsilon``, ``v_prediction`` or ``flow_prediction``) and
+        the min-SNR-gamma loss weighting."""
         data = self.to_dict()
         if prediction_type is not None:
             data["diffusion"]["prediction_type"] = prediction_type

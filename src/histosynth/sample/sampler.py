@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..models.diffusion import check_eta, signal_and_noise
 from ..models.latent_range import LatentRange, clamp_model_output
 from ..models.precision import channels_last_input, network_precision
 from ..models.sampling import SamplingOptions
@@ -170,6 +171,7 @@ def denoise(
     """
     precision = options.on_device(x_T.device).precision
     scheduler.set_timesteps(options.steps, device=x_T.device)
+    check_eta(scheduler, options.eta)
     step_noise: dict = {}
     if options.eta:
         if generators is None or len(generators) != x_T.shape[0]:
@@ -183,7 +185,7 @@ def denoise(
         if latent_range is not None:
             # x, not model_in: x = sqrt(a) x0 + sqrt(1-a) eps holds for the sample itself, and a scheduler may
             # rescale its model input
-            eps = clamp_model_output(eps, x, scheduler.alphas_cumprod[int(t)], latent_range,
+            eps = clamp_model_output(eps, x, *signal_and_noise(scheduler, t), latent_range,
                                      scheduler.config.prediction_type)
         if on_step is not None:
             on_step(index, int(t), x, eps)

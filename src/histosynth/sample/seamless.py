@@ -45,6 +45,7 @@ import torch
 from ..data.slides import Slide
 from ..errors import ConfigError
 from ..io import scratch_folder
+from ..models.diffusion import check_eta, signal_and_noise
 from ..models.label_maps import check_mask_ids, counts_to_shares, label_counts
 from ..models.latent_range import clamp_model_output
 from ..models.sampling import SamplingOptions
@@ -212,6 +213,7 @@ class SlideDenoiser:
 
     def run(self, store: SlideStore, channels: int, seed: int, progress: Optional[StepsDone] = None) -> None:
         """Draw the start noise from ``seed`` into ``store`` (``x``) and denoise it in place."""
+        check_eta(self.scheduler, self.options.eta)
         height, width = self.grid.height, self.grid.width
         self.scheduler.set_timesteps(self.options.steps, device=self.device)
         history = scheduler_history(self.scheduler)
@@ -276,7 +278,7 @@ class SlideDenoiser:
         row_sum, col_sum = weight_sums
         eps = summed.float() / FIXED_POINT / (row_sum[top:bottom, None] * col_sum[None, :])
         if self.latent_range is not None:
-            eps = clamp_model_output(eps, x, scheduler.alphas_cumprod[int(t)], self.latent_range,
+            eps = clamp_model_output(eps, x, *signal_and_noise(scheduler, t), self.latent_range,
                                      scheduler.config.prediction_type)
         if held:
             scheduler.model_outputs = [self._read(store, f"history{index}", top, bottom) if full else None
