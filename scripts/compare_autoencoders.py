@@ -116,7 +116,7 @@ def evaluate(variant: str, steps: int) -> dict:
         quality = reconstruction_quality(autoencoder, held_out_images(dataset))
         row.update({f"{name} PSNR (dB)": round(quality.psnr_db, 2), f"{name} SSIM": round(quality.ssim, 4),
                     f"{name} AUC": round(quality.two_sample_auc, 3)})
-    fit = metrics.get("fit_time_s")
+    fit = metrics.get("training_time_s") or metrics.get("fit_time_s")  # (summed over a resumed run's commands)
     row["s / step"] = round(fit / steps, 2) if fit and variant != "shipped" else None
     OUT.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(row, indent=2))

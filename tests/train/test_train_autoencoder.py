@@ -119,4 +119,9 @@ def test_a_decoder_fine_tune_is_not_resumed_as_a_whole_autoencoder_run(blob_data
     assert train("whole", "--steps", "3", "--resume") == 2  # the option left out: refused
     assert "--resume with other settings than the run in" in capsys.readouterr().err
     assert not (tmp_path / "whole").exists()
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["training_seconds"]
+    assert first > 0
     assert train("tuned-more", "--steps", "3", "--resume", "--decoder-only") == 0  # with it: resumed
+    metrics = json.loads((tmp_path / "tuned-more" / "metrics.json").read_text())
+    # the time of both commands (the first's as its checkpoint kept it), not of the last one alone
+    assert metrics["training_time_s"] > round(first, 1) and metrics["steps"] == 3

@@ -152,10 +152,12 @@ def _training(provenance: Mapping[str, Any]) -> str:
 
 
 def _how_trained(record: Mapping[str, Any]) -> str:
-    """Steps, data and wall time of the autoencoder's (or a replaced decoder's) training record."""
+    """Steps, data and time of the autoencoder's (or a replaced decoder's) training record: its training time
+    summed over the commands of a resumed run where recorded, else its wall time."""
+    seconds = record.get("training_time_s") or record.get("wall_time_s")
     details = [f"{record['steps']} steps" if record.get("steps") else None,
                f"on {_data(record.get('data') or {'dataset': record.get('dataset', '?')})}",
-               _duration(record["wall_time_s"]) if record.get("wall_time_s") else None]
+               _duration(seconds) if seconds else None]
     return ", ".join(filter(None, details))
 
 

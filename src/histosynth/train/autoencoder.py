@@ -61,6 +61,7 @@ from .runtime import (
     DeviceOptions,
     LossWatch,
     RunFolder,
+    TrainingClock,
     build_trainer,
     lightning_precision,
     save_final_checkpoint,
@@ -119,12 +120,14 @@ class AutoencoderModule(L.LightningModule):
                             if discriminator is not None else None)
         self._perceptual = (perceptual,) if perceptual is not None else ()  # a tuple: no submodule, no state
         self.losses = LossWatch()
+        self.clock = TrainingClock()
 
     @property
     def perceptual(self) -> Optional[torch.nn.Module]:
         return self._perceptual[0] if self._perceptual else None
 
     def on_fit_start(self) -> None:
+        self.clock.start()
         if self.perceptual is not None:
             self.perceptual.to(self.device)
 
@@ -158,6 +161,10 @@ class AutoencoderModule(L.LightningModule):
         if self.adversarial is not None:
             networks["discriminator"] = self.adversarial.discriminator.parameters()
         self.losses.guard_checkpoint(self, checkpoint, **networks)
+        self.clock.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.clock.load(checkpoint)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
@@ -244,6 +251,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     fit_started = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=validation, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - fit_started  # this command's training (and periodic checks) alone
+    training_seconds = module.clock.seconds()  # ... and summed over the commands of a resumed run
     save_final_checkpoint(trainer, run, options.checkpoint_every)
     metrics = trainer.validate(module, validation, verbose=False)[0]
 
@@ -259,7 +267,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
             "psnr_db": round(result.psnr, 3), "ssim": round(result.ssim, 4), "held_out_patches": result.held_out,
             "two_sample_auc": None if result.two_sample_auc is None else round(result.two_sample_auc, 3),
             "losses": losses.model_dump(), "perceptual": settings.get("perceptual"),
-            "fit_time_s": round(fit_seconds, 1),
+            "fit_time_s": round(fit_seconds, 1), "training_time_s": round(training_seconds, 1),
             "steps": result.steps, "latent_scale": float(autoencoder.config.scaling_factor),
             "dataset": str(options.dataset), "init": settings["init"],
             "trained": "decoder" if options.decoder_only else "all", "wall_time_s": round(result.wall_time_s, 1),

@@ -51,6 +51,7 @@ from .runtime import (
     LinearWarmup,
     LossWatch,
     RunFolder,
+    TrainingClock,
     build_trainer,
     lightning_precision,
     save_final_checkpoint,
@@ -77,8 +78,7 @@ class LatentDiffusionModule(L.LightningModule):
         decay = preset.training.ema_decay
         self.ema = make_ema(unet, decay) if decay else None
         self.losses = LossWatch(check_every)
-        self._seconds_before = 0.0
-        self._session_start = time.perf_counter()
+        self.clock = TrainingClock()
 
     def configure_optimizers(self):
         trainable = [p for p in self.unet.parameters() if p.requires_grad]  # (not a frozen text UNet)
@@ -105,13 +105,9 @@ class LatentDiffusionModule(L.LightningModule):
         return ", ".join(map(str, names[:8])) + (" ..." if len(names) > 8 else "")
 
     def on_fit_start(self) -> None:
-        self._session_start = time.perf_counter()
+        self.clock.start()
         if self.ema is not None:
             self.ema.to(self.device)
-
-    def training_seconds(self) -> float:
-        """Time spent in fit, summed over the sessions of a resumed run."""
-        return self._seconds_before + time.perf_counter() - self._session_start
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Here rather than in on_train_batch_end, which runs after the checkpoint callback: a
@@ -123,12 +119,12 @@ class LatentDiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         averaged = {"ema": self.ema.shadow_params} if self.ema is not None else {}
         self.losses.guard_checkpoint(self, checkpoint, unet=self.unet.parameters(), **averaged)
-        checkpoint["training_seconds"] = self.training_seconds()
+        self.clock.save(checkpoint)
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._seconds_before = float(checkpoint.get("training_seconds", 0.0))
+        self.clock.load(checkpoint)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
@@ -260,7 +256,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
             "world_size": trainer.world_size, "global_batch_size": global_batch,
             "condition": conditioning.name,
             "steps": int(trainer.global_step),
-            "training_time_s": round(module.training_seconds(), 1),
+            "training_time_s": round(module.clock.seconds(), 1),
             "command": options.command,
             "metrics": {"final_loss": final_loss},
         }

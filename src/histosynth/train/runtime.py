@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -217,6 +218,30 @@ def _progress_bar() -> Callback:
     import sys
 
     return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, 10))
+
+
+class TrainingClock:
+    """Seconds spent in fit, summed over the sessions of a resumed run: a module starts it in ``on_fit_start``
+    and keeps it in its checkpoints (``save`` / ``load``), so a run finished by ``--resume`` reports the time
+    of all its commands, not of the last one alone."""
+
+    KEY = "training_seconds"
+
+    def __init__(self) -> None:
+        self._before = 0.0
+        self._started = time.perf_counter()
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._before + time.perf_counter() - self._started
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.KEY] = self.seconds()
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self._before = float(checkpoint.get(self.KEY, 0.0))
 
 
 class LinearWarmup:
