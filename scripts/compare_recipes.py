@@ -6,7 +6,7 @@
 
 Every recipe trains the tiny preset's text+mask LDM from scratch, on the same phantom patches (``histosynth
 phantom patches``) encoded once by the shipped autoencoder, with the same steps, batch, learning rate, seed
-and mask dropout; only the objective differs:
+and mask dropout; only the objective (or, for ``repeat-rare``, the epoch's patches) differs:
 
 - ``baseline``        CompVis' recipe: noise prediction, plain MSE (today's default)
 - ``min-snr``         noise prediction, min-SNR-5 loss weights (Hang et al. 2023)
@@ -14,6 +14,8 @@ and mask dropout; only the objective differs:
 - ``v-pred+min-snr``  velocity prediction, min-SNR-5 loss weights
 - ``flow``            flow matching on the straight path (rectified flow; Liu et al. 2022, Lipman et al.
                       2023), the objective of Stable Diffusion 3, SiT and the newest histopathology generators
+- ``repeat-rare``     CompVis' objective, with the patches of rare classes repeated in each epoch
+                      (repeat-factor sampling, Gupta et al. 2019; ``--repeat-rare 0.3``)
 
 Each model is then measured as ``scripts/evaluate_default.py`` measures the shipped ones, on phantom
 patches of other pseudo-slides (another phantom seed) than it trained on, with the shipped segmenter:
@@ -54,6 +56,7 @@ RECIPES = {
     "v-pred": ["--prediction-type", "v_prediction"],
     "v-pred+min-snr": ["--prediction-type", "v_prediction", "--min-snr-gamma", "5"],
     "flow": ["--prediction-type", "flow_prediction"],
+    "repeat-rare": ["--repeat-rare", "0.3"],
 }
 ROOT = RUNS / "recipes"
 DATA = ROOT / "data"

@@ -81,13 +81,16 @@ def _recipe(preset: Mapping[str, Any]) -> str:
     """The training recipe's options where they differ from CompVis' (noise prediction, unweighted MSE)."""
     prediction = preset.get("diffusion", {}).get("prediction_type", "epsilon")
     gamma = preset.get("training", {}).get("min_snr_gamma")
+    rare = preset.get("training", {}).get("repeat_rare")
+    sampling = (f" Patches holding a class that fewer than {rare:g} of the patches hold were repeated "
+                "(repeat-factor sampling)." if rare else "")
     if prediction == "epsilon" and not gamma:
-        return ""
+        return sampling
     targets = {"v_prediction": "the velocity (v-prediction)",
                "flow_prediction": "the velocity eps - x0 of a straight flow (flow matching)"}
     target = targets.get(prediction, "the noise")
     weights = f", with min-SNR-{gamma:g} loss weights" if gamma else ""
-    return f" Trained to predict {target}{weights}."
+    return f" Trained to predict {target}{weights}.{sampling}"
 
 
 def _usage(config: "ModelConfig") -> str:

@@ -157,6 +157,10 @@ class TrainingConfig(_Section):
     vflip: bool = True
     min_snr_gamma: Optional[float] = Field(
         None, gt=0, description="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; null = the plain MSE")
+    repeat_rare: Optional[float] = Field(
+        None, gt=0, le=1, description="repeat-factor sampling (Gupta et al. 2019): a patch holding a class that "
+        "fewer than this share of the patches hold is seen sqrt(share / class share) times per epoch, e.g. 0.3; "
+        "null = every patch once")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -235,19 +239,22 @@ class Preset(_Section):
         """The preset as plain data; a recipe option left unset is left out, so that the presets of runs and
         models made before the option existed read the same."""
         data = self.model_dump(mode="json")
-        if data["training"]["min_snr_gamma"] is None:
-            del data["training"]["min_snr_gamma"]
+        for option in ("min_snr_gamma", "repeat_rare"):
+            if data["training"][option] is None:
+                del data["training"][option]
         return data
 
-    def with_recipe(self, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None) -> "Preset":
+    def with_recipe(self, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None,
+                    repeat_rare: Optional[float] = None) -> "Preset":
         """This preset with the training recipe's options that are given (not None) replaced, checked as a
-        preset file's are: what the network predicts (``epsilon``, ``v_prediction`` or ``flow_prediction``) and
-        the min-SNR-gamma loss weighting."""
+        preset file's are: what the network predicts (``epsilon``, ``v_prediction`` or ``flow_prediction``),
+        the min-SNR-gamma loss weighting and the repeat-factor sampling of rare classes."""
         data = self.to_dict()
         if prediction_type is not None:
             data["diffusion"]["prediction_type"] = prediction_type
-        if min_snr_gamma is not None:
-            data["training"]["min_snr_gamma"] = min_snr_gamma
+        for option, value in (("min_snr_gamma", min_snr_gamma), ("repeat_rare", repeat_rare)):
+            if value is not None:
+                data["training"][option] = value
         return Preset.from_dict(data, source="the training recipe")
 
     @classmethod

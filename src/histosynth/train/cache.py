@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..captions import UNCONDITIONAL_CAPTION
-from ..data.dataset import PatchDataset, open_dataset
+from ..data.dataset import PatchDataset, fraction_column, open_dataset
 from ..data.torchdata import to_model_range
 from ..errors import DataError
 from ..io import remove_partial_files, write_json_atomic
@@ -54,6 +54,7 @@ from ..models.label_maps import label_counts
 from ..models.latent_range import DEFAULT_QUANTILE, LatentRange, check_quantile
 from ..models.text import EmbeddingCache, TextEncoder, cached_caption_embeddings, weights_digest
 from ..terminal import progress_bar
+from .balance import repeat_factors
 from .ranks import ONE_PROCESS, Ranks
 from .shards import ShardedRows, latent_dtype_name, write_part
 
@@ -108,6 +109,7 @@ class TrainingData:
     label_counts: Optional[ShardedRows] = None  # (N, K, h, w) uint8, unflipped (see models.label_maps)
     label_classes: tuple[int, ...] = ()
     label_factor: int = 1
+    repeat_factors: Optional[np.ndarray] = None  # (N,) float32: how often an epoch visits each patch
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -143,6 +145,7 @@ def prepare_training_data(
     latent_dtype: Optional[str] = None,
     workers: int = 0,
     ranks: Ranks = ONE_PROCESS,
+    repeat_rare: Optional[float] = None,
 ) -> TrainingData:
     """Latents and caption embeddings of a dataset's split, from the cache, encoding what is missing.
 
@@ -153,6 +156,8 @@ def prepare_training_data(
     ``batch_size`` patches (x 4 flips) at a time, on its device; ``workers`` data-loader processes
     read the patches. With the ``ranks`` of several processes (each calls this), each encodes its
     share of the missing parts; rank 0 embeds the captions and the others read them from the cache.
+    With ``repeat_rare`` the patches' repeat factors (:func:`~.data.repeat_factors`) are computed from the
+    manifest's class fractions.
     """
     dataset, rows, cache_dir = _training_split(dataset, split, text, cache_dir)
     latents = cached_latents(dataset, rows, autoencoder, cache_dir / "latents", split, batch_size, show_progress,
@@ -165,7 +170,20 @@ def prepare_training_data(
         data.label_counts = cached_label_maps(dataset, rows, label_classes, factor, cache_dir / "labels", split,
                                               show_progress=show_progress, workers=workers, ranks=ranks)
         data.label_classes, data.label_factor = tuple(int(i) for i in label_classes), factor
+    if repeat_rare is not None:
+        data.repeat_factors = repeat_factors(class_fractions(dataset, rows), repeat_rare)
     return data
+
+
+def class_fractions(dataset: PatchDataset, rows) -> np.ndarray:
+    """(N, K) the rows' class fractions (the manifest's ``frac_<id>``), one column per class a caption may name
+    (not the background: patches of rare background are not what repeat-factor sampling is for)."""
+    columns = [fraction_column(i) for i in dataset.schema.captioned_ids]
+    missing = [c for c in columns if c not in rows]
+    if missing:
+        raise DataError(f"{dataset.root}: its manifest lacks the class fractions {', '.join(missing)} that "
+                        "--repeat-rare reads; re-tile the dataset with this version")
+    return rows[columns].to_numpy(dtype=np.float32)
 
 
 def missing_from_cache(dataset: PatchDataset | str | Path, autoencoder: Autoencoder, text_encoder: TextEncoder,

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..models.label_maps import counts_to_shares
+from .balance import repeat_counts
 from .cache import FLIP_VARIANTS, TrainingData, flip_each
 
 #: independent RNG streams: batch choices and diffusion noise (per step), patch order (per epoch)
@@ -80,18 +81,23 @@ class EpochOrders:
     """Step ``s``'s global batch: items ``s * B`` to ``(s + 1) * B`` of the concatenated epoch orders.
 
     Each epoch's permutation is drawn once and kept while the steps cut from it (the two epochs a
-    batch may straddle), so a step costs a slice, not a permutation of the whole dataset.
+    batch may straddle), so a step costs a slice, not a permutation of the whole dataset. With
+    ``repeats`` (whole repeats per item, see :func:`repeat_counts`) an epoch visits item i ``repeats[i]``
+    times, in a seeded permutation of all those visits.
     """
 
-    def __init__(self, n_items: int, seed: int):
-        self.n_items = n_items
+    def __init__(self, n_items: int, seed: int, repeats: Optional[np.ndarray] = None):
         self.seed = seed
+        index_type = np.int32 if n_items < 2**31 else np.int64
+        self._visits = None if repeats is None else np.repeat(np.arange(n_items, dtype=index_type), repeats)
+        self.n_items = n_items if self._visits is None else len(self._visits)  # visits per epoch
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # at most two kept
-            self._orders[epoch] = epoch_order(self.n_items, self.seed, epoch)
+            order = epoch_order(self.n_items, self.seed, epoch)
+            self._orders[epoch] = order if self._visits is None else self._visits[order]
         return self._orders[epoch]
 
     def global_batch(self, global_batch: int, step: int) -> np.ndarray:
@@ -122,10 +128,11 @@ class StepBatches(Dataset):
         self.variants = [i for i, (h, v) in enumerate(FLIP_VARIANTS) if (flips[0] or not h) and (flips[1] or not v)]
         self.rank = rank
         self.world_size = world_size
-        self.orders = EpochOrders(len(data), seed)
+        self.repeats = None if data.repeat_factors is None else repeat_counts(data.repeat_factors, seed)
+        self.orders = EpochOrders(len(data), seed, self.repeats)
 
     def __getstate__(self) -> dict:  # a data-loader worker draws its own epoch orders
-        return {**self.__dict__, "orders": EpochOrders(len(self.data), self.seed)}
+        return {**self.__dict__, "orders": EpochOrders(len(self.data), self.seed, self.repeats)}
 
     def __len__(self) -> int:  # steps are unbounded; the trainer stops at max_steps
         return 2**62

@@ -44,7 +44,7 @@ from ..models.latent_range import PREDICTION_TYPES
 from ..models.text import TextEncoder, load_text_encoder
 from ..presets import Preset
 from ..terminal import quiet_lightning
-from .cache import autoencoder_id, latent_range, missing_from_cache, prepare_training_data
+from .cache import TrainingData, autoencoder_id, latent_range, missing_from_cache, prepare_training_data
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
     DeviceOptions,
@@ -162,6 +162,7 @@ class TrainOptions:
     mask_branch: str = "concat"
     prediction_type: Optional[str] = None
     min_snr_gamma: Optional[float] = None
+    repeat_rare: Optional[float] = None
     run_dir: Optional[Path] = None
     cache_dir: Optional[Path] = None
     devices: DeviceOptions = field(default_factory=DeviceOptions)
@@ -186,7 +187,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     started = time.perf_counter()
     check_train_options(options)
     check_model_output(options.out)
-    preset = options.preset.with_recipe(options.prediction_type, options.min_snr_gamma)
+    preset = options.preset.with_recipe(options.prediction_type, options.min_snr_gamma, options.repeat_rare)
     training = preset.training
     precision = lightning_precision(preset, options.precision)
     batch_size = options.batch_size or training.batch_size
@@ -222,7 +223,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
 
     with on_device(encoding_device, autoencoder, text_encoder):
         data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,
-                                     show_progress=options.show_progress, **needs)
+                                     show_progress=options.show_progress, repeat_rare=training.repeat_rare, **needs)
     run.bind_data_setting("latent_dtype", data.latents.dtype,
                           f"rebuild the cache with 'histosynth cache {options.dataset} --dtype {{before}}'")
     dropout = ConditionDropout(text=conditioning.text_dropout, label_maps=conditioning.mask_dropout)
@@ -250,7 +251,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     if trainer.is_global_zero:
         provenance = {
             "data": {"dataset": str(options.dataset), "patches": len(data), "patch_size": dataset.patch_size,
-                     "latent_dtype": data.latents.dtype},
+                     "latent_dtype": data.latents.dtype, **repeated_patches(data)},
             **{k: settings[k] for k in ("batch_size", "warmup_steps", "seed", "precision", "init")},
             "lr": effective_lr, "base_lr": lr, "scale_lr": options.scale_lr,
             "world_size": trainer.world_size, "global_batch_size": global_batch,
@@ -274,6 +275,14 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                     text_encoder, dataset.schema, meta)
     return TrainResult(options.out, run.root, int(trainer.global_step), time.perf_counter() - started, final_loss,
                        trainer.is_global_zero)
+
+
+def repeated_patches(data: TrainingData) -> dict[str, int]:
+    """With repeat-factor sampling: how many patches an epoch repeats and how many visits it makes in all."""
+    if data.repeat_factors is None:
+        return {}
+    return {"patches_repeated": int((data.repeat_factors > 1).sum()),
+            "visits_per_epoch": round(float(data.repeat_factors.sum()))}
 
 
 def cache_encoding_device(options: TrainOptions, dataset: PatchDataset, autoencoder: Autoencoder,
@@ -356,6 +365,8 @@ def check_train_options(options: TrainOptions) -> None:
                           f"got {options.prediction_type!r}")
     if options.min_snr_gamma is not None:
         validation.positive_float(options.min_snr_gamma, "--min-snr-gamma")
+    if options.repeat_rare is not None:
+        validation.share(validation.positive_float(options.repeat_rare, "--repeat-rare"), "--repeat-rare")
     validation.int_at_least(options.num_workers, "--workers", 0)
     validation.positive_int(options.devices.num_nodes, "--num-nodes")
 
