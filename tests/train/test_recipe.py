@@ -221,8 +221,9 @@ def test_a_flow_matching_model_trains_keeps_its_recipe_and_samples_patches_and_s
                  *FAST, "--prediction-type", "flow_prediction"]) == 0
     assert read_bundle_config(model).preset["diffusion"]["prediction_type"] == "flow_prediction"
     assert load_bundle(model).scheduler_config["prediction_type"] == "flow_prediction"
-    assert "Trained to predict the velocity eps - x0 of a straight flow (flow matching)." in \
-        (model / "README.md").read_text()
+    card = (model / "README.md").read_text()
+    assert "Trained to predict the velocity eps - x0 of a straight flow (flow matching)." in card
+    assert "Sampling defaults: ddim (on a flow: its Euler step) with 50 steps" in card
     for kind in ("ddim", "dpm++"):
         out = tmp_path / kind
         assert main(["generate", "--model", str(model), "--levels", "Glomeruli=high", "--n", "1", "--steps", "3",

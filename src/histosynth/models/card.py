@@ -69,12 +69,21 @@ def _summary(config: "ModelConfig") -> str:
         f"(preset `{preset}`, {config.unet_weights.upper()} weights, text encoder `{config.text_encoder.ref}`). "
         f"Class schema `{config.class_schema.get('name', '?')}`: {classes}." + _recipe(config.preset or {}),
         "",
-        f"Sampling defaults: {config.sampling.scheduler} with {config.sampling.steps} steps, guidance "
+        f"Sampling defaults: {_sampler(config)} with {config.sampling.steps} steps, guidance "
         f"{config.sampling.guidance:g}" + (f", mask guidance {config.sampling.mask_guidance:g}"
                                           if conditioning.mask_channels else "")
         + ("; each step's clean-latent prediction is clamped into the training latents' range"
            if config.latent.range is not None else "") + ".",
     ])
+
+
+def _sampler(config: "ModelConfig") -> str:
+    """The default sampler by name; a flow model's are DPM-Solver++ steps on its flow (ddim: the first order)."""
+    flow = (config.preset or {}).get("diffusion", {}).get("prediction_type") == "flow_prediction"
+    if not flow:
+        return config.sampling.scheduler
+    return {"ddim": "ddim (on a flow: its Euler step)", "dpm++": "dpm++ (on the flow's levels)"}.get(
+        config.sampling.scheduler, config.sampling.scheduler)
 
 
 def _recipe(preset: Mapping[str, Any]) -> str:
