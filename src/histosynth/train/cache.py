@@ -156,7 +156,7 @@ def prepare_training_data(
     ``batch_size`` patches (x 4 flips) at a time, on its device; ``workers`` data-loader processes
     read the patches. With the ``ranks`` of several processes (each calls this), each encodes its
     share of the missing parts; rank 0 embeds the captions and the others read them from the cache.
-    With ``repeat_rare`` the patches' repeat factors (:func:`~.data.repeat_factors`) are computed from the
+    With ``repeat_rare`` the patches' repeat factors (:func:`~.balance.repeat_factors`) are computed from the
     manifest's class fractions.
     """
     dataset, rows, cache_dir = _training_split(dataset, split, text, cache_dir)
