@@ -160,3 +160,24 @@ def test_quiet_before_any_command_draws_no_progress_bar(tmp_path, capsys):
     assert (printed["quiet"].out, printed["quiet"].err) == (result, "")
     assert main(["phantom", "patches", "--out", str(tmp_path / "again"), "--n", "3", "--size", "64"]) == 0
     assert "3/3" in capsys.readouterr().out  # --quiet holds for its own command only
+
+
+@pytest.mark.parametrize("environment, shown", [
+    ({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+    ({"RANK": "1"}, False), ({"LOCAL_RANK": "2"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+])
+def test_only_the_first_process_of_a_job_shows_warnings(monkeypatch, environment, shown):
+    import warnings
+
+    from histosynth.cli import RANK_VARIABLES, warnings_of_the_first_process
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with warnings_of_the_first_process():
+            warnings.warn("no --autoencoder given", UserWarning, stacklevel=1)
+        warnings.warn("after the command", UserWarning, stacklevel=1)  # the filter does not outlive the command
+    assert [str(w.message) for w in seen] == (["no --autoencoder given"] if shown else []) + ["after the command"]

@@ -7,7 +7,11 @@ exits non-zero.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import typer
 
@@ -57,6 +61,25 @@ def _usage_error_class() -> type[Exception]:
 USAGE_ERROR = _usage_error_class()
 
 
+#: the environment variables by which torchrun (RANK, LOCAL_RANK) and Lightning's launcher (LOCAL_RANK, NODE_RANK)
+#: tell a process its place in a job
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+def is_other_process() -> bool:
+    """Whether this process is one of a multi-process job's other processes (not its first)."""
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in RANK_VARIABLES)
+
+
+@contextmanager
+def warnings_of_the_first_process() -> Iterator[None]:
+    """Python warnings are shown by a job's first process only: the others would repeat them once each."""
+    with warnings.catch_warnings():
+        if is_other_process():
+            warnings.simplefilter("ignore")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by tests).
 
@@ -67,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     try:
-        result = app(args=argv, standalone_mode=False, prog_name="histosynth")
+        with warnings_of_the_first_process():
+            result = app(args=argv, standalone_mode=False, prog_name="histosynth")
     except HistosynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
