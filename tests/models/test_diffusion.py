@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from histosynth.errors import ConfigError
 from histosynth.models.denoiser import build_denoiser
 from histosynth.models.diffusion import diffusion_loss, make_ema, noise_scheduler, sampling_scheduler
-from histosynth.presets import Preset, load_preset
+from histosynth.presets import DiffusionConfig, Preset, load_preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,8 +56,9 @@ def test_ddim_settings_reproduce_compvis_spacing_and_last_step():
 def test_dpm_solver_and_unknown_scheduler():
     dpm = sampling_scheduler(load_preset("tiny"), "dpm++")
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.beta_schedule == "scaled_linear"
-    with pytest.raises(ConfigError, match="unknown scheduler 'euler'; use one of ddim, dpm\\+\\+"):
-        sampling_scheduler(None, "euler")
+    for diffusion in (None, DiffusionConfig(prediction_type="flow_prediction")):
+        with pytest.raises(ConfigError, match="unknown scheduler 'euler'; use one of ddim, dpm\\+\\+"):
+            sampling_scheduler(diffusion, "euler")
 
 
 def batch(seed: int = 0):

@@ -9,7 +9,7 @@ last step lands on alphas_cumprod[0], not 1) and no clipping of the predicted x0
 A ``flow_prediction`` model is trained by flow matching on the straight path (rectified flow; Liu et al.
 2022, Lipman et al. 2023, as Stable Diffusion 3 and SiT train): x_s = (1 - s) x0 + s eps at a level s drawn
 uniformly from [0, 1], told to the network as the timestep s x T, and the network predicts the velocity
-eps - x0. It samples with diffusers' DPM-Solver++ on flow sigmas from 1 - 1/T to 0 (:func:`flow_scheduler`).
+eps - x0. It samples with diffusers' DPM-Solver++ on flow sigmas from 1 - 1/T to 0 (:func:`_flow_scheduler`).
 """
 
 from __future__ import annotations
@@ -66,9 +66,11 @@ def noise_scheduler(cfg: DiffusionConfig | Preset | None = None) -> DDPMSchedule
 
 def sampling_scheduler(cfg: DiffusionConfig | Preset | None = None, kind: str = "ddim"):
     """A sampling scheduler: ``ddim`` (CompVis DDIM, eta 0) or ``dpm++`` (DPM-Solver++ 2M, multistep)."""
+    if kind not in SAMPLER_KINDS:
+        raise ConfigError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLER_KINDS)}")
     section = _diffusion_section(cfg)
     if section.prediction_type == FLOW_PREDICTION:
-        return flow_scheduler(section, kind)
+        return _flow_scheduler(section, kind)
     schedule = _schedule(section)
     if kind == "ddim":
         return DDIMScheduler(
@@ -79,19 +81,15 @@ def sampling_scheduler(cfg: DiffusionConfig | Preset | None = None, kind: str = 
             timestep_spacing="leading",
             thresholding=False,
         )
-    if kind == "dpm++":
-        # DPM-Solver++ needs no CompVis parity; diffusers' defaults (linspace spacing, second order,
-        # first order on the last steps) are what it was tuned with.
-        return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
-    raise ConfigError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLER_KINDS)}")
+    # dpm++: DPM-Solver++ needs no CompVis parity; diffusers' defaults (linspace spacing, second order,
+    # first order on the last steps) are what it was tuned with.
+    return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
 
 
-def flow_scheduler(cfg: DiffusionConfig, kind: str = "ddim") -> DPMSolverMultistepScheduler:
+def _flow_scheduler(cfg: DiffusionConfig, kind: str) -> DPMSolverMultistepScheduler:
     """A flow-matching model's sampler: DPM-Solver++ on evenly spaced flow sigmas, first order for ``ddim``
     (the Euler step of the flow's ODE, which on the straight path is DDIM's update) and second order for
     ``dpm++``. Both end on sigma 0, the clean latent."""
-    if kind not in SAMPLER_KINDS:
-        raise ConfigError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLER_KINDS)}")
     return DPMSolverMultistepScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=FLOW_PREDICTION,
                                        use_flow_sigmas=True, algorithm_type="dpmsolver++",
                                        solver_order=1 if kind == "ddim" else 2)
