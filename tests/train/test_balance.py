@@ -40,7 +40,7 @@ def test_whole_repeats_keep_the_factors_expectation_and_follow_the_seed():
 def test_an_epoch_visits_each_patch_its_repeats_in_a_seeded_order():
     repeats = np.array([3, 1, 1, 2, 1])
     orders = EpochOrders(5, seed=0, repeats=repeats)
-    assert orders.n_items == 8  # visits per epoch
+    assert orders.epoch_length == 8  # visits per epoch
     for epoch in range(3):
         assert np.bincount(orders.order(epoch), minlength=5).tolist() == repeats.tolist()
     assert not np.array_equal(orders.order(0), orders.order(1))

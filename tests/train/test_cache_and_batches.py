@@ -101,3 +101,21 @@ def test_flips_off_means_the_unflipped_latents(cached):
     data, _ = cached
     batch = StepBatches(data, 8, seed=0, dropout=ConditionDropout(text=0.0), flips=(False, False))[3]
     assert torch.equal(batch.latents, data.latents[batch.items][:, 0].float())
+
+
+def test_an_epoch_of_batches_visits_each_patch_as_often_as_its_repeat_factor_asks(cached):
+    from dataclasses import replace
+
+    from histosynth.train.balance import repeat_counts
+
+    data, _ = cached
+    factors = np.ones(len(data), np.float32)
+    factors[[2, 5]] = 3.0  # whole factors: exactly 3 visits each per epoch
+    repeated = replace(data, repeat_factors=factors)
+    batches = StepBatches(repeated, 4, seed=0, dropout=ConditionDropout(text=0.0))
+    epoch = torch.cat([batches[step].items for step in range(5)])  # 16 + 2 x 2 = 20 visits = 5 steps of 4
+    expected = repeat_counts(factors, 0)
+    assert expected.tolist() == [1, 1, 3, 1, 1, 3, *[1] * 10]
+    assert np.bincount(epoch.numpy(), minlength=len(data)).tolist() == expected.tolist()
+    plain = torch.cat([StepBatches(data, 4, seed=0, dropout=ConditionDropout(text=0.0))[s].items for s in range(4)])
+    assert sorted(plain.tolist()) == list(range(len(data)))  # without factors: each patch once

@@ -90,20 +90,20 @@ class EpochOrders:
         self.seed = seed
         index_type = np.int32 if n_items < 2**31 else np.int64
         self._visits = None if repeats is None else np.repeat(np.arange(n_items, dtype=index_type), repeats)
-        self.n_items = n_items if self._visits is None else len(self._visits)  # visits per epoch
+        self.epoch_length = n_items if self._visits is None else len(self._visits)  # visits per epoch
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # at most two kept
-            order = epoch_order(self.n_items, self.seed, epoch)
+            order = epoch_order(self.epoch_length, self.seed, epoch)
             self._orders[epoch] = order if self._visits is None else self._visits[order]
         return self._orders[epoch]
 
     def global_batch(self, global_batch: int, step: int) -> np.ndarray:
         first = step * global_batch
-        epochs = range(first // self.n_items, (first + global_batch - 1) // self.n_items + 1)
-        offset = first - epochs[0] * self.n_items
+        epochs = range(first // self.epoch_length, (first + global_batch - 1) // self.epoch_length + 1)
+        offset = first - epochs[0] * self.epoch_length
         if len(epochs) == 1:
             return self.order(epochs[0])[offset : offset + global_batch].astype(np.int64)
         stream = np.concatenate([self.order(epoch) for epoch in epochs])
