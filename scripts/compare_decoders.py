@@ -62,13 +62,20 @@ def held_out_items(n: int) -> tuple[list[np.ndarray], list[np.ndarray], list[str
     return [dataset.image(row) for row in rows], [dataset.mask(row) for row in rows], [row["caption"] for row in rows]
 
 
+def latents_name(name: str, n: int, steps: int) -> str:
+    """What names one set of sampled latents: the model, its id (another shipped model samples its own), the
+    number of items and the sampler's steps."""
+    from histosynth.models.bundle import read_bundle_config
+
+    return f"{name.replace('+', '-')}-{read_bundle_config(MODELS[name]).id}-{n}-dpm{steps}"
+
+
 def sampled_latents(name: str, captions: list[str], masks: Optional[list[np.ndarray]], steps: int) -> torch.Tensor:
-    """The final latents of one item per caption (and mask), cached in OUT/latents-<name>.pt."""
-    from histosynth.models.bundle import load_bundle, read_bundle_config
+    """The final latents of one item per caption (and mask), cached in OUT/latents-<latents_name>.pt."""
+    from histosynth.models.bundle import load_bundle
     from histosynth.sample.generate import CaptionEmbeddings, batch_label_maps, sample_latents, sampling_options
 
-    model_id = read_bundle_config(MODELS[name]).id  # (another shipped model samples its own latents)
-    cached = OUT / f"latents-{name.replace('+', '-')}-{model_id}-{len(captions)}-dpm{steps}.pt"
+    cached = OUT / f"latents-{latents_name(name, len(captions), steps)}.pt"
     if cached.is_file():
         return torch.load(cached)
     bundle = load_bundle(MODELS[name])
@@ -98,9 +105,10 @@ def decoded(decoder, latents: torch.Tensor) -> list[np.ndarray]:
 
 
 def measure(label: str, decoder, latents: dict[str, torch.Tensor], images: list[np.ndarray],
-            masks: list[np.ndarray], segment) -> dict:
-    """One decoder's row (see the module docstring), kept in OUT/row-<decoder digest>-<n>.json for the next
-    call; ``segment`` is the shipped segmenter as a function of images."""
+            masks: list[np.ndarray], segment, steps: int) -> dict:
+    """One decoder's row (see the module docstring), kept for the next call in OUT/row-<decoder digest>-<the
+    latents' names>.json (other latents, from other models, items or steps, are measured again); ``segment``
+    is the shipped segmenter as a function of images."""
     from histosynth.data.torchdata import to_model_range
     from histosynth.evaluate.label_fidelity import evaluate_label_fidelity
     from histosynth.evaluate.realism import classifier_two_sample_test, colour_texture_features
@@ -108,7 +116,8 @@ def measure(label: str, decoder, latents: dict[str, torch.Tensor], images: list[
     from histosynth.models.autoencoder import decoder_digest
     from histosynth.schema import load_schema
 
-    cached = OUT / f"row-{decoder_digest(decoder)}-{len(images)}.json"
+    sets = "-".join(latents_name(name, len(images), steps) for name in latents)
+    cached = OUT / f"row-{decoder_digest(decoder)}-{sets}.json"
     if cached.is_file():
         return {**json.loads(cached.read_text()), "decoder": label}
     generated = decoded(decoder, latents["text"])
@@ -152,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     segment = segmenter_function(load_segmenter(default_segmenter_path()), coverage="full")
     shipped = load_checked_autoencoder(MODELS["text"]).eval()
-    rows = [measure("shipped", shipped, latents, images, masks, segment)]
+    rows = [measure("shipped", shipped, latents, images, masks, segment, args.steps)]
     for folder in filter(None, args.decoders.split(",")):
         decoder = load_checked_autoencoder(folder).eval()
         problem = latents_differ(shipped, decoder)
@@ -160,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise SystemExit(f"{folder} does not encode the shipped latents ({problem}); fine-tune with --decoder-only")
         metrics = json.loads((Path(folder) / "metrics.json").read_text())
         rows.append(measure(f"{Path(folder).name} (+{metrics['steps']} steps)", decoder, latents, images, masks,
-                            segment))
+                            segment, args.steps))
     command = f"python scripts/compare_decoders.py --decoders {args.decoders} --n {args.n} --steps {args.steps}"
     lines = [f"`{command}` ({args.n} held-out phantom patches, {relative(HELD_OUT)}; DPM-Solver++ {args.steps} steps)",
              "", markdown_table(pd.DataFrame(rows)), ""]
