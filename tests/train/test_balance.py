@@ -76,3 +76,17 @@ def test_a_bad_repeat_share_is_refused_before_anything_is_written(blob_dataset, 
             "--repeat-rare", value]
     assert refused(args) == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repeat_rare_on_a_manifest_without_class_fractions_is_refused_before_anything_is_written(dataset_copy,
+                                                                                                 tmp_path, refused):
+    import pandas as pd
+
+    manifest = dataset_copy / "manifest.csv"
+    pd.read_csv(manifest).drop(columns=["frac_4"]).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    args = ["train", str(dataset_copy), "--out", str(out / "model"), "--cache-dir", str(out / "cache"),
+            "--preset", "tiny", "--steps", "2", "--repeat-rare", "0.3"]
+    assert refused(args) == (f"error: {dataset_copy}: its manifest lacks the class fractions frac_4 that "
+                             "--repeat-rare reads; tile the dataset again (histosynth tile writes them)")
+    assert not out.exists()

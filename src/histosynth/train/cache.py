@@ -175,15 +175,20 @@ def prepare_training_data(
     return data
 
 
-def class_fractions(dataset: PatchDataset, rows) -> np.ndarray:
-    """(N, K) the rows' class fractions (the manifest's ``frac_<id>``), one column per class a caption may name
-    (not the background: patches of rare background are not what repeat-factor sampling is for)."""
+def class_fraction_columns(dataset: PatchDataset) -> list[str]:
+    """The manifest's ``frac_<id>`` columns of the classes a caption may name (not the background: patches of
+    rare background are not what repeat-factor sampling is for); a manifest without them is refused."""
     columns = [fraction_column(i) for i in dataset.schema.captioned_ids]
-    missing = [c for c in columns if c not in rows]
+    missing = [c for c in columns if c not in dataset.manifest]
     if missing:
         raise DataError(f"{dataset.root}: its manifest lacks the class fractions {', '.join(missing)} that "
-                        "--repeat-rare reads; re-tile the dataset with this version")
-    return rows[columns].to_numpy(dtype=np.float32)
+                        "--repeat-rare reads; tile the dataset again (histosynth tile writes them)")
+    return columns
+
+
+def class_fractions(dataset: PatchDataset, rows) -> np.ndarray:
+    """(N, K) the rows' class fractions, one column per :func:`class_fraction_columns`."""
+    return rows[class_fraction_columns(dataset)].to_numpy(dtype=np.float32)
 
 
 def missing_from_cache(dataset: PatchDataset | str | Path, autoencoder: Autoencoder, text_encoder: TextEncoder,

@@ -44,7 +44,14 @@ from ..models.latent_range import PREDICTION_TYPES
 from ..models.text import TextEncoder, load_text_encoder
 from ..presets import Preset
 from ..terminal import quiet_lightning
-from .cache import TrainingData, autoencoder_id, latent_range, missing_from_cache, prepare_training_data
+from .cache import (
+    TrainingData,
+    autoencoder_id,
+    class_fraction_columns,
+    latent_range,
+    missing_from_cache,
+    prepare_training_data,
+)
 from .data import NOISE_STREAM, ConditionDropout, LatentBatch, LatentDataModule, step_generator
 from .runtime import (
     DeviceOptions,
@@ -200,6 +207,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     if options.init is not None:
         check_init_prediction(options.init, preset)
     dataset = open_dataset(options.dataset)
+    if training.repeat_rare is not None:
+        class_fraction_columns(dataset)  # refused before anything is written
     mask_classes = dataset.schema.ids if conditioning.mask else []
     autoencoder = resolve_autoencoder(preset, options.autoencoder or _init_autoencoder(options.init), options.seed)
     text_encoder = load_text_encoder(options.text_encoder or preset.text_encoder)
