@@ -14,7 +14,8 @@ Importing this module also makes the class known to diffusers, so that after it
 ``_class_name`` of ``model_index.json`` up in its own namespace, and imports the text encoder
 component's module only when the caller has imported it).
 
-Components: ``unet`` (UNet2DConditionModel), ``autoencoder`` (AutoencoderKL or VQModel),
+Components: ``unet`` (the denoiser: UNet2DConditionModel, or :class:`histosynth.models.denoiser.DiTDenoiser`),
+``autoencoder`` (AutoencoderKL or VQModel),
 ``scheduler`` (the DDPMScheduler of the training noise schedule; sampling makes its DDIM or
 DPM-Solver++ from it), ``text_encoder`` (:class:`HistosynthTextEncoder`: the encoder
 ``histosynth.json`` names, the default from its package or a copy in ``text_encoder/``) and, for a
@@ -44,7 +45,7 @@ import torch
 
 # ModelMixin must be a name of this module: diffusers finds a custom component's load method by looking up
 # its base classes' names (ModelMixin, SchedulerMixin, ...) in the component's module.
-from diffusers import ControlNetModel, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
+from diffusers import ControlNetModel, DDPMScheduler, DiffusionPipeline, ModelMixin
 from diffusers.utils import BaseOutput, is_accelerate_available
 from PIL import Image
 
@@ -63,6 +64,7 @@ from .models.bundle import (
     save_bundle,
 )
 from .models.control import MaskControlledUNet
+from .models.denoiser import Denoiser
 from .models.text import TextEncoder
 from .sample.generate import DEFAULT_BATCH_SIZE, check_seeds, prepare_for_sampling
 from .sample.jobs import job_in_memory
@@ -110,7 +112,7 @@ class HistosynthPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->autoencoder"
     _optional_components = ["controlnet"]
 
-    def __init__(self, unet: UNet2DConditionModel, autoencoder: Autoencoder, scheduler: DDPMScheduler,
+    def __init__(self, unet: Denoiser, autoencoder: Autoencoder, scheduler: DDPMScheduler,
                  text_encoder: HistosynthTextEncoder, controlnet: Optional[ControlNetModel] = None):
         super().__init__()
         self.register_modules(unet=unet, autoencoder=autoencoder, scheduler=scheduler, text_encoder=text_encoder,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Optional
+from typing import Optional, Sequence
 
 from .errors import ConfigError, HistosynthError
 
@@ -71,6 +71,13 @@ def seed(value: int, name: str = "--seed", error: type[HistosynthError] = Config
          high: int = MAX_SEED) -> int:
     """A seed: a whole number in [0, ``high``]; by default one every random generator takes, [0, 2**32 - 1]."""
     return int_at_least(value, name, 0, high, error=error)
+
+
+def one_of(value: str, choices: Sequence[str], name: str, error: type[HistosynthError] = ConfigError) -> str:
+    """One of ``choices`` (a word from a fixed list)."""
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def one_line(message: object) -> str:

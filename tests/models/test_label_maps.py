@@ -13,7 +13,7 @@ import torch
 from histosynth.errors import ConfigError, DataError, ModelError
 from histosynth.models.bundle import CONFIG_FILE, load_bundle
 from histosynth.models.conditioning import Conditioning
-from histosynth.models.denoiser import build_denoiser, widen_input
+from histosynth.models.denoiser import build_denoiser, input_weight_name, widen_input
 from histosynth.models.label_maps import (
     check_mask_grid,
     check_mask_ids,
@@ -122,7 +122,7 @@ def test_a_widened_unet_computes_what_the_text_unet_computes(tiny_bundle):
     text_unet = tiny_bundle.unet
     preset_like = maskmodels.micro_preset()
     wide = build_denoiser(preset_like, context_dim=text_unet.config.cross_attention_dim, extra_in_channels=8)
-    wide.load_state_dict(widen_input(text_unet.state_dict(), wide.config.in_channels))
+    wide.load_state_dict(widen_input(text_unet.state_dict(), wide.config.in_channels, input_weight_name(wide)))
     wide.eval()
     generator = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 3, 16, 16, generator=generator), torch.randn(2, 5, 384, generator=generator)
@@ -134,5 +134,5 @@ def test_a_widened_unet_computes_what_the_text_unet_computes(tiny_bundle):
     wide.conv_in.weight[:, 3:] = 0.05
     changed = wide(torch.cat([x, maps], 1), 500, encoder_hidden_states=context).sample
     assert (changed - expected).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="cannot narrow conv_in from 11 to 3 input channels"):
-        widen_input(wide.state_dict(), 3)
+    with pytest.raises(ValueError, match="cannot narrow conv_in.weight from 11 to 3 input channels"):
+        widen_input(wide.state_dict(), 3, input_weight_name(wide))

@@ -193,6 +193,9 @@ def train_command(
         None, "--repeat-rare", help="repeat-factor sampling (Gupta et al. 2019), e.g. 0.3: a patch holding a class "
         "that fewer than this share of the patches hold is seen sqrt(share / its class's share) times per epoch; "
         "default: the preset's (none: every patch once)"),
+    denoiser: Optional[str] = typer.Option(
+        None, "--denoiser", help="unet (CompVis' layout, the preset's unet section) or dit (a PixArt-style "
+        "transformer, its dit section; masks are read with --mask-branch concat); default: the preset's"),
     sample_every: int = typer.Option(
         0, "--sample-every", help="steps between sample grids in OUT.run/samples (0: none)"),
     log_every: int = typer.Option(10, "--log-every", help="steps between rows of the CSV log (OUT.run/logs)"),
@@ -209,7 +212,7 @@ def train_command(
         warmup_steps=warmup_steps, autoencoder=autoencoder, text_encoder=text_encoder,
         sample_every=sample_every, condition=condition, mask_dropout=mask_dropout, mask_branch=mask_branch,
         cache_dir=cache_dir, log_every=log_every, prediction_type=prediction_type, min_snr_gamma=min_snr_gamma,
-        repeat_rare=repeat_rare,
+        repeat_rare=repeat_rare, denoiser=denoiser,
         **run,
     )
     with plain_output():

@@ -8,7 +8,7 @@ Layout::
                         model's sampling defaults (from its preset), preset, provenance (data,
                         steps, wall time, command, hardware, metrics); read into a
                         :class:`ModelConfig` and checked field by field
-    unet/               diffusers UNet2DConditionModel (config.json + safetensors)
+    unet/               the denoiser: a diffusers UNet2DConditionModel or a DiTDenoiser (config.json + safetensors)
     controlnet/         only for a ControlNet mask branch: diffusers ControlNetModel steering the
                         frozen unet/ (see models.control)
     autoencoder/        diffusers VQModel or AutoencoderKL
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
+from diffusers import AutoencoderKL, DDPMScheduler, VQModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from ..captions import UNCONDITIONAL_CAPTION
@@ -47,6 +47,7 @@ from ..io import atomic_path, staged_folder, write_json_atomic
 from ..schema import ClassSchema
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
+from .denoiser import Denoiser, context_features, denoiser_library, load_denoiser
 from .latent_range import LatentRange
 from .sampling import SamplingOptions
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextEncoderSource, resolve_text_encoder
@@ -203,7 +204,7 @@ class Bundle:
 
     path: Path
     config: ModelConfig
-    unet: UNet2DConditionModel | MaskControlledUNet
+    unet: Denoiser | MaskControlledUNet
     autoencoder: Autoencoder
     scheduler_config: dict[str, Any]
     schema: ClassSchema
@@ -289,7 +290,7 @@ def load_bundle_text_encoder(path: Path, config: ModelConfig, device: str | torc
 # --- saving -------------------------------------------------------------------------------------
 def save_bundle(
     path: str | Path,
-    unet: UNet2DConditionModel | MaskControlledUNet,
+    unet: Denoiser | MaskControlledUNet,
     autoencoder: Autoencoder,
     scheduler_config: dict[str, Any],
     text_encoder: TextEncoder,
@@ -307,10 +308,10 @@ def save_bundle(
     if "image_size" not in meta:
         raise ValueError("save_bundle needs meta['image_size']")
     source = text_encoder.source
-    if unet.config.cross_attention_dim != source.hidden_size:
+    if context_features(unet) != source.hidden_size:
         raise ModelError(
-            f"the UNet's cross-attention reads {unet.config.cross_attention_dim} features but text encoder "
-            f"{source.name} gives {source.hidden_size}; build the UNet with context_dim={source.hidden_size}"
+            f"the denoiser's cross-attention reads {context_features(unet)} features but text encoder "
+            f"{source.name} gives {source.hidden_size}; build the denoiser with context_dim={source.hidden_size}"
         )
     with _staged(path) as staging:
         _save_networks(staging, unet, autoencoder, scheduler_config)
@@ -324,7 +325,7 @@ def save_bundle(
     return path
 
 
-def save_networks_only(path: str | Path, unet: UNet2DConditionModel, autoencoder: Autoencoder,
+def save_networks_only(path: str | Path, unet: Denoiser, autoencoder: Autoencoder,
                        scheduler_config: dict[str, Any], description: dict[str, Any]) -> Path:
     """Write the networks of a model that lacks its text encoder (unet/, autoencoder/, scheduler/) and
     ``description`` as its ``histosynth.json``, atomically as :func:`save_bundle` writes a whole one.
@@ -338,7 +339,7 @@ def save_networks_only(path: str | Path, unet: UNet2DConditionModel, autoencoder
     return path
 
 
-def _save_networks(folder: Path, unet: UNet2DConditionModel | MaskControlledUNet, autoencoder: Autoencoder,
+def _save_networks(folder: Path, unet: Denoiser | MaskControlledUNet, autoencoder: Autoencoder,
                    scheduler_config: dict[str, Any]) -> None:
     if isinstance(unet, MaskControlledUNet):
         unet.save_parts(folder)
@@ -360,7 +361,7 @@ def _staged(path: Path, into_empty: bool = False):
     return staged_folder(path, into_place)
 
 
-def _bundle_config(staging: Path, unet: UNet2DConditionModel, autoencoder: Autoencoder,
+def _bundle_config(staging: Path, unet: Denoiser, autoencoder: Autoencoder,
                    encoder: TextEncoder, text_ref: str, schema: ClassSchema,
                    meta: dict[str, Any]) -> ModelConfig:
     preset = meta.get("preset")
@@ -512,7 +513,9 @@ def model_index(folder: str | Path) -> dict[str, Any]:
     index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
     for part in PARTS + (CONTROLNET_DIR,):
         config = folder / part / _part_config_name(part)
-        index[part] = ["diffusers", json.loads(config.read_text())["_class_name"]] if config.is_file() else [None, None]
+        class_name = json.loads(config.read_text())["_class_name"] if config.is_file() else None
+        index[part] = [denoiser_library(class_name) if part == "unet" else "diffusers", class_name] if class_name \
+            else [None, None]
     index[TEXT_ENCODER_DIR] = list(TEXT_ENCODER_COMPONENT)
     return index
 
@@ -578,8 +581,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if config.text_encoder.ref != DEFAULT_TEXT_ENCODER and not (path / TEXT_ENCODER_DIR).is_dir():
         raise ModelError(f"{path}: part '{TEXT_ENCODER_DIR}' is missing")
     schema = _checked_schema(path, config)
-    unet = _load_part("unet", lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False),
-                      path)
+    unet = _load_part("unet", lambda: load_denoiser(path / "unet"), path)
     if controlled:
         unet = MaskControlledUNet(unet, _load_part(CONTROLNET_DIR, lambda: load_mask_branch(path), path))
     autoencoder = _load_part("autoencoder", lambda: load_autoencoder_folder(path / "autoencoder"), path)
@@ -596,7 +598,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     )
 
 
-def bundle_of_parts(path: str | Path, unet: UNet2DConditionModel | MaskControlledUNet, autoencoder: Autoencoder,
+def bundle_of_parts(path: str | Path, unet: Denoiser | MaskControlledUNet, autoencoder: Autoencoder,
                     scheduler_config: dict[str, Any], device: str | torch.device,
                     text_encoder: Optional[TextEncoder] = None) -> Bundle:
     """A bundle of networks loaded elsewhere (e.g. by diffusers) with the description of the model folder at
@@ -650,7 +652,7 @@ def _load_part(part: str, load, path: Path):
         raise ModelError(f"{path}: part '{part}' cannot be loaded: {first_line}") from None
 
 
-def _check_parts_fit(path: Path, config: ModelConfig, unet: UNet2DConditionModel, autoencoder: Autoencoder) -> None:
+def _check_parts_fit(path: Path, config: ModelConfig, unet: Denoiser, autoencoder: Autoencoder) -> None:
     """The parts must agree on latent channels and context size, whatever files were swapped."""
     latent_channels = int(autoencoder.config.latent_channels)
     expected_in = latent_channels + config.conditioning.mask_channels
@@ -661,10 +663,10 @@ def _check_parts_fit(path: Path, config: ModelConfig, unet: UNet2DConditionModel
             + (f" (+{expected_in - latent_channels} mask channels)" if expected_in != latent_channels else "")
         )
     context = config.text_encoder.hidden_size
-    if unet.config.cross_attention_dim != context:
+    if context_features(unet) != context:
         raise ModelError(
             f"{path}: part 'unet' does not fit part 'text_encoder': cross-attention reads "
-            f"{unet.config.cross_attention_dim} features, the text encoder gives {context}"
+            f"{context_features(unet)} features, the text encoder gives {context}"
         )
     if float(autoencoder.config.scaling_factor) != config.latent.scale:
         raise ModelError(

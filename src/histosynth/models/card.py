@@ -93,13 +93,23 @@ def _recipe(preset: Mapping[str, Any]) -> str:
     rare = preset.get("training", {}).get("repeat_rare")
     sampling = (f" Patches holding a class that fewer than {rare:g} of the patches hold were repeated "
                 "(repeat-factor sampling)." if rare else "")
+    denoiser = _denoiser(preset)
     if prediction == "epsilon" and not gamma:
-        return sampling
+        return denoiser + sampling
     targets = {"v_prediction": "the velocity (v-prediction)",
                "flow_prediction": "the velocity eps - x0 of a straight flow (flow matching)"}
     target = targets.get(prediction, "the noise")
     weights = f", with min-SNR-{gamma:g} loss weights" if gamma else ""
-    return f" Trained to predict {target}{weights}.{sampling}"
+    return f"{denoiser} Trained to predict {target}{weights}.{sampling}"
+
+
+def _denoiser(preset: Mapping[str, Any]) -> str:
+    """The transformer denoiser's size, where the model has one (a UNet is the default and not named)."""
+    if preset.get("denoiser", "unet") != "dit":
+        return ""
+    dit = preset.get("dit", {})
+    return (f" The denoiser is a transformer (DiT in PixArt-alpha's layout: {dit.get('depth')} blocks of width "
+            f"{dit.get('width')}, {dit.get('patch_size')}x{dit.get('patch_size')}-latent-pixel tokens).")
 
 
 def _usage(config: "ModelConfig") -> str:

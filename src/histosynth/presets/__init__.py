@@ -24,8 +24,10 @@ from ..models.sampling import SamplerKind, SamplingOptions
 from ..validation import one_line
 
 __all__ = [
+    "DENOISERS",
     "AutoencoderConfig",
     "AutoencoderTrainingConfig",
+    "DiTConfig",
     "DiffusionConfig",
     "Preset",
     "SamplingConfig",
@@ -126,6 +128,28 @@ class UNetConfig(_Section):
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+class DiTConfig(_Section):
+    """The transformer denoiser of ``denoiser: dit``: a DiT in PixArt-alpha's layout (diffusers
+    ``PixArtTransformer2DModel``; Chen et al. 2023), as the newest histopathology generators use. The latent is
+    cut into ``patch_size`` x ``patch_size`` tokens; each block has self-attention, cross-attention to the caption
+    and an MLP, modulated by the timestep (adaLN-single)."""
+
+    patch_size: int = Field(2, ge=1, description="latent pixels per token along each axis")
+    width: int = Field(384, ge=8, description="token features (the hidden size)")
+    depth: int = Field(12, ge=1, description="transformer blocks")
+    num_heads: int = Field(6, ge=1, description="attention heads per block")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "DiTConfig":
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads={self.num_heads}")
+        return self
+
+
+#: the denoiser architectures a preset can name
+DENOISERS = ("unet", "dit")
+
+
 class DiffusionConfig(_Section):
     """The forward process. Defaults are CompVis' "linear" schedule (linear in sqrt(beta))."""
 
@@ -209,18 +233,21 @@ class Preset(_Section):
     autoencoder: AutoencoderConfig
     autoencoder_training: AutoencoderTrainingConfig = AutoencoderTrainingConfig()
     unet: UNetConfig
+    denoiser: Literal[DENOISERS] = Field("unet", description="the denoiser: the UNet of section unet (CompVis' "
+                                         "layout) or the transformer of section dit")
+    dit: DiTConfig = DiTConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     training: TrainingConfig = TrainingConfig()
     sampling: SamplingConfig = SamplingConfig()
 
     @model_validator(mode="after")
     def _image_fits_networks(self) -> "Preset":
-        factor = self.autoencoder.downsampling_factor * self.unet.downsampling_factor
+        factor = self.autoencoder.downsampling_factor * self.denoiser_factor
         if self.image_size % factor:
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of {factor} "
-                f"(autoencoder factor {self.autoencoder.downsampling_factor} x UNet factor "
-                f"{self.unet.downsampling_factor})"
+                f"(autoencoder factor {self.autoencoder.downsampling_factor} x {self.denoiser_name} factor "
+                f"{self.denoiser_factor})"
             )
         return self
 
@@ -235,21 +262,35 @@ class Preset(_Section):
     def latent_size(self) -> int:
         return self.image_size // self.autoencoder.downsampling_factor
 
+    @property
+    def denoiser_factor(self) -> int:
+        """Latent pixels per position of the denoiser's coarsest grid: the UNet's downsampling or the DiT's patch."""
+        return self.dit.patch_size if self.denoiser == "dit" else self.unet.downsampling_factor
+
+    @property
+    def denoiser_name(self) -> str:
+        return "DiT patch" if self.denoiser == "dit" else "UNet"
+
     def to_dict(self) -> dict[str, Any]:
-        """The preset as plain data; a recipe option left unset is left out, so that the presets of runs and
-        models made before the option existed read the same."""
+        """The preset as plain data; a recipe option left unset is left out (and, for a UNet model, the unused
+        DiT section), so that the presets of runs and models made before the option existed read the same."""
         data = self.model_dump(mode="json")
         for option in ("min_snr_gamma", "repeat_rare"):
             if data["training"][option] is None:
                 del data["training"][option]
+        if self.denoiser == "unet":
+            del data["denoiser"], data["dit"]
         return data
 
     def with_recipe(self, prediction_type: Optional[str] = None, min_snr_gamma: Optional[float] = None,
-                    repeat_rare: Optional[float] = None) -> "Preset":
+                    repeat_rare: Optional[float] = None, denoiser: Optional[str] = None) -> "Preset":
         """This preset with the training recipe's options that are given (not None) replaced, checked as a
         preset file's are: what the network predicts (``epsilon``, ``v_prediction`` or ``flow_prediction``),
-        the min-SNR-gamma loss weighting and the repeat-factor sampling of rare classes."""
-        data = self.to_dict()
+        the min-SNR-gamma loss weighting, the repeat-factor sampling of rare classes and the denoiser
+        (``unet`` or ``dit``, of the preset's section of that name)."""
+        data = self.model_dump(mode="json")
+        if denoiser is not None:
+            data["denoiser"] = denoiser
         if prediction_type is not None:
             data["diffusion"]["prediction_type"] = prediction_type
         for option, value in (("min_snr_gamma", min_snr_gamma), ("repeat_rare", repeat_rare)):

@@ -49,6 +49,7 @@ from ..devices import pick_device
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import decode_latents, decode_latents_tiled
 from ..models.bundle import Bundle
+from ..models.denoiser import denoiser_factor
 from ..models.diffusion import sampling_scheduler
 from ..models.label_maps import check_mask_ids, label_map
 from ..models.precision import prepare_unet
@@ -116,8 +117,7 @@ def image_latent_size(bundle: Bundle, size: Optional[int | Size] = None) -> Size
     Refuses sizes the networks cannot produce: see :func:`histosynth.sample.large.latent_size`.
     """
     _, factor, window = latent_geometry(bundle)
-    unet_factor = 2 ** (len(bundle.unet.config.block_out_channels) - 1)
-    return latent_size(bundle.image_size if size is None else size, factor, window, unet_factor)
+    return latent_size(bundle.image_size if size is None else size, factor, window, denoiser_factor(bundle.unet))
 
 
 #: bytes per output pixel of one image made whole (decoded float32 RGB and uint8 RGB) ...

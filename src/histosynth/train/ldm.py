@@ -38,11 +38,11 @@ from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_fa
 from ..models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
 from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
-from ..models.denoiser import build_denoiser, widen_input
+from ..models.denoiser import build_denoiser, input_weight_name, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.latent_range import PREDICTION_TYPES
 from ..models.text import TextEncoder, load_text_encoder
-from ..presets import Preset
+from ..presets import DENOISERS, Preset
 from ..terminal import quiet_lightning
 from .cache import (
     TrainingData,
@@ -170,6 +170,7 @@ class TrainOptions:
     prediction_type: Optional[str] = None
     min_snr_gamma: Optional[float] = None
     repeat_rare: Optional[float] = None
+    denoiser: Optional[str] = None
     run_dir: Optional[Path] = None
     cache_dir: Optional[Path] = None
     devices: DeviceOptions = field(default_factory=DeviceOptions)
@@ -194,7 +195,8 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     started = time.perf_counter()
     check_train_options(options)
     check_model_output(options.out)
-    preset = options.preset.with_recipe(options.prediction_type, options.min_snr_gamma, options.repeat_rare)
+    preset = options.preset.with_recipe(options.prediction_type, options.min_snr_gamma, options.repeat_rare,
+                                        options.denoiser)
     training = preset.training
     precision = lightning_precision(preset, options.precision)
     batch_size = options.batch_size or training.batch_size
@@ -203,7 +205,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     conditioning = Conditioning.parse(options.condition, training.text_dropout, options.mask_dropout,
                                       options.mask_branch)
     if conditioning.controlnet:
-        check_controlnet_init(options.init)
+        check_controlnet_init(options.init, preset)
     if options.init is not None:
         check_init_prediction(options.init, preset)
     dataset = open_dataset(options.dataset)
@@ -369,9 +371,10 @@ def check_train_options(options: TrainOptions) -> None:
     validation.int_at_least(options.sample_every, "--sample-every", 0)
     validation.positive_int(options.log_every, "--log-every")
     validation.share(options.mask_dropout, "--mask-dropout")
-    if options.prediction_type is not None and options.prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
-                          f"got {options.prediction_type!r}")
+    if options.prediction_type is not None:
+        validation.one_of(options.prediction_type, PREDICTION_TYPES, "--prediction-type")
+    if options.denoiser is not None:
+        validation.one_of(options.denoiser, DENOISERS, "--denoiser")
     if options.min_snr_gamma is not None:
         validation.positive_float(options.min_snr_gamma, "--min-snr-gamma")
     if options.repeat_rare is not None:
@@ -416,8 +419,11 @@ def resolve_autoencoder(preset: Preset, path: Optional[Path], seed: int = 0) -> 
     return autoencoder.eval().requires_grad_(False)
 
 
-def check_controlnet_init(init: Optional[Path]) -> None:
-    """The ControlNet branch steers a frozen text-only model, given as --init."""
+def check_controlnet_init(init: Optional[Path], preset: Preset) -> None:
+    """The ControlNet branch steers a frozen text-only UNet model, given as --init."""
+    if preset.denoiser != "unet":
+        raise ConfigError("--mask-branch controlnet copies a UNet's encoder; a dit model reads the mask with "
+                          "--mask-branch concat")
     if init is None:
         raise ConfigError("--mask-branch controlnet trains a branch on a frozen text model: give that model "
                           "with --init TEXT_MODEL")
@@ -472,7 +478,7 @@ def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path, mask_c
                          f"fine-tuned into {what} (use --condition text+mask or mask with the same class schema)")
     source = bundle.unet.state_dict()
     if not source_classes and mask_classes:
-        source = widen_input(source, unet.config.in_channels)
+        source = widen_input(source, unet.config.in_channels, input_weight_name(unet))
     target = unet.state_dict()
     missing = sorted(set(target) - set(source))
     wrong = [(k, tuple(source[k].shape), tuple(v.shape)) for k, v in target.items()
@@ -494,7 +500,7 @@ def _init_autoencoder(init: Optional[Path]) -> Optional[Path]:
 
 
 def _check_sizes(patch_size: int, autoencoder: Autoencoder, preset: Preset) -> None:
-    factor = downsampling_factor(autoencoder) * preset.unet.downsampling_factor
+    factor = downsampling_factor(autoencoder) * preset.denoiser_factor
     if patch_size % factor:
         raise DataError(f"{patch_size} px patches cannot be trained with preset '{preset.name}': the size must be "
-                        f"a multiple of {factor} (autoencoder x UNet downsampling)")
+                        f"a multiple of {factor} (autoencoder downsampling x {preset.denoiser_name} factor)")
