@@ -220,3 +220,17 @@ def test_an_autoencoder_trained_on_two_processes_reports_all_its_held_out_patche
     for network in ("autoencoder", "discriminator"):
         first, second = replicas[network]
         assert first == second, network
+
+
+@pytest.mark.slow
+def test_a_dit_flow_model_trains_on_two_processes_with_equal_weights(blob_dataset, tmp_path):
+    from histosynth.models.denoiser import DiTDenoiser
+
+    cache = tmp_path / "cache"
+    assert main(["cache", str(blob_dataset.root), "--preset", "tiny", "--cache-dir", str(cache)]) == 0
+    dit = ["--denoiser", "dit", "--prediction-type", "flow_prediction"]
+    assert succeeded(two_processes(train_args(blob_dataset.root, tmp_path / "dit", cache, 2, *dit), "torchrun"))
+    checkpoint = load_checkpoint(tmp_path / "dit.run")
+    assert checkpoint["global_step"] == 2
+    check_replicas(checkpoint, processes=2)
+    assert isinstance(load_bundle(tmp_path / "dit").unet, DiTDenoiser)
