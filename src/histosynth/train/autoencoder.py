@@ -230,13 +230,9 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
     settings = {"dataset": str(Path(options.dataset).resolve()), "preset": options.preset.to_dict(),
                 "init": str(options.init) if options.init else None, "seed": options.seed,
                 "batch_size": options.batch_size, "lr": options.lr, "precision": precision, "steps": options.steps}
-    if options.scale_lr:  # (runs without it keep the settings they always had, for --resume)
-        settings.update(scale_lr=True)
-    if options.perceptual:
-        settings.update(perceptual=str(Path(options.perceptual).resolve()))
-    if options.decoder_only:
-        settings.update(decoder_only=True)
-    resume_from = run.start(settings, options.resume, only_when_set=("scale_lr", "perceptual", "decoder_only"))
+    optional = {"scale_lr": options.scale_lr or None, "decoder_only": options.decoder_only or None,
+                "perceptual": str(Path(options.perceptual).resolve()) if options.perceptual else None}
+    resume_from = run.start(settings, options.resume, optional)
     trainer = build_trainer(run, options.steps, precision, options.devices, options.checkpoint_every,
                             [], options.show_progress, check_val_every_n_epoch=None,
                             val_check_interval=max(1, min(options.checkpoint_every, options.steps)),

@@ -221,16 +221,14 @@ def train_ldm(options: TrainOptions) -> TrainResult:
                 "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "precision": precision,
                 "autoencoder": autoencoder_id(autoencoder), "text_encoder": text_encoder.id,
                 "init": str(options.init) if options.init else None, "steps": options.steps}
-    if conditioning.name != "text":  # (text-only runs keep the settings they always had, for --resume)
-        settings.update(condition=conditioning.name, mask_dropout=conditioning.mask_dropout)
-    if conditioning.controlnet:
-        settings.update(mask_branch=conditioning.mask_branch)
-    if options.scale_lr:  # (likewise: runs without it keep their settings)
-        settings.update(scale_lr=True)
+    masked = conditioning.name != "text"  # (text-only runs keep the settings they always had)
+    optional = {"condition": conditioning.name if masked else None,
+                "mask_dropout": conditioning.mask_dropout if masked else None,
+                "mask_branch": conditioning.mask_branch if conditioning.controlnet else None,
+                "scale_lr": options.scale_lr or None}
     needs = dict(text=conditioning.text, label_classes=mask_classes or None)
     encoding_device = cache_encoding_device(options, dataset, autoencoder, text_encoder, needs)
-    resume_from = run.start(settings, options.resume,
-                            only_when_set=("condition", "mask_dropout", "mask_branch", "scale_lr"))
+    resume_from = run.start(settings, options.resume, optional)
 
     with on_device(encoding_device, autoencoder, text_encoder):
         data = prepare_training_data(dataset, autoencoder, text_encoder, options.cache_dir,

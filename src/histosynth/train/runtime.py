@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import lightning as L
 import torch
@@ -88,12 +88,16 @@ class RunFolder:
     def last_checkpoint(self) -> Path:
         return self.root / CHECKPOINT_DIR / LAST_CHECKPOINT
 
-    def start(self, settings: dict[str, Any], resume: bool, only_when_set: Sequence[str] = ()) -> Optional[Path]:
-        """Check the folder against ``resume``; return the checkpoint to resume from (or None).
+    def start(self, settings: dict[str, Any], resume: bool,
+              optional: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
+        """Record the run's ``settings``, checked against the folder's for ``resume``; return the checkpoint to
+        resume from (or None).
 
-        ``only_when_set`` names settings recorded only when an option sets them (so that runs made without
-        them keep the settings they always had): a resume without one that the run recorded differs too.
+        ``optional`` are settings recorded only when an option sets them (None: not set), so that runs made
+        without them keep the settings they always had; a resume without one that the run recorded differs too.
         """
+        optional = optional or {}
+        settings = {**settings, **{k: v for k, v in optional.items() if v is not None}}
         has_checkpoint = self.last_checkpoint.is_file()
         if resume:
             if not has_checkpoint:
@@ -101,7 +105,7 @@ class RunFolder:
             stored = json.loads((self.root / RUN_FILE).read_text())
             self.resumed_settings = stored
             changed = [k for k in settings if k not in ("steps",) and stored.get(k) != settings[k]]
-            changed += [k for k in only_when_set if k in stored and k not in settings]
+            changed += [k for k in optional if k in stored and k not in settings]
             if changed:
                 raise JobError(
                     f"--resume with other settings than the run in {self.root}: {', '.join(changed)} differ; "
