@@ -5,7 +5,8 @@ Prints ``name value unit`` lines:
 * ``train_{preset}_{precision}_b{B}_steps_per_s`` / ``..._images_per_s``: one training step (the
   diffusion loss on cached latents -> backward -> AdamW -> EMA, as ``histosynth train`` runs it) per
   per-device batch size ``B``, under bf16 autocast (Lightning's ``bf16-mixed``) on a GPU, in
-  float32 on a CPU (or as ``--precision`` says);
+  float32 on a CPU (or as ``--precision`` says); with ``--denoisers unet dit`` the transformer denoiser
+  of the preset's ``dit`` section is timed too (``train_{preset}_dit_{precision}_b{B}_...``);
 * ``train_{preset}_{precision}_b{B}_peak_mem_gib``: peak device memory of that step
   (``torch.cuda.max_memory_allocated``; on a CPU the process's peak RSS so far, which only grows);
 * ``cache_{preset}_b{B}_patches_per_s``: ``histosynth cache``'s latent encoding of a phantom patch
@@ -66,6 +67,8 @@ def main() -> None:
                         help="encoding batch sizes of the cache")
     parser.add_argument("--precision", choices=["bf16", "32"], default="bf16" if on_gpu else "32",
                         help="training precision (bf16 autocast is emulated, and slow, on most CPUs)")
+    parser.add_argument("--denoisers", nargs="+", choices=["unet", "dit"], default=["unet"],
+                        help="the denoisers to time (the preset's unet and/or dit section)")
     parser.add_argument("--steps", type=int, default=10 if on_gpu else 2, help="timed steps (after 2 warm-up ones)")
     parser.add_argument("--cache-patches", type=int, default=512 if on_gpu else 16,
                         help="phantom patches encoded per cache batch size (0: skip the cache part)")
@@ -79,10 +82,11 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         report("device", 0, torch.cuda.get_device_name(0).replace(" ", "_"))
     preset = load_preset(args.preset)
-    for batch_size in args.batch_sizes:
-        train_case(preset, batch_size, args.precision, args.steps, device)
-        if on_gpu:
-            torch.cuda.empty_cache()  # (the case's model and optimiser are gone with it)
+    for denoiser in args.denoisers:
+        for batch_size in args.batch_sizes:
+            train_case(preset.with_recipe(denoiser=denoiser), batch_size, args.precision, args.steps, device)
+            if on_gpu:
+                torch.cuda.empty_cache()  # (the case's model and optimiser are gone with it)
     if args.cache_patches:
         with tempfile.TemporaryDirectory() as scratch:
             dataset = phantom_dataset(Path(scratch) / "phantom", args.cache_patches, preset.image_size)
@@ -101,7 +105,8 @@ def train_case(preset, batch_size: int, precision: str, steps: int, device) -> N
     from histosynth.models.denoiser import build_denoiser
     from histosynth.models.diffusion import diffusion_loss, make_ema, noise_scheduler
 
-    name = f"train_{preset.name}_{precision}_b{batch_size}"
+    denoiser = "_dit" if preset.denoiser == "dit" else ""
+    name = f"train_{preset.name}{denoiser}_{precision}_b{batch_size}"
     hidden, tokens = CONTEXT_SHAPE.get(preset.text_encoder, DEFAULT_CONTEXT)
     torch.manual_seed(0)
     unet = build_denoiser(preset, context_dim=hidden).to(device)
