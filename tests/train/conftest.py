@@ -72,3 +72,22 @@ def seeded_autoencoder(seed: int = 0):
 
     torch.manual_seed(seed)
     return build_autoencoder(load_preset("tiny")).eval()
+
+
+def check_patches_and_a_slide(model, folder) -> None:
+    """The model (trained on the 32 px blobs) samples a patch with each sampler and a 64 px slide in windows."""
+    from PIL import Image
+
+    from histosynth.cli import main
+
+    for kind in ("ddim", "dpm++"):
+        out = folder / kind
+        assert main(["generate", "--model", str(model), "--levels", "Glomeruli=high", "--n", "1", "--steps", "3",
+                     "--scheduler", kind, "--out", str(out), "--seed", "0"]) == 0
+        (image,) = sorted(out.rglob("*.png"))
+        pixels = np.asarray(Image.open(image))
+        assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+    slide = folder / "slide.tif"
+    assert main(["synth-slide", "--model", str(model), "--levels", "Glomeruli=high", "--size", "64", "--steps", "2",
+                 "--scheduler", "dpm++", "--out", str(slide)]) == 0
+    assert slide.stat().st_size > 1000

@@ -26,6 +26,8 @@ from histosynth.presets import Preset, load_preset
 from histosynth.sample.jobs import item_seed
 from histosynth.schema import RENAL
 
+from .conftest import check_patches_and_a_slide
+
 #: these runs use the preset's untrained autoencoder on purpose (speed); its warning is expected
 pytestmark = pytest.mark.filterwarnings("ignore:no --autoencoder given")
 
@@ -107,17 +109,7 @@ def test_a_dit_flow_model_trains_keeps_its_denoiser_and_samples_patches_and_slid
     assert "The denoiser is a transformer (DiT in PixArt-alpha's layout: 8 blocks of width 192, " \
            "4x4-latent-pixel tokens). Trained to predict the velocity eps - x0 of a straight flow" in \
            (model / "README.md").read_text()
-    for kind in ("ddim", "dpm++"):
-        out = tmp_path / kind
-        assert main(["generate", "--model", str(model), "--levels", "Glomeruli=high", "--n", "1", "--steps", "3",
-                     "--scheduler", kind, "--out", str(out), "--seed", "0"]) == 0
-        (image,) = sorted(out.rglob("*.png"))
-        pixels = np.asarray(Image.open(image))
-        assert pixels.shape == (32, 32, 3) and pixels.std() > 0
-    slide = tmp_path / "slide.tif"
-    assert main(["synth-slide", "--model", str(model), "--levels", "Glomeruli=high", "--size", "64", "--steps", "2",
-                 "--out", str(slide)]) == 0
-    assert slide.stat().st_size > 1000
+    check_patches_and_a_slide(model, tmp_path)
 
 
 def test_diffusers_loads_a_dit_model_folder_and_samples_the_images_of_generate(dit_run, tmp_path):

@@ -19,6 +19,8 @@ from histosynth.models.sampling import SamplingOptions
 from histosynth.presets import DiffusionConfig, Preset
 from histosynth.sample.sampler import Conditions, denoise
 
+from .conftest import check_patches_and_a_slide
+
 #: these runs use the preset's untrained autoencoder on purpose (speed); its warning is expected
 pytestmark = pytest.mark.filterwarnings("ignore:no --autoencoder given")
 
@@ -224,17 +226,7 @@ def test_a_flow_matching_model_trains_keeps_its_recipe_and_samples_patches_and_s
     card = (model / "README.md").read_text()
     assert "Trained to predict the velocity eps - x0 of a straight flow (flow matching)." in card
     assert "Sampling defaults: ddim (on a flow: its Euler step) with 50 steps" in card
-    for kind in ("ddim", "dpm++"):
-        out = tmp_path / kind
-        assert main(["generate", "--model", str(model), "--levels", "Glomeruli=high", "--n", "1", "--steps", "3",
-                     "--scheduler", kind, "--out", str(out), "--seed", "0"]) == 0
-        (image,) = sorted(out.rglob("*.png"))
-        pixels = np.asarray(Image.open(image))
-        assert pixels.shape == (32, 32, 3) and pixels.std() > 0
-    slide = tmp_path / "slide.tif"
-    assert main(["synth-slide", "--model", str(model), "--levels", "Glomeruli=high", "--size", "64", "--steps", "2",
-                 "--scheduler", "dpm++", "--out", str(slide)]) == 0
-    assert slide.stat().st_size > 1000
+    check_patches_and_a_slide(model, tmp_path)
 
 
 def test_fine_tuning_keeps_the_prediction_type(recipe_run, blob_dataset, tmp_path, refused):
