@@ -1,7 +1,8 @@
 """Model-folder commands: `histosynth import-compvis` takes over a CompVis / PathLDM / generationLDM
 checkpoint (a LatentDiffusion becomes a model folder, a first-stage VQModel / AutoencoderKL an autoencoder
 folder); `histosynth latent-range` sets the range of training latents that sampling clamps into;
-`histosynth replace-decoder` gives a model a decoder fine-tuned for its latents."""
+`histosynth replace-decoder` gives a model a decoder fine-tuned for its latents; `histosynth convert-weights`
+stores a model's weights in bfloat16 (half the folder)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def register(app: typer.Typer) -> None:
     app.command("import-compvis")(import_compvis_command)
     app.command("latent-range")(latent_range_command)
     app.command("replace-decoder")(replace_decoder_command)
+    app.command("convert-weights")(convert_weights_command)
 
 
 def replace_decoder_command(
@@ -39,6 +41,20 @@ def replace_decoder_command(
     config = replace_decoder(model, autoencoder, out)
     typer.echo(f"wrote model folder {out}: {model} with the decoder of {autoencoder} (decoder "
                f"{config.latent.decoder}; model id {config.id})")
+
+
+def convert_weights_command(
+    model: Path = typer.Argument(..., help="model folder"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 (half the size) or float32"),
+    out: Path = typer.Option(..., "--out", help="model folder to write (MODEL with its weights stored in DTYPE)"),
+) -> None:
+    """Copy a model with its networks' weights stored in bfloat16: half the folder, float32 compute (the weights
+    load as float32, rounded to bfloat16), so its images differ slightly from the model's (another model id)."""
+    from ..models.bundle import convert_weights, folder_bytes
+
+    config = convert_weights(model, out, dtype)
+    typer.echo(f"wrote model folder {out}: {model} with its weights stored in {dtype} "
+               f"({folder_bytes(model) / 2**20:.1f} -> {folder_bytes(out) / 2**20:.1f} MiB; model id {config.id})")
 
 
 def latent_range_command(

@@ -45,6 +45,7 @@ from ..captions import UNCONDITIONAL_CAPTION
 from ..errors import HistosynthError, ModelError
 from ..io import atomic_path, staged_folder, write_json_atomic
 from ..schema import ClassSchema
+from ..validation import one_of
 from .conditioning import Conditioning
 from .control import CONTROLNET_DIR, MaskControlledUNet, load_mask_branch
 from .denoiser import Denoiser, context_features, denoiser_library, load_denoiser
@@ -461,11 +462,8 @@ def replace_decoder(model: str | Path, autoencoder: str | Path, out: str | Path)
     """
     from .autoencoder import decoder_digest, latents_differ, load_checked_autoencoder
 
-    model, autoencoder, out = Path(model), Path(autoencoder), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelError(f"{out} exists and is not an empty folder; choose a new --out folder")
-    if out.resolve().is_relative_to(model.resolve()):
-        raise ModelError(f"{out} is inside the model folder {model}; choose an --out folder beside it")
+    model, autoencoder = Path(model), Path(autoencoder)
+    check_copy_output(model, out)
     config = read_bundle_config(model)
     decoder = load_checked_autoencoder(autoencoder)
     problem = latents_differ(load_autoencoder_folder(model), decoder)
@@ -477,15 +475,88 @@ def replace_decoder(model: str | Path, autoencoder: str | Path, out: str | Path)
     metrics_file = autoencoder_dir(autoencoder) / "metrics.json"
     record = {"from": str(autoencoder.resolve()), "digest": digest,
               **(json.loads(metrics_file.read_text()) if metrics_file.is_file() else {})}
-    with staged_folder(out) as staging:
-        shutil.copytree(model, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+
+    def with_the_decoder(staging: Path, config: ModelConfig) -> ModelConfig:
         for weights in (staging / "autoencoder").glob("diffusion_pytorch_model*"):
             weights.unlink()  # (its provenance.json stays: the encoder is the one it describes)
         decoder.save_pretrained(staging / "autoencoder")
-        updated = config.model_copy(update={
+        return config.model_copy(update={
             "latent": config.latent.model_copy(update={"decoder": digest}),
             "id": _bundle_id(staging, config.latent.range, digest),
             "provenance": {**config.provenance, "decoder": record}})
+
+    return _copy_model(model, config, out, with_the_decoder)
+
+
+#: the dtypes a model's weights can be stored in; they load as float32 either way
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the parts whose weights :func:`convert_weights` converts
+NETWORK_PARTS = ("unet", CONTROLNET_DIR, "autoencoder")
+
+
+def convert_weights(model: str | Path, out: str | Path, dtype: str) -> ModelConfig:
+    """Write a copy of the model folder ``model`` to ``out`` whose networks' weights (denoiser, mask branch,
+    autoencoder) are stored in ``dtype`` and return its description.
+
+    bfloat16 halves the folder: the weights load as float32 again, rounded to bfloat16's 8 significant bits,
+    so the copy draws other images than ``model`` (its id differs) at float32's speed. Its provenance records
+    the dtype, and its card says it.
+    """
+    one_of(dtype, tuple(WEIGHT_DTYPES), "--dtype")
+    model = Path(model)
+    check_copy_output(model, out)
+    config = read_bundle_config(model)
+
+    def converted(staging: Path, config: ModelConfig) -> ModelConfig:
+        for part in NETWORK_PARTS:
+            for weights in (staging / part).glob("*.safetensors"):
+                _convert_safetensors(weights, WEIGHT_DTYPES[dtype])
+        decoder = config.latent.decoder
+        if decoder is not None:  # the replaced decoder's digest is of its converted weights now
+            from .autoencoder import decoder_digest
+
+            decoder = decoder_digest(load_autoencoder_folder(staging / "autoencoder"))
+        return config.model_copy(update={
+            "latent": config.latent.model_copy(update={"decoder": decoder}),
+            "id": _bundle_id(staging, config.latent.range, decoder),
+            "provenance": {**config.provenance, "weights_dtype": dtype}})
+
+    return _copy_model(model, config, out, converted)
+
+
+def _convert_safetensors(path: Path, dtype: torch.dtype) -> None:
+    """Store the floating-point tensors of a safetensors file in ``dtype`` (its metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """The size of the files in ``folder`` and its sub-folders."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def check_copy_output(model: Path, out: str | Path) -> None:
+    """``out`` can receive a copy of the model folder ``model``: a new or empty folder outside it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    if out.resolve().is_relative_to(Path(model).resolve()):
+        raise ModelError(f"{out} is inside the model folder {model}; choose an --out folder beside it")
+
+
+def _copy_model(model: Path, config: ModelConfig, out: str | Path, change) -> ModelConfig:
+    """Copy the model folder ``model`` (described by ``config``) to ``out`` (atomically), letting ``change(staging,
+    config)`` alter the copy's files and return its new description, which is written with its card and index."""
+    with staged_folder(out) as staging:
+        shutil.copytree(model, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+        updated = change(staging, config)
         write_model_config(staging, updated)
         write_model_index(staging)
     return updated

@@ -170,6 +170,9 @@ def _training(provenance: Mapping[str, Any]) -> str:
         lines += ["", "The decoder was replaced by one fine-tuned alone on the same latents (decoder "
                   f"{decoder.get('digest', '?')}): {_how_trained(decoder)}."]
         lines += _commands("Its commands", decoder.get("command"))
+    if provenance.get("weights_dtype") == "bfloat16":
+        lines += ["", "The weights are stored in bfloat16 (`histosynth convert-weights`) and load as float32: the "
+                  "images differ slightly from those of the float32 weights it was trained to."]
     return "\n".join(lines)
 
 
