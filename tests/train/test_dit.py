@@ -159,6 +159,14 @@ def test_what_a_dit_cannot_do_is_refused_before_anything_is_written(blob_dataset
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_fine_tune_keeps_the_denoiser_of_its_init_model(dit_run, blob_dataset, tmp_path, refused):
+    args = ["train", str(blob_dataset.root), "--out", str(tmp_path / "tuned"), "--init", str(dit_run / "model"),
+            "--cache-dir", str(dit_run / "cache"), *FAST, "--prediction-type", "flow_prediction"]
+    assert refused(args) == (f"error: --init {dit_run / 'model'} has a dit denoiser but this run would train a unet; "
+                             "give --denoiser dit (or start without --init)")
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_a_run_resumed_with_another_denoiser_is_refused(dit_run, blob_dataset, refused):
     message = refused(["train", str(blob_dataset.root), "--out", str(dit_run / "model"), "--cache-dir",
                        str(dit_run / "cache"), *FAST, "--prediction-type", "flow_prediction", "--resume"])

@@ -222,7 +222,7 @@ def test_init_from_a_bundle_of_another_shape_is_refused(straight_run, tmp_path, 
     args = train_args(dataset, tmp_path / "model", "--cache-dir", str(root / "cache"), "--init", str(root / "model"))
     args[args.index("--preset") + 1] = str(wider)
     assert main(args) == 2
-    assert "its UNet does not fit the preset (" in capsys.readouterr().err
+    assert "its denoiser does not fit the preset (" in capsys.readouterr().err
 
 
 def test_training_errors_are_histosynth_errors():

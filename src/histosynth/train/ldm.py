@@ -38,7 +38,7 @@ from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_fa
 from ..models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
 from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
-from ..models.denoiser import build_denoiser, input_weight_name, widen_input
+from ..models.denoiser import DiTDenoiser, build_denoiser, input_weight_name, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.latent_range import PREDICTION_TYPES
 from ..models.text import TextEncoder, load_text_encoder
@@ -207,7 +207,7 @@ def train_ldm(options: TrainOptions) -> TrainResult:
     if conditioning.controlnet:
         check_controlnet_init(options.init, preset)
     if options.init is not None:
-        check_init_prediction(options.init, preset)
+        check_init_recipe(options.init, preset)
     dataset = open_dataset(options.dataset)
     if training.repeat_rare is not None:
         class_fraction_columns(dataset)  # refused before anything is written
@@ -430,12 +430,18 @@ def check_controlnet_init(init: Optional[Path], preset: Preset) -> None:
                          "give the text model (or use --mask-branch concat to fine-tune this one)")
 
 
-def check_init_prediction(init: Path, preset: Preset) -> None:
-    """A fine-tuned model keeps what its network predicts: the --init model's prediction type must be the run's
-    (a folder without its scheduler part is refused when it is loaded, with the part named)."""
+def check_init_recipe(init: Path, preset: Preset) -> None:
+    """A fine-tuned model keeps its denoiser and what it predicts: the --init model's must be the run's (a folder
+    without its unet or scheduler part is refused when it is loaded, with the part named)."""
     import json
 
     read_bundle_config(init)  # a clear error if --init is not a model folder
+    unet = Path(init) / "unet" / "config.json"
+    if unet.is_file():
+        trained = "dit" if json.loads(unet.read_text()).get("_class_name") == DiTDenoiser.__name__ else "unet"
+        if trained != preset.denoiser:
+            raise ConfigError(f"--init {init} has a {trained} denoiser but this run would train a {preset.denoiser}; "
+                              f"give --denoiser {trained} (or start without --init)")
     scheduler = Path(init) / "scheduler" / "scheduler_config.json"
     if not scheduler.is_file():
         return
@@ -484,7 +490,7 @@ def initialise_from_bundle(unet: UNet2DConditionModel, bundle_path: Path, mask_c
     if missing or wrong:
         detail = f"{len(missing)} tensors missing, e.g. {missing[0]}" if missing else \
             f"{wrong[0][0]} has shape {wrong[0][1]}, the preset needs {wrong[0][2]}"
-        raise ModelError(f"--init {bundle_path}: its UNet does not fit the preset ({detail}); "
+        raise ModelError(f"--init {bundle_path}: its denoiser does not fit the preset ({detail}); "
                          "use the preset the bundle was trained with")
     unet.load_state_dict(source)
 
