@@ -3,6 +3,7 @@
 
     python scripts/compare_recipes.py                         # every recipe, 150 steps each, in runs/recipes/
     python scripts/compare_recipes.py --recipes baseline,v-pred   # some of them (e.g. two processes side by side)
+    python scripts/compare_recipes.py --steps 3000 --seed 1 --accelerator auto   # another seed, on a GPU
 
 Every recipe trains the tiny preset's text+mask LDM from scratch, on the same phantom patches (``histosynth
 phantom patches``) encoded once by the shipped autoencoder, with the same steps, batch, learning rate, seed
@@ -30,9 +31,10 @@ patches of other pseudo-slides (another phantom seed) than it trained on, with t
 - realism: those same images against the held-out real patches, classifier two-sample ROC AUC
   (``histosynth evaluate realism``; 0.5 = indistinguishable)
 
-Folders: ``runs/recipes/{data,models,reports}``; logs ``runs/logs/recipes-<recipe>.log``; the table
-``runs/recipes/summary-<steps>.md``. Every step is skipped when its output exists (an interrupted
-training resumes from its last checkpoint).
+Folders: ``runs/recipes/{data,models,reports}`` (a recipe's model and reports are named ``<recipe>-<steps>``,
+with ``-seed<S>`` for a training seed other than 0; the data and the evaluation's seeds are the same for every
+training seed); logs ``runs/logs/recipes-<recipe>.log``; the table ``runs/recipes/summary-<steps>.md``. Every
+step is skipped when its output exists (an interrupted training resumes from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -103,16 +105,20 @@ def stage_data(sizes: Sizes) -> None:
         done.touch()
 
 
-def model_folder(recipe: str, sizes: Sizes) -> Path:
-    return ROOT / "models" / f"{recipe}-{sizes.steps}"
+def run_name(recipe: str, sizes: Sizes, seed: int) -> str:
+    return f"{recipe}-{sizes.steps}" + (f"-seed{seed}" if seed else "")
 
 
-def report_folder(recipe: str, sizes: Sizes, what: str) -> Path:
-    return ROOT / "reports" / f"{recipe}-{sizes.steps}" / what
+def model_folder(recipe: str, sizes: Sizes, seed: int) -> Path:
+    return ROOT / "models" / run_name(recipe, sizes, seed)
 
 
-def train(recipe: str, sizes: Sizes) -> None:
-    out = model_folder(recipe, sizes)
+def report_folder(recipe: str, sizes: Sizes, seed: int, what: str) -> Path:
+    return ROOT / "reports" / run_name(recipe, sizes, seed) / what
+
+
+def train(recipe: str, sizes: Sizes, seed: int, accelerator: str) -> None:
+    out = model_folder(recipe, sizes, seed)
     if (out / "histosynth.json").is_file():
         return
     run_logged(f"recipes-{recipe}", histosynth(
@@ -120,14 +126,15 @@ def train(recipe: str, sizes: Sizes) -> None:
         "--autoencoder", shipped("autoencoder"), "--condition", "text+mask", "--steps", str(sizes.steps),
         "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps),
         "--checkpoint-every", "25",
-        "--log-every", "10", "--accelerator", "cpu", "--seed", "0", *RECIPES[recipe],
+        "--log-every", "10", "--accelerator", accelerator, "--seed", str(seed), *RECIPES[recipe],
         *resumed(out.with_name(out.name + ".run"))))
 
 
-def evaluate(recipe: str, sizes: Sizes) -> None:
+def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
     """Caption accuracy, label fidelity and realism of one recipe's model (each skipped when its report exists)."""
-    model, log = relative(model_folder(recipe, sizes)), f"recipes-{recipe}"
-    captions, masks, realism = (report_folder(recipe, sizes, w) for w in ("captions", "label-fidelity", "realism"))
+    model, log = relative(model_folder(recipe, sizes, seed)), f"recipes-{recipe}"
+    captions, masks, realism = (report_folder(recipe, sizes, seed, w)
+                                for w in ("captions", "label-fidelity", "realism"))
     steps = ["--steps", str(sizes.sampling_steps)]
     if not (captions / "per_image.csv").is_file():
         images = captions.with_name("generating-caption")
@@ -154,12 +161,12 @@ def job_images(job: Path) -> Path:
     return folders[0]
 
 
-def summary_row(recipe: str, sizes: Sizes) -> dict:
+def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     from histosynth.models.bundle import read_bundle_config
 
-    provenance = read_bundle_config(model_folder(recipe, sizes)).provenance
-    shares = caption_shares(report_folder(recipe, sizes, "captions"))
-    two_sample = pd.read_csv(report_folder(recipe, sizes, "realism") / "two_sample.csv").iloc[0]
+    provenance = read_bundle_config(model_folder(recipe, sizes, seed)).provenance
+    shares = caption_shares(report_folder(recipe, sizes, seed, "captions"))
+    two_sample = pd.read_csv(report_folder(recipe, sizes, seed, "realism") / "two_sample.csv").iloc[0]
     interval = next(column for column in two_sample.index if column.endswith("CI"))
     return {
         "recipe": recipe,
@@ -167,7 +174,7 @@ def summary_row(recipe: str, sizes: Sizes) -> dict:
         "glomeruli mentioned %": round(shares["mention"], 1),
         "Glomeruli high %": round(shares["glomeruli_high"], 1),
         "Tubuli medium %": round(shares["tubuli_medium"], 1),
-        "label fidelity (mean Dice)": round(float(counted_classes(report_folder(recipe, sizes, "label-fidelity"))
+        "label fidelity (mean Dice)": round(float(counted_classes(report_folder(recipe, sizes, seed, "label-fidelity"))
                                                   ["Dice"].mean()), 3),
         "two-sample AUC": round(float(two_sample["ROC AUC"]), 3),
         f"AUC {interval}": two_sample[interval],
@@ -175,14 +182,15 @@ def summary_row(recipe: str, sizes: Sizes) -> dict:
     }
 
 
-def summary(rows: list[dict], sizes: Sizes, command: str) -> list[str]:
+def summary(rows: list[dict], sizes: Sizes, seed: int, command: str) -> list[str]:
     return ["# Training recipes compared", "",
             f"`{command}`: the tiny preset's text+mask LDM from scratch, {sizes.steps} steps of batch "
             f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on {sizes.train_patches} phantom patches "
-            f"(latents of the shipped autoencoder), seed 0; DDIM {sizes.sampling_steps} steps, guidance 1.5; caption "
-            f"accuracy on {sizes.caption_images} images of the generating caption, label fidelity and the two-sample "
-            f"AUC on {sizes.mask_images} images of held-out phantom masks against {sizes.heldout_patches} held-out "
-            "real phantom patches. Training seconds depend on the machine's other load.", "",
+            f"(latents of the shipped autoencoder), training seed {seed}; DDIM {sizes.sampling_steps} steps, guidance "
+            f"1.5; caption accuracy on {sizes.caption_images} images of the generating caption, label fidelity and "
+            f"the two-sample AUC on {sizes.mask_images} images of held-out phantom masks against "
+            f"{sizes.heldout_patches} held-out real phantom patches. Training seconds depend on the machine's other "
+            "load.", "",
             markdown_table(pd.DataFrame(rows)), ""]
 
 
@@ -190,6 +198,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=Sizes.steps, help="training steps of every recipe")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed of every recipe")
+    parser.add_argument("--accelerator", default="cpu", help="what the trainings run on (cpu, gpu, auto)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, a few images")
     args = parser.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -202,13 +212,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     stage_data(sizes)
     for recipe in recipes:
         say(f"== {recipe}")
-        train(recipe, sizes)
-        evaluate(recipe, sizes)
-    rows = [summary_row(recipe, sizes) for recipe in recipes]
+        train(recipe, sizes, args.seed, args.accelerator)
+        evaluate(recipe, sizes, args.seed)
+    rows = [summary_row(recipe, sizes, args.seed) for recipe in recipes]
     command = "python scripts/compare_recipes.py" + (" --quick" if args.quick else
-                                                     f" --steps {args.steps}" if args.steps != Sizes.steps else "")
-    lines = summary(rows, sizes, command)
-    name = f"summary-{sizes.steps}" + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
+                                                     f" --steps {args.steps}" if args.steps != Sizes.steps else "") \
+        + (f" --seed {args.seed}" if args.seed else "")
+    lines = summary(rows, sizes, args.seed, command)
+    name = f"summary-{sizes.steps}" + (f"-seed{args.seed}" if args.seed else "") \
+        + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
     (ROOT / f"{name}.md").write_text("\n".join(lines))
     (ROOT / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
     print("\n".join(lines))
