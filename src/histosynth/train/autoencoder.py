@@ -262,7 +262,7 @@ def train_autoencoder(options: AutoencoderTrainOptions) -> AutoencoderTrainResul
         write_autoencoder_folder(options.out, autoencoder, {"metrics.json": {
             "psnr_db": round(result.psnr, 3), "ssim": round(result.ssim, 4), "held_out_patches": result.held_out,
             "two_sample_auc": None if result.two_sample_auc is None else round(result.two_sample_auc, 3),
-            "losses": losses.model_dump(), "perceptual": settings.get("perceptual"),
+            "losses": losses.model_dump(), "perceptual": optional["perceptual"],
             "fit_time_s": round(fit_seconds, 1), "training_time_s": round(training_seconds, 1),
             "steps": result.steps, "latent_scale": float(autoencoder.config.scaling_factor),
             "dataset": str(options.dataset), "init": settings["init"],
