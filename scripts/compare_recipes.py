@@ -183,15 +183,14 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
 
 
 def summary(rows: list[dict], sizes: Sizes, seed: int, command: str) -> list[str]:
-    return ["# Training recipes compared", "",
-            f"`{command}`: the tiny preset's text+mask LDM from scratch, {sizes.steps} steps of batch "
-            f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on {sizes.train_patches} phantom patches "
-            f"(latents of the shipped autoencoder), training seed {seed}; DDIM {sizes.sampling_steps} steps, guidance "
-            f"1.5; caption accuracy on {sizes.caption_images} images of the generating caption, label fidelity and "
-            f"the two-sample AUC on {sizes.mask_images} images of held-out phantom masks against "
-            f"{sizes.heldout_patches} held-out real phantom patches. Training seconds depend on the machine's other "
-            "load.", "",
-            markdown_table(pd.DataFrame(rows)), ""]
+    text = (f"`{command}`: the tiny preset's text+mask LDM from scratch, {sizes.steps} steps of batch "
+            f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on the training split of "
+            f"{sizes.train_patches} phantom patches (latents of the shipped autoencoder), training seed {seed}; "
+            f"DDIM {sizes.sampling_steps} steps, guidance 1.5; caption accuracy on {sizes.caption_images} images "
+            f"of the generating caption, label fidelity and the two-sample AUC on {sizes.mask_images} images of "
+            f"held-out phantom masks against {sizes.heldout_patches} held-out real phantom patches. Training "
+            "seconds depend on the machine's other load.")
+    return ["# Training recipes compared", "", text, "", markdown_table(pd.DataFrame(rows)), ""]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
