@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from histosynth.cli import main
+from histosynth.errors import ConfigError
 from histosynth.models.bundle import MODEL_INDEX_FILE, load_bundle, read_bundle_config
 from histosynth.models.denoiser import (
     DiTDenoiser,
@@ -83,10 +84,10 @@ def test_the_dit_section_is_checked_and_left_out_of_unet_presets():
     assert (data["denoiser"], data["dit"]) == ("dit", {"patch_size": 4, "width": 192, "depth": 8, "num_heads": 3})
     assert Preset.from_dict(data) == tiny.with_recipe(denoiser="dit")
     data["dit"]["num_heads"] = 5
-    with pytest.raises(Exception, match="width 192 is not divisible by num_heads=5"):
+    with pytest.raises(ConfigError, match="width 192 is not divisible by num_heads=5"):
         Preset.from_dict(data)
     data["dit"].update(num_heads=3, patch_size=3)
-    with pytest.raises(Exception, match=r"image_size 256 must be a multiple of 12 \(autoencoder factor 4 x DiT "
+    with pytest.raises(ConfigError, match=r"image_size 256 must be a multiple of 12 \(autoencoder factor 4 x DiT "
                                         r"patch factor 3\)"):
         Preset.from_dict(data)
 
