@@ -173,3 +173,14 @@ def test_a_run_resumed_with_another_denoiser_is_refused(dit_run, blob_dataset, r
                        str(dit_run / "cache"), *FAST, "--prediction-type", "flow_prediction", "--resume"])
     assert message == (f"error: --resume with other settings than the run in {dit_run / 'model.run'}: preset "
                        "differ; resume with the same options or start a new run")
+
+
+def test_a_damaged_denoiser_config_is_refused_with_the_part_named(dit_run, tmp_path):
+    import shutil
+
+    from histosynth.errors import ModelError
+
+    model = shutil.copytree(dit_run / "model", tmp_path / "model")
+    (model / "unet" / "config.json").write_text("{")
+    with pytest.raises(ModelError, match=r"part 'unet': .*config.json cannot be read \(JSONDecodeError\)"):
+        load_bundle(model)

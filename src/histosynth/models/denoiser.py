@@ -120,13 +120,26 @@ def build_denoiser(preset: Preset, context_dim: int,
 DENOISER_CLASSES = {cls.__name__: cls for cls in (UNet2DConditionModel, DiTDenoiser)}
 
 
-def load_denoiser(folder: str | Path) -> Denoiser:
-    """The denoiser saved in ``folder`` (a model folder's unet/ part), of the class its config names."""
+def denoiser_class(folder: str | Path) -> type:
+    """The class of the denoiser saved in ``folder`` (a model folder's unet/ part), as its config names it."""
     config = Path(folder) / "config.json"
-    class_name = json.loads(config.read_text()).get("_class_name")
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{config} cannot be read ({exc.__class__.__name__}); the model folder is damaged") from None
     if class_name not in DENOISER_CLASSES:
         raise ModelError(f"{config}: {class_name!r} is not a denoiser (expected one of {', '.join(DENOISER_CLASSES)})")
-    return DENOISER_CLASSES[class_name].from_pretrained(folder, low_cpu_mem_usage=False)
+    return DENOISER_CLASSES[class_name]
+
+
+def denoiser_kind(folder: str | Path) -> str:
+    """``dit`` or ``unet``: the preset's name of the denoiser saved in ``folder``."""
+    return "dit" if denoiser_class(folder) is DiTDenoiser else "unet"
+
+
+def load_denoiser(folder: str | Path) -> Denoiser:
+    """The denoiser saved in ``folder`` (a model folder's unet/ part), of the class its config names."""
+    return denoiser_class(folder).from_pretrained(folder, low_cpu_mem_usage=False)
 
 
 def denoiser_library(class_name: str) -> str:

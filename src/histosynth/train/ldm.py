@@ -38,7 +38,7 @@ from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_fa
 from ..models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
 from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
-from ..models.denoiser import DiTDenoiser, build_denoiser, input_weight_name, widen_input
+from ..models.denoiser import build_denoiser, denoiser_kind, input_weight_name, widen_input
 from ..models.diffusion import diffusion_loss, make_ema, noise_scheduler
 from ..models.latent_range import PREDICTION_TYPES
 from ..models.text import TextEncoder, load_text_encoder
@@ -436,9 +436,9 @@ def check_init_recipe(init: Path, preset: Preset) -> None:
     import json
 
     read_bundle_config(init)  # a clear error if --init is not a model folder
-    unet = Path(init) / "unet" / "config.json"
-    if unet.is_file():
-        trained = "dit" if json.loads(unet.read_text()).get("_class_name") == DiTDenoiser.__name__ else "unet"
+    unet = Path(init) / "unet"
+    if (unet / "config.json").is_file():
+        trained = denoiser_kind(unet)
         if trained != preset.denoiser:
             raise ConfigError(f"--init {init} has a {trained} denoiser but this run would train a {preset.denoiser}; "
                               f"give --denoiser {trained} (or start without --init)")
