@@ -237,6 +237,18 @@ def test_fine_tuning_keeps_the_prediction_type(recipe_run, blob_dataset, tmp_pat
     assert not (tmp_path / "tuned").exists()
 
 
+def test_an_init_model_with_a_damaged_scheduler_is_refused_with_the_part_named(recipe_run, blob_dataset, tmp_path,
+                                                                               refused):
+    import shutil
+
+    init = shutil.copytree(recipe_run / "model", tmp_path / "init")
+    (init / "scheduler" / "scheduler_config.json").write_text("{")
+    message = refused(["train", str(blob_dataset.root), "--out", str(tmp_path / "tuned"), "--init", str(init),
+                       "--cache-dir", str(recipe_run / "cache"), *FAST, "--prediction-type", "v_prediction"])
+    assert message.startswith(f"error: {init}: part 'scheduler' cannot be loaded: ")
+    assert not (tmp_path / "tuned").exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (["--prediction-type", "x0"], "--prediction-type must be one of epsilon, v_prediction, flow_prediction, got 'x0'"),
     (["--min-snr-gamma", "0"], "--min-snr-gamma must be above 0, got 0.0"),

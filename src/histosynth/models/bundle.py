@@ -669,6 +669,15 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     )
 
 
+def saved_prediction_type(path: str | Path) -> Optional[str]:
+    """What the model folder's denoiser was trained to predict, as its scheduler part says (None without one)."""
+    path = Path(path)
+    if not (path / "scheduler" / _part_config_name("scheduler")).is_file():
+        return None
+    scheduler = _load_part("scheduler", lambda: DDPMScheduler.from_pretrained(path / "scheduler"), path)
+    return scheduler.config.prediction_type
+
+
 def bundle_of_parts(path: str | Path, unet: Denoiser | MaskControlledUNet, autoencoder: Autoencoder,
                     scheduler_config: dict[str, Any], device: str | torch.device,
                     text_encoder: Optional[TextEncoder] = None) -> Bundle:

@@ -35,7 +35,7 @@ from .. import validation
 from ..data.dataset import PatchDataset, open_dataset
 from ..errors import ConfigError, DataError, ModelError
 from ..models.autoencoder import Autoencoder, build_autoencoder, downsampling_factor, load_checked_autoencoder
-from ..models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle
+from ..models.bundle import CONFIG_FILE, load_bundle, read_bundle_config, save_bundle, saved_prediction_type
 from ..models.conditioning import Conditioning
 from ..models.control import MaskControlledUNet, add_mask_branch
 from ..models.denoiser import build_denoiser, denoiser_kind, input_weight_name, widen_input
@@ -433,8 +433,6 @@ def check_controlnet_init(init: Optional[Path], preset: Preset) -> None:
 def check_init_recipe(init: Path, preset: Preset) -> None:
     """A fine-tuned model keeps its denoiser and what it predicts: the --init model's must be the run's (a folder
     without its unet or scheduler part is refused when it is loaded, with the part named)."""
-    import json
-
     read_bundle_config(init)  # a clear error if --init is not a model folder
     unet = Path(init) / "unet"
     if (unet / "config.json").is_file():
@@ -442,12 +440,9 @@ def check_init_recipe(init: Path, preset: Preset) -> None:
         if trained != preset.denoiser:
             raise ConfigError(f"--init {init} has a {trained} denoiser but this run would train a {preset.denoiser}; "
                               f"give --denoiser {trained} (or start without --init)")
-    scheduler = Path(init) / "scheduler" / "scheduler_config.json"
-    if not scheduler.is_file():
-        return
-    trained = json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
+    trained = saved_prediction_type(init)
     wanted = preset.diffusion.prediction_type
-    if trained != wanted:
+    if trained is not None and trained != wanted:
         raise ConfigError(f"--init {init} predicts {trained} but this run would train it to predict {wanted}; "
                           f"give --prediction-type {trained} (or start without --init)")
 
