@@ -49,21 +49,11 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-from default_models import RUNS, environment, histosynth, phantom_dataset, relative, resumed, run_logged, say
+from default_models import RECIPES, RUNS, environment, histosynth, phantom_dataset, relative, resumed, run_logged, say
 from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes
 
 from histosynth.evaluate.report import markdown_table
 
-#: the options of `histosynth train` that make each recipe
-RECIPES = {
-    "baseline": [],
-    "min-snr": ["--min-snr-gamma", "5"],
-    "v-pred": ["--prediction-type", "v_prediction"],
-    "v-pred+min-snr": ["--prediction-type", "v_prediction", "--min-snr-gamma", "5"],
-    "flow": ["--prediction-type", "flow_prediction"],
-    "repeat-rare": ["--repeat-rare", "0.3"],
-    "dit": ["--denoiser", "dit", "--prediction-type", "flow_prediction"],
-}
 ROOT = RUNS / "recipes"
 DATA = ROOT / "data"
 

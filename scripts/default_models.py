@@ -26,6 +26,16 @@ Stages run one after the other; on a 2-core CPU two trainings can share it, one 
 how much data and training each stage gets: the values there are what the shipped models were
 trained with (wall times in each model's provenance); raise them (``--ldm-steps`` for the LDM) where
 more time or a GPU is available.
+
+How the two LDMs train and ship (the shipped ones: the defaults):
+
+    --recipe flow             a recipe of scripts/compare_recipes.py for both LDMs (default: baseline,
+                              CompVis' noise prediction); the text+mask model is fine-tuned from the text
+                              model with the same recipe, as ``train --init`` requires
+    --weights-dtype bfloat16  ship the LDM folders' weights in bfloat16 (``histosynth convert-weights``:
+                              half the bytes, so a wider denoiser fits the package's 60 MiB)
+    --accelerator auto        train the autoencoder, the segmenter and the LDMs on a GPU where there is one
+                              (default: cpu)
 """
 
 from __future__ import annotations
@@ -59,6 +69,17 @@ GENERATING_PROBE_SEED = 0
 DONE_MARK = "# done:"
 #: How a run stopped on purpose at a checkpoint (then resumed with --resume) is marked in its log.
 STOPPED_MARK = "# stopped:"
+#: The options of `histosynth train` that make each training recipe (compared in scripts/compare_recipes.py).
+RECIPES = {
+    "baseline": [],
+    "min-snr": ["--min-snr-gamma", "5"],
+    "v-pred": ["--prediction-type", "v_prediction"],
+    "v-pred+min-snr": ["--prediction-type", "v_prediction", "--min-snr-gamma", "5"],
+    "flow": ["--prediction-type", "flow_prediction"],
+    "repeat-rare": ["--repeat-rare", "0.3"],
+    "dit": ["--denoiser", "dit", "--prediction-type", "flow_prediction"],
+}
+WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,14 @@ class Sizes:
     ldm_precision: str = "bf16"
     ldm_mask_steps: int = 8000
     ldm_mask_dropout: float = 0.2
+    ldm_recipe: str = "baseline"
+    ldm_weights_dtype: str = "float32"
+    accelerator: str = "cpu"
+
+    @property
+    def device(self) -> str:
+        """The ``--device`` of the commands that take one instead of ``--accelerator``."""
+        return "cpu" if self.accelerator == "cpu" else "auto"
 
 
 # --- running commands -----------------------------------------------------------------------------
@@ -255,7 +284,8 @@ def stage_autoencoder(sizes: Sizes) -> None:
             "train-autoencoder", relative(DATA / "autoencoder"), "--out", relative(out), "--preset", "tiny",
             "--steps", str(sizes.autoencoder_steps), "--batch-size", str(sizes.autoencoder_batch),
             "--lr", str(sizes.autoencoder_lr), "--precision", sizes.autoencoder_precision,
-            "--checkpoint-every", "100", "--seed", "0", *resumed(MODELS / "autoencoder.run")))
+            "--checkpoint-every", "100", "--accelerator", sizes.accelerator, "--seed", "0",
+            *resumed(MODELS / "autoencoder.run")))
         say(f"[autoencoder] trained in {seconds:.0f} s")
     if not (out / "evaluation.json").is_file():
         write_json(out / "evaluation.json", evaluate_autoencoder(out))
@@ -283,7 +313,8 @@ def train_segmenter(base: Path, tuned: Path, sizes: Sizes, seed: int, log: str) 
     """A base training on the default and generating mixes, then a fine-tune with balanced class
     weights on that data plus sclerotic-rich patches (the rare classes' Dice; see stage data)."""
     common = ["--base-channels", str(sizes.segmenter_base_channels), "--patience", str(sizes.segmenter_patience),
-              "--batch-size", str(sizes.segmenter_batch), "--seed", str(seed), "--device", "cpu", "--no-progress"]
+              "--batch-size", str(sizes.segmenter_batch), "--seed", str(seed), "--device", sizes.device,
+              "--no-progress"]
     if not (base / "segmenter.json").is_file():
         run_logged(log, histosynth("segment", "train", relative(DATA / "segmenter"), "--out", relative(base),
                                    "--epochs", str(sizes.segmenter_epochs), *common))
@@ -326,11 +357,12 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
     autoencoder = relative(MODELS / "autoencoder")
     label_maps = ["--label-maps"] if "--condition" in conditioning else []
     run_logged(name, histosynth("cache", relative(DATA / "ldm"), "--preset", "tiny", "--autoencoder", autoencoder,
-                                "--device", "cpu", "--seed", "0", *label_maps))
+                                "--device", sizes.device, "--seed", "0", *label_maps))
     run_logged(name, histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
                                 "--autoencoder", autoencoder, "--steps", str(steps), *conditioning,
-                                "--precision", sizes.ldm_precision, "--checkpoint-every", "100",
-                                "--log-every", "25", "--accelerator", "cpu", "--seed", "0",
+                                *RECIPES[sizes.ldm_recipe], "--precision", sizes.ldm_precision,
+                                "--checkpoint-every", "100", "--log-every", "25",
+                                "--accelerator", sizes.accelerator, "--seed", "0",
                                 *resumed(MODELS / f"{name}.run")))
 
 
@@ -340,6 +372,8 @@ def stage_ship(sizes: Sizes) -> None:
     ship_segmenter(MODELS / "segmenter", WEIGHTS / "segmenter")
     for name in ("ldm", "ldm-mask"):
         ship_ldm(name, MODELS / "autoencoder", WEIGHTS / name)
+        if sizes.ldm_weights_dtype != "float32":
+            store_weights_as(WEIGHTS / name, sizes.ldm_weights_dtype)
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     say(f"[ship] {relative(WEIGHTS)}: {total / 2**20:.1f} MiB in all")
     if total > 60 * 2**20:
@@ -392,6 +426,17 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     write_json(target / "histosynth.json", config)
     write_model_config(target, read_bundle_config(target))  # the model card, from the completed provenance
     write_model_index(target)
+
+
+def store_weights_as(model: Path, dtype: str) -> None:
+    """Replace the shipped model folder ``model`` by its copy with weights stored in ``dtype``."""
+    converted = model.with_name(model.name + f".{dtype}")
+    if converted.exists():  # left by an interrupted ship
+        shutil.rmtree(converted)
+    run_logged("ship", histosynth("convert-weights", relative(model), "--out", relative(converted),
+                                  "--dtype", dtype))
+    shutil.rmtree(model)
+    converted.rename(model)
 
 
 def copy_folder(source: Path, target: Path, keep: Optional[list[str]], skip: tuple[str, ...] = ()) -> None:
@@ -485,12 +530,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     parser.add_argument("--ldm-steps", type=int, default=Sizes.ldm_steps, help="LDM training steps")
     parser.add_argument("--ldm-mask-steps", type=int, default=Sizes.ldm_mask_steps, help="text+mask LDM training steps")
+    parser.add_argument("--recipe", choices=list(RECIPES), default=Sizes.ldm_recipe,
+                        help="the LDMs' training recipe (see scripts/compare_recipes.py)")
+    parser.add_argument("--weights-dtype", choices=WEIGHT_DTYPES, default=Sizes.ldm_weights_dtype,
+                        help="how the shipped LDM folders store their weights")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=Sizes.accelerator,
+                        help="what the autoencoder, the segmenter and the LDMs train on")
     parser.add_argument("--background", action="store_true", help="run detached, log in runs/logs/pipeline.log")
     args = parser.parse_args(argv)
     if args.background:
         return detach([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--background"])
     os.environ.update(environment())
-    sizes = Sizes(ldm_steps=args.ldm_steps, ldm_mask_steps=args.ldm_mask_steps)
+    sizes = Sizes(ldm_steps=args.ldm_steps, ldm_mask_steps=args.ldm_mask_steps, ldm_recipe=args.recipe,
+                  ldm_weights_dtype=args.weights_dtype, accelerator=args.accelerator)
     for name in (STAGES if args.stage == "all" else [args.stage]):
         say(f"== stage {name}")
         STAGES[name](sizes)

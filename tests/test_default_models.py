@@ -1,0 +1,62 @@
+"""`make default-models` end to end at toy sizes: every stage of scripts/default_models.py, with the options that
+re-ship the LDMs trained by another recipe and stored in bfloat16."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture
+def default_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """scripts/default_models.py with its checkout (runs/, the package's weights folder) under tmp_path."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    module = importlib.import_module("default_models")
+    runs = tmp_path / "runs"
+    for name, path in {"ROOT": tmp_path, "RUNS": runs, "DATA": runs / "data", "MODELS": runs / "models",
+                       "LOGS": runs / "logs", "WEIGHTS": tmp_path / "weights"}.items():
+        monkeypatch.setattr(module, name, path)
+    monkeypatch.setattr(module, "HISTOSYNTH", str(Path(sys.executable).with_name("histosynth")))
+    return module
+
+
+def stored_dtypes(weights: Path) -> set[str]:
+    with safe_open(str(weights), framework="pt") as handle:
+        return {str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
+
+
+@pytest.mark.slow
+def test_every_stage_ships_dit_flow_models_in_bfloat16(default_models, tmp_path: Path):
+    from histosynth.models.bundle import load_bundle
+    from histosynth.models.denoiser import DiTDenoiser
+    from histosynth.sample.generate import SamplingOptions, generate
+
+    sizes = default_models.Sizes(  # float32 training: bfloat16 is slow on a CPU without native bf16
+        phantom_patches=12, ldm_patches_per_slide=2, segmenter_default_patches=8, segmenter_generating_patches=4,
+        segmenter_sclerotic_patches=4, autoencoder_phantom_patches=8, autoencoder_steps=2, autoencoder_precision="32",
+        segmenter_epochs=1, segmenter_tune_epochs=1, ldm_steps=2, ldm_mask_steps=2, ldm_precision="32",
+        ldm_recipe="dit", ldm_weights_dtype="bfloat16")
+    for stage in default_models.STAGES.values():
+        stage(sizes)
+
+    for name in ("ldm", "ldm-mask"):
+        folder = tmp_path / "weights" / name
+        assert not folder.with_name(f"{name}.bfloat16").exists()
+        assert stored_dtypes(folder / "unet" / "diffusion_pytorch_model.safetensors") == {"BF16"}
+        config = json.loads((folder / "histosynth.json").read_text())
+        assert config["provenance"]["weights_dtype"] == "bfloat16"
+        assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] \
+            == "flow_prediction"
+        # the stage's own commands are the provenance's, with the recipe's options
+        assert any("--denoiser dit --prediction-type flow_prediction" in c for c in config["provenance"]["command"])
+        bundle = load_bundle(folder)
+        assert isinstance(bundle.unet, DiTDenoiser)
+    generated = generate(load_bundle(tmp_path / "weights" / "ldm"), ["Tubuli medium"], [0], SamplingOptions(steps=2))
+    assert generated.images.shape == (1, 256, 256, 3)
