@@ -35,6 +35,11 @@ Folders: ``runs/recipes/{data,models,reports}`` (a recipe's model and reports ar
 with ``-seed<S>`` for a training seed other than 0; the data and the evaluation's seeds are the same for every
 training seed); logs ``runs/logs/recipes-<recipe>.log``; the table ``runs/recipes/summary-<steps>.md``. Every
 step is skipped when its output exists (an interrupted training resumes from its last checkpoint).
+
+A longer budget continues the recipe's longest shorter run of the same seed, batch and warm-up where one
+left its checkpoint (``--steps 1500`` after ``--steps 600`` trains 900 more steps): the learning rate is
+constant after the warm-up, so the continued run is the longer run's first steps, and its training time
+(the model's ``training_time_s``) counts every step.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -111,13 +118,41 @@ def train(recipe: str, sizes: Sizes, seed: int, accelerator: str) -> None:
     out = model_folder(recipe, sizes, seed)
     if (out / "histosynth.json").is_file():
         return
+    continue_shorter_run(recipe, sizes, seed)
     run_logged(f"recipes-{recipe}", histosynth(
         "train", relative(DATA / "train"), "--out", relative(out), "--preset", "tiny",
         "--autoencoder", shipped("autoencoder"), "--condition", "text+mask", "--steps", str(sizes.steps),
         "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps),
         "--checkpoint-every", "25",
         "--log-every", "10", "--accelerator", accelerator, "--seed", str(seed), *RECIPES[recipe],
-        *resumed(out.with_name(out.name + ".run"))))
+        *resumed(run_folder(out))))
+
+
+def continue_shorter_run(recipe: str, sizes: Sizes, seed: int) -> None:
+    """Copy the recipe's longest shorter run with a checkpoint (same seed, batch and warm-up) to this budget's
+    run folder, which then resumes from it; nothing when this budget's run folder exists or none fits."""
+    run = run_folder(model_folder(recipe, sizes, seed))
+    if run.exists():
+        return
+    name = re.compile(re.escape(recipe) + r"-(\d+)" + (f"-seed{seed}" if seed else "") + r"\.run")
+    shorter = []
+    for folder in (ROOT / "models").glob("*.run"):
+        match = name.fullmatch(folder.name)
+        if match and int(match.group(1)) < sizes.steps and (folder / "checkpoints" / "last.ckpt").is_file():
+            settings = json.loads((folder / "run.json").read_text())
+            if (settings.get("batch_size"), settings.get("warmup_steps")) == (sizes.batch_size, sizes.warmup_steps):
+                shorter.append((int(match.group(1)), folder))
+    if shorter:
+        steps, folder = max(shorter)
+        say(f"[{recipe}] continuing {folder.name} ({steps} steps) to {sizes.steps} steps")
+        staging = run.with_name(run.name + ".partial")  # a copy cut short is never taken for the run
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(folder, staging)
+        staging.rename(run)
+
+
+def run_folder(model: Path) -> Path:
+    return model.with_name(model.name + ".run")
 
 
 def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:

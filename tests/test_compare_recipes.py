@@ -1,0 +1,53 @@
+"""scripts/compare_recipes.py: a longer step budget continues the recipe's longest shorter run that fits."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture
+def compare_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    module = importlib.import_module("compare_recipes")
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    return module
+
+
+def a_run(root: Path, name: str, batch_size: int = 8, warmup_steps: int = 25, checkpoint: bool = True) -> Path:
+    run = root / "models" / f"{name}.run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"batch_size": batch_size, "warmup_steps": warmup_steps}))
+    if checkpoint:
+        (run / "checkpoints" / "last.ckpt").write_text(name)
+    return run
+
+
+def test_the_longest_fitting_shorter_run_of_the_recipe_and_seed_is_continued(compare_recipes, tmp_path: Path):
+    a_run(tmp_path, "flow-300")
+    a_run(tmp_path, "flow-600")
+    a_run(tmp_path, "flow-1200", checkpoint=False)  # nothing to continue from
+    a_run(tmp_path, "flow-900", batch_size=16)  # another batch
+    a_run(tmp_path, "flow-1000", warmup_steps=0)  # another warm-up
+    a_run(tmp_path, "flow-3000")  # longer
+    a_run(tmp_path, "flow-800-seed1")  # another seed
+    a_run(tmp_path, "v-pred+min-snr-700")  # another recipe
+    compare_recipes.continue_shorter_run("flow", compare_recipes.Sizes(steps=1500), seed=0)
+    run = tmp_path / "models" / "flow-1500.run"
+    assert (run / "checkpoints" / "last.ckpt").read_text() == "flow-600"
+    assert not run.with_name("flow-1500.run.partial").exists()
+
+
+def test_a_run_folder_that_exists_is_left_alone_and_no_fitting_run_copies_nothing(compare_recipes, tmp_path: Path):
+    a_run(tmp_path, "v-pred-600")
+    existing = a_run(tmp_path, "v-pred-1500", checkpoint=False)
+    compare_recipes.continue_shorter_run("v-pred", compare_recipes.Sizes(steps=1500), seed=0)
+    assert not (existing / "checkpoints" / "last.ckpt").exists()
+    compare_recipes.continue_shorter_run("v-pred", compare_recipes.Sizes(steps=1500), seed=1)
+    compare_recipes.continue_shorter_run("v-pred+min-snr", compare_recipes.Sizes(steps=1500), seed=0)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v-pred-1500.run", "v-pred-600.run"]
