@@ -79,7 +79,6 @@ RECIPES = {
     "repeat-rare": ["--repeat-rare", "0.3"],
     "dit": ["--denoiser", "dit", "--prediction-type", "flow_prediction"],
 }
-WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -526,13 +525,15 @@ STAGES = {"data": stage_data, "autoencoder": stage_autoencoder, "segmenter": sta
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from histosynth.models.bundle import WEIGHT_DTYPES  # the dtypes convert-weights stores
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     parser.add_argument("--ldm-steps", type=int, default=Sizes.ldm_steps, help="LDM training steps")
     parser.add_argument("--ldm-mask-steps", type=int, default=Sizes.ldm_mask_steps, help="text+mask LDM training steps")
     parser.add_argument("--recipe", choices=list(RECIPES), default=Sizes.ldm_recipe,
                         help="the LDMs' training recipe (see scripts/compare_recipes.py)")
-    parser.add_argument("--weights-dtype", choices=WEIGHT_DTYPES, default=Sizes.ldm_weights_dtype,
+    parser.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default=Sizes.ldm_weights_dtype,
                         help="how the shipped LDM folders store their weights")
     parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=Sizes.accelerator,
                         help="what the autoencoder, the segmenter and the LDMs train on")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ def default_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for name, path in {"ROOT": tmp_path, "RUNS": runs, "DATA": runs / "data", "MODELS": runs / "models",
                        "LOGS": runs / "logs", "WEIGHTS": tmp_path / "weights"}.items():
         monkeypatch.setattr(module, name, path)
-    monkeypatch.setattr(module, "HISTOSYNTH", str(Path(sys.executable).with_name("histosynth")))
     return module
 
 
