@@ -4,6 +4,7 @@
     python scripts/compare_recipes.py                         # every recipe, 150 steps each, in runs/recipes/
     python scripts/compare_recipes.py --recipes baseline,v-pred   # some of them (e.g. two processes side by side)
     python scripts/compare_recipes.py --steps 3000 --seed 1 --accelerator auto   # another seed, on a GPU
+    python scripts/compare_recipes.py --condition text --recipes baseline,flow   # text-only models
 
 Every recipe trains the tiny preset's text+mask LDM from scratch, on the same phantom patches (``histosynth
 phantom patches``) encoded once by the shipped autoencoder, with the same steps, batch, learning rate, seed
@@ -21,20 +22,24 @@ and mask dropout; only the objective (or, for ``repeat-rare``, the epoch's patch
                       PixArt-alpha's layout, as PixCell and SiT; the tiny preset's 5.2 M parameters against
                       the UNet's 4.4 M, about its cost per step)
 
+With ``--condition text`` every recipe trains a text-only LDM instead (as the shipped text model): what
+a recipe does to the caption alone, with no mask to lean on.
+
 Each model is then measured as ``scripts/evaluate_default.py`` measures the shipped ones, on phantom
 patches of other pseudo-slides (another phantom seed) than it trained on, with the shipped segmenter:
 
 - caption accuracy: images of the thesis' generating caption ("Tubuli medium, a lot of Glomeruli"),
   segmented and re-captioned (``histosynth evaluate captions``)
-- label fidelity: images of held-out masks with their masks' captions, mean Dice of the segmenter's
-  reading against the mask (``histosynth evaluate masks``)
-- realism: those same images against the held-out real patches, classifier two-sample ROC AUC
-  (``histosynth evaluate realism``; 0.5 = indistinguishable)
+- label fidelity (text+mask models): images of held-out masks with their masks' captions, mean Dice of the
+  segmenter's reading against the mask (``histosynth evaluate masks``)
+- realism: those same images (text models: images of the held-out patches' captions) against the held-out
+  real patches, classifier two-sample ROC AUC (``histosynth evaluate realism``; 0.5 = indistinguishable)
 
 Folders: ``runs/recipes/{data,models,reports}`` (a recipe's model and reports are named ``<recipe>-<steps>``,
-with ``-seed<S>`` for a training seed other than 0; the data and the evaluation's seeds are the same for every
-training seed); logs ``runs/logs/recipes-<recipe>.log``; the table ``runs/recipes/summary-<steps>.md``. Every
-step is skipped when its output exists (an interrupted training resumes from its last checkpoint).
+``<recipe>-text-<steps>`` for a text-only model, with ``-seed<S>`` for a training seed other than 0; the data
+and the evaluation's seeds are the same for every training seed); logs ``runs/logs/recipes-<recipe>.log``; the
+table ``runs/recipes/summary-<steps>.md``. Every step is skipped when its output exists (an interrupted
+training resumes from its last checkpoint).
 
 A longer budget continues the recipe's longest shorter run of the same seed, batch and warm-up where one
 left its checkpoint (``--steps 1500`` after ``--steps 600`` trains 900 more steps): the learning rate is
@@ -51,13 +56,13 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 from default_models import RECIPES, RUNS, environment, histosynth, phantom_dataset, relative, resumed, run_logged, say
-from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes
+from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes, write_captions_file
 
 from histosynth.evaluate.report import markdown_table
 
@@ -77,6 +82,7 @@ class Sizes:
     caption_images: int = 12
     mask_images: int = 12
     sampling_steps: int = 20
+    condition: str = "text+mask"
 
 
 #: a smoke run of the whole comparison (every command, a few images; its numbers mean nothing)
@@ -102,8 +108,17 @@ def stage_data(sizes: Sizes) -> None:
         done.touch()
 
 
+#: what --condition may be: the two model kinds the toolkit ships
+CONDITIONS = ("text+mask", "text")
+
+
+def run_label(recipe: str, sizes: Sizes) -> str:
+    """The recipe's name, with ``-text`` for a text-only model (its runs and logs are kept apart)."""
+    return recipe + ("-text" if sizes.condition == "text" else "")
+
+
 def run_name(recipe: str, sizes: Sizes, seed: int) -> str:
-    return f"{recipe}-{sizes.steps}" + (f"-seed{seed}" if seed else "")
+    return f"{run_label(recipe, sizes)}-{sizes.steps}" + (f"-seed{seed}" if seed else "")
 
 
 def model_folder(recipe: str, sizes: Sizes, seed: int) -> Path:
@@ -119,9 +134,9 @@ def train(recipe: str, sizes: Sizes, seed: int, accelerator: str) -> None:
     if (out / "histosynth.json").is_file():
         return
     continue_shorter_run(recipe, sizes, seed)
-    run_logged(f"recipes-{recipe}", histosynth(
+    run_logged(f"recipes-{run_label(recipe, sizes)}", histosynth(
         "train", relative(DATA / "train"), "--out", relative(out), "--preset", "tiny",
-        "--autoencoder", shipped("autoencoder"), "--condition", "text+mask", "--steps", str(sizes.steps),
+        "--autoencoder", shipped("autoencoder"), "--condition", sizes.condition, "--steps", str(sizes.steps),
         "--batch-size", str(sizes.batch_size), "--warmup-steps", str(sizes.warmup_steps),
         "--checkpoint-every", "25",
         "--log-every", "10", "--accelerator", accelerator, "--seed", str(seed), *RECIPES[recipe],
@@ -134,12 +149,12 @@ def continue_shorter_run(recipe: str, sizes: Sizes, seed: int) -> None:
     run = run_folder(model_folder(recipe, sizes, seed))
     if run.exists():
         return
-    name = re.compile(re.escape(recipe) + r"-(\d+)" + (f"-seed{seed}" if seed else "") + r"\.run")
+    name = re.compile(re.escape(run_label(recipe, sizes)) + r"-(\d+)" + (f"-seed{seed}" if seed else "") + r"\.run")
     shorter = []
     for folder in (ROOT / "models").glob("*.run"):
         match = name.fullmatch(folder.name)
         if match and int(match.group(1)) < sizes.steps and (folder / "checkpoints" / "last.ckpt").is_file():
-            settings = json.loads((folder / "run.json").read_text())
+            settings = run_settings(folder)
             if (settings.get("batch_size"), settings.get("warmup_steps")) == (sizes.batch_size, sizes.warmup_steps):
                 shorter.append((int(match.group(1)), folder))
     if shorter:
@@ -151,13 +166,24 @@ def continue_shorter_run(recipe: str, sizes: Sizes, seed: int) -> None:
         staging.rename(run)
 
 
+def run_settings(run: Path) -> dict:
+    """A run folder's settings (run.json); empty, with a word, where the file is missing or damaged, so that the
+    run is not continued."""
+    try:
+        return json.loads((run / "run.json").read_text())
+    except (OSError, ValueError) as error:
+        say(f"not continuing {run.name}: its run.json cannot be read ({error})")
+        return {}
+
+
 def run_folder(model: Path) -> Path:
     return model.with_name(model.name + ".run")
 
 
 def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
-    """Caption accuracy, label fidelity and realism of one recipe's model (each skipped when its report exists)."""
-    model, log = relative(model_folder(recipe, sizes, seed)), f"recipes-{recipe}"
+    """Caption accuracy, label fidelity (a text+mask model) and realism of one recipe's model (each skipped
+    when its report exists)."""
+    model, log = relative(model_folder(recipe, sizes, seed)), f"recipes-{run_label(recipe, sizes)}"
     captions, masks, realism = (report_folder(recipe, sizes, seed, w)
                                 for w in ("captions", "label-fidelity", "realism"))
     steps = ["--steps", str(sizes.sampling_steps)]
@@ -167,23 +193,34 @@ def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
                                    str(sizes.caption_images), "--seed", "0", *steps, "--out", relative(images)))
         run_logged(log, histosynth("evaluate", "captions", "--images", relative(images), "--segmenter",
                                    shipped("segmenter"), "--out", relative(captions), "--no-progress"))
-    if not (masks / "per_class.csv").is_file():
-        run_logged(log, histosynth("evaluate", "masks", "--model", model, "--masks-from", relative(DATA / "heldout"),
-                                   "--n", str(sizes.mask_images), "--mask-captions", "--seed", "0", *steps,
-                                   "--segmenter", shipped("segmenter"), "--out", relative(masks), "--no-progress"))
+    if sizes.condition == "text+mask":
+        if not (masks / "per_class.csv").is_file():
+            run_logged(log, histosynth("evaluate", "masks", "--model", model, "--masks-from",
+                                       relative(DATA / "heldout"), "--n", str(sizes.mask_images), "--mask-captions",
+                                       "--seed", "0", *steps, "--segmenter", shipped("segmenter"),
+                                       "--out", relative(masks), "--no-progress"))
     if not (realism / "two_sample.csv").is_file():
+        if sizes.condition == "text+mask":
+            synthetic = masks / "job" / "images"
+        else:
+            synthetic = realism.with_name("heldout-captions")
+            run_logged(log, histosynth("generate", "--model", model, "--captions-file",
+                                       relative(heldout_captions(sizes)), "--n", str(sizes.mask_images), "--seed",
+                                       "0", *steps, "--out", relative(synthetic)))
         run_logged(log, histosynth("evaluate", "realism", "--real", relative(DATA / "heldout"), "--synthetic",
-                                   relative(job_images(masks / "job")), "--train", relative(DATA / "train"),
+                                   relative(synthetic), "--train", relative(DATA / "train"),
                                    "--out", relative(realism), "--seed", "0"))
 
 
-def job_images(job: Path) -> Path:
-    """The folder of a generation job's images (`evaluate realism` reads one folder; a job of the few images
-    here fills the first of its numbered folders)."""
-    folders = sorted(p for p in (job / "images").iterdir() if p.is_dir())
-    if len(folders) != 1:
-        raise SystemExit(f"{relative(job)}: expected one folder of images, found {len(folders)}")
-    return folders[0]
+def heldout_captions(sizes: Sizes) -> Path:
+    """A captions file of held-out patches (drawn with seed 0), for a text model's images to compare with them."""
+    from histosynth.data.dataset import open_dataset
+
+    path = DATA / f"heldout-captions-{sizes.mask_images}.txt"
+    if not path.is_file():
+        rows = open_dataset(DATA / "heldout").rows().sample(sizes.mask_images, random_state=0)
+        write_captions_file(rows["caption"], path)
+    return path
 
 
 def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
@@ -193,14 +230,17 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     shares = caption_shares(report_folder(recipe, sizes, seed, "captions"))
     two_sample = pd.read_csv(report_folder(recipe, sizes, seed, "realism") / "two_sample.csv").iloc[0]
     interval = next(column for column in two_sample.index if column.endswith("CI"))
-    return {
+    row = {
         "recipe": recipe,
         "options": " ".join(RECIPES[recipe]) or "(none)",
         "glomeruli mentioned %": round(shares["mention"], 1),
         "Glomeruli high %": round(shares["glomeruli_high"], 1),
         "Tubuli medium %": round(shares["tubuli_medium"], 1),
-        "label fidelity (mean Dice)": round(float(counted_classes(report_folder(recipe, sizes, seed, "label-fidelity"))
-                                                  ["Dice"].mean()), 3),
+    }
+    if sizes.condition == "text+mask":
+        fidelity = counted_classes(report_folder(recipe, sizes, seed, "label-fidelity"))
+        row["label fidelity (mean Dice)"] = round(float(fidelity["Dice"].mean()), 3)
+    return row | {
         "two-sample AUC": round(float(two_sample["ROC AUC"]), 3),
         f"AUC {interval}": two_sample[interval],
         "training s": provenance.get("training_time_s"),
@@ -208,12 +248,15 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
 
 
 def summary(rows: list[dict], sizes: Sizes, seed: int, command: str) -> list[str]:
-    text = (f"`{command}`: the tiny preset's text+mask LDM from scratch, {sizes.steps} steps of batch "
+    compared = ("label fidelity and the two-sample AUC on {n} images of held-out phantom masks"
+                if sizes.condition == "text+mask" else
+                "the two-sample AUC on {n} images of held-out phantom patches' captions")
+    text = (f"`{command}`: the tiny preset's {sizes.condition} LDM from scratch, {sizes.steps} steps of batch "
             f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on the training split of "
             f"{sizes.train_patches} phantom patches (latents of the shipped autoencoder), training seed {seed}; "
             f"DDIM {sizes.sampling_steps} steps, guidance 1.5; caption accuracy on {sizes.caption_images} images "
-            f"of the generating caption, label fidelity and the two-sample AUC on {sizes.mask_images} images of "
-            f"held-out phantom masks against {sizes.heldout_patches} held-out real phantom patches. Training "
+            f"of the generating caption, {compared.format(n=sizes.mask_images)} against "
+            f"{sizes.heldout_patches} held-out real phantom patches. Training "
             "seconds depend on the machine's other load.")
     return ["# Training recipes compared", "", text, "", markdown_table(pd.DataFrame(rows)), ""]
 
@@ -224,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=Sizes.steps, help="training steps of every recipe")
     parser.add_argument("--seed", type=int, default=0, help="the training seed of every recipe")
     parser.add_argument("--accelerator", default="cpu", help="what the trainings run on (cpu, gpu, auto)")
+    parser.add_argument("--condition", default=Sizes.condition, choices=CONDITIONS,
+                        help="what every recipe's model reads: text and masks, or text only")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, a few images")
     args = parser.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -231,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown or args.steps < 1:
         parser.error(f"unknown recipes {unknown}" if unknown else "--steps must be at least 1")
     os.environ.update(environment())
-    sizes = QUICK if args.quick else Sizes(steps=args.steps)
+    sizes = replace(QUICK if args.quick else Sizes(steps=args.steps), condition=args.condition)
     started = time.perf_counter()
     stage_data(sizes)
     for recipe in recipes:
@@ -241,9 +286,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [summary_row(recipe, sizes, args.seed) for recipe in recipes]
     command = "python scripts/compare_recipes.py" + (" --quick" if args.quick else
                                                      f" --steps {args.steps}" if args.steps != Sizes.steps else "") \
-        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --seed {args.seed}" if args.seed else "") \
+        + (f" --condition {args.condition}" if args.condition != Sizes.condition else "")
     lines = summary(rows, sizes, args.seed, command)
-    name = f"summary-{sizes.steps}" + (f"-seed{args.seed}" if args.seed else "") \
+    name = f"summary-{sizes.steps}" + ("-text" if args.condition == "text" else "") \
+        + (f"-seed{args.seed}" if args.seed else "") \
         + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
     (ROOT / f"{name}.md").write_text("\n".join(lines))
     (ROOT / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))

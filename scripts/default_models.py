@@ -69,6 +69,8 @@ GENERATING_PROBE_SEED = 0
 DONE_MARK = "# done:"
 #: How a run stopped on purpose at a checkpoint (then resumed with --resume) is marked in its log.
 STOPPED_MARK = "# stopped:"
+#: What the trainings may run on (`histosynth train --accelerator`).
+ACCELERATORS = ("cpu", "gpu", "auto")
 #: The options of `histosynth train` that make each training recipe (compared in scripts/compare_recipes.py).
 RECIPES = {
     "baseline": [],
@@ -108,6 +110,15 @@ class Sizes:
     ldm_recipe: str = "baseline"
     ldm_weights_dtype: str = "float32"
     accelerator: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from histosynth.models.bundle import WEIGHT_DTYPES  # the dtypes convert-weights stores
+
+        for field, value, known in (("ldm_recipe", self.ldm_recipe, RECIPES),
+                                    ("ldm_weights_dtype", self.ldm_weights_dtype, WEIGHT_DTYPES),
+                                    ("accelerator", self.accelerator, ACCELERATORS)):
+            if value not in known:
+                raise ValueError(f"Sizes.{field} is {value!r}; choose one of {', '.join(known)}")
 
     @property
     def device(self) -> str:
@@ -535,7 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="the LDMs' training recipe (see scripts/compare_recipes.py)")
     parser.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default=Sizes.ldm_weights_dtype,
                         help="how the shipped LDM folders store their weights")
-    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default=Sizes.accelerator,
+    parser.add_argument("--accelerator", choices=ACCELERATORS, default=Sizes.accelerator,
                         help="what the autoencoder, the segmenter and the LDMs train on")
     parser.add_argument("--background", action="store_true", help="run detached, log in runs/logs/pipeline.log")
     args = parser.parse_args(argv)

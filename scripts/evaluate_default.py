@@ -186,7 +186,7 @@ def stage_realism(paths: Paths, sizes: Sizes) -> None:
     captions = paths.root / "matched-captions.txt"
     heldout, rows = heldout_sample(paths, sizes)
     if not captions.is_file():
-        captions.write_text("".join(c.replace("\n", "\\n") + "\n" for c in rows["caption"]))
+        write_captions_file(rows["caption"], captions)
     generate_sharded("evaluate-realism", ["--captions-file", relative(captions), "--n", str(sizes.realism_images),
                                           "--out", relative(paths.matched), "--seed", "1"], sizes.processes)
     report = paths.report("realism")
@@ -200,6 +200,11 @@ def stage_realism(paths: Paths, sizes: Sizes) -> None:
         run_logged("evaluate-realism", histosynth(
             "evaluate", "realism", "--real", relative(paths.heldout), "--synthetic", relative(paths.reconstructed),
             "--out", relative(report), "--seed", "0"))
+
+
+def write_captions_file(captions, path: Path) -> None:
+    """A captions file for `generate --captions-file`: one caption a line, its sentences joined by '\\n'."""
+    path.write_text("".join(c.replace("\n", "\\n") + "\n" for c in captions))
 
 
 def reconstruct(dataset, rows: pd.DataFrame, out: Path, batch: int = 8) -> None:

@@ -51,3 +51,23 @@ def test_a_run_folder_that_exists_is_left_alone_and_no_fitting_run_copies_nothin
     compare_recipes.continue_shorter_run("v-pred", compare_recipes.Sizes(steps=1500), seed=1)
     compare_recipes.continue_shorter_run("v-pred+min-snr", compare_recipes.Sizes(steps=1500), seed=0)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v-pred-1500.run", "v-pred-600.run"]
+
+
+def test_text_only_runs_continue_only_text_only_runs(compare_recipes, tmp_path: Path):
+    a_run(tmp_path, "flow-600")
+    a_run(tmp_path, "flow-text-300")
+    text = compare_recipes.Sizes(steps=1500, condition="text")
+    assert compare_recipes.run_name("flow", text, seed=1) == "flow-text-1500-seed1"
+    compare_recipes.continue_shorter_run("flow", text, seed=0)
+    assert (tmp_path / "models" / "flow-text-1500.run" / "checkpoints" / "last.ckpt").read_text() == "flow-text-300"
+    compare_recipes.continue_shorter_run("flow", compare_recipes.Sizes(steps=1500), seed=0)
+    assert (tmp_path / "models" / "flow-1500.run" / "checkpoints" / "last.ckpt").read_text() == "flow-600"
+
+
+def test_a_run_with_a_damaged_run_json_is_not_continued(compare_recipes, tmp_path: Path, capsys):
+    a_run(tmp_path, "dit-300")
+    damaged = a_run(tmp_path, "dit-600")
+    (damaged / "run.json").write_text('{"batch_size": 8, "warm')
+    compare_recipes.continue_shorter_run("dit", compare_recipes.Sizes(steps=1500), seed=0)
+    assert (tmp_path / "models" / "dit-1500.run" / "checkpoints" / "last.ckpt").read_text() == "dit-300"
+    assert "dit-600.run: its run.json cannot be read" in capsys.readouterr().out

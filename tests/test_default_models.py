@@ -1,5 +1,6 @@
 """`make default-models` end to end at toy sizes: every stage of scripts/default_models.py, with the options that
-re-ship the LDMs trained by another recipe and stored in bfloat16."""
+re-ship the LDMs trained by another recipe and stored in bfloat16; and the script's sizes refusing unknown
+choices."""
 
 from __future__ import annotations
 
@@ -58,3 +59,12 @@ def test_every_stage_ships_dit_flow_models_in_bfloat16(default_models, tmp_path:
         assert isinstance(bundle.unet, DiTDenoiser)
     generated = generate(load_bundle(tmp_path / "weights" / "ldm"), ["Tubuli medium"], [0], SamplingOptions(steps=2))
     assert generated.images.shape == (1, 256, 256, 3)
+
+
+@pytest.mark.parametrize("field, value", [("ldm_recipe", "flwo"), ("ldm_weights_dtype", "float8"),
+                                          ("accelerator", "tpu")])
+def test_sizes_built_in_code_refuse_an_unknown_choice_by_name(default_models, field: str, value: str):
+    with pytest.raises(ValueError, match=f"Sizes.{field} is '{value}'; choose one of") as refused:
+        default_models.Sizes(**{field: value})
+    assert {"ldm_recipe": "flow", "ldm_weights_dtype": "bfloat16", "accelerator": "gpu"}[field] in str(refused.value)
+    assert default_models.Sizes(ldm_recipe="dit", ldm_weights_dtype="bfloat16", accelerator="auto").device == "auto"

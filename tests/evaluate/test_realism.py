@@ -167,3 +167,20 @@ def test_realism_command(toy, tmp_path, capsys):
     assert main(["evaluate", "realism", "--real", str(folders["real"]), "--synthetic", str(folders["train"]),
                  "--n", "20", "--out", str(out)]) == 2
     assert "holds 12 images but 20 were asked for" in capsys.readouterr().err
+
+
+def test_realism_command_reads_a_generation_jobs_numbered_folders(toy, tmp_path, capsys):
+    """`generate` writes its images 1000 to a numbered folder (00000/, 00001/); the job's folder is the synthetic set."""
+    from histosynth.evaluate.images import image_paths
+
+    real, job = tmp_path / "real", tmp_path / "job"
+    for index, image in enumerate(tissue(toy, 12, 1)):
+        write_png_atomic(real / f"{index:03d}.png", image)
+    for index, image in enumerate(tissue(toy, 12, 2)):
+        write_png_atomic(job / f"{index // 8:05d}" / f"{index:05d}.png", image)
+    (job / "job.json").write_text("{}")
+    assert [p.relative_to(job).as_posix() for p in image_paths(job)][7:9] == ["00000/00007.png", "00001/00008.png"]
+    assert len(image_paths(job)) == 12
+    assert main(["evaluate", "realism", "--real", str(real), "--synthetic", str(job), "--out", str(tmp_path / "r"),
+                 "--folds", "3", "--bootstrap", "100"]) == 0
+    assert "two-sample ROC AUC" in capsys.readouterr().out

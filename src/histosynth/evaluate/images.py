@@ -15,7 +15,7 @@ import pandas as pd
 from .. import validation
 from ..captions import UNCONDITIONAL_CAPTION
 from ..data.dataset import open_dataset
-from ..data.images import list_images
+from ..data.images import list_images, list_images_of_job_folder
 from ..errors import DataError
 from ..segment.predict import read_rgb
 
@@ -32,13 +32,14 @@ def is_patch_dataset(path: str | Path) -> bool:
 
 
 def image_paths(source: str | Path, split: str | None = None) -> list[Path]:
-    """Image files of a patch dataset (optionally one split) or of a folder."""
+    """Image files of a patch dataset (optionally one split), of a folder, or of a generation job's folder (its
+    numbered sub-folders)."""
     source = Path(source)
     if is_patch_dataset(source):
         dataset = open_dataset(source)
         rows = dataset.rows(split)
         return [dataset.root / p for p in rows["image"]]
-    return list_images([source])
+    return list_images_of_job_folder(source)
 
 
 def check_choice(n: int | None, seed: int) -> None:

@@ -36,7 +36,7 @@ from ..sample.masks import ConditioningMask
 from ..schema import ClassSchema
 from ..segment.predict import read_rgb
 from .caption_accuracy import SegmentFn
-from .images import choose, image_paths, is_patch_dataset
+from .images import choose, image_paths
 from .report import Report
 
 if TYPE_CHECKING:
@@ -92,12 +92,11 @@ def pair_by_name(images: str | Path, masks: str | Path, n: Optional[int] = None,
 
 def _pair_with_dataset(images: Path, dataset_root: Path) -> list[GeneratedPair]:
     from ..data.dataset import open_dataset
-    from ..data.images import list_images_of_job_folder
 
     dataset = open_dataset(dataset_root)
     rows = dataset.rows()
     mask_of = dict(zip(rows["patch_id"], rows["mask"], strict=True))
-    paths = image_paths(images) if is_patch_dataset(images) else list_images_of_job_folder(images)
+    paths = image_paths(images)
     missing = [p.name for p in paths if p.stem not in mask_of]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images in {images} are not named after a patch of "
