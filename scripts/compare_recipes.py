@@ -184,11 +184,11 @@ def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
     """Caption accuracy, label fidelity (a text+mask model) and realism of one recipe's model (each skipped
     when its report exists)."""
     model, log = relative(model_folder(recipe, sizes, seed)), f"recipes-{run_label(recipe, sizes)}"
-    captions, masks, realism = (report_folder(recipe, sizes, seed, w)
-                                for w in ("captions", "label-fidelity", "realism"))
+    captions = captions_report(recipe, sizes, seed)
+    masks, realism = (report_folder(recipe, sizes, seed, w) for w in ("label-fidelity", "realism"))
     steps = ["--steps", str(sizes.sampling_steps)]
     if not (captions / "per_image.csv").is_file():
-        images = captions.with_name("generating-caption")
+        images = captions.with_name(captions.name.replace("captions", "generating-caption"))
         run_logged(log, histosynth("generate", "--model", model, "--levels", GENERATING_LEVELS, "--n",
                                    str(sizes.caption_images), "--seed", "0", *steps, "--out", relative(images)))
         run_logged(log, histosynth("evaluate", "captions", "--images", relative(images), "--segmenter",
@@ -212,6 +212,13 @@ def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
                                    "--out", relative(realism), "--seed", "0"))
 
 
+def captions_report(recipe: str, sizes: Sizes, seed: int) -> Path:
+    """The caption accuracy report: ``captions``, or ``captions-<N>`` for N images other than the default's
+    (beside its images, ``generating-caption[-<N>]``)."""
+    count = "" if sizes.caption_images == Sizes.caption_images else f"-{sizes.caption_images}"
+    return report_folder(recipe, sizes, seed, "captions" + count)
+
+
 def heldout_captions(sizes: Sizes) -> Path:
     """A captions file of held-out patches (drawn with seed 0), for a text model's images to compare with them."""
     from histosynth.data.dataset import open_dataset
@@ -227,7 +234,7 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     from histosynth.models.bundle import read_bundle_config
 
     provenance = read_bundle_config(model_folder(recipe, sizes, seed)).provenance
-    shares = caption_shares(report_folder(recipe, sizes, seed, "captions"))
+    shares = caption_shares(captions_report(recipe, sizes, seed))
     two_sample = pd.read_csv(report_folder(recipe, sizes, seed, "realism") / "two_sample.csv").iloc[0]
     interval = next(column for column in two_sample.index if column.endswith("CI"))
     row = {
@@ -269,14 +276,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--accelerator", default="cpu", help="what the trainings run on (cpu, gpu, auto)")
     parser.add_argument("--condition", default=Sizes.condition, choices=CONDITIONS,
                         help="what every recipe's model reads: text and masks, or text only")
+    parser.add_argument("--caption-images", type=int, default=None,
+                        help=f"images of the generating caption per recipe (default {Sizes.caption_images})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, a few images")
     args = parser.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = sorted(set(recipes) - set(RECIPES))
-    if unknown or args.steps < 1:
-        parser.error(f"unknown recipes {unknown}" if unknown else "--steps must be at least 1")
+    if unknown:
+        parser.error(f"unknown recipes {unknown}")
+    if args.steps < 1 or (args.caption_images is not None and args.caption_images < 1):
+        parser.error("--steps and --caption-images must be at least 1")
     os.environ.update(environment())
     sizes = replace(QUICK if args.quick else Sizes(steps=args.steps), condition=args.condition)
+    if args.caption_images is not None:
+        sizes = replace(sizes, caption_images=args.caption_images)
     started = time.perf_counter()
     stage_data(sizes)
     for recipe in recipes:
@@ -287,9 +300,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = "python scripts/compare_recipes.py" + (" --quick" if args.quick else
                                                      f" --steps {args.steps}" if args.steps != Sizes.steps else "") \
         + (f" --seed {args.seed}" if args.seed else "") \
-        + (f" --condition {args.condition}" if args.condition != Sizes.condition else "")
+        + (f" --condition {args.condition}" if args.condition != Sizes.condition else "") \
+        + (f" --caption-images {args.caption_images}" if args.caption_images is not None else "")
     lines = summary(rows, sizes, args.seed, command)
     name = f"summary-{sizes.steps}" + ("-text" if args.condition == "text" else "") \
+        + (f"-captions{args.caption_images}" if args.caption_images is not None else "") \
         + (f"-seed{args.seed}" if args.seed else "") \
         + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
     (ROOT / f"{name}.md").write_text("\n".join(lines))

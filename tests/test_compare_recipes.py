@@ -71,3 +71,11 @@ def test_a_run_with_a_damaged_run_json_is_not_continued(compare_recipes, tmp_pat
     compare_recipes.continue_shorter_run("dit", compare_recipes.Sizes(steps=1500), seed=0)
     assert (tmp_path / "models" / "dit-1500.run" / "checkpoints" / "last.ckpt").read_text() == "dit-300"
     assert "dit-600.run: its run.json cannot be read" in capsys.readouterr().out
+
+
+def test_another_caption_image_count_has_its_own_report(compare_recipes, tmp_path: Path):
+    """A job folder holds one count of images: 48 images of the caption are not the 12 of the default's folder."""
+    default, more = compare_recipes.Sizes(steps=600), compare_recipes.Sizes(steps=600, caption_images=48)
+    assert compare_recipes.captions_report("flow", default, seed=0) == tmp_path / "reports" / "flow-600" / "captions"
+    reports = tmp_path / "reports"
+    assert compare_recipes.captions_report("flow", more, seed=1) == reports / "flow-600-seed1" / "captions-48"

@@ -170,7 +170,7 @@ def test_realism_command(toy, tmp_path, capsys):
 
 
 def test_realism_command_reads_a_generation_jobs_numbered_folders(toy, tmp_path, capsys):
-    """`generate` writes its images 1000 to a numbered folder (00000/, 00001/); the job's folder is the synthetic set."""
+    """`generate` writes its images 1000 to a numbered folder (00000/, 00001/): the job folder is the synthetic set."""
     from histosynth.evaluate.images import image_paths
 
     real, job = tmp_path / "real", tmp_path / "job"
