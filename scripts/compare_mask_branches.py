@@ -46,10 +46,11 @@ def train(branch: str, steps: int) -> None:
     out = model_folder(branch, steps)
     if (out / "histosynth.json").is_file():
         return
+    sizes = Sizes()
     run_logged(f"compare-{branch}", histosynth(
         "train", relative(DATA / "ldm"), "--out", relative(out), "--init", relative(MODELS / "ldm"),
-        "--preset", "tiny", "--condition", "text+mask", "--mask-branch", branch,
-        "--mask-dropout", str(Sizes.ldm_mask_dropout), "--steps", str(steps), "--precision", Sizes.ldm_precision,
+        "--preset", "tiny", "--condition", "text+mask", "--mask-branch", branch, "--mask-dropout",
+        str(sizes.ldm_mask_dropout), "--steps", str(steps), "--precision", sizes.precision(sizes.ldm_precision),
         "--checkpoint-every", "100", "--log-every", "25", "--accelerator", "cpu", "--seed", "0"))
 
 

@@ -97,14 +97,14 @@ class Sizes:
     autoencoder_steps: int = 1500
     autoencoder_batch: int = 8
     autoencoder_lr: float = 5e-4
-    autoencoder_precision: str = "bf16"
+    autoencoder_precision: str = "auto"
     segmenter_base_channels: int = 8
     segmenter_epochs: int = 8
     segmenter_patience: int = 3
     segmenter_batch: int = 4
     segmenter_tune_epochs: int = 10
     ldm_steps: int = 6000
-    ldm_precision: str = "bf16"
+    ldm_precision: str = "auto"
     ldm_mask_steps: int = 8000
     ldm_mask_dropout: float = 0.2
     ldm_recipe: str = "baseline"
@@ -124,6 +124,19 @@ class Sizes:
     def device(self) -> str:
         """The ``--device`` of the commands that take one instead of ``--accelerator``."""
         return "cpu" if self.accelerator == "cpu" else "auto"
+
+    def precision(self, setting: str) -> str:
+        """A training's ``--precision``: ``auto`` is bf16 where the trainings' device has fast bf16 kernels (a
+        CUDA GPU; an AVX-512 CPU: 1.5x the steps per second of float32 on one, ``benchmarks/train_throughput.py
+        --precisions 32,bf16``), else 32 (emulated bf16 is many times slower than float32)."""
+        if setting != "auto":
+            return setting
+        import torch
+
+        from histosynth.models.precision import native_bf16
+
+        gpu = self.accelerator != "cpu" and torch.cuda.is_available()
+        return "bf16" if native_bf16("cuda" if gpu else "cpu") else "32"
 
 
 # --- running commands -----------------------------------------------------------------------------
@@ -293,7 +306,7 @@ def stage_autoencoder(sizes: Sizes) -> None:
         seconds = run_logged("autoencoder", histosynth(
             "train-autoencoder", relative(DATA / "autoencoder"), "--out", relative(out), "--preset", "tiny",
             "--steps", str(sizes.autoencoder_steps), "--batch-size", str(sizes.autoencoder_batch),
-            "--lr", str(sizes.autoencoder_lr), "--precision", sizes.autoencoder_precision,
+            "--lr", str(sizes.autoencoder_lr), "--precision", sizes.precision(sizes.autoencoder_precision),
             "--checkpoint-every", "100", "--accelerator", sizes.accelerator, "--seed", "0",
             *resumed(MODELS / "autoencoder.run")))
         say(f"[autoencoder] trained in {seconds:.0f} s")
@@ -370,7 +383,7 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
                                 "--device", sizes.device, "--seed", "0", *label_maps))
     run_logged(name, histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
                                 "--autoencoder", autoencoder, "--steps", str(steps), *conditioning,
-                                *RECIPES[sizes.ldm_recipe], "--precision", sizes.ldm_precision,
+                                *RECIPES[sizes.ldm_recipe], "--precision", sizes.precision(sizes.ldm_precision),
                                 "--checkpoint-every", "100", "--log-every", "25",
                                 "--accelerator", sizes.accelerator, "--seed", "0",
                                 *resumed(MODELS / f"{name}.run")))

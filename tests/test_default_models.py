@@ -68,3 +68,12 @@ def test_sizes_built_in_code_refuse_an_unknown_choice_by_name(default_models, fi
         default_models.Sizes(**{field: value})
     assert {"ldm_recipe": "flow", "ldm_weights_dtype": "bfloat16", "accelerator": "gpu"}[field] in str(refused.value)
     assert default_models.Sizes(ldm_recipe="dit", ldm_weights_dtype="bfloat16", accelerator="auto").device == "auto"
+
+
+def test_auto_precision_is_bf16_only_where_the_training_device_has_fast_bf16(default_models):
+    from histosynth.models.precision import native_bf16
+
+    on_cpu = default_models.Sizes()
+    assert (on_cpu.autoencoder_precision, on_cpu.ldm_precision) == ("auto", "auto")
+    assert on_cpu.precision("auto") == ("bf16" if native_bf16("cpu") else "32")
+    assert on_cpu.precision("32") == "32" and on_cpu.precision("bf16") == "bf16"  # as given

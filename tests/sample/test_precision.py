@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from histosynth.captions import GENERATING_CAPTION, UNCONDITIONAL_CAPTION
 from histosynth.cli import main
 from histosynth.errors import ConfigError, JobError
 from histosynth.models.autoencoder import build_autoencoder, decode_latents, nearest_codes, quantize_latents
-from histosynth.models.precision import decoder_precision, default_precision, network_precision
+from histosynth.models.precision import decoder_precision, default_precision, native_bf16, network_precision
 from histosynth.models.sampling import SamplingOptions
 from histosynth.presets import AutoencoderConfig
 from histosynth.sample.generate import generate
@@ -46,6 +48,16 @@ def test_the_default_precision_and_where_each_precision_runs():
         SamplingOptions(precision="fp8")
     with pytest.raises(ConfigError, match=r"^fp16 sampling on the CPU is refused: .*; use --precision bf16 or fp32$"):
         SamplingOptions(precision="fp16").on_device("cpu")
+
+
+def test_fast_bf16_is_found_where_onednn_has_its_kernels():
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.is_file():
+        pytest.skip("reads the x86 CPU's flags from /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split())
+    assert native_bf16("cpu") == ({"avx512bw", "avx512vl", "avx512dq"} <= flags)
+    assert native_bf16("meta") is False
+    assert native_bf16("cuda") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def test_a_network_runs_in_bf16_under_its_precision_and_in_fp32_even_inside_autocast():

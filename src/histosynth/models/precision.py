@@ -11,7 +11,7 @@ VQ codebook look-up and the image blending.
 * fp16 keeps the decoder in fp32: a decoder's activations can exceed fp16's range (65504), as those of
   Stable Diffusion's VAE do, while bf16 has float32's range (:func:`decoder_precision`);
 * fp16 on the CPU is refused: CPU autocast supports fp16 poorly, bf16 is its 16-bit format (fast only
-  on CPUs with bf16 instructions, AVX-512 BF16 or AMX; elsewhere emulated, many times slower than
+  on CPUs with oneDNN's bf16 kernels, :func:`native_bf16`; elsewhere emulated, many times slower than
   fp32); other devices (MPS) sample in fp32.
 
 An image is a function of its seed, its options and the precision on one kind of device: the same
@@ -52,6 +52,16 @@ def default_precision(device: torch.device | str) -> str:
     if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` has fast bf16 kernels: a CUDA GPU with bf16 support, or a CPU for which oneDNN has
+    them (x86 with AVX-512 BW/VL/DQ, or Arm with bf16; elsewhere bf16 is emulated, many times slower than
+    fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def device_precision(precision: Optional[str], device: torch.device | str) -> str:
