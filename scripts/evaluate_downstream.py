@@ -36,6 +36,10 @@ carry two or three and every real-only run collapsed.)
    curve-steps the same with every arm trained the optimiser steps of the largest (``--equal-steps``)
 6. multiclass  the core comparison as a multi-class segmentation, at equal steps
 7. summary     runs/downstream/reports/summary.md: every experiment's paired differences and collapsed runs
+
+A run that an experiment begun earlier already trained alike (the same real rows, validation rows, loop and
+seed: the real-only arm of the core comparisons, say) is copied from it rather than trained again
+(``experiment mix --reuse-runs-from``).
 """
 
 from __future__ import annotations
@@ -148,9 +152,16 @@ def experiment(folders: Folders, sizes: Sizes, name: str, synthetic: Path, desig
             *(["--class", "Glomeruli"] if binary else []), "--base-channels", str(sizes.base_channels),
             "--input-size", str(sizes.input_size), "--batch-size", "4", "--epochs", str(sizes.epochs),
             "--val-every", str(sizes.val_every), "--patience", str(sizes.patience), *loop, "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", *reused_experiments(folders, report)]
     run_sharded(f"downstream-{name}", args, sizes.processes)
     run_logged(f"downstream-{name}", histosynth(*args))
+
+
+def reused_experiments(folders: Folders, report: Path) -> list[str]:
+    """``--reuse-runs-from`` each other experiment already begun: a run trained alike there (the real-only arm
+    of the core comparisons on the same real data, say) is copied, not trained again."""
+    others = sorted(f for f in folders.reports.glob("*") if (f / "experiment.json").is_file() and f != report)
+    return [arg for folder in others for arg in ("--reuse-runs-from", relative(folder))]
 
 
 def core_design(sizes: Sizes) -> list[str]:

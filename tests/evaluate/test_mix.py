@@ -230,6 +230,12 @@ def test_mix_command_multiclass_with_seeds(toy_dataset, synthetic_dataset, val_d
     assert "## Paired differences" not in report and not (out / "differences.png").exists()
     recorded = json.loads((out / "experiment.json").read_text())["config"]["train"]
     assert {k: recorded[k] for k in TRAINING_DEFAULTS} == TRAINING_DEFAULTS  # not those of segment train
+    again = tmp_path / "again"  # the same runs in another folder: copied, not trained
+    assert main([*args[:args.index("--out") + 1], str(again), *args[args.index("--out") + 2:],
+                 "--reuse-runs-from", str(out)]) == 0
+    copied = pd.read_csv(again / "runs.csv")
+    assert copied["copied_from"].tolist() == [str(out / "runs" / f"0_100_seed{s}.json") for s in (0, 3)]
+    assert copied["val_dice"].tolist() == runs["val_dice"].tolist() and "key" not in copied.columns
 
 
 def test_mix_command_scarcity_curve(toy_dataset, synthetic_dataset, val_dataset, tmp_path, capsys):
@@ -323,3 +329,31 @@ def test_datasets_of_different_schemas_are_refused(toy_dataset, tmp_path):
     writer.write_slide("x", [Patch(np.zeros((96, 96, 3), np.uint8), np.zeros((96, 96), np.uint8))])
     with pytest.raises(DataError, match="different class schemas"):
         MixSources.from_datasets(toy_dataset, writer.finalize())
+
+
+def test_a_run_another_experiment_trained_alike_is_copied_not_retrained(toy_dataset, synthetic_dataset, val_dataset,
+                                                                         tmp_path, capsys):
+    """The real-only arm of two experiments on the same real data, validation set, loop and seeds is one run."""
+    sources = MixSources.from_datasets(toy_dataset, synthetic_dataset, val_dataset)
+    config = MixConfig(splits=("100_0", "75_25"), seeds=(0,), n=4,
+                       train=SegmentTrainConfig(class_name="Glomeruli", **TINY_MIX))
+    first = run_mix_experiment(sources, config, tmp_path / "first")
+    trained = {r["split"]: r for r in first.runs}
+    assert len({r["key"] for r in first.runs}) == 2
+
+    second = run_mix_experiment(sources, config.model_copy(update={"splits": ("100_0", "0_100")}),
+                                tmp_path / "second", reuse=[tmp_path / "first"])
+    runs = {r["split"]: r for r in second.runs}
+    assert runs["100_0"]["copied_from"] == str(tmp_path / "first" / "runs" / "100_0_seed0.json")
+    assert runs["100_0"]["final"] == trained["100_0"]["final"] and runs["100_0"]["key"] == trained["100_0"]["key"]
+    assert "copied_from" not in runs["0_100"] and runs["0_100"]["synthetic"] == 4
+    assert not (tmp_path / "second" / "logs" / "100_0_seed0").exists()  # nothing trained for it
+
+    slower = config.train.model_copy(update={"learning_rate": config.train.learning_rate / 2})
+    other_loop = config.model_copy(update={"train": slower})
+    other_n = config.model_copy(update={"n": 3})
+    for name, changed in (("other-loop", other_loop), ("other-n", other_n)):
+        result = run_mix_experiment(sources, changed, tmp_path / name, reuse=[tmp_path / "first"])
+        assert not any("copied_from" in r for r in result.runs), name
+    with pytest.raises(DataError, match="is not an experiment folder"):
+        run_mix_experiment(sources, config, tmp_path / "third", reuse=[tmp_path / "missing"])

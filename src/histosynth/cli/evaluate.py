@@ -376,6 +376,10 @@ def mix(
     shard: Optional[str] = typer.Option(
         None, "--shard", help="i/n: train runs i, i+n, ... only (several processes share the folder); run again "
                               "without it once all are done, for the report"),
+    reuse_runs_from: Optional[list[Path]] = typer.Option(
+        None, "--reuse-runs-from", help="another experiment's folder (repeatable): a run it holds with the same "
+        "data rows, validation rows, training loop and seed (the real-only arm on the same real data, say) is "
+        "copied instead of trained again"),
     training: dict = SegmenterTraining,
     progress: bool = ProgressOption,
 ) -> None:
@@ -401,7 +405,7 @@ def mix(
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     result = run_mix_experiment(sources, config, out, progress=progress,
-                                shard=Shard.parse(shard) if shard else Shard())
+                                shard=Shard.parse(shard) if shard else Shard(), reuse=reuse_runs_from or ())
     if result.missing:
         typer.echo(f"{len(result.runs)} runs on disk, {result.missing} left to other shards; once they are done, "
                    "run the command again without --shard to write the report")

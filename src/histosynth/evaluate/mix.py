@@ -21,7 +21,10 @@ the share of collapsed runs is part of the output. Binary (``class_name``, as in
 glomeruli) or multi-class.
 
 Each finished run is saved under ``runs/`` as soon as it ends, so an interrupted experiment resumes
-with the runs it had not finished.
+with the runs it had not finished. A run records a key of everything its training depends on (the datasets
+and the rows of each part, the training loop with its seed, the weights judged); a run of another
+experiment with the same key (``reuse``: the real-only arm of two experiments on the same real data, say)
+is copied instead of trained again.
 """
 
 from __future__ import annotations
@@ -429,11 +432,13 @@ def _sd(values: Sequence[float]) -> float:
 
 
 def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
-                       progress: bool = False, shard: Shard | None = None) -> MixResult:
+                       progress: bool = False, shard: Shard | None = None,
+                       reuse: Sequence[str | Path] = ()) -> MixResult:
     """Train every (arm, seed) run of `shard` not yet on disk under `out`, then return all runs on disk.
 
     Shards (run number i mod count) let several processes or machines share one experiment folder;
-    the result says how many runs of other shards are still missing.
+    the result says how many runs of other shards are still missing. A run that one of the experiment
+    folders in `reuse` holds with the same key (see :func:`run_key`) is copied, not trained.
     """
     out = Path(out)
     shard = shard or Shard()
@@ -448,15 +453,25 @@ def run_mix_experiment(sources: MixSources, config: MixConfig, out: str | Path,
     jobs = [(seed, arm) for seed in config.seeds for arm in arms]
     largest = max(arm.patches for arm in arms)
     console = Console(quiet=not progress)
+    trained_elsewhere = runs_by_key(reuse)
     runs = []
     for number, (seed, arm) in enumerate(jobs):
         path = out / "runs" / f"{arm.name}_seed{seed}.json"
         if path.exists():
             runs.append(json.loads(path.read_text()))
         elif shard.takes(number):
-            console.print(f"run {number + 1}/{len(jobs)}: {arm.name}, seed {seed}")
             train = arm_training(config, arm, largest).model_copy(update={"seed": seed})
-            record = _run_arm(sources, arm, train, config.weights, out / "logs" / path.stem, progress)
+            real, synthetic = split_rows(arm, sources.real.rows, sources.synthetic.rows, seed)
+            key = run_key(sources, real, synthetic, train, config.weights)
+            if key in trained_elsewhere:
+                console.print(f"run {number + 1}/{len(jobs)}: {arm.name}, seed {seed}: the same run as "
+                              f"{trained_elsewhere[key]}, copied")
+                record = {**json.loads(trained_elsewhere[key].read_text()), "split": arm.name,
+                          "copied_from": str(trained_elsewhere[key])}
+            else:
+                console.print(f"run {number + 1}/{len(jobs)}: {arm.name}, seed {seed}")
+                record = _run_arm(sources, arm, (real, synthetic), train, config.weights,
+                                  out / "logs" / path.stem, progress) | {"key": key}
             write_json_atomic(path, record)
             runs.append(record)
     runs += [json.loads(p.read_text()) for p in _late_runs(out, jobs, runs)]
@@ -498,10 +513,41 @@ def _equal_steps_text(config: MixConfig, result: "MixResult") -> str:
             + ", ".join(f"{patches} patches {max_epochs} epochs" for patches, max_epochs in epochs))
 
 
-def _run_arm(sources: MixSources, arm: Arm, train: SegmentTrainConfig, weights: str, log_dir: Path,
-             progress: bool) -> dict[str, Any]:
-    """One training run of the experiment (``train`` holds its seed), judged by the weights ``weights`` names."""
-    real, synthetic = split_rows(arm, sources.real.rows, sources.synthetic.rows, train.seed)
+def run_key(sources: MixSources, real: pd.DataFrame, synthetic: pd.DataFrame, train: SegmentTrainConfig,
+            weights: str) -> str:
+    """A digest of everything a run's training depends on: each dataset and the rows it trains and validates
+    on, the training loop (with its seed) and the weights judged. Equal keys, equal runs."""
+    parts = {"real": (sources.real, real), "synthetic": (sources.synthetic, synthetic),
+             "val": (sources.val, sources.val.rows)}
+    described = {name: [str(part.dataset.root.resolve()), _fingerprint(rows["patch_id"]) if len(rows) else None]
+                 for name, (part, rows) in parts.items()}
+    described |= {"train": train.model_dump(mode="json"), "weights": weights}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def runs_by_key(experiments: Sequence[str | Path]) -> dict[str, Path]:
+    """The runs of some experiment folders by their key (runs written before keys existed have none)."""
+    found: dict[str, Path] = {}
+    for folder in map(Path, experiments):
+        if not (folder / "experiment.json").is_file():
+            raise DataError(f"{folder} is not an experiment folder (no experiment.json); give the --out of an "
+                            "`experiment mix` to reuse its runs")
+        for path in sorted((folder / "runs").glob("*.json")):
+            try:
+                key = json.loads(path.read_text()).get("key")
+            except (OSError, ValueError, AttributeError) as error:
+                raise DataError(f"{path} cannot be read as a run ({error}); remove it or reuse another "
+                                "experiment") from None
+            if key:
+                found.setdefault(key, path)
+    return found
+
+
+def _run_arm(sources: MixSources, arm: Arm, rows: tuple[pd.DataFrame, pd.DataFrame], train: SegmentTrainConfig,
+             weights: str, log_dir: Path, progress: bool) -> dict[str, Any]:
+    """One training run of the experiment: the arm's (real, synthetic) ``rows``, ``train`` (which holds its
+    seed), judged by the weights ``weights`` names."""
+    real, synthetic = rows
     run = train_segmenter(
         [PatchRows(sources.real.dataset, real), PatchRows(sources.synthetic.dataset, synthetic)],
         sources.val, train, sources.real.dataset.schema,
@@ -597,7 +643,7 @@ def write_mix_report(result: MixResult, out: str | Path) -> Path:
     if not binary:
         report.heading("Dice per class")
         report.table("dice_per_class", _per_class(result), "Dice per class of the judged weights, mean over seeds")
-    runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("history", "final", "kept", "present")}
+    runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("history", "final", "kept", "present", "key")}
                          | {"collapsed": result.collapsed(r)} | judged_epoch(r) for r in result.runs])
     report.table("runs", runs, "every run (the judged epoch's scores)")
     history = result.history()
