@@ -5,6 +5,7 @@
     python scripts/compare_recipes.py --recipes baseline,v-pred   # some of them (e.g. two processes side by side)
     python scripts/compare_recipes.py --steps 3000 --seed 1 --accelerator auto   # another seed, on a GPU
     python scripts/compare_recipes.py --condition text --recipes baseline,flow   # text-only models
+    python scripts/compare_recipes.py --steps 600 --caption-images 48   # 48 images of the caption, not 12
 
 Every recipe trains the tiny preset's text+mask LDM from scratch, on the same phantom patches (``histosynth
 phantom patches``) encoded once by the shipped autoencoder, with the same steps, batch, learning rate, seed
@@ -37,7 +38,7 @@ patches of other pseudo-slides (another phantom seed) than it trained on, with t
 
 Folders: ``runs/recipes/{data,models,reports}`` (a recipe's model and reports are named ``<recipe>-<steps>``,
 ``<recipe>-text-<steps>`` for a text-only model, with ``-seed<S>`` for a training seed other than 0; the data
-and the evaluation's seeds are the same for every training seed); logs ``runs/logs/recipes-<recipe>.log``; the
+and the evaluation's seeds are the same for every training seed); logs ``runs/logs/recipes-<recipe>[-text].log``; the
 table ``runs/recipes/summary-<steps>.md``. Every step is skipped when its output exists (an interrupted
 training resumes from its last checkpoint).
 
