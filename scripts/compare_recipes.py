@@ -65,7 +65,7 @@ import pandas as pd
 from default_models import RECIPES, RUNS, environment, histosynth, phantom_dataset, relative, resumed, run_logged, say
 from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes, write_captions_file
 
-from histosynth.evaluate.report import markdown_table
+from histosynth.evaluate.report import markdown_table, mean_sd
 
 ROOT = RUNS / "recipes"
 DATA = ROOT / "data"
@@ -235,7 +235,9 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     from histosynth.models.bundle import read_bundle_config
 
     provenance = read_bundle_config(model_folder(recipe, sizes, seed)).provenance
-    shares = caption_shares(captions_report(recipe, sizes, seed))
+    captions = captions_report(recipe, sizes, seed)
+    shares = caption_shares(captions)
+    found = pd.read_csv(captions / "agreement.csv").set_index("class")["mean prevalence found"]
     two_sample = pd.read_csv(report_folder(recipe, sizes, seed, "realism") / "two_sample.csv").iloc[0]
     interval = next(column for column in two_sample.index if column.endswith("CI"))
     row = {
@@ -243,6 +245,7 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
         "options": " ".join(RECIPES[recipe]) or "(none)",
         "glomeruli mentioned %": round(shares["mention"], 1),
         "Glomeruli high %": round(shares["glomeruli_high"], 1),
+        "glomerular pixels %": round(100 * float(found["Glomeruli"]), 1),
         "Tubuli medium %": round(shares["tubuli_medium"], 1),
     }
     if sizes.condition == "text+mask":
@@ -255,13 +258,27 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     }
 
 
-def summary(rows: list[dict], sizes: Sizes, seed: int, command: str) -> list[str]:
+def seeds_row(rows: list[dict]) -> dict:
+    """One recipe's rows of several training seeds as one: each measure's mean ± sd over the seeds (the
+    confidence interval of one seed's AUC is left out)."""
+    first = rows[0]
+    merged = {key: first[key] for key in ("recipe", "options")}
+    for key in first:
+        if key not in merged and not key.startswith("AUC "):
+            digits = 1 if key.endswith("%") else 0 if key == "training s" else 3
+            merged[key] = mean_sd([row[key] for row in rows], digits=digits)
+    return merged
+
+
+def summary(rows: list[dict], sizes: Sizes, seeds: list[int], command: str) -> list[str]:
     compared = ("label fidelity and the two-sample AUC on {n} images of held-out phantom masks"
                 if sizes.condition == "text+mask" else
                 "the two-sample AUC on {n} images of held-out phantom patches' captions")
+    trained = (f"training seed {seeds[0]}" if len(seeds) == 1 else
+               f"training seeds {', '.join(map(str, seeds))} (mean ± sd over the seeds)")
     text = (f"`{command}`: the tiny preset's {sizes.condition} LDM from scratch, {sizes.steps} steps of batch "
             f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on the training split of "
-            f"{sizes.train_patches} phantom patches (latents of the shipped autoencoder), training seed {seed}; "
+            f"{sizes.train_patches} phantom patches (latents of the shipped autoencoder), {trained}; "
             f"DDIM {sizes.sampling_steps} steps, guidance 1.5; caption accuracy on {sizes.caption_images} images "
             f"of the generating caption, {compared.format(n=sizes.mask_images)} against "
             f"{sizes.heldout_patches} held-out real phantom patches. Training "
@@ -273,7 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--steps", type=int, default=Sizes.steps, help="training steps of every recipe")
-    parser.add_argument("--seed", type=int, default=0, help="the training seed of every recipe")
+    parser.add_argument("--seed", default="0", help="the training seed of every recipe; several, comma-separated "
+                        "(0,1): each trained and measured, and the table gives their mean ± sd")
     parser.add_argument("--accelerator", default="cpu", help="what the trainings run on (cpu, gpu, auto)")
     parser.add_argument("--condition", default=Sizes.condition, choices=CONDITIONS,
                         help="what every recipe's model reads: text and masks, or text only")
@@ -287,26 +305,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown recipes {unknown}")
     if args.steps < 1 or (args.caption_images is not None and args.caption_images < 1):
         parser.error("--steps and --caption-images must be at least 1")
+    try:
+        seeds = [int(s) for s in args.seed.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seed takes whole numbers, comma-separated; got {args.seed!r}")
+    if not seeds or min(seeds) < 0:
+        parser.error(f"--seed takes whole numbers from 0; got {args.seed!r}")
     os.environ.update(environment())
     sizes = replace(QUICK if args.quick else Sizes(steps=args.steps), condition=args.condition)
     if args.caption_images is not None:
         sizes = replace(sizes, caption_images=args.caption_images)
     started = time.perf_counter()
     stage_data(sizes)
-    for recipe in recipes:
-        say(f"== {recipe}")
-        train(recipe, sizes, args.seed, args.accelerator)
-        evaluate(recipe, sizes, args.seed)
-    rows = [summary_row(recipe, sizes, args.seed) for recipe in recipes]
+    for seed in seeds:
+        for recipe in recipes:
+            say(f"== {recipe}" + (f", seed {seed}" if seed else ""))
+            train(recipe, sizes, seed, args.accelerator)
+            evaluate(recipe, sizes, seed)
+    rows = [seeds_row([summary_row(recipe, sizes, seed) for seed in seeds]) if len(seeds) > 1
+            else summary_row(recipe, sizes, seeds[0]) for recipe in recipes]
     command = "python scripts/compare_recipes.py" + (" --quick" if args.quick else
                                                      f" --steps {args.steps}" if args.steps != Sizes.steps else "") \
-        + (f" --seed {args.seed}" if args.seed else "") \
+        + (f" --seed {','.join(map(str, seeds))}" if seeds != [0] else "") \
         + (f" --condition {args.condition}" if args.condition != Sizes.condition else "") \
         + (f" --caption-images {args.caption_images}" if args.caption_images is not None else "")
-    lines = summary(rows, sizes, args.seed, command)
+    lines = summary(rows, sizes, seeds, command)
     name = f"summary-{sizes.steps}" + ("-text" if args.condition == "text" else "") \
         + (f"-captions{args.caption_images}" if args.caption_images is not None else "") \
-        + (f"-seed{args.seed}" if args.seed else "") \
+        + (f"-seed{'-'.join(map(str, seeds))}" if seeds != [0] else "") \
         + ("" if recipes == list(RECIPES) else "-" + "-".join(recipes))
     (ROOT / f"{name}.md").write_text("\n".join(lines))
     (ROOT / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))

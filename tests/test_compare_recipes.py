@@ -79,3 +79,21 @@ def test_another_caption_image_count_has_its_own_report(compare_recipes, tmp_pat
     assert compare_recipes.captions_report("flow", default, seed=0) == tmp_path / "reports" / "flow-600" / "captions"
     reports = tmp_path / "reports"
     assert compare_recipes.captions_report("flow", more, seed=1) == reports / "flow-600-seed1" / "captions-48"
+
+
+def test_several_seeds_make_one_row_of_means_and_sds(compare_recipes):
+    seed0 = {"recipe": "flow", "options": "--prediction-type flow_prediction", "Tubuli medium %": 41.7,
+             "label fidelity (mean Dice)": 0.800, "two-sample AUC": 1.0, "AUC 95% CI": "1.000 – 1.000",
+             "training s": 7031.0}
+    seed1 = seed0 | {"Tubuli medium %": 25.0, "label fidelity (mean Dice)": 0.879, "training s": 5000.0}
+    assert compare_recipes.seeds_row([seed0, seed1]) == {
+        "recipe": "flow", "options": "--prediction-type flow_prediction", "Tubuli medium %": "33.4 ± 11.8",
+        "label fidelity (mean Dice)": "0.840 ± 0.056", "two-sample AUC": "1.000 ± 0.000",
+        "training s": "6016 ± 1436"}
+
+
+@pytest.mark.parametrize("seeds", ["x", "0,-1", ","])
+def test_seeds_that_are_not_whole_numbers_from_0_are_refused(compare_recipes, seeds: str, capsys):
+    with pytest.raises(SystemExit) as refused:
+        compare_recipes.main(["--seed", seeds])
+    assert refused.value.code == 2 and "--seed takes whole numbers" in capsys.readouterr().err
