@@ -30,7 +30,9 @@ Each model is then measured as ``scripts/evaluate_default.py`` measures the ship
 patches of other pseudo-slides (another phantom seed) than it trained on, with the shipped segmenter:
 
 - caption accuracy: images of the thesis' generating caption ("Tubuli medium, a lot of Glomeruli"),
-  segmented and re-captioned (``histosynth evaluate captions``)
+  segmented and re-captioned (``histosynth evaluate captions``); beside them, the glomerular pixel share of
+  as many images of the empty caption, what the model draws unasked: a caption the model follows moves
+  its images away from that
 - label fidelity (text+mask models): images of held-out masks with their masks' captions, mean Dice of the
   segmenter's reading against the mask (``histosynth evaluate masks``)
 - realism: those same images (text models: images of the held-out patches' captions) against the held-out
@@ -185,15 +187,16 @@ def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
     """Caption accuracy, label fidelity (a text+mask model) and realism of one recipe's model (each skipped
     when its report exists)."""
     model, log = relative(model_folder(recipe, sizes, seed)), f"recipes-{run_label(recipe, sizes)}"
-    captions = captions_report(recipe, sizes, seed)
     masks, realism = (report_folder(recipe, sizes, seed, w) for w in ("label-fidelity", "realism"))
     steps = ["--steps", str(sizes.sampling_steps)]
-    if not (captions / "per_image.csv").is_file():
-        images = captions.with_name(captions.name.replace("captions", "generating-caption"))
-        run_logged(log, histosynth("generate", "--model", model, "--levels", GENERATING_LEVELS, "--n",
-                                   str(sizes.caption_images), "--seed", "0", *steps, "--out", relative(images)))
-        run_logged(log, histosynth("evaluate", "captions", "--images", relative(images), "--segmenter",
-                                   shipped("segmenter"), "--out", relative(captions), "--no-progress"))
+    for kind, caption in (("captions", ["--levels", GENERATING_LEVELS]), ("empty-caption", ["--caption", ""])):
+        report = captions_report(recipe, sizes, seed, kind)
+        if not (report / "per_image.csv").is_file():
+            images = report.with_name(report.name.replace(kind, CAPTION_IMAGES[kind]))
+            run_logged(log, histosynth("generate", "--model", model, *caption, "--n", str(sizes.caption_images),
+                                       "--seed", "0", *steps, "--out", relative(images)))
+            run_logged(log, histosynth("evaluate", "captions", "--images", relative(images), "--segmenter",
+                                       shipped("segmenter"), "--out", relative(report), "--no-progress"))
     if sizes.condition == "text+mask":
         if not (masks / "per_class.csv").is_file():
             run_logged(log, histosynth("evaluate", "masks", "--model", model, "--masks-from",
@@ -213,11 +216,17 @@ def evaluate(recipe: str, sizes: Sizes, seed: int) -> None:
                                    "--out", relative(realism), "--seed", "0"))
 
 
-def captions_report(recipe: str, sizes: Sizes, seed: int) -> Path:
-    """The caption accuracy report: ``captions``, or ``captions-<N>`` for N images other than the default's
-    (beside its images, ``generating-caption[-<N>]``)."""
+#: the images beside each caption report: of the generating caption, and of the empty caption (what the model
+#: draws unasked, to tell a caption followed from the model's habit)
+CAPTION_IMAGES = {"captions": "generating-caption", "empty-caption": "empty-caption-images"}
+
+
+def captions_report(recipe: str, sizes: Sizes, seed: int, kind: str = "captions") -> Path:
+    """The caption accuracy report of the generating caption (``captions``) or of the empty caption
+    (``empty-caption``), with ``-<N>`` for N images other than the default's (beside it, its images:
+    :data:`CAPTION_IMAGES`)."""
     count = "" if sizes.caption_images == Sizes.caption_images else f"-{sizes.caption_images}"
-    return report_folder(recipe, sizes, seed, "captions" + count)
+    return report_folder(recipe, sizes, seed, kind + count)
 
 
 def heldout_captions(sizes: Sizes) -> Path:
@@ -237,7 +246,8 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     provenance = read_bundle_config(model_folder(recipe, sizes, seed)).provenance
     captions = captions_report(recipe, sizes, seed)
     shares = caption_shares(captions)
-    found = pd.read_csv(captions / "agreement.csv").set_index("class")["mean prevalence found"]
+    found, unasked = (pd.read_csv(captions_report(recipe, sizes, seed, kind) / "agreement.csv")
+                      .set_index("class")["mean prevalence found"] for kind in CAPTION_IMAGES)
     two_sample = pd.read_csv(report_folder(recipe, sizes, seed, "realism") / "two_sample.csv").iloc[0]
     interval = next(column for column in two_sample.index if column.endswith("CI"))
     row = {
@@ -246,6 +256,7 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
         "glomeruli mentioned %": round(shares["mention"], 1),
         "Glomeruli high %": round(shares["glomeruli_high"], 1),
         "glomerular pixels %": round(100 * float(found["Glomeruli"]), 1),
+        "glomerular pixels, empty caption %": round(100 * float(unasked["Glomeruli"]), 1),
         "Tubuli medium %": round(shares["tubuli_medium"], 1),
     }
     if sizes.condition == "text+mask":
@@ -280,8 +291,9 @@ def summary(rows: list[dict], sizes: Sizes, seeds: list[int], command: str) -> l
             f"{sizes.batch_size} ({sizes.warmup_steps} warm-up steps) on the training split of "
             f"{sizes.train_patches} phantom patches (latents of the shipped autoencoder), {trained}; "
             f"DDIM {sizes.sampling_steps} steps, guidance 1.5; caption accuracy on {sizes.caption_images} images "
-            f"of the generating caption, {compared.format(n=sizes.mask_images)} against "
-            f"{sizes.heldout_patches} held-out real phantom patches. Training "
+            f"of the generating caption (and as many of the empty caption), "
+            f"{compared.format(n=sizes.mask_images)} against {sizes.heldout_patches} held-out real phantom patches. "
+            "Training "
             "seconds depend on the machine's other load.")
     return ["# Training recipes compared", "", text, "", markdown_table(pd.DataFrame(rows)), ""]
 
