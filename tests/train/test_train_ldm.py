@@ -84,7 +84,7 @@ def test_sample_grids_show_the_most_frequent_captions(straight_run, blob_dataset
     assert np.asarray(Image.open(samples / "step-0000010.png")).shape == (32, 4 * 32, 3)
 
 
-def test_a_run_killed_with_sigkill_resumes_exactly(straight_run, tmp_path):
+def test_a_run_killed_with_sigkill_resumes_exactly(straight_run, tmp_path, capsys):
     dataset, root = straight_run
     out = tmp_path / "model"
     args = train_args(dataset, out, "--cache-dir", str(root / "cache"))
@@ -100,8 +100,11 @@ def test_a_run_killed_with_sigkill_resumes_exactly(straight_run, tmp_path):
     killed_at = load_checkpoint(tmp_path / "model.run")["global_step"]
     assert 2 <= killed_at < STEPS and not out.exists()
 
+    capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert logged_losses(tmp_path / "model.run", version=1).index[0] == killed_at  # continued at that step
+    bar = capsys.readouterr().out.split("\r")  # the bar knows the resumed run's total and where it resumed
+    assert any(f"| {killed_at}/{STEPS} [" in line for line in bar) and f"| {STEPS}/{STEPS} [" in bar[-1]
     resumed, straight = load_checkpoint(tmp_path / "model.run"), load_checkpoint(root / "model.run")
     assert resumed["global_step"] == straight["global_step"] == STEPS
     for name, value in straight["state_dict"].items():

@@ -221,7 +221,46 @@ def _progress_bar() -> Callback:
     """Rich's bar in a terminal; a plain one where output is captured (logs, CI)."""
     import sys
 
-    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, 10))
+    return RichRunProgressBar() if sys.stdout.isatty() else PlainRunProgressBar(refresh_rate=10)
+
+
+class _ShowsResumedRuns:
+    """A training is one endless epoch of ``max_steps`` batches numbered by step. A run resumed from a checkpoint
+    may continue that epoch, and then Lightning skips the epoch-start hook that gives a progress bar its total,
+    and counts the total as the batches left while the batch numbers go on from the checkpoint's step (a resumed
+    run showed ``0/?`` without a time left). Here the total is the run's steps and the bar starts at the step
+    the run stands at (its time left counts from the steps of this session), labelled "Training": Lightning's
+    epoch number says nothing about such a run."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path is not None:
+            self.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._start_at(trainer.global_step)
+
+
+class RichRunProgressBar(_ShowsResumedRuns, RichProgressBar):
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "Training"
+
+    def _start_at(self, step: int) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.reset(self.train_progress_bar_id, completed=step)
+
+
+class PlainRunProgressBar(_ShowsResumedRuns, TQDMProgressBar):
+    def _start_at(self, step: int) -> None:
+        bar = self.train_progress_bar
+        bar.set_description("Training", refresh=False)
+        bar.initial = bar.n = step
+        bar.refresh()
 
 
 class TrainingClock:
