@@ -36,6 +36,8 @@ How the two LDMs train and ship (the shipped ones: the defaults):
                               half the bytes, so a wider denoiser fits the package's 60 MiB)
     --accelerator auto        train the autoencoder, the segmenter and the LDMs on a GPU where there is one
                               (default: cpu)
+    --ldm-only                keep the shipped autoencoder and segmenter (the LDMs encode with the shipped
+                              autoencoder); train and ship the two LDMs alone
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Sizes:
     ldm_recipe: str = "baseline"
     ldm_weights_dtype: str = "float32"
     accelerator: str = "cpu"
+    ldm_only: bool = False
 
     def __post_init__(self) -> None:
         from histosynth.models.bundle import WEIGHT_DTYPES  # the dtypes convert-weights stores
@@ -300,7 +303,21 @@ def merge_datasets(out: Path, sources: Iterable[tuple[Path, Optional[slice]]]) -
 
 
 # --- stage autoencoder ----------------------------------------------------------------------------
+#: With --ldm-only: a copy of the shipped text LDM, whose autoencoder the LDMs train on (the ship stage
+#: replaces the shipped folder)
+SHIPPED_LDM_COPY = "shipped-ldm"
+
+
+def autoencoder_source(sizes: Sizes) -> Path:
+    """The folder whose autoencoder the LDMs encode with: the one trained here, or with --ldm-only the
+    shipped one (a copy of the shipped text LDM)."""
+    return MODELS / (SHIPPED_LDM_COPY if sizes.ldm_only else "autoencoder")
+
+
 def stage_autoencoder(sizes: Sizes) -> None:
+    if sizes.ldm_only:
+        keep_shipped_autoencoder()
+        return
     out = MODELS / "autoencoder"
     if not (out / "metrics.json").is_file():
         seconds = run_logged("autoencoder", histosynth(
@@ -312,6 +329,17 @@ def stage_autoencoder(sizes: Sizes) -> None:
         say(f"[autoencoder] trained in {seconds:.0f} s")
     if not (out / "evaluation.json").is_file():
         write_json(out / "evaluation.json", evaluate_autoencoder(out))
+
+
+def keep_shipped_autoencoder() -> None:
+    """Copy the shipped text LDM (its autoencoder and that autoencoder's provenance) to runs/models."""
+    copy = MODELS / SHIPPED_LDM_COPY
+    if not copy.is_dir():
+        staging = copy.with_name(copy.name + ".partial")  # a copy cut short is never taken for the copy
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(WEIGHTS / "ldm", staging)
+        staging.rename(copy)
+        say(f"[autoencoder] keeping the shipped autoencoder ({relative(copy)})")
 
 
 def evaluate_autoencoder(folder: Path) -> dict:
@@ -329,6 +357,9 @@ def evaluate_autoencoder(folder: Path) -> dict:
 
 # --- stage segmenter ------------------------------------------------------------------------------
 def stage_segmenter(sizes: Sizes) -> None:
+    if sizes.ldm_only:
+        say("[segmenter] keeping the shipped segmenter")
+        return
     train_segmenter(MODELS / "segmenter-base", MODELS / "segmenter", sizes, seed=0, log="segmenter")
 
 
@@ -377,7 +408,7 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
     out = MODELS / name
     if (out / "histosynth.json").is_file():
         return
-    autoencoder = relative(MODELS / "autoencoder")
+    autoencoder = relative(autoencoder_source(sizes))
     label_maps = ["--label-maps"] if "--condition" in conditioning else []
     run_logged(name, histosynth("cache", relative(DATA / "ldm"), "--preset", "tiny", "--autoencoder", autoencoder,
                                 "--device", sizes.device, "--seed", "0", *label_maps))
@@ -392,9 +423,10 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
 # --- stage ship -----------------------------------------------------------------------------------
 def stage_ship(sizes: Sizes) -> None:
     """Copy the trained folders into the package with their provenance; check the total size."""
-    ship_segmenter(MODELS / "segmenter", WEIGHTS / "segmenter")
+    if not sizes.ldm_only:
+        ship_segmenter(MODELS / "segmenter", WEIGHTS / "segmenter")
     for name in ("ldm", "ldm-mask"):
-        ship_ldm(name, MODELS / "autoencoder", WEIGHTS / name)
+        ship_ldm(name, autoencoder_source(sizes), WEIGHTS / name)
         if sizes.ldm_weights_dtype != "float32":
             store_weights_as(WEIGHTS / name, sizes.ldm_weights_dtype)
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
@@ -426,12 +458,7 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     from histosynth.models.bundle import read_bundle_config, write_model_config, write_model_index
 
     source = MODELS / name
-    ae_metrics = json.loads((autoencoder / "metrics.json").read_text())
-    ae_metrics["held_out"] = json.loads((autoencoder / "evaluation.json").read_text())
-    ae_metrics["data"] = data_description(DATA / "autoencoder")
-    ae_metrics["wall_time_s_last_command"] = ae_metrics.get("wall_time_s")
-    ae_metrics["command"], ae_metrics["wall_time_s"] = stage_history("autoencoder")
-    ae_metrics["hardware"] = hardware()
+    ae_metrics = autoencoder_provenance(autoencoder)
     copy_folder(source, target, None, skip=(".run",))
     write_json(target / "autoencoder" / "provenance.json", ae_metrics)
     config = json.loads((target / "histosynth.json").read_text())
@@ -449,6 +476,20 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     write_json(target / "histosynth.json", config)
     write_model_config(target, read_bundle_config(target))  # the model card, from the completed provenance
     write_model_index(target)
+
+
+def autoencoder_provenance(autoencoder: Path) -> dict:
+    """How the autoencoder was made: from its training folder (metrics, held-out evaluation, data, commands), or
+    as the shipped LDM folder ``autoencoder`` (--ldm-only) records it."""
+    if not (autoencoder / "metrics.json").is_file():
+        return json.loads((autoencoder / "histosynth.json").read_text())["provenance"]["autoencoder"]
+    ae_metrics = json.loads((autoencoder / "metrics.json").read_text())
+    ae_metrics["held_out"] = json.loads((autoencoder / "evaluation.json").read_text())
+    ae_metrics["data"] = data_description(DATA / "autoencoder")
+    ae_metrics["wall_time_s_last_command"] = ae_metrics.get("wall_time_s")
+    ae_metrics["command"], ae_metrics["wall_time_s"] = stage_history("autoencoder")
+    ae_metrics["hardware"] = hardware()
+    return ae_metrics
 
 
 def store_weights_as(model: Path, dtype: str) -> None:
@@ -561,13 +602,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="how the shipped LDM folders store their weights")
     parser.add_argument("--accelerator", choices=ACCELERATORS, default=Sizes.accelerator,
                         help="what the autoencoder, the segmenter and the LDMs train on")
+    parser.add_argument("--ldm-only", action="store_true",
+                        help="keep the shipped autoencoder and segmenter: train and ship the two LDMs alone")
     parser.add_argument("--background", action="store_true", help="run detached, log in runs/logs/pipeline.log")
     args = parser.parse_args(argv)
     if args.background:
         return detach([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--background"])
     os.environ.update(environment())
     sizes = Sizes(ldm_steps=args.ldm_steps, ldm_mask_steps=args.ldm_mask_steps, ldm_recipe=args.recipe,
-                  ldm_weights_dtype=args.weights_dtype, accelerator=args.accelerator)
+                  ldm_weights_dtype=args.weights_dtype, accelerator=args.accelerator, ldm_only=args.ldm_only)
     for name in (STAGES if args.stage == "all" else [args.stage]):
         say(f"== stage {name}")
         STAGES[name](sizes)

@@ -61,6 +61,36 @@ def test_every_stage_ships_dit_flow_models_in_bfloat16(default_models, tmp_path:
     assert generated.images.shape == (1, 256, 256, 3)
 
 
+@pytest.mark.slow
+def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_models, tmp_path: Path):
+    import shutil
+
+    from histosynth.defaults import default_bundle_path
+
+    shipped = default_bundle_path().parent
+    shutil.copytree(shipped, tmp_path / "weights")  # the checkout's weights, as shipped
+    sizes = default_models.Sizes(
+        phantom_patches=12, ldm_patches_per_slide=2, segmenter_default_patches=8, segmenter_generating_patches=4,
+        segmenter_sclerotic_patches=4, autoencoder_phantom_patches=8, ldm_steps=2, ldm_mask_steps=2,
+        ldm_precision="32", ldm_only=True)
+    for stage in default_models.STAGES.values():
+        stage(sizes)
+
+    models = tmp_path / "runs" / "models"
+    assert not (models / "autoencoder").exists() and not (models / "segmenter").exists()  # nothing trained
+    for name in ("model.safetensors", "segmenter.json"):  # the segmenter is the shipped one, untouched
+        assert (tmp_path / "weights" / "segmenter" / name).read_bytes() == (shipped / "segmenter" / name).read_bytes()
+    shipped_config = json.loads((shipped / "ldm" / "histosynth.json").read_text())
+    for name in ("ldm", "ldm-mask"):
+        folder = tmp_path / "weights" / name
+        config = json.loads((folder / "histosynth.json").read_text())
+        assert config["provenance"]["steps"] == 2  # retrained here
+        assert config["provenance"]["autoencoder"] == shipped_config["provenance"]["autoencoder"]
+        weights = sorted((folder / "autoencoder").glob("*.safetensors"))  # encoded with the shipped autoencoder
+        assert weights and all(w.read_bytes() == (shipped / "ldm" / "autoencoder" / w.name).read_bytes()
+                               for w in weights)
+
+
 @pytest.mark.parametrize("field, value", [("ldm_recipe", "flwo"), ("ldm_weights_dtype", "float8"),
                                           ("accelerator", "tpu")])
 def test_sizes_built_in_code_refuse_an_unknown_choice_by_name(default_models, field: str, value: str):
