@@ -50,9 +50,10 @@ gain is largest for the cheapest denoiser; the target (small: >= 3x) is met with
 
 ``--precisions 32,bf16 --modes cached`` times the cached step in float32 and under bf16 autocast (what
 ``histosynth train --precision bf16`` runs: Lightning's bf16-mixed), one case after the other, and prints
-the ratio (``train_<preset>_bf16_speedup``). bf16 is fast only on CPUs with bf16 instructions (AVX-512
-BF16 or AMX: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, printed as ``cpu_native_bf16``); elsewhere
-it is emulated.
+the ratio (``train_<preset>_bf16_speedup``). bf16 is fast only on CPUs for which oneDNN has bf16 kernels
+(AVX-512: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, printed as ``cpu_native_bf16``); elsewhere it
+is emulated. Measured on an AMD EPYC with AVX-512 BF16, three trainings beside it (``--presets tiny --modes
+cached --precisions 32,bf16 --steps 5``): 2.081 s float32, 1.395 s bf16 per step, 1.49x.
 """
 
 from __future__ import annotations

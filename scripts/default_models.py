@@ -310,13 +310,15 @@ SHIPPED_LDM_COPY = "shipped-ldm"
 
 def autoencoder_source(sizes: Sizes) -> Path:
     """The folder whose autoencoder the LDMs encode with: the one trained here, or with --ldm-only the
-    shipped one (a copy of the shipped text LDM)."""
-    return MODELS / (SHIPPED_LDM_COPY if sizes.ldm_only else "autoencoder")
+    shipped one (a copy of the shipped text LDM, made when first asked for)."""
+    if sizes.ldm_only:
+        return keep_shipped_autoencoder()
+    return MODELS / "autoencoder"
 
 
 def stage_autoencoder(sizes: Sizes) -> None:
     if sizes.ldm_only:
-        keep_shipped_autoencoder()
+        autoencoder_source(sizes)
         return
     out = MODELS / "autoencoder"
     if not (out / "metrics.json").is_file():
@@ -331,8 +333,9 @@ def stage_autoencoder(sizes: Sizes) -> None:
         write_json(out / "evaluation.json", evaluate_autoencoder(out))
 
 
-def keep_shipped_autoencoder() -> None:
-    """Copy the shipped text LDM (its autoencoder and that autoencoder's provenance) to runs/models."""
+def keep_shipped_autoencoder() -> Path:
+    """A copy of the shipped text LDM (its autoencoder and that autoencoder's provenance) in runs/models,
+    made unless there is one."""
     copy = MODELS / SHIPPED_LDM_COPY
     if not copy.is_dir():
         staging = copy.with_name(copy.name + ".partial")  # a copy cut short is never taken for the copy
@@ -340,6 +343,7 @@ def keep_shipped_autoencoder() -> None:
         shutil.copytree(WEIGHTS / "ldm", staging)
         staging.rename(copy)
         say(f"[autoencoder] keeping the shipped autoencoder ({relative(copy)})")
+    return copy
 
 
 def evaluate_autoencoder(folder: Path) -> dict:
