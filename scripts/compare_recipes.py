@@ -173,10 +173,14 @@ def run_settings(run: Path) -> dict:
     """A run folder's settings (run.json); empty, with a word, where the file is missing or damaged, so that the
     run is not continued."""
     try:
-        return json.loads((run / "run.json").read_text())
+        settings = json.loads((run / "run.json").read_text())
     except (OSError, ValueError) as error:
         say(f"not continuing {run.name}: its run.json cannot be read ({error})")
         return {}
+    if not isinstance(settings, dict):
+        say(f"not continuing {run.name}: its run.json holds no settings")
+        return {}
+    return settings
 
 
 def run_folder(model: Path) -> Path:
@@ -321,8 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         seeds = [int(s) for s in args.seed.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seed takes whole numbers, comma-separated; got {args.seed!r}")
-    if not seeds or min(seeds) < 0:
-        parser.error(f"--seed takes whole numbers from 0; got {args.seed!r}")
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        parser.error(f"--seed takes whole numbers from 0, each once; got {args.seed!r}")
     os.environ.update(environment())
     sizes = replace(QUICK if args.quick else Sizes(steps=args.steps), condition=args.condition)
     if args.caption_images is not None:

@@ -73,6 +73,8 @@ DONE_MARK = "# done:"
 STOPPED_MARK = "# stopped:"
 #: What the trainings may run on (`histosynth train --accelerator`).
 ACCELERATORS = ("cpu", "gpu", "auto")
+#: A training's precision: `histosynth train --precision`'s, or auto (see Sizes.precision).
+PRECISIONS = ("auto", "32", "bf16")
 #: The options of `histosynth train` that make each training recipe (compared in scripts/compare_recipes.py).
 RECIPES = {
     "baseline": [],
@@ -117,7 +119,9 @@ class Sizes:
     def __post_init__(self) -> None:
         from histosynth.models.bundle import WEIGHT_DTYPES  # the dtypes convert-weights stores
 
-        for field, value, known in (("ldm_recipe", self.ldm_recipe, RECIPES),
+        for field, value, known in (("autoencoder_precision", self.autoencoder_precision, PRECISIONS),
+                                    ("ldm_precision", self.ldm_precision, PRECISIONS),
+                                    ("ldm_recipe", self.ldm_recipe, RECIPES),
                                     ("ldm_weights_dtype", self.ldm_weights_dtype, WEIGHT_DTYPES),
                                     ("accelerator", self.accelerator, ACCELERATORS)):
             if value not in known:
@@ -462,6 +466,7 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     from histosynth.models.bundle import read_bundle_config, write_model_config, write_model_index
 
     source = MODELS / name
+    check_same_autoencoder(source, autoencoder)
     ae_metrics = autoencoder_provenance(autoencoder)
     copy_folder(source, target, None, skip=(".run",))
     write_json(target / "autoencoder" / "provenance.json", ae_metrics)
@@ -480,6 +485,19 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     write_json(target / "histosynth.json", config)
     write_model_config(target, read_bundle_config(target))  # the model card, from the completed provenance
     write_model_index(target)
+
+
+def check_same_autoencoder(model: Path, autoencoder: Path) -> None:
+    """With --ldm-only, refuse to ship an LDM that was not trained on the shipped autoencoder (a runs/models/<ldm>
+    left by a run without --ldm-only) under that autoencoder's provenance: its autoencoder weights must be the
+    shipped copy's, byte for byte (training copies them unchanged)."""
+    if (autoencoder / "metrics.json").is_file():  # an autoencoder trained here: its LDMs were trained on it
+        return
+    shipped = {p.name: p.read_bytes() for p in (autoencoder / "autoencoder").glob("*.safetensors")}
+    ours = {p.name: p.read_bytes() for p in (model / "autoencoder").glob("*.safetensors")}
+    if not ours or ours != shipped:
+        raise SystemExit(f"{relative(model)} was not trained with the shipped autoencoder ({relative(autoencoder)});"
+                         f" remove {relative(model)} and {relative(model)}.run to train it again with --ldm-only")
 
 
 def autoencoder_provenance(autoencoder: Path) -> dict:

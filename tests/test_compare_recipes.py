@@ -68,9 +68,11 @@ def test_a_run_with_a_damaged_run_json_is_not_continued(compare_recipes, tmp_pat
     a_run(tmp_path, "dit-300")
     damaged = a_run(tmp_path, "dit-600")
     (damaged / "run.json").write_text('{"batch_size": 8, "warm')
+    (a_run(tmp_path, "dit-900") / "run.json").write_text("[8, 25]")  # JSON, but no settings
     compare_recipes.continue_shorter_run("dit", compare_recipes.Sizes(steps=1500), seed=0)
     assert (tmp_path / "models" / "dit-1500.run" / "checkpoints" / "last.ckpt").read_text() == "dit-300"
-    assert "dit-600.run: its run.json cannot be read" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "dit-600.run: its run.json cannot be read" in said and "dit-900.run: its run.json holds no settings" in said
 
 
 def test_another_caption_image_count_has_its_own_report(compare_recipes, tmp_path: Path):
@@ -92,7 +94,7 @@ def test_several_seeds_make_one_row_of_means_and_sds(compare_recipes):
         "training s": "6016 ± 1436"}
 
 
-@pytest.mark.parametrize("seeds", ["x", "0,-1", ","])
+@pytest.mark.parametrize("seeds", ["x", "0,-1", ",", "1,1"])
 def test_seeds_that_are_not_whole_numbers_from_0_are_refused(compare_recipes, seeds: str, capsys):
     with pytest.raises(SystemExit) as refused:
         compare_recipes.main(["--seed", seeds])

@@ -90,13 +90,22 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
         assert weights and all(w.read_bytes() == (shipped / "ldm" / "autoencoder" / w.name).read_bytes()
                                for w in weights)
 
+    # an LDM trained on another autoencoder (left by a run without --ldm-only) is not shipped as this one's
+    trained_on = models / "ldm" / "autoencoder" / weights[0].name
+    trained_on.write_bytes(trained_on.read_bytes() + b" ")
+    with pytest.raises(SystemExit, match="was not trained with the shipped autoencoder"):
+        default_models.stage_ship(sizes)
+
 
 @pytest.mark.parametrize("field, value", [("ldm_recipe", "flwo"), ("ldm_weights_dtype", "float8"),
-                                          ("accelerator", "tpu")])
+                                          ("accelerator", "tpu"), ("ldm_precision", "fp16"),
+                                          ("autoencoder_precision", "")])
 def test_sizes_built_in_code_refuse_an_unknown_choice_by_name(default_models, field: str, value: str):
     with pytest.raises(ValueError, match=f"Sizes.{field} is '{value}'; choose one of") as refused:
         default_models.Sizes(**{field: value})
-    assert {"ldm_recipe": "flow", "ldm_weights_dtype": "bfloat16", "accelerator": "gpu"}[field] in str(refused.value)
+    choice = {"ldm_recipe": "flow", "ldm_weights_dtype": "bfloat16", "accelerator": "gpu", "ldm_precision": "bf16",
+              "autoencoder_precision": "auto"}[field]
+    assert choice in str(refused.value)
     assert default_models.Sizes(ldm_recipe="dit", ldm_weights_dtype="bfloat16", accelerator="auto").device == "auto"
 
 
