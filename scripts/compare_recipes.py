@@ -65,7 +65,7 @@ from typing import Optional
 
 import pandas as pd
 from default_models import RECIPES, RUNS, environment, histosynth, phantom_dataset, relative, resumed, run_logged, say
-from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes, write_captions_file
+from evaluate_default import GENERATING_LEVELS, caption_shares, counted_classes, glomerular_pixels, write_captions_file
 
 from histosynth.evaluate.report import markdown_table, mean_sd
 
@@ -250,8 +250,7 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
     provenance = read_bundle_config(model_folder(recipe, sizes, seed)).provenance
     captions = captions_report(recipe, sizes, seed)
     shares = caption_shares(captions)
-    found, unasked = (pd.read_csv(captions_report(recipe, sizes, seed, kind) / "agreement.csv")
-                      .set_index("class")["mean prevalence found"] for kind in CAPTION_IMAGES)
+    found, unasked = (glomerular_pixels(captions_report(recipe, sizes, seed, kind)) for kind in CAPTION_IMAGES)
     two_sample = pd.read_csv(report_folder(recipe, sizes, seed, "realism") / "two_sample.csv").iloc[0]
     interval = next(column for column in two_sample.index if column.endswith("CI"))
     row = {
@@ -259,8 +258,8 @@ def summary_row(recipe: str, sizes: Sizes, seed: int) -> dict:
         "options": " ".join(RECIPES[recipe]) or "(none)",
         "glomeruli mentioned %": round(shares["mention"], 1),
         "Glomeruli high %": round(shares["glomeruli_high"], 1),
-        "glomerular pixels %": round(100 * float(found["Glomeruli"]), 1),
-        "glomerular pixels, empty caption %": round(100 * float(unasked["Glomeruli"]), 1),
+        "glomerular pixels %": round(found, 1),
+        "glomerular pixels, empty caption %": round(unasked, 1),
         "Tubuli medium %": round(shares["tubuli_medium"], 1),
     }
     if sizes.condition == "text+mask":
