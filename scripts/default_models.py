@@ -488,16 +488,17 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
 
 
 def check_same_autoencoder(model: Path, autoencoder: Path) -> None:
-    """With --ldm-only, refuse to ship an LDM that was not trained on the shipped autoencoder (a runs/models/<ldm>
-    left by a run without --ldm-only) under that autoencoder's provenance: its autoencoder weights must be the
-    shipped copy's, byte for byte (training copies them unchanged)."""
-    if (autoencoder / "metrics.json").is_file():  # an autoencoder trained here: its LDMs were trained on it
-        return
-    shipped = {p.name: p.read_bytes() for p in (autoencoder / "autoencoder").glob("*.safetensors")}
-    ours = {p.name: p.read_bytes() for p in (model / "autoencoder").glob("*.safetensors")}
-    if not ours or ours != shipped:
-        raise SystemExit(f"{relative(model)} was not trained with the shipped autoencoder ({relative(autoencoder)});"
-                         f" remove {relative(model)} and {relative(model)}.run to train it again with --ldm-only")
+    """Refuse to ship an LDM under the provenance of an autoencoder it was not trained on: a runs/models/<ldm>
+    left by a run with --ldm-only and shipped by one without, or the reverse. The autoencoder in the LDM's folder
+    must hold the weights of the one it ships with (training copies them unchanged)."""
+    from histosynth.models.bundle import load_autoencoder_folder
+    from histosynth.models.text import weights_digest
+
+    if weights_digest(load_autoencoder_folder(model)) != weights_digest(load_autoencoder_folder(autoencoder)):
+        shipped = autoencoder.name == SHIPPED_LDM_COPY
+        kind = "the shipped autoencoder (--ldm-only)" if shipped else "this run's autoencoder"
+        raise SystemExit(f"{relative(model)} was not trained with {kind}, {relative(autoencoder)}; remove "
+                         f"{relative(model)} and {relative(model)}.run to train it again with it")
 
 
 def autoencoder_provenance(autoencoder: Path) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,47 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
                                for w in weights)
 
     # an LDM trained on another autoencoder (left by a run without --ldm-only) is not shipped as this one's
-    trained_on = models / "ldm" / "autoencoder" / weights[0].name
-    trained_on.write_bytes(trained_on.read_bytes() + b" ")
+    nudge_a_weight(models / "ldm" / "autoencoder" / weights[0].name)
     with pytest.raises(SystemExit, match="was not trained with the shipped autoencoder"):
         default_models.stage_ship(sizes)
+
+
+def nudge_a_weight(weights: Path) -> None:
+    """Change one value of the first tensor of a safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] += 1e-3
+    save_file(tensors, str(weights))
+
+
+@pytest.mark.parametrize("autoencoder", ["shipped-ldm", "autoencoder"])
+def test_an_ldm_is_shipped_only_with_the_autoencoder_it_was_trained_on(default_models, tmp_path: Path,
+                                                                        autoencoder: str):
+    """Either way round: an LDM of an --ldm-only run shipped by a full run, or one of a full run by --ldm-only."""
+    import shutil
+
+    from histosynth.defaults import default_bundle_path
+
+    models = tmp_path / "runs" / "models"
+    source = models / autoencoder  # the shipped LDM's copy (--ldm-only), or an autoencoder trained here
+    shutil.copytree(default_bundle_path() / "autoencoder", source / "autoencoder" if autoencoder == "shipped-ldm"
+                    else source)
+    if autoencoder == "shipped-ldm":
+        (source / "histosynth.json").write_text("{}")
+    else:
+        (source / "metrics.json").write_text("{}")
+    ldm = models / "ldm"
+    shutil.copytree(default_bundle_path() / "autoencoder", ldm / "autoencoder")
+    (ldm / "histosynth.json").write_text("{}")
+    default_models.check_same_autoencoder(ldm, source)  # trained on it: shipped
+
+    nudge_a_weight(next((ldm / "autoencoder").glob("*.safetensors")))
+    kind = "the shipped autoencoder (--ldm-only)" if autoencoder == "shipped-ldm" else "this run's autoencoder"
+    with pytest.raises(SystemExit, match=re.escape(f"runs/models/ldm was not trained with {kind}, "
+                                                   f"runs/models/{autoencoder}; remove runs/models/ldm and")):
+        default_models.check_same_autoencoder(ldm, source)
 
 
 @pytest.mark.parametrize("field, value", [("ldm_recipe", "flwo"), ("ldm_weights_dtype", "float8"),
