@@ -32,6 +32,8 @@ How the two LDMs train and ship (the shipped ones: the defaults):
     --recipe flow             a recipe of scripts/compare_recipes.py for both LDMs (default: baseline,
                               CompVis' noise prediction); the text+mask model is fine-tuned from the text
                               model with the same recipe, as ``train --init`` requires
+    --mask-recipe flow        another recipe for the text+mask LDM: it is fine-tuned from a text LDM trained
+                              with that recipe (runs/models/ldm-<recipe>, not shipped)
     --weights-dtype bfloat16  ship the LDM folders' weights in bfloat16 (``histosynth convert-weights``:
                               half the bytes, so a wider denoiser fits the package's 60 MiB)
     --accelerator auto        train the autoencoder, the segmenter and the LDMs on a GPU where there is one
@@ -112,6 +114,8 @@ class Sizes:
     ldm_mask_steps: int = 8000
     ldm_mask_dropout: float = 0.2
     ldm_recipe: str = "baseline"
+    #: the text+mask LDM's recipe, when not the text LDM's (None: the same)
+    ldm_mask_recipe: Optional[str] = None
     ldm_weights_dtype: str = "float32"
     accelerator: str = "cpu"
     ldm_only: bool = False
@@ -122,10 +126,15 @@ class Sizes:
         for field, value, known in (("autoencoder_precision", self.autoencoder_precision, PRECISIONS),
                                     ("ldm_precision", self.ldm_precision, PRECISIONS),
                                     ("ldm_recipe", self.ldm_recipe, RECIPES),
+                                    ("ldm_mask_recipe", self.mask_recipe, RECIPES),
                                     ("ldm_weights_dtype", self.ldm_weights_dtype, WEIGHT_DTYPES),
                                     ("accelerator", self.accelerator, ACCELERATORS)):
             if value not in known:
                 raise ValueError(f"Sizes.{field} is {value!r}; choose one of {', '.join(known)}")
+
+    @property
+    def mask_recipe(self) -> str:
+        return self.ldm_mask_recipe or self.ldm_recipe
 
     @property
     def device(self) -> str:
@@ -396,10 +405,17 @@ def stage_ldm_mask(sizes: Sizes) -> None:
     """The text+mask LDM (label maps as extra UNet channels, each condition with its own dropout),
     fine-tuned from the text LDM on the same patches and their masks: its mask channels start at
     zero, so training begins from the text model's images (a from-scratch model of the same steps
-    drew far less of what the mask asked; see the README's label fidelity row)."""
+    drew far less of what the mask asked; see the README's label fidelity row). With another recipe than
+    the text LDM's (--mask-recipe), it starts from a text LDM trained alike with its own recipe (not shipped),
+    as ``train --init`` needs the same objective."""
+    init = "ldm"
+    if sizes.mask_recipe != sizes.ldm_recipe:
+        init = f"ldm-{sizes.mask_recipe}"
+        train_ldm(init, sizes.ldm_steps, sizes, recipe=sizes.mask_recipe)
     train_ldm("ldm-mask", sizes.ldm_mask_steps, sizes, ["--condition", "text+mask", "--mask-dropout",
                                                          str(sizes.ldm_mask_dropout),
-                                                         "--init", relative(MODELS / "ldm")])
+                                                         "--init", relative(MODELS / init)],
+              recipe=sizes.mask_recipe)
     store_latent_range("ldm-mask")
 
 
@@ -411,8 +427,10 @@ def store_latent_range(name: str) -> None:
         run_logged(name, histosynth("latent-range", relative(model), "--dataset", relative(DATA / "ldm")))
 
 
-def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...] | list[str] = ()) -> None:
-    """Cache the LDM patches' latents (and label maps for a mask model), then train MODELS/<name>."""
+def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...] | list[str] = (),
+              recipe: Optional[str] = None) -> None:
+    """Cache the LDM patches' latents (and label maps for a mask model), then train MODELS/<name> with
+    ``recipe`` (default: the text LDM's)."""
     out = MODELS / name
     if (out / "histosynth.json").is_file():
         return
@@ -422,7 +440,8 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
                                 "--device", sizes.device, "--seed", "0", *label_maps))
     run_logged(name, histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
                                 "--autoencoder", autoencoder, "--steps", str(steps), *conditioning,
-                                *RECIPES[sizes.ldm_recipe], "--precision", sizes.precision(sizes.ldm_precision),
+                                *RECIPES[recipe or sizes.ldm_recipe], "--precision",
+                                sizes.precision(sizes.ldm_precision),
                                 "--checkpoint-every", "100", "--log-every", "25",
                                 "--accelerator", sizes.accelerator, "--seed", "0",
                                 *resumed(MODELS / f"{name}.run")))
@@ -621,6 +640,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ldm-mask-steps", type=int, default=Sizes.ldm_mask_steps, help="text+mask LDM training steps")
     parser.add_argument("--recipe", choices=list(RECIPES), default=Sizes.ldm_recipe,
                         help="the LDMs' training recipe (see scripts/compare_recipes.py)")
+    parser.add_argument("--mask-recipe", choices=list(RECIPES), default=None,
+                        help="the text+mask LDM's recipe when not --recipe (its text initialisation is trained "
+                        "with it too)")
     parser.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default=Sizes.ldm_weights_dtype,
                         help="how the shipped LDM folders store their weights")
     parser.add_argument("--accelerator", choices=ACCELERATORS, default=Sizes.accelerator,
@@ -633,6 +655,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return detach([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--background"])
     os.environ.update(environment())
     sizes = Sizes(ldm_steps=args.ldm_steps, ldm_mask_steps=args.ldm_mask_steps, ldm_recipe=args.recipe,
+                  ldm_mask_recipe=args.mask_recipe,
                   ldm_weights_dtype=args.weights_dtype, accelerator=args.accelerator, ldm_only=args.ldm_only)
     for name in (STAGES if args.stage == "all" else [args.stage]):
         say(f"== stage {name}")

@@ -73,7 +73,7 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
     sizes = default_models.Sizes(
         phantom_patches=12, ldm_patches_per_slide=2, segmenter_default_patches=8, segmenter_generating_patches=4,
         segmenter_sclerotic_patches=4, autoencoder_phantom_patches=8, ldm_steps=2, ldm_mask_steps=2,
-        ldm_precision="32", ldm_only=True)
+        ldm_precision="32", ldm_only=True, ldm_mask_recipe="flow")
     for stage in default_models.STAGES.values():
         stage(sizes)
 
@@ -90,6 +90,13 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
         weights = sorted((folder / "autoencoder").glob("*.safetensors"))  # encoded with the shipped autoencoder
         assert weights and all(w.read_bytes() == (shipped / "ldm" / "autoencoder" / w.name).read_bytes()
                                for w in weights)
+        # --mask-recipe: the text LDM keeps CompVis' objective, the text+mask LDM is flow matching, fine-tuned from
+        # a text LDM trained with flow matching
+        prediction = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+        assert prediction == {"ldm": "epsilon", "ldm-mask": "flow_prediction"}[name]
+    assert json.loads((tmp_path / "weights" / "ldm-mask" / "histosynth.json").read_text())["provenance"]["init"] \
+        == "runs/models/ldm-flow"
+    assert (models / "ldm-flow" / "histosynth.json").is_file() and not (tmp_path / "weights" / "ldm-flow").exists()
 
     # an LDM trained on another autoencoder (left by a run without --ldm-only) is not shipped as this one's
     nudge_a_weight(models / "ldm" / "autoencoder" / weights[0].name)
@@ -135,14 +142,14 @@ def test_an_ldm_is_shipped_only_with_the_autoencoder_it_was_trained_on(default_m
         default_models.check_same_autoencoder(ldm, source)
 
 
-@pytest.mark.parametrize("field, value", [("ldm_recipe", "flwo"), ("ldm_weights_dtype", "float8"),
-                                          ("accelerator", "tpu"), ("ldm_precision", "fp16"),
-                                          ("autoencoder_precision", "")])
+@pytest.mark.parametrize("field, value", [("ldm_recipe", "flwo"), ("ldm_mask_recipe", "dti"),
+                                          ("ldm_weights_dtype", "float8"), ("accelerator", "tpu"),
+                                          ("ldm_precision", "fp16"), ("autoencoder_precision", "")])
 def test_sizes_built_in_code_refuse_an_unknown_choice_by_name(default_models, field: str, value: str):
     with pytest.raises(ValueError, match=f"Sizes.{field} is '{value}'; choose one of") as refused:
         default_models.Sizes(**{field: value})
-    choice = {"ldm_recipe": "flow", "ldm_weights_dtype": "bfloat16", "accelerator": "gpu", "ldm_precision": "bf16",
-              "autoencoder_precision": "auto"}[field]
+    choice = {"ldm_recipe": "flow", "ldm_mask_recipe": "dit", "ldm_weights_dtype": "bfloat16", "accelerator": "gpu",
+              "ldm_precision": "bf16", "autoencoder_precision": "auto"}[field]
     assert choice in str(refused.value)
     assert default_models.Sizes(ldm_recipe="dit", ldm_weights_dtype="bfloat16", accelerator="auto").device == "auto"
 
