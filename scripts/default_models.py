@@ -134,7 +134,7 @@ class Sizes:
 
     @property
     def mask_recipe(self) -> str:
-        return self.ldm_mask_recipe or self.ldm_recipe
+        return self.ldm_recipe if self.ldm_mask_recipe is None else self.ldm_mask_recipe
 
     @property
     def device(self) -> str:
@@ -331,7 +331,7 @@ def autoencoder_source(sizes: Sizes) -> Path:
 
 def stage_autoencoder(sizes: Sizes) -> None:
     if sizes.ldm_only:
-        autoencoder_source(sizes)
+        keep_shipped_autoencoder()
         return
     out = MODELS / "autoencoder"
     if not (out / "metrics.json").is_file():
@@ -432,7 +432,9 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
     """Cache the LDM patches' latents (and label maps for a mask model), then train MODELS/<name> with
     ``recipe`` (default: the text LDM's)."""
     out = MODELS / name
+    recipe = recipe or sizes.ldm_recipe
     if (out / "histosynth.json").is_file():
+        check_trained_with(out, recipe)
         return
     autoencoder = relative(autoencoder_source(sizes))
     label_maps = ["--label-maps"] if "--condition" in conditioning else []
@@ -440,11 +442,28 @@ def train_ldm(name: str, steps: int, sizes: Sizes, conditioning: tuple[str, ...]
                                 "--device", sizes.device, "--seed", "0", *label_maps))
     run_logged(name, histosynth("train", relative(DATA / "ldm"), "--out", relative(out), "--preset", "tiny",
                                 "--autoencoder", autoencoder, "--steps", str(steps), *conditioning,
-                                *RECIPES[recipe or sizes.ldm_recipe], "--precision",
-                                sizes.precision(sizes.ldm_precision),
+                                *RECIPES[recipe], "--precision", sizes.precision(sizes.ldm_precision),
                                 "--checkpoint-every", "100", "--log-every", "25",
                                 "--accelerator", sizes.accelerator, "--seed", "0",
                                 *resumed(MODELS / f"{name}.run")))
+
+
+def recipe_options(command: str) -> dict[str, str]:
+    """The recipe options (the flags of :data:`RECIPES`) that a ``histosynth train`` command line gives."""
+    flags = {flag for options in RECIPES.values() for flag in options[::2]}
+    words = shlex.split(command)
+    return {word: value for word, value in zip(words, words[1:], strict=False) if word in flags}
+
+
+def check_trained_with(model: Path, recipe: str) -> None:
+    """Refuse a finished runs/models/<ldm> that another recipe trained (left by a run with another --recipe or
+    --mask-recipe), which the stage would otherwise take as its own and ship."""
+    command = json.loads((model / "histosynth.json").read_text()).get("provenance", {}).get("command", "")
+    wanted = recipe_options(shlex.join(RECIPES[recipe]))
+    if isinstance(command, str) and recipe_options(command) != wanted:
+        raise SystemExit(f"{relative(model)} was trained with {recipe_options(command) or 'no recipe options'}, "
+                         f"not recipe {recipe!r} ({wanted or 'no options'}); remove {relative(model)} and "
+                         f"{relative(model)}.run to train it with {recipe!r}")
 
 
 # --- stage ship -----------------------------------------------------------------------------------

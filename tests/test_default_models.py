@@ -161,3 +161,34 @@ def test_auto_precision_is_bf16_only_where_the_training_device_has_fast_bf16(def
     assert (on_cpu.autoencoder_precision, on_cpu.ldm_precision) == ("auto", "auto")
     assert on_cpu.precision("auto") == ("bf16" if native_bf16("cpu") else "32")
     assert on_cpu.precision("32") == "32" and on_cpu.precision("bf16") == "bf16"  # as given
+
+
+def a_trained_ldm(models: Path, name: str, recipe_options: str) -> Path:
+    """A finished runs/models/<name> as `histosynth train` leaves it, as far as the stage reads it."""
+    model = models / name
+    model.mkdir(parents=True)
+    command = f"histosynth train runs/data/ldm --out runs/models/{name} --steps 2 {recipe_options} --seed 0"
+    (model / "histosynth.json").write_text(json.dumps({"provenance": {"command": command}}))
+    return model
+
+
+@pytest.mark.parametrize("recipe, options", [("flow", "--prediction-type flow_prediction"), ("baseline", ""),
+                                             ("dit", "--denoiser dit --prediction-type flow_prediction")])
+def test_a_finished_ldm_of_its_recipe_is_taken_as_it_is(default_models, tmp_path: Path, recipe: str, options: str):
+    model = a_trained_ldm(tmp_path / "runs" / "models", "ldm", options)
+    default_models.train_ldm("ldm", 2, default_models.Sizes(ldm_recipe=recipe))  # nothing to train, nothing refused
+    assert sorted(p.name for p in model.parent.iterdir()) == ["ldm"]
+
+
+@pytest.mark.parametrize("recipe, options", [("dit", "--prediction-type flow_prediction"),
+                                             ("flow", ""), ("baseline", "--min-snr-gamma 5")])
+def test_a_finished_ldm_of_another_recipe_is_refused(default_models, tmp_path: Path, recipe: str, options: str):
+    a_trained_ldm(tmp_path / "runs" / "models", "ldm-mask", options)
+    sizes = default_models.Sizes(ldm_recipe="baseline", ldm_mask_recipe=recipe)
+    with pytest.raises(SystemExit, match=f"runs/models/ldm-mask was trained with .*, not recipe '{recipe}'"):
+        default_models.train_ldm("ldm-mask", 2, sizes, recipe=sizes.mask_recipe)
+
+
+def test_an_empty_mask_recipe_is_refused_not_taken_for_the_text_recipe(default_models):
+    with pytest.raises(ValueError, match="Sizes.ldm_mask_recipe is ''"):
+        default_models.Sizes(ldm_mask_recipe="")
