@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -143,7 +144,7 @@ def run_sharded(name: str, args: list[str], processes: int) -> None:
     started = time.perf_counter()
     commands = [histosynth(*args, "--shard", f"{i}/{processes}") for i in range(processes)]
     logs = [(LOGS / f"{name}.shard{i}.log").open("a") for i in range(processes)]
-    say(f"[{name}] {' '.join(commands[0][1:])} ... in {processes} processes")
+    say(f"[{name}] {shlex.join(commands[0][1:])} ... in {processes} processes")
     running = [subprocess.Popen(c, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT)
                for c, log in zip(commands, logs, strict=True)]
     codes = [p.wait() for p in running]
@@ -152,7 +153,7 @@ def run_sharded(name: str, args: list[str], processes: int) -> None:
     seconds = time.perf_counter() - started
     with (LOGS / f"{name}.log").open("a") as log:
         for command in commands:
-            log.write(f"\n$ {' '.join(command)}\n")
+            log.write(f"\n$ {shlex.join(command)}\n")
         log.write(f"{DONE_MARK} exit codes {codes} after {seconds:.0f} s\n")
     if any(codes):
         raise SystemExit(f"[{name}] a shard failed ({codes}); see {LOGS}/{name}.shard*.log")
