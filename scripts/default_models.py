@@ -6,7 +6,8 @@
     python scripts/default_models.py --stage ship   # one stage (its inputs must exist)
 
 Stages, each skipped when its output exists (delete the output to redo it; an interrupted training
-run is resumed from its last checkpoint); every command's output goes to ``runs/logs/<stage>.log``:
+run is resumed from its last checkpoint; a finished LDM that another recipe trained is refused, not
+taken); every command's output goes to ``runs/logs/<stage>.log``:
 
 1. data        phantom patches with the default mix (the thesis' class shares), of which the LDM
                trains on a part; a phantom set for the segmenter (default mix plus patches of the
