@@ -30,11 +30,12 @@ more time or a GPU is available.
 
 How the two LDMs train and ship (the shipped ones: the defaults):
 
-    --recipe flow             a recipe of scripts/compare_recipes.py for both LDMs (default: baseline,
-                              CompVis' noise prediction); the text+mask model is fine-tuned from the text
-                              model with the same recipe, as ``train --init`` requires
-    --mask-recipe flow        another recipe for the text+mask LDM: it is fine-tuned from a text LDM trained
-                              with that recipe (runs/models/ldm-<recipe>, not shipped)
+    --recipe baseline         the text LDM's recipe of scripts/compare_recipes.py (default: baseline, CompVis'
+                              noise prediction, which followed the caption best)
+    --mask-recipe flow        the text+mask LDM's (default: flow, flow matching, which followed the masks
+                              best); it is fine-tuned from a text LDM of the same recipe, as ``train --init``
+                              requires: the shipped text LDM where the recipes agree, else one trained for it
+                              (runs/models/ldm-<recipe>, not shipped)
     --weights-dtype bfloat16  ship the LDM folders' weights in bfloat16 (``histosynth convert-weights``:
                               half the bytes, so a wider denoiser fits the package's 60 MiB)
     --accelerator auto        train the autoencoder, the segmenter and the LDMs on a GPU where there is one
@@ -112,11 +113,11 @@ class Sizes:
     segmenter_tune_epochs: int = 10
     ldm_steps: int = 6000
     ldm_precision: str = "auto"
-    ldm_mask_steps: int = 8000
+    ldm_mask_steps: int = 3000
     ldm_mask_dropout: float = 0.2
     ldm_recipe: str = "baseline"
-    #: the text+mask LDM's recipe, when not the text LDM's (None: the same)
-    ldm_mask_recipe: Optional[str] = None
+    #: the text+mask LDM's recipe: flow matching followed the masks best at this budget (see the README)
+    ldm_mask_recipe: str = "flow"
     ldm_weights_dtype: str = "float32"
     accelerator: str = "cpu"
     ldm_only: bool = False
@@ -127,15 +128,11 @@ class Sizes:
         for field, value, known in (("autoencoder_precision", self.autoencoder_precision, PRECISIONS),
                                     ("ldm_precision", self.ldm_precision, PRECISIONS),
                                     ("ldm_recipe", self.ldm_recipe, RECIPES),
-                                    ("ldm_mask_recipe", self.mask_recipe, RECIPES),
+                                    ("ldm_mask_recipe", self.ldm_mask_recipe, RECIPES),
                                     ("ldm_weights_dtype", self.ldm_weights_dtype, WEIGHT_DTYPES),
                                     ("accelerator", self.accelerator, ACCELERATORS)):
             if value not in known:
                 raise ValueError(f"Sizes.{field} is {value!r}; choose one of {', '.join(known)}")
-
-    @property
-    def mask_recipe(self) -> str:
-        return self.ldm_recipe if self.ldm_mask_recipe is None else self.ldm_mask_recipe
 
     @property
     def device(self) -> str:
@@ -410,13 +407,13 @@ def stage_ldm_mask(sizes: Sizes) -> None:
     the text LDM's (--mask-recipe), it starts from a text LDM trained alike with its own recipe (not shipped),
     as ``train --init`` needs the same objective."""
     init = "ldm"
-    if sizes.mask_recipe != sizes.ldm_recipe:
-        init = f"ldm-{sizes.mask_recipe}"
-        train_ldm(init, sizes.ldm_steps, sizes, recipe=sizes.mask_recipe)
+    if sizes.ldm_mask_recipe != sizes.ldm_recipe:
+        init = f"ldm-{sizes.ldm_mask_recipe}"
+        train_ldm(init, sizes.ldm_steps, sizes, recipe=sizes.ldm_mask_recipe)
     train_ldm("ldm-mask", sizes.ldm_mask_steps, sizes, ["--condition", "text+mask", "--mask-dropout",
                                                          str(sizes.ldm_mask_dropout),
                                                          "--init", relative(MODELS / init)],
-              recipe=sizes.mask_recipe)
+              recipe=sizes.ldm_mask_recipe)
     store_latent_range("ldm-mask")
 
 
@@ -513,6 +510,8 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     provenance = config["provenance"]
     provenance["data"] = {**provenance.get("data", {}), **data_description(DATA / "ldm")}
     provenance["hardware"] = hardware()
+    if provenance.get("init"):
+        provenance["init_model"] = init_model_record(ROOT / provenance["init"])
     # The trainer records its own training time (training_time_s); the stage's wall time covers
     # caching the latents and every training command.
     provenance["command"], provenance["wall_time_s"] = stage_history(name)
@@ -524,6 +523,19 @@ def ship_ldm(name: str, autoencoder: Path, target: Path) -> None:
     write_json(target / "histosynth.json", config)
     write_model_config(target, read_bundle_config(target))  # the model card, from the completed provenance
     write_model_index(target)
+
+
+def init_model_record(init: Path) -> dict:
+    """What a fine-tune started from (id, objective, steps, command), for the shipped provenance: its init's
+    path names a folder of the training checkout, which the package does not carry."""
+    if not (init / "histosynth.json").is_file():
+        raise SystemExit(f"the model to ship was fine-tuned from {relative(init)}, which is not there to be "
+                         "described; ship it from the checkout that trained it")
+    config = json.loads((init / "histosynth.json").read_text())
+    preset, provenance = config.get("preset") or {}, config.get("provenance") or {}
+    return {"id": config.get("id"), "steps": provenance.get("steps"),
+            "prediction_type": preset.get("diffusion", {}).get("prediction_type", "epsilon"),
+            "denoiser": preset.get("denoiser", "unet"), "command": provenance.get("command")}
 
 
 def check_same_autoencoder(model: Path, autoencoder: Path) -> None:
@@ -542,9 +554,9 @@ def check_same_autoencoder(model: Path, autoencoder: Path) -> None:
 
 def autoencoder_provenance(autoencoder: Path) -> dict:
     """How the autoencoder was made: from its training folder (metrics, held-out evaluation, data, commands), or
-    as the shipped LDM folder ``autoencoder`` (--ldm-only) records it."""
+    as the shipped LDM folder ``autoencoder`` (--ldm-only) records it beside its weights."""
     if not (autoencoder / "metrics.json").is_file():
-        return json.loads((autoencoder / "histosynth.json").read_text())["provenance"]["autoencoder"]
+        return json.loads((autoencoder / "autoencoder" / "provenance.json").read_text())
     ae_metrics = json.loads((autoencoder / "metrics.json").read_text())
     ae_metrics["held_out"] = json.loads((autoencoder / "evaluation.json").read_text())
     ae_metrics["data"] = data_description(DATA / "autoencoder")
@@ -659,9 +671,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ldm-steps", type=int, default=Sizes.ldm_steps, help="LDM training steps")
     parser.add_argument("--ldm-mask-steps", type=int, default=Sizes.ldm_mask_steps, help="text+mask LDM training steps")
     parser.add_argument("--recipe", choices=list(RECIPES), default=Sizes.ldm_recipe,
-                        help="the LDMs' training recipe (see scripts/compare_recipes.py)")
-    parser.add_argument("--mask-recipe", choices=list(RECIPES), default=None,
-                        help="the text+mask LDM's recipe when not --recipe (its text initialisation is trained "
+                        help="the text LDM's training recipe (see scripts/compare_recipes.py)")
+    parser.add_argument("--mask-recipe", choices=list(RECIPES), default=Sizes.ldm_mask_recipe,
+                        help="the text+mask LDM's recipe (when not --recipe, its text initialisation is trained "
                         "with it too)")
     parser.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default=Sizes.ldm_weights_dtype,
                         help="how the shipped LDM folders store their weights")

@@ -42,7 +42,7 @@ def test_every_stage_ships_dit_flow_models_in_bfloat16(default_models, tmp_path:
         phantom_patches=12, ldm_patches_per_slide=2, segmenter_default_patches=8, segmenter_generating_patches=4,
         segmenter_sclerotic_patches=4, autoencoder_phantom_patches=8, autoencoder_steps=2, autoencoder_precision="32",
         segmenter_epochs=1, segmenter_tune_epochs=1, ldm_steps=2, ldm_mask_steps=2, ldm_precision="32",
-        ldm_recipe="dit", ldm_weights_dtype="bfloat16")
+        ldm_recipe="dit", ldm_mask_recipe="dit", ldm_weights_dtype="bfloat16")
     for stage in default_models.STAGES.values():
         stage(sizes)
 
@@ -73,7 +73,7 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
     sizes = default_models.Sizes(
         phantom_patches=12, ldm_patches_per_slide=2, segmenter_default_patches=8, segmenter_generating_patches=4,
         segmenter_sclerotic_patches=4, autoencoder_phantom_patches=8, ldm_steps=2, ldm_mask_steps=2,
-        ldm_precision="32", ldm_only=True, ldm_mask_recipe="flow")
+        ldm_precision="32", ldm_only=True)
     for stage in default_models.STAGES.values():
         stage(sizes)
 
@@ -90,12 +90,15 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
         weights = sorted((folder / "autoencoder").glob("*.safetensors"))  # encoded with the shipped autoencoder
         assert weights and all(w.read_bytes() == (shipped / "ldm" / "autoencoder" / w.name).read_bytes()
                                for w in weights)
-        # --mask-recipe: the text LDM keeps CompVis' objective, the text+mask LDM is flow matching, fine-tuned from
-        # a text LDM trained with flow matching
+        # the default recipes: the text LDM keeps CompVis' objective, the text+mask LDM is flow matching,
+        # fine-tuned from a text LDM trained with flow matching
         prediction = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
         assert prediction == {"ldm": "epsilon", "ldm-mask": "flow_prediction"}[name]
-    assert json.loads((tmp_path / "weights" / "ldm-mask" / "histosynth.json").read_text())["provenance"]["init"] \
-        == "runs/models/ldm-flow"
+    mask_provenance = json.loads((tmp_path / "weights" / "ldm-mask" / "histosynth.json").read_text())["provenance"]
+    assert mask_provenance["init"] == "runs/models/ldm-flow"
+    init = mask_provenance["init_model"]
+    assert init["id"] == json.loads((models / "ldm-flow" / "histosynth.json").read_text())["id"]
+    assert (init["prediction_type"], init["steps"]) == ("flow_prediction", 2)
     assert (models / "ldm-flow" / "histosynth.json").is_file() and not (tmp_path / "weights" / "ldm-flow").exists()
 
     # an LDM trained on another autoencoder (left by a run without --ldm-only) is not shipped as this one's
@@ -186,9 +189,23 @@ def test_a_finished_ldm_of_another_recipe_is_refused(default_models, tmp_path: P
     a_trained_ldm(tmp_path / "runs" / "models", "ldm-mask", options)
     sizes = default_models.Sizes(ldm_recipe="baseline", ldm_mask_recipe=recipe)
     with pytest.raises(SystemExit, match=f"runs/models/ldm-mask was trained with .*, not recipe '{recipe}'"):
-        default_models.train_ldm("ldm-mask", 2, sizes, recipe=sizes.mask_recipe)
+        default_models.train_ldm("ldm-mask", 2, sizes, recipe=sizes.ldm_mask_recipe)
 
 
-def test_an_empty_mask_recipe_is_refused_not_taken_for_the_text_recipe(default_models):
+def test_an_empty_mask_recipe_is_refused(default_models):
     with pytest.raises(ValueError, match="Sizes.ldm_mask_recipe is ''"):
         default_models.Sizes(ldm_mask_recipe="")
+
+
+def test_a_fine_tune_is_shipped_with_what_it_started_from_or_refused(default_models, tmp_path: Path):
+    init = tmp_path / "runs" / "models" / "ldm-flow"
+    init.mkdir(parents=True)
+    command = ["histosynth train runs/data/ldm --out runs/models/ldm-flow --prediction-type flow_prediction"]
+    (init / "histosynth.json").write_text(json.dumps({
+        "id": "406e2f6330a6", "preset": {"diffusion": {"prediction_type": "flow_prediction"}},
+        "provenance": {"steps": 6000, "command": command}}))
+    assert default_models.init_model_record(init) == {"id": "406e2f6330a6", "steps": 6000,
+                                                      "prediction_type": "flow_prediction", "denoiser": "unet",
+                                                      "command": command}
+    with pytest.raises(SystemExit, match="fine-tuned from runs/models/ldm, which is not there"):
+        default_models.init_model_record(init.with_name("ldm"))

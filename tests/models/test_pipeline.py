@@ -133,6 +133,21 @@ def test_the_card_says_phantom_only_for_phantom_data(tiny_bundle_path):
     assert (tiny_bundle_path / "README.md").read_text() == model_card(config)
 
 
+def test_the_card_names_the_loss_by_the_objective_and_the_model_a_fine_tune_started_from(tiny_bundle_path):
+    config = read_bundle_config(tiny_bundle_path)
+    preset = {**config.preset, "diffusion": {**config.preset["diffusion"], "prediction_type": "flow_prediction"}}
+    init = {"id": "406e2f6330a6", "steps": 6000, "prediction_type": "flow_prediction", "denoiser": "unet"}
+    fine_tune = config.model_copy(update={"preset": preset, "provenance": {
+        "steps": 3000, "init": "runs/models/ldm-flow", "init_model": init, "metrics": {"final_loss": 0.58}}})
+    card = model_card(fine_tune)
+    assert "| training loss (MSE of the flow velocity prediction) at the last step | 0.58 |" in card
+    assert "- initialised from `runs/models/ldm-flow` (model `406e2f6330a6`, 6000 steps, flow matching)" in card
+    weighted = {**preset, "training": {**preset.get("training", {}), "min_snr_gamma": 5.0},
+                "diffusion": {**preset["diffusion"], "prediction_type": "v_prediction"}}
+    card = model_card(fine_tune.model_copy(update={"preset": weighted}))
+    assert "(MSE of the min-SNR weighted velocity prediction)" in card
+
+
 def test_a_folder_without_model_index_is_refused_in_one_line(tiny_bundle_path, tmp_path):
     import shutil
 

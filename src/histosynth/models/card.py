@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 #: what each training metric of a provenance record is, and which command measured it
 _TRAINING_METRICS = {
-    "final_loss": "training loss (MSE of the noise prediction) at the last step",
+    "final_loss": "training loss (MSE of the {target}) at the last step",
     "loss_first_10_logs": "mean of the first 10 logged training losses",
     "loss_last_10_logs": "mean of the last 10 logged training losses",
     "logged_steps": "last step in the training log",
@@ -40,7 +40,7 @@ def model_card(config: "ModelConfig") -> str:
         _summary(config),
         _usage(config),
         _training(provenance),
-        _metrics(provenance),
+        _metrics(provenance, _loss_target(config.preset or {})),
         _use_and_limits(config, provenance),
     ]
     return "\n\n".join(s for s in sections if s).rstrip() + "\n"
@@ -103,6 +103,14 @@ def _recipe(preset: Mapping[str, Any]) -> str:
     return f"{denoiser} Trained to predict {target}{weights}.{sampling}"
 
 
+def _loss_target(preset: Mapping[str, Any]) -> str:
+    """What the training loss compares, by the preset's objective and loss weights."""
+    diffusion = preset.get("diffusion", {})
+    target = {"v_prediction": "velocity prediction", "flow_prediction": "flow velocity prediction"}.get(
+        diffusion.get("prediction_type", "epsilon"), "noise prediction")
+    return f"min-SNR weighted {target}" if preset.get("training", {}).get("min_snr_gamma") else target
+
+
 def _denoiser(preset: Mapping[str, Any]) -> str:
     """The transformer denoiser's size, where the model has one (a UNet is the default and not named)."""
     if preset.get("denoiser", "unet") != "dit":
@@ -151,7 +159,7 @@ def _training(provenance: Mapping[str, Any]) -> str:
                      + (f", precision {provenance['precision']}" if provenance.get("precision") else "")
                      + (f", seed {provenance['seed']}" if provenance.get("seed") is not None else ""))
     if provenance.get("init"):
-        lines.append(f"- initialised from `{provenance['init']}`")
+        lines.append(f"- initialised from `{provenance['init']}`" + _init_model(provenance.get("init_model")))
     if provenance.get("condition"):
         lines.append(f"- conditioning: {provenance['condition']}")
     times = [f"{label} {_duration(provenance[key])}" for key, label in
@@ -176,6 +184,18 @@ def _training(provenance: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _init_model(record: Any) -> str:
+    """The model a fine-tune started from, as its provenance records it (a path alone names a folder of the
+    machine it was trained on)."""
+    if not isinstance(record, Mapping):
+        return ""
+    details = [f"model `{record['id']}`" if record.get("id") else None,
+               f"{record['steps']} steps" if record.get("steps") else None,
+               {"epsilon": "noise prediction", "flow_prediction": "flow matching", "v_prediction": "v-prediction"}.get(
+                   record.get("prediction_type"), record.get("prediction_type"))]
+    return f" ({', '.join(filter(None, details))})" if any(details) else ""
+
+
 def _how_trained(record: Mapping[str, Any]) -> str:
     """Steps, data and time of the autoencoder's (or a replaced decoder's) training record: its training time
     summed over the commands of a resumed run where recorded, else its wall time."""
@@ -186,7 +206,7 @@ def _how_trained(record: Mapping[str, Any]) -> str:
     return ", ".join(filter(None, details))
 
 
-def _metrics(provenance: Mapping[str, Any]) -> str:
+def _metrics(provenance: Mapping[str, Any], loss_target: str) -> str:
     rows = []
     metrics = provenance.get("metrics")
     metrics = metrics if isinstance(metrics, Mapping) else {}
@@ -194,7 +214,7 @@ def _metrics(provenance: Mapping[str, Any]) -> str:
     for key, value in metrics.items():
         if key == "sample_timing" or isinstance(value, (Mapping, list)):
             continue
-        what = _TRAINING_METRICS.get(key, key)
+        what = _TRAINING_METRICS.get(key, key).format(target=loss_target)
         how = metrics.get("sample_timing", "sampling after training") if key.startswith("sample_") else training
         rows.append((what, value, how))
     for part, training_command in (("autoencoder", "the autoencoder's training command"),
