@@ -81,12 +81,12 @@ def test_an_ldm_only_reship_keeps_the_shipped_autoencoder_and_segmenter(default_
     assert not (models / "autoencoder").exists() and not (models / "segmenter").exists()  # nothing trained
     for name in ("model.safetensors", "segmenter.json"):  # the segmenter is the shipped one, untouched
         assert (tmp_path / "weights" / "segmenter" / name).read_bytes() == (shipped / "segmenter" / name).read_bytes()
-    shipped_config = json.loads((shipped / "ldm" / "histosynth.json").read_text())
+    shipped_autoencoder = json.loads((shipped / "ldm" / "autoencoder" / "provenance.json").read_text())
     for name in ("ldm", "ldm-mask"):
         folder = tmp_path / "weights" / name
         config = json.loads((folder / "histosynth.json").read_text())
         assert config["provenance"]["steps"] == 2  # retrained here
-        assert config["provenance"]["autoencoder"] == shipped_config["provenance"]["autoencoder"]
+        assert config["provenance"]["autoencoder"] == shipped_autoencoder  # its record, as shipped beside it
         weights = sorted((folder / "autoencoder").glob("*.safetensors"))  # encoded with the shipped autoencoder
         assert weights and all(w.read_bytes() == (shipped / "ldm" / "autoencoder" / w.name).read_bytes()
                                for w in weights)
