@@ -167,6 +167,13 @@ def test_a_job_from_masks_keeps_image_mask_pairs(mask_job, mask_bundle, source_m
     np.testing.assert_array_equal(direct.images[1], np.asarray(Image.open(folder / "images/00000/00001.png")))
 
 
+def test_a_jobs_masks_folder_is_read_as_masks_again_in_its_order(mask_job, source_masks):
+    # generating again from a job's masks/ (numbered sub-folders), as for more seeds of the same masks
+    again = conditioning_masks(mask_job.folder / "masks")
+    assert [m.source for m in again] == [str(mask_job.folder / "masks" / "00000" / f"0000{i}.png") for i in range(3)]
+    assert [m.digest for m in again] == [m.digest for m in conditioning_masks(source_masks)]
+
+
 def test_a_job_from_masks_resumes_and_shards_to_the_same_bytes(mask_job, mask_bundle, source_masks, tmp_path):
     expected = _files(mask_job.folder)
     (mask_job.folder / "images" / "00000" / "00002.png").unlink()

@@ -14,12 +14,17 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
-def list_images_of_job_folder(folder: str | Path) -> list[Path]:
-    """The images of a folder and of its numbered sub-folders (00000/, 00001/, ...: how a generation job
-    stores them), sorted; an error if there are none."""
+def with_numbered_subfolders(folder: str | Path) -> list[Path]:
+    """A folder and its numbered sub-folders (00000/, 00001/, ...: how a generation job stores its images and
+    masks), in order."""
     folder = Path(folder)
     numbered = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
-    return list_images([folder, *numbered]) if numbered else list_images([folder])
+    return [folder, *numbered]
+
+
+def list_images_of_job_folder(folder: str | Path) -> list[Path]:
+    """The images of a folder and of its numbered sub-folders, sorted; an error if there are none."""
+    return list_images(with_numbered_subfolders(folder))
 
 
 def list_images(paths: Sequence[str | Path]) -> list[Path]:

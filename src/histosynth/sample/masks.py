@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import validation
 from ..data.dataset import open_dataset
+from ..data.images import with_numbered_subfolders
 from ..data.masks import read_mask
 from ..errors import ConfigError, DataError
 from ..models.bundle import Bundle
@@ -53,10 +54,12 @@ class ConditioningMask:
 
 
 def read_masks(path: str | Path, schema: ClassSchema) -> list[ConditioningMask]:
-    """The mask in a file, or every mask file of a folder (sorted by name)."""
+    """The mask in a file, or every mask file of a folder and of its numbered sub-folders (a generation job's
+    ``masks/``), sorted by name."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
+        files = [p for folder in with_numbered_subfolders(path) for p in sorted(folder.iterdir())
+                 if p.is_file() and p.suffix.lower() in MASK_SUFFIXES]
         if not files:
             raise DataError(f"{path} holds no mask files ({', '.join(MASK_SUFFIXES)})")
     elif path.is_file():
